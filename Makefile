@@ -1,0 +1,42 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+#
+# The virtual environment lives at a fixed path outside the clone (VENV), so repeated CI runs in fresh
+# clones reuse one environment instead of building GBs each time. A stamp named after pyproject.toml's hash
+# and this clone's path decides when to (re)install: new dependencies, or a new clone to point the editable
+# install at.
+
+PYTHON ?= python3
+VENV ?= $(HOME)/.cache/batchlab/venv
+BIN := $(VENV)/bin
+# torch 2.13.0 is the CPU build that lies on this kind of machine's disk; an unpinned torch would pull a
+# multi-GB CUDA build. On a GPU machine, install the CUDA build you want first and set TORCH_SPEC= to keep it.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-10)-$(shell echo $(CURDIR) | sha1sum | cut -c1-10)
+
+.PHONY: install demo test lint format clean-venv
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/pip install -q "$(TORCH_SPEC)"; fi
+	$(BIN)/pip install -q -e '.[dev]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+demo: install
+	$(BIN)/batchlab fit --workload cnn --device cpu --memory-budget 3GiB
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+format: install
+	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,34 @@
+"""The exceptions batchlab raises, in one place.
+
+    BatchlabError                 base class; catch this to handle anything batchlab decided
+    ├── DoesNotFitError           even the smallest batch does not fit the memory budget
+    └── WorkloadError             a workload spec or object that cannot be used (bad name, bad callable)
+
+Bad arguments (a batch of 0, a size of "4 potatoes") raise the built-in ``ValueError`` or ``TypeError`` with
+a message that names the value and the accepted forms. Errors raised by the user's own model are never
+wrapped or renamed: a shape bug surfaces as itself, not as "does not fit".
+"""
+
+from __future__ import annotations
+
+
+class BatchlabError(Exception):
+    """Base class for errors that batchlab raises about a search or a workload."""
+
+
+class DoesNotFitError(BatchlabError):
+    """The smallest batch size does not fit the memory budget.
+
+    ``needed_bytes`` is what one step at ``batch_size`` measured (None when it failed with an OOM before a
+    peak could be read) and ``budget_bytes`` the budget it was held against.
+    """
+
+    def __init__(self, message: str, *, batch_size: int, needed_bytes: int | None, budget_bytes: int):
+        super().__init__(message)
+        self.batch_size = batch_size
+        self.needed_bytes = needed_bytes
+        self.budget_bytes = budget_bytes
+
+
+class WorkloadError(BatchlabError):
+    """A workload spec or object that batchlab cannot use."""

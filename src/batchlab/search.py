@@ -1,0 +1,462 @@
+"""AutoBatch done right: the largest batch whose whole training step fits, found with few probes and verified.
+
+The search (device-agnostic; it sees a Device and a Workload, nothing above them):
+
+1. Probe the smallest allowed size, then grow geometrically (at most x8 per probe, see ``MAX_GROWTH``) toward
+   the size a robust line through the larger probes predicts for the budget. Batch 1 alone is never
+   trusted: the line uses only probes within 1/8 of the largest that fit, where memory is affine.
+2. Run the predicted size for real (``VERIFY_STEPS`` full steps from the user's own starting state); a size is
+   an answer only if it ran without an out-of-memory error *and* its measured peak stayed within the budget.
+3. Refine between the largest size that fit and the smallest that did not -- secant from measured peaks,
+   bisection when the secant stalls or a failure left no peak -- until the next candidate would move the
+   answer by less than 1% (``TOLERANCE``).
+
+It never answers a size that failed or was not run, never runs a step its prediction puts above the device's
+hard limit (CPU RAM: the kernel kills rather than raises), and restores the workload's state after every
+probe. The decision logic (:func:`next_candidate`) is a pure function over the probe history.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from batchlab.devices import CPUDevice, Device, resolve_device
+from batchlab.devices.base import Measurement
+from batchlab.errors import DoesNotFitError
+from batchlab.spec import parse_amp, parse_batch
+from batchlab.units import format_bytes, parse_bytes
+from batchlab.workload import StepFunction, Workload, as_workload
+
+log = logging.getLogger("batchlab")
+
+VERIFY_STEPS = (
+    2  # every probe runs two full steps: the first creates optimizer state, the second runs with it
+)
+MAX_GROWTH = 8  # never extrapolate more than 8x past the largest size that ran: a line from tiny probes lies
+TOLERANCE = 0.01  # stop when the next candidate would move the answer by less than 1%
+MAX_PROBES = 32  # a safety net; the property tests show searches well under it (see tests/test_search.py)
+LINE_WINDOW = 8  # the memory line uses probes with b >= largest_fit / 8: small batches are not affine
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One try of a batch size: what it measured and whether it fits the budget.
+
+    ``outcome`` is ``"fits"``, ``"over budget"`` (ran, but peaked above the budget), ``"oom"`` (raised an
+    out-of-memory error) or ``"skipped"`` (not run: predicted above the device's hard limit).
+    """
+
+    batch_size: int
+    outcome: str
+    peak_bytes: int | None
+    baseline_bytes: int | None
+    predicted_peak_bytes: int | None
+    seconds: float
+    steps: int
+    allocated_bytes: int | None = None
+    tensor_bytes: dict[str, int] | None = None
+    error: str | None = None
+
+    @property
+    def fits(self) -> bool:
+        return self.outcome == "fits"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class MemoryLine:
+    """peak(b) ~= fixed_bytes + bytes_per_sample * b, fitted on the larger probes."""
+
+    fixed_bytes: float
+    bytes_per_sample: float
+
+    def peak(self, batch_size: float) -> float:
+        return self.fixed_bytes + self.bytes_per_sample * batch_size
+
+    def largest_under(self, budget: float) -> float:
+        return (budget - self.fixed_bytes) / self.bytes_per_sample if self.bytes_per_sample > 0 else math.inf
+
+
+@dataclass
+class FitResult:
+    """The answer of :func:`find_batch_size`, with everything it measured.
+
+    ``batch_size`` is a size that ran ``VERIFY_STEPS`` full training steps within ``budget_bytes``
+    (``fits``), or -- for a fixed batch that does not fit -- the size that was asked for, with ``fits=False``.
+    ``limited_by`` says what stopped the search from going larger.
+    """
+
+    batch_size: int
+    fits: bool
+    mode: str
+    fraction: float | None
+    device: str
+    capacity_bytes: int
+    budget_bytes: int
+    peak_bytes: int | None
+    predicted_peak_bytes: int | None
+    bytes_per_sample: float | None
+    fixed_bytes: float | None
+    limited_by: str
+    memory_breakdown: dict[str, int] | None
+    probes: list[Probe] = field(default_factory=list)
+    search_seconds: float = 0.0
+    workload: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def steps_run(self) -> int:
+        return sum(probe.steps for probe in self.probes if probe.outcome != "skipped")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["steps_run"] = self.steps_run
+        return data
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def summary(self) -> str:
+        """One paragraph in plain words."""
+        if self.mode == "fixed":
+            verdict = "fits" if self.fits else "does NOT fit"
+            need = format_bytes(self.peak_bytes if self.peak_bytes is not None else self.predicted_peak_bytes)
+            return f"batch {self.batch_size} {verdict}: needs {need} of a {format_bytes(self.budget_bytes)} budget on {self.device}"
+        return (
+            f"largest batch that fits: {self.batch_size} (limited by {self.limited_by}); peak "
+            f"{format_bytes(self.peak_bytes)} of a {format_bytes(self.budget_bytes)} budget "
+            f"({self.fraction:.0%} of {format_bytes(self.capacity_bytes)}) on {self.device}, verified with real steps"
+        )
+
+
+def fit_memory_line(probes: Sequence[Probe]) -> MemoryLine | None:
+    """Least-squares line through the measured peaks of the larger probes, or None with < 2 usable sizes.
+
+    Uses probes that ran (fits or over budget) with b >= largest-that-fit / LINE_WINDOW; batch 1 and other
+    tiny sizes drop out once larger ones exist, as their kernels and overheads differ.
+    """
+    measured = [p for p in probes if p.peak_bytes is not None and p.outcome in ("fits", "over budget")]
+    fitting = [p.batch_size for p in measured if p.fits]
+    if not fitting:
+        return None
+    floor = max(fitting) / LINE_WINDOW
+    points = {p.batch_size: p.peak_bytes for p in measured if p.batch_size >= floor}
+    if len(points) < 2:
+        points = {p.batch_size: p.peak_bytes for p in sorted(measured, key=lambda p: -p.batch_size)[:2]}
+    if len(points) < 2:
+        return None
+    xs, ys = list(points), list(points.values())
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mean_x) ** 2 for x in xs)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sxx
+    return MemoryLine(mean_y - slope * mean_x, slope)
+
+
+def _align(batch_size: float, multiple_of: int) -> int:
+    return int(batch_size // multiple_of) * multiple_of
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the search does next: run ``batch_size`` (with its predicted peak), or stop (``batch_size`` None)."""
+
+    batch_size: int | None
+    predicted_peak_bytes: int | None = None
+    reason: str = ""
+
+
+def next_candidate(
+    probes: Sequence[Probe],
+    budget_bytes: int,
+    *,
+    multiple_of: int = 1,
+    cap: int | None = None,
+    hard_limit_bytes: int | None = None,
+) -> Decision:
+    """Decide the next batch size to try from the probes so far (pure; no torch, no device).
+
+    Returns ``Decision(None, reason=...)`` when the search is done: the bracket is closed, the cap is reached,
+    or the next candidate would move the answer by less than ``TOLERANCE``.
+    """
+    if not probes:
+        return Decision(multiple_of, None, "smallest allowed size")
+    ran = [p for p in probes if p.outcome != "skipped"]
+    fitting = [p for p in ran if p.fits]
+    if not fitting:
+        return Decision(None, reason="smallest size does not fit")
+    lo_probe = max(fitting, key=lambda p: p.batch_size)
+    lo = lo_probe.batch_size
+    failed = [p.batch_size for p in probes if not p.fits and p.batch_size > lo]
+    hi = min(failed) if failed else None
+    if cap is not None and lo >= cap:
+        return Decision(None, reason="cap")
+    if hi is not None and hi - lo <= multiple_of:
+        return Decision(None, reason="memory")
+
+    line = fit_memory_line(probes)
+    # Upper bound on the slope for safety checks: the line's, or the whole step's memory per sample.
+    step_bytes = (lo_probe.peak_bytes or 0) - (lo_probe.baseline_bytes or 0)
+    upper_slope = max(line.bytes_per_sample if line else 0.0, step_bytes / lo)
+    if line is None or line.bytes_per_sample <= 0:
+        target, how = float(lo * 2), "doubling (no memory slope yet)"
+    else:
+        target, how = line.largest_under(budget_bytes), "line prediction"
+    target = min(target, lo * MAX_GROWTH)
+    if hi is not None:
+        last_two_failed = len(probes) >= 2 and not probes[-1].fits and not probes[-2].fits
+        recent_fail_no_peak = not probes[-1].fits and probes[-1].peak_bytes is None
+        if target >= hi or last_two_failed or recent_fail_no_peak:
+            target, how = (lo + hi) / 2, "bisection"
+        target = min(target, hi - 1)
+    if cap is not None:
+        target = min(target, cap)
+    if hard_limit_bytes is not None and upper_slope > 0:
+        safe = lo + (hard_limit_bytes - lo_probe.peak_bytes) / upper_slope
+        if target > safe:
+            target, how = safe, "hard-limit guard"
+    candidate = _align(target, multiple_of)
+    if candidate <= lo:
+        return Decision(None, reason="hard limit" if how == "hard-limit guard" else "memory")
+    if (candidate - lo) / lo < TOLERANCE and how != "doubling (no memory slope yet)":
+        return Decision(None, reason="memory")
+    predicted = int(line.peak(candidate)) if line else None
+    return Decision(candidate, predicted, how)
+
+
+def _probe(
+    device: Device, workload: Workload | StepFunction, batch_size: int, budget: int, predicted: int | None
+) -> Probe:
+    """Run one probe and restore the workload's state; the verdict is the search's, not the device's."""
+    tensor_bytes: dict[str, int] | None = None
+
+    def step_and_record(b: int) -> None:
+        nonlocal tensor_bytes
+        workload.step(b)
+        tensor_bytes = workload.tensor_bytes()
+
+    measurement: Measurement = device.run(step_and_record, batch_size, VERIFY_STEPS)
+    if not measurement.ok:
+        outcome = "oom"
+    elif measurement.peak_bytes is not None and measurement.peak_bytes > budget:
+        outcome = "over budget"
+    else:
+        outcome = "fits"
+    return Probe(
+        batch_size,
+        outcome,
+        measurement.peak_bytes if measurement.ok else None,
+        measurement.baseline_bytes,
+        predicted,
+        measurement.seconds,
+        measurement.steps,
+        measurement.allocated_bytes,
+        tensor_bytes if measurement.ok else None,
+        measurement.error,
+    )
+
+
+def _positive_int_or_none(name: str, value: int | None) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"invalid {name} {value!r}: expected a positive int or None")
+    return value
+
+
+def _breakdown(probe: Probe, before: dict[str, int] | None) -> dict[str, int] | None:
+    """Name the memory of a fitting probe by what it is, where the workload can tell."""
+    if probe.peak_bytes is None or probe.baseline_bytes is None:
+        return None
+    step = probe.peak_bytes - probe.baseline_bytes
+    if probe.tensor_bytes is None or before is None:
+        return {"before_step": probe.baseline_bytes, "step": step}
+    created_grads = probe.tensor_bytes["gradients"] - before["gradients"]
+    created_state = probe.tensor_bytes["optimizer_state"] - before["optimizer_state"]
+    return {
+        "before_step": probe.baseline_bytes,  # everything already there: runtime, parameters, data, ...
+        "parameters": probe.tensor_bytes["parameters"],
+        "buffers": probe.tensor_bytes["buffers"],
+        "gradients_created": created_grads,
+        "optimizer_state_created": created_state,
+        "activations_and_temporaries": step - created_grads - created_state,
+    }
+
+
+def find_batch_size(
+    workload: Workload | StepFunction | Callable[[int], Any],
+    *,
+    device: str | torch.device | Device = "auto",
+    batch: int | float | str = -1,
+    memory_budget: int | str | None = None,
+    amp: str | None = None,
+    max_batch_size: int | None = None,
+    dataset_size: int | None = None,
+    multiple_of: int = 1,
+    preserve: Sequence[Any] = (),
+    on_probe: Callable[[Probe], None] | None = None,
+) -> FitResult:
+    """Find the largest batch size whose full training step fits in memory -- or check a fixed one.
+
+    Args:
+        workload: a :class:`~batchlab.Workload`, or any callable ``step(batch_size)`` that runs one training
+            step (pass ``preserve=(model, optimizer)`` to have their state restored after each probe).
+        device: ``"auto"`` (where the model lives), ``"cpu"``, ``"cuda:N"`` or a :class:`~batchlab.devices.Device`.
+        batch: ``-1``/``"auto"`` (largest at 0.90 of capacity), a fraction ``0 < f < 1``, or a fixed int to
+            validate; parsed by :func:`batchlab.parse_batch`.
+        memory_budget: treat the device as having this much memory ("4GiB", bytes): like a container limit.
+            The fraction applies to it. Default: the device's capacity.
+        amp: ``"bf16"`` / ``"fp16"`` to probe under autocast; only for a Workload built without ``amp``.
+        max_batch_size, dataset_size: the answer never exceeds either (a Workload's own ``dataset_size`` is
+            used when this is None).
+        multiple_of: the answer is a multiple of this (e.g. 8 for tensor cores).
+        on_probe: called with each :class:`Probe` as it completes (progress displays).
+
+    Raises:
+        DoesNotFitError: when even the smallest allowed size does not fit; it says what that size needs.
+        ValueError / TypeError: for bad arguments, before anything runs.
+    """
+    started = time.perf_counter()
+    spec = parse_batch(batch)
+    budget_override = parse_bytes(memory_budget) if memory_budget is not None else None
+    max_batch_size = _positive_int_or_none("max_batch_size", max_batch_size)
+    dataset_size = _positive_int_or_none("dataset_size", dataset_size)
+    multiple_of = _positive_int_or_none("multiple_of", multiple_of)
+    work = as_workload(workload, preserve=preserve)
+    amp = parse_amp(amp)
+    if amp is not None:
+        if not isinstance(work, Workload):
+            raise ValueError("amp= needs a Workload; a plain step callable must apply autocast itself")
+        if work.amp not in (None, amp):
+            raise ValueError(f"amp={amp!r} conflicts with the workload's amp={work.amp!r}")
+        work = Workload(
+            work.model,
+            work.make_batch,
+            work.loss_fn,
+            work.optimizer,
+            amp=amp,
+            grad_accum=work.grad_accum,
+            dataset_size=work.dataset_size,
+            name=work.name,
+        )
+    dataset_size = dataset_size or work.dataset_size
+    caps = {
+        name: value
+        for name, value in (("max_batch_size", max_batch_size), ("dataset size", dataset_size))
+        if value
+    }
+    cap = min(caps.values()) if caps else None
+    if cap is not None and cap < multiple_of:
+        raise ValueError(f"multiple_of={multiple_of} is larger than the batch cap {cap} ({', '.join(caps)})")
+    if spec.is_fixed and cap is not None and spec.size > cap:
+        raise ValueError(f"batch {spec.size} exceeds the cap {cap} ({', '.join(caps)})")
+    dev = resolve_device(device, work.device if isinstance(work, Workload) else None)
+
+    capacity = budget_override or dev.capacity_bytes()
+    fraction = spec.fraction
+    budget = capacity if spec.is_fixed else int(capacity * fraction)
+    hard_limit = dev.hard_limit_bytes()
+
+    probes: list[Probe] = []
+    snapshot = work.snapshot()
+    before = work.tensor_bytes()
+
+    def run(batch_size: int, predicted: int | None) -> Probe:
+        if hard_limit is not None and predicted is not None and predicted > hard_limit:
+            probe = Probe(batch_size, "skipped", None, None, predicted, 0.0, 0)
+        else:
+            try:
+                probe = _probe(dev, work, batch_size, budget, predicted)
+            finally:
+                snapshot.restore()
+        probes.append(probe)
+        log.info("probe b=%d: %s (peak %s)", batch_size, probe.outcome, format_bytes(probe.peak_bytes))
+        if on_probe is not None:
+            on_probe(probe)
+        return probe
+
+    try:
+        if spec.is_fixed:
+            result_probe = _check_fixed(run, probes, spec.size, budget, multiple_of, hard_limit)
+            limited_by, chosen = "fixed", spec.size
+        else:
+            stop_reason = ""
+            while len(probes) < MAX_PROBES:
+                decision = next_candidate(
+                    probes, budget, multiple_of=multiple_of, cap=cap, hard_limit_bytes=hard_limit
+                )
+                if decision.batch_size is None:
+                    stop_reason = decision.reason
+                    break
+                run(decision.batch_size, decision.predicted_peak_bytes)
+            else:
+                stop_reason = "probe limit"
+            fitting = [p for p in probes if p.fits]
+            if not fitting:
+                _raise_does_not_fit(probes[0], budget, capacity)
+            result_probe = max(fitting, key=lambda p: p.batch_size)
+            chosen = result_probe.batch_size
+            limited_by = {"cap": " / ".join(name for name, v in caps.items() if v == cap)}.get(
+                stop_reason, stop_reason
+            )
+    finally:
+        snapshot.restore()
+
+    line = fit_memory_line(probes)
+    notes = []
+    if isinstance(dev, CPUDevice):
+        notes.append(
+            f"CPU peak counts the whole process; batchlab's state copy ({format_bytes(snapshot.nbytes)}) is included"
+        )
+    return FitResult(
+        batch_size=chosen,
+        fits=result_probe is not None and result_probe.fits,
+        mode="fixed" if spec.is_fixed else "fit",
+        fraction=fraction,
+        device=dev.name,
+        capacity_bytes=capacity,
+        budget_bytes=budget,
+        peak_bytes=result_probe.peak_bytes if result_probe else None,
+        predicted_peak_bytes=result_probe.predicted_peak_bytes if result_probe else None,
+        bytes_per_sample=line.bytes_per_sample if line else None,
+        fixed_bytes=line.fixed_bytes if line else None,
+        limited_by=limited_by,
+        memory_breakdown=_breakdown(result_probe, before) if result_probe and result_probe.fits else None,
+        probes=probes,
+        search_seconds=time.perf_counter() - started,
+        workload=work.name,
+        notes=notes,
+    )
+
+
+def _check_fixed(run, probes, size, budget, multiple_of, hard_limit) -> Probe:
+    """Validate a fixed batch size: run it, unless a small-probe line puts it above the hard limit (CPU RAM)."""
+    predicted = None
+    if hard_limit is not None and size > 2 * multiple_of:
+        for small in (multiple_of, 2 * multiple_of):
+            run(small, None)
+        line = fit_memory_line(probes)
+        if line is not None:
+            predicted = int(line.peak(size))
+    return run(size, predicted)
+
+
+def _raise_does_not_fit(first: Probe, budget: int, capacity: int) -> None:
+    need = first.peak_bytes if first.peak_bytes is not None else None
+    need_text = format_bytes(need) if need is not None else "more than is available (out-of-memory error)"
+    raise DoesNotFitError(
+        f"batch {first.batch_size} does not fit: one training step needs {need_text}, the budget is "
+        f"{format_bytes(budget)} (of {format_bytes(capacity)}); free memory, use amp='bf16', or a smaller model",
+        batch_size=first.batch_size,
+        needed_bytes=need,
+        budget_bytes=budget,
+    )

@@ -1,0 +1,234 @@
+"""Workload: one full training step at batch size ``b``, and the state it must leave untouched.
+
+A step is what a real training loop does per optimizer update -- forward, loss, backward, optimizer step --
+because every part of it takes memory: the first ``optimizer.step()`` creates Adam's two moments (2x the
+parameters), which forward+backward probes (Ultralytics AutoBatch) never see. Mixed precision and gradient
+accumulation are part of the step when asked for.
+
+Anything that runs a training step can stand in for a Workload: a plain callable ``step(batch_size)`` (the
+escape hatch for any training loop) is wrapped by :func:`as_workload`; pass ``preserve=(model, optimizer)`` to
+have its state restored too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from batchlab.errors import WorkloadError
+from batchlab.spec import parse_amp
+from batchlab.state import StateSnapshot
+
+Batch = Any  # (inputs, targets) or a dict of model keyword arguments
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {key: _to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(value, device) for value in batch)
+    return batch
+
+
+def _tensor_nbytes(tensors: Iterable[torch.Tensor]) -> int:
+    seen: set[int] = set()
+    total = 0
+    for tensor in tensors:
+        if isinstance(tensor, torch.Tensor) and id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+class Workload:
+    """One training step of ``model`` on ``make_batch(b)`` with ``loss_fn`` and ``optimizer``.
+
+    Args:
+        model: the ``nn.Module`` to train, already on its device; batches are moved to that device.
+        make_batch: ``make_batch(b)`` returns a batch of ``b`` samples: ``(inputs, targets)`` -- the loss is
+            ``loss_fn(model(inputs), targets)`` -- or a dict of keyword arguments (Hugging Face style), where
+            the loss is ``model(**batch).loss`` (or ``loss_fn(output, batch)`` when ``loss_fn`` is given).
+        loss_fn: the loss for tuple batches; may be None for dict batches whose output carries ``.loss``.
+        optimizer: an ``Optimizer`` over the model's parameters, or a factory ``f(parameters) -> Optimizer``.
+        amp: None (fp32), ``"bf16"`` or ``"fp16"``: autocast around forward and loss; fp16 adds a GradScaler.
+        grad_accum: micro-batches of size ``b`` per optimizer step; the batch size searched is the micro-batch.
+        dataset_size: optional number of samples in the dataset; a search never answers more than this.
+        name: a label for reports.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        make_batch: Callable[[int], Batch],
+        loss_fn: Callable[..., torch.Tensor] | None,
+        optimizer: torch.optim.Optimizer | Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer],
+        *,
+        amp: str | None = None,
+        grad_accum: int = 1,
+        dataset_size: int | None = None,
+        name: str | None = None,
+    ):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"Workload model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(make_batch):
+            raise TypeError(
+                f"Workload make_batch must be callable as make_batch(batch_size), got {make_batch!r}"
+            )
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"Workload loss_fn must be callable or None, got {loss_fn!r}")
+        if isinstance(optimizer, torch.optim.Optimizer):
+            self.optimizer = optimizer
+        elif callable(optimizer):
+            self.optimizer = optimizer(model.parameters())
+            if not isinstance(self.optimizer, torch.optim.Optimizer):
+                raise TypeError(
+                    f"Workload optimizer factory returned {type(self.optimizer).__name__}, not a torch.optim.Optimizer"
+                )
+        else:
+            raise TypeError(
+                "Workload optimizer must be a torch.optim.Optimizer or a factory such as "
+                f"lambda params: torch.optim.AdamW(params, lr=1e-3); got {optimizer!r}"
+            )
+        if isinstance(grad_accum, bool) or not isinstance(grad_accum, int) or grad_accum < 1:
+            raise ValueError(f"invalid grad_accum {grad_accum!r}: expected an int >= 1")
+        if dataset_size is not None and (
+            isinstance(dataset_size, bool) or not isinstance(dataset_size, int) or dataset_size < 1
+        ):
+            raise ValueError(f"invalid dataset_size {dataset_size!r}: expected a positive int or None")
+        self.model = model
+        self.make_batch = make_batch
+        self.loss_fn = loss_fn
+        self.amp = parse_amp(amp)
+        self.grad_accum = grad_accum
+        self.dataset_size = dataset_size
+        self.name = name or type(model).__name__
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp == "fp16" else None
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the model's first parameter (or buffer); CPU for a model with neither."""
+        for tensor in list(self.model.parameters()) + list(self.model.buffers()):
+            return tensor.device
+        return torch.device("cpu")
+
+    def _loss(self, batch: Batch) -> torch.Tensor:
+        if isinstance(batch, Mapping):
+            output = self.model(**batch)
+            if self.loss_fn is not None:
+                return self.loss_fn(output, batch)
+            loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+            if loss is None:
+                raise WorkloadError("dict batch: the model output has no .loss; pass loss_fn(output, batch)")
+            return loss
+        if isinstance(batch, Sequence) and len(batch) == 2:
+            inputs, targets = batch
+            if self.loss_fn is None:
+                raise WorkloadError("(inputs, targets) batches need a loss_fn(outputs, targets)")
+            outputs = self.model(**inputs) if isinstance(inputs, Mapping) else self.model(inputs)
+            return self.loss_fn(outputs, targets)
+        raise WorkloadError(
+            f"make_batch returned {type(batch).__name__}; expected (inputs, targets) or a dict of model kwargs"
+        )
+
+    def step(self, batch_size: int) -> torch.Tensor:
+        """Run one optimizer step on ``grad_accum`` micro-batches of ``batch_size``; return the detached loss."""
+        device = self.device
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=device)
+        for _ in range(self.grad_accum):
+            batch = _to_device(self.make_batch(batch_size), device)
+            with torch.autocast(device.type, dtype=self._amp_dtype, enabled=self.amp is not None):
+                loss = self._loss(batch) / self.grad_accum
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total += loss.detach()
+            del batch, loss  # free this micro-batch's activations before the next one is built
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        return total
+
+    @property
+    def _amp_dtype(self) -> torch.dtype:
+        return torch.float16 if self.amp == "fp16" else torch.bfloat16
+
+    def snapshot(self) -> StateSnapshot:
+        """Capture model, optimizer, GradScaler and RNG state, to be restored after every probe."""
+        return StateSnapshot.capture([self.model], [self.optimizer], [self.scaler] if self.scaler else [])
+
+    def tensor_bytes(self) -> dict[str, int]:
+        """Bytes held right now by the model's parameters, buffers, gradients and the optimizer's state."""
+        params = list(self.model.parameters())
+        state_tensors = [
+            value
+            for values in self.optimizer.state.values()
+            for value in values.values()
+            if isinstance(value, torch.Tensor)
+        ]
+        return {
+            "parameters": _tensor_nbytes(params),
+            "buffers": _tensor_nbytes(self.model.buffers()),
+            "gradients": _tensor_nbytes(p.grad for p in params if p.grad is not None),
+            "optimizer_state": _tensor_nbytes(state_tensors),
+        }
+
+    def __repr__(self) -> str:
+        return f"Workload({self.name}, amp={self.amp}, grad_accum={self.grad_accum}, dataset_size={self.dataset_size})"
+
+
+class StepFunction:
+    """Adapter that lets any callable ``step(batch_size)`` be searched like a :class:`Workload`.
+
+    batchlab cannot see inside a plain callable, so it restores only what ``preserve`` names (modules and
+    optimizers, plus the global RNGs always); memory is reported as a whole, not split by kind.
+    """
+
+    amp = None
+    grad_accum = 1
+
+    def __init__(
+        self,
+        step: Callable[[int], Any],
+        *,
+        preserve: Sequence[Any] = (),
+        dataset_size: int | None = None,
+        name: str | None = None,
+    ):
+        if not callable(step):
+            raise TypeError(f"expected a Workload or a callable step(batch_size), got {step!r}")
+        self._step = step
+        self._modules = [obj for obj in preserve if isinstance(obj, torch.nn.Module)]
+        self._optimizers = [obj for obj in preserve if isinstance(obj, torch.optim.Optimizer)]
+        unknown = [obj for obj in preserve if obj not in self._modules and obj not in self._optimizers]
+        if unknown:
+            raise TypeError(f"preserve accepts nn.Module and Optimizer objects, got {unknown!r}")
+        self.dataset_size = dataset_size
+        self.name = name or getattr(step, "__name__", type(step).__name__)
+
+    def step(self, batch_size: int) -> Any:
+        return self._step(batch_size)
+
+    def snapshot(self) -> StateSnapshot:
+        return StateSnapshot.capture(self._modules, self._optimizers)
+
+    def tensor_bytes(self) -> dict[str, int] | None:
+        return None
+
+
+def as_workload(
+    obj: Workload | StepFunction | Callable[[int], Any], *, preserve: Sequence[Any] = ()
+) -> Workload | StepFunction:
+    """Return ``obj`` as something with ``step``, ``snapshot`` and ``tensor_bytes``: a Workload as is, a callable wrapped."""
+    if isinstance(obj, (Workload, StepFunction)):
+        if preserve:
+            raise TypeError(
+                "preserve= applies to a plain step callable; a Workload already restores its own state"
+            )
+        return obj
+    return StepFunction(obj, preserve=preserve)

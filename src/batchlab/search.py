@@ -2,7 +2,7 @@
 
 The search (device-agnostic; it sees a Device and a Workload, nothing above them):
 
-1. Probe the smallest allowed size, then grow geometrically (at most x8 per probe, see ``MAX_GROWTH``) toward
+1. Probe a small size (2, see :func:`first_size`), then grow geometrically (at most x8 per probe, see ``MAX_GROWTH``) toward
    the size a robust line through the larger probes predicts for the budget. Batch 1 alone is never
    trusted: the line uses only probes within 1/8 of the largest that fit, where memory is affine.
 2. Run the predicted size for real (``VERIFY_STEPS`` full steps from the user's own starting state); a size is
@@ -162,6 +162,25 @@ def fit_memory_line(probes: Sequence[Probe]) -> MemoryLine | None:
     return MemoryLine(mean_y - slope * mean_x, slope)
 
 
+def first_size(multiple_of: int) -> int:
+    """The first size probed: 2, not 1, unless a multiple is required.
+
+    BatchNorm cannot train on one sample ("Expected more than 1 value per channel"), and batch-1 kernels
+    are unrepresentative anyway; batch 1 is tried only when 2 does not fit (Lightning also starts at 2).
+    """
+    return multiple_of if multiple_of > 1 else 2
+
+
+def _prediction_error(probes: Sequence[Probe], recent: int = 3) -> float:
+    """The largest |measured - predicted| peak among the last ``recent`` probes that had both."""
+    errors = [
+        abs(p.peak_bytes - p.predicted_peak_bytes)
+        for p in probes
+        if p.peak_bytes is not None and p.predicted_peak_bytes is not None
+    ]
+    return float(max(errors[-recent:], default=0))
+
+
 def _align(batch_size: float, multiple_of: int) -> int:
     return int(batch_size // multiple_of) * multiple_of
 
@@ -189,10 +208,12 @@ def next_candidate(
     or the next candidate would move the answer by less than ``TOLERANCE``.
     """
     if not probes:
-        return Decision(multiple_of, None, "smallest allowed size")
+        return Decision(first_size(multiple_of), None, "first size")
     ran = [p for p in probes if p.outcome != "skipped"]
     fitting = [p for p in ran if p.fits]
     if not fitting:
+        if multiple_of == 1 and [p.batch_size for p in probes] == [2]:
+            return Decision(1, None, "batch 2 does not fit; try 1")
         return Decision(None, reason="smallest size does not fit")
     lo_probe = max(fitting, key=lambda p: p.batch_size)
     lo = lo_probe.batch_size
@@ -200,35 +221,43 @@ def next_candidate(
     hi = min(failed) if failed else None
     if cap is not None and lo >= cap:
         return Decision(None, reason="cap")
-    if hi is not None and hi - lo <= multiple_of:
-        return Decision(None, reason="memory")
+    if hi is not None and hi - lo <= max(multiple_of, TOLERANCE * lo):
+        return Decision(None, reason="memory")  # the bracket is closed to within 1% (or one step)
 
     line = fit_memory_line(probes)
-    # Upper bound on the slope for safety checks: the line's, or the whole step's memory per sample.
-    step_bytes = (lo_probe.peak_bytes or 0) - (lo_probe.baseline_bytes or 0)
-    upper_slope = max(line.bytes_per_sample if line else 0.0, step_bytes / lo)
     if line is None or line.bytes_per_sample <= 0:
-        target, how = float(lo * 2), "doubling (no memory slope yet)"
-    else:
+        target, how = float(lo * 2), "doubling"  # no memory slope resolved yet
+    elif hi is None:
         target, how = line.largest_under(budget_bytes), "line prediction"
+    else:
+        # Something already failed: aim below the budget by the line's recent prediction error, so the
+        # next try lands inside instead of bouncing off the edge (noise, allocator rounding, jumps).
+        target, how = (
+            line.largest_under(budget_bytes - _prediction_error(probes)),
+            "line prediction with margin",
+        )
     target = min(target, lo * MAX_GROWTH)
     if hi is not None:
         last_two_failed = len(probes) >= 2 and not probes[-1].fits and not probes[-2].fits
-        recent_fail_no_peak = not probes[-1].fits and probes[-1].peak_bytes is None
-        if target >= hi or last_two_failed or recent_fail_no_peak:
+        no_peak = not probes[-1].fits and probes[-1].peak_bytes is None  # an OOM says nothing about the slope
+        inside = lo * (1 + TOLERANCE) < _align(target, multiple_of) < hi
+        if not inside or last_two_failed or no_peak:
             target, how = (lo + hi) / 2, "bisection"
-        target = min(target, hi - 1)
     if cap is not None:
         target = min(target, cap)
-    if hard_limit_bytes is not None and upper_slope > 0:
-        safe = lo + (hard_limit_bytes - lo_probe.peak_bytes) / upper_slope
-        if target > safe:
-            target, how = safe, "hard-limit guard"
+    if hard_limit_bytes is not None:
+        # Never run a step that could exceed the hard limit (CPU RAM: the kernel kills, it does not raise).
+        # Bound the slope from above by the whole step's memory per sample, which includes fixed costs.
+        step_bytes = (lo_probe.peak_bytes or 0) - (lo_probe.baseline_bytes or 0)
+        upper_slope = max(line.bytes_per_sample if line else 0.0, step_bytes / lo)
+        if upper_slope > 0 and target > lo + (hard_limit_bytes - lo_probe.peak_bytes) / upper_slope:
+            target, how = lo + (hard_limit_bytes - lo_probe.peak_bytes) / upper_slope, "hard-limit guard"
     candidate = _align(target, multiple_of)
+    stop_reason = "hard limit" if how == "hard-limit guard" else "memory"
     if candidate <= lo:
-        return Decision(None, reason="hard limit" if how == "hard-limit guard" else "memory")
-    if (candidate - lo) / lo < TOLERANCE and how != "doubling (no memory slope yet)":
-        return Decision(None, reason="memory")
+        return Decision(None, reason=stop_reason)
+    if hi is None and how == "line prediction" and (candidate - lo) / lo < TOLERANCE:
+        return Decision(None, reason=stop_reason)  # the prediction would move the answer by < 1%
     predicted = int(line.peak(candidate)) if line else None
     return Decision(candidate, predicted, how)
 
@@ -402,7 +431,7 @@ def find_batch_size(
                 stop_reason = "probe limit"
             fitting = [p for p in probes if p.fits]
             if not fitting:
-                _raise_does_not_fit(probes[0], budget, capacity)
+                _raise_does_not_fit(min(probes, key=lambda p: p.batch_size), budget, capacity)
             result_probe = max(fitting, key=lambda p: p.batch_size)
             chosen = result_probe.batch_size
             limited_by = {"cap": " / ".join(name for name, v in caps.items() if v == cap)}.get(
@@ -441,8 +470,8 @@ def find_batch_size(
 def _check_fixed(run, probes, size, budget, multiple_of, hard_limit) -> Probe:
     """Validate a fixed batch size: run it, unless a small-probe line puts it above the hard limit (CPU RAM)."""
     predicted = None
-    if hard_limit is not None and size > 2 * multiple_of:
-        for small in (multiple_of, 2 * multiple_of):
+    if hard_limit is not None and size > 2 * first_size(multiple_of):
+        for small in (first_size(multiple_of), 2 * first_size(multiple_of)):
             run(small, None)
         line = fit_memory_line(probes)
         if line is not None:

@@ -7,6 +7,7 @@ import sys
 
 from rich.console import Console
 
+from batchlab.devices import parse_device
 from batchlab.workloads import BUILTIN, load_workload
 
 console = Console(stderr=True)  # progress and summaries go to stderr-free stdout below; errors to stderr
@@ -33,13 +34,8 @@ def add_workload_options(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_cli_device(text: str) -> str:
-    """The device to build a built-in workload on: ``auto`` becomes cuda when available, else cpu."""
-    import torch
-
-    text = text.strip().lower()
-    if text == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return text
+    """The device to build a built-in workload on (validated): ``auto`` becomes cuda when available, else cpu."""
+    return str(parse_device(text))
 
 
 def build_workload(args: argparse.Namespace):

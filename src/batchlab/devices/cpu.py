@@ -148,7 +148,6 @@ class CPUDevice(Device):
         gc.collect()
 
     def _begin(self) -> int:
-        gc.collect()  # garbage from the previous probe must not count against this one
         if self._exact_peak:
             _CLEAR_REFS.write_text("5")
             return _read_status_kib("VmRSS")

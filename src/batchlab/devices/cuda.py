@@ -47,7 +47,6 @@ class CUDADevice(Device):
         torch.cuda.empty_cache()
 
     def _begin(self) -> int:
-        gc.collect()
         torch.cuda.reset_peak_memory_stats(self.device)
         return torch.cuda.memory_reserved(self.device)
 

@@ -1,0 +1,27 @@
+"""Shared test helpers: tiny real workloads that run in milliseconds on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from batchlab import Workload
+
+
+def tiny_bn_workload(seed: int = 0) -> Workload:
+    """A BatchNorm + Adam model: buffers, optimizer state and RNG all change in a step."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 3))
+    return Workload(
+        model,
+        lambda b: (torch.randn(b, 8), torch.randint(0, 3, (b,))),
+        nn.functional.cross_entropy,
+        lambda params: torch.optim.Adam(params, lr=1e-2),
+        name="tiny-bn",
+    )
+
+
+@pytest.fixture
+def bn_workload() -> Workload:
+    return tiny_bn_workload()

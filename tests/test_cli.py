@@ -1,0 +1,128 @@
+"""The CLI: readable output, JSON on request, one clear line and a non-zero exit for every bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from batchlab.cli import main
+
+
+def run_cli(capsys, *args):
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_fit_json_prints_only_json(capsys):
+    code, out, _ = run_cli(capsys, "fit", "--workload", "mlp-digits", "--device", "cpu", "--json")
+    data = json.loads(out)
+    assert code == 0
+    assert data["batch_size"] == 1797 and data["limited_by"] == "dataset size"  # digits has 1797 samples
+    assert data["probes"] and all(
+        p["outcome"] in {"fits", "over budget", "oom", "skipped"} for p in data["probes"]
+    )
+
+
+def test_fit_prints_a_readable_summary(capsys):
+    code, out, _ = run_cli(
+        capsys,
+        "fit",
+        "--workload",
+        "mlp-digits",
+        "--device",
+        "cpu",
+        "--batch",
+        "0.5",
+        "--max-batch-size",
+        "100",
+    )
+    assert code == 0
+    assert "largest batch that fits: 100 (limited by max_batch_size)" in out
+    assert "probes" in out and "optimizer state created" in out
+
+
+def test_fixed_batch_that_does_not_fit_exits_one(capsys):
+    code, out, _ = run_cli(
+        capsys,
+        "fit",
+        "--workload",
+        "mlp-digits",
+        "--device",
+        "cpu",
+        "--batch",
+        "64",
+        "--memory-budget",
+        "64MiB",
+    )
+    assert code == 1 and "does NOT fit" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--batch", "0"], "invalid batch '0'"),
+        (["--batch", "1.5"], "invalid batch '1.5'"),
+        (["--batch", "abc"], "invalid batch 'abc'"),
+        (["--memory-budget", "lots"], "invalid byte size 'lots'"),
+        (["--amp", "int4"], "invalid amp 'int4'"),
+        (["--device", "tpu"], "invalid device 'tpu'"),
+        (["--device", "mps"], "unsupported device 'mps'"),
+        (["--memory-budget", "1MiB"], "batch 1 does not fit"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(capsys, args, message):
+    code, out, err = run_cli(capsys, "fit", "--workload", "mlp-digits", *args)
+    assert code == 1
+    assert err.startswith("batchlab: error: ") and message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err + out
+
+
+def test_unknown_workload_and_bad_path(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "fit", "--workload", "vgg")
+    assert code == 1 and "unknown workload 'vgg'" in err and "mlp-digits" in err
+    code, _, err = run_cli(capsys, "fit", "--workload", f"{tmp_path}/missing.py:make")
+    assert code == 1 and "does not exist" in err
+
+
+def test_user_workload_from_a_file(capsys, tmp_path):
+    script = tmp_path / "my_workload.py"
+    script.write_text(textwrap.dedent(
+        """
+        import torch
+        import batchlab
+
+        def make():
+            model = torch.nn.Linear(16, 4)
+            return batchlab.Workload(model, lambda b: (torch.randn(b, 16), torch.randint(0, 4, (b,))),
+                                     torch.nn.functional.cross_entropy, lambda p: torch.optim.SGD(p, lr=0.1),
+                                     dataset_size=500)
+        """
+    ))  # fmt: skip
+    code, out, _ = run_cli(capsys, "fit", "--workload", f"{script}:make", "--device", "cpu", "--json")
+    assert code == 0 and json.loads(out)["batch_size"] == 500
+
+
+def test_console_script_and_module_entry_points():
+    console_script = str(Path(sys.executable).parent / "batchlab")
+    for command in ([console_script], [sys.executable, "-m", "batchlab"]):
+        done = subprocess.run(
+            [*command, "fit", "--workload", "mlp-digits", "--batch", "-2"], capture_output=True, text=True
+        )
+        assert done.returncode == 1, done
+        assert (
+            done.stderr.startswith("batchlab: error: invalid batch '-2'") and "Traceback" not in done.stderr
+        )
+
+
+@pytest.mark.skipif(
+    __import__("torch").cuda.is_available(), reason="checks the message on machines without CUDA"
+)
+def test_cuda_requested_without_cuda_is_one_line(capsys):
+    code, _, err = run_cli(capsys, "fit", "--workload", "mlp-digits", "--device", "cuda")
+    assert code == 1 and "CUDA is not available" in err

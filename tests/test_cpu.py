@@ -1,0 +1,174 @@
+"""The CPU device and the search on real models: bitwise state, repeatable and linear readings, OOM hygiene."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from batchlab import CPUDevice, DoesNotFitError, find_batch_size
+from batchlab.workloads import load_workload
+from conftest import tiny_bn_workload
+
+MiB = 2**20
+
+
+def state_of(workload):
+    """Everything a probe could change, as plain tensors/values for a bitwise comparison."""
+    model, optimizer = workload.model, workload.optimizer
+    return {
+        "params": [p.detach().clone() for p in model.parameters()],
+        "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        "buffers": [b.clone() for b in model.buffers()],
+        "training": [m.training for m in model.modules()],
+        "opt_state": {
+            i: {k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state[p].items()}
+            for i, p in enumerate(model.parameters())
+            if p in optimizer.state
+        },
+        "groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
+        "rng": torch.get_rng_state().clone(),
+        "np_rng": np.random.get_state()[1].copy(),
+    }
+
+
+def assert_bitwise_equal(before, after):
+    assert len(before["params"]) == len(after["params"])
+    for a, b in zip(before["params"] + before["buffers"], after["params"] + after["buffers"]):
+        assert torch.equal(a, b) and a.dtype == b.dtype
+    for a, b in zip(before["grads"], after["grads"]):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert before["training"] == after["training"]
+    assert before["opt_state"].keys() == after["opt_state"].keys()
+    for i, state in before["opt_state"].items():
+        for key, value in state.items():
+            assert (
+                torch.equal(value, after["opt_state"][i][key])
+                if torch.is_tensor(value)
+                else value == after["opt_state"][i][key]
+            )
+    assert before["groups"] == after["groups"]
+    assert torch.equal(before["rng"], after["rng"])
+    assert np.array_equal(before["np_rng"], after["np_rng"])
+
+
+@pytest.mark.parametrize("trained_first", [False, True], ids=["fresh optimizer", "after real steps"])
+def test_batchnorm_adam_model_is_bitwise_unchanged_after_a_cpu_search(trained_first):
+    workload = tiny_bn_workload()
+    if trained_first:  # existing Adam moments, gradients and running stats must survive too
+        for _ in range(3):
+            workload.step(16)
+    workload.model.eval()  # a non-default mode must come back as it was
+    before = state_of(workload)
+    result = find_batch_size(
+        workload, device="cpu", memory_budget=f"{CPUDevice().in_use_bytes() + 64 * MiB}", max_batch_size=4096
+    )
+    assert result.fits and len(result.probes) >= 3
+    assert_bitwise_equal(before, state_of(workload))
+    # The search ran real steps: running stats moved during probes, so this test can fail.
+    assert any(p.tensor_bytes["optimizer_state"] > 0 for p in result.probes if p.fits)
+
+
+def test_state_is_restored_when_a_probe_fails_mid_step():
+    workload = tiny_bn_workload()
+    before = state_of(workload)
+    original_step = workload.step
+    calls = []
+
+    def step_then_bug(batch_size):
+        calls.append(batch_size)
+        original_step(batch_size)  # the optimizer has stepped and BatchNorm has updated...
+        if len(calls) == 5:
+            raise KeyError("a bug in the user's loop")  # ...then the user's code fails
+
+    workload.step = step_then_bug
+    with pytest.raises(KeyError, match="a bug in the user's loop"):
+        find_batch_size(workload, device="cpu", max_batch_size=4096)
+    workload.step = original_step
+    assert_bitwise_equal(before, state_of(workload))
+
+
+def _peaks(workload, device, sizes, repeats=1):
+    snapshot = workload.snapshot()
+    readings = {}
+    try:
+        for b in sizes:
+            for _ in range(repeats):
+                m = device.run(workload.step, b, steps=2)
+                snapshot.restore()
+                readings.setdefault(b, []).append((m.peak_bytes, m.peak_bytes - m.baseline_bytes))
+    finally:
+        snapshot.restore()
+    return readings
+
+
+def test_cpu_readings_repeat_within_two_percent_and_grow_linearly_on_the_cnn():
+    workload = load_workload("cnn")
+    device = CPUDevice()
+    assert device.malloc_threshold_fixed
+    # Warm-up, excluded: a process's first step also creates oneDNN/OpenMP pools (~10 MiB here), which stay.
+    _peaks(workload, device, [8])
+    readings = _peaks(workload, device, [8, 16, 32, 48], repeats=3)
+    for b, values in readings.items():
+        peaks = [peak for peak, _ in values]
+        steps = [step for _, step in values]
+        assert max(peaks) / min(peaks) < 1.02, (b, peaks)
+        assert max(steps) / min(steps) < 1.02, (b, steps)
+    sizes = np.array(sorted(readings))
+    peaks = np.array([np.median([p for p, _ in readings[b]]) for b in sizes])
+    slope, intercept = np.polyfit(sizes, peaks, 1)
+    residual = np.abs(peaks - (slope * sizes + intercept)).max()
+    assert 3.0 * MiB < slope < 4.5 * MiB  # ~3.5-3.8 MiB per 64x64 image (DESIGN.md)
+    assert residual < 0.01 * (peaks[-1] - peaks[0]), (residual / MiB, slope / MiB)
+
+
+def test_twenty_ooms_on_the_cpu_leave_memory_at_its_starting_level():
+    device = CPUDevice()
+    hold = []
+
+    def step_that_runs_out(batch_size):
+        activations = torch.ones(batch_size, 256, 1024)  # real, touched memory: 1 MiB per sample
+        hold.append(activations.sum())
+        torch.empty(2**62, dtype=torch.uint8)  # the allocator refuses: a real CPU out-of-memory error
+
+    start = device.in_use_bytes()
+    for _ in range(20):
+        result = find_batch_size(step_that_runs_out, device=device, batch=50)
+        assert not result.fits and result.probes[-1].outcome == "oom"
+        assert "DefaultCPUAllocator" in result.probes[-1].error
+    assert device.in_use_bytes() - start < 16 * MiB  # 50 MiB was held at each of the 20 failures
+
+    # And a tiny budget: every probe is over budget; nothing accumulates either. The first search is a
+    # warm-up, excluded: a process's first steps create oneDNN/OpenMP pools that stay (~20 MiB here).
+    workload = load_workload("cnn")
+    with pytest.raises(DoesNotFitError):
+        find_batch_size(workload, device=device, memory_budget=device.in_use_bytes() // 2)
+    start = device.in_use_bytes()
+    for _ in range(20):
+        with pytest.raises(DoesNotFitError, match="batch 1 does not fit"):
+            find_batch_size(workload, device=device, memory_budget=start // 2)
+    assert device.in_use_bytes() - start < 16 * MiB
+
+
+def test_a_shape_error_in_the_model_surfaces_unchanged():
+    workload = load_workload("cnn")
+    workload.make_batch = lambda b: (torch.randn(b, 3, 64), torch.randint(0, 10, (b,)))  # wrong rank
+    with pytest.raises(RuntimeError) as info:
+        find_batch_size(workload, device="cpu")
+    assert "Expected 3D" in str(info.value) or "expected" in str(info.value).lower()
+    assert "fit" not in str(info.value)
+
+
+def test_fixed_batch_on_cpu_reports_what_it_needs():
+    workload = load_workload("mlp-digits")
+    result = find_batch_size(workload, device="cpu", batch=64)
+    assert result.fits and result.mode == "fixed" and result.batch_size == 64
+    assert result.peak_bytes > 0 and result.memory_breakdown["optimizer_state_created"] > 0
+
+
+def test_cpu_never_runs_a_fixed_batch_predicted_above_ram():
+    workload = load_workload("cnn")
+    result = find_batch_size(workload, device="cpu", batch=10_000_000)  # ~35 TiB: would be killed, not raised
+    assert not result.fits
+    assert result.probes[-1].outcome == "skipped" and result.probes[-1].batch_size == 10_000_000
+    assert [p.batch_size for p in result.probes[:-1]] == [2, 4]

@@ -1,0 +1,649 @@
+"""Gradient noise scale: the unbiased two-batch estimator, an EMA tracker, and torch collectors.
+
+McCandlish et al. 2018, "An Empirical Model of Large-Batch Training" (App. A): the squared norm of a
+batch-B mean gradient has expectation E|G_B|² = |G|² + tr(Σ)/B, where G is the true gradient and Σ the
+per-example gradient covariance. Two batch sizes B_small < B_big give both components (eq. A.2), and the
+simple noise scale B_simple = tr(Σ)/|G|² predicts the critical batch size.
+
+Layers, bottom up:
+
+- :func:`estimate_components` — eq. A.2, plain numbers in and out.
+- :class:`GradientNoiseScale` — separate bias-corrected EMAs of |G|² and tr(Σ); B_simple is their ratio.
+- Collectors, which obtain the two squared norms from a real training loop for free or nearly so:
+  :class:`AccumulationCollector` (micro-batches vs their sum), :class:`DDPCollector` (local vs all-reduced
+  gradient, a DDP comm hook) and :class:`SplitBatchCollector` (one batch run as two halves). Each accepts an
+  optional ``torch.amp.GradScaler`` and divides its scale out before the norms reach the tracker; steps whose
+  norms are not finite (AMP overflow) are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Any
+
+import torch
+
+__all__ = [
+    "estimate_components",
+    "GradientNoiseScale",
+    "NoiseScaleEstimate",
+    "NormPair",
+    "AccumulationCollector",
+    "DDPCollector",
+    "SplitBatchCollector",
+    "DEFAULT_BETA",
+]
+
+# EMA decay of the tracker: a ~100-update window. Per-update estimates are noisy (their spread is often larger
+# than their mean), while |G|² drifts as training goes on; k-diffusion uses 0.9998 for runs of 100k+ steps.
+DEFAULT_BETA = 0.99
+
+
+def _check_batch(name: str, value: object) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(f"{name} must be a finite number > 0 (a batch size), got {value!r}")
+    return float(value)
+
+
+def _check_sizes(b_small: object, b_big: object) -> tuple[float, float]:
+    bs, bb = _check_batch("b_small", b_small), _check_batch("b_big", b_big)
+    if not bs < bb:
+        raise ValueError(f"b_small must be smaller than b_big, got b_small={b_small!r}, b_big={b_big!r}")
+    return bs, bb
+
+
+def _check_sq_norm(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a real number (a squared norm), got {value!r}")
+    x = float(value)
+    if x < 0:
+        raise ValueError(f"{name} must be >= 0 (a squared norm), got {value!r}")
+    return x
+
+
+def estimate_components(
+    sq_norm_small: float, sq_norm_big: float, b_small: float, b_big: float
+) -> tuple[float, float]:
+    """Unbiased estimates ``(g2, trace_sigma)`` of |G|² and tr(Σ) from two squared gradient norms.
+
+    McCandlish et al. 2018, App. A, eq. A.2, with |G_B|² the squared norm of a batch-B mean gradient:
+    |G|² ≈ (B_big·|G_big|² − B_small·|G_small|²)/(B_big − B_small) and
+    tr(Σ) ≈ (|G_small|² − |G_big|²)/(1/B_small − 1/B_big).
+    Each is unbiased because E|G_B|² = |G|² + tr(Σ)/B; either may come out negative on a single pair.
+    ``sq_norm_small`` may be a mean over several small batches of size ``b_small`` (still unbiased); the
+    batch sizes may be non-integer (e.g. a harmonic mean of unequal sizes). NaN/inf norms propagate.
+    Raises ``ValueError`` for batch sizes that are not ``0 < b_small < b_big`` or for negative norms.
+    """
+    bs, bb = _check_sizes(b_small, b_big)
+    s, b = _check_sq_norm("sq_norm_small", sq_norm_small), _check_sq_norm("sq_norm_big", sq_norm_big)
+    g2 = (bb * b - bs * s) / (bb - bs)
+    trace_sigma = (s - b) / (1.0 / bs - 1.0 / bb)
+    return g2, trace_sigma
+
+
+# --------------------------------------------------------------------------------------------------- tracker
+
+
+@dataclass(frozen=True)
+class NoiseScaleEstimate:
+    """What a :class:`GradientNoiseScale` has measured so far.
+
+    ``b_simple`` is tr(Σ)/|G|² from the EMAs, or ``None`` with the reason in ``note`` (no updates yet, or an
+    EMA ≤ 0: gradient noise dominates the signal). ``*_stderr`` are standard errors (delta method over the
+    EMA-weighted per-update estimates, see :meth:`GradientNoiseScale.result`), ``None`` until two updates.
+    ``samples`` sums B_big over the accepted updates; ``effective_updates`` is the EMA's effective count.
+    """
+
+    b_simple: float | None
+    b_simple_stderr: float | None
+    g2: float | None
+    g2_stderr: float | None
+    trace_sigma: float | None
+    trace_sigma_stderr: float | None
+    updates: int
+    effective_updates: float
+    samples: float
+    skipped: int
+    beta: float
+    note: str
+
+    def to_dict(self) -> dict:
+        """Plain, JSON-ready dict of every field (no NaN or inf: missing values are ``None``)."""
+        return asdict(self)
+
+
+class GradientNoiseScale:
+    """Running gradient noise scale B_simple = EMA(tr Σ)/EMA(|G|²) (McCandlish et al. 2018, App. A).
+
+    Each :meth:`update` turns one pair of squared norms into per-update estimates of |G|² and tr(Σ)
+    (:func:`estimate_components`) and folds them into separate exponential moving averages with decay
+    ``beta``, bias-corrected like Adam's moments (divide by 1 − beta^t), so early values are not pulled
+    toward zero. The ratio is taken of the averages, not averaged ratios: a single pair's |G|² estimate is
+    often ≤ 0 and its ratio meaningless. Non-finite inputs (AMP overflow) are skipped and counted.
+
+    ``beta=0`` keeps only the latest update; values near 1 average longer (window ≈ 1/(1 − beta)).
+    """
+
+    def __init__(self, beta: float = DEFAULT_BETA) -> None:
+        if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0.0 <= beta < 1.0:
+            raise ValueError(f"beta must be a number in [0, 1) (the EMA decay), got {beta!r}")
+        self.beta = float(beta)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every update (and the skip count)."""
+        self._t = 0
+        self._decay = 1.0  # beta ** t, for the bias correction
+        # EMAs (not yet bias-corrected) of x = |G|² estimate, y = tr(Σ) estimate, and their second moments
+        self._x = self._y = self._xx = self._yy = self._xy = 0.0
+        self._samples = 0.0
+        self._skipped = 0
+
+    def update(self, sq_norm_small: float, sq_norm_big: float, b_small: float, b_big: float) -> bool:
+        """Fold one pair of squared gradient norms into the EMAs; return False if it was skipped.
+
+        ``sq_norm_small`` is |G_small|² (or a mean of several) at batch ``b_small``; ``sq_norm_big`` is |G_big|²
+        at ``b_big`` > ``b_small``. Non-finite norms are skipped and counted in ``skipped``; invalid batch sizes
+        or negative norms raise ``ValueError``.
+        """
+        bs, bb = _check_sizes(b_small, b_big)
+        s, b = _check_sq_norm("sq_norm_small", sq_norm_small), _check_sq_norm("sq_norm_big", sq_norm_big)
+        if not (math.isfinite(s) and math.isfinite(b)):
+            self._skipped += 1
+            return False
+        x, y = estimate_components(s, b, bs, bb)
+        c = 1.0 - self.beta
+        self._x += c * (x - self._x)
+        self._y += c * (y - self._y)
+        self._xx += c * (x * x - self._xx)
+        self._yy += c * (y * y - self._yy)
+        self._xy += c * (x * y - self._xy)
+        self._t += 1
+        self._decay *= self.beta
+        self._samples += bb
+        return True
+
+    @property
+    def updates(self) -> int:
+        """Number of accepted updates."""
+        return self._t
+
+    @property
+    def skipped(self) -> int:
+        """Number of updates skipped for non-finite norms."""
+        return self._skipped
+
+    @property
+    def samples(self) -> float:
+        """Samples behind the accepted updates (the sum of their B_big)."""
+        return self._samples
+
+    @property
+    def g2(self) -> float | None:
+        """Bias-corrected EMA of the |G|² estimates (None before the first update)."""
+        return self._x / (1.0 - self._decay) if self._t else None
+
+    @property
+    def trace_sigma(self) -> float | None:
+        """Bias-corrected EMA of the tr(Σ) estimates (None before the first update)."""
+        return self._y / (1.0 - self._decay) if self._t else None
+
+    @property
+    def b_simple(self) -> float | None:
+        """B_simple = EMA(tr Σ)/EMA(|G|²), or None when undefined (see :meth:`result` for why)."""
+        return self.result().b_simple
+
+    def result(self) -> NoiseScaleEstimate:
+        """The current estimate with its uncertainty.
+
+        Uncertainty: the normalised EMA weights w_t (Σ w_t = 1) give an effective number of updates
+        n_eff = 1/Σ w_t² = (1 + beta)(1 − beta^T)/((1 − beta)(1 + beta^T)). Treating updates as independent
+        (each sees fresh data; the weights move slowly), the standard error of a weighted mean X̄ is
+        sqrt(s²/n_eff) with s² = Σ w_t (x_t − X̄)²/(1 − Σ w_t²), and that of the ratio B = Ȳ/X̄ follows by the
+        delta method: SE(B) = sqrt(s_z²/n_eff)/|X̄| with z_t = y_t − B·x_t. All sums are kept as EMAs, so
+        this costs O(1) per update. It ignores correlation between updates and is a first-order (large-n_eff)
+        approximation; it is reported only while |G|² > 0.
+        """
+        t = self._t
+        if t == 0:
+            return NoiseScaleEstimate(
+                None, None, None, None, None, None, 0, 0.0, 0.0, self._skipped, self.beta,
+                "no updates yet" + (f" ({self._skipped} skipped for non-finite norms)" if self._skipped else ""),
+            )  # fmt: skip
+        corr = 1.0 - self._decay
+        x, y = self._x / corr, self._y / corr
+        xx, yy, xy = self._xx / corr, self._yy / corr, self._xy / corr
+        beta_t = self._decay
+        sum_w2 = 1.0 if self.beta == 0.0 else (1.0 - self.beta) * (1.0 + beta_t) / ((1.0 + self.beta) * corr)
+        n_eff = 1.0 / sum_w2
+
+        def stderr(second_moment_of_dev: float) -> float | None:
+            if sum_w2 >= 1.0 - 1e-12:  # one effective update: no spread to measure
+                return None
+            return math.sqrt(max(0.0, second_moment_of_dev) / (1.0 - sum_w2) * sum_w2)
+
+        g2_se, tr_se = stderr(xx - x * x), stderr(yy - y * y)
+        notes = []
+        b_simple = b_se = None
+        if x <= 0.0:
+            notes.append(
+                f"|G|² EMA is {x:.3g} <= 0: gradient noise dominates the signal at these batch sizes, so "
+                f"B_simple is unbounded (very large); collect more updates or use a larger B_big"
+            )
+        elif y <= 0.0:
+            notes.append(
+                f"tr(Σ) EMA is {y:.3g} <= 0: no measurable gradient noise yet (B_simple ≈ 0); collect more updates"
+            )
+        else:
+            b_simple = y / x
+            z2 = yy - 2.0 * b_simple * xy + b_simple * b_simple * xx  # weighted mean of (y_t - B x_t)²
+            se = stderr(z2)
+            b_se = se / x if se is not None else None
+        if self._skipped:
+            notes.append(f"{self._skipped} update(s) skipped for non-finite norms")
+        return NoiseScaleEstimate(
+            b_simple=b_simple,
+            b_simple_stderr=b_se,
+            g2=x,
+            g2_stderr=g2_se,
+            trace_sigma=y,
+            trace_sigma_stderr=tr_se,
+            updates=t,
+            effective_updates=n_eff,
+            samples=self._samples,
+            skipped=self._skipped,
+            beta=self.beta,
+            note="; ".join(notes) if notes else f"B_simple from {t} updates ({n_eff:.1f} effective)",
+        )
+
+
+# ---------------------------------------------------------------------------------------------- collectors
+
+
+@dataclass(frozen=True)
+class NormPair:
+    """One optimizer step's squared norms as passed to the tracker (unscaled), and whether it accepted them."""
+
+    sq_norm_small: float
+    sq_norm_big: float
+    b_small: float
+    b_big: float
+    accepted: bool
+
+    def to_dict(self) -> dict:
+        """Plain dict of every field."""
+        return asdict(self)
+
+
+def _grad_scale(scaler: Any) -> float:
+    """The factor gradients carry from ``scaler.scale(loss)``; 1.0 without a scaler or when it is disabled."""
+    if scaler is None or not scaler.is_enabled():
+        return 1.0
+    return float(scaler.get_scale())  # a device sync, once per optimizer step
+
+
+class _GradHooks:
+    """Tensor hooks on each parameter that see every backward's gradient *before* it is added into ``.grad``.
+
+    Per firing they record |Δ|² of the incoming contribution Δ and ⟨Δ, .grad⟩ with what has accumulated so
+    far, so |Σ Δ_i|² = Σ |Δ_i|² + 2 Σ ⟨Δ_i, Σ_{j<i} Δ_j⟩ comes out without copying any gradient and without
+    reading ``.grad`` at step time (which may already be unscaled or clipped). Values stay on the device as
+    0-d tensors until :meth:`take`, the one sync. Assumes ``.grad`` is zero or None at the start of a window.
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor]) -> None:
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        self.params = [p for p in params if p.requires_grad]
+        if not self.params:
+            raise ValueError("params has no tensor that requires grad; pass model.parameters()")
+        self.active = True
+        self.clear()
+        self._handles = [p.register_hook(partial(self._hook, i)) for i, p in enumerate(self.params)]
+
+    def clear(self) -> None:
+        self._sq: list[torch.Tensor] = []
+        self._cross: list[torch.Tensor] = []
+        self._fires = [0] * len(self.params)
+
+    def _hook(self, i: int, grad: torch.Tensor) -> None:
+        if not self.active:
+            return
+        g = grad.detach()
+        if g.is_sparse:
+            g = g.to_dense()  # rare (sparse embeddings); correctness over speed
+        self._sq.append(torch.linalg.vector_norm(g, dtype=torch.float32).square())
+        acc = self.params[i].grad
+        if acc is not None:
+            if acc.is_sparse:
+                acc = acc.to_dense()
+            self._cross.append(torch.dot(g.reshape(-1).float(), acc.detach().reshape(-1).float()))
+        self._fires[i] += 1
+
+    def take(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(Σ|Δ|², Σ⟨Δ, accumulated⟩ as 0-d tensors, number of backward passes) since the last take; clear."""
+        n = max(self._fires)
+        sq, cross = _total(self._sq), _total(self._cross)
+        self.clear()
+        return sq, cross, n
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def _total(values: list[torch.Tensor]) -> torch.Tensor:
+    if not values:
+        return torch.zeros((), dtype=torch.float32)
+    dev = values[0].device
+    return torch.stack([v.to(dev) for v in values]).sum()
+
+
+def _floats(*values: torch.Tensor) -> list[float]:
+    """0-d tensors to floats in float64, with one device sync."""
+    dev = values[0].device
+    return torch.stack([v.to(dev, torch.float64) for v in values]).tolist()
+
+
+class _Collector:
+    """Shared plumbing: the tracker, the scaler, ``result()`` and hook removal as a context manager."""
+
+    tracker: GradientNoiseScale
+
+    def __init__(self, tracker: GradientNoiseScale | None, scaler: Any) -> None:
+        if tracker is not None and not isinstance(tracker, GradientNoiseScale):
+            raise ValueError(f"tracker must be a GradientNoiseScale or None, got {tracker!r}")
+        if scaler is not None and not (hasattr(scaler, "get_scale") and hasattr(scaler, "is_enabled")):
+            raise ValueError(f"scaler must be a torch.amp.GradScaler or None, got {scaler!r}")
+        self.tracker = tracker if tracker is not None else GradientNoiseScale()
+        self.scaler = scaler
+        self.last: NormPair | None = None
+
+    def _record(self, sq_small: float, sq_big: float, b_small: float, b_big: float) -> NormPair:
+        accepted = self.tracker.update(sq_small, sq_big, b_small, b_big)
+        self.last = NormPair(sq_small, sq_big, b_small, b_big, accepted)
+        return self.last
+
+    def result(self) -> NoiseScaleEstimate:
+        """The tracker's current estimate (see :meth:`GradientNoiseScale.result`)."""
+        return self.tracker.result()
+
+    def close(self) -> None:
+        """Remove every hook this collector installed (safe to call twice); the tracker keeps its estimate."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AccumulationCollector(_Collector):
+    """Collector (a): gradient-accumulation micro-batches vs their sum — free when you accumulate anyway.
+
+    Two lines in a plain loop (hooks record each micro-batch's backward by themselves)::
+
+        gns = AccumulationCollector(model.parameters(), micro_batch_size=32)  # before the loop
+        for i, (x, y) in enumerate(loader):
+            (loss_fn(model(x), y) / accum).backward()
+            if (i + 1) % accum == 0:
+                gns.step()                                                    # before optimizer.step()
+                optimizer.step(); optimizer.zero_grad()
+        print(gns.result().b_simple)
+
+    With n micro-batches of size b per step: B_small = b with |G_small|² the mean of the n micro-batch
+    gradients' squared norms, B_big = n·b with |G_big|² the squared norm of their mean.
+
+    ``loss_divided_by_steps``: True (default) when the loop backpropagates ``loss / accumulation_steps``, so
+    ``.grad`` ends as the mean gradient; False when it backpropagates the plain per-micro-batch mean loss, so
+    ``.grad`` is the sum of the micro-batch gradients. Either way the norms are converted to mean gradients;
+    the wrong setting scales |G|² and tr(Σ) by n² (B_simple, their ratio, is unaffected).
+    The loss itself must be a mean over the micro-batch (``reduction="mean"``), as usual.
+
+    Call :meth:`step` once per optimizer step: after its last backward, before the next step's first
+    backward and (with a ``scaler``) before ``scaler.update()``, which may change the scale. It never reads
+    ``.grad``, so it may go before or after ``optimizer.step()``/``zero_grad()``, and ``scaler.unscale_`` or
+    gradient clipping in between does not matter. Micro-batches are counted from the hooks; a step with a single micro-batch (e.g. the
+    last, partial group of an epoch) has no pair of sizes and is counted in ``single_micro_batch_steps``.
+    Gradients must be zeroed between steps. Any other backward (or ``torch.autograd.grad`` on the parameters)
+    inside a window would be counted too. Not for DDP models: use :class:`DDPCollector`.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor],
+        micro_batch_size: int,
+        tracker: GradientNoiseScale | None = None,
+        *,
+        loss_divided_by_steps: bool = True,
+        scaler: Any = None,
+    ) -> None:
+        if (
+            isinstance(micro_batch_size, bool)
+            or not isinstance(micro_batch_size, numbers.Integral)
+            or micro_batch_size < 1
+        ):
+            raise ValueError(f"micro_batch_size must be an integer >= 1, got {micro_batch_size!r}")
+        if not isinstance(loss_divided_by_steps, bool):
+            raise ValueError(f"loss_divided_by_steps must be True or False, got {loss_divided_by_steps!r}")
+        super().__init__(tracker, scaler)
+        self.micro_batch_size = int(micro_batch_size)
+        self.loss_divided_by_steps = loss_divided_by_steps
+        self.single_micro_batch_steps = 0
+        self._hooks = _GradHooks(params)
+
+    def step(self, micro_batch_size: int | None = None) -> NormPair | None:
+        """Turn the micro-batches since the last call into one tracker update; return the pair (or None).
+
+        ``micro_batch_size`` overrides the constructor's for this step (all micro-batches of a step are taken
+        to have this size). Returns None, and counts it, when fewer than two micro-batches were seen.
+        """
+        b = self.micro_batch_size if micro_batch_size is None else micro_batch_size
+        if isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 1:
+            raise ValueError(f"micro_batch_size must be an integer >= 1, got {micro_batch_size!r}")
+        sq_t, cross_t, n = self._hooks.take()
+        if n < 2:
+            if n == 1:
+                self.single_micro_batch_steps += 1
+            return None
+        sq, cross = _floats(sq_t, cross_t)  # the one device sync of a step
+        s2 = _grad_scale(self.scaler) ** 2
+        sum_sq = sq / s2  # Σ_i |Δ_i|², Δ_i = one micro-batch's contribution to .grad
+        acc_sq = (sq + 2.0 * cross) / s2  # |Σ_i Δ_i|² = |.grad|²
+        if self.loss_divided_by_steps:  # Δ_i = g_i / n, .grad = mean g
+            small, big = n * sum_sq, acc_sq
+        else:  # Δ_i = g_i, .grad = Σ g
+            small, big = sum_sq / n, acc_sq / (n * n)
+        return self._record(small, big, b, n * b)
+
+    def close(self) -> None:
+        """Remove the parameter hooks."""
+        self._hooks.remove()
+
+
+class SplitBatchCollector(_Collector):
+    """Collector (c): one device, no accumulation — run each batch's backward as two halves.
+
+    The batch of b samples is split along dim 0 into halves of ceil(b/2) and floor(b/2); each half's mean
+    loss is weighted by its share (b_i/b) and backpropagated, so the gradients add up to exactly the
+    full-batch mean gradient (for a mean-reduced loss), at the cost of a second, smaller forward/backward.
+    B_big = b; B_small = the harmonic mean of the halves (b/2 when b is even), which keeps eq. A.2 unbiased.
+    Batch-coupled layers (BatchNorm) see half batches, as with any accumulation::
+
+        gns = SplitBatchCollector(model.parameters())                  # before the loop
+        for x, y in loader:
+            optimizer.zero_grad()
+            loss = gns.backward(lambda xb, yb: loss_fn(model(xb), yb), x, y)   # instead of loss.backward()
+            optimizer.step()
+
+    ``batch`` may hold tensors, and lists/tuples/dicts of them; tensors are split, anything else is passed
+    to both halves unchanged. With a ``scaler`` the halves are backpropagated through ``scaler.scale``.
+    Gradients must be zero (or None) when :meth:`backward` starts.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor],
+        tracker: GradientNoiseScale | None = None,
+        *,
+        scaler: Any = None,
+    ) -> None:
+        super().__init__(tracker, scaler)
+        self._hooks = _GradHooks(params)
+        self._hooks.active = False
+
+    def backward(self, loss_fn: Callable[..., torch.Tensor], *batch: Any) -> torch.Tensor:
+        """Backpropagate ``loss_fn(*batch)`` as two halves, update the tracker, return the detached full loss."""
+        if not callable(loss_fn):
+            raise ValueError(
+                f"loss_fn must be callable as loss_fn(*half_batch) -> scalar loss, got {loss_fn!r}"
+            )
+        size = _leading_size(batch)
+        if size is None:
+            raise ValueError("batch holds no tensor to split; pass the batch tensors after loss_fn")
+        if size < 2:
+            raise ValueError(f"the batch must hold at least 2 samples to split in two, got batch size {size}")
+        b1 = (size + 1) // 2
+        halves = ((0, b1), (b1, size))
+        sq_parts = []
+        total = None
+        hooks = self._hooks
+        hooks.clear()
+        hooks.active = True
+        try:
+            for lo, hi in halves:
+                w = (hi - lo) / size
+                loss = loss_fn(*_slice(batch, lo, hi)) * w
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+                sq, cross, _ = hooks.take()
+                sq_parts.append((sq, cross, w))
+                total = loss.detach() if total is None else total + loss.detach()
+        finally:
+            hooks.active = False
+            hooks.clear()
+        s2 = _grad_scale(self.scaler) ** 2
+        (sq1_t, _, w1), (sq2_t, cross2_t, w2) = sq_parts  # the first half's cross term is with zero grads
+        sq1, sq2, cross2 = _floats(sq1_t, sq2_t, cross2_t)  # the one device sync of a step
+        g1, g2 = sq1 / s2 / (w1 * w1), sq2 / s2 / (w2 * w2)  # |g_i|² of each half's mean gradient
+        n1, n2 = b1, size - b1
+        b_small = 2.0 * n1 * n2 / (n1 + n2)  # E mean|g_i|² = |G|² + tr(Σ)·(1/n1 + 1/n2)/2
+        big = (sq1 + sq2 + 2.0 * cross2) / s2
+        self._record(0.5 * (g1 + g2), big, b_small, float(size))
+        return total
+
+    def close(self) -> None:
+        """Remove the parameter hooks."""
+        self._hooks.remove()
+
+
+def _leading_size(batch: Any) -> int | None:
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.dim() > 0 else None
+    items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
+    sizes = {s for s in (_leading_size(x) for x in items) if s is not None}
+    if len(sizes) > 1:
+        raise ValueError(f"batch tensors disagree on the batch size (dim 0): {sorted(sizes)}")
+    return sizes.pop() if sizes else None
+
+
+def _slice(batch: Any, lo: int, hi: int) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch[lo:hi] if batch.dim() > 0 else batch
+    if isinstance(batch, dict):
+        return {k: _slice(v, lo, hi) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_slice(v, lo, hi) for v in batch)
+    return batch
+
+
+class DDPCollector(_Collector):
+    """Collector (b): DDP local vs all-reduced gradients, from a comm hook — no extra backward.
+
+    The hook (``register_comm_hook``, as k-diffusion's ``DDPGradientStatsHook`` does) sums each bucket's
+    squared norm before the all-reduce (this rank's gradient, batch ``local_batch_size``) and after it (the
+    mean over ranks, batch ``local_batch_size × world_size``), then does DDP's usual averaging all-reduce
+    (divide by world size, sum: gloo has no AVG). :meth:`step` averages the local norms over ranks with one
+    2-element all-reduce, so it is a collective: call it on every rank, once per optimizer step, after the
+    backward that synchronised gradients and (with a ``scaler``) before ``scaler.update()``::
+
+        model = DDP(model)
+        gns = DDPCollector(model, local_batch_size=32)   # before the first backward
+        ...
+        loss.backward(); gns.step(); optimizer.step()
+
+    With accumulation under ``no_sync()``, the bucket holds each rank's accumulated gradient: pass
+    ``local_batch_size`` = micro batch × accumulation steps and divide the loss by the steps (mean gradients).
+    Replaces DDP's default communication; only one comm hook can be registered per model.
+    """
+
+    def __init__(
+        self,
+        ddp_model: torch.nn.Module,
+        local_batch_size: int,
+        tracker: GradientNoiseScale | None = None,
+        *,
+        scaler: Any = None,
+    ) -> None:
+        import torch.distributed as dist
+
+        if not hasattr(ddp_model, "register_comm_hook"):
+            raise ValueError(
+                f"ddp_model must be a torch.nn.parallel.DistributedDataParallel, got {type(ddp_model).__name__}"
+            )
+        if (
+            isinstance(local_batch_size, bool)
+            or not isinstance(local_batch_size, numbers.Integral)
+            or local_batch_size < 1
+        ):
+            raise ValueError(f"local_batch_size must be an integer >= 1, got {local_batch_size!r}")
+        super().__init__(tracker, scaler)
+        self._dist = dist
+        self._group = getattr(ddp_model, "process_group", None)
+        self.world_size = dist.get_world_size(self._group)
+        if self.world_size < 2:
+            raise ValueError(
+                f"DDPCollector needs world size >= 2 to have two batch sizes, got {self.world_size}"
+            )
+        self.local_batch_size = int(local_batch_size)
+        self._small: list[torch.Tensor] = []
+        self._big: list[torch.Tensor] = []
+        ddp_model.register_comm_hook(state=None, hook=self._hook)
+
+    def _hook(self, state, bucket):  # no annotations: DDP compares them to dist.GradBucket / Future[Tensor]
+        buf = bucket.buffer()
+        self._small.append(torch.linalg.vector_norm(buf, dtype=torch.float32).square())  # local, pre-reduce
+        buf.div_(self.world_size)
+        fut = self._dist.all_reduce(buf, group=self._group, async_op=True).get_future()
+
+        def averaged(f: torch.futures.Future) -> torch.Tensor:
+            out = f.value()[0]
+            self._big.append(torch.linalg.vector_norm(out, dtype=torch.float32).square())
+            return out
+
+        return fut.then(averaged)
+
+    def step(self) -> NormPair | None:
+        """Collective: average the step's local norms over ranks and update the tracker (same on every rank).
+
+        Returns None when no gradient synchronisation happened since the last call (e.g. under ``no_sync``).
+        """
+        if not self._small:
+            return None
+        small, big = torch.stack(self._small).sum(), torch.stack(self._big).sum()
+        self._small, self._big = [], []
+        stats = torch.stack([small, big]).to(torch.float64)
+        self._dist.all_reduce(stats, group=self._group)  # SUM; big is identical on every rank
+        s2 = _grad_scale(self.scaler) ** 2
+        small_mean, big_mean = (stats / self.world_size).tolist()
+        b = self.local_batch_size
+        return self._record(small_mean / s2, big_mean / s2, b, b * self.world_size)

@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 demo: install
-	$(BIN)/batchlab fit --workload cnn --device cpu --memory-budget 3GiB
+	$(BIN)/batchlab fit --workload cnn --device cpu --memory-budget 2GiB
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

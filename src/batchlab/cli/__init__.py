@@ -10,10 +10,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from batchlab.cli import fit, profile
+from batchlab.cli import fit
 from batchlab.cli.common import fail
 
-COMMANDS = (fit, profile)
+COMMANDS = (fit,)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -407,6 +407,8 @@ def find_batch_size(
                 probe = _probe(dev, work, batch_size, budget, predicted)
             finally:
                 snapshot.restore()
+            if not probe.fits:
+                dev.release()  # the failed step's gradients and state were only freed by the restore
         probes.append(probe)
         log.info("probe b=%d: %s (peak %s)", batch_size, probe.outcome, format_bytes(probe.peak_bytes))
         if on_probe is not None:

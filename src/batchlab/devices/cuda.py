@@ -33,7 +33,8 @@ class CUDADevice(Device):
     def capacity_bytes(self) -> int:
         free, total = torch.cuda.mem_get_info(self.device)
         capacity = free + torch.cuda.memory_reserved(self.device)
-        fraction = torch.cuda.get_per_process_memory_fraction(self.device)
+        get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # newer torch only
+        fraction = get_fraction(self.device) if get_fraction else 1.0
         return min(capacity, int(fraction * total))
 
     def in_use_bytes(self) -> int:
@@ -47,6 +48,9 @@ class CUDADevice(Device):
         torch.cuda.empty_cache()
 
     def _begin(self) -> int:
+        # Return cached blocks first: reserved memory left over from an earlier, larger probe would otherwise
+        # count as this probe's peak (max_memory_reserved starts from what is reserved now).
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         return torch.cuda.memory_reserved(self.device)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from batchlab import CPUDevice, DoesNotFitError, find_batch_size
+from batchlab import DEFAULT_FRACTION, CPUDevice, DoesNotFitError, find_batch_size
 from batchlab.workloads import load_workload
 from conftest import tiny_bn_workload
 
@@ -61,7 +61,10 @@ def test_batchnorm_adam_model_is_bitwise_unchanged_after_a_cpu_search(trained_fi
     workload.model.eval()  # a non-default mode must come back as it was
     before = state_of(workload)
     result = find_batch_size(
-        workload, device="cpu", memory_budget=f"{CPUDevice().in_use_bytes() + 64 * MiB}", max_batch_size=4096
+        workload,
+        device="cpu",
+        memory_budget=int((CPUDevice().in_use_bytes() + 64 * MiB) / DEFAULT_FRACTION),
+        max_batch_size=4096,
     )
     assert result.fits and len(result.probes) >= 3
     assert_bitwise_equal(before, state_of(workload))
@@ -172,3 +175,13 @@ def test_cpu_never_runs_a_fixed_batch_predicted_above_ram():
     assert not result.fits
     assert result.probes[-1].outcome == "skipped" and result.probes[-1].batch_size == 10_000_000
     assert [p.batch_size for p in result.probes[:-1]] == [2, 4]
+
+
+def test_batchnorm_model_where_batch_two_does_not_fit_is_does_not_fit_not_a_batchnorm_error():
+    workload = tiny_bn_workload()
+    with pytest.raises(
+        DoesNotFitError,
+        match=r"batch 2 does not fit: .*batch 1 cannot run this model \(ValueError: Expected more than 1 value",
+    ) as info:
+        find_batch_size(workload, device="cpu", memory_budget=CPUDevice().in_use_bytes() // 2)
+    assert isinstance(info.value.__cause__, ValueError)

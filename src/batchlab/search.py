@@ -44,6 +44,10 @@ MAX_GROWTH = 8  # never extrapolate more than 8x past the largest size that ran:
 TOLERANCE = 0.01  # stop when the next candidate would move the answer by less than 1%
 MAX_PROBES = 32  # a safety net; the property tests show searches well under it (see tests/test_search.py)
 LINE_WINDOW = 8  # the memory line uses probes with b >= largest_fit / 8: small batches are not affine
+# An estimate's jump goes a quarter of the way to its predicted size, in place of the small probes' 8x ladder:
+# the measured line then extrapolates 4x (8x without an estimate) and a slope off even by 2x lands inside. On
+# the CPU, where a step's time grows with the batch, nearer the edge cost more time (benchmarks/RESULTS.md).
+ESTIMATE_JUMP = 0.25
 
 
 @dataclass(frozen=True)
@@ -162,6 +166,9 @@ def fit_memory_line(probes: Sequence[Probe]) -> MemoryLine | None:
     return MemoryLine(mean_y - slope * mean_x, slope)
 
 
+BATCH_ONE_FALLBACK = "batch 2 does not fit; try 1"
+
+
 def first_size(multiple_of: int) -> int:
     """The first size probed: 2, not 1, unless a multiple is required.
 
@@ -201,11 +208,17 @@ def next_candidate(
     multiple_of: int = 1,
     cap: int | None = None,
     hard_limit_bytes: int | None = None,
+    estimate: MemoryLine | None = None,
 ) -> Decision:
     """Decide the next batch size to try from the probes so far (pure; no torch, no device).
 
     Returns ``Decision(None, reason=...)`` when the search is done: the bracket is closed, the cap is reached,
     or the next candidate would move the answer by less than ``TOLERANCE``.
+
+    ``estimate`` (optional, e.g. from :func:`batchlab.plan.estimate_memory_line`) stands in for the memory line
+    while the probes cannot give one (fewer than two measured sizes): its slope, anchored on the largest
+    measured fit, predicts the budget's size and the search jumps ``ESTIMATE_JUMP`` of the way there instead
+    of climbing by ``MAX_GROWTH``; the measured line takes over from there. Every size is still run for real.
     """
     if not probes:
         return Decision(first_size(multiple_of), None, "first size")
@@ -213,7 +226,7 @@ def next_candidate(
     fitting = [p for p in ran if p.fits]
     if not fitting:
         if multiple_of == 1 and [p.batch_size for p in probes] == [2]:
-            return Decision(1, None, "batch 2 does not fit; try 1")
+            return Decision(1, None, BATCH_ONE_FALLBACK)
         return Decision(None, reason="smallest size does not fit")
     lo_probe = max(fitting, key=lambda p: p.batch_size)
     lo = lo_probe.batch_size
@@ -225,8 +238,19 @@ def next_candidate(
         return Decision(None, reason="memory")  # the bracket is closed to within 1% (or one step)
 
     line = fit_memory_line(probes)
+    seeded = (
+        line is None
+        and estimate is not None
+        and estimate.bytes_per_sample > 0
+        and lo_probe.peak_bytes is not None
+    )
+    if seeded:
+        # The estimate's fixed part is not the device's (process, runtime, allocator): anchor it on a measured fit.
+        line = MemoryLine(lo_probe.peak_bytes - estimate.bytes_per_sample * lo, estimate.bytes_per_sample)
     if line is None or line.bytes_per_sample <= 0:
-        target, how = float(lo * 2), "doubling"  # no memory slope resolved yet
+        # No slope resolved yet (one size, or memory per sample below the noise): grow as fast as allowed;
+        # the hard-limit guard below still bounds the step with an upper-bound slope.
+        target, how = float(lo * MAX_GROWTH), "growth"
     elif hi is None:
         target, how = line.largest_under(budget_bytes), "line prediction"
     else:
@@ -236,12 +260,17 @@ def next_candidate(
             line.largest_under(budget_bytes - _prediction_error(probes)),
             "line prediction with margin",
         )
-    target = min(target, lo * MAX_GROWTH)
+    if seeded:
+        target = lo + ESTIMATE_JUMP * (target - lo)
+    else:
+        target = min(target, lo * MAX_GROWTH)
     if hi is not None:
         last_two_failed = len(probes) >= 2 and not probes[-1].fits and not probes[-2].fits
         no_peak = not probes[-1].fits and probes[-1].peak_bytes is None  # an OOM says nothing about the slope
-        inside = lo * (1 + TOLERANCE) < _align(target, multiple_of) < hi
-        if not inside or last_two_failed or no_peak:
+        # A secant step that would not cut at least a quarter of the bracket is too timid (a stale margin after
+        # a jump): bisect instead, so the bracket always shrinks geometrically.
+        bold = max(lo * (1 + TOLERANCE), lo + (hi - lo) / 4) <= _align(target, multiple_of) < hi
+        if not bold or last_two_failed or no_peak:
             target, how = (lo + hi) / 2, "bisection"
     if cap is not None:
         target = min(target, cap)
@@ -333,6 +362,7 @@ def find_batch_size(
     multiple_of: int = 1,
     preserve: Sequence[Any] = (),
     on_probe: Callable[[Probe], None] | None = None,
+    estimate: MemoryLine | None = None,
 ) -> FitResult:
     """Find the largest batch size whose full training step fits in memory -- or check a fixed one.
 
@@ -349,6 +379,9 @@ def find_batch_size(
             used when this is None).
         multiple_of: the answer is a multiple of this (e.g. 8 for tensor cores).
         on_probe: called with each :class:`Probe` as it completes (progress displays).
+        estimate: a predicted memory line (``batchlab.estimate_memory_line``, ``PlanResult.memory_line``): after
+            the first probe the search jumps toward its predicted size instead of climbing 8x at a time; only
+            its slope is used (see :func:`next_candidate`). The answer is still a size that ran.
 
     Raises:
         DoesNotFitError: when even the smallest allowed size does not fit; it says what that size needs.
@@ -360,6 +393,10 @@ def find_batch_size(
     max_batch_size = _positive_int_or_none("max_batch_size", max_batch_size)
     dataset_size = _positive_int_or_none("dataset_size", dataset_size)
     multiple_of = _positive_int_or_none("multiple_of", multiple_of)
+    if estimate is not None and not isinstance(estimate, MemoryLine):
+        raise TypeError(
+            f"estimate must be a batchlab.search.MemoryLine or None, got {type(estimate).__name__}"
+        )
     work = as_workload(workload, preserve=preserve)
     amp = parse_amp(amp)
     if amp is not None:
@@ -423,12 +460,20 @@ def find_batch_size(
             stop_reason = ""
             while len(probes) < MAX_PROBES:
                 decision = next_candidate(
-                    probes, budget, multiple_of=multiple_of, cap=cap, hard_limit_bytes=hard_limit
+                    probes,
+                    budget,
+                    multiple_of=multiple_of,
+                    cap=cap,
+                    hard_limit_bytes=hard_limit,
+                    estimate=estimate,
                 )
                 if decision.batch_size is None:
                     stop_reason = decision.reason
                     break
-                run(decision.batch_size, decision.predicted_peak_bytes)
+                if decision.reason == BATCH_ONE_FALLBACK:
+                    _run_batch_one(run, probes[0], budget, capacity)
+                else:
+                    run(decision.batch_size, decision.predicted_peak_bytes)
             else:
                 stop_reason = "probe limit"
             fitting = [p for p in probes if p.fits]
@@ -481,13 +526,26 @@ def _check_fixed(run, probes, size, budget, multiple_of, hard_limit) -> Probe:
     return run(size, predicted)
 
 
-def _raise_does_not_fit(first: Probe, budget: int, capacity: int) -> None:
+def _run_batch_one(run, batch_two: Probe, budget: int, capacity: int) -> None:
+    """Try batch 1 after batch 2 did not fit; a model that cannot train on one sample (BatchNorm) means no
+    batch fits, said as such -- with the model's own error chained, not in place of the answer."""
+    try:
+        run(1, None)
+    except Exception as exc:
+        _raise_does_not_fit(
+            batch_two, budget, capacity, f"; batch 1 cannot run this model ({type(exc).__name__}: {exc})", exc
+        )
+
+
+def _raise_does_not_fit(
+    first: Probe, budget: int, capacity: int, extra: str = "", cause: BaseException | None = None
+) -> None:
     need = first.peak_bytes if first.peak_bytes is not None else None
     need_text = format_bytes(need) if need is not None else "more than is available (out-of-memory error)"
     raise DoesNotFitError(
         f"batch {first.batch_size} does not fit: one training step needs {need_text}, the budget is "
-        f"{format_bytes(budget)} (of {format_bytes(capacity)}); free memory, use amp='bf16', or a smaller model",
+        f"{format_bytes(budget)} (of {format_bytes(capacity)}){extra}; free memory, use amp='bf16', or a smaller model",
         batch_size=first.batch_size,
         needed_bytes=need,
         budget_bytes=budget,
-    )
+    ) from cause

@@ -1,0 +1,231 @@
+"""PNG plots of a :class:`~batchlab.profile.Profile`, readable at a glance.
+
+matplotlib is imported only when a plot is drawn (it is an extra, not a core dependency: ``pip install
+'batchlab[plot]'``), and only its object-oriented API is used -- a ``Figure`` drawn by the Agg canvas -- so
+plotting never switches the caller's pyplot backend or opens a window.
+
+Two plots per profile, one line per variant, batch size on a log2 axis:
+
+- ``<name>-throughput.png``: samples/s vs batch size, the knee marked with a star; sizes over the budget as
+  crosses; with an input pipeline, its throughput dashed in the same colour.
+- ``<name>-memory.png``: peak memory vs batch size with the budget line; sizes that did not fit as crosses
+  (at their peak, or on the top edge when they had none: out of memory or not run).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from batchlab.units import format_bytes
+
+if TYPE_CHECKING:
+    from batchlab.profile import Profile, ProfilePoint
+
+DPI = 110  # 7.5 x 4.5 in at 110 dpi: 825 x 495 px, legible in a terminal image viewer and a README
+SIZE_INCHES = (7.5, 4.5)
+BUDGET_IN_VIEW = 1.5  # draw the budget line when it is at most 1.5x the highest peak
+
+
+def require_matplotlib() -> Any:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+    except ImportError:
+        raise ImportError("plots need matplotlib: pip install 'batchlab[plot]'") from None
+    return Figure, FigureCanvasAgg, FixedLocator, FuncFormatter, NullLocator
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "profile"
+
+
+def _memory_unit(values: list[float]) -> tuple[str, float]:
+    top = max(values, default=0.0)
+    return ("GiB", 2.0**30) if top >= 2 * 2**30 else ("MiB", 2.0**20)
+
+
+def _log2_batch_axis(ax: Any, sizes: list[int], mpl: Any) -> None:
+    """Log2 x axis with plain integer labels at the powers of two in range."""
+    _, _, FixedLocator, FuncFormatter, NullLocator = mpl
+    ax.set_xscale("log", base=2)
+    lo, hi = min(sizes), max(sizes)
+    ticks = [2**k for k in range(max(lo.bit_length() - 1, 0), hi.bit_length() + 1) if lo / 2 < 2**k < hi * 2]
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{int(round(x))}"))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlim(lo / 1.4, hi * 1.4)
+    ax.set_xlabel("batch size (samples per step, log2 scale)")
+    ax.grid(True, which="major", alpha=0.3)
+
+
+def _variants(profile: Profile) -> list[tuple[str, list[ProfilePoint]]]:
+    return [(v.variant, profile.points_of(v.variant)) for v in profile.variants]
+
+
+def plot_throughput(profile: Profile, path: str | Path) -> Path:
+    """samples/s vs batch size per variant, knee starred; returns the PNG's path."""
+    mpl = require_matplotlib()
+    Figure, FigureCanvasAgg = mpl[0], mpl[1]
+    fig = Figure(figsize=SIZE_INCHES, dpi=DPI)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    sizes = [p.batch_size for p in profile.points if p.samples_per_second] or [1, 2]
+    for index, (name, points) in enumerate(_variants(profile)):
+        color = f"C{index}"
+        fitting = [p for p in points if p.fits and p.samples_per_second]
+        over = [p for p in points if not p.fits and p.samples_per_second]
+        ax.plot(
+            [p.batch_size for p in fitting],
+            [p.samples_per_second for p in fitting],
+            "o-",
+            color=color,
+            label=name,
+        )
+        if over:
+            ax.plot(
+                [p.batch_size for p in over],
+                [p.samples_per_second for p in over],
+                "x",
+                color=color,
+                markersize=9,
+                mew=2,
+            )
+        loaded = [p for p in fitting if p.loader_samples_per_second]
+        if loaded:
+            ax.plot(
+                [p.batch_size for p in loaded],
+                [p.loader_samples_per_second for p in loaded],
+                "^--",
+                color=color,
+                alpha=0.8,
+                label=f"{name} with input pipeline",
+            )
+        summary = profile.variant(name)
+        if summary.knee_batch is not None:
+            ax.plot(
+                [summary.knee_batch],
+                [summary.knee_samples_per_second],
+                "*",
+                color=color,
+                markersize=18,
+                markeredgecolor="black",
+                zorder=5,
+            )
+            ax.annotate(
+                f"knee {summary.knee_batch}",
+                (summary.knee_batch, summary.knee_samples_per_second),
+                textcoords="offset points",
+                xytext=(6, -14),
+                fontsize=9,
+            )
+    ax.plot([], [], "*", color="grey", markersize=12, markeredgecolor="black",
+            label=f"knee: first batch at {profile.knee_threshold:.0%} of the best")  # fmt: skip
+    if any(not p.fits and p.samples_per_second for p in profile.points):
+        ax.plot([], [], "x", color="grey", markersize=9, mew=2, label="over the budget")
+    _log2_batch_axis(ax, sizes, mpl)
+    ax.set_ylim(bottom=0)
+    ax.set_ylabel("throughput (samples / s)")
+    ax.set_title(f"{profile.workload} on {profile.device}: training throughput vs batch size", fontsize=11)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, format="png")
+    return path
+
+
+def plot_memory(profile: Profile, path: str | Path) -> Path:
+    """Peak memory vs batch size per variant with the budget line; returns the PNG's path."""
+    mpl = require_matplotlib()
+    Figure, FigureCanvasAgg = mpl[0], mpl[1]
+    fig = Figure(figsize=SIZE_INCHES, dpi=DPI)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    peaks = [p.peak_bytes for p in profile.points if p.peak_bytes is not None]
+    # The budget line joins the plot only when it is near the data: a budget far above every peak would
+    # squash the curves into a flat line at the bottom; it is then named in the legend instead.
+    budget_in_view = not peaks or profile.budget_bytes <= BUDGET_IN_VIEW * max(peaks)
+    unit, scale = _memory_unit([*peaks, profile.budget_bytes] if budget_in_view else peaks)
+    sizes = [p.batch_size for p in profile.points] or [1, 2]
+    top_edge = ax.get_xaxis_transform()  # x in data, y in axes fraction: marks for sizes without a peak
+    for index, (name, points) in enumerate(_variants(profile)):
+        color = f"C{index}"
+        fitting = [p for p in points if p.fits and p.peak_bytes is not None]
+        over = [p for p in points if not p.fits and p.peak_bytes is not None]
+        unknown = [p for p in points if not p.fits and p.peak_bytes is None]
+        ax.plot(
+            [p.batch_size for p in fitting],
+            [p.peak_bytes / scale for p in fitting],
+            "o-",
+            color=color,
+            label=name,
+        )
+        allocated = [p for p in fitting if p.allocated_bytes is not None]
+        if allocated:
+            ax.plot(
+                [p.batch_size for p in allocated],
+                [p.allocated_bytes / scale for p in allocated],
+                ":",
+                color=color,
+                label=f"{name}: allocated (live tensors)",
+            )
+        if over:
+            ax.plot(
+                [p.batch_size for p in over],
+                [p.peak_bytes / scale for p in over],
+                "x",
+                color=color,
+                markersize=9,
+                mew=2,
+            )
+        for p in unknown:
+            ax.plot([p.batch_size], [0.97], "x", color=color, markersize=9, mew=2, transform=top_edge)
+            ax.annotate(
+                "oom" if p.outcome == "oom" else "not run",
+                (p.batch_size, 0.97),
+                xycoords=top_edge,
+                textcoords="offset points",
+                xytext=(5, -4),
+                fontsize=8,
+                color=color,
+            )
+    if any(not p.fits for p in profile.points):
+        ax.plot(
+            [], [], "x", color="grey", markersize=9, mew=2, label="does not fit (x on top: oom / not run)"
+        )
+    budget_label = (
+        f"budget {format_bytes(profile.budget_bytes)} ({profile.fraction:.0%} of "
+        f"{format_bytes(profile.capacity_bytes)})"
+    )
+    if budget_in_view:
+        ax.axhline(profile.budget_bytes / scale, color="red", linestyle="--", label=budget_label)
+    else:
+        ax.plot([], [], color="red", linestyle="--", label=f"{budget_label}, far above")
+    _log2_batch_axis(ax, sizes, mpl)
+    what = (
+        "process peak RSS"
+        if profile.device == "cpu"
+        else "peak reserved"
+        if profile.device.startswith("cuda")
+        else "peak"
+    )
+    ax.set_ylabel(f"peak memory ({unit}, {what})")
+    ax.set_title(f"{profile.workload} on {profile.device}: peak memory of a training step", fontsize=11)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, format="png")
+    return path
+
+
+def plot_profile(profile: Profile, directory: str | Path, *, name: str | None = None) -> dict[str, Path]:
+    """Write both plots into ``directory`` (created if needed); returns ``{"throughput": ..., "memory": ...}``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = _slug(name or profile.workload)
+    return {
+        "throughput": plot_throughput(profile, directory / f"{stem}-throughput.png"),
+        "memory": plot_memory(profile, directory / f"{stem}-memory.png"),
+    }

@@ -115,6 +115,49 @@ class Workload:
             return tensor.device
         return torch.device("cpu")
 
+    # The step in public pieces, so code that needs to act between them (a noise-scale collector, a guard)
+    # runs exactly the step batchlab measures: begin_step, then per micro-batch next_batch -> loss -> backward,
+    # then finish_step.
+
+    def begin_step(self) -> None:
+        """Put the model in training mode and drop the previous step's gradients (``set_to_none``)."""
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def next_batch(self, batch_size: int) -> Batch:
+        """``make_batch(batch_size)``, moved to the model's device."""
+        return _to_device(self.make_batch(batch_size), self.device)
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        """The loss of one batch (already on the device), under the workload's autocast when ``amp`` is set."""
+        dtype = torch.float16 if self.amp == "fp16" else torch.bfloat16
+        with torch.autocast(self.device.type, dtype=dtype, enabled=self.amp is not None):
+            return self._loss(batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backpropagate ``loss``, scaled by the GradScaler under fp16."""
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def finish_step(self) -> None:
+        """The optimizer step (through the GradScaler under fp16, which skips non-finite steps)."""
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+
+    def step(self, batch_size: int) -> torch.Tensor:
+        """Run one optimizer step on ``grad_accum`` micro-batches of ``batch_size``; return the detached loss."""
+        self.begin_step()
+        total = torch.zeros((), device=self.device)
+        for _ in range(self.grad_accum):
+            loss = self.loss(self.next_batch(batch_size)) / self.grad_accum
+            self.backward(loss)
+            total += loss.detach()
+            del loss  # free this micro-batch's activations before the next one is built
+        self.finish_step()
+        return total
+
     def _loss(self, batch: Batch) -> torch.Tensor:
         if isinstance(batch, Mapping):
             output = self.model(**batch)
@@ -133,30 +176,6 @@ class Workload:
         raise WorkloadError(
             f"make_batch returned {type(batch).__name__}; expected (inputs, targets) or a dict of model kwargs"
         )
-
-    def step(self, batch_size: int) -> torch.Tensor:
-        """Run one optimizer step on ``grad_accum`` micro-batches of ``batch_size``; return the detached loss."""
-        device = self.device
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        total = torch.zeros((), device=device)
-        for _ in range(self.grad_accum):
-            batch = _to_device(self.make_batch(batch_size), device)
-            with torch.autocast(device.type, dtype=self._amp_dtype, enabled=self.amp is not None):
-                loss = self._loss(batch) / self.grad_accum
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
-            total += loss.detach()
-            del batch, loss  # free this micro-batch's activations before the next one is built
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        return total
-
-    @property
-    def _amp_dtype(self) -> torch.dtype:
-        return torch.float16 if self.amp == "fp16" else torch.bfloat16
 
     def snapshot(self) -> StateSnapshot:
         """Capture model, optimizer, GradScaler and RNG state, to be restored after every probe."""

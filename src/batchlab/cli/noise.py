@@ -1,0 +1,162 @@
+"""``batchlab noise``: the gradient noise scale B_simple (the critical batch) from a short training run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from rich.console import Console
+
+from batchlab.cli.common import add_workload_options, build_workload
+from batchlab.noise import DEFAULT_BETA, NoiseScaleEstimate
+from batchlab.noise_workload import COLLECTORS, DEFAULT_NOISE_STEPS, measure_noise_scale, noise_collector
+from batchlab.workload import Workload
+
+# 128: near the noise scale of small tasks early in training (mlp-digits measured ~100-250), where the
+# two-batch estimate is most precise; it is capped by the dataset size.
+DEFAULT_NOISE_BATCH = 128
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "noise",
+        help="measure the gradient noise scale B_simple (the critical batch size)",
+        description="Train the workload briefly with a noise-scale collector hooked in (McCandlish et al. "
+        "2018, two batch sizes per step), report B_simple with its standard error, then restore the "
+        "model, optimizer and RNG states bitwise.",
+    )
+    add_workload_options(parser)
+    add_noise_options(parser, prefix="")
+    parser.set_defaults(run=run)
+
+
+def add_noise_options(parser: argparse.ArgumentParser, prefix: str) -> None:
+    """``--steps``/``--batch``/``--collector``/``--beta`` (``noise``) or ``--noise-steps``/... (``advise``)."""
+    parser.add_argument(
+        f"--{prefix}steps",
+        type=int,
+        default=DEFAULT_NOISE_STEPS,
+        help=f"training steps to measure over (default {DEFAULT_NOISE_STEPS}; each undone afterwards)",
+    )
+    parser.add_argument(
+        f"--{prefix}batch",
+        type=int,
+        default=None,
+        help=f"micro-batch to train at (default {DEFAULT_NOISE_BATCH}, capped by the dataset size); "
+        "most precise near B_noise itself",
+    )
+    parser.add_argument(
+        f"--{prefix}collector",
+        default="auto",
+        choices=COLLECTORS,
+        help="accumulation (micro-batches vs their sum; needs grad_accum > 1), split (each batch as two "
+        "halves) or auto (accumulation when the workload accumulates)",
+    )
+    parser.add_argument(
+        f"--{prefix}beta",
+        type=float,
+        default=DEFAULT_BETA,
+        help=f"EMA decay of the tracker (default {DEFAULT_BETA})",
+    )
+
+
+def check_noise_args(steps: int, batch: int | None, beta: float) -> None:
+    """Fail on bad values before any model is built."""
+    if steps < 1:
+        raise ValueError(f"invalid steps {steps!r}: expected an integer >= 1")
+    if batch is not None and batch < 2:
+        raise ValueError(f"invalid noise batch {batch!r}: expected an integer >= 2")
+    if not 0.0 <= beta < 1.0:
+        raise ValueError(f"invalid beta {beta!r}: expected a number in [0, 1)")
+
+
+def noise_batch_for(workload: Workload, batch: int | None, largest: int | None = None) -> int:
+    """The batch to measure at: ``batch`` if given, else the default capped by the dataset and ``largest``."""
+    if batch is not None:
+        return batch
+    caps = [c for c in (workload.dataset_size, largest) if c]
+    return max(2, min([DEFAULT_NOISE_BATCH, *caps]))
+
+
+def require_workload(workload: object) -> Workload:
+    if not isinstance(workload, Workload):
+        raise ValueError(
+            "this command needs a batchlab.Workload (model, make_batch, loss_fn, optimizer): the noise scale "
+            "is read from the model's gradients, which a plain step(batch_size) callable hides"
+        )
+    return workload
+
+
+def run(args: argparse.Namespace) -> int:
+    check_noise_args(args.steps, args.batch, args.beta)
+    workload = require_workload(build_workload(args))
+    batch = noise_batch_for(workload, args.batch)
+    kind = noise_collector(workload, args.collector)
+    started = time.perf_counter()
+    if args.json:
+        estimate = measure_noise_scale(
+            workload, batch, steps=args.steps, collector=args.collector, beta=args.beta
+        )
+    else:
+        console = Console()
+        with console.status(
+            f"measuring the noise scale of {args.workload} ({args.steps} steps) ..."
+        ) as status:
+
+            def show(index: int, _pair) -> None:
+                status.update(f"measuring the noise scale of {args.workload}: step {index + 1}/{args.steps}")
+
+            estimate = measure_noise_scale(
+                workload, batch, steps=args.steps, collector=args.collector, beta=args.beta, on_step=show
+            )
+    seconds = time.perf_counter() - started
+    if args.json:
+        data = noise_dict(estimate, kind, batch, args.steps, seconds)
+        data["workload"] = args.workload
+        print(json.dumps(data, indent=2))
+    else:
+        print_noise(console, estimate, kind, batch, args.steps, seconds)
+    return 0 if estimate.b_simple is not None else 1
+
+
+def noise_dict(estimate: NoiseScaleEstimate, kind: str, batch: int, steps: int, seconds: float) -> dict:
+    data = estimate.to_dict()
+    data.update(collector=kind, batch_size=batch, steps=steps, seconds=seconds)
+    return data
+
+
+def _pm(value: float | None, stderr: float | None, fmt: str = ".3g") -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:{fmt}}" + (f" ± {stderr:{fmt}}" if stderr is not None else "")
+
+
+def describe_noise(estimate: NoiseScaleEstimate) -> str:
+    """One line: B_simple with its standard error, or why there is none."""
+    if estimate.b_simple is None:
+        return f"B_simple not measured: {estimate.note}"
+    return f"B_simple ≈ {_pm(estimate.b_simple, estimate.b_simple_stderr, ',.0f')} (1 standard error)"
+
+
+def print_noise(
+    console: Console, estimate: NoiseScaleEstimate, kind: str, batch: int, steps: int, seconds: float
+) -> None:
+    console.print()
+    style = "bold green" if estimate.b_simple is not None else "bold red"
+    console.print(f"[{style}]{describe_noise(estimate)}[/]")
+    if estimate.b_simple is not None:
+        console.print(
+            f"the critical batch: below ~{estimate.b_simple:,.0f} doubling the batch nearly halves the steps to a "
+            f"result; above it, it buys less and less (McCandlish et al. 2018)"
+        )
+    console.print(
+        f"|G|² = {_pm(estimate.g2, estimate.g2_stderr)}, tr(Σ) = {_pm(estimate.trace_sigma, estimate.trace_sigma_stderr)}"
+        f"; {estimate.updates} updates ({estimate.effective_updates:.1f} effective), {estimate.samples:,.0f} "
+        f"samples, {estimate.skipped} skipped"
+    )
+    console.print(
+        f"[dim]{estimate.note}; {seconds:.1f} s. Measured over {steps} real training steps at batch {batch} "
+        f"({kind} collector) from the current state -- the noise scale grows as training goes on -- then the "
+        f"model, optimizer and RNG states were restored.[/]"
+    )

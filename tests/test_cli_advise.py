@@ -1,0 +1,126 @@
+"""``batchlab advise`` and ``batchlab noise``: a recommendation with its reasoning, JSON that parses, clear errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import pytest
+import torch
+
+from batchlab.cli import main
+
+# Few noise steps keep each run to seconds; the numbers are not asserted, only their presence and shape.
+QUICK = ["--workload", "mlp-digits", "--device", "cpu"]
+QUICK_ADVISE = [*QUICK, "--noise-steps", "15", "--noise-batch", "64"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread; on a shared 2-core machine more threads oversubscribe it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_cli(capsys, *args):
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_advise_prints_a_recommendation_with_its_reasoning(capsys):
+    code, out, err = run_cli(capsys, "advise", *QUICK_ADVISE, "--throughput", "probes", "--epochs", "3")
+    assert code == 0, err
+    assert "recommended batch" in out and "learning rate" in out
+    assert "gradient noise scale B_noise ≈" in out and "critical batch" in out  # the reasoning
+    assert "goodput" in out and "peaks at" in out
+    assert ("switch from 32 to" in out) or ("keep batch 32" in out)  # the 5% rule, either way
+    assert re.search(r"optimizer steps? per epoch x 3 epochs", out)  # the schedule (1797 digits)
+    assert "throughput from fit probes" in out  # says which timing was used
+    assert "rule sqrt (Adam is adaptive" in out  # mlp-digits trains with Adam
+
+
+def test_advise_json_parses_and_holds_the_whole_story(capsys):
+    code, out, _ = run_cli(
+        capsys, "advise", *QUICK_ADVISE, "--throughput", "probes", "--batch", "64", "--lr", "3e-4", "--json"
+    )
+    assert code == 0
+    data = json.loads(out)  # only JSON on stdout
+    rec = data["recommendation"]
+    assert rec["current_batch"] == 64 and rec["base_batch"] == 64 and rec["lr"]["base_lr"] == 3e-4
+    assert isinstance(rec["batch_size"], int) and 2 <= rec["batch_size"] <= 1797
+    assert rec["micro_batch"] * rec["accumulation_steps"] == rec["batch_size"]
+    assert rec["schedule"]["dataset_size"] == 1797 and rec["explanation"] and rec["candidates"]
+    assert data["throughput_source"] == "fit probes" and data["throughput"]
+    assert data["fit"]["batch_size"] == 1797 and data["noise"]["collector"] == "split"
+    assert data["noise"]["b_simple"] == rec["noise_scale"]
+
+
+def test_advise_uses_profile_when_available(capsys):
+    pytest.importorskip("batchlab.profile")
+    code, out, _ = run_cli(
+        capsys,
+        "advise",
+        *QUICK_ADVISE,
+        "--max-batch-size",
+        "256",
+        "--seconds-per-point",
+        "0",
+        "--json",
+    )
+    data = json.loads(out)
+    assert code == 0 and data["throughput_source"] == "profile"
+    assert data["fit"]["batch_size"] == 256
+    assert max(int(b) for b in data["throughput"]) == 256
+
+
+def test_advise_falls_back_to_probes_without_profile(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "batchlab.profile", None)  # import batchlab.profile -> ImportError
+    code, _, err = run_cli(capsys, "advise", *QUICK, "--throughput", "profile")
+    assert code == 1 and "batchlab.profile is not available" in err
+    code, out, _ = run_cli(capsys, "advise", *QUICK_ADVISE, "--max-batch-size", "128", "--json")
+    assert code == 0 and json.loads(out)["throughput_source"] == "fit probes"
+
+
+def test_noise_reports_b_simple_with_its_uncertainty(capsys):
+    code, out, _ = run_cli(capsys, "noise", *QUICK, "--steps", "15", "--batch", "64")
+    assert code == 0
+    assert "B_simple ≈" in out and "±" in out and "restored" in out
+    code, out, _ = run_cli(capsys, "noise", *QUICK, "--steps", "15", "--batch", "64", "--json")
+    data = json.loads(out)
+    assert code == 0 and data["b_simple"] > 0 and data["b_simple_stderr"] > 0
+    assert data["updates"] == 15 and data["collector"] == "split" and data["batch_size"] == 64
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["advise", "--lr", "0"], "invalid --lr 0.0"),
+        (["advise", "--batch", "0"], "invalid --batch 0"),
+        (["advise", "--world-size", "0"], "invalid --world-size 0"),
+        (["advise", "--gain-threshold", "-1"], "invalid --gain-threshold -1.0"),
+        (["advise", "--noise-steps", "0"], "invalid steps 0"),
+        (["advise", "--memory-budget", "lots"], "invalid byte size 'lots'"),
+        (["advise", "--batch", "5000"], "--batch 5000 is larger than the dataset (1797 samples)"),
+        (["advise", "--noise-collector", "accumulation"], "collector 'accumulation' needs a workload"),
+        (["noise", "--steps", "0"], "invalid steps 0"),
+        (["noise", "--batch", "1"], "invalid noise batch 1"),
+        (["noise", "--beta", "1.5"], "invalid beta 1.5"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(capsys, args, message):
+    code, out, err = run_cli(capsys, *args, *QUICK)
+    assert code == 1
+    assert err.startswith("batchlab: error: ") and message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err + out
+
+
+def test_a_plain_step_callable_is_refused(capsys, tmp_path):
+    script = tmp_path / "plain.py"
+    script.write_text("def make():\n    return lambda batch_size: None\n")
+    for command in ("noise", "advise"):
+        code, _, err = run_cli(capsys, command, "--workload", f"{script}:make", "--device", "cpu")
+        assert code == 1 and "needs a batchlab.Workload" in err

@@ -1,0 +1,154 @@
+"""measure_noise_scale: a real short training run through a Workload, leaving the user's state bitwise intact."""
+
+from __future__ import annotations
+
+import random
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from batchlab import Workload
+from batchlab.noise_workload import measure_noise_scale, noise_collector
+from conftest import tiny_bn_workload
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread; on a shared 2-core machine more threads oversubscribe it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _state(workload: Workload) -> dict:
+    """Everything a training step can change, copied: parameters, buffers, grads, optimizer, RNGs, modes."""
+    return {
+        "model": {k: v.clone() for k, v in workload.model.state_dict().items()},
+        "grads": [None if p.grad is None else p.grad.clone() for p in workload.model.parameters()],
+        "opt": {
+            i: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+            for i, s in workload.optimizer.state_dict()["state"].items()
+        },
+        "groups": [
+            {k: v for k, v in g.items() if k != "params"}
+            for g in workload.optimizer.state_dict()["param_groups"]
+        ],
+        "torch_rng": torch.get_rng_state(),
+        "py_rng": random.getstate(),
+        "np_rng": np.random.get_state()[1].copy(),
+        "training": [m.training for m in workload.model.modules()],
+    }
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key  # bitwise, BatchNorm buffers included
+    for ga, gb in zip(a["grads"], b["grads"]):
+        assert (ga is None and gb is None) or torch.equal(ga, gb)
+    assert a["opt"].keys() == b["opt"].keys()
+    for i in a["opt"]:
+        for k, v in a["opt"][i].items():
+            assert torch.equal(v, b["opt"][i][k]) if torch.is_tensor(v) else v == b["opt"][i][k]
+    assert a["groups"] == b["groups"]
+    assert torch.equal(a["torch_rng"], b["torch_rng"])
+    assert a["py_rng"] == b["py_rng"] and np.array_equal(a["np_rng"], b["np_rng"])
+    assert a["training"] == b["training"]
+
+
+def _no_hooks(workload: Workload) -> bool:
+    return all(not getattr(p, "_backward_hooks", None) for p in workload.model.parameters())
+
+
+def _trained(workload: Workload) -> Workload:
+    """Give the workload non-trivial state: Adam moments, gradients, moved BatchNorm stats, eval mode."""
+    workload.step(16)
+    workload.model.eval()
+    return workload
+
+
+@pytest.mark.parametrize("grad_accum", [1, 3])
+def test_state_is_bitwise_unchanged_and_hooks_removed(grad_accum):
+    base = tiny_bn_workload(seed=1)
+    work = _trained(
+        Workload(base.model, base.make_batch, base.loss_fn, base.optimizer, grad_accum=grad_accum, name="t")
+    )
+    before = _state(work)
+    est = measure_noise_scale(work, 16, steps=12)
+    _assert_same(before, _state(work))
+    assert _no_hooks(work)
+    kind = "accumulation" if grad_accum > 1 else "split"
+    assert noise_collector(work) == kind
+    assert est.updates == 12 and est.samples == 12 * 16 * grad_accum
+    assert f"collector: {'accumulation' if grad_accum > 1 else 'split batch'}" in est.note
+
+
+def test_training_actually_happens_during_the_measurement():
+    work = tiny_bn_workload(seed=2)
+    seen = []
+    original = work.make_batch
+
+    def watching(b):
+        seen.append([p.detach().clone() for p in work.model.parameters()][0])
+        return original(b)
+
+    work.make_batch = watching
+    measure_noise_scale(work, 8, steps=3, on_step=lambda i, pair: None)
+    assert len(seen) == 3 and not torch.equal(seen[0], seen[2])  # the weights moved between steps
+
+
+def test_a_failure_mid_run_restores_state_and_removes_hooks():
+    work = _trained(tiny_bn_workload(seed=3))
+    before = _state(work)
+    original, calls = work.make_batch, []
+
+    def flaky(b):
+        calls.append(b)
+        if len(calls) == 4:
+            raise RuntimeError("loader died")
+        return original(b)
+
+    work.make_batch = flaky
+    with pytest.raises(RuntimeError, match="loader died"):  # the user's error surfaces as itself
+        measure_noise_scale(work, 8, steps=10)
+    work.make_batch = original
+    _assert_same(before, _state(work))
+    assert _no_hooks(work)
+
+
+def test_on_step_sees_every_pair():
+    work = tiny_bn_workload(seed=4)
+    pairs = []
+    measure_noise_scale(work, 10, steps=5, on_step=lambda i, pair: pairs.append((i, pair)))
+    assert [i for i, _ in pairs] == list(range(5))
+    assert all(p.b_big == 10 and p.b_small == 5 for _, p in pairs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
+        ({"batch_size": 1}, "the split collector needs batch_size >= 2"),
+        ({"batch_size": 8, "steps": 0}, "steps must be an integer >= 1, got 0"),
+        ({"batch_size": 8, "collector": "ddp"}, "collector must be one of 'auto', 'accumulation', 'split'"),
+        (
+            {"batch_size": 8, "collector": "accumulation"},
+            "collector 'accumulation' needs a workload with grad_accum >= 2",
+        ),
+        ({"batch_size": 8, "beta": 1.0}, "beta must be a number in [0, 1)"),
+    ],
+)
+def test_bad_arguments_fail_before_anything_runs(kwargs, message):
+    work = tiny_bn_workload(seed=5)
+    before = _state(work)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        measure_noise_scale(work, **kwargs)
+    _assert_same(before, _state(work))
+
+
+def test_a_plain_step_callable_is_refused():
+    with pytest.raises(ValueError, match="needs a batchlab.Workload"):
+        measure_noise_scale(lambda b: None, 8)

@@ -215,7 +215,7 @@ def next_candidate(
     Returns ``Decision(None, reason=...)`` when the search is done: the bracket is closed, the cap is reached,
     or the next candidate would move the answer by less than ``TOLERANCE``.
 
-    ``estimate`` (optional, e.g. from :func:`batchlab.plan.estimate_memory_line`) stands in for the memory line
+    ``estimate`` (optional, e.g. from :func:`batchlab.estimate_memory_line`) stands in for the memory line
     while the probes cannot give one (fewer than two measured sizes): its slope, anchored on the largest
     measured fit, predicts the budget's size and the search jumps ``ESTIMATE_JUMP`` of the way there instead
     of climbing by ``MAX_GROWTH``; the measured line takes over from there. Every size is still run for real.

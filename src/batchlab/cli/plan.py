@@ -1,0 +1,96 @@
+"""``batchlab plan``: the largest batch that fits a card you do not have, estimated from fake tensors."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+from rich.table import Table
+
+from batchlab.plan import PlanResult, plan
+from batchlab.spec import parse_amp, parse_batch
+from batchlab.targets import CARDS, DEVICE_TYPES, resolve_target
+from batchlab.units import format_bytes
+from batchlab.workloads import BUILTIN, load_workload
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "plan",
+        help="estimate the largest batch that fits a target card, without the card (fake tensors)",
+        description="Run the training step on fake tensors (no memory, no GPU) and search the largest batch "
+        "whose estimated peak fits the target at the fraction.",
+    )
+    parser.add_argument(
+        "--workload",
+        required=True,
+        help=f"built-in ({', '.join(BUILTIN)}), path/to/file.py:function or module:function "
+        "(the function returns a batchlab.Workload)",
+    )
+    parser.add_argument(
+        "--target",
+        required=True,
+        help=f"a card ({', '.join(CARDS)}) or a memory size such as 24GiB",
+    )
+    parser.add_argument(
+        "--device-type",
+        choices=DEVICE_TYPES,
+        default=None,
+        help="device type of a memory-size target (default cuda); a card is always cuda",
+    )
+    parser.add_argument(
+        "--batch",
+        default="-1",
+        help="-1 or auto (largest at 0.90), a fraction like 0.8, or a fixed size like 64 to check",
+    )
+    parser.add_argument("--amp", default=None, help="plan under autocast: bf16 or fp16")
+    parser.add_argument("--max-batch-size", type=int, default=None, help="never answer more than this")
+    parser.add_argument("--multiple-of", type=int, default=1, help="answer a multiple of this (e.g. 8)")
+    parser.add_argument("--json", action="store_true", help="print only JSON on stdout")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    # Validate every argument before building anything: a typo must not cost a model build.
+    target = resolve_target(args.target, device_type=args.device_type)
+    parse_batch(args.batch)
+    parse_amp(args.amp)
+    workload = load_workload(
+        args.workload, device="cpu"
+    )  # fake copies go to the target; CPU builds are enough
+    result = plan(
+        workload,
+        target,
+        batch=args.batch,
+        amp=args.amp,
+        max_batch_size=args.max_batch_size,
+        multiple_of=args.multiple_of,
+    )
+    if args.json:
+        print(result.to_json(indent=2))
+    else:
+        print_summary(Console(), result)
+    return 0 if result.fits else 1
+
+
+def print_summary(console: Console, result: PlanResult) -> None:
+    """The readable summary: the answer, the estimated memory by category, the slope, the notes."""
+    style = "bold green" if result.fits else "bold red"
+    console.print(f"[{style}]{result.summary()}[/]")
+    if result.bytes_per_sample is not None:
+        console.print(
+            f"memory per sample {format_bytes(result.bytes_per_sample)}, fixed {format_bytes(result.fixed_bytes)}; "
+            f"{len(result.probes)} fake probes in {result.seconds:.1f} s"
+        )
+    if result.breakdown is not None:
+        split = Table(title=f"estimated memory at batch {result.batch_size}", show_header=True)
+        split.add_column("what")
+        split.add_column("bytes", justify="right")
+        for name, value in result.breakdown.to_dict().items():
+            if value:
+                split.add_row(name.replace("_", " "), format_bytes(value))
+        split.add_row("[bold]peak[/]", f"[bold]{format_bytes(result.peak_bytes)}[/]")
+        console.print(split)
+    console.print(f"[dim]target: {result.target.source}[/]")
+    for note in result.notes:
+        console.print(f"[dim]note: {note}[/]")

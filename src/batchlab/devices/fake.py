@@ -1,0 +1,537 @@
+"""Fake device: a training step's memory from fake tensors -- shapes and dtypes, no data, no memory, no device.
+
+:class:`FakeDevice` copies the workload's model and optimizer into torch's ``FakeTensorMode`` (every tensor
+becomes metadata on the meta device) and runs the workload's own training step there under torch's
+``MemTracker``, which follows every tensor's storage and labels it parameter, buffer, gradient, activation,
+temporary or optimizer state. Two steps run, so the optimizer state created by the first ``step()`` (Adam's
+two moments) is live during the second -- the same count the real devices make. The peak is read per
+category at the moment it happens; nothing of the batch's size is ever allocated.
+
+The user's model and optimizer are never touched: the copy is made by ``copy.deepcopy`` under a mode that
+turns each tensor into a fake one (as torch's ``FakeCopyMode`` does), so parameters, buffers, gradients,
+optimizer state and its param groups stay bitwise as they were, and no real memory is spent on the copied
+tensors (other attributes -- a NumPy array kept on a module -- are copied for real). A model built on the
+meta device works too: it never needs real weights.
+
+For a CUDA target it adds what the caching allocator adds over the tensors (:class:`_CachingAllocatorModel`:
+512-byte blocks, small allocations packed into 2 MiB segments, mid-sized ones into 20 MiB, large ones rounded
+to 2 MiB) and torch's cuBLAS workspace; the CUDA context is outside torch's counters and is taken off the
+target's capacity instead (:mod:`batchlab.targets`). Without CUDA in this torch build, fake CUDA tensors
+cannot run a backward pass (autograd asks the missing CUDA backend for a stream and the process aborts), so
+a CUDA target is emulated with fake CPU tensors: CPU autocast stands in for CUDA autocast (their op lists
+differ slightly), attention picks CPU kernels, and the optimizer is told to use the ``foreach`` step torch
+picks by default for CUDA tensors. The estimate says which way it ran (``FakeEstimate.emulated_on``).
+
+What fake tensors cannot run: a value-dependent op (``.item()``, ``bool(tensor)``, ``torch.nonzero``,
+boolean-mask indexing) or a kernel with no fake implementation (a custom op). Those raise
+:class:`FakeTensorError` naming the op; the real search (``find_batch_size`` on the device) still works.
+
+torch's pieces here are private modules (``torch._subclasses.fake_tensor``,
+``torch.distributed._tools.mem_tracker``): they are imported in :func:`_torch_internals` only, with a
+version check, and tested on their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import re
+import time
+import warnings
+import weakref
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode  # the documented home of TorchDispatchMode
+
+from batchlab.devices.base import Device, Measurement
+from batchlab.errors import WorkloadError
+from batchlab.targets import CUBLAS_WORKSPACE_BYTES_SM90, Target, resolve_target
+from batchlab.workload import Workload
+
+MIN_TORCH = (2, 5)  # MemTracker first shipped in torch 2.5
+
+# The CUDA caching allocator's sizes: c10/cuda/CUDACachingAllocator.cpp (torch <= 2.7; now
+# c10/core/AllocatorConfig.h), whose comments are quoted.
+BLOCK_BYTES = 512  # kMinBlockSize: "all sizes are rounded to at least 512 bytes"
+SMALL_BYTES = 1024**2  # kSmallSize: "largest 'small' allocation is 1 MiB"
+SMALL_SEGMENT_BYTES = 2 * 1024**2  # kSmallBuffer: "'small' allocations are packed in 2 MiB blocks"
+MID_BYTES = 10 * 1024**2  # kMinLargeAlloc: "allocations between 1 and 10 MiB may use kLargeBuffer"
+MID_SEGMENT_BYTES = 20 * 1024**2  # kLargeBuffer: "'large' allocations may be packed in 20 MiB blocks"
+LARGE_ROUND_BYTES = 2 * 1024**2  # kRoundLarge: "round up large allocations to 2 MiB"
+
+# MemTracker's category labels (the values of its private enum) -> batchlab's names.
+_CATEGORIES = {
+    "Parameter": "parameters",
+    "Buffer": "buffers",
+    "Gradient": "gradients",
+    "Activation": "activations",
+    "Temp": "temporaries",
+    "Optstate": "optimizer_state",
+    "Other": "other",
+}
+
+
+class FakeTensorError(WorkloadError):
+    """The workload cannot run on fake tensors; ``op`` names the operator that needs real data or a kernel.
+
+    Measure on the device instead (``find_batch_size`` / ``batchlab fit``): it needs no fake tensors.
+    """
+
+    def __init__(self, message: str, *, op: str, workload: str):
+        super().__init__(message)
+        self.op = op
+        self.workload = workload
+
+
+_internals: dict[str, Any] = {}
+
+
+def _torch_internals() -> dict[str, Any]:
+    """Import the private torch pieces once (MemTracker's import takes seconds: it pulls in torch.distributed)."""
+    if not _internals:
+        version = tuple(int(part) for part in re.findall(r"\d+", torch.__version__)[:2])
+        if version < MIN_TORCH:
+            raise ImportError(
+                f"the fake device needs torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]} (MemTracker); this is {torch.__version__}"
+            )
+        try:
+            from torch._subclasses import fake_tensor
+            from torch.distributed._tools.mem_tracker import MemTracker
+        except ImportError as exc:  # a torch build without torch.distributed
+            raise ImportError(
+                f"the fake device needs torch.distributed._tools.mem_tracker, missing from this torch "
+                f"({torch.__version__}): {exc}"
+            ) from None
+        _internals.update(
+            FakeTensorMode=fake_tensor.FakeTensorMode,
+            MemTracker=MemTracker,
+            value_dependent=fake_tensor.DataDependentOutputException,
+            dynamic_shape=fake_tensor.DynamicOutputShapeException,
+            no_kernel=fake_tensor.UnsupportedOperatorException,
+        )
+    return _internals
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """The step's memory at its peak, by what it is; the fields sum to :attr:`total` (bytes).
+
+    The first seven come from torch's MemTracker: ``temporaries`` are backward-pass buffers such as the
+    gradients of activations; ``optimizer_state`` is everything allocated inside ``optimizer.step()`` -- the
+    state and, when the peak falls in the step, its temporaries. ``allocator_rounding`` is what the CUDA caching allocator adds over the
+    tensors' own bytes, ``cuda_workspace`` torch's cuBLAS workspace; both are 0 on a CPU target.
+    """
+
+    parameters: int = 0
+    buffers: int = 0
+    gradients: int = 0
+    activations: int = 0
+    temporaries: int = 0
+    optimizer_state: int = 0
+    other: int = 0
+    allocator_rounding: int = 0
+    cuda_workspace: int = 0
+
+    @property
+    def total(self) -> int:
+        """The sum of every field: the estimated peak."""
+        return sum(getattr(self, item.name) for item in fields(self))
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class FakeEstimate:
+    """A fake-tensor estimate of ``steps`` training steps at ``batch_size``.
+
+    ``peak_bytes`` is counted like the target's capacity (CUDA: reserved by the caching allocator, CPU: the
+    tensors' bytes) and equals ``breakdown.total``; ``baseline_bytes`` is what the model's parameters,
+    buffers, gradients and optimizer state held before the step, counted the same way; ``allocated_bytes``
+    is the peak of live tensors (CUDA: 512-byte blocks plus the workspace, like ``max_memory_allocated``).
+    """
+
+    batch_size: int
+    device_type: str
+    emulated_on: str
+    amp: str | None
+    peak_bytes: int
+    baseline_bytes: int
+    allocated_bytes: int
+    breakdown: MemoryBreakdown
+    steps: int
+    seconds: float
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["notes"] = list(self.notes)
+        return data
+
+
+def _round_block(size: int) -> int:
+    """The caching allocator's block size for a request: up to a multiple of 512 bytes, at least 512."""
+    return max(BLOCK_BYTES, math.ceil(size / BLOCK_BYTES) * BLOCK_BYTES)
+
+
+def _round_up(size: int, unit: int) -> int:
+    return math.ceil(size / unit) * unit
+
+
+def _tensors_in(value: Any):
+    """Yield the tensors in an op's output (a tensor, or nested tuples/lists of them)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _tensors_in(item)
+
+
+class _CachingAllocatorModel(TorchDispatchMode):
+    """The CUDA caching allocator's rounding over the live storages of a (fake) step.
+
+    ``allocated`` counts each storage's block (512-byte rounding): what ``max_memory_allocated`` counts.
+    ``reserved`` adds segments: blocks up to 1 MiB packed into 2 MiB segments, blocks of 1-10 MiB into 20 MiB
+    segments, larger blocks each rounded up to 2 MiB. The real allocator also splits segments, reuses cached
+    blocks and fragments over time, which no model of live tensors can see; the benchmark measures the gap.
+    Storages are followed by weak references and dropped when torch frees them, as MemTracker does.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._blocks: dict[int, int] = {}  # id(storage) -> block bytes, for live storages only
+        self._small = self._mid = self._large = 0
+        self.peak_allocated = self.peak_reserved = 0
+
+    @property
+    def allocated(self) -> int:
+        return self._small + self._mid + self._large
+
+    @property
+    def reserved(self) -> int:
+        return (
+            _round_up(self._small, SMALL_SEGMENT_BYTES)
+            + _round_up(self._mid, MID_SEGMENT_BYTES)
+            + self._large
+        )
+
+    def _change(self, block: int, sign: int) -> None:
+        if block <= SMALL_BYTES:
+            self._small += sign * block
+        elif block < MID_BYTES:
+            self._mid += sign * block
+        else:
+            self._large += sign * _round_up(block, LARGE_ROUND_BYTES)
+
+    def _release(self, key: int) -> None:
+        self._change(self._blocks.pop(key), -1)
+
+    def track(self, tensor: torch.Tensor) -> None:
+        """Count ``tensor``'s storage once, until it is freed."""
+        storage = tensor.untyped_storage()
+        key = id(storage)
+        if key in self._blocks or storage.nbytes() == 0:
+            return
+        self._blocks[key] = block = _round_block(storage.nbytes())
+        self._change(block, +1)
+        weakref.finalize(storage, self._release, key)
+        self.peak_allocated = max(self.peak_allocated, self.allocated)
+        self.peak_reserved = max(self.peak_reserved, self.reserved)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in _tensors_in(out):
+            self.track(tensor)
+        return out
+
+
+class _FakeCopy(TorchFunctionMode):
+    """Inside it, ``copy.deepcopy`` makes every tensor a fake one on ``device``: no data, no memory.
+
+    The same interception as torch's ``FakeCopyMode`` (``Parameter.__deepcopy__`` clones ``.data``; plain
+    tensors go through ``Tensor.__deepcopy__``), plus the move to the target device -- done on the fake, so it
+    allocates nothing either.
+    """
+
+    def __init__(self, fake_mode: Any, device: torch.device):
+        super().__init__()
+        self.fake_mode = fake_mode
+        self.device = device
+
+    def _fake(self, tensor: torch.Tensor, *, parameter: bool = False) -> torch.Tensor:
+        if tensor.dim() == 0 and tensor.device.type == "cpu" and not parameter:
+            # CPU scalars (optimizer step counts, BatchNorm's num_batches_tracked) stay CPU constants: fake
+            # tensors keep a constant's value, and optimizers read their step count with .item().
+            value = (
+                tensor.item()
+            )  # read outside the fake mode, which would turn the real tensor into a fake one
+            with self.fake_mode:
+                return torch.tensor(value, dtype=tensor.dtype)
+        fake = self.fake_mode.from_tensor(tensor, static_shapes=True)
+        if fake.device != self.device:
+            with self.fake_mode, torch.no_grad():
+                fake = fake.to(
+                    device=self.device
+                )  # a torch.device with an index: "cuda" alone needs a real GPU
+            if tensor.requires_grad:
+                fake.requires_grad_(True)
+        return fake
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.clone:  # only Parameter.__deepcopy__ clones during the copy
+            return self._fake(args[0], parameter=True)
+        if func is torch.Tensor.__deepcopy__:
+            tensor, memo = args
+            if id(tensor) not in memo:
+                memo[id(tensor)] = self._fake(tensor)
+            return memo[id(tensor)]
+        return func(*args, **kwargs)
+
+
+def _use_cuda_foreach(optimizer: torch.optim.Optimizer) -> None:
+    """Ask for the ``foreach`` step that torch picks for CUDA tensors when ``foreach`` is left as None.
+
+    torch decides from the parameters' type and device (``_default_to_fused_or_foreach``); fake tensors fail
+    the type check and emulated CUDA runs on the CPU, so without this the fake step would take the
+    single-tensor path and miss the foreach path's temporaries (a copy of the state, per device and dtype).
+    """
+    for group in optimizer.param_groups:
+        if (
+            "foreach" in group
+            and group["foreach"] is None
+            and not group.get("fused")
+            and not group.get("differentiable")
+        ):
+            group["foreach"] = True
+
+
+def _op_name(exc: BaseException) -> str:
+    func = getattr(exc, "func", None)
+    if func is not None:
+        return str(func)
+    match = re.search(r"<CustomOpDef\(([^)]*)\)>", str(exc))
+    return match.group(1) if match else "an operator"
+
+
+def _fake_error(exc: BaseException, workload: str) -> FakeTensorError | None:
+    """Classify an exception from a fake step: a :class:`FakeTensorError` naming the op, or None (not ours)."""
+    torch_ = _torch_internals()
+    if isinstance(exc, torch_["value_dependent"]):
+        why = "needs a tensor's value (.item(), .tolist(), bool(tensor) or Python control flow on a tensor)"
+    elif isinstance(exc, torch_["dynamic_shape"]):
+        why = "has an output shape that depends on tensor values (torch.nonzero, boolean-mask indexing, torch.unique)"
+    elif isinstance(exc, torch_["no_kernel"]) or (
+        isinstance(exc, RuntimeError) and "no fake impl registered" in str(exc)
+    ):
+        why = "has no fake (meta) kernel -- a custom or third-party kernel; torch.library.register_fake adds one"
+    else:
+        return None
+    op = _op_name(exc)
+    return FakeTensorError(
+        f"the fake-tensor estimate cannot run workload {workload!r}: {op} {why}; fake tensors carry shapes, "
+        "not values. Measure on the device instead (batchlab fit / find_batch_size)",
+        op=op,
+        workload=workload,
+    )
+
+
+class FakeDevice(Device):
+    """A device that runs the workload's step on fake tensors and reports the estimated peak -- no memory used.
+
+    Args:
+        workload: the :class:`~batchlab.Workload` to estimate (its model and optimizer are copied to fake
+            tensors for every run and never modified). Its ``amp`` and ``grad_accum`` apply.
+        target: what the step is planned for: a card name from :data:`batchlab.targets.CARDS`, a memory size
+            (``"24GiB"``) or a :class:`~batchlab.targets.Target`. It sets the capacity a search holds
+            estimates against. None: estimates only (:meth:`capacity_bytes` raises).
+        device_type: ``"cuda"`` or ``"cpu"``: the target's device type when ``target`` is a memory size or
+            None (default: ``"cuda"`` with a target, ``"cpu"`` without).
+
+    :meth:`run` makes the fake device searchable like any other (``find_batch_size(..., device=fake)``); it
+    runs its own fake copy of the workload's step and never calls the ``step`` callable it is given (the
+    user's real step would allocate the real batch). Every estimate is kept in :attr:`estimates`.
+    """
+
+    def __init__(
+        self,
+        workload: Workload,
+        *,
+        target: str | int | Target | None = None,
+        device_type: str | None = None,
+    ) -> None:
+        if not isinstance(workload, Workload):
+            raise TypeError(
+                "FakeDevice needs a batchlab.Workload (model, make_batch, loss_fn, optimizer) to copy to fake "
+                f"tensors; a plain step callable cannot be copied. Got {type(workload).__name__}"
+            )
+        _torch_internals()  # fail here, before any search, on a torch without MemTracker
+        if target is None:
+            kind = device_type or "cpu"
+            if kind not in ("cuda", "cpu"):
+                raise ValueError(f"invalid device_type {device_type!r}: expected 'cuda' or 'cpu'")
+            self.target = None
+            self.device_type = kind
+            self.cublas_workspace_bytes = CUBLAS_WORKSPACE_BYTES_SM90 if kind == "cuda" else 0
+        else:
+            self.target = resolve_target(target, device_type=device_type)
+            self.device_type = self.target.device_type
+            self.cublas_workspace_bytes = self.target.cublas_workspace_bytes
+        self.workload = workload
+        self.name = f"fake {self.device_type}" + (f" ({self.target.name})" if self.target else "")
+        self.estimates: dict[int, FakeEstimate] = {}
+
+    @property
+    def emulated_on(self) -> torch.device:
+        """The device the fake tensors claim: the target's type, except CUDA without CUDA in this torch."""
+        if self.device_type == "cuda" and torch.cuda.is_available():
+            return torch.device("cuda", 0)
+        return torch.device("cpu")
+
+    def capacity_bytes(self) -> int:
+        if self.target is None:
+            raise ValueError("this FakeDevice has no target: pass target='24GiB' or a card name to search it")
+        return self.target.capacity_bytes
+
+    def in_use_bytes(self) -> int:
+        return 0  # fake tensors hold no memory
+
+    def _begin(self) -> int:  # pragma: no cover - run() is overridden
+        return 0
+
+    def _end(self) -> tuple[int, None]:  # pragma: no cover - run() is overridden
+        return 0, None
+
+    def estimate(self, batch_size: int, steps: int = 2) -> FakeEstimate:
+        """Estimate ``steps`` training steps at ``batch_size`` on fake tensors (two: optimizer state exists in the second).
+
+        Raises :class:`FakeTensorError` when the step needs real values or a kernel fake tensors lack.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"invalid batch_size {batch_size!r}: expected a positive int")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"invalid steps {steps!r}: expected a positive int")
+        torch_ = _torch_internals()
+        started = time.perf_counter()
+        work = self.workload
+        device = self.emulated_on
+        fake_mode = torch_["FakeTensorMode"](allow_non_fake_inputs=True)  # make_batch may index real data
+        try:
+            with _FakeCopy(fake_mode, device):
+                model, optimizer = copy.deepcopy(
+                    (work.model, work.optimizer)
+                )  # one memo: tied weights stay tied
+        except Exception as exc:  # a lock, a file handle, a generator held by the model: batchlab's limit
+            raise WorkloadError(
+                f"cannot copy workload {work.name!r}'s model and optimizer to fake tensors "
+                f"({type(exc).__name__}: {exc}); measure on the device instead (batchlab fit / find_batch_size)"
+            ) from exc
+        notes = []
+        if self.device_type == "cuda":
+            _use_cuda_foreach(optimizer)
+            if device.type == "cpu":
+                notes.append(
+                    "CUDA emulated on fake CPU tensors (no CUDA in this torch build): CPU autocast and CPU "
+                    "attention kernels stand in for CUDA's"
+                )
+        if work.amp == "fp16":
+            notes.append("fp16: GradScaler skipped (its inf check reads a value); its unscale is in place")
+        tracker = torch_["MemTracker"]()
+
+        def make_batch(batch_size: int) -> Any:
+            tracker.reset_mod_stats()  # per-module stats only: MemTracker refuses a second root forward without it
+            return work.make_batch(batch_size)
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # GradScaler/autocast "CUDA is not available" for emulated CUDA
+            shadow = Workload(
+                model,
+                make_batch,
+                work.loss_fn,
+                optimizer,
+                amp=work.amp,
+                grad_accum=work.grad_accum,
+                name=work.name,
+            )
+        shadow.scaler = None
+        allocator = _CachingAllocatorModel() if self.device_type == "cuda" else None
+        try:
+            with fake_mode:
+                tracker.track_external(model, optimizer)
+                start = tracker.get_tracker_snapshot("current").get(device, {})
+                if allocator is not None:
+                    for tensor in _state_tensors(model, optimizer):
+                        allocator.track(tensor)
+                    baseline_reserved = allocator.reserved
+                with tracker, allocator if allocator is not None else contextlib.nullcontext():
+                    for _ in range(steps):
+                        shadow.step(batch_size)
+                peak = tracker.get_tracker_snapshot("peak").get(device, {})
+        except Exception as exc:
+            error = _fake_error(exc, work.name)
+            if error is None:
+                raise
+            raise error from exc
+        by_label = {getattr(key, "value", key): value for key, value in peak.items()}
+        tensors_peak = int(by_label.get("Total", 0))
+        counts = {name: int(by_label.get(label, 0)) for label, name in _CATEGORIES.items()}
+        baseline = int(sum(value for key, value in start.items() if getattr(key, "value", key) != "Total"))
+        if allocator is None:
+            breakdown = MemoryBreakdown(**counts)
+            allocated = tensors_peak
+        else:
+            rounding = max(0, allocator.peak_reserved - tensors_peak)
+            breakdown = MemoryBreakdown(
+                **counts, allocator_rounding=rounding, cuda_workspace=self.cublas_workspace_bytes
+            )
+            allocated = max(allocator.peak_allocated, tensors_peak) + self.cublas_workspace_bytes
+            baseline = max(baseline, baseline_reserved)
+        return FakeEstimate(
+            batch_size=batch_size,
+            device_type=self.device_type,
+            emulated_on=device.type,
+            amp=work.amp,
+            peak_bytes=breakdown.total,
+            baseline_bytes=baseline,
+            allocated_bytes=allocated,
+            breakdown=breakdown,
+            steps=steps,
+            seconds=time.perf_counter() - started,
+            notes=tuple(notes),
+        )
+
+    def run(self, step: Any, batch_size: int, steps: int = 2) -> Measurement:
+        """Estimate ``steps`` steps at ``batch_size`` as a :class:`Measurement` (``ok``: fake tensors never run out).
+
+        ``step`` is not called: the fake device runs its own fake copy of its workload's step. Whether the
+        estimate fits a budget is the search's call, as with every device.
+        """
+        estimate = self.estimate(batch_size, steps)
+        self.estimates[batch_size] = estimate
+        allocated = estimate.allocated_bytes if self.device_type == "cuda" else None
+        return Measurement(
+            batch_size, True, estimate.peak_bytes, estimate.baseline_bytes, estimate.seconds, steps, allocated
+        )
+
+    def __repr__(self) -> str:
+        return f"FakeDevice({self.workload.name}, {self.name}, emulated on {self.emulated_on.type})"
+
+
+def _state_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Every tensor that exists before a step: parameters, their gradients, buffers, optimizer state."""
+    tensors: list[torch.Tensor] = []
+    for param in model.parameters():
+        tensors.append(param)
+        if param.grad is not None:
+            tensors.append(param.grad)
+    tensors.extend(model.buffers())
+    for state in optimizer.state.values():
+        tensors.extend(value for value in state.values() if isinstance(value, torch.Tensor))
+    return tensors
+
+
+__all__ = ["FakeDevice", "FakeEstimate", "FakeTensorError", "MemoryBreakdown"]

@@ -1,0 +1,130 @@
+"""Planning without the device: `batchlab plan`, targets, and the real search started from the estimate."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import batchlab
+from batchlab import CPUDevice, DoesNotFitError, SimulatedDevice, find_batch_size
+from batchlab.cli import main
+from batchlab.devices.fake import FakeDevice
+from batchlab.plan import PlanResult, estimate_memory_line, plan
+from batchlab.search import MemoryLine, Probe, next_candidate
+from batchlab.targets import CARDS, CUDA_CONTEXT_BYTES, resolve_target
+from batchlab.workloads import load_workload
+
+MiB = 2**20
+GiB = 2**30
+
+
+def test_plan_cnn_for_24gib_prints_a_batch_and_breakdown_without_allocating_it(capsys):
+    codes = []
+    # The CPU device measures any callable: here the whole CLI call, as the process's peak resident memory.
+    measured = CPUDevice().run(
+        lambda _: codes.append(main(["plan", "--workload", "cnn", "--target", "24GiB", "--json"])), 1, 1
+    )
+    data = json.loads(capsys.readouterr().out)
+    assert codes == [0] and data["fits"] and data["estimated"] and data["limited_by"] == "memory"
+    assert data["target"]["capacity_bytes"] == 24 * GiB and data["budget_bytes"] == int(24 * GiB * 0.9)
+    assert sum(data["breakdown"].values()) == data["peak_bytes"] <= data["budget_bytes"]
+    assert data["breakdown"]["optimizer_state"] > 0 and data["breakdown"]["cuda_workspace"] > 0
+    per_sample = data["bytes_per_sample"]
+    assert 3 * MiB < per_sample < 5 * MiB  # the CNN's ~3.8 MiB per 64x64 image
+    assert data["batch_size"] > 4000
+    planned = data["batch_size"] * per_sample  # what running the planned batch would take: ~21 GiB
+    assert measured.peak_bytes - measured.baseline_bytes < min(1 * GiB, planned / 20)
+
+
+@pytest.mark.parametrize("bad", ["a200", "24 potatoes", "0GiB"])
+def test_a_bad_target_is_one_line_naming_it_and_listing_the_cards(capsys, bad):
+    code = main(["plan", "--workload", "cnn", "--target", bad])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1
+    assert f"invalid target {bad!r}" in err and "a100-80gb, h100-80gb, rtx4090, l4, t4" in err
+
+
+def test_targets_resolve_cards_and_sizes():
+    a100 = resolve_target("A100-80GB")
+    assert (a100.name, a100.device_type) == ("a100-80gb", "cuda")
+    assert a100.capacity_bytes == CARDS["a100-80gb"].total_bytes - CUDA_CONTEXT_BYTES
+    assert resolve_target("h100-80gb").cublas_workspace_bytes == 32 * MiB  # sm90: ":4096:8"
+    assert resolve_target("t4").cublas_workspace_bytes == 4096 * 1024 * 2 + 16 * 1024 * 8
+    assert all(card.source and 10 * GiB < card.usable_bytes < 80 * GiB for card in CARDS.values())
+    cpu = resolve_target("16GiB", device_type="cpu")
+    assert (cpu.capacity_bytes, cpu.device_type, cpu.cublas_workspace_bytes) == (16 * GiB, "cpu", 0)
+    with pytest.raises(ValueError, match="is a CUDA card"):
+        resolve_target("l4", device_type="cpu")
+    with pytest.raises(ValueError, match="invalid target device type 'tpu'"):
+        resolve_target("16GiB", device_type="tpu")
+
+
+def test_plan_api_caps_fixed_sizes_and_what_does_not_fit():
+    cnn = load_workload("cnn")
+    capped = plan(cnn, "t4", max_batch_size=64)
+    assert isinstance(capped, PlanResult) and (capped.batch_size, capped.limited_by) == (64, "max_batch_size")
+    assert capped.memory_line.bytes_per_sample == capped.bytes_per_sample
+    with pytest.raises(DoesNotFitError):
+        plan(cnn, "4MiB", device_type="cpu")  # one image's step: ~4.5 MiB with Adam's moments
+    too_big = plan(cnn, "1GiB", batch=512)
+    assert (too_big.mode, too_big.batch_size, too_big.fits) == ("fixed", 512, False)
+    assert too_big.breakdown.total == too_big.peak_bytes > too_big.budget_bytes
+    assert "does NOT fit" in too_big.summary()
+    with pytest.raises(TypeError, match="needs a batchlab.Workload"):
+        plan(lambda b: None, "t4")
+    bf16 = batchlab.Workload(cnn.model, cnn.make_batch, cnn.loss_fn, cnn.optimizer, amp="bf16")
+    with pytest.raises(ValueError, match="amp='fp16' conflicts with the workload's amp='bf16'"):
+        plan(bf16, "t4", amp="fp16")
+
+
+@pytest.mark.parametrize(
+    ("factor", "expected"),
+    [
+        (1.00, [2, 344, 1372]),  # a quarter of the way (ESTIMATE_JUMP), then the measured line
+        (1.05, [2, 328, 1372]),
+        (0.95, [2, 362, 1372]),
+        (0.30, [2, 1143, 1372]),  # a slope off by 3x still lands inside
+        (2.00, [2, 173, 1372]),
+    ],
+)
+def test_the_search_jumps_toward_the_estimate_and_still_verifies(factor, expected):
+    memory = lambda b: GiB + 10 * MiB * b  # true max 1372 at 0.9 of 16 GiB (see test_search.py)
+    device = SimulatedDevice(memory, 16 * GiB)
+    estimate = MemoryLine(0.0, 10 * MiB * factor)  # its fixed part is ignored: anchored on the first probe
+    result = find_batch_size(lambda b: None, device=device, estimate=estimate)
+    # Without an estimate the same search runs [2, 16, 128, 1024, 1372].
+    assert device.runs == expected and result.batch_size == 1372
+    assert [p.outcome for p in result.probes if p.batch_size == 1372] == ["fits"]  # never an unverified size
+
+
+def test_next_candidate_uses_the_estimate_only_until_the_probes_give_a_line():
+    budget = 1000
+    first = [Probe(2, "fits", 102, 0, None, 0.0, 2)]
+    assert next_candidate(first, budget).batch_size == 16  # no estimate: 8x growth
+    seeded = next_candidate(first, budget, estimate=MemoryLine(123.0, 1.0))
+    # Anchored at 102 - 2 * 1 = 100: the budget's size is 900; the jump goes a quarter of the way from 2.
+    assert (seeded.batch_size, seeded.predicted_peak_bytes) == (226, 326)
+    two = first + [Probe(4, "fits", 104, 0, None, 0.0, 2)]
+    assert next_candidate(two, budget, estimate=MemoryLine(0.0, 50.0)).batch_size == 32  # the line wins
+    with pytest.raises(TypeError, match="estimate must be a batchlab.search.MemoryLine"):
+        find_batch_size(lambda b: None, device=SimulatedDevice(lambda b: b, 100), estimate=(0, 1))
+
+
+def test_a_real_cpu_search_jumps_from_the_fake_line_and_verifies():
+    workload = load_workload("cnn")
+    line = estimate_memory_line(workload, device_type="cpu")
+    assert 3 * MiB < line.bytes_per_sample < 5 * MiB
+    # ~80 MiB of room above this process at the default fraction: an answer of ~20 images, small for speed
+    budget = int((CPUDevice().in_use_bytes() + 80 * MiB) / 0.9)
+    result = find_batch_size(workload, device="cpu", memory_budget=budget, estimate=line)
+    sizes = [p.batch_size for p in result.probes]
+    assert result.fits and sizes[0] == 2 and sizes[1] < 16  # a quarter of the way to ~20, not 8x growth to 16
+    assert [p.outcome for p in result.probes if p.batch_size == result.batch_size] == ["fits"]
+    assert result.peak_bytes <= result.budget_bytes
+
+
+def test_public_names():
+    for name in ("plan", "PlanResult", "FakeDevice", "FakeTensorError", "estimate_memory_line"):
+        assert name in batchlab.__all__ and hasattr(batchlab, name)
+    assert batchlab.FakeDevice is FakeDevice

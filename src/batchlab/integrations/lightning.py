@@ -1,0 +1,284 @@
+"""Lightning: :class:`BatchlabFinder`, a drop-in for ``BatchSizeFinder`` that also works under DDP.
+
+::
+
+    import lightning as L
+    from batchlab.integrations.lightning import BatchlabFinder
+
+    trainer = L.Trainer(callbacks=[BatchlabFinder()], strategy="ddp", devices=2)
+    trainer.fit(model, datamodule=dm)        # model or dm has a `batch_size` attribute, as for BatchSizeFinder
+
+At ``on_fit_start`` -- after the strategy has put the model on its device, before the fit loop builds its
+dataloaders -- it runs :func:`batchlab.find_batch_size` over the module's own training step:
+``train_dataloader()`` rebuilt at each probed size (through ``batch_size`` on the module, its hparams or the
+datamodule, Lightning's ``lightning_setattr``), the batch moved by the module's transfer hooks,
+``training_step``, backward and a step of fresh optimizers from ``configure_optimizers()`` (their state is
+created in the first step and counted), under the trainer's precision context. Then it sets ``batch_size``
+to the answer, and the fit loop builds its dataloader with it.
+
+Against Lightning's ``BatchSizeFinder`` (``lightning.pytorch.tuner.batch_size_scaling``):
+
+- under DDP each rank searches on its own device and the ranks agree on the smallest answer (one all_gather
+  through ``trainer.strategy.all_gather``); BatchSizeFinder refuses distributed strategies;
+- the answer is a size that ran and whose measured peak stays within the budget (0.90 of capacity by
+  default, or ``batch=0.8``, ``memory_budget="6GiB"``), not "the last size before an OOM" minus 5%;
+- it uses public hooks only: no fit-loop internals, and no search state kept on the user's module.
+
+State is restored after every probe and in ``finally``: weights, buffers, gradients, train/eval modes, RNG,
+the ``batch_size`` attribute (set to the answer only when the search succeeds) and ``pl_module.trainer``,
+which is detached while ``training_step`` runs outside the fit loop so that ``self.log`` becomes a no-op
+instead of an error. Manual optimization (``automatic_optimization = False``) needs the trainer's loop; pass
+your own ``step=`` for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from batchlab.devices import Device
+from batchlab.integrations.ddp import agree_on_batch_size
+from batchlab.search import FitResult, Probe, find_batch_size
+from batchlab.spec import parse_batch
+
+try:  # the callback must subclass Lightning's; batchlab's core never imports this module
+    from lightning.pytorch.callbacks import Callback
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "batchlab.integrations.lightning needs the `lightning` package: pip install 'batchlab[lightning]'"
+    ) from exc
+
+log = logging.getLogger("batchlab")
+
+__all__ = ["BatchlabFinder"]
+
+_LOG_WITHOUT_TRAINER = r".*self\.trainer. reference is not registered.*"
+
+
+def _optimizers(config: Any) -> list[torch.optim.Optimizer]:
+    """The optimizers in whatever ``configure_optimizers()`` returned (Lightning's documented forms)."""
+    if config is None:
+        return []
+    if isinstance(config, torch.optim.Optimizer):
+        return [config]
+    if isinstance(config, Mapping):
+        return _optimizers(config.get("optimizer"))
+    if isinstance(config, (list, tuple)):
+        if len(config) == 2 and isinstance(config[0], (list, tuple)):  # ([optimizers], [schedulers])
+            return _optimizers(list(config[0]))
+        found: list[torch.optim.Optimizer] = []
+        for item in config:
+            found.extend(
+                _optimizers(item) if not isinstance(item, torch.optim.lr_scheduler.LRScheduler) else []
+            )
+        return found
+    raise TypeError(
+        f"configure_optimizers() returned {type(config).__name__}; batchlab cannot find the optimizers"
+    )
+
+
+@contextmanager
+def _detached(pl_module: Any) -> Iterator[None]:
+    """Run outside the fit loop: ``self.log`` without a trainer is a documented no-op (it warns; silenced)."""
+    trainer = pl_module.trainer
+    pl_module.trainer = None
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_LOG_WITHOUT_TRAINER)
+            yield
+    finally:
+        pl_module.trainer = trainer
+
+
+class _LightningStep:
+    """One automatic-optimization training step of a LightningModule at batch ``b``."""
+
+    def __init__(self, trainer: Any, pl_module: Any, batch_arg_name: str):
+        from lightning.pytorch.utilities.parsing import lightning_setattr
+
+        self.trainer, self.pl_module, self.batch_arg_name = trainer, pl_module, batch_arg_name
+        self._setattr = lightning_setattr
+        self.optimizers = _optimizers(pl_module.configure_optimizers())
+        self._iterators: dict[int, Iterator[Any]] = {}
+        device = pl_module.device
+        half = str(trainer.precision).startswith("16") and device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if half else None
+
+    def _source(self) -> Any:
+        datamodule = self.trainer.datamodule
+        if datamodule is not None and hasattr(datamodule, "train_dataloader"):
+            return datamodule
+        return self.pl_module
+
+    def loader(self, batch_size: int) -> Any:
+        self._setattr(self.pl_module, self.batch_arg_name, batch_size)
+        return self._source().train_dataloader()
+
+    def _next_batch(self, batch_size: int) -> Any:
+        iterator = self._iterators.get(batch_size)
+        if iterator is None:
+            iterator = self._iterators[batch_size] = iter(self.loader(batch_size))
+        try:
+            return next(iterator)
+        except StopIteration:  # a short dataset: start it again
+            self._iterators[batch_size] = iter(self.loader(batch_size))
+            return next(self._iterators[batch_size])
+
+    def __call__(self, batch_size: int) -> None:
+        module = self.pl_module
+        batch = module.on_before_batch_transfer(self._next_batch(batch_size), 0)
+        batch = module.transfer_batch_to_device(batch, module.device, 0)
+        batch = module.on_after_batch_transfer(batch, 0)
+        module.train()
+        with _detached(module), self.trainer.precision_plugin.forward_context():
+            output = module.training_step(batch, 0)
+        loss = output["loss"] if isinstance(output, Mapping) else output
+        if loss is None:
+            return  # training_step skipped this batch
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        del loss, output, batch
+        for optimizer in self.optimizers:
+            if self.scaler:
+                self.scaler.step(optimizer)
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if self.scaler:
+            self.scaler.update()
+
+    def close(self) -> None:
+        self._iterators.clear()  # shut down the probe loaders' workers
+
+
+class BatchlabFinder(Callback):
+    """Find the largest batch that fits with batchlab's search and set it as ``batch_size``; works under DDP.
+
+    Args:
+        batch: ``-1`` (largest at 0.90 of memory), a fraction ``0 < f < 1``, or a fixed size to check;
+            parsed by :func:`batchlab.parse_batch`.
+        memory_budget: treat the device as having this much memory ("6GiB").
+        max_batch_size: never answer more than this (Lightning's ``max_val``).
+        multiple_of: answer a multiple of this.
+        batch_arg_name: the attribute to set, looked up like Lightning's ``BatchSizeFinder`` does (the module,
+            its ``hparams``, the datamodule and its ``hparams``).
+        device: where to measure; default the module's device. A :class:`~batchlab.devices.Device` is accepted.
+        step: your own ``step(batch_size)`` for modules the default step cannot run (manual optimization);
+            then ``preserve`` names what it changes (modules and optimizers).
+        on_probe: called with each :class:`~batchlab.Probe`.
+
+    After the search: ``optimal_batch_size`` (as ``BatchSizeFinder``), ``result`` (this rank's
+    :class:`~batchlab.FitResult`) and ``per_rank`` (every rank's own answer; one entry without DDP).
+    """
+
+    def __init__(
+        self,
+        *,
+        batch: int | float | str = -1,
+        memory_budget: int | str | None = None,
+        max_batch_size: int | None = None,
+        multiple_of: int = 1,
+        batch_arg_name: str = "batch_size",
+        device: str | torch.device | Device | None = None,
+        step: Callable[[int], Any] | None = None,
+        preserve: Sequence[Any] = (),
+        on_probe: Callable[[Probe], None] | None = None,
+    ) -> None:
+        parse_batch(batch)  # validate before any training starts
+        if step is not None and not callable(step):
+            raise TypeError(f"step must be a callable step(batch_size), got {step!r}")
+        self.batch = batch
+        self.memory_budget = memory_budget
+        self.max_batch_size = max_batch_size
+        self.multiple_of = multiple_of
+        self.batch_arg_name = batch_arg_name
+        self.device = device
+        self.step = step
+        self.preserve = tuple(preserve)
+        self.on_probe = on_probe
+        self.optimal_batch_size: int | None = None
+        self.result: FitResult | None = None
+        self.per_rank: list[int] = []
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str | None = None) -> None:
+        from lightning.pytorch.utilities.parsing import lightning_hasattr
+
+        if stage == "fit" and not lightning_hasattr(pl_module, self.batch_arg_name):
+            raise AttributeError(
+                f"BatchlabFinder: no `{self.batch_arg_name}` on the LightningModule, its hparams or the datamodule; "
+                "add one (the dataloaders must read it) or pass batch_arg_name="
+            )
+        if stage == "fit" and self.step is None and not pl_module.automatic_optimization:
+            raise ValueError(
+                "BatchlabFinder: manual optimization needs the trainer's loop; pass step=your_step(batch_size) "
+                "and preserve=(model, optimizer)"
+            )
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        self.scale_batch_size(trainer, pl_module)
+
+    def _dataset_cap(self, runner: _LightningStep | None, world: int) -> int | None:
+        """Each rank's share of a map-style training set (a larger batch only repeats samples)."""
+        if runner is None:
+            return None
+        try:
+            dataset = runner.loader(1).dataset
+            return -(-len(dataset) // world)
+        except (TypeError, AttributeError):  # iterable datasets have no length
+            return None
+
+    def scale_batch_size(self, trainer: Any, pl_module: Any) -> int:
+        """Run the search (every rank, when distributed) and set ``batch_arg_name`` to the agreed answer."""
+        from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_setattr
+
+        original = lightning_getattr(pl_module, self.batch_arg_name)
+        world = int(getattr(trainer, "world_size", 1) or 1)
+        runner = _LightningStep(trainer, pl_module, self.batch_arg_name) if self.step is None else None
+        preserve = (pl_module, *runner.optimizers) if runner is not None else self.preserve
+        results: list[FitResult] = []
+
+        def search() -> int:
+            results.append(
+                find_batch_size(
+                    runner if runner is not None else self.step,
+                    device=self.device if self.device is not None else str(pl_module.device),
+                    batch=self.batch,
+                    memory_budget=self.memory_budget,
+                    max_batch_size=self.max_batch_size,
+                    dataset_size=self._dataset_cap(runner, world),
+                    multiple_of=self.multiple_of,
+                    preserve=preserve,
+                    on_probe=self.on_probe,
+                )
+            )
+            return results[0].batch_size
+
+        def gather(value: int) -> list[int]:
+            if world == 1:
+                return [value]
+            mine = torch.tensor([value], dtype=torch.int64, device=pl_module.device)
+            return [int(v) for v in trainer.strategy.all_gather(mine).flatten().tolist()]
+
+        agreed = None
+        try:
+            agreed, self.per_rank = agree_on_batch_size(search, gather, rank=int(trainer.global_rank))
+        finally:
+            if runner is not None:
+                runner.close()
+            lightning_setattr(pl_module, self.batch_arg_name, agreed if agreed is not None else original)
+        self.result = results[0]
+        self.optimal_batch_size = agreed
+        if not self.result.fits:  # a fixed batch= that was checked and does not fit: say so, do not hide it
+            log.warning("batchlab: %s", self.result.summary())
+        log.info(
+            "batchlab: %s; %s = %d (ranks found %s)",
+            self.result.summary(),
+            self.batch_arg_name,
+            agreed,
+            self.per_rank,
+        )
+        return agreed

@@ -1,0 +1,552 @@
+"""Ultralytics: ``model.train(batch=-1 | 0.7 | 16)`` with batchlab's search instead of AutoBatch.
+
+One call::
+
+    from ultralytics import YOLO
+    from batchlab.integrations.ultralytics import train
+
+    model = YOLO("yolo26n.yaml")
+    train(model, data="data.yaml", epochs=1, imgsz=640, batch=-1)   # same keywords as model.train
+    model.trainer.batchlab_result                                    # the FitResult: every probe, the memory
+
+or, keeping your own ``model.train`` call, pass the trainer class::
+
+    model.train(data="data.yaml", batch=0.7, trainer=trainer_class(model))
+
+What changes against Ultralytics alone (``ultralytics/utils/autobatch.py``):
+
+- ``batch=-1`` / ``batch=0.7`` run batchlab's verified search on GPU *and* CPU (AutoBatch returns 16 on the
+  CPU), over the whole training step Ultralytics runs: the real loss (``model(batch)``, the same criterion),
+  backward, gradient clipping, the optimizer Ultralytics builds (``trainer.build_optimizer``: AdamW's two
+  moments are created in the first step, which AutoBatch never measures), the EMA copy and its update, and the
+  validation forward at the validation batch size (2x the training batch for detection; "OOM in validation"
+  is ultralytics#4679). Labels are the worst case AutoBatch itself assumes: ``max_num_obj`` boxes per image
+  (the most boxes in any training image x 4 for mosaic).
+- ``-1`` means 0.90 of memory (:data:`batchlab.spec.DEFAULT_FRACTION`, verified with real steps), not 0.60.
+- A fixed ``batch=16`` is checked against memory once the trainer is set up (the real model, optimizer, EMA and
+  GradScaler), and ``on_misfit`` says whether a misfit warns or raises :class:`~batchlab.DoesNotFitError`.
+
+How it hooks in (public mechanisms only): Ultralytics' documented way to customise training is a trainer
+subclass passed as ``model.train(trainer=...)``. :func:`trainer_class` subclasses the task's trainer
+(``model.task_map[model.task]["trainer"]``) and overrides its public ``auto_batch()`` method -- which
+Ultralytics calls exactly when ``batch < 1``, after the model is on its device and before the dataloaders are
+built -- and registers an ``on_pretrain_routine_end`` callback (``add_callback``) for the fixed-batch check.
+Every change the search makes to the model is undone (weights, BatchNorm statistics, gradients, modes, RNG,
+the lazily built criterion); the optimizer, EMA and GradScaler of the search are its own and are dropped.
+
+Limits: multi-GPU Ultralytics training starts workers with a generated script that cannot import a class
+made at run time, and Ultralytics refuses ``batch<1`` there; run :func:`batchlab.find_batch_size` (or this
+module on one GPU) first and pass ``batch=per_gpu * n_gpus``. Tasks other than detection probe with real,
+augmented training samples (typical labels, not the worst case).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from batchlab.devices import Device
+from batchlab.errors import DoesNotFitError
+from batchlab.search import FitResult, Probe, find_batch_size
+from batchlab.spec import parse_batch
+from batchlab.units import format_bytes
+
+log = logging.getLogger("batchlab")
+
+__all__ = ["prepare_offline", "make_synthetic_dataset", "trainer_class", "train", "ULTRALYTICS_CPU_DEFAULT"]
+
+# AutoBatch returns DEFAULT_CFG.batch (16) on the CPU or on any error (ultralytics/utils/autobatch.py).
+ULTRALYTICS_CPU_DEFAULT = 16
+# Ultralytics' trainer clips the gradient norm at 10 before every optimizer step (BaseTrainer.optimizer_step).
+CLIP_NORM = 10.0
+# Mosaic puts 4 images in one: DetectionTrainer.auto_batch multiplies the most labels of any image by 4.
+MOSAIC_OBJECTS = 4
+# Tasks whose validation loader uses the training batch, not twice it (BaseTrainer._build_train_pipeline).
+_SAME_VAL_BATCH_TASKS = {"obb", "semantic", "depth"}
+_MISFIT = ("warn", "raise")
+_SETTINGS_OFF = (
+    "sync",
+    "mlflow",
+    "raytune",
+    "wandb",
+    "comet",
+    "clearml",
+    "dvc",
+    "neptune",
+    "tensorboard",
+    "hub",
+)
+
+
+# ------------------------------------------------------------------------------------- offline environment
+
+
+def _find_font() -> Path | None:
+    candidates = [Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")]
+    try:
+        import matplotlib
+
+        candidates.append(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf")
+    except ImportError:
+        pass
+    return next((path for path in candidates if path.is_file()), None)
+
+
+def prepare_offline(config_dir: str | os.PathLike) -> Path:
+    """Make Ultralytics work with no network: call it *before* importing ``ultralytics``.
+
+    Sets ``YOLO_OFFLINE=1`` and ``YOLO_CONFIG_DIR=config_dir``, puts a TTF font at
+    ``config_dir/Ultralytics/Arial.ttf`` (Ultralytics downloads Arial for its plots otherwise), then imports
+    Ultralytics and turns off its network-facing settings (``sync``, ``mlflow``, ``raytune``, loggers). Returns
+    the settings directory. Ultralytics reads ``YOLO_CONFIG_DIR`` once, at import: calling this after an
+    earlier import with another directory raises ``RuntimeError``.
+    """
+    settings_dir = Path(config_dir) / "Ultralytics"
+    settings_dir.mkdir(parents=True, exist_ok=True)
+    font = settings_dir / "Arial.ttf"
+    if not font.exists():
+        source = _find_font()
+        if source is None:
+            raise FileNotFoundError(
+                "no TTF font found to stand in for Arial.ttf; install fonts-dejavu or matplotlib"
+            )
+        shutil.copy(source, font)
+    import sys
+
+    if "ultralytics" in sys.modules:
+        from ultralytics.utils import USER_CONFIG_DIR
+
+        if Path(USER_CONFIG_DIR).resolve() != settings_dir.resolve():
+            raise RuntimeError(
+                f"ultralytics was imported before prepare_offline() with config dir {USER_CONFIG_DIR}; "
+                "call prepare_offline() first, in a fresh process"
+            )
+    os.environ["YOLO_OFFLINE"] = "1"
+    os.environ["YOLO_CONFIG_DIR"] = str(Path(config_dir))
+    from ultralytics import settings
+
+    settings.update({key: False for key in _SETTINGS_OFF if key in settings})
+    return settings_dir
+
+
+def make_synthetic_dataset(
+    root: str | os.PathLike,
+    *,
+    n_train: int = 64,
+    n_val: int = 8,
+    imgsz: int = 64,
+    classes: Sequence[str] = ("red", "blue"),
+    boxes_per_image: int = 3,
+    seed: int = 0,
+) -> Path:
+    """Write a small YOLO-format detection dataset (coloured rectangles) under ``root``; return its data.yaml.
+
+    Layout: ``images/{train,val}/*.png`` and ``labels/{train,val}/*.txt`` with one ``class xc yc w h`` line per
+    box (normalised), as Ultralytics expects. Deterministic for a given ``seed``; needs no network.
+    """
+    import numpy as np
+    from PIL import Image
+
+    colours = [(230, 40, 40), (40, 40, 230), (40, 200, 40), (220, 200, 40)]
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    for split, count in (("train", n_train), ("val", n_val)):
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        (root / "labels" / split).mkdir(parents=True, exist_ok=True)
+        for index in range(count):
+            image = np.full((imgsz, imgsz, 3), 114, np.uint8)  # Ultralytics' letterbox grey
+            lines = []
+            for _ in range(boxes_per_image):
+                cls = int(rng.integers(len(classes)))
+                w, h = rng.uniform(0.15, 0.4, 2)
+                xc, yc = rng.uniform(0.2, 0.8, 2)
+                x0, x1 = int((xc - w / 2) * imgsz), int((xc + w / 2) * imgsz)
+                y0, y1 = int((yc - h / 2) * imgsz), int((yc + h / 2) * imgsz)
+                image[max(y0, 0) : y1, max(x0, 0) : x1] = colours[cls % len(colours)]
+                lines.append(f"{cls} {xc:.5f} {yc:.5f} {w:.5f} {h:.5f}")
+            Image.fromarray(image).save(root / "images" / split / f"{split}{index:04d}.png")
+            (root / "labels" / split / f"{split}{index:04d}.txt").write_text("\n".join(lines) + "\n")
+    names = "".join(f"  {i}: {name}\n" for i, name in enumerate(classes))
+    data = root / "data.yaml"
+    data.write_text(f"path: {root.resolve()}\ntrain: images/train\nval: images/val\nnames:\n{names}")
+    return data
+
+
+# ------------------------------------------------------------------------------------------ the training step
+
+
+class _YoloStep:
+    """One Ultralytics training step at batch ``b``, as ``BaseTrainer._do_train`` + ``optimizer_step`` run it.
+
+    Forward through ``model(batch)`` (the model's own criterion), ``loss.sum()``, backward through the
+    GradScaler, unscale, clip at ``CLIP_NORM``, optimizer step, zero_grad, EMA update; then, when
+    ``val_factor``, an inference forward of the EMA model at ``val_factor * b`` images (the validation loader).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        make_batch: Callable[[int], dict],
+        *,
+        amp_dtype: torch.dtype | None,
+        scaler: Any,
+        ema: Any,
+        val_factor: int,
+    ):
+        self.model, self.optimizer, self.make_batch = model, optimizer, make_batch
+        self.amp_dtype, self.scaler, self.ema, self.val_factor = amp_dtype, scaler, ema, val_factor
+        self.device_type = next(model.parameters()).device.type
+
+    def _autocast(self):
+        return torch.autocast(
+            self.device_type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
+        )
+
+    def __call__(self, batch_size: int) -> None:
+        self.model.train()
+        batch = self.make_batch(batch_size)
+        with self._autocast():
+            loss, _ = self.model(batch)
+            loss = loss.sum()
+        self.scaler.scale(loss).backward()
+        del loss  # the graph is freed; drop the handle before the optimizer allocates its state
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=CLIP_NORM)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        if self.val_factor:
+            images = self.make_batch(batch_size * self.val_factor)["img"]
+            evaluated = self.ema.ema if self.ema is not None else self.model
+            was_training = evaluated.training
+            evaluated.eval()
+            with torch.no_grad(), self._autocast():
+                evaluated(images)
+            evaluated.train(was_training)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def _detection_batches(model: torch.nn.Module, imgsz: int, max_num_obj: int, device: torch.device):
+    """Synthetic worst-case detection batches: ``max_num_obj`` boxes in every image, random pixels."""
+    channels = int(getattr(model, "yaml", {}).get("channels", 3))
+    nc = int(getattr(model, "nc", 1))
+    objects = max(int(max_num_obj), 1)
+
+    def make(batch_size: int) -> dict:
+        n = batch_size * objects
+        xy = torch.rand(n, 2, device=device) * 0.6 + 0.2
+        wh = torch.rand(n, 2, device=device) * 0.2 + 0.05
+        return {
+            "img": torch.rand(batch_size, channels, imgsz, imgsz, device=device),
+            "batch_idx": torch.arange(batch_size, device=device).repeat_interleave(objects).float(),
+            "cls": torch.randint(0, nc, (n, 1), device=device).float(),
+            "bboxes": torch.cat([xy, wh], 1),
+        }
+
+    return make
+
+
+def _dataset_batches(trainer: Any, dataset: Any):
+    """Real training samples (augmented as in training), cycled through the dataset, collated, preprocessed."""
+    position = 0
+
+    def make(batch_size: int) -> dict:
+        nonlocal position
+        samples = [dataset[(position + i) % len(dataset)] for i in range(batch_size)]
+        position += batch_size
+        return trainer.preprocess_batch(dataset.collate_fn(samples))
+
+    return make
+
+
+def _training_dataset(trainer: Any) -> tuple[Any | None, int, int]:
+    """(dataset, max_num_obj, size) as ``DetectionTrainer.auto_batch`` computes them; (None, 0, 0) if unknown."""
+    cache = trainer.args.cache
+    trainer.args.cache = False  # as Ultralytics does for this: do not fill a RAM cache just to count labels
+    try:
+        dataset = trainer.build_dataset(trainer.data["train"], mode="train", batch=16)
+    except NotImplementedError:
+        return None, 0, 0
+    finally:
+        trainer.args.cache = cache
+    labels = getattr(dataset, "labels", None) or []
+    counts = [len(label["cls"]) for label in labels if isinstance(label, dict) and "cls" in label]
+    max_num_obj = max(counts, default=0) * MOSAIC_OBJECTS
+    return dataset, max_num_obj, len(dataset)
+
+
+# ------------------------------------------------------------------------------------------ the trainer class
+
+
+class _Options:
+    """What :func:`trainer_class` was asked for, validated before anything runs."""
+
+    def __init__(
+        self,
+        *,
+        memory_budget: int | str | None,
+        device: str | torch.device | Device | None,
+        max_batch_size: int | None,
+        multiple_of: int,
+        validate: bool,
+        on_misfit: str,
+        compare: bool,
+        on_probe: Callable[[Probe], None] | None,
+    ):
+        if on_misfit not in _MISFIT:
+            raise ValueError(
+                f"invalid on_misfit {on_misfit!r}: expected one of {', '.join(map(repr, _MISFIT))}"
+            )
+        if memory_budget is not None:
+            from batchlab.units import parse_bytes
+
+            parse_bytes(memory_budget)
+        self.memory_budget = memory_budget
+        self.device = device
+        self.max_batch_size = max_batch_size
+        self.multiple_of = multiple_of
+        self.validate = validate
+        self.on_misfit = on_misfit
+        self.compare = compare
+        self.on_probe = on_probe
+
+
+class _BatchlabTrainerMixin:
+    """Mixed in before an Ultralytics task trainer by :func:`trainer_class`; see the module docstring.
+
+    After training, ``batchlab_result`` holds the :class:`~batchlab.FitResult` (None when no search or check
+    ran) and ``ultralytics_batch`` what Ultralytics' AutoBatch alone chose (only with ``compare=True``).
+    """
+
+    batchlab_options: _Options
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.batchlab_requested = self.args.batch
+        self.batchlab_result: FitResult | None = None
+        self.ultralytics_batch: int | None = None
+        parse_batch(self.batchlab_requested)  # Ultralytics' -1 / 0.7 / 16 are batchlab's forms: fail early
+        self.add_callback("on_pretrain_routine_end", _check_fixed_batch)
+
+    def auto_batch(self, *args: Any, **kwargs: Any) -> int:
+        """batchlab's search; ``BaseTrainer._setup_train`` calls this exactly when ``batch < 1``."""
+        options = self.batchlab_options
+        if options.compare:
+            self.ultralytics_batch = int(super().auto_batch(*args, **kwargs))
+        model = _unwrap(self.model)
+        dataset, max_num_obj, dataset_size = _training_dataset(self)
+        imgsz = self._batchlab_max_imgsz()
+        if self.args.task == "detect" or dataset is None:
+            make_batch = _detection_batches(model, imgsz, max_num_obj, self.device)
+        else:
+            make_batch = _dataset_batches(self, dataset)
+        optimizer = self._batchlab_optimizer(model, dataset_size)
+        amp_dtype = self._batchlab_amp_dtype()
+        scaler = torch.amp.GradScaler(
+            self.device.type if self.device.type == "cuda" else "cpu",
+            enabled=amp_dtype is torch.float16,
+        )
+        from ultralytics.utils.torch_utils import ModelEMA
+
+        ema = ModelEMA(model)  # the trainer builds one right after this call: its memory is part of training
+        step = _YoloStep(
+            model,
+            optimizer,
+            make_batch,
+            amp_dtype=amp_dtype,
+            scaler=scaler,
+            ema=ema,
+            val_factor=self._batchlab_val_factor(),
+        )
+        result = self._batchlab_search(
+            step, (model, optimizer), self.batchlab_requested, dataset_size or None
+        )
+        del step, ema, optimizer, scaler, dataset
+        self.batchlab_result = result
+        log.info("batchlab: %s", result.summary())
+        return result.batch_size
+
+    # -- helpers (prefixed _batchlab_ so that they cannot shadow a trainer attribute)
+
+    def _batchlab_max_imgsz(self) -> int:
+        # As BaseTrainer.auto_batch: the largest multi-scale size, stride-aligned.
+        stride = int(getattr(self, "stride", 32))
+        return int(-(-self.args.imgsz * (1 + self.args.multi_scale) // stride) * stride)
+
+    def _batchlab_amp_dtype(self) -> torch.dtype | None:
+        if self.device.type == "cpu" or not bool(getattr(self, "amp", False)):
+            return None
+        return torch.bfloat16 if self.args.amp == "bf16" else torch.float16
+
+    def _batchlab_val_factor(self) -> int:
+        if not self.batchlab_options.validate:
+            return 0
+        return 1 if self.args.task in _SAME_VAL_BATCH_TASKS else 2
+
+    def _batchlab_optimizer(self, model: torch.nn.Module, dataset_size: int) -> torch.optim.Optimizer:
+        """The optimizer Ultralytics will build (``build_optimizer``), without its side effects on ``args``."""
+        import math
+
+        saved = dict(vars(self.args))  # optimizer="auto" rewrites args.optimizer, lr0 and warmup_bias_lr
+        try:
+            # Ultralytics' own count at the nominal batch (nbs=64): it picks the optimizer from it for "auto".
+            iterations = math.ceil(max(dataset_size, 1) / self.args.nbs) * self.epochs
+            return self.build_optimizer(
+                model=model,
+                name=self.args.optimizer,
+                lr=self.args.lr0,
+                momentum=self.args.momentum,
+                decay=self.args.weight_decay,
+                iterations=iterations,
+            )
+        finally:
+            vars(self.args).update(saved)
+
+    def _batchlab_search(
+        self, step: Callable[[int], Any], preserve: Sequence[Any], batch: Any, dataset_size: int | None
+    ) -> FitResult:
+        options = self.batchlab_options
+        model = _unwrap(self.model)
+        criterion = getattr(model, "criterion", None)
+        try:
+            return find_batch_size(
+                step,
+                device=options.device if options.device is not None else str(self.device),
+                batch=batch,
+                memory_budget=options.memory_budget,
+                max_batch_size=options.max_batch_size,
+                dataset_size=dataset_size,
+                multiple_of=options.multiple_of,
+                preserve=preserve,
+                on_probe=options.on_probe,
+            )
+        finally:
+            model.criterion = criterion  # the loss builds it lazily on the first step: leave it as it was
+
+
+def _check_fixed_batch(trainer: Any) -> None:
+    """on_pretrain_routine_end: check a fixed ``batch=N`` with the trainer's own optimizer, EMA and GradScaler."""
+    requested = parse_batch(trainer.batchlab_requested)
+    if not requested.is_fixed:
+        return
+    model = _unwrap(trainer.model)
+    if trainer.args.task == "detect":
+        _, max_num_obj, _ = _training_dataset(trainer)
+        make_batch = _detection_batches(model, trainer._batchlab_max_imgsz(), max_num_obj, trainer.device)
+    else:
+        make_batch = _dataset_batches(trainer, trainer.train_loader.dataset)
+    per_device = max(requested.size // max(trainer.world_size, 1), 1)
+    step = _YoloStep(
+        model,
+        trainer.optimizer,
+        make_batch,
+        amp_dtype=trainer._batchlab_amp_dtype(),
+        scaler=trainer.scaler,
+        ema=trainer.ema,
+        val_factor=trainer._batchlab_val_factor(),
+    )
+    scaler_state = trainer.scaler.state_dict()
+    ema_updates = trainer.ema.updates if trainer.ema is not None else None
+    preserve = (model, trainer.optimizer) + ((trainer.ema.ema,) if trainer.ema is not None else ())
+    try:
+        result = trainer._batchlab_search(step, preserve, per_device, None)
+    finally:
+        if scaler_state:  # an enabled GradScaler; a disabled one has no state to restore
+            trainer.scaler.load_state_dict(scaler_state)
+        if trainer.ema is not None:
+            trainer.ema.updates = ema_updates
+    trainer.batchlab_result = result
+    if result.fits:
+        log.info("batchlab: %s", result.summary())
+        return
+    message = (
+        f"batch={requested.size} does not fit: one training step peaks at "
+        f"{format_bytes(result.peak_bytes or result.predicted_peak_bytes)}, the budget is "
+        f"{format_bytes(result.budget_bytes)} on {result.device}; use batch=-1 to find the largest that fits"
+    )
+    if trainer.batchlab_options.on_misfit == "raise":
+        raise DoesNotFitError(
+            message,
+            batch_size=requested.size,
+            needed_bytes=result.peak_bytes,
+            budget_bytes=result.budget_bytes,
+        )
+    log.warning("batchlab: %s", message)
+
+
+def trainer_class(
+    model_or_trainer: Any,
+    *,
+    memory_budget: int | str | None = None,
+    device: str | torch.device | Device | None = None,
+    max_batch_size: int | None = None,
+    multiple_of: int = 1,
+    validate: bool = True,
+    on_misfit: str = "warn",
+    compare: bool = False,
+    on_probe: Callable[[Probe], None] | None = None,
+) -> type:
+    """A subclass of the model's Ultralytics trainer whose batch size batchlab decides; pass it as ``trainer=``.
+
+    Args:
+        model_or_trainer: a ``YOLO`` model (its task's trainer is used) or an Ultralytics trainer class.
+        memory_budget: treat the device as having this much memory ("6GiB"); default its capacity.
+        device: where to measure; default the trainer's device. A :class:`~batchlab.devices.Device` is accepted
+            (a ``SimulatedDevice`` in tests).
+        max_batch_size, multiple_of: passed to :func:`batchlab.find_batch_size`.
+        validate: also run the validation forward (EMA model, validation batch size) in every probe.
+        on_misfit: what a fixed ``batch=N`` that does not fit does: ``"warn"`` (log) or ``"raise"``.
+        compare: also run Ultralytics' own AutoBatch and keep its answer in ``trainer.ultralytics_batch``.
+        on_probe: called with each :class:`~batchlab.Probe` as it completes.
+    """
+    options = _Options(
+        memory_budget=memory_budget,
+        device=device,
+        max_batch_size=max_batch_size,
+        multiple_of=multiple_of,
+        validate=validate,
+        on_misfit=on_misfit,
+        compare=compare,
+        on_probe=on_probe,
+    )
+    if isinstance(model_or_trainer, type):
+        base = model_or_trainer
+    else:
+        task_map = getattr(model_or_trainer, "task_map", None)
+        if task_map is None:
+            raise TypeError(
+                f"trainer_class expects an ultralytics YOLO model or trainer class, got {type(model_or_trainer).__name__}"
+            )
+        base = task_map[model_or_trainer.task]["trainer"]
+    return type(f"Batchlab{base.__name__}", (_BatchlabTrainerMixin, base), {"batchlab_options": options})
+
+
+def train(model: Any, *, memory_budget: int | str | None = None, **kwargs: Any) -> Any:
+    """``model.train(**kwargs)`` with batchlab deciding ``batch=-1``/``0.7`` and checking a fixed ``batch=N``.
+
+    batchlab options (``max_batch_size``, ``multiple_of``, ``validate``, ``on_misfit``, ``compare``, ``on_probe``,
+    and ``batchlab_device`` -- a device to measure on, as ``device`` is Ultralytics' own) are taken out of
+    ``kwargs``; everything else goes to ``model.train``. Returns what ``model.train`` returns; the search is in
+    ``model.trainer.batchlab_result``; see :func:`trainer_class` for the options.
+    """
+    names = ("max_batch_size", "multiple_of", "validate", "on_misfit", "compare", "on_probe")
+    ours = {name: kwargs.pop(name) for name in names if name in kwargs}
+    if "batchlab_device" in kwargs:  # ``device`` itself is Ultralytics' own argument
+        ours["device"] = kwargs.pop("batchlab_device")
+    if "trainer" in kwargs:
+        raise TypeError(
+            "train() builds the trainer class itself; use trainer_class(YourTrainer, ...) instead"
+        )
+    return model.train(trainer=trainer_class(model, memory_budget=memory_budget, **ours), **kwargs)

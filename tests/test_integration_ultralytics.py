@@ -1,0 +1,77 @@
+"""Ultralytics: YOLO("yolo26n.yaml") trains 1 epoch offline on synthetic data with batch=-1 on the CPU, at the
+batch batchlab chose -- not AutoBatch's CPU fallback of 16 -- and a fixed batch=16 is checked against memory.
+
+The run is examples/ultralytics_demo.py in a fresh process: Ultralytics reads its offline settings
+(YOLO_OFFLINE, YOLO_CONFIG_DIR) once, at import, so they must be set before anything imports it. The
+training set has 24 images and the budget 2 GiB of headroom: the answer is the dataset size (24), exactly,
+whatever the machine's memory noise; the demo's defaults show a memory-limited answer instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import batchlab
+from batchlab.integrations.ultralytics import ULTRALYTICS_CPU_DEFAULT, trainer_class
+
+DEMO = Path(__file__).resolve().parents[1] / "examples" / "ultralytics_demo.py"
+N_TRAIN = 24
+
+
+def test_batch_minus_one_on_cpu_trains_at_batchlabs_answer_and_a_fixed_batch_is_checked(tmp_path):
+    out = tmp_path / "result.json"
+    src = str(Path(batchlab.__file__).resolve().parents[1])
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p),
+        "OMP_NUM_THREADS": "2",
+    }
+    command = [
+        sys.executable,
+        str(DEMO),
+        "--workdir",
+        str(tmp_path / "work"),
+        "--n-train",
+        str(N_TRAIN),
+        "--headroom-mib",
+        "2048",
+        "--check-fixed",
+        "16",
+        "--json",
+        str(out),
+    ]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads(out.read_text())
+
+    assert result["ultralytics_batch"] == ULTRALYTICS_CPU_DEFAULT  # AutoBatch alone, asked in the same run
+    assert result["trained_batch"] == result["batchlab_batch"] == N_TRAIN != ULTRALYTICS_CPU_DEFAULT
+    assert result["fits"] and result["limited_by"] == "dataset size"
+    probes = result["probes"]
+    assert probes[-1]["batch_size"] == N_TRAIN and probes[-1]["outcome"] == "fits"
+    assert all(p["peak_bytes"] <= result["budget_bytes"] for p in probes if p["outcome"] == "fits")
+    assert result["epochs_done"] == 1 and result["results_csv"]  # the epoch ran and Ultralytics logged it
+    assert "batch=16 does not fit" in result["fixed_check"]
+    assert (
+        "batchlab chose batch 24" in run.stdout and "Ultralytics AutoBatch alone would use: 16" in run.stdout
+    )
+
+
+def test_options_are_validated_before_training():
+    class FakeTrainer:  # any class: trainer_class only subclasses it
+        pass
+
+    with pytest.raises(ValueError, match="on_misfit"):
+        trainer_class(FakeTrainer, on_misfit="ignore")
+    with pytest.raises(ValueError, match="potatoes"):
+        trainer_class(FakeTrainer, memory_budget="4 potatoes")
+    with pytest.raises(TypeError, match="YOLO model or trainer class"):
+        trainer_class(object())
+    cls = trainer_class(FakeTrainer, memory_budget="1GiB")
+    assert issubclass(cls, FakeTrainer) and cls.__name__ == "BatchlabFakeTrainer"

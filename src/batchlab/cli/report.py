@@ -1,0 +1,37 @@
+"""``batchlab report``: PNG plots and one self-contained HTML page from a sweep directory or MLflow experiment."""
+
+from __future__ import annotations
+
+import argparse
+
+from batchlab.report import load_sweep, verdict, write_report
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "report",
+        help="draw a sweep's comparison: PNGs and one self-contained HTML page",
+        description="Loss vs steps/samples/time per batch size, steps-to-target with the fitted critical batch "
+        "size and the measured noise scale, throughput and memory, the epoch/iteration table and a verdict.",
+    )
+    parser.add_argument(
+        "source", help="a sweep directory (batchlab-runs/sweeps/NAME) or an MLflow experiment name or id"
+    )
+    parser.add_argument("--out", default=None, help="output folder (default: SOURCE/report)")
+    parser.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow store holding the experiment (default: ./batchlab-runs/mlflow.db)",
+    )
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    result = load_sweep(args.source, args.tracking_uri)
+    files = write_report(result, args.out)
+    for line in verdict(result):
+        print(line)
+    print(f"report: {files.html}")
+    for image in files.images:
+        print(f"plot: {image}")
+    return 0

@@ -1,0 +1,241 @@
+"""``batchlab sweep``: train at several batch sizes, track every run in MLflow, write the comparison report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from batchlab.cli.common import resolve_cli_device
+from batchlab.scaling import RULES
+from batchlab.sweep import DEFAULT_DIRECTORY, Budget, SweepEvent, SweepResult, Target, sweep
+from batchlab.units import format_bytes
+from batchlab.workloads.tasks import describe_tasks, load_task
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    return values
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    tasks = "; ".join(f"{name}: {text}" for name, text in describe_tasks().items())
+    parser = subparsers.add_parser(
+        "sweep",
+        help="train at several batch sizes (LR scaled by rule), track runs in MLflow, report the comparison",
+        description="Train a fresh model at each batch size with the learning rate scaled by a rule, record loss "
+        "curves, throughput, memory, the gradient noise scale and steps to a target; log every run to MLflow "
+        "(default: ./batchlab-runs/mlflow.db); write an HTML report. Re-running the same command resumes.",
+    )
+    parser.add_argument(
+        "--workload",
+        required=True,
+        help=f"built-in task ({tasks}) or path/to/file.py:function / module:function returning a factory "
+        "(batch_size, lr, seed) -> trainable",
+    )
+    parser.add_argument(
+        "--batch-sizes",
+        required=True,
+        help='comma-separated, e.g. 16,32,64 (samples per optimizer step), or "auto": powers of two from 8 up to '
+        "the largest that fits",
+    )
+    parser.add_argument("--lr", type=float, required=True, help="learning rate tuned at --base-batch")
+    parser.add_argument(
+        "--base-batch", type=int, default=None, help="batch the --lr is for (default: the smallest)"
+    )
+    parser.add_argument(
+        "--rule",
+        default="sqrt",
+        choices=[r for r in RULES if r != "adascale"],
+        help="how the LR follows the batch: sqrt (Adam-type, default), linear (SGD) or none",
+    )
+    parser.add_argument(
+        "--lr-grid", type=_floats, default=[1.0], help="LR multipliers per batch size, e.g. 0.5,1,2"
+    )
+    parser.add_argument("--budget-steps", type=int, default=None, help="optimizer steps per run")
+    parser.add_argument("--budget-samples", type=int, default=None, help="training samples per run")
+    parser.add_argument("--budget-seconds", type=float, default=None, help="seconds of training per run")
+    parser.add_argument("--target-loss", type=float, default=None, help="validation loss to reach")
+    parser.add_argument("--target", default=None, help='another target, e.g. "accuracy>=0.95"')
+    parser.add_argument(
+        "--stop-at-target", action="store_true", help="end each run when it reaches the target"
+    )
+    parser.add_argument("--seeds", type=int, default=1, help="seeds per (batch size, LR) (default 1)")
+    parser.add_argument(
+        "--eval-every", type=int, default=None, help="evaluate every N steps (default: budget/50)"
+    )
+    parser.add_argument(
+        "--backend", default="local", choices=("local", "ray"), help="local (default) or ray (Ray Tune)"
+    )
+    parser.add_argument(
+        "--ray-address", default=None, help="join this Ray cluster (default: start a local Ray)"
+    )
+    parser.add_argument(
+        "--tracking-uri",
+        default=None,
+        help=f"MLflow tracking URI (default: sqlite:///{DEFAULT_DIRECTORY}/mlflow.db under --dir)",
+    )
+    parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    parser.add_argument(
+        "--name", default=None, help="sweep name (default: workload + a hash of the settings)"
+    )
+    parser.add_argument(
+        "--dir", default=DEFAULT_DIRECTORY, help=f"where sweeps live (default ./{DEFAULT_DIRECTORY})"
+    )
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per step (built-in tasks)")
+    parser.add_argument("--amp", default=None, help="bf16 or fp16 autocast (built-in tasks)")
+    parser.add_argument(
+        "--noise-every",
+        type=int,
+        default=4,
+        help="measure the noise scale every N steps, 0 = never (built-in tasks)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (torch.set_num_threads)")
+    parser.add_argument("--no-report", action="store_true", help="do not write the HTML/PNG report")
+    parser.add_argument("--json", action="store_true", help="print only a JSON summary on stdout")
+    parser.set_defaults(run=run)
+
+
+def _budget(args: argparse.Namespace) -> Budget:
+    if args.budget_steps is None and args.budget_samples is None and args.budget_seconds is None:
+        raise ValueError("give a budget per run: --budget-steps N, --budget-samples N or --budget-seconds S")
+    return Budget(args.budget_steps, args.budget_samples, args.budget_seconds)
+
+
+def _target(args: argparse.Namespace) -> Target | None:
+    if args.target_loss is not None and args.target is not None:
+        raise ValueError("give --target-loss or --target, not both")
+    return Target.parse(args.target_loss if args.target_loss is not None else args.target)
+
+
+def run(args: argparse.Namespace) -> int:
+    # Validate everything before building a model or starting MLflow/Ray.
+    budget, target = _budget(args), _target(args)
+    batch_sizes = "auto" if args.batch_sizes.strip().lower() == "auto" else _ints(args.batch_sizes)
+    if args.no_tracking and args.tracking_uri:
+        raise ValueError("give --tracking-uri or --no-tracking, not both")
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    options = {"accumulation": args.accumulation, "amp": args.amp, "noise_every": args.noise_every}
+    factory = load_task(args.workload, device=resolve_cli_device(args.device), **options)
+    kwargs = dict(
+        lr=args.lr,
+        base_batch=args.base_batch,
+        rule=args.rule,
+        budget=budget,
+        target=target,
+        seeds=args.seeds,
+        lr_multipliers=args.lr_grid,
+        eval_every=args.eval_every,
+        stop_at_target=args.stop_at_target,
+        name=args.name,
+        directory=args.dir,
+        tracking_uri=False if args.no_tracking else args.tracking_uri,
+        backend=args.backend,
+        ray_address=args.ray_address,
+        report=not args.no_report,
+    )
+    if args.json:
+        result = sweep(factory, batch_sizes, **kwargs)
+        print(json.dumps(_compact(result), indent=2))
+        return 0
+    console = Console()
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
+        overall = progress.add_task("all runs", total=None)
+        per_run: dict[str, int] = {}
+
+        def show(event: SweepEvent) -> None:
+            progress.update(overall, total=event.total)
+            if event.kind == "skip":
+                progress.advance(overall)
+                return
+            if event.kind == "start":
+                per_run[event.key] = progress.add_task(f"  {event.key}", total=None)
+            task = per_run.get(event.key)
+            if task is None:
+                per_run[event.key] = task = progress.add_task(f"  {event.key}", total=None)
+            if event.kind == "step":
+                progress.update(task, completed=event.step, total=event.max_steps)
+            elif event.kind == "done":
+                run = event.run
+                note = f"{run.status}, val loss {run.final_val.get('loss', float('nan')):.4g}"
+                if run.steps_to_target is not None:
+                    note += f", target at step {run.steps_to_target:.0f}"
+                progress.update(
+                    task, completed=run.steps, total=run.steps, description=f"  {event.key}: {note}"
+                )
+                progress.advance(overall)
+
+        result = sweep(factory, batch_sizes, on_event=show, **kwargs)
+    print_summary(console, result)
+    return 0
+
+
+def _compact(result: SweepResult) -> dict:
+    data = result.to_dict()
+    data["runs"] = [
+        {k: v for k, v in run.items() if k not in ("train", "val", "noise_updates")} for run in data["runs"]
+    ]
+    return data
+
+
+def print_summary(console: Console, result: SweepResult) -> None:
+    table = Table(title=f"sweep {result.name}: best LR per batch size", show_header=True)
+    for column in (
+        "batch",
+        "lr",
+        "steps",
+        "steps to target",
+        "s to target",
+        "samples/s",
+        "peak",
+        "val loss",
+        "noise",
+    ):
+        table.add_column(column, justify="right")
+    for s in result.by_batch_size():
+        table.add_row(
+            str(s.batch_size),
+            f"{s.lr:.3g}",
+            str(s.steps),
+            "–" if s.steps_to_target is None else f"{s.steps_to_target:.0f}",
+            "–" if s.seconds_to_target is None else f"{s.seconds_to_target:.2f}",
+            "–" if s.throughput is None else f"{s.throughput:,.0f}",
+            format_bytes(s.peak_bytes) if s.peak_bytes else "–",
+            "–" if s.final_val_loss is None else f"{s.final_val_loss:.4g}",
+            "–" if s.noise_scale is None else f"{s.noise_scale:.3g}",
+        )
+    console.print(table)
+    console.print(result.summary())
+    console.print(f"sweep directory: {result.directory}")
+    if result.report:
+        console.print(f"report: {result.report}")
+    if result.tracking_uri:
+        console.print(f"MLflow: mlflow ui --backend-store-uri {result.tracking_uri}")
+    sys.stdout.flush()

@@ -1,0 +1,146 @@
+"""The Ray Tune backend of :func:`batchlab.sweep`: the same runs as Tune trials, on one machine or a cluster.
+
+Each pending run becomes one trial of a grid search over run keys; the trial calls the very
+:func:`~batchlab.sweep.execute_run` the local backend calls, reports its progress at every evaluation and,
+at the end, its whole record (as JSON). A Tune callback in the driver -- this process -- stores and logs
+each record the moment it arrives, through the same ``persist`` as the local backend: the records, the
+sweep directory and the MLflow runs are identical in form whichever backend ran them, and workers never
+need to reach the driver's files or tracking store (on a cluster they cannot).
+
+Ray is an optional extra (``pip install 'batchlab[ray]'``), imported only here. Without ``address``, a
+small local Ray is started (``num_cpus`` = this machine's cores, no dashboard, a 256 MiB object store) and
+shut down at the end; with ``address`` (``"auto"``, ``"ray://host:10001"``) an existing cluster is joined,
+and left running. batchlab must be importable on the cluster's workers (the same environment), and so must
+the workload factory (Ray pickles it; a built-in :class:`~batchlab.workloads.tasks.Task` pickles by name).
+Each trial asks for ``cpus_per_trial`` CPUs; Ray sets each worker's OMP threads to match.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from batchlab.errors import BatchlabError
+from batchlab.sweep import RunSpec, SweepConfig, SweepEvent, SweepRun, execute_run
+
+__all__ = ["run_trials", "require_ray"]
+
+# The records are small; Ray's default object store (30% of RAM) would reserve GiBs of /dev/shm.
+OBJECT_STORE_BYTES = 256 * 2**20
+PROGRESS_KIND, DONE_KIND = "progress", "done"
+
+
+def require_ray() -> Any:
+    """Return the ``ray`` module, or raise ImportError that says how to install it."""
+    try:
+        import ray
+        from ray import tune  # noqa: F401
+    except ImportError:
+        raise ImportError("backend='ray' needs Ray Tune: pip install 'batchlab[ray]'") from None
+    return ray
+
+
+def _trial(
+    config: dict[str, Any], factory: Any = None, sweep_config: dict | None = None, specs: dict | None = None
+):
+    """One Tune trial: run ``specs[config["key"]]`` and report progress, then the record."""
+    from ray import tune
+
+    from batchlab.sweep import SweepConfig as _Config
+
+    spec = RunSpec(**specs[config["key"]])
+    cfg = _Config.from_dict(sweep_config)
+    reported = {"step": -1}
+
+    def on_step(step: int, max_steps: int | None) -> None:
+        # at most ~50 progress reports per trial: each one is a round trip to the driver
+        stride = max(1, (max_steps or 500) // 50)
+        if step - reported["step"] >= stride:
+            reported["step"] = step
+            tune.report({"kind": PROGRESS_KIND, "step": step, "max_steps": max_steps or 0})
+
+    run = execute_run(factory, spec, cfg, on_step=on_step)
+    tune.report(
+        {"kind": DONE_KIND, "step": run.steps, "max_steps": run.steps, "record": json.dumps(run.to_dict())}
+    )
+
+
+def run_trials(
+    factory: Callable[[int, float, int], Any],
+    pending: Sequence[tuple[int, RunSpec]],
+    config: SweepConfig,
+    *,
+    total: int,
+    persist: Callable[[SweepRun], SweepRun],
+    emit: Callable[[SweepEvent], None],
+    storage: Path,
+    address: str | None = None,
+    cpus_per_trial: float = 1.0,
+) -> None:
+    """Run ``pending`` as Ray Tune trials; ``persist`` each record in this process as it arrives.
+
+    Raises :class:`~batchlab.errors.BatchlabError` naming the first failed trial's error, and
+    ``KeyboardInterrupt`` when Tune stopped early (Ctrl-C) -- finished runs are persisted either way.
+    """
+    ray = require_ray()
+    from ray import tune
+
+    index = {spec.key: i for i, spec in pending}
+    done: set[str] = set()
+
+    class _Persist(tune.Callback):
+        def on_trial_start(self, iteration, trials, trial, **info):  # noqa: ANN001 - Tune's signature
+            key = trial.config["key"]
+            emit(SweepEvent("start", key, index[key], total))
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):  # noqa: ANN001
+            key = trial.config["key"]
+            if result.get("kind") == DONE_KIND and key not in done:
+                run = persist(SweepRun.from_dict(json.loads(result["record"])))
+                done.add(key)
+                emit(SweepEvent("done", key, index[key], total, run.steps, run.steps, run))
+            elif result.get("kind") == PROGRESS_KIND:
+                emit(SweepEvent("step", key, index[key], total, result["step"], result["max_steps"] or None))
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report leaves this machine
+        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+        if address is None:
+            kwargs.update(num_cpus=os.cpu_count() or 1, object_store_memory=OBJECT_STORE_BYTES)
+        ray.init(address=address, **kwargs)
+    try:
+        trainable = tune.with_resources(
+            tune.with_parameters(
+                _trial,
+                factory=factory,
+                sweep_config=config.to_dict(),
+                specs={spec.key: spec.__dict__ for _, spec in pending},
+            ),
+            {"cpu": cpus_per_trial},
+        )
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"key": tune.grid_search([spec.key for _, spec in pending])},
+            tune_config=tune.TuneConfig(reuse_actors=False),
+            run_config=tune.RunConfig(
+                name=f"trials-{time.strftime('%Y%m%d-%H%M%S')}",
+                storage_path=str(Path(storage).resolve()),
+                verbose=0,
+                callbacks=[_Persist()],
+            ),
+        )
+        results = tuner.fit()
+    finally:
+        if started_here:
+            ray.shutdown()
+    errors = [r.error for r in results if r.error is not None]
+    if errors:
+        raise BatchlabError(f"{len(errors)} Ray trial(s) failed; the first: {errors[0]}")
+    missing = [spec.key for _, spec in pending if spec.key not in done]
+    if missing:
+        raise KeyboardInterrupt(f"the Ray sweep stopped before {len(missing)} run(s) finished: {missing}")

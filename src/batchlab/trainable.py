@@ -1,0 +1,274 @@
+"""Trainable runs: the unit a sweep trains -- a fresh model at one batch size, learning rate and seed.
+
+A :class:`~batchlab.Workload` answers "what does one step at batch b cost?" with random batches; a sweep
+needs more: a held-out validation split, a fresh model per run, a chosen learning rate and seed. That is a
+*trainable*, built by a factory ``factory(batch_size, lr, seed) -> Trainable``:
+
+- ``train_step() -> float``: one optimizer step on ``batch_size`` samples; returns the training loss (a
+  Python float -- reading it is a device sync, which a sweep needs anyway to time each step honestly).
+- ``evaluate() -> Mapping[str, float]``: metrics on the validation split; must include ``"loss"``.
+
+Optional attributes a sweep reads when present: ``batch_size`` (samples per optimizer step),
+``accumulation``, ``precision``, ``dataset_size`` (training samples), ``device`` (a torch.device, for the
+memory reading), ``noise_scale() -> NoiseScaleEstimate | None``, ``last_step_measured_noise`` (that step
+carried the noise measurement's extra work and is left out of the throughput), ``last_noise`` (that step's
+unbiased estimates ``(|G|², tr Σ)`` of McCandlish eq. A.2, or None) and ``workload()`` (a
+:class:`~batchlab.Workload` of the same model, for ``batch_sizes="auto"``).
+
+:class:`SupervisedRun` implements all of it for in-memory tensors; :mod:`batchlab.workloads.tasks` builds
+the built-in tasks on it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from batchlab.noise import (
+    AccumulationCollector,
+    GradientNoiseScale,
+    NoiseScaleEstimate,
+    SplitBatchCollector,
+    estimate_components,
+)
+from batchlab.spec import parse_amp
+from batchlab.workload import Workload
+
+__all__ = ["Trainable", "TrainableFactory", "SupervisedRun", "accuracy", "NOISE_EVERY"]
+
+# Every 4th step runs its backward as two halves for the gradient noise scale (same gradient, one more
+# forward/backward at half the batch): a quarter of the steps pay that, and those steps are left out of the
+# throughput. With gradient accumulation the measurement is free and runs on every step.
+NOISE_EVERY = 4
+EVAL_BATCH = 4096  # validation is run in chunks of this many samples (memory, not statistics)
+
+
+@runtime_checkable
+class Trainable(Protocol):
+    """What a sweep trains: see the module docstring for the optional attributes."""
+
+    def train_step(self) -> float: ...
+
+    def evaluate(self) -> Mapping[str, float]: ...
+
+
+TrainableFactory = Callable[[int, float, int], Trainable]
+"""``factory(batch_size, lr, seed) -> Trainable``: a fresh model trained at ``lr`` from seed ``seed``."""
+
+
+def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Fraction of rows whose arg-max equals the integer target."""
+    return (outputs.argmax(dim=-1) == targets).float().mean()
+
+
+class SupervisedRun:
+    """Train ``model`` on in-memory ``(inputs, targets)`` tensors at a fixed batch size; evaluate on a held-out split.
+
+    Sampling is what ``DataLoader(shuffle=True, drop_last=True)`` does: each epoch a fresh permutation (from
+    a generator seeded with ``seed``, so runs repeat exactly on the CPU), cut into batches of ``batch_size``,
+    the short tail dropped so every step sees the same batch size. ``accumulation`` splits each step's batch
+    into that many micro-batches (the loss divided by it, so ``.grad`` is the batch mean either way).
+
+    Args:
+        model: the ``nn.Module``, already on its device; the data is moved there.
+        optimizer: an ``Optimizer`` over the model's parameters.
+        loss_fn: ``loss_fn(outputs, targets)``, a mean over the batch.
+        train, val: ``(inputs, targets)`` tensors; ``train`` must hold at least ``batch_size`` samples.
+        batch_size: samples per optimizer step.
+        seed: seeds the data order (the factory seeds the model's initialisation).
+        accumulation: micro-batches per step; must divide ``batch_size``.
+        amp: None, ``"bf16"`` or ``"fp16"`` autocast (fp16 with a GradScaler).
+        metrics: extra validation metrics ``name -> f(outputs, targets)``; ``"loss"`` is always computed.
+        noise_every: measure the gradient noise scale on every n-th step (split-batch); 0 or None: never.
+            Ignored with ``accumulation >= 2``, where accumulation measures it on every step for free.
+        name: a label for reports.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        train: tuple[torch.Tensor, torch.Tensor],
+        val: tuple[torch.Tensor, torch.Tensor],
+        *,
+        batch_size: int,
+        seed: int = 0,
+        accumulation: int = 1,
+        amp: str | None = None,
+        metrics: Mapping[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] | None = None,
+        noise_every: int | None = NOISE_EVERY,
+        name: str = "supervised",
+    ):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        if isinstance(accumulation, bool) or not isinstance(accumulation, int) or accumulation < 1:
+            raise ValueError(f"accumulation must be an int >= 1, got {accumulation!r}")
+        if batch_size % accumulation:
+            raise ValueError(
+                f"accumulation {accumulation} does not divide batch_size {batch_size}: every micro-batch "
+                f"must have the same size (try accumulation {_largest_divisor_at_most(batch_size, accumulation)})"
+            )
+        if len(train[0]) != len(train[1]) or len(val[0]) != len(val[1]):
+            raise ValueError("inputs and targets must have the same length in train and val")
+        if batch_size > len(train[0]):
+            raise ValueError(
+                f"batch_size {batch_size} is larger than the {len(train[0])} training samples: with drop_last "
+                "no step could run; use a batch size <= the training set"
+            )
+        if noise_every is not None and (isinstance(noise_every, bool) or noise_every < 0):
+            raise ValueError(f"noise_every must be an int >= 0 or None, got {noise_every!r}")
+        self.model = model
+        self.optimizer = optimizer
+        self.loss_fn = loss_fn
+        self.device = next(iter(model.parameters())).device
+        self.train_x, self.train_y = (t.to(self.device) for t in train)
+        self.val_x, self.val_y = (t.to(self.device) for t in val)
+        self.batch_size = batch_size
+        self.accumulation = accumulation
+        self.micro_batch = batch_size // accumulation
+        self.amp = parse_amp(amp)
+        self.precision = self.amp or "fp32"
+        self.metrics = dict(metrics if metrics is not None else {"accuracy": accuracy})
+        self.name = name
+        self.dataset_size = len(self.train_x)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp == "fp16" else None
+        self.steps_done = 0
+        self.last_step_measured_noise = False
+        self.last_noise: tuple[float, float] | None = None
+        self._generator = torch.Generator().manual_seed(seed)
+        self._order = torch.empty(0, dtype=torch.long)
+        self._cursor = 0
+        self._tracker = GradientNoiseScale()
+        self._accum_collector: AccumulationCollector | None = None
+        self._split_collector: SplitBatchCollector | None = None
+        if accumulation >= 2:
+            if noise_every:
+                self._accum_collector = AccumulationCollector(
+                    model.parameters(), self.micro_batch, self._tracker, scaler=self.scaler
+                )
+            self.noise_every = 1 if noise_every else 0
+        else:
+            self.noise_every = int(noise_every or 0) if batch_size >= 2 else 0  # one sample cannot be halved
+            if self.noise_every:
+                self._split_collector = SplitBatchCollector(
+                    model.parameters(), self._tracker, scaler=self.scaler
+                )
+
+    # ------------------------------------------------------------------------------------------ training
+
+    def _next_indices(self) -> torch.Tensor:
+        if self._cursor + self.batch_size > len(self._order):  # epoch over: the short tail is dropped
+            self._order = torch.randperm(self.dataset_size, generator=self._generator)
+            self._cursor = 0
+        index = self._order[self._cursor : self._cursor + self.batch_size]
+        self._cursor += self.batch_size
+        return index.to(self.device)
+
+    def _autocast(self):
+        dtype = torch.float16 if self.amp == "fp16" else torch.bfloat16
+        return torch.autocast(self.device.type, dtype=dtype, enabled=self.amp is not None)
+
+    def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            return self.loss_fn(self.model(inputs), targets)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def train_step(self) -> float:
+        """One optimizer step; returns the batch's mean training loss (a device sync)."""
+        index = self._next_indices()
+        x, y = self.train_x[index], self.train_y[index]
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        measure = bool(self.noise_every) and self.steps_done % self.noise_every == 0
+        pair = None  # this step's NormPair when it measured the noise scale
+        if self.accumulation >= 2:
+            total = torch.zeros((), device=self.device)
+            for xs, ys in zip(x.split(self.micro_batch), y.split(self.micro_batch)):
+                loss = self._loss(xs, ys) / self.accumulation
+                self._backward(loss)
+                total += loss.detach()
+            if self._accum_collector is not None:
+                pair = self._accum_collector.step()
+        elif measure and self._split_collector is not None:
+            total = self._split_collector.backward(self._loss, x, y)
+            pair = self._split_collector.last
+        else:
+            total = self._loss(x, y)
+            self._backward(total)
+            total = total.detach()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.steps_done += 1
+        self.last_step_measured_noise = measure and self._split_collector is not None
+        self.last_noise = (
+            estimate_components(pair.sq_norm_small, pair.sq_norm_big, pair.b_small, pair.b_big)
+            if pair is not None and pair.accepted
+            else None
+        )
+        return float(total)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss and metrics over the whole validation split (in chunks of ``EVAL_BATCH``)."""
+        self.model.eval()
+        sums = {"loss": 0.0, **{name: 0.0 for name in self.metrics}}
+        count = len(self.val_x)
+        for start in range(0, count, EVAL_BATCH):
+            x, y = self.val_x[start : start + EVAL_BATCH], self.val_y[start : start + EVAL_BATCH]
+            with self._autocast():
+                outputs = self.model(x)
+                sums["loss"] += float(self.loss_fn(outputs.float(), y)) * len(x)
+                for name, metric in self.metrics.items():
+                    sums[name] += float(metric(outputs.float(), y)) * len(x)
+        self.model.train()
+        return {name: value / count for name, value in sums.items()}
+
+    def noise_scale(self) -> NoiseScaleEstimate | None:
+        """The gradient noise scale measured so far (None when measurement is off)."""
+        return self._tracker.result() if (self._accum_collector or self._split_collector) else None
+
+    def workload(self) -> Workload:
+        """This model as a :class:`~batchlab.Workload` with random training batches (for memory searches)."""
+        n = self.dataset_size
+
+        def make_batch(b: int):
+            index = torch.randint(0, n, (b,), device=self.device)
+            return self.train_x[index], self.train_y[index]
+
+        return Workload(
+            self.model,
+            make_batch,
+            self.loss_fn,
+            self.optimizer,
+            amp=self.amp,
+            dataset_size=n,
+            name=self.name,
+        )
+
+    def close(self) -> None:
+        """Remove the noise collectors' hooks."""
+        for collector in (self._accum_collector, self._split_collector):
+            if collector is not None:
+                collector.close()
+
+
+def _largest_divisor_at_most(n: int, k: int) -> int:
+    return max(d for d in range(1, min(n, k) + 1) if n % d == 0)
+
+
+def is_finite(value: Any) -> bool:
+    """True for a finite real number (a loss that has not diverged)."""
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False

@@ -1,0 +1,201 @@
+"""Built-in trainable tasks for sweeps: offline data with a held-out validation split.
+
+Each task is a :class:`Task`, a picklable factory ``task(batch_size, lr, seed) -> SupervisedRun`` (so it
+travels to Ray workers); the data is built once per process and cached.
+
+- ``mlp-digits``: sklearn's bundled 8x8 digits (1797 real images), 80/20 split -> 1438 train / 359 val;
+  MLP 64-256-256-10 with Adam, as the ``mlp-digits`` workload.
+- ``mnist1d``: MNIST-1D (Greydanus 2020), 4000 train / 1000 test sequences of length 40 generated offline
+  by ``mnist1d.data.make_dataset(get_dataset_args())`` (its ``get_dataset()`` downloads; never called);
+  MLP 40-256-256-10 with Adam. Needs ``pip install mnist1d``.
+- ``teacher-student``: synthetic -- 32-d Gaussian inputs labelled by sampling from a fixed random teacher
+  MLP's softmax (so the labels carry noise, as real labels do); 8192 train / 2048 val; student MLP
+  32-128-128-10 with Adam. Generated in milliseconds: the fast task for tests.
+
+``load_task(spec, device=...)`` also takes ``path/to/file.py:function`` or ``module:function``: a function
+called with no arguments that returns a factory ``(batch_size, lr, seed) -> Trainable``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from batchlab.errors import WorkloadError
+from batchlab.trainable import NOISE_EVERY, SupervisedRun
+
+__all__ = ["Task", "TASKS", "load_task", "describe_tasks"]
+
+Split = tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+VAL_FRACTION = 0.2  # digits: the usual 80/20 hold-out; the split is fixed (seed 0), independent of run seeds
+
+
+@functools.cache
+def _digits() -> Split:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise ImportError(
+            "the mlp-digits task needs scikit-learn: pip install 'batchlab[examples]'"
+        ) from None
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(digits.target, dtype=torch.long)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    n_val = round(len(y) * VAL_FRACTION)
+    val, train = order[:n_val], order[n_val:]
+    return (x[train], y[train]), (x[val], y[val])
+
+
+@functools.cache
+def _mnist1d() -> Split:
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError:
+        raise ImportError("the mnist1d task needs the mnist1d package: pip install mnist1d") from None
+    data = make_dataset(get_dataset_args())  # generated offline from templates, ~5 s; get_dataset() downloads
+    x, y = torch.tensor(data["x"], dtype=torch.float32), torch.tensor(data["y"], dtype=torch.long)
+    xt, yt = torch.tensor(data["x_test"], dtype=torch.float32), torch.tensor(data["y_test"], dtype=torch.long)
+    mean, std = x.mean(), x.std()
+    return ((x - mean) / std, y), ((xt - mean) / std, yt)
+
+
+@functools.cache
+def _teacher_student(n_train: int = 8192, n_val: int = 2048, dim: int = 32, classes: int = 10) -> Split:
+    generator = torch.Generator().manual_seed(1234)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1234)
+        teacher = nn.Sequential(nn.Linear(dim, 64), nn.Tanh(), nn.Linear(64, classes))
+    x = torch.randn(n_train + n_val, dim, generator=generator)
+    with torch.no_grad():
+        logits = teacher(x) * 3.0  # temperature 1/3: labels mostly follow the teacher, ~20% do not
+    y = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
+    return (x[:n_train], y[:n_train]), (x[n_train:], y[n_train:])
+
+
+def _mlp(sizes: tuple[int, ...]) -> nn.Module:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+_DATA: dict[str, Callable[[], Split]] = {
+    "mlp-digits": _digits,
+    "mnist1d": _mnist1d,
+    "teacher-student": _teacher_student,
+}
+_LAYERS = {
+    "mlp-digits": (64, 256, 256, 10),
+    "mnist1d": (40, 256, 256, 10),
+    "teacher-student": (32, 128, 128, 10),
+}
+_DESCRIPTIONS = {
+    "mlp-digits": "MLP on sklearn's digits (real, 1438 train / 359 val), Adam",
+    "mnist1d": "MLP on MNIST-1D generated offline (4000 train / 1000 val), Adam",
+    "teacher-student": "MLP student of a random teacher MLP (synthetic, 8192 train / 2048 val), Adam",
+}
+
+
+@dataclass(frozen=True)
+class Task:
+    """A built-in task: call it as ``task(batch_size, lr, seed)`` for a fresh :class:`SupervisedRun`.
+
+    The model's initialisation is seeded with ``seed`` inside ``torch.random.fork_rng`` (the caller's global
+    RNG is left as it was), so every batch size starts from the same weights for a given seed.
+    """
+
+    name: str
+    device: str = "cpu"
+    accumulation: int = 1
+    amp: str | None = None
+    noise_every: int | None = NOISE_EVERY
+
+    def data(self) -> Split:
+        return _DATA[self.name]()
+
+    @property
+    def dataset_size(self) -> int:
+        return len(self.data()[0][0])
+
+    @property
+    def description(self) -> str:
+        return _DESCRIPTIONS[self.name]
+
+    def __call__(self, batch_size: int, lr: float, seed: int) -> SupervisedRun:
+        train, val = self.data()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = _mlp(_LAYERS[self.name]).to(self.device)
+        return SupervisedRun(
+            model,
+            torch.optim.Adam(model.parameters(), lr=lr),
+            nn.functional.cross_entropy,
+            train,
+            val,
+            batch_size=batch_size,
+            seed=seed,
+            accumulation=self.accumulation,
+            amp=self.amp,
+            noise_every=self.noise_every,
+            name=self.name,
+        )
+
+
+TASKS = tuple(_DATA)
+
+
+def describe_tasks() -> dict[str, str]:
+    """Name -> one-line description, for ``--help``."""
+    return dict(_DESCRIPTIONS)
+
+
+def load_task(spec: str, *, device: str = "cpu", **options: Any) -> Callable[..., Any]:
+    """The factory a ``--workload`` spec names for a sweep: a built-in :class:`Task` or a user's function.
+
+    ``options`` (``accumulation``, ``amp``, ``noise_every``) apply to built-in tasks only.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise WorkloadError(f"invalid task {spec!r}: expected one of {', '.join(TASKS)} or path.py:function")
+    spec = spec.strip()
+    if spec in _DATA:
+        return Task(spec, device=device, **options)
+    if ":" not in spec:
+        raise WorkloadError(
+            f"unknown task {spec!r}: expected one of {', '.join(TASKS)}, path.py:function or module:function "
+            "(a function returning a factory (batch_size, lr, seed) -> trainable)"
+        )
+    target, _, attribute = spec.rpartition(":")
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise WorkloadError(f"task file {target!r} does not exist")
+        module_spec = importlib.util.spec_from_file_location(f"batchlab_user_task_{path.stem}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_spec.name] = module
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as exc:
+            raise WorkloadError(f"cannot import task module {target!r}: {exc}") from None
+    function = getattr(module, attribute, None)
+    if function is None or not callable(function):
+        raise WorkloadError(f"{target!r} has no callable {attribute!r}")
+    factory = function()
+    if not callable(factory):
+        raise WorkloadError(
+            f"{spec} returned {type(factory).__name__}; expected a factory (batch_size, lr, seed) -> trainable"
+        )
+    return factory

@@ -1,0 +1,390 @@
+"""Sweep: budgets and targets, the run loop's bookkeeping, the critical-batch math, and a real tracked sweep."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from batchlab.critical import crossing, fit_critical_batch, noise_window, pooled_noise_scale
+from batchlab.sweep import (
+    Budget,
+    Curve,
+    RunSpec,
+    SweepConfig,
+    SweepResult,
+    SweepRun,
+    Target,
+    auto_batch_sizes,
+    execute_run,
+    sweep,
+)
+from batchlab.workloads.tasks import Task, load_task
+from sweep_helpers import ScriptedRun, fresh_store
+
+# ------------------------------------------------------------------------------------------ budget, target
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (500, Budget(steps=500)),
+        ("500 steps", Budget(steps=500)),
+        ("20000 samples", Budget(samples=20000)),
+        ("90s", Budget(seconds=90.0)),
+        ("1.5 seconds", Budget(seconds=1.5)),
+        ({"steps": 10, "seconds": 5}, Budget(steps=10, seconds=5)),
+    ],
+)
+def test_budget_forms(value, expected):
+    assert Budget.parse(value) == expected
+
+
+@pytest.mark.parametrize("value", [0, -3, "ten steps", "5 parsecs", {"epochs": 3}, {}, True])
+def test_budget_rejects_nonsense(value):
+    with pytest.raises(ValueError, match="budget"):
+        Budget.parse(value)
+
+
+def test_budget_limits():
+    budget = Budget(steps=100, samples=1000)
+    assert budget.max_steps(64) == 16  # ceil(1000 / 64): samples bind first
+    assert budget.max_steps(4) == 100
+    assert budget.spent(16, 1024, 0.0) == "samples"
+    assert budget.spent(5, 320, 0.0) is None
+    assert Budget(seconds=2).max_steps(8) is None and Budget(seconds=2).spent(3, 24, 2.5) == "seconds"
+
+
+def test_target_forms():
+    assert Target.parse(0.3) == Target(0.3, "loss", "min")
+    assert Target.parse("accuracy>=0.95") == Target(0.95, "accuracy", "max")
+    assert Target.parse("loss<=0.2").reached(0.2) and not Target.parse("loss<=0.2").reached(float("nan"))
+    assert Target(0.9, "accuracy").mode == "max"
+    with pytest.raises(ValueError, match="invalid target"):
+        Target.parse("better please")
+
+
+# ------------------------------------------------------------------------------------------------ math
+
+
+def test_fit_recovers_known_critical_batch():
+    sizes = [8, 16, 32, 64, 128, 256, 512, 1024]
+    steps = [50.0 * (1 + 200.0 / b) for b in sizes]
+    fit = fit_critical_batch(sizes, steps)
+    assert fit.bounded
+    assert fit.b_crit == pytest.approx(200.0, rel=1e-6) and fit.s_min == pytest.approx(50.0, rel=1e-6)
+    assert fit.e_min == pytest.approx(10_000.0, rel=1e-6) and fit.rms_log_error < 1e-9
+    assert fit.samples(200) == pytest.approx(2 * fit.e_min)
+
+
+def test_fit_reports_bounds_when_the_range_does_not_contain_b_crit():
+    sizes = [8, 16, 32, 64]
+    perfect = fit_critical_batch(sizes, [6400.0 / b for b in sizes])  # S ∝ 1/B: B_crit beyond the largest
+    assert not perfect.bounded and "above the largest" in perfect.note
+    flat = fit_critical_batch(sizes, [100.0] * 4)  # no gain at all: B_crit below the smallest
+    assert not flat.bounded and "below the smallest" in flat.note
+
+
+def test_fit_rejects_too_few_points():
+    with pytest.raises(ValueError, match=">= 3 points"):
+        fit_critical_batch([8, 16], [10.0, 5.0])
+    with pytest.raises(ValueError, match="> 0"):
+        fit_critical_batch([8, 16, 32], [10.0, 0.0, 5.0])
+
+
+def test_crossing_interpolates_between_the_bracketing_points():
+    steps, samples = [0, 10, 20, 30], [0, 640, 1280, 1920]
+    losses = [2.0, 1.0, 0.5, 0.2]
+    assert crossing([steps, samples], losses, 0.75) == pytest.approx([15.0, 960.0])
+    assert crossing(steps, losses, 3.0) == [0]  # met at the first point
+    assert crossing(steps, losses, 0.1) is None
+    assert crossing(steps, [0.1, 0.5, 0.9, 0.95], 0.9, mode="max") == pytest.approx([20.0])
+
+
+def test_noise_window_uses_the_second_half_before_the_target():
+    steps = list(range(1, 21))
+    g2 = [10.0] * 10 + [1.0] * 10  # |G|² falls during training
+    trace = [100.0] * 20
+    window = noise_window(steps, g2, trace, end=20)
+    assert (window.first_step, window.last_step, window.updates) == (11, 20, 10)
+    assert window.b_simple == pytest.approx(100.0)
+    short = noise_window(steps, g2, trace, end=3)  # fewer than 4 in the window: the last 4 up to the end
+    assert short.updates == 3 and short.first_step == 1
+    assert pooled_noise_scale(
+        [window, noise_window(steps, [2.0] * 20, [100.0] * 20, end=20)]
+    ) == pytest.approx(100.0 / 1.5)
+
+
+# ------------------------------------------------------------------------------------------ the run loop
+
+
+def _config(**overrides) -> SweepConfig:
+    values = dict(
+        name="t",
+        workload="scripted",
+        workload_options={},
+        batch_sizes_spec=[4],
+        batch_sizes=[4],
+        lr=0.1,
+        base_batch=4,
+        rule="sqrt",
+        lr_multipliers=[1.0],
+        seeds=[0],
+        budget=Budget(steps=6),
+        target=Target(0.5),
+        eval_every=2,
+        stop_at_target=False,
+    )
+    values.update(overrides)
+    return SweepConfig(**values)
+
+
+def test_run_loop_records_curves_and_interpolated_target():
+    # evaluations happen at steps 0 (before training), 1 (early), 2, 4, 6
+    scripted = ScriptedRun(4, [1.0] * 6, [2.0, 1.5, 1.0, 0.25, 0.2])
+    run = execute_run(lambda b, lr, seed: scripted, RunSpec("k", 4, 0.1, 1.0, 0), _config())
+    assert run.status == "finished" and run.stopped_by == "steps" and run.steps == 6 and run.samples == 24
+    assert run.val.step == [0, 1, 2, 4, 6] and run.train.step == [1, 2, 3, 4, 5, 6]
+    assert run.val.samples == [0, 4, 8, 16, 24]
+    assert run.steps_to_target == pytest.approx(2 + 2 * (1.0 - 0.5) / (1.0 - 0.25))  # between steps 2 and 4
+    assert run.samples_to_target == pytest.approx(4 * run.steps_to_target)
+    assert run.final_val == {"loss": 0.2} and run.best_val_loss == 0.2
+    assert run.throughput is not None and run.throughput > 0  # steps 3..6 timed (warm-up excluded)
+    assert run.noise_scale is None and run.noise_updates.step == []  # a trainable without noise measurement
+
+
+def test_run_loop_stops_at_target_and_on_divergence():
+    config = _config(stop_at_target=True, budget=Budget(steps=100))
+    run = execute_run(
+        lambda b, lr, s: ScriptedRun(4, [1.0], [2.0, 1.0, 0.4]), RunSpec("k", 4, 0.1, 1, 0), config
+    )
+    assert run.stopped_by == "target" and run.steps == 2 and run.status == "finished"
+
+    nan_at_3 = ScriptedRun(4, [1.0, 0.9, float("nan")], [2.0])
+    run = execute_run(lambda b, lr, s: nan_at_3, RunSpec("k", 4, 0.1, 1, 0), _config())
+    assert run.status == "diverged" and run.steps == 3 and run.train["loss"][-1] is None
+
+
+def test_run_loop_turns_out_of_memory_into_a_record_and_reraises_other_errors():
+    oom = ScriptedRun(4, [1.0], [2.0], fail_at=3, error=RuntimeError("CUDA out of memory. Tried to allocate"))
+    run = execute_run(lambda b, lr, s: oom, RunSpec("k", 4, 0.1, 1, 0), _config())
+    assert run.status == "oom" and "out of memory at step 3" in run.error
+    shape_bug = ScriptedRun(
+        4, [1.0], [2.0], fail_at=2, error=RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    )
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        execute_run(lambda b, lr, s: shape_bug, RunSpec("k", 4, 0.1, 1, 0), _config())
+
+
+def test_split_batch_noise_measurement_does_not_change_training():
+    task_plain, task_noise = Task("teacher-student", noise_every=0), Task("teacher-student", noise_every=1)
+    plain, measured = task_plain(32, 1e-3, 0), task_noise(32, 1e-3, 0)
+    for _ in range(3):
+        plain.train_step()
+        measured.train_step()
+    for a, b in zip(plain.model.parameters(), measured.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # halves weighted by size: the same gradient
+    assert measured.noise_scale().updates == 3 and measured.last_noise is not None
+    assert plain.noise_scale() is None
+
+
+def test_accumulation_measures_noise_on_every_step():
+    run = Task("teacher-student", accumulation=4)(64, 1e-3, 0)
+    run.train_step()
+    run.train_step()
+    assert run.noise_scale().updates == 2 and run.micro_batch == 16 and run.accumulation == 4
+
+
+def test_tasks_split_and_seed():
+    (xt, yt), (xv, yv) = Task("mlp-digits").data()
+    assert len(xt) == 1438 and len(xv) == 359 and len(xt) + len(xv) == 1797  # 80/20 of sklearn's digits
+    a, b = Task("mlp-digits")(16, 1e-3, 7), Task("mlp-digits")(64, 1e-3, 7)
+    for p, q in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(p, q)  # same seed, same initial weights at every batch size
+    with pytest.raises(ValueError, match="larger than the 1438 training samples"):
+        Task("mlp-digits")(4096, 1e-3, 0)
+
+
+def test_auto_batch_sizes_are_powers_of_two_up_to_the_training_set():
+    assert auto_batch_sizes(Task("mlp-digits"), 1e-3, device="cpu") == [8, 16, 32, 64, 128, 256, 512, 1024]
+
+
+# ------------------------------------------------------------------------------------ a real tracked sweep
+
+
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    uri = fresh_store(root)
+    torch.set_num_threads(1)  # tiny model: extra threads only contend on a shared machine
+    events = []
+    result = sweep(
+        load_task("mlp-digits"),
+        [16, 64, 256],
+        lr=1e-3,
+        budget=30,
+        target=1.5,
+        directory=root,
+        tracking_uri=uri,
+        report=False,
+        on_event=events.append,
+    )
+    return result, events, uri, root
+
+
+def test_sweep_records_every_run(tracked):
+    result, events, _, root = tracked
+    assert [r.batch_size for r in result.runs] == [16, 64, 256]
+    assert [e.kind for e in events if e.kind != "step"] == ["start", "done"] * 3
+    for run in result.runs:
+        assert run.status == "finished" and run.steps == 30 and run.samples == 30 * run.batch_size
+        assert run.lr == pytest.approx(1e-3 * math.sqrt(run.batch_size / 16))  # sqrt rule from the smallest
+        assert len(run.train) == 30 and run.val.step[0] == 0 and run.val.step[-1] == 30
+        assert run.throughput > 0 and run.peak_bytes > 0 and run.mlflow_run_id
+        assert run.noise_updates.step and run.noise_updates.step[0] == 1  # every 4th step, from the first
+    assert result.directory == root.resolve() / "sweeps" / result.name
+    again = SweepResult.load(result.directory)
+    assert [r.to_dict() for r in again.runs] == [r.to_dict() for r in result.runs]
+    assert json.loads(result.to_json())["config"]["batch_sizes"] == [16, 64, 256]
+
+
+def test_sweep_is_read_back_through_mlflow(tracked):
+    from mlflow import MlflowClient
+
+    result, _, uri, _ = tracked
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(result.name)
+    assert experiment is not None and experiment.experiment_id == result.experiment_id
+    runs = client.search_runs([experiment.experiment_id], filter_string="tags.`batchlab.kind` = 'run'")
+    assert sorted(int(r.data.params["batch_size"]) for r in runs) == [16, 64, 256]
+    for run in runs:
+        params = run.data.params
+        assert (
+            params["rule"] == "sqrt" and params["workload"] == "mlp-digits" and params["precision"] == "fp32"
+        )
+        assert params["accumulation"] == "1" and float(params["lr"]) == pytest.approx(
+            1e-3 * math.sqrt(int(params["batch_size"]) / 16)
+        )
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == result.parent_run_id
+        history = client.get_metric_history(run.info.run_id, "train_loss")
+        assert [m.step for m in history] == list(range(1, 31))
+        val = client.get_metric_history(run.info.run_id, "val_loss")
+        assert val[0].step == 0 and val[-1].step == 30
+        assert run.data.metrics["throughput_samples_per_s"] > 0 and run.data.metrics["peak_memory_bytes"] > 0
+    parent = client.get_run(result.parent_run_id)
+    assert parent.data.tags["batchlab.kind"] == "sweep" and parent.info.status == "FINISHED"
+
+
+def test_sweep_resumes_without_redoing_and_recovers_from_mlflow(tracked):
+    from mlflow import MlflowClient
+
+    result, _, uri, root = tracked
+    client = MlflowClient(tracking_uri=uri)
+    lost = result.directory / "runs" / f"{result.runs[1].key}.json"
+    lost.unlink()  # as if killed after logging to MLflow, before writing the JSON
+    stray = client.create_run(
+        result.experiment_id, tags={"batchlab.kind": "run", "batchlab.run_key": "b16-lr1x-s0"}
+    )
+    events = []
+    again = sweep(
+        load_task("mlp-digits"),
+        [16, 64, 256],
+        lr=1e-3,
+        budget=30,
+        target=1.5,
+        directory=root,
+        tracking_uri=uri,
+        report=False,
+        on_event=events.append,
+    )
+    assert [e.kind for e in events] == ["skip"] * 3  # nothing trained again
+    assert lost.exists() and [r.mlflow_run_id for r in again.runs] == [r.mlflow_run_id for r in result.runs]
+    assert client.get_run(stray.info.run_id).info.lifecycle_stage == "deleted"  # the duplicate is gone
+    active = client.search_runs([result.experiment_id], filter_string="tags.`batchlab.kind` = 'run'")
+    assert sorted(r.data.tags["batchlab.run_key"] for r in active) == sorted(r.key for r in result.runs)
+
+
+def test_sweep_refuses_a_different_sweep_under_the_same_name(tracked):
+    result, _, uri, root = tracked
+    with pytest.raises(ValueError, match="holds a different sweep"):
+        sweep(
+            load_task("mlp-digits"),
+            [16, 64],
+            lr=1e-3,
+            budget=30,
+            name=result.name,
+            directory=root,
+            tracking_uri=uri,
+        )
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"lr": 0}, "lr must be"),
+        ({"rule": "adascale"}, "rule must be one of"),
+        ({"batch_sizes": [16, 16]}, "duplicates"),
+        ({"batch_sizes": "many"}, "batch_sizes"),
+        ({"backend": "spark"}, "backend"),
+        ({"lr_multipliers": (1, -2)}, "lr_multipliers"),
+        ({"budget": "forever"}, "invalid budget"),
+    ],
+)
+def test_sweep_validates_before_training(tmp_path, kwargs, match):
+    args = {"batch_sizes": [16], "lr": 1e-3, "budget": 5, "directory": tmp_path, "tracking_uri": False}
+    args.update(kwargs)
+    batch_sizes = args.pop("batch_sizes")
+    with pytest.raises(ValueError, match=match):
+        sweep(load_task("mlp-digits"), batch_sizes, **args)
+    assert not (tmp_path / "sweeps").exists()
+
+
+def test_sweep_run_round_trips_through_json():
+    curve = Curve()
+    curve.add(1, 8, 0.1, loss=1.0)
+    curve.add(2, 16, 0.2, loss=0.5, accuracy=0.7)
+    assert curve.values == {"loss": [1.0, 0.5], "accuracy": [None, 0.7]}
+    run = execute_run(
+        lambda b, lr, s: ScriptedRun(4, [1.0], [2.0, 0.4]), RunSpec("k", 4, 0.1, 1.0, 0), _config()
+    )
+    assert SweepRun.from_dict(json.loads(json.dumps(run.to_dict()))) == run
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_sweep_json_and_table(tmp_path, capsys):
+    from batchlab.cli import main
+
+    args = ["sweep", "--workload", "teacher-student", "--batch-sizes", "16,32,64", "--lr", "1e-3"]
+    args += [
+        "--budget-steps",
+        "12",
+        "--target-loss",
+        "2.3",
+        "--no-tracking",
+        "--no-report",
+        "--dir",
+        str(tmp_path),
+    ]
+    assert main([*args, "--json", "--threads", "1"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [row["batch_size"] for row in data["by_batch_size"]] == [16, 32, 64]
+    assert data["config"]["budget"] == {"steps": 12, "samples": None, "seconds": None}
+    assert all("train" not in run for run in data["runs"])  # the JSON summary leaves the curves out
+
+    assert main(args) == 0  # the same sweep again: resumed, nothing retrained, the table printed
+    out = capsys.readouterr().out
+    assert "best LR per batch size" in out and "sweep directory:" in out
+
+
+def test_cli_sweep_needs_a_budget(tmp_path, capsys):
+    from batchlab.cli import main
+
+    code = main(
+        ["sweep", "--workload", "mlp-digits", "--batch-sizes", "16", "--lr", "1e-3", "--dir", str(tmp_path)]
+    )
+    assert code == 1 and "give a budget per run" in capsys.readouterr().err

@@ -6,11 +6,12 @@
 # install at.
 
 PYTHON ?= python3
-VENV ?= $(HOME)/.cache/batchlab/venv
+VENV ?= $(HOME)/.cache/batchlab/venv-full
 BIN := $(VENV)/bin
-# torch 2.13.0 is the CPU build that lies on this kind of machine's disk; an unpinned torch would pull a
-# multi-GB CUDA build. On a GPU machine, install the CUDA build you want first and set TORCH_SPEC= to keep it.
-TORCH_SPEC ?= torch==2.13.0
+# torchvision (for Ultralytics) works on this kind of machine only as torch 2.14.1 + torchvision 0.29.1, which lie
+# on its disk (a CUDA build, ~5.5 GB, runs on the CPU); an unpinned torch would download another multi-GB build.
+# On a GPU machine, install the torch you want first and set TORCH_SPEC= to keep it.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-10)-$(shell echo $(CURDIR) | sha1sum | cut -c1-10)
 
 .PHONY: install demo test lint format clean-venv
@@ -19,7 +20,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/pip install -q "$(TORCH_SPEC)"; fi
+	@if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/pip install -q $(TORCH_SPEC); fi
 	$(BIN)/pip install -q -e '.[dev]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@

@@ -4,12 +4,21 @@ The one-line call is :func:`find_batch_size`; under it sit :class:`Workload` (on
 the devices (:mod:`batchlab.devices`) and the pure search logic (:mod:`batchlab.search`), each usable alone.
 """
 
-from batchlab.devices import CPUDevice, CUDADevice, Device, Measurement, SimulatedDevice
+from batchlab.advise import Candidate, Recommendation, advise
+from batchlab.checkpointing import activation_checkpointing
+from batchlab.devices import CPUDevice, CUDADevice, Device, FakeDevice, Measurement, SimulatedDevice
+from batchlab.devices.fake import FakeTensorError
 from batchlab.errors import BatchlabError, DoesNotFitError, WorkloadError
+from batchlab.guard import GuardEvent, OOMGuard
+from batchlab.noise_workload import measure_noise_scale
 from batchlab.oom import is_out_of_memory
+from batchlab.plan import PlanResult, estimate_memory_line, plan
+from batchlab.profile import Profile, ProfilePoint, VariantSummary, profile
+from batchlab.report import write_report
 from batchlab.search import FitResult, Probe, find_batch_size
 from batchlab.spec import DEFAULT_FRACTION, BatchSpec, parse_batch
 from batchlab.state import StateSnapshot
+from batchlab.sweep import Budget, SweepResult, SweepRun, sweep
 from batchlab.units import format_bytes, parse_bytes
 from batchlab.workload import StepFunction, Workload
 
@@ -18,22 +27,43 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchSpec",
     "BatchlabError",
+    "Budget",
     "CPUDevice",
     "CUDADevice",
+    "Candidate",
     "DEFAULT_FRACTION",
     "Device",
     "DoesNotFitError",
+    "FakeDevice",
+    "FakeTensorError",
     "FitResult",
+    "GuardEvent",
     "Measurement",
+    "OOMGuard",
+    "PlanResult",
     "Probe",
+    "Profile",
+    "ProfilePoint",
+    "Recommendation",
     "SimulatedDevice",
     "StateSnapshot",
     "StepFunction",
+    "SweepResult",
+    "SweepRun",
+    "VariantSummary",
     "Workload",
     "WorkloadError",
+    "activation_checkpointing",
+    "advise",
+    "estimate_memory_line",
     "find_batch_size",
     "format_bytes",
     "is_out_of_memory",
+    "measure_noise_scale",
     "parse_batch",
     "parse_bytes",
+    "plan",
+    "profile",
+    "sweep",
+    "write_report",
 ]

@@ -10,10 +10,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from batchlab.cli import fit
+from batchlab.cli import advise, fit, noise, plan, profile, report, sweep
 from batchlab.cli.common import fail
 
-COMMANDS = (fit,)
+COMMANDS = (fit, profile, noise, advise, plan, sweep, report)
 
 
 def build_parser() -> argparse.ArgumentParser:

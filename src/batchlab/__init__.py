@@ -7,8 +7,7 @@ the devices (:mod:`batchlab.devices`) and the pure search logic (:mod:`batchlab.
 from batchlab.advise import Candidate, Recommendation, advise
 from batchlab.checkpointing import activation_checkpointing
 from batchlab.devices import CPUDevice, CUDADevice, Device, FakeDevice, Measurement, SimulatedDevice
-from batchlab.devices.fake import FakeTensorError
-from batchlab.errors import BatchlabError, DoesNotFitError, WorkloadError
+from batchlab.errors import BatchlabError, DoesNotFitError, FakeTensorError, WorkloadError
 from batchlab.guard import GuardEvent, OOMGuard
 from batchlab.noise_workload import measure_noise_scale
 from batchlab.oom import is_out_of_memory

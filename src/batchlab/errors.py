@@ -3,6 +3,7 @@
     BatchlabError                 base class; catch this to handle anything batchlab decided
     ├── DoesNotFitError           even the smallest batch does not fit the memory budget
     └── WorkloadError             a workload spec or object that cannot be used (bad name, bad callable)
+        └── FakeTensorError       the workload cannot run on fake tensors (``batchlab plan``); names the op
 
 Bad arguments (a batch of 0, a size of "4 potatoes") raise the built-in ``ValueError`` or ``TypeError`` with
 a message that names the value and the accepted forms. Errors raised by the user's own model are never
@@ -32,3 +33,15 @@ class DoesNotFitError(BatchlabError):
 
 class WorkloadError(BatchlabError):
     """A workload spec or object that batchlab cannot use."""
+
+
+class FakeTensorError(WorkloadError):
+    """The workload cannot run on fake tensors; ``op`` names the operator that needs real data or a kernel.
+
+    Measure on the device instead (``find_batch_size`` / ``batchlab fit``): it needs no fake tensors.
+    """
+
+    def __init__(self, message: str, *, op: str, workload: str):
+        super().__init__(message)
+        self.op = op
+        self.workload = workload

@@ -48,7 +48,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode  # the documented home of TorchDispatchMode
 
 from batchlab.devices.base import Device, Measurement
-from batchlab.errors import WorkloadError
+from batchlab.errors import FakeTensorError, WorkloadError
 from batchlab.targets import CUBLAS_WORKSPACE_BYTES_SM90, Target, resolve_target
 from batchlab.workload import Workload
 
@@ -73,18 +73,6 @@ _CATEGORIES = {
     "Optstate": "optimizer_state",
     "Other": "other",
 }
-
-
-class FakeTensorError(WorkloadError):
-    """The workload cannot run on fake tensors; ``op`` names the operator that needs real data or a kernel.
-
-    Measure on the device instead (``find_batch_size`` / ``batchlab fit``): it needs no fake tensors.
-    """
-
-    def __init__(self, message: str, *, op: str, workload: str):
-        super().__init__(message)
-        self.op = op
-        self.workload = workload
 
 
 _internals: dict[str, Any] = {}

@@ -641,18 +641,7 @@ def _variant_workload(
     if isinstance(work, StepFunction):
         yield work, None
         return
-    variant = work
-    if amp != work.amp:
-        variant = Workload(
-            work.model,
-            work.make_batch,
-            work.loss_fn,
-            work.optimizer,
-            amp=amp,
-            grad_accum=work.grad_accum,
-            dataset_size=work.dataset_size,
-            name=work.name,
-        )
+    variant = work.with_amp(amp)
     if not checkpointing:
         yield variant, None
         return

@@ -404,16 +404,7 @@ def find_batch_size(
             raise ValueError("amp= needs a Workload; a plain step callable must apply autocast itself")
         if work.amp not in (None, amp):
             raise ValueError(f"amp={amp!r} conflicts with the workload's amp={work.amp!r}")
-        work = Workload(
-            work.model,
-            work.make_batch,
-            work.loss_fn,
-            work.optimizer,
-            amp=amp,
-            grad_accum=work.grad_accum,
-            dataset_size=work.dataset_size,
-            name=work.name,
-        )
+        work = work.with_amp(amp)
     dataset_size = dataset_size or work.dataset_size
     caps = {
         name: value

@@ -108,6 +108,13 @@ class Workload:
         self.name = name or type(model).__name__
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp == "fp16" else None
 
+    def with_amp(self, amp: str | None) -> Workload:
+        """The same step under another precision, sharing this workload's model, optimizer and data."""
+        if parse_amp(amp) == self.amp:
+            return self
+        return Workload(self.model, self.make_batch, self.loss_fn, self.optimizer, amp=amp,
+                        grad_accum=self.grad_accum, dataset_size=self.dataset_size, name=self.name)  # fmt: skip
+
     @property
     def device(self) -> torch.device:
         """The device of the model's first parameter (or buffer); CPU for a model with neither."""

@@ -47,12 +47,20 @@ def load_workload(spec: str, *, device: str = "cpu") -> Any:
         raise WorkloadError(
             f"unknown workload {spec!r}: expected one of {', '.join(BUILTIN)}, path.py:function or module:function"
         )
+    return load_callable(spec, kind="workload")()
+
+
+def load_callable(spec: str, *, kind: str) -> Callable[..., Any]:
+    """Import the callable a ``path/to/file.py:function`` or ``package.module:function`` spec names.
+
+    ``kind`` ("workload", "task") only words the errors, which name the spec and say what is missing.
+    """
     target, _, attribute = spec.rpartition(":")
     if target.endswith(".py"):
         path = Path(target)
         if not path.is_file():
-            raise WorkloadError(f"workload file {target!r} does not exist")
-        module_spec = importlib.util.spec_from_file_location(f"batchlab_user_workload_{path.stem}", path)
+            raise WorkloadError(f"{kind} file {target!r} does not exist")
+        module_spec = importlib.util.spec_from_file_location(f"batchlab_user_{kind}_{path.stem}", path)
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[module_spec.name] = module
         module_spec.loader.exec_module(module)
@@ -60,8 +68,8 @@ def load_workload(spec: str, *, device: str = "cpu") -> Any:
         try:
             module = importlib.import_module(target)
         except ImportError as exc:
-            raise WorkloadError(f"cannot import workload module {target!r}: {exc}") from None
-    factory = getattr(module, attribute, None)
-    if factory is None or not callable(factory):
+            raise WorkloadError(f"cannot import {kind} module {target!r}: {exc}") from None
+    function = getattr(module, attribute, None)
+    if function is None or not callable(function):
         raise WorkloadError(f"{target!r} has no callable {attribute!r}")
-    return factory()
+    return function

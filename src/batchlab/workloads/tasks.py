@@ -19,12 +19,8 @@ called with no arguments that returns a factory ``(batch_size, lr, seed) -> Trai
 from __future__ import annotations
 
 import functools
-import importlib
-import importlib.util
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,6 +28,7 @@ from torch import nn
 
 from batchlab.errors import WorkloadError
 from batchlab.trainable import NOISE_EVERY, SupervisedRun
+from batchlab.workloads import load_callable
 
 __all__ = ["Task", "TASKS", "load_task", "describe_tasks"]
 
@@ -176,23 +173,7 @@ def load_task(spec: str, *, device: str = "cpu", **options: Any) -> Callable[...
             f"unknown task {spec!r}: expected one of {', '.join(TASKS)}, path.py:function or module:function "
             "(a function returning a factory (batch_size, lr, seed) -> trainable)"
         )
-    target, _, attribute = spec.rpartition(":")
-    if target.endswith(".py"):
-        path = Path(target)
-        if not path.is_file():
-            raise WorkloadError(f"task file {target!r} does not exist")
-        module_spec = importlib.util.spec_from_file_location(f"batchlab_user_task_{path.stem}", path)
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[module_spec.name] = module
-        module_spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as exc:
-            raise WorkloadError(f"cannot import task module {target!r}: {exc}") from None
-    function = getattr(module, attribute, None)
-    if function is None or not callable(function):
-        raise WorkloadError(f"{target!r} has no callable {attribute!r}")
+    function = load_callable(spec, kind="task")
     factory = function()
     if not callable(factory):
         raise WorkloadError(

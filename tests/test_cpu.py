@@ -185,3 +185,52 @@ def test_batchnorm_model_where_batch_two_does_not_fit_is_does_not_fit_not_a_batc
     ) as info:
         find_batch_size(workload, device="cpu", memory_budget=CPUDevice().in_use_bytes() // 2)
     assert isinstance(info.value.__cause__, ValueError)
+
+
+class _FailInBackward(torch.autograd.Function):
+    """Identity forward; its backward raises an out-of-memory error, as a branch running out would."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 1
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise torch.OutOfMemoryError("DefaultCPUAllocator: can't allocate memory: injected in backward")
+
+
+def test_an_oom_inside_backward_does_not_leave_the_failed_graph_in_memory():
+    # pytorch#82218: a backward that raised keeps its saved tensors until the next backward runs.
+    weight = torch.nn.Parameter(torch.randn(512, 512))
+
+    def step(batch_size, fail):
+        h = torch.randn(batch_size, 512) @ weight
+        for _ in range(8):
+            h = torch.tanh(h @ weight)
+        main = torch.tanh(h @ weight)
+        short = _FailInBackward.apply(h) if fail else h * 1  # the failing branch runs after the main one
+        (main + short).sum().backward()
+        weight.grad = None
+
+    device = CPUDevice()
+    device.run(lambda b: step(b, False), 4096, 1)  # warm-up
+    start = device.in_use_bytes()
+    failed = device.run(lambda b: step(b, True), 4096, 1)
+    assert not failed.ok and "injected in backward" in failed.error
+    assert device.in_use_bytes() - start < 24 * MiB  # ~80 MiB of saved activations stay without the flush
+
+
+def test_cpu_readings_are_net_of_the_searchs_own_state_copy():
+    class Recording(CPUDevice):
+        def run(self, step, batch_size, steps=2):
+            measurement = super().run(step, batch_size, steps)
+            raw.append(measurement)
+            return measurement
+
+    raw = []
+    workload = load_workload("gpt")  # parameters only, no gradients or optimizer state yet: the copy is exact
+    copy_bytes = sum({id(p): p.numel() * p.element_size() for p in workload.model.parameters()}.values())
+    result = find_batch_size(workload, device=Recording(), batch=4)
+    assert [p.peak_bytes for p in result.probes] == [m.peak_bytes - copy_bytes for m in raw]
+    assert [p.baseline_bytes for p in result.probes] == [m.baseline_bytes - copy_bytes for m in raw]
+    assert any("net of batchlab's own state copy" in note for note in result.notes)

@@ -231,3 +231,11 @@ def test_batch_two_is_tried_first_and_one_only_when_two_does_not_fit():
     device = SimulatedDevice(lambda b: GiB * b, 16 * GiB)  # only batch 1 fits 2 GiB x 0.9
     result = find_batch_size(noop, device=device, memory_budget="2GiB")
     assert (result.batch_size, device.runs) == (1, [2, 1])
+
+
+def test_one_step_past_a_prediction_that_rounds_onto_the_largest_fit():
+    # Small maxima: the line says 5 is the most that fits, but one more sample is 20%; 6 is tried.
+    probes = [Probe(b, "fits", 500 + 10 * b, 0, None, 0.0, 2) for b in (2, 4, 5)]
+    decision = next_candidate(probes, 559)
+    assert (decision.batch_size, decision.reason) == (6, "one step past the prediction")
+    assert next_candidate([*probes, Probe(6, "over budget", 560, 0, None, 0.0, 2)], 559).batch_size is None

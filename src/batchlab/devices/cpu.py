@@ -29,7 +29,7 @@ from pathlib import Path
 
 import psutil
 
-from batchlab.devices.base import Device
+from batchlab.devices.base import Device, flush_failed_backward
 
 _M_MMAP_THRESHOLD = -3  # glibc malloc.h
 _MMAP_THRESHOLD_BYTES = 64 * 1024  # 64 KiB: every tensor larger than this is mmapped and unmapped on free
@@ -145,6 +145,7 @@ class CPUDevice(Device):
         return self.capacity_bytes()
 
     def release(self) -> None:
+        flush_failed_backward("cpu")
         gc.collect()
 
     def _begin(self) -> int:

@@ -13,7 +13,7 @@ import gc
 
 import torch
 
-from batchlab.devices.base import Device
+from batchlab.devices.base import Device, flush_failed_backward
 
 
 class CUDADevice(Device):
@@ -44,6 +44,7 @@ class CUDADevice(Device):
         torch.cuda.synchronize(self.device)
 
     def release(self) -> None:
+        flush_failed_backward(self.device)
         gc.collect()
         torch.cuda.empty_cache()
 

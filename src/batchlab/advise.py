@@ -32,7 +32,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from batchlab.scaling import RULES, BatchPlan, LRScaling, Schedule, plan_batch, scale_lr, schedule
+from batchlab.scaling import RULES, BatchPlan, LRScaling, Schedule, _check_int, plan_batch, scale_lr, schedule
 
 __all__ = [
     "Candidate",
@@ -68,12 +68,6 @@ _TIE = 1e-9  # relative goodput difference treated as a tie (the smaller batch w
 
 
 # ---------------------------------------------------------------------------------------------- validation
-
-
-def _check_int(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def _check_positive(name: str, value: object) -> float:

@@ -13,19 +13,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import torch
-
+# The one release path after an out-of-memory error lives in batchlab.devices.release; the name stays importable
+# from here, where it was first defined.
+from batchlab.devices.release import flush_failed_backward as flush_failed_backward
 from batchlab.oom import out_of_memory_kind
-
-
-def flush_failed_backward(device: str | torch.device = "cpu") -> None:
-    """Make autograd drop what a backward that raised still holds.
-
-    After an exception inside ``backward()`` (an out-of-memory in a branch), the failed graph's saved tensors
-    stay alive until the next backward runs -- ``gc`` does not free them (pytorch/pytorch#82218; measured here:
-    350 MiB held on the CPU). One tiny backward releases them.
-    """
-    torch.ones(1, device=device, requires_grad=True).sum().backward()
 
 
 @dataclass(frozen=True)
@@ -73,7 +64,8 @@ class Device(ABC):
         """Memory in use by this process on the device right now."""
 
     def release(self) -> None:  # noqa: B027 - an optional hook; most devices have nothing to free
-        """Return cached memory after a failed step (called outside the ``except`` block, see :meth:`run`)."""
+        """Free what a failed step left behind (called outside the ``except`` block, see :meth:`run`); real
+        devices use :func:`batchlab.devices.release.release_after_oom`, the path every caller shares."""
 
     def synchronize(self) -> None:  # noqa: B027 - an optional hook; CPU work is synchronous
         """Wait for queued work to finish, so a clock read after it is honest (no-op on the CPU)."""

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import gc
 import os
 import sys
 import threading
@@ -29,7 +28,8 @@ from pathlib import Path
 
 import psutil
 
-from batchlab.devices.base import Device, flush_failed_backward
+from batchlab.devices.base import Device
+from batchlab.devices.release import release_after_oom
 
 _M_MMAP_THRESHOLD = -3  # glibc malloc.h
 _MMAP_THRESHOLD_BYTES = 64 * 1024  # 64 KiB: every tensor larger than this is mmapped and unmapped on free
@@ -145,8 +145,7 @@ class CPUDevice(Device):
         return self.capacity_bytes()
 
     def release(self) -> None:
-        flush_failed_backward("cpu")
-        gc.collect()
+        release_after_oom("cpu")
 
     def _begin(self) -> int:
         if self._exact_peak:

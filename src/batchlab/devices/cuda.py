@@ -9,11 +9,10 @@ context and NCCL buffers sit outside torch's counters and outside the capacity a
 
 from __future__ import annotations
 
-import gc
-
 import torch
 
-from batchlab.devices.base import Device, flush_failed_backward
+from batchlab.devices.base import Device
+from batchlab.devices.release import release_after_oom
 
 
 class CUDADevice(Device):
@@ -44,9 +43,7 @@ class CUDADevice(Device):
         torch.cuda.synchronize(self.device)
 
     def release(self) -> None:
-        flush_failed_backward(self.device)
-        gc.collect()
-        torch.cuda.empty_cache()
+        release_after_oom(self.device)
 
     def _begin(self) -> int:
         # Return cached blocks first: reserved memory left over from an earlier, larger probe would otherwise

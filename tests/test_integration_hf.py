@@ -15,6 +15,7 @@ from torch.nn import functional as F
 import batchlab.integrations.hf as hf
 from batchlab import SimulatedDevice, find_batch_size
 from batchlab.integrations.hf import find_executable_batch_size, fit_trainer, fit_training_args
+from test_release import BranchNet
 
 MIB = 2**20
 SEQ = 16
@@ -197,3 +198,23 @@ def test_decorator_misuse_names_the_corrected_call():
         train(8, model, optimizer)
     with pytest.raises(ValueError, match="starting_batch_size"):
         find_executable_batch_size(lambda b: b, starting_batch_size=0)
+
+
+def test_decorator_frees_a_failed_backwards_graph_before_the_retry():
+    """pytorch#82218: an OOM inside backward leaves the failed graph's saved tensors alive; the retry must start
+    without them."""
+    model = BranchNet(fails=lambda batch_size: batch_size > 40)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    alive_at_call = []
+
+    @find_executable_batch_size(starting_batch_size=128)
+    def train(batch_size, model, optimizer):
+        alive_at_call.append(model.alive())
+        x, y = torch.randn(batch_size, 8), torch.randint(0, 3, (batch_size,))
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        return batch_size
+
+    assert train(model, optimizer) == 32
+    assert train.batch_sizes_tried == [128, 64, 32]
+    assert alive_at_call == [0, 0, 0]

@@ -41,7 +41,6 @@ is restored and the size halves -- accelerate retries at x0.9 from wherever trai
 from __future__ import annotations
 
 import functools
-import gc
 import inspect
 import logging
 from collections.abc import Callable, Sequence
@@ -51,6 +50,7 @@ from typing import Any
 import torch
 
 from batchlab.devices import Device
+from batchlab.devices.release import devices_of, release_after_oom
 from batchlab.integrations.ddp import agree_on_batch_size, all_gather_ints
 from batchlab.oom import is_out_of_memory
 from batchlab.scaling import BatchPlan, plan_batch
@@ -298,12 +298,6 @@ def _stateful(values: Sequence[Any]) -> tuple[list[torch.nn.Module], list[torch.
     return modules, optimizers
 
 
-def _release() -> None:
-    gc.collect()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
-
-
 def find_executable_batch_size(
     function: Callable[..., Any] | None = None,
     starting_batch_size: int = 128,
@@ -388,9 +382,10 @@ def find_executable_batch_size(
                 failed = (
                     f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
                 )
-            # outside the except block: its traceback held the failed call's tensors
+            # Outside the except block (its traceback held the failed call's tensors): put the state back, then
+            # the one release path -- a failed backward's graph (pytorch#82218), cycles, the CUDA cache.
             snapshot.restore()
-            _release()
+            release_after_oom(*devices_of(*modules, *optimizers))
             smaller = reduce_batch_size_fn() if reduce_batch_size_fn is not None else size // 2
             log.warning(
                 "batchlab: batch %d ran out of memory (%s); retrying at %d from the same state",

@@ -65,21 +65,18 @@ def plain(rank: int, out_dir: str) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from batchlab.integrations.ddp import find_batch_size_distributed
-    from batchlab.state import StateSnapshot
 
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     model = make_model()
     workload = make_workload(model)
-    before = StateSnapshot.capture([model], [workload.optimizer])
+    before = {name: value.clone() for name, value in model.state_dict().items()}
     agreed = find_batch_size_distributed(workload, device=simulated(rank))
     planned = find_batch_size_distributed(workload, device=simulated(rank), target_global_batch=TARGET_GLOBAL)
     # A real CPU search on both ranks: every rank measures its own process and they agree all the same.
     real = find_batch_size_distributed(
         workload, device="cpu", memory_budget=f"{_rss_mib() + 400}MiB", max_batch_size=256
     )
-    unchanged = all(
-        torch.equal(a, b) for (a, _), (b, _) in zip(before._tensors, StateSnapshot.capture([model])._tensors)
-    )
+    unchanged = all(torch.equal(before[name], value) for name, value in model.state_dict().items())
     # Train one DDP step at the agreed plan: micro-batch x accumulation on each rank.
     ddp = DDP(model)
     optimizer = workload.optimizer

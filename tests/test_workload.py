@@ -140,7 +140,9 @@ def test_step_callable_escape_hatch_restores_what_it_is_told_to():
     assert result.fits and result.memory_breakdown["step"] >= 0
     assert torch.equal(model.weight, before) and len(optimizer.state) == 0
     assert isinstance(as_workload(train_step), StepFunction)
-    with pytest.raises(TypeError, match="preserve accepts nn.Module and Optimizer objects"):
+    with pytest.raises(
+        TypeError, match="preserve accepts nn.Module, Optimizer, GradScaler and LR scheduler objects, got str"
+    ):
         find_batch_size(train_step, device="cpu", batch=16, preserve=(model, "x"))
 
 

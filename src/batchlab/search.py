@@ -30,8 +30,11 @@ import torch
 
 from batchlab.devices import CPUDevice, Device, resolve_device
 from batchlab.devices.base import Measurement
+from batchlab.devices.cpu import host_room_bytes
 from batchlab.errors import DoesNotFitError
+from batchlab.skipped_steps import skip_note, steps_always_create_state
 from batchlab.spec import parse_amp, parse_batch
+from batchlab.state import copy_storage
 from batchlab.units import format_bytes, parse_bytes
 from batchlab.workload import StepFunction, Workload, as_workload
 
@@ -48,6 +51,12 @@ LINE_WINDOW = 8  # the memory line uses probes with b >= largest_fit / 8: small 
 # the measured line then extrapolates 4x (8x without an estimate) and a slope off even by 2x lands inside. On
 # the CPU, where a step's time grows with the batch, nearer the edge cost more time (benchmarks/RESULTS.md).
 ESTIMATE_JUMP = 0.25
+# Never run a step predicted above 95% of the hard limit (CPU RAM or the container's limit): the prediction is
+# a line through noisy readings, and the kernel's OOM kill -- unlike an exception -- ends the search.
+HARD_LIMIT_MARGIN = 0.05
+# A CPU state copy below 1% of the budget stays in RAM even where it crowds the hard limit: moving it to disk
+# would cost a file read per probe to win back less than the search's own 1% tolerance.
+NEGLIGIBLE_COPY = 0.01
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,11 @@ class Probe:
     allocated_bytes: int | None = None
     tensor_bytes: dict[str, int] | None = None
     error: str | None = None
+    skipped_optimizer_steps: int = 0  # steps a GradScaler skipped; run on zeroed gradients (skipped_steps.py)
+    skipped_at_scales: tuple[float, ...] = ()
+    optimizer_steps: int | None = (
+        None  # optimizer steps seen (None: no optimizer known, a bare step callable)
+    )
 
     @property
     def fits(self) -> bool:
@@ -97,7 +111,11 @@ class FitResult:
 
     ``batch_size`` is a size that ran ``VERIFY_STEPS`` full training steps within ``budget_bytes``
     (``fits``), or -- for a fixed batch that does not fit -- the size that was asked for, with ``fits=False``.
-    ``limited_by`` says what stopped the search from going larger.
+    ``limited_by`` says what stopped the search from going larger. ``state_copy_bytes`` is the size of the
+    copy of the user's state that the search restored after each probe (``state_copy_storage``: "memory" or
+    "disk"); ``skipped_optimizer_steps`` counts probe steps a GradScaler skipped, each run on zeroed
+    gradients so that the optimizer state was created and counted; ``device_settings`` records what shapes
+    the device's readings (CUDA: ``PYTORCH_CUDA_ALLOC_CONF``, ``cudnn.benchmark``; CPU: how the peak is read).
     """
 
     batch_size: int
@@ -117,6 +135,10 @@ class FitResult:
     search_seconds: float = 0.0
     workload: str = ""
     notes: list[str] = field(default_factory=list)
+    state_copy_bytes: int = 0
+    state_copy_storage: str = "memory"
+    skipped_optimizer_steps: int = 0
+    device_settings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def steps_run(self) -> int:
@@ -308,7 +330,8 @@ def _probe(
     """Run one probe; the verdict is the search's, not the device's.
 
     ``own_bytes`` is memory the search itself holds in the measured process (the CPU state copy): it is taken
-    off the reading, since the user's own run will not hold it.
+    off the reading, since the user's own run will not hold it. A step that the workload's GradScaler skips
+    still creates the optimizer state (:func:`~batchlab.skipped_steps.steps_always_create_state`).
     """
     tensor_bytes: dict[str, int] | None = None
 
@@ -317,7 +340,8 @@ def _probe(
         workload.step(b)
         tensor_bytes = workload.tensor_bytes()
 
-    measurement: Measurement = device.run(step_and_record, batch_size, VERIFY_STEPS)
+    with steps_always_create_state(workload.scalers, workload.optimizers) as skips:
+        measurement: Measurement = device.run(step_and_record, batch_size, VERIFY_STEPS)
     peak = (
         measurement.peak_bytes - own_bytes if measurement.ok and measurement.peak_bytes is not None else None
     )
@@ -338,6 +362,9 @@ def _probe(
         measurement.allocated_bytes,
         tensor_bytes if measurement.ok else None,
         measurement.error,
+        skips.skipped,
+        tuple(skips.scales),
+        skips.optimizer_steps if workload.optimizers else None,
     )
 
 
@@ -354,8 +381,14 @@ def _breakdown(probe: Probe, before: dict[str, int] | None) -> dict[str, int] | 
     if probe.peak_bytes is None or probe.baseline_bytes is None:
         return None
     step = probe.peak_bytes - probe.baseline_bytes
+    # CUDA: the caching allocator holds more than the live tensors (rounding, fragmentation, cached blocks).
+    overhead = (
+        {}
+        if probe.allocated_bytes is None
+        else {"allocator_overhead": probe.peak_bytes - probe.allocated_bytes}
+    )
     if probe.tensor_bytes is None or before is None:
-        return {"before_step": probe.baseline_bytes, "step": step}
+        return {"before_step": probe.baseline_bytes, "step": step, **overhead}
     created_grads = probe.tensor_bytes["gradients"] - before["gradients"]
     created_state = probe.tensor_bytes["optimizer_state"] - before["optimizer_state"]
     return {
@@ -364,7 +397,8 @@ def _breakdown(probe: Probe, before: dict[str, int] | None) -> dict[str, int] | 
         "buffers": probe.tensor_bytes["buffers"],
         "gradients_created": created_grads,
         "optimizer_state_created": created_state,
-        "activations_and_temporaries": step - created_grads - created_state,
+        "activations_and_temporaries": step - created_grads - created_state - sum(overhead.values()),
+        **overhead,
     }
 
 
@@ -381,6 +415,7 @@ def find_batch_size(
     preserve: Sequence[Any] = (),
     on_probe: Callable[[Probe], None] | None = None,
     estimate: MemoryLine | None = None,
+    state_copy: str = "auto",
 ) -> FitResult:
     """Find the largest batch size whose full training step fits in memory -- or check a fixed one.
 
@@ -400,10 +435,19 @@ def find_batch_size(
         estimate: a predicted memory line (``batchlab.estimate_memory_line``, ``PlanResult.memory_line``): after
             the first probe the search jumps toward its predicted size instead of climbing 8x at a time; only
             its slope is used (see :func:`next_candidate`). The answer is still a size that ran.
+        state_copy: where the copy of the user's state lives between probes: ``"memory"`` (host RAM),
+            ``"disk"`` (a temporary folder, ``BATCHLAB_STATE_DIR``), or ``"auto"``: RAM unless it would take
+            more than half the host's free memory -- or, on the CPU, push the probes past the hard limit --
+            then disk (:func:`batchlab.state.copy_storage`).
 
     Raises:
         DoesNotFitError: when even the smallest allowed size does not fit; it says what that size needs.
+        BatchlabError: when the state copy fits neither host RAM nor the disk (said before copying).
         ValueError / TypeError: for bad arguments, before anything runs.
+
+    Process-wide effects that cannot be avoided (CUDA): the device's peak statistics are reset and its cache is
+    emptied before each probe (``torch.cuda.reset_peak_memory_stats`` / ``empty_cache``), so peaks you read
+    yourself afterwards start from the search.
     """
     started = time.perf_counter()
     spec = parse_batch(batch)
@@ -439,13 +483,16 @@ def find_batch_size(
     capacity = budget_override or dev.capacity_bytes()
     fraction = spec.fraction
     budget = capacity if spec.is_fixed else int(capacity * fraction)
-    hard_limit = dev.hard_limit_bytes()
 
     probes: list[Probe] = []
-    snapshot = work.snapshot()
+    snapshot = _take_snapshot(work, dev, budget, state_copy)
     # On the CPU the whole process is measured, and it holds the state copy only while the search runs; the
     # user's run will not, so readings are taken net of it (a 14 MiB copy cost the gpt workload a sample of 22).
     own_bytes = snapshot.nbytes if isinstance(dev, CPUDevice) else 0
+    # The hard limit, by contrast, applies to what the process really holds -- the copy included -- so in the
+    # net terms of the readings it sits ``own_bytes`` lower (read now that the copy exists).
+    gross_limit = dev.hard_limit_bytes()
+    hard_limit = None if gross_limit is None else int(gross_limit * (1 - HARD_LIMIT_MARGIN)) - own_bytes
     before = work.tensor_bytes()
 
     def run(batch_size: int, predicted: int | None) -> Probe:
@@ -498,6 +545,7 @@ def find_batch_size(
             )
     finally:
         snapshot.restore()
+        snapshot.close()
 
     line = fit_memory_line(probes)
     notes = []
@@ -505,6 +553,21 @@ def find_batch_size(
         notes.append(
             "CPU peak counts the whole process, net of batchlab's own state copy "
             f"({format_bytes(snapshot.nbytes)}), which the search holds and your run will not"
+        )
+    if snapshot.storage == "disk":
+        notes.append(f"the state copy ({format_bytes(snapshot.disk_bytes)}) was kept on disk, not in RAM")
+    skipped = sum(p.skipped_optimizer_steps for p in probes)
+    if skipped:
+        notes.append(skip_note(skipped, [scale for p in probes for scale in p.skipped_at_scales]))
+    if any(p.optimizer_steps == 0 for p in probes if p.outcome in ("fits", "over budget")):
+        notes.append(
+            "an optimizer in preserve= never stepped during a probe, so its state may be missing from the "
+            "peak: if a GradScaler skipped the step (fp16 overflow), pass the scaler in preserve= too"
+        )
+    if limited_by == "hard limit" and own_bytes:
+        notes.append(
+            f"the hard limit ({format_bytes(gross_limit)}) stopped the search; it includes batchlab's state copy "
+            f"({format_bytes(own_bytes)}): state_copy='disk' frees that room"
         )
     return FitResult(
         batch_size=chosen,
@@ -524,7 +587,27 @@ def find_batch_size(
         search_seconds=time.perf_counter() - started,
         workload=work.name,
         notes=notes,
+        state_copy_bytes=snapshot.nbytes + snapshot.disk_bytes,
+        state_copy_storage=snapshot.storage,
+        skipped_optimizer_steps=skipped,
+        device_settings=dev.settings() if hasattr(dev, "settings") else {},
     )
+
+
+def _take_snapshot(work: Workload | StepFunction, dev: Device, budget: int, requested: str):
+    """Copy the user's state, in RAM or on disk (:func:`batchlab.state.copy_storage` decides; raises first)."""
+    copy_bytes = work.snapshot_bytes()
+    host_room = host_room_bytes()
+    # On the CPU the copy shares the hard limit with the probes: when it would take room the budget needs
+    # (and is not negligible next to it), keep it on disk.
+    gross_limit = dev.hard_limit_bytes() if isinstance(dev, CPUDevice) else None
+    crowded = (
+        gross_limit is not None
+        and copy_bytes > NEGLIGIBLE_COPY * budget
+        and budget + copy_bytes > gross_limit * (1 - HARD_LIMIT_MARGIN)
+    )
+    directory = copy_storage(copy_bytes, host_room, requested=requested, must_leave_ram=crowded)
+    return work.snapshot(directory)
 
 
 def _check_fixed(run, probes, size, budget, multiple_of, hard_limit) -> Probe:
@@ -540,14 +623,25 @@ def _check_fixed(run, probes, size, budget, multiple_of, hard_limit) -> Probe:
 
 
 def _run_batch_one(run, batch_two: Probe, budget: int, capacity: int) -> None:
-    """Try batch 1 after batch 2 did not fit; a model that cannot train on one sample (BatchNorm) means no
-    batch fits, said as such -- with the model's own error chained, not in place of the answer."""
+    """Try batch 1 after batch 2 did not fit.
+
+    An error that is not an out-of-memory (a model that cannot train on one sample: BatchNorm) propagates
+    unchanged, as every error of the user's model does (errors.py); a note on it says that batch 2 did not fit.
+    """
     try:
         run(1, None)
     except Exception as exc:
-        _raise_does_not_fit(
-            batch_two, budget, capacity, f"; batch 1 cannot run this model ({type(exc).__name__}: {exc})", exc
-        )
+        if hasattr(exc, "add_note"):  # Python >= 3.11
+            need = (
+                format_bytes(batch_two.peak_bytes)
+                if batch_two.peak_bytes is not None
+                else "an out-of-memory error"
+            )
+            exc.add_note(
+                f"batchlab: batch 2 did not fit ({need} against a {format_bytes(budget)} budget), and batch 1 "
+                "raised this error"
+            )
+        raise
 
 
 def _raise_does_not_fit(

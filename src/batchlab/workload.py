@@ -19,7 +19,7 @@ import torch
 
 from batchlab.errors import WorkloadError
 from batchlab.spec import parse_amp
-from batchlab.state import StateSnapshot
+from batchlab.state import StateSnapshot, is_grad_scaler, is_lr_scheduler
 
 Batch = Any  # (inputs, targets) or a dict of model keyword arguments
 
@@ -184,9 +184,24 @@ class Workload:
             f"make_batch returned {type(batch).__name__}; expected (inputs, targets) or a dict of model kwargs"
         )
 
-    def snapshot(self) -> StateSnapshot:
-        """Capture model, optimizer, GradScaler and RNG state, to be restored after every probe."""
-        return StateSnapshot.capture([self.model], [self.optimizer], [self.scaler] if self.scaler else [])
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.optimizer]
+
+    @property
+    def scalers(self) -> list[torch.amp.GradScaler]:
+        return [self.scaler] if self.scaler else []
+
+    def snapshot_bytes(self) -> int:
+        """Bytes :meth:`snapshot` would copy (trainable parameters, buffers, gradients, optimizer state)."""
+        return StateSnapshot.copy_bytes([self.model], [self.optimizer])
+
+    def snapshot(self, directory: str | None = None) -> StateSnapshot:
+        """Capture model, optimizer, GradScaler and RNG state, to be restored after every probe.
+
+        ``directory``: keep the copy in files there instead of RAM (see :func:`batchlab.state.copy_storage`).
+        """
+        return StateSnapshot.capture([self.model], [self.optimizer], self.scalers, directory=directory)
 
     def tensor_bytes(self) -> dict[str, int]:
         """Bytes held right now by the model's parameters, buffers, gradients and the optimizer's state."""
@@ -211,8 +226,10 @@ class Workload:
 class StepFunction:
     """Adapter that lets any callable ``step(batch_size)`` be searched like a :class:`Workload`.
 
-    batchlab cannot see inside a plain callable, so it restores only what ``preserve`` names (modules and
-    optimizers, plus the global RNGs always); memory is reported as a whole, not split by kind.
+    batchlab cannot see inside a plain callable, so it restores only what ``preserve`` names -- modules,
+    optimizers, GradScalers and LR schedulers -- plus the global RNGs always; memory is reported as a whole,
+    not split by kind. Pass the step's GradScaler: a probe step it skips (fp16 overflow) then still creates
+    the optimizer state (:mod:`batchlab.skipped_steps`), and its scale is restored.
     """
 
     amp = None
@@ -231,17 +248,33 @@ class StepFunction:
         self._step = step
         self._modules = [obj for obj in preserve if isinstance(obj, torch.nn.Module)]
         self._optimizers = [obj for obj in preserve if isinstance(obj, torch.optim.Optimizer)]
-        unknown = [obj for obj in preserve if obj not in self._modules and obj not in self._optimizers]
+        self._extra = [obj for obj in preserve if is_grad_scaler(obj) or is_lr_scheduler(obj)]
+        known = self._modules + self._optimizers + self._extra
+        unknown = [obj for obj in preserve if not any(obj is k for k in known)]
         if unknown:
-            raise TypeError(f"preserve accepts nn.Module and Optimizer objects, got {unknown!r}")
+            raise TypeError(
+                "preserve accepts nn.Module, Optimizer, GradScaler and LR scheduler objects, got "
+                f"{', '.join(type(obj).__name__ for obj in unknown)}"
+            )
         self.dataset_size = dataset_size
         self.name = name or getattr(step, "__name__", type(step).__name__)
 
     def step(self, batch_size: int) -> Any:
         return self._step(batch_size)
 
-    def snapshot(self) -> StateSnapshot:
-        return StateSnapshot.capture(self._modules, self._optimizers)
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return list(self._optimizers)
+
+    @property
+    def scalers(self) -> list[torch.amp.GradScaler]:
+        return [obj for obj in self._extra if is_grad_scaler(obj)]
+
+    def snapshot_bytes(self) -> int:
+        return StateSnapshot.copy_bytes(self._modules, self._optimizers)
+
+    def snapshot(self, directory: str | None = None) -> StateSnapshot:
+        return StateSnapshot.capture(self._modules, self._optimizers, self._extra, directory=directory)
 
     def tensor_bytes(self) -> dict[str, int] | None:
         return None

@@ -238,7 +238,9 @@ class BatchlabFinder(Callback):
         original = lightning_getattr(pl_module, self.batch_arg_name)
         world = int(getattr(trainer, "world_size", 1) or 1)
         runner = _LightningStep(trainer, pl_module, self.batch_arg_name) if self.step is None else None
-        preserve = (pl_module, *runner.optimizers) if runner is not None else self.preserve
+        # The step's own GradScaler too: a step it skips (fp16 overflow) must still create the optimizer state.
+        scalers = (runner.scaler,) if runner is not None and runner.scaler is not None else ()
+        preserve = (pl_module, *runner.optimizers, *scalers) if runner is not None else self.preserve
         results: list[FitResult] = []
 
         def search() -> int:

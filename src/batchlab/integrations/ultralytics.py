@@ -370,8 +370,8 @@ class _BatchlabTrainerMixin:
             ema=ema,
             val_factor=self._batchlab_val_factor(),
         )
-        result = self._batchlab_search(
-            step, (model, optimizer), self.batchlab_requested, dataset_size or None
+        result = self._batchlab_search(  # the scaler too: a step it skips must still create Adam's state
+            step, (model, optimizer, scaler), self.batchlab_requested, dataset_size or None
         )
         del step, ema, optimizer, scaler, dataset
         self.batchlab_result = result
@@ -457,14 +457,13 @@ def _check_fixed_batch(trainer: Any) -> None:
         ema=trainer.ema,
         val_factor=trainer._batchlab_val_factor(),
     )
-    scaler_state = trainer.scaler.state_dict()
     ema_updates = trainer.ema.updates if trainer.ema is not None else None
-    preserve = (model, trainer.optimizer) + ((trainer.ema.ema,) if trainer.ema is not None else ())
+    preserve = (model, trainer.optimizer, trainer.scaler) + (
+        (trainer.ema.ema,) if trainer.ema is not None else ()
+    )
     try:
         result = trainer._batchlab_search(step, preserve, per_device, None)
     finally:
-        if scaler_state:  # an enabled GradScaler; a disabled one has no state to restore
-            trainer.scaler.load_state_dict(scaler_state)
         if trainer.ema is not None:
             trainer.ema.updates = ema_updates
     trainer.batchlab_result = result

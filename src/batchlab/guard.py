@@ -13,34 +13,70 @@ on GPU (``device_train_microbatch_size="auto"``); the guard is a plain object, u
     for inputs, targets in loader:                               # batches of 256
         loss = guard.step((inputs, targets), lambda b: F.cross_entropy(model(b[0]), b[1]))
         scheduler.step()
+    logits = guard.evaluate(val_inputs, model)                   # split on OOM; training micro-batch kept
 
 ``loss_fn(micro_batch)`` returns the micro-batch's loss, *mean*-reduced by default: the guard weights it by the
 micro-batch's share of the batch, so the accumulated gradient is the gradient of the whole batch's mean loss
 (``reduction="sum"`` adds sum-reduced losses unweighted). Batches are tensors, tuples/lists or dicts of tensors
 split along dimension 0; anything else in them is passed to every micro-batch unchanged.
 
+Every recovery frees memory the same way, after leaving the ``except`` block:
+:func:`batchlab.devices.release.release_after_oom` on the optimizer's devices (a failed backward's graph --
+pytorch#82218 --, reference cycles, the CUDA cache), the path the search and the Accelerate drop-in use too.
+
+**The optimizer step.** An out-of-memory error inside ``optimizer.step()`` -- Adam creates its two moments (2x
+the parameters) in its first step, foreach implementations allocate parameter-sized temporaries in every step
+-- is retried once, after the release, only when the guard can prove the step applied nothing:
+
+- *Why not always:* a partly applied update cannot be undone without a copy of the parameters and the optimizer
+  state -- the memory that just ran out -- and torch.optim does apply partially: foreach Adam/AdamW bump the
+  step counters, decay the parameters (AdamW) and update both moments in place before allocating the square
+  root that may run out; the single-tensor loop updates one parameter after another; a fused kernel updates a
+  whole group.
+- *The proof,* for exactly the torch.optim classes SGD, Adam, AdamW, Adamax, NAdam, RAdam, Adagrad, Adadelta,
+  RMSprop, Rprop and ASGD (or one held as ``.optimizer`` by Lightning's or Accelerate's wrapper): their steps
+  write parameters and state only in place, which bumps each tensor's version counter; their fused kernels
+  write without bumping it (measured, torch 2.14) but run only after the group's ``step`` counters were bumped
+  (Adam, AdamW, Adagrad; a fused SGD leaves no trace and is not retried). The error must come after the
+  optimizer's own step began (a step pre-hook tells): before it, a GradScaler's ``unscale_`` changes the
+  gradients without bumping their versions either. If it began, no version moved, no state tensor was replaced
+  and the state entries it created are untouched, nothing was applied: the created state is dropped -- the
+  optimizer is exactly as before -- and the step runs again (a GradScaler remembers its completed unscale and
+  does not repeat it).
+- *In practice* that is an error while the first step creates the state. An error after the update began is
+  re-raised, with a note on the exception that says why.
+- *Once:* the retry needs what the failed try needed, so it succeeds only on what the release freed (a failed
+  backward's graph, garbage cycles, cache that cuBLAS or NCCL could not get, another process finishing); a
+  second release would free nothing more. A retry that fails is re-raised, the optimizer again as before the
+  step. Shrinking the micro-batch would not help: the activations are gone by the time the optimizer steps.
+
+**Evaluation.** :meth:`OOMGuard.evaluate` runs a function over an evaluation batch under ``torch.no_grad()``
+and, on an out-of-memory error, halves the evaluation chunk -- never the training micro-batch: an evaluation
+runs out of memory for reasons of its own (a larger evaluation batch, longer inputs), and shrinking training
+for it changes the run for nothing (transformers #32215, where it does exactly that).
+
 Hooks for frameworks: ``backward`` replaces ``loss.backward()`` (Lightning's ``self.manual_backward``,
 Accelerate's ``accelerator.backward``), ``scaler`` is a GradScaler, ``before_optimizer_step`` runs after the
 last backward (gradient clipping: unscale first when a scaler is used), and ``no_sync`` -- e.g.
 ``ddp_model.no_sync`` -- skips DDP's all-reduce on all but the last micro-batch.
 
-Limits: an out-of-memory error inside ``optimizer.step()`` is re-raised, not retried (a partly applied update
-cannot be undone). Under DDP an OOM on one rank is not communicated to the others, whose all-reduce would wait:
-use the guard per process without DDP's gradient hooks, or agree on the micro-batch up front
-(:func:`batchlab.integrations.ddp.find_batch_size_distributed`).
+Limits: an out-of-memory error in ``before_optimizer_step`` propagates. Under DDP an OOM on one rank is not
+communicated to the others, whose all-reduce would wait: use the guard per process without DDP's gradient
+hooks, or agree on the micro-batch up front (:func:`batchlab.integrations.ddp.find_batch_size_distributed`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
+from batchlab.devices.release import devices_of, release_after_oom
 from batchlab.oom import is_out_of_memory
 from batchlab.scaling import plan_batch
 
@@ -50,11 +86,44 @@ __all__ = ["GuardEvent", "OOMGuard"]
 
 _REDUCTIONS = ("mean", "sum")
 
+# The optimizers whose unapplied step the guard can prove (module docstring): every write to a parameter or a
+# state tensor is in place and bumps its version counter. Fused kernels write without bumping it; only those of
+# the second tuple bump their group's "step" counters first (read in torch 2.14's optim/adam.py, adagrad.py,
+# sgd.py).
+_VERSIONED = (
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.Adamax,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.Adagrad,
+    torch.optim.Adadelta,
+    torch.optim.RMSprop,
+    torch.optim.Rprop,
+    torch.optim.ASGD,
+)
+_FUSED_COUNTED = (torch.optim.Adam, torch.optim.AdamW, torch.optim.Adagrad)
+# What GradScaler.step sets on an optimizer that unscales inside its own (fused) step, and deletes only after
+# the step returns: left behind by a failed step, the retry would multiply the scale in twice.
+_SCALER_ATTRIBUTES = ("grad_scale", "found_inf")
+# The ends of the reasons a failed optimizer step is not retried.
+_PARTLY = "; a partly applied update cannot be undone: restore a checkpoint"
+_UNKNOWN = ", so it cannot tell whether the update was partly applied"
+
 
 @dataclass(frozen=True)
 class GuardEvent:
-    """One recovery: at optimizer step ``step`` (0-based), the micro-batch went from ``micro_before`` x
-    ``accumulation_before`` to ``micro_after`` x ``accumulation_after``; the effective batch is unchanged."""
+    """One recovery at optimizer step ``step`` (0-based), in ``phase``:
+
+    - ``"train"``: the micro-batch went from ``micro_before`` x ``accumulation_before`` to ``micro_after`` x
+      ``accumulation_after``; the effective batch ``effective_batch`` is unchanged.
+    - ``"optimizer"``: ``optimizer.step()`` ran out of memory before applying anything and was retried once;
+      the micro-batch is unchanged.
+    - ``"evaluate"``: an evaluation of ``effective_batch`` samples in chunks of ``micro_before``
+      (``accumulation_before`` chunks) is retried in chunks of ``micro_after``; the training micro-batch is
+      unchanged.
+    """
 
     step: int
     micro_before: int
@@ -63,8 +132,19 @@ class GuardEvent:
     accumulation_after: int
     effective_batch: int
     error: str
+    phase: str = "train"
 
     def message(self) -> str:
+        if self.phase == "optimizer":
+            return (
+                f"out of memory in optimizer.step() at step {self.step}, before anything was applied: "
+                f"memory released, retrying the step once [{self.error}]"
+            )
+        if self.phase == "evaluate":
+            return (
+                f"out of memory evaluating {self.effective_batch} samples in chunks of {self.micro_before}: "
+                f"retrying in chunks of {self.micro_after} (training micro-batch unchanged) [{self.error}]"
+            )
         return (
             f"out of memory at step {self.step} with micro-batch {self.micro_before} x {self.accumulation_before}: "
             f"retrying the same step as {self.micro_after} x {self.accumulation_after} "
@@ -103,16 +183,152 @@ def _slice(batch: Any, start: int, stop: int) -> Any:
     return batch
 
 
-def _release() -> None:
-    gc.collect()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
+def _check_per_sample(output: Any, samples: int) -> None:
+    """Raise TypeError unless every leaf of ``output`` is a tensor with ``samples`` rows along dimension 0."""
+    if isinstance(output, torch.Tensor):
+        if output.dim() == 0 or output.shape[0] != samples:
+            raise TypeError(
+                f"OOMGuard.evaluate needs per-sample outputs, {samples} rows for a chunk of {samples}, got a "
+                f"tensor of shape {tuple(output.shape)}; return e.g. F.cross_entropy(..., reduction='none') and "
+                "reduce the result"
+            )
+    elif isinstance(output, (Mapping, list, tuple)):
+        for value in output.values() if isinstance(output, Mapping) else output:
+            _check_per_sample(value, samples)
+    else:
+        raise TypeError(
+            f"OOMGuard.evaluate needs tensors, or tuples/lists/dicts of tensors, from its function; got "
+            f"{type(output).__name__}"
+        )
+
+
+def _concat(parts: list[Any]) -> Any:
+    """Join chunk outputs of the same structure along dimension 0 (the inverse of :func:`_slice`)."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts) if len(parts) > 1 else first
+    if isinstance(first, Mapping):
+        return type(first)({key: _concat([part[key] for part in parts]) for key in first})
+    columns = [_concat([part[i] for part in parts]) for i in range(len(first))]
+    return type(first)(*columns) if hasattr(first, "_fields") else type(first)(columns)
+
+
+def _evaluate_chunks(batch: Any, fn: Callable[[Any], Any], length: int, chunk: int) -> list[Any]:
+    outputs = []
+    with torch.no_grad():
+        for start in range(0, length, chunk):
+            stop = min(start + chunk, length)
+            output = fn(_slice(batch, start, stop))
+            _check_per_sample(output, stop - start)
+            outputs.append(output)
+    return outputs
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _note(exc: BaseException, text: str) -> None:
+    """Say why an out-of-memory error was not retried: a note on the exception (Python >= 3.11) and a log line."""
+    log.warning("batchlab OOMGuard: %s", text)
+    if hasattr(exc, "add_note"):
+        exc.add_note(f"batchlab OOMGuard: {text}")
 
 
 def _check_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"invalid {name} {value!r}: expected a positive int")
     return value
+
+
+class _StepRecord:
+    """What an optimizer step may change, read just before it runs: enough to prove afterwards that a step
+    which raised applied nothing (version counters, module docstring), and to put back the state it created."""
+
+    def __init__(self, optimizer: Any):
+        inner = getattr(optimizer, "optimizer", None)  # Lightning's and Accelerate's wrappers keep it here
+        self.optimizer = inner if isinstance(inner, torch.optim.Optimizer) else optimizer
+        self.began = False
+        self.unprovable = self._unprovable()
+        if self.unprovable is not None:
+            return
+        opt = self.optimizer
+        self.params = [p for group in opt.param_groups for p in group["params"]]
+        self.param_versions = [p._version for p in self.params]
+        self.present = {p for p in self.params if p in opt.state}  # a defaultdict: never index it to look
+        self.state = {p: dict(opt.state[p]) for p in self.present if opt.state[p]}
+        self.state_versions = {
+            p: {k: v._version for k, v in entry.items()} for p, entry in self.state.items()
+        }
+        self.attributes = {name: getattr(opt, name) for name in _SCALER_ATTRIBUTES if hasattr(opt, name)}
+        self._hook = opt.register_step_pre_hook(self._begin)
+
+    def _unprovable(self) -> str | None:
+        opt = self.optimizer
+        if type(opt) not in _VERSIONED:
+            name = type(opt).__name__
+            return (
+                f"{name} is not one of the torch.optim optimizers whose steps the guard can check{_UNKNOWN}"
+            )
+        if any(group.get("fused") for group in opt.param_groups) and type(opt) not in _FUSED_COUNTED:
+            return f"a fused {type(opt).__name__} writes without a trace the guard can check{_UNKNOWN}"
+        for entry in opt.state.values():
+            for key, value in entry.items():
+                if not isinstance(value, torch.Tensor):
+                    return (
+                        f"its state holds a {type(value).__name__} ({key!r}) the guard cannot check{_UNKNOWN}"
+                    )
+        return None
+
+    def _begin(self, *args: Any) -> None:
+        self.began = True
+
+    def close(self) -> None:
+        if self.unprovable is None:
+            self._hook.remove()
+
+    def applied(self) -> str | None:
+        """Why the failed step cannot be retried (what it changed), or None when it applied nothing."""
+        if self.unprovable is not None:
+            return self.unprovable
+        opt = self.optimizer
+        if not self.began:
+            # What runs before it -- GradScaler's unscale_, a wrapper's own, step pre-hooks -- may have changed
+            # the gradients, and the unscale kernel does not bump their version counters (measured, torch 2.14).
+            return (
+                "the error came before optimizer.step() began (in a GradScaler's unscale or a step pre-hook), "
+                "which may have changed the gradients without a trace"
+            )
+        if any(p._version != v for p, v in zip(self.params, self.param_versions)):
+            return "it had already updated parameters" + _PARTLY
+        for p, entry in self.state.items():
+            now = opt.state.get(p, {})
+            if now.keys() != entry.keys() or any(now[k] is not v for k, v in entry.items()):
+                return "it had already replaced optimizer state" + _PARTLY
+            if any(v._version != self.state_versions[p][k] for k, v in entry.items()):
+                return "it had already updated optimizer state" + _PARTLY
+        for p in self.params:
+            if p not in self.state and p in opt.state:
+                for value in opt.state[p].values():
+                    if not isinstance(value, torch.Tensor) or value._version != 0:
+                        return "it had already updated the optimizer state it created" + _PARTLY
+        return None
+
+    def drop_created_state(self) -> None:
+        """Put the optimizer back as it was before the step: without the state entries the step created, and
+        without what GradScaler set on it for the step."""
+        opt = self.optimizer
+        for p in self.params:
+            if p not in self.state and p in opt.state:
+                if p in self.present:
+                    opt.state[p].clear()  # it held an empty entry before
+                else:
+                    del opt.state[p]
+        for name in _SCALER_ATTRIBUTES:
+            if name in self.attributes:
+                setattr(opt, name, self.attributes[name])
+            elif hasattr(opt, name):
+                delattr(opt, name)
 
 
 class OOMGuard:
@@ -127,6 +343,9 @@ class OOMGuard:
         reduction: ``"mean"`` (``loss_fn`` returns a mean over its micro-batch) or ``"sum"``.
         scaler, backward, before_optimizer_step, no_sync: see the module docstring.
         on_event: called with each :class:`GuardEvent` (after it is logged).
+
+    ``micro_batch`` x ``accumulation`` is the current training split; ``eval_micro_batch`` the evaluation
+    chunk (None until an evaluation ran out of memory: whole batches); ``events`` every recovery.
     """
 
     def __init__(
@@ -158,6 +377,7 @@ class OOMGuard:
             )
         plan = plan_batch(self.batch_size, min(micro, self.batch_size))
         self.micro_batch, self.accumulation = plan.micro_batch, plan.accumulation_steps
+        self.eval_micro_batch: int | None = None
         self.optimizer = optimizer
         self.reduction = reduction
         self.scaler = scaler
@@ -172,6 +392,15 @@ class OOMGuard:
     def effective_batch(self) -> int:
         """``micro_batch x accumulation``: always ``batch_size``."""
         return self.micro_batch * self.accumulation
+
+    def _release(self) -> None:
+        release_after_oom(*devices_of(self.optimizer))
+
+    def _record(self, event: GuardEvent) -> None:
+        self.events.append(event)
+        log.warning("batchlab OOMGuard: %s", event.message())
+        if self.on_event is not None:
+            self.on_event(event)
 
     def _backward(self, loss: torch.Tensor) -> None:
         scaled = self.scaler.scale(loss) if self.scaler is not None else loss
@@ -207,18 +436,63 @@ class OOMGuard:
         before = (self.micro_batch, self.accumulation)
         plan = plan_batch(self.batch_size, max(self.micro_batch // 2, self.min_micro_batch))
         self.micro_batch, self.accumulation = plan.micro_batch, plan.accumulation_steps
-        event = GuardEvent(
-            self.steps, *before, self.micro_batch, self.accumulation, self.effective_batch, error
+        self._record(
+            GuardEvent(self.steps, *before, self.micro_batch, self.accumulation, self.effective_batch, error)
         )
-        self.events.append(event)
-        log.warning("batchlab OOMGuard: %s", event.message())
-        if self.on_event is not None:
-            self.on_event(event)
+
+    def _apply_step(self) -> None:
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+        else:
+            self.optimizer.step()
+
+    def _optimizer_step(self) -> None:
+        """``optimizer.step()``, retried once after the release when it ran out of memory having applied
+        nothing (module docstring); otherwise its error is re-raised with a note saying why."""
+        for attempt in range(2):
+            record = _StepRecord(self.optimizer)
+            error = None
+            try:
+                self._apply_step()
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                why = record.applied()
+                where = f"out of memory in optimizer.step() at step {self.steps}"
+                if why is not None:
+                    _note(exc, f"{where}, not retried: {why}")
+                    raise
+                record.drop_created_state()
+                if attempt == 1:
+                    _note(
+                        exc,
+                        f"{where} again after releasing memory; nothing was applied, the optimizer is as before",
+                    )
+                    raise
+                error = _first_line(exc)
+            finally:
+                record.close()
+            if error is None:
+                return
+            self._release()
+            self._record(
+                GuardEvent(
+                    self.steps,
+                    self.micro_batch,
+                    self.accumulation,
+                    self.micro_batch,
+                    self.accumulation,
+                    self.effective_batch,
+                    error,
+                    "optimizer",
+                )
+            )
 
     def step(self, batch: Any, loss_fn: Callable[[Any], torch.Tensor]) -> torch.Tensor:
         """One optimizer step over ``batch``, retried at smaller micro-batches until it fits; returns the loss.
 
-        The returned loss is the batch's (mean-reduced: the mean over the batch), detached.
+        The returned loss is the batch's (mean-reduced: the mean over the batch), detached. An out-of-memory
+        error in ``optimizer.step()`` itself is retried only as the module docstring says.
         """
         while True:
             self.optimizer.zero_grad(set_to_none=True)
@@ -228,21 +502,60 @@ class OOMGuard:
             except Exception as exc:
                 if not is_out_of_memory(exc) or self.micro_batch <= self.min_micro_batch:
                     raise
-                error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                error = _first_line(exc)
             if error is None:
                 break
             # Outside the except block: the exception's traceback held the failed micro-batch's tensors.
             # A half-accumulated gradient must not leak into the retry.
             self.optimizer.zero_grad(set_to_none=True)
-            _release()
+            self._release()
             self._shrink(error)
         if self.before_optimizer_step is not None:
             self.before_optimizer_step()
+        self._optimizer_step()
         if self.scaler is not None:
-            self.scaler.step(self.optimizer)
             self.scaler.update()
-        else:
-            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1
         return loss
+
+    def evaluate(self, batch: Any, fn: Callable[[Any], Any]) -> Any:
+        """``fn(batch)`` under ``torch.no_grad()``, in chunks small enough to fit; returns what ``fn(batch)``
+        would: its per-sample outputs (a tensor, or a tuple/list/dict of tensors, with the batch along
+        dimension 0), the chunks' outputs concatenated.
+
+        The first try is the whole batch (or the chunk that last fitted, ``eval_micro_batch``); each
+        out-of-memory error halves the chunk, down to 1, after which it is re-raised. The training micro-batch
+        never changes for an evaluation (transformers #32215). ``fn`` must return per-sample values -- a
+        mean over a chunk is not a mean over the batch -- so a loss is ``reduction="none"``, reduced after.
+        """
+        length = _batch_len(batch)
+        if length is None:
+            raise TypeError(
+                f"OOMGuard.evaluate cannot find a batch dimension in {type(batch).__name__}: pass a tensor, or a "
+                "tuple/list/dict of tensors"
+            )
+        while True:
+            chunk = min(self.eval_micro_batch or length, length)
+            try:
+                return _concat(_evaluate_chunks(batch, fn, length, chunk))
+            except Exception as exc:
+                if not is_out_of_memory(exc) or chunk <= 1:
+                    raise
+                error = _first_line(exc)
+            # Outside the except block, whose traceback held the chunks evaluated so far (they are evaluated
+            # again) and the failed chunk's tensors.
+            self._release()
+            self.eval_micro_batch = chunk // 2
+            self._record(
+                GuardEvent(
+                    self.steps,
+                    chunk,
+                    math.ceil(length / chunk),
+                    self.eval_micro_batch,
+                    math.ceil(length / self.eval_micro_batch),
+                    length,
+                    error,
+                    "evaluate",
+                )
+            )

@@ -9,15 +9,25 @@ from __future__ import annotations
 
 import torch
 
-# (backend, substring of the message). Matched against str(exc) of RuntimeError-family exceptions.
+# (backend, substring of the message), matched in order against str(exc) of RuntimeError-family exceptions
+# (torch.OutOfMemoryError and torch.distributed.DistBackendError are RuntimeErrors).
 _MESSAGE_PATTERNS: tuple[tuple[str, str], ...] = (
-    ("cuda", "CUDA out of memory"),  # caching allocator, torch < 2.1 message
+    ("cuda", "CUDA out of memory"),  # the caching allocator (c10/cuda/CUDACachingAllocator.cpp)
     ("cuda", "CUDA error: out of memory"),  # raised by the driver outside the allocator
     ("cublas", "CUBLAS_STATUS_ALLOC_FAILED"),  # cuBLAS workspace allocation
+    # torch creates a cuBLAS handle lazily, at a thread's first matmul on a device -- often with the card
+    # already full -- and when cublasCreate cannot get its memory it returns NOT_INITIALIZED, which torch raises
+    # as "CUDA error: CUBLAS_STATUS_NOT_INITIALIZED when calling `cublasCreate(handle)`" (TORCH_CUDABLAS_CHECK in
+    # aten/src/ATen/cuda/CublasHandlePool.cpp; answered "reduce the batch" in ultralytics/yolov5#8914,
+    # EleutherAI/lm-evaluation-harness#1689). Only handle creation is matched: the same status from any other
+    # cuBLAS call is a setup error.
+    ("cublas", "CUBLAS_STATUS_NOT_INITIALIZED when calling `cublasCreate(handle)`"),
     ("cudnn", "CUDNN_STATUS_ALLOC_FAILED"),  # cuDNN workspace allocation
-    # cuDNN reports a failed workspace allocation for large batches as NOT_SUPPORTED; accelerate and
-    # Lightning both treat it as OOM (accelerate utils/memory.py, lightning tuner/batch_size_scaling).
-    ("cudnn", "cuDNN error: CUDNN_STATUS_NOT_SUPPORTED"),
+    # Not CUDNN_STATUS_NOT_SUPPORTED: it means no cuDNN kernel takes that configuration (layout, dtype, size),
+    # and it must surface as itself -- treated as an OOM, a search would shrink the batch around a real error.
+    # NCCL's CUDACHECK logs "Cuda failure '<cudaGetErrorString>'" (nccl src/include/checks.h); torch appends
+    # NCCL's last error to the DistBackendError it raises.
+    ("nccl", "Cuda failure 'out of memory'"),
     ("hip", "HIP out of memory"),
     ("xpu", "XPU out of memory"),
     ("mps", "MPS backend out of memory"),
@@ -27,17 +37,20 @@ _MESSAGE_PATTERNS: tuple[tuple[str, str], ...] = (
 
 
 def out_of_memory_kind(exc: BaseException) -> str | None:
-    """Return the backend whose out-of-memory ``exc`` is ("cuda", "cpu", ...), or None if it is not an OOM."""
-    if isinstance(exc, torch.OutOfMemoryError):  # torch.cuda.OutOfMemoryError is the same class
-        return "cuda" if "CUDA" in str(exc) else "torch"
+    """Return the backend whose out-of-memory ``exc`` is ("cuda", "cpu", "nccl", ...), or None if it is not an OOM.
+
+    A ``torch.OutOfMemoryError`` is tagged by its message like any other (a CUDA allocator's is "cuda", the CPU
+    allocator's "cpu"); one whose message names no backend above is "torch". A Python ``MemoryError`` is "cpu".
+    """
     if isinstance(exc, MemoryError):
         return "cpu"
-    if isinstance(exc, RuntimeError):
-        message = str(exc)
-        for backend, pattern in _MESSAGE_PATTERNS:
-            if pattern in message:
-                return backend
-    return None
+    if not isinstance(exc, RuntimeError):
+        return None
+    message = str(exc)
+    for backend, pattern in _MESSAGE_PATTERNS:
+        if pattern in message:
+            return backend
+    return "torch" if isinstance(exc, torch.OutOfMemoryError) else None
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from batchlab.sweep import SweepRun, sweep
+from batchlab.cli import main
+from batchlab.sweep import SweepResult, SweepRun, sweep
 from batchlab.workloads.tasks import load_task
 from sweep_helpers import fresh_store
 
@@ -40,3 +41,60 @@ def test_ray_backend_runs_trials_with_the_local_result_fields(tmp_path):
     runs = client.search_runs([experiment.experiment_id], filter_string="tags.`batchlab.kind` = 'run'")
     assert sorted(int(r.data.params["batch_size"]) for r in runs) == [16, 64]
     assert all(r.info.status == "FINISHED" for r in runs)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One small local Ray for the CLI tests below (as run_trials starts it), shut down after them."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 2**20)
+    yield
+    ray.shutdown()
+
+
+CLI = ["--lr", "1e-3", "--budget-steps", "6", "--backend", "ray", "--no-report"]
+
+
+def test_cli_ray_sweep_with_the_live_display(tmp_path, capsys, local_ray):
+    """The live display stays in the driver: Tune pickles its callbacks, which once held the display's lock
+    ("cannot pickle '_thread.RLock' object") -- the README's command, display on, tracked to MLflow."""
+    uri = fresh_store(tmp_path)
+    args = ["sweep", "--workload", "teacher-student", "--batch-sizes", "16,64", *CLI, "--tracking-uri", uri]
+    code = main([*args, "--dir", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "b16-lr1x-s0: finished" in out and "b64-lr1x-s0: finished" in out  # the progress, from Ray
+    assert "best LR per batch size" in out and "MLflow: mlflow ui" in out
+    (directory,) = (tmp_path / "sweeps").iterdir()
+    result = SweepResult.load(directory)
+    assert [(r.batch_size, r.steps, r.status) for r in result.runs] == [
+        (16, 6, "finished"),
+        (64, 6, "finished"),
+    ]
+    assert all(r.mlflow_run_id for r in result.runs)
+
+
+def test_cli_ray_sweep_of_a_file_factory_with_flags(tmp_path, capsys, local_ray):
+    """A factory defined at the top of a user's file reaches the workers (its module is shipped by value),
+    and the flags reach its runs."""
+    script = tmp_path / "ray_user_task.py"
+    script.write_text(
+        "import torch\n"
+        "from batchlab.trainable import SupervisedRun\n"
+        "def factory(batch_size, lr, seed):\n"
+        "    torch.manual_seed(seed)\n"
+        "    model = torch.nn.Linear(8, 2)\n"
+        "    x = torch.randn(64, 8); y = (x.sum(1) > 0).long()\n"
+        "    return SupervisedRun(model, torch.optim.Adam(model.parameters(), lr=lr),\n"
+        "                         torch.nn.functional.cross_entropy, (x, y), (x, y), batch_size=batch_size)\n"
+        "def make():\n"
+        "    return factory\n"
+    )
+    args = ["sweep", "--workload", f"{script}:make", "--batch-sizes", "16", *CLI, "--no-tracking"]
+    code = main([*args, "--amp", "bf16", "--accumulation", "2", "--dir", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    (directory,) = (tmp_path / "sweeps").iterdir()
+    (run,) = SweepResult.load(directory).runs
+    assert (run.status, run.steps, run.precision, run.accumulation) == ("finished", 6, "bf16", 2)

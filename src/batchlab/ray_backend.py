@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -69,6 +70,56 @@ def _trial(
     )
 
 
+class _Driver:
+    """The driver's side of a Ray sweep: store and log each record as it arrives, report progress.
+
+    Tune pickles its run configuration, callbacks included, into the experiment's ``tuner.pkl`` (for
+    ``Tuner.restore``, which batchlab never calls: a sweep resumes from its own store). What this object
+    holds belongs to the driver alone -- a live progress display holds thread locks, the MLflow tracker a
+    database connection -- so it pickles as an empty one rather than failing the sweep with "cannot pickle
+    '_thread.RLock' object", and nothing of it travels anywhere.
+    """
+
+    def __init__(
+        self,
+        persist: Callable[[SweepRun], SweepRun] | None = None,
+        emit: Callable[[SweepEvent], None] | None = None,
+        index: dict[str, int] | None = None,
+        total: int = 0,
+    ):
+        self.persist, self.emit, self.index, self.total = persist, emit, index or {}, total
+        self.done: set[str] = set()
+
+    def __reduce__(self) -> tuple:
+        return (_Driver, ())
+
+    def start(self, key: str) -> None:
+        self.emit(SweepEvent("start", key, self.index[key], self.total))
+
+    def result(self, key: str, result: dict[str, Any]) -> None:
+        if result.get("kind") == DONE_KIND and key not in self.done:
+            run = self.persist(SweepRun.from_dict(json.loads(result["record"])))
+            self.done.add(key)
+            self.emit(SweepEvent("done", key, self.index[key], self.total, run.steps, run.steps, run))
+        elif result.get("kind") == PROGRESS_KIND:
+            step, most = result["step"], result["max_steps"] or None
+            self.emit(SweepEvent("step", key, self.index[key], self.total, step, most))
+
+
+def _ship_file_modules(ray: Any) -> None:
+    """Have Ray pickle the modules of ``file.py:function`` specs by value, so their functions reach workers.
+
+    The loader (:func:`batchlab.workloads.load_callable`) imports such a file under a private module name
+    that no worker can import; by reference, a factory defined at the top of that file would fail there
+    with "No module named 'batchlab_user_task_...'".
+    """
+    from batchlab.workloads import FILE_MODULE_PREFIX
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith(FILE_MODULE_PREFIX):
+            ray.cloudpickle.register_pickle_by_value(module)
+
+
 def run_trials(
     factory: Callable[[int, float, int], Any],
     pending: Sequence[tuple[int, RunSpec]],
@@ -89,22 +140,19 @@ def run_trials(
     ray = require_ray()
     from ray import tune
 
-    index = {spec.key: i for i, spec in pending}
-    done: set[str] = set()
+    driver = _Driver(persist, emit, {spec.key: i for i, spec in pending}, total)
 
     class _Persist(tune.Callback):
+        """Hands Tune's events to ``driver``, in this process (Tune calls its callbacks in the driver)."""
+
+        def __init__(self, driver: _Driver):
+            self.driver = driver
+
         def on_trial_start(self, iteration, trials, trial, **info):  # noqa: ANN001 - Tune's signature
-            key = trial.config["key"]
-            emit(SweepEvent("start", key, index[key], total))
+            self.driver.start(trial.config["key"])
 
         def on_trial_result(self, iteration, trials, trial, result, **info):  # noqa: ANN001
-            key = trial.config["key"]
-            if result.get("kind") == DONE_KIND and key not in done:
-                run = persist(SweepRun.from_dict(json.loads(result["record"])))
-                done.add(key)
-                emit(SweepEvent("done", key, index[key], total, run.steps, run.steps, run))
-            elif result.get("kind") == PROGRESS_KIND:
-                emit(SweepEvent("step", key, index[key], total, result["step"], result["max_steps"] or None))
+            self.driver.result(trial.config["key"], result)
 
     started_here = not ray.is_initialized()
     if started_here:
@@ -113,6 +161,7 @@ def run_trials(
         if address is None:
             kwargs.update(num_cpus=os.cpu_count() or 1, object_store_memory=OBJECT_STORE_BYTES)
         ray.init(address=address, **kwargs)
+    _ship_file_modules(ray)
     try:
         trainable = tune.with_resources(
             tune.with_parameters(
@@ -131,7 +180,7 @@ def run_trials(
                 name=f"trials-{time.strftime('%Y%m%d-%H%M%S')}",
                 storage_path=str(Path(storage).resolve()),
                 verbose=0,
-                callbacks=[_Persist()],
+                callbacks=[_Persist(driver)],
             ),
         )
         results = tuner.fit()
@@ -141,6 +190,6 @@ def run_trials(
     errors = [r.error for r in results if r.error is not None]
     if errors:
         raise BatchlabError(f"{len(errors)} Ray trial(s) failed; the first: {errors[0]}")
-    missing = [spec.key for _, spec in pending if spec.key not in done]
+    missing = [spec.key for _, spec in pending if spec.key not in driver.done]
     if missing:
         raise KeyboardInterrupt(f"the Ray sweep stopped before {len(missing)} run(s) finished: {missing}")

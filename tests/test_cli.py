@@ -79,8 +79,10 @@ def test_fixed_batch_that_does_not_fit_exits_one(capsys):
 def test_bad_input_is_one_line_and_nonzero(capsys, args, message):
     code, out, err = run_cli(capsys, "fit", "--workload", "mlp-digits", *args)
     assert code == 1
-    assert err.startswith("batchlab: error: ") and message in err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err + out
+    *progress, last = err.strip().splitlines()  # probes shown before "does not fit" was known
+    assert last.startswith("batchlab: error: ") and message in last
+    assert all("probe" in line or line.startswith("fit mlp-digits") for line in progress)
+    assert "Traceback" not in err + out
 
 
 def test_unknown_workload_and_bad_path(capsys, tmp_path):

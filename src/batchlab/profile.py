@@ -30,6 +30,7 @@ The decision and summary math (:func:`knee_batch_size`, :func:`memory_per_sample
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -45,7 +46,7 @@ import torch
 from batchlab.checkpointing import activation_checkpointing, plan_checkpointing
 from batchlab.devices import Device, resolve_device
 from batchlab.errors import DoesNotFitError, WorkloadError
-from batchlab.search import FitResult, find_batch_size
+from batchlab.search import FitResult, Probe, find_batch_size
 from batchlab.spec import DEFAULT_FRACTION, parse_amp, parse_fraction
 from batchlab.units import format_bytes, parse_bytes
 from batchlab.workload import StepFunction, Workload, as_workload
@@ -664,6 +665,7 @@ def profile(
     seconds_per_point: float = SECONDS_PER_POINT,
     loader: Any = None,
     on_point: Callable[[ProfilePoint], None] | None = None,
+    on_probe: Callable[[str, Probe], None] | None = None,
 ) -> Profile:
     """Measure throughput and peak memory over batch sizes for each precision x checkpointing variant.
 
@@ -685,6 +687,8 @@ def profile(
         loader: a DataLoader (rebuilt at each batch size) or ``make_loader(batch_size)``: each fitting point is
             timed again with batches drawn from it, to show what the input pipeline costs.
         on_point: called with each :class:`ProfilePoint` as it is measured (progress displays).
+        on_probe: called with the variant's name and each :class:`~batchlab.search.Probe` of its fit search
+            as the probe completes (progress displays: on a large model the search is most of the time).
 
     The workload's model, optimizer, gradients and RNG states are restored bitwise afterwards, and every
     checkpointing patch is removed, also when a step raises.
@@ -747,7 +751,10 @@ def profile(
             with _variant_workload(work, precision, ckpt, checkpoint_modules) as (variant, plan):
                 fit, planned, known = None, sizes, {}
                 if sizes is None:
-                    fit, planned, known = _search(variant, dev, capacity, fraction, max_batch_size, cap)
+                    report = None if on_probe is None else functools.partial(on_probe, name)
+                    fit, planned, known = _search(
+                        variant, dev, capacity, fraction, max_batch_size, cap, report
+                    )
                     fits[name] = fit
                 with_loader = _with_batches(variant, _LoaderBatches(make_loader)) if make_loader else None
                 variant_points = _profile_variant(
@@ -818,11 +825,17 @@ def _search(
     fraction: float,
     max_batch_size: int | None,
     cap: int | None,
+    on_probe: Callable[[Probe], None] | None = None,
 ) -> tuple[FitResult | None, list[int], dict[int, _Known]]:
     """One fit search; returns it, the sizes to profile, and what it measured of each size it ran."""
     try:
         fit = find_batch_size(
-            variant, device=dev, batch=fraction, memory_budget=capacity, max_batch_size=max_batch_size
+            variant,
+            device=dev,
+            batch=fraction,
+            memory_budget=capacity,
+            max_batch_size=max_batch_size,
+            on_probe=on_probe,
         )
     except DoesNotFitError as exc:
         outcome = "over budget" if exc.needed_bytes is not None else "oom"

@@ -898,8 +898,15 @@ def auto_batch_sizes(
 
 
 def _workload_identity(factory: Any) -> tuple[str, dict[str, Any]]:
+    """(name, options) of a factory for the sweep's fingerprint: its ``sweep_options`` (a user's factory with
+    the CLI's flags, :class:`~batchlab.workloads.tasks.ConfiguredFactory`), or a dataclass's fields."""
     name = getattr(factory, "name", None) or getattr(factory, "__name__", None) or type(factory).__name__
-    options = {k: v for k, v in asdict(factory).items() if k != "name"} if is_dataclass(factory) else {}
+    if isinstance(getattr(factory, "sweep_options", None), Mapping):
+        options = dict(factory.sweep_options)
+    elif is_dataclass(factory):
+        options = {k: v for k, v in asdict(factory).items() if k != "name"}
+    else:
+        options = {}
     return str(name), options
 
 
@@ -989,6 +996,11 @@ def sweep(
         raise ValueError(f"base_batch must be an int >= 1 or None, got {base_batch!r}")
     if backend not in ("local", "ray"):
         raise ValueError(f"backend must be 'local' or 'ray', got {backend!r}")
+    if backend == "ray" and ray_address is None and ray_cpus_per_trial > (os.cpu_count() or 1):
+        raise ValueError(
+            f"ray_cpus_per_trial={ray_cpus_per_trial:g} is more than this machine's {os.cpu_count()} CPUs, "
+            "all that a local Ray has: no trial could ever start"
+        )
     multipliers = [float(m) for m in lr_multipliers]
     if (
         not multipliers

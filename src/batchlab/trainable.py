@@ -125,6 +125,8 @@ class SupervisedRun:
         self.model = model
         self.optimizer = optimizer
         self.loss_fn = loss_fn
+        self.seed = seed
+        self.noise_every_requested = noise_every  # what was asked; noise_every below is what runs
         self.device = next(iter(model.parameters())).device
         self.train_x, self.train_y = (t.to(self.device) for t in train)
         self.val_x, self.val_y = (t.to(self.device) for t in val)
@@ -253,6 +255,56 @@ class SupervisedRun:
             amp=self.amp,
             dataset_size=n,
             name=self.name,
+        )
+
+    def with_options(self, **changes: Any) -> SupervisedRun:
+        """This run rebuilt with some settings changed: ``device``, ``accumulation``, ``amp``, ``noise_every``.
+
+        How ``batchlab sweep --device/--accumulation/--amp/--noise-every`` reach a run a user's factory built:
+        the same model, optimizer, data, seed, metrics and name; only the keys given change (``amp=None`` is
+        fp32). ``device`` moves the model and the data there, swapping each parameter's contents in place
+        (``torch.__future__.set_swap_module_params_on_conversion``, switched on only for that ``Module.to``:
+        without it a move between incompatible tensor types makes new Parameter objects, which the optimizer
+        would not hold); it is refused once the optimizer has state (its tensors would stay behind). Call it
+        before the first step; this run's noise hooks are removed.
+        """
+        unknown = set(changes) - {"device", "accumulation", "amp", "noise_every"}
+        if unknown:
+            raise TypeError(
+                f"with_options() takes device, accumulation, amp, noise_every; got {', '.join(sorted(unknown))}"
+            )
+        if self.steps_done:
+            raise ValueError(f"with_options() rebuilds a fresh run; this one has run {self.steps_done} steps")
+        self.close()
+        if "device" in changes:
+            target = torch.device(changes["device"])
+            if target != self.device and self.optimizer.state:
+                raise ValueError(
+                    f"cannot move the run to {target}: its optimizer already holds state on {self.device}"
+                )
+            swap = torch.__future__.get_swap_module_params_on_conversion()
+            torch.__future__.set_swap_module_params_on_conversion(True)
+            try:
+                self.model.to(target)
+            finally:
+                torch.__future__.set_swap_module_params_on_conversion(swap)
+        settings = {
+            "accumulation": self.accumulation,
+            "amp": self.amp,
+            "noise_every": self.noise_every_requested,
+            **{k: v for k, v in changes.items() if k != "device"},
+        }
+        return SupervisedRun(
+            self.model,
+            self.optimizer,
+            self.loss_fn,
+            (self.train_x, self.train_y),
+            (self.val_x, self.val_y),
+            batch_size=self.batch_size,
+            seed=self.seed,
+            metrics=self.metrics,
+            name=self.name,
+            **settings,
         )
 
     def close(self) -> None:

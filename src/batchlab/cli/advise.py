@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from batchlab.advise import DEFAULT_GAIN_THRESHOLD, Recommendation, advise
-from batchlab.cli.common import add_workload_options, build_workload, resolve_cli_device
+from batchlab.cli.common import Display, add_workload_options, build_workload
 from batchlab.cli.noise import (
     add_noise_options,
     check_noise_args,
@@ -100,8 +100,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--seconds-per-point",
         type=float,
-        default=ADVISE_SECONDS_PER_POINT,
-        help=f"profile: timed seconds per batch size (default {ADVISE_SECONDS_PER_POINT})",
+        default=None,
+        help=f"profile: timed seconds per batch size (default {ADVISE_SECONDS_PER_POINT}; not with "
+        "--throughput probes, which times nothing apart)",
     )
     parser.add_argument(
         "--memory-budget", default=None, help='treat the device as having this much memory, e.g. "4GiB"'
@@ -127,8 +128,16 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(
             f"invalid --gain-threshold {args.gain_threshold!r}: expected a number >= 0 (0.05 = 5%)"
         )
-    if not (math.isfinite(args.seconds_per_point) and args.seconds_per_point >= 0):
-        raise ValueError(f"invalid --seconds-per-point {args.seconds_per_point!r}: expected a number >= 0")
+    if args.seconds_per_point is not None:
+        if args.throughput == "probes":
+            raise ValueError(
+                f"--seconds-per-point {args.seconds_per_point:g} times batch sizes for --throughput profile; "
+                "--throughput probes reads the fit search's probes and times nothing: drop one of them"
+            )
+        if not (math.isfinite(args.seconds_per_point) and args.seconds_per_point >= 0):
+            raise ValueError(
+                f"invalid --seconds-per-point {args.seconds_per_point!r}: expected a number >= 0"
+            )
     if args.memory_budget is not None:
         parse_bytes(args.memory_budget)
     check_noise_args(args.noise_steps, args.noise_batch, args.noise_beta)
@@ -158,8 +167,11 @@ def _optimizer_hyper(optimizer: Any) -> tuple[float | None, tuple[float, float] 
     )
 
 
-def measure_throughput(args: argparse.Namespace, workload: Any, device: str, cap: int | None):
-    """(fit, {batch: samples/s}, source, detail): profile when importable (and asked), else the fit probes."""
+def measure_throughput(args: argparse.Namespace, workload: Any, cap: int | None, display: Display):
+    """(fit, {batch: samples/s}, source, detail): profile when importable (and asked), else the fit probes.
+
+    ``display`` shows each phase (the fit search, the timed sizes) and each probe and point as it ends.
+    """
     profile = None
     if args.throughput in ("auto", "profile"):
         try:
@@ -170,12 +182,17 @@ def measure_throughput(args: argparse.Namespace, workload: Any, device: str, cap
                     f"--throughput profile: batchlab.profile is not available ({exc})"
                 ) from None
     if profile is not None:
+        display.phase("what fits (fit search)")
         result = profile(
             workload,
-            device=device,
+            device=args.device,
             memory_budget=args.memory_budget,
             max_batch_size=cap,
-            seconds_per_point=args.seconds_per_point,
+            seconds_per_point=ADVISE_SECONDS_PER_POINT
+            if args.seconds_per_point is None
+            else args.seconds_per_point,
+            on_point=display.point,
+            on_probe=display.variant_probe,
         )
         fits = [(name, fit) for name, fit in result.fits.items() if fit is not None]
         if not fits:
@@ -196,7 +213,14 @@ def measure_throughput(args: argparse.Namespace, workload: Any, device: str, cap
             f"{result.seconds:.1f} s"
         )
         return fit, curve, "profile", detail
-    fit = find_batch_size(workload, device=device, memory_budget=args.memory_budget, max_batch_size=cap)
+    display.phase("what fits and throughput (fit search probes)")
+    fit = find_batch_size(
+        workload,
+        device=args.device,
+        memory_budget=args.memory_budget,
+        max_batch_size=cap,
+        on_probe=display.probe,
+    )
     per_step = getattr(workload, "grad_accum", 1)
     curve = {
         p.batch_size: p.batch_size * per_step * p.steps / p.seconds
@@ -215,7 +239,6 @@ def run(args: argparse.Namespace) -> int:
     _check_args(args)
     started = time.perf_counter()
     workload = require_workload(build_workload(args))
-    device = resolve_cli_device(args.device)
     opt_lr, betas, eps = _optimizer_hyper(workload.optimizer)
     lr = args.lr if args.lr is not None else opt_lr
     if lr is None:
@@ -235,31 +258,19 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch {current} is larger than the dataset ({dataset_size} samples)")
     kind = noise_collector(workload, args.noise_collector)  # fails now for an impossible collector
 
-    console = Console()
-    if args.json:
-        fit, curve, source, detail = measure_throughput(args, workload, device, cap)
+    with Display(f"advise {args.workload}", enabled=not args.json) as display:
+        fit, curve, source, detail = measure_throughput(args, workload, cap, display)
         noise_batch = noise_batch_for(workload, args.noise_batch, fit.batch_size)
+        display.phase(f"noise scale, {args.noise_steps} steps at batch {noise_batch} ({kind} collector)")
         noise_started = time.perf_counter()
         estimate = measure_noise_scale(
-            workload, noise_batch, steps=args.noise_steps, collector=kind, beta=args.noise_beta
+            workload,
+            noise_batch,
+            steps=args.noise_steps,
+            collector=kind,
+            beta=args.noise_beta,
+            on_step=lambda index, _pair: display.count("step", index + 1, args.noise_steps),
         )
-    else:
-        with console.status(f"{args.workload}: measuring what fits and throughput ...") as status:
-            fit, curve, source, detail = measure_throughput(args, workload, device, cap)
-            noise_batch = noise_batch_for(workload, args.noise_batch, fit.batch_size)
-            noise_started = time.perf_counter()
-
-            def show(index: int, _pair) -> None:
-                status.update(f"{args.workload}: noise scale, step {index + 1}/{args.noise_steps}")
-
-            estimate = measure_noise_scale(
-                workload,
-                noise_batch,
-                steps=args.noise_steps,
-                collector=kind,
-                beta=args.noise_beta,
-                on_step=show,
-            )
     noise_seconds = time.perf_counter() - noise_started
     if estimate.b_simple is None:
         raise ValueError(
@@ -302,6 +313,7 @@ def run(args: argparse.Namespace) -> int:
         }
         print(json.dumps(data, indent=2))
     else:
+        console = Console()
         print_advice(
             console,
             args.workload,

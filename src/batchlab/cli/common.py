@@ -1,16 +1,21 @@
-"""What every command shares: the ``--workload``/``--device``/``--json`` options, errors, the console."""
+"""What every command shares: the ``--workload``/``--device``/``--json`` options, errors, the progress display."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from batchlab.devices import parse_device
+from batchlab.devices import parse_device, resolve_device
+from batchlab.search import Probe
+from batchlab.units import format_bytes
+from batchlab.workload import Workload
 from batchlab.workloads import BUILTIN, load_workload
 
-console = Console(stderr=True)  # progress and summaries go to stderr-free stdout below; errors to stderr
+COUNT_LINES = 4  # off a terminal, a count (noise steps) prints a line at each quarter: a log shows how far
 
 
 def fail(message: str) -> int:
@@ -28,7 +33,10 @@ def add_workload_options(parser: argparse.ArgumentParser) -> None:
         "(the function returns a batchlab.Workload or a step(batch_size) callable)",
     )
     parser.add_argument(
-        "--device", default="auto", help="auto (default: CUDA if available), cpu, cuda or cuda:N"
+        "--device",
+        default="auto",
+        help="auto (default: a built-in on CUDA if available; your Workload where its model is), cpu, cuda "
+        "or cuda:N (your Workload's model must be there: batchlab never moves it)",
     )
     parser.add_argument("--json", action="store_true", help="print only JSON on stdout")
 
@@ -38,6 +46,101 @@ def resolve_cli_device(text: str) -> str:
     return str(parse_device(text))
 
 
-def build_workload(args: argparse.Namespace):
-    """Load the workload named by ``--workload`` on ``--device``."""
-    return load_workload(args.workload, device=resolve_cli_device(args.device))
+def build_workload(args: argparse.Namespace) -> Any:
+    """Load the workload named by ``--workload``: a built-in is built on ``--device``; a user's function
+    places its own model, and a ``--device`` it did not place it on is a one-line error, never ignored.
+
+    Commands pass ``args.device`` itself on to the library, where ``auto`` follows the model.
+    """
+    workload = load_workload(args.workload, device=resolve_cli_device(args.device))
+    if isinstance(workload, Workload):
+        resolve_device(args.device, workload.device)  # raises ValueError naming both devices on a mismatch
+    return workload
+
+
+class Display:
+    """What a long command shows while it measures: which phase it is in and how far, on stderr.
+
+    A live line (spinner, phase, how far, time since the command began) that rich redraws in place on a
+    terminal, and permanent lines above it: one when a phase starts (``title: phase ...``) and one per
+    finished measurement (a probe of a fit search, a timed profile point). Off a terminal (a pipe, a CI
+    log) only the permanent lines appear. Results go to stdout, so ``batchlab advise ... > advice.txt`` still shows
+    progress; with ``enabled=False`` (``--json``) every call does nothing and stderr stays clean for scripts.
+    """
+
+    def __init__(self, title: str, *, enabled: bool = True):
+        self.title = title
+        self.enabled = enabled
+        self.console = Console(stderr=True) if enabled else None
+        self._status: Progress | None = None
+        self._task = None
+        self._phase = ""
+        self._probes = 0  # in the current phase
+
+    def __enter__(self) -> Display:
+        if self.enabled and self.console.is_terminal:  # off a terminal a live line would only leave blanks
+            self._status = Progress(
+                SpinnerColumn(),
+                TextColumn("{task.description}"),
+                TimeElapsedColumn(),
+                console=self.console,
+                transient=True,  # the live line goes when the command ends; the permanent lines stay
+            )
+            self._status.__enter__()
+            self._task = self._status.add_task(f"{self.title} ...", total=None)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self._status is not None:
+            self._status.__exit__(*exc_info)
+            self._status = None
+
+    def phase(self, text: str) -> None:
+        """A new phase begins: a permanent line, and the live line's text (the current phase again: nothing)."""
+        if text == self._phase:
+            return
+        self._phase, self._probes = text, 0
+        self.line(f"{self.title}: {text} ...")
+        self.status("")
+
+    def status(self, detail: str) -> None:
+        """How far the current phase is (the live line only)."""
+        if self._status is not None:
+            where = f"{self.title}: {self._phase}"
+            self._status.update(self._task, description=f"{where}: {detail}" if detail else f"{where} ...")
+
+    def line(self, text: str) -> None:
+        """A permanent line (a finished measurement)."""
+        if self.enabled:
+            self.console.print(text, highlight=False, markup=False, soft_wrap=True)  # a path stays one line
+
+    def count(self, label: str, done: int, total: int) -> None:
+        """``done`` of ``total`` (noise steps): the live line, and off a terminal a line at each quarter."""
+        self.status(f"{label} {done}/{total}")
+        if self.enabled and not self.console.is_terminal:
+            if done == total or done % max(1, total // COUNT_LINES) == 0:
+                self.line(f"  {label} {done}/{total}")
+
+    def probe(self, probe: Probe) -> None:
+        """One probe of a fit search (``on_probe``): a permanent line, and the count on the live line."""
+        self._probes += 1
+        self.line(
+            f"  probe b={probe.batch_size:<6} {probe.outcome:<12} peak {format_bytes(probe.peak_bytes):>11}  "
+            f"{probe.seconds:6.2f} s"
+        )
+        self.status(f"{self._probes} probes, last b={probe.batch_size} {probe.outcome}")
+
+    def variant_probe(self, variant: str, probe: Probe) -> None:
+        """One probe of a profile variant's fit search (``profile(on_probe=...)``)."""
+        self.phase(f"fit search ({variant})")
+        self.probe(probe)
+
+    def point(self, point: Any) -> None:
+        """One timed :class:`~batchlab.profile.ProfilePoint` (``profile(on_point=...)``)."""
+        self.phase(f"timing batch sizes ({point.variant})")
+        speed = f"{point.samples_per_second:10,.1f} samples/s" if point.samples_per_second else " " * 20
+        self.line(
+            f"  {point.variant:<10} b={point.batch_size:<6} {point.outcome:<12} {speed}  "
+            f"peak {format_bytes(point.peak_bytes):>11}"
+        )
+        self.status(f"done b={point.batch_size}")

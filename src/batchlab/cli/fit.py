@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from batchlab.cli.common import add_workload_options, build_workload, resolve_cli_device
-from batchlab.search import FitResult, Probe, find_batch_size
+from batchlab.cli.common import Display, add_workload_options, build_workload
+from batchlab.search import FitResult, find_batch_size
 from batchlab.spec import parse_amp, parse_batch
 from batchlab.units import format_bytes, parse_bytes
 
@@ -42,41 +41,22 @@ def run(args: argparse.Namespace) -> int:
         parse_bytes(args.memory_budget)
     parse_amp(args.amp)
     workload = build_workload(args)
-    kwargs = dict(
-        device=resolve_cli_device(args.device),
-        batch=args.batch,
-        memory_budget=args.memory_budget,
-        amp=args.amp,
-        max_batch_size=args.max_batch_size,
-        multiple_of=args.multiple_of,
-    )
+    with Display(f"fit {args.workload}", enabled=not args.json) as display:
+        display.phase("probing batch sizes")
+        result = find_batch_size(
+            workload,
+            device=args.device,
+            batch=args.batch,
+            memory_budget=args.memory_budget,
+            amp=args.amp,
+            max_batch_size=args.max_batch_size,
+            multiple_of=args.multiple_of,
+            on_probe=display.probe,
+        )
     if args.json:
-        result = find_batch_size(workload, **kwargs)
         print(result.to_json(indent=2))
     else:
-        console = Console()
-        with Progress(
-            SpinnerColumn(),
-            TextColumn("{task.description}"),
-            TimeElapsedColumn(),
-            console=console,
-            transient=True,
-        ) as progress:
-            task = progress.add_task(f"probing {args.workload} ...", total=None)
-
-            def show(probe: Probe) -> None:
-                console.print(
-                    f"  probe b={probe.batch_size:<6} {probe.outcome:<12} peak {format_bytes(probe.peak_bytes):>11}  {probe.seconds:6.2f} s"
-                )
-                progress.update(
-                    task,
-                    description=f"probing {args.workload}: {len(shown)} probes, last b={probe.batch_size}",
-                )
-                shown.append(probe)
-
-            shown: list[Probe] = []
-            result = find_batch_size(workload, on_probe=show, **kwargs)
-        print_summary(console, result)
+        print_summary(Console(), result)
     return 0 if result.fits else 1
 
 

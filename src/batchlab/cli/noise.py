@@ -8,7 +8,7 @@ import time
 
 from rich.console import Console
 
-from batchlab.cli.common import add_workload_options, build_workload
+from batchlab.cli.common import Display, add_workload_options, build_workload
 from batchlab.noise import DEFAULT_BETA, NoiseScaleEstimate
 from batchlab.noise_workload import COLLECTORS, DEFAULT_NOISE_STEPS, measure_noise_scale, noise_collector
 from batchlab.workload import Workload
@@ -94,29 +94,23 @@ def run(args: argparse.Namespace) -> int:
     batch = noise_batch_for(workload, args.batch)
     kind = noise_collector(workload, args.collector)
     started = time.perf_counter()
-    if args.json:
+    with Display(f"noise {args.workload}", enabled=not args.json) as display:
+        display.phase(f"{args.steps} training steps at batch {batch} ({kind} collector)")
         estimate = measure_noise_scale(
-            workload, batch, steps=args.steps, collector=args.collector, beta=args.beta
+            workload,
+            batch,
+            steps=args.steps,
+            collector=args.collector,
+            beta=args.beta,
+            on_step=lambda index, _pair: display.count("step", index + 1, args.steps),
         )
-    else:
-        console = Console()
-        with console.status(
-            f"measuring the noise scale of {args.workload} ({args.steps} steps) ..."
-        ) as status:
-
-            def show(index: int, _pair) -> None:
-                status.update(f"measuring the noise scale of {args.workload}: step {index + 1}/{args.steps}")
-
-            estimate = measure_noise_scale(
-                workload, batch, steps=args.steps, collector=args.collector, beta=args.beta, on_step=show
-            )
     seconds = time.perf_counter() - started
     if args.json:
         data = noise_dict(estimate, kind, batch, args.steps, seconds)
         data["workload"] = args.workload
         print(json.dumps(data, indent=2))
     else:
-        print_noise(console, estimate, kind, batch, args.steps, seconds)
+        print_noise(Console(), estimate, kind, batch, args.steps, seconds)
     return 0 if estimate.b_simple is not None else 1
 
 

@@ -7,6 +7,7 @@ import argparse
 from rich.console import Console
 from rich.table import Table
 
+from batchlab.cli.common import Display
 from batchlab.plan import PlanResult, plan
 from batchlab.spec import parse_amp, parse_batch
 from batchlab.targets import CARDS, DEVICE_TYPES, resolve_target
@@ -58,14 +59,16 @@ def run(args: argparse.Namespace) -> int:
     workload = load_workload(
         args.workload, device="cpu"
     )  # fake copies go to the target; CPU builds are enough
-    result = plan(
-        workload,
-        target,
-        batch=args.batch,
-        amp=args.amp,
-        max_batch_size=args.max_batch_size,
-        multiple_of=args.multiple_of,
-    )
+    with Display(f"plan {args.workload}", enabled=not args.json) as display:
+        display.phase(f"training steps on fake tensors for {target.name}")
+        result = plan(
+            workload,
+            target,
+            batch=args.batch,
+            amp=args.amp,
+            max_batch_size=args.max_batch_size,
+            multiple_of=args.multiple_of,
+        )
     if args.json:
         print(result.to_json(indent=2))
     else:

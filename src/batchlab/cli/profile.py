@@ -8,13 +8,12 @@ import json
 from rich.console import Console
 from rich.table import Table
 
-from batchlab.cli.common import add_workload_options, build_workload, resolve_cli_device
+from batchlab.cli.common import Display, add_workload_options, build_workload
 from batchlab.profile import (
     KNEE_THRESHOLD,
     SECONDS_PER_POINT,
     WARMUP_STEPS,
     Profile,
-    ProfilePoint,
     profile,
 )
 from batchlab.spec import parse_amp
@@ -108,30 +107,21 @@ def run(args: argparse.Namespace) -> int:
 
         require_matplotlib()  # a missing matplotlib fails now, not after minutes of measuring
     workload = build_workload(args)
-    console = Console()
-    kwargs = dict(
-        device=resolve_cli_device(args.device),
-        batch_sizes=sizes,
-        precisions=precisions,
-        checkpointing=checkpointing,
-        memory_budget=args.memory_budget,
-        max_batch_size=args.max_batch_size,
-        knee_threshold=args.knee_threshold,
-        seconds_per_point=args.seconds_per_point,
-    )
-    if args.json:
-        result = profile(workload, **kwargs)
-    else:
-
-        def show(point: ProfilePoint) -> None:
-            speed = f"{point.samples_per_second:10,.1f} samples/s" if point.samples_per_second else " " * 20
-            console.print(
-                f"  {point.variant:<10} b={point.batch_size:<6} {point.outcome:<12} {speed}  "
-                f"peak {format_bytes(point.peak_bytes):>11}"
-            )
-
-        console.print(f"profiling {args.workload} ...")
-        result = profile(workload, on_point=show, **kwargs)
+    with Display(f"profile {args.workload}", enabled=not args.json) as display:
+        display.phase("fit search" if sizes is None else "timing batch sizes")
+        result = profile(
+            workload,
+            device=args.device,
+            batch_sizes=sizes,
+            precisions=precisions,
+            checkpointing=checkpointing,
+            memory_budget=args.memory_budget,
+            max_batch_size=args.max_batch_size,
+            knee_threshold=args.knee_threshold,
+            seconds_per_point=args.seconds_per_point,
+            on_point=display.point,
+            on_probe=display.variant_probe,
+        )
     plots = {}
     if args.plot is not None:
         from batchlab.plots import plot_profile
@@ -142,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
         data["plots"] = plots
         print(json.dumps(data, indent=2))
     else:
+        console = Console()
         print_profile(console, result)
         for kind, path in plots.items():
             console.print(f"{kind} plot: {path}")

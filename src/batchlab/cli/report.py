@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from batchlab.report import load_sweep, verdict, write_report
+from batchlab.sweep import SweepStore
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -27,6 +29,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.tracking_uri is not None and (Path(args.source) / SweepStore.CONFIG).is_file():
+        raise ValueError(
+            f"--tracking-uri reads an MLflow experiment; {args.source} is a sweep directory, which holds its "
+            "runs itself: drop --tracking-uri, or name the experiment instead"
+        )
     result = load_sweep(args.source, args.tracking_uri)
     files = write_report(result, args.out)
     for line in verdict(result):

@@ -10,11 +10,19 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from batchlab.cli.common import resolve_cli_device
 from batchlab.scaling import RULES
-from batchlab.sweep import DEFAULT_DIRECTORY, Budget, SweepEvent, SweepResult, Target, sweep
+from batchlab.sweep import (
+    AUTO_MIN_BATCH,
+    DEFAULT_DIRECTORY,
+    Budget,
+    SweepEvent,
+    SweepResult,
+    Target,
+    sweep,
+)
+from batchlab.trainable import NOISE_EVERY
 from batchlab.units import format_bytes
-from batchlab.workloads.tasks import describe_tasks, load_task
+from batchlab.workloads.tasks import ConfiguredFactory, describe_tasks, load_task
 
 
 def _ints(text: str) -> list[int]:
@@ -98,16 +106,34 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--dir", default=DEFAULT_DIRECTORY, help=f"where sweeps live (default ./{DEFAULT_DIRECTORY})"
     )
-    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
-    parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per step (built-in tasks)")
-    parser.add_argument("--amp", default=None, help="bf16 or fp16 autocast (built-in tasks)")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="auto (built-in tasks: CUDA if available; a file's runs stay where its factory puts them), cpu, "
+        "cuda or cuda:N",
+    )
+    parser.add_argument(
+        "--accumulation",
+        type=int,
+        default=None,
+        help="micro-batches per step (default: 1 for built-in tasks, a file's own for its runs)",
+    )
+    parser.add_argument(
+        "--amp", default=None, help="fp32, bf16 or fp16 autocast (default: fp32 / the file's own)"
+    )
     parser.add_argument(
         "--noise-every",
         type=int,
-        default=4,
-        help="measure the noise scale every N steps, 0 = never (built-in tasks)",
+        default=None,
+        help=f"measure the noise scale every N steps, 0 = never (default: {NOISE_EVERY} / the file's own)",
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (torch.set_num_threads)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads per run (local: torch.set_num_threads; ray: CPUs per trial, which Ray sets as "
+        "each worker's thread count)",
+    )
     parser.add_argument("--no-report", action="store_true", help="do not write the HTML/PNG report")
     parser.add_argument("--json", action="store_true", help="print only a JSON summary on stdout")
     parser.set_defaults(run=run)
@@ -131,12 +157,23 @@ def run(args: argparse.Namespace) -> int:
     batch_sizes = "auto" if args.batch_sizes.strip().lower() == "auto" else _ints(args.batch_sizes)
     if args.no_tracking and args.tracking_uri:
         raise ValueError("give --tracking-uri or --no-tracking, not both")
-    if args.threads is not None:
+    if args.ray_address is not None and args.backend != "ray":
+        raise ValueError(f"--ray-address {args.ray_address} needs --backend ray")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"invalid --threads {args.threads!r}: expected an integer >= 1")
+    factory = load_task(
+        args.workload,
+        device=args.device,
+        accumulation=args.accumulation,
+        amp=args.amp,
+        noise_every=args.noise_every,
+    )
+    if isinstance(factory, ConfiguredFactory):  # a flag the file's runs cannot take fails before MLflow/Ray
+        factory.check(AUTO_MIN_BATCH if batch_sizes == "auto" else min(batch_sizes), args.lr)
+    if args.threads is not None and args.backend == "local":
         import torch
 
         torch.set_num_threads(args.threads)
-    options = {"accumulation": args.accumulation, "amp": args.amp, "noise_every": args.noise_every}
-    factory = load_task(args.workload, device=resolve_cli_device(args.device), **options)
     kwargs = dict(
         lr=args.lr,
         base_batch=args.base_batch,
@@ -152,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
         tracking_uri=False if args.no_tracking else args.tracking_uri,
         backend=args.backend,
         ray_address=args.ray_address,
+        ray_cpus_per_trial=float(args.threads or 1),
         report=not args.no_report,
     )
     if args.json:

@@ -21,6 +21,7 @@ from typing import Any
 from batchlab.errors import WorkloadError
 from batchlab.workloads.examples import gpt, mlp_digits, resnet, small_cnn
 
+FILE_MODULE_PREFIX = "batchlab_user_"  # a spec's file is imported as batchlab_user_<kind>_<stem>: only here
 BUILTIN: dict[str, Callable[..., Any]] = {
     "mlp-digits": mlp_digits,
     "cnn": small_cnn,
@@ -60,7 +61,7 @@ def load_callable(spec: str, *, kind: str) -> Callable[..., Any]:
         path = Path(target)
         if not path.is_file():
             raise WorkloadError(f"{kind} file {target!r} does not exist")
-        module_spec = importlib.util.spec_from_file_location(f"batchlab_user_{kind}_{path.stem}", path)
+        module_spec = importlib.util.spec_from_file_location(f"{FILE_MODULE_PREFIX}{kind}_{path.stem}", path)
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[module_spec.name] = module
         module_spec.loader.exec_module(module)

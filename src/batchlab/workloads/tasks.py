@@ -26,11 +26,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from batchlab.devices import parse_device
 from batchlab.errors import WorkloadError
+from batchlab.spec import parse_amp
 from batchlab.trainable import NOISE_EVERY, SupervisedRun
 from batchlab.workloads import load_callable
 
-__all__ = ["Task", "TASKS", "load_task", "describe_tasks"]
+__all__ = ["Task", "TASKS", "ConfiguredFactory", "load_task", "describe_tasks"]
 
 Split = tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 VAL_FRACTION = 0.2  # digits: the usual 80/20 hold-out; the split is fixed (seed 0), independent of run seeds
@@ -158,16 +160,111 @@ def describe_tasks() -> dict[str, str]:
     return dict(_DESCRIPTIONS)
 
 
-def load_task(spec: str, *, device: str = "cpu", **options: Any) -> Callable[..., Any]:
+# A sweep flag -> the attribute through which a trainable says what it does, and what a trainable without
+# the attribute does: batchlab.sweep.execute_run reads device, accumulation and precision with these defaults.
+_OPTION_ATTRIBUTES = {
+    "device": "device",
+    "accumulation": "accumulation",
+    "amp": "precision",
+    "noise_every": "noise_every",
+}
+_ATTRIBUTE_DEFAULTS = {"device": "cpu", "accumulation": 1, "precision": "fp32"}
+
+
+def _same(option: str, have: Any, wanted: Any) -> bool:
+    """Does a trainable's attribute already do what a flag asks? (``cuda`` is any ``cuda:N``.)"""
+    if have is None:
+        return False
+    if option == "device":
+        have, wanted = torch.device(have), torch.device(wanted)
+        return have.type == wanted.type and wanted.index in (None, have.index)
+    return str(have) == str(wanted)
+
+
+class ConfiguredFactory:
+    """A user's run factory with ``batchlab sweep``'s ``--device/--accumulation/--amp/--noise-every`` applied.
+
+    Each run the factory builds that is a :class:`~batchlab.trainable.SupervisedRun` is rebuilt with the
+    flags (:meth:`SupervisedRun.with_options`). Any other trainable cannot be changed from outside: it must
+    already do what each flag asks (its ``device``, ``accumulation``, ``precision``, ``noise_every``
+    attribute equal to the flag's value), else a one-line :class:`~batchlab.errors.WorkloadError` names the
+    flag -- a flag is never silently dropped. :meth:`check` builds one run to find that out before a sweep
+    starts. ``sweep_options`` (the normalised flags) joins the sweep's fingerprint, so a sweep with other
+    flags is another sweep. Picklable when the factory is (Ray ships it to the workers).
+    """
+
+    def __init__(self, factory: Callable[..., Any], **options: Any):
+        unknown = set(options) - set(_OPTION_ATTRIBUTES)
+        if unknown:
+            raise TypeError(f"unknown sweep option(s) {', '.join(sorted(unknown))}")
+        self.factory = factory
+        self.name = getattr(factory, "name", None) or getattr(factory, "__name__", type(factory).__name__)
+        self.dataset_size = getattr(factory, "dataset_size", None)
+        self.sweep_options = dict(options)
+
+    def __call__(self, batch_size: int, lr: float, seed: int) -> Any:
+        run = self.factory(batch_size, lr, seed)
+        if isinstance(run, SupervisedRun):
+            changes = dict(self.sweep_options)
+            if changes.get("amp") == "fp32":
+                changes["amp"] = None  # SupervisedRun's fp32
+            return run.with_options(**changes)
+        for option, value in self.sweep_options.items():
+            attribute = _OPTION_ATTRIBUTES[option]
+            have = getattr(run, attribute, _ATTRIBUTE_DEFAULTS.get(attribute))
+            if not _same(option, have, value):
+                if callable(getattr(run, "close", None)):
+                    run.close()
+                flag = "--" + option.replace("_", "-")
+                raise WorkloadError(
+                    f"{flag} {value} cannot be applied to the {type(run).__name__} the factory built (its "
+                    f"{attribute} is {have!r}): only a batchlab.trainable.SupervisedRun can be rebuilt with it; "
+                    f"set it in the factory or drop {flag}"
+                )
+        return run
+
+    def check(self, batch_size: int, lr: float) -> None:
+        """Build (and close) one run, so a flag its runs cannot take fails before any training."""
+        run = self(batch_size, lr, 0)
+        if callable(getattr(run, "close", None)):
+            run.close()
+
+
+def load_task(
+    spec: str,
+    *,
+    device: str | None = None,
+    accumulation: int | None = None,
+    amp: str | None = None,
+    noise_every: int | None = None,
+) -> Callable[..., Any]:
     """The factory a ``--workload`` spec names for a sweep: a built-in :class:`Task` or a user's function.
 
-    ``options`` (``accumulation``, ``amp``, ``noise_every``) apply to built-in tasks only.
+    A built-in task is built on ``device`` (None: the CPU; ``"auto"``: CUDA when available) with the options
+    given (None: the task's default -- one micro-batch, fp32, the noise scale every ``NOISE_EVERY`` steps).
+    A user's factory keeps its own settings; each option given (a ``device`` other than None/``"auto"``,
+    which leave the model where the factory puts it) is applied to its runs by :class:`ConfiguredFactory`,
+    or refused there with a one-line error.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise WorkloadError(f"invalid task {spec!r}: expected one of {', '.join(TASKS)} or path.py:function")
     spec = spec.strip()
+    if accumulation is not None and (
+        isinstance(accumulation, bool) or not isinstance(accumulation, int) or accumulation < 1
+    ):
+        raise ValueError(f"invalid accumulation {accumulation!r}: expected an int >= 1")
+    if noise_every is not None and (
+        isinstance(noise_every, bool) or not isinstance(noise_every, int) or noise_every < 0
+    ):
+        raise ValueError(f"invalid noise_every {noise_every!r}: expected an int >= 0 (0: never)")
+    options: dict[str, Any] = {"accumulation": accumulation, "noise_every": noise_every}
+    if amp is not None:
+        options["amp"] = parse_amp(amp) or "fp32"  # "fp32" (no autocast) is a choice too, unlike None
+    options = {name: value for name, value in options.items() if value is not None}
     if spec in _DATA:
-        return Task(spec, device=device, **options)
+        if options.get("amp") == "fp32":
+            del options["amp"]  # a Task's fp32 is amp=None
+        return Task(spec, device="cpu" if device is None else str(parse_device(device)), **options)
     if ":" not in spec:
         raise WorkloadError(
             f"unknown task {spec!r}: expected one of {', '.join(TASKS)}, path.py:function or module:function "
@@ -179,4 +276,6 @@ def load_task(spec: str, *, device: str = "cpu", **options: Any) -> Callable[...
         raise WorkloadError(
             f"{spec} returned {type(factory).__name__}; expected a factory (batch_size, lr, seed) -> trainable"
         )
-    return factory
+    if device is not None and device.strip().lower() != "auto":
+        options["device"] = str(parse_device(device))
+    return ConfiguredFactory(factory, **options) if options else factory

@@ -239,3 +239,18 @@ def test_one_step_past_a_prediction_that_rounds_onto_the_largest_fit():
     decision = next_candidate(probes, 559)
     assert (decision.batch_size, decision.reason) == (6, "one step past the prediction")
     assert next_candidate([*probes, Probe(6, "over budget", 560, 0, None, 0.0, 2)], 559).batch_size is None
+
+
+def test_the_hard_limit_guard_leaves_state_created_once_out_of_its_per_sample_bound():
+    from batchlab.search import Probe, upper_slope
+
+    MiB = 2**20
+    # batch 2: 760 MiB before the step, 290 MiB of optimizer state created, 10 MiB of activations.
+    first = Probe(2, "fits", 1060 * MiB, 760 * MiB, None, 0.1, 2)
+    assert upper_slope([first], first) == 150 * MiB  # everything the step added, as if it were per sample
+    assert upper_slope([first], first, created_bytes=290 * MiB) == 5 * MiB
+    limit = 1425 * MiB
+    frozen = next_candidate([first], 1300 * MiB, hard_limit_bytes=limit)
+    climbing = next_candidate([first], 1300 * MiB, hard_limit_bytes=limit, created_bytes=290 * MiB)
+    assert (frozen.batch_size, frozen.reason) == (4, "hard-limit guard")  # 2 + 365/150: crawling
+    assert climbing.batch_size == 16  # 8x growth, inside 2 + 365/5 = 75

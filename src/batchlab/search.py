@@ -200,6 +200,22 @@ def first_size(multiple_of: int) -> int:
     return multiple_of if multiple_of > 1 else 2
 
 
+def upper_slope(probes: Sequence[Probe], lo_probe: Probe, created_bytes: int = 0) -> float:
+    """An upper bound on the memory per sample past the largest fit ``lo_probe``, for the hard-limit guard.
+
+    A step's peak is at most its memory before the step plus what it creates once plus a per-sample part, so
+    the per-sample slope is at most ``(peak - baseline - created_bytes) / b`` at the largest fit -- a bound
+    that holds even where peaks look flat (fixed temporaries can hide the activations' slope until the
+    activations outgrow them, and a line through flat readings would then let one jump cross the limit).
+    ``created_bytes`` is the optimizer state a step creates (known for a Workload): it exists through the
+    second step's forward and backward whatever the batch, and leaving it in would freeze a model with large
+    state near batch 2. The fitted line's slope is the bound when it is steeper.
+    """
+    step_bytes = (lo_probe.peak_bytes or 0) - (lo_probe.baseline_bytes or 0) - created_bytes
+    line = fit_memory_line(probes)
+    return max(line.bytes_per_sample if line else 0.0, max(step_bytes, 0) / lo_probe.batch_size)
+
+
 def _prediction_error(probes: Sequence[Probe], recent: int = 3) -> float:
     """The largest |measured - predicted| peak among the last ``recent`` probes that had both."""
     errors = [
@@ -231,6 +247,7 @@ def next_candidate(
     cap: int | None = None,
     hard_limit_bytes: int | None = None,
     estimate: MemoryLine | None = None,
+    created_bytes: int = 0,
 ) -> Decision:
     """Decide the next batch size to try from the probes so far (pure; no torch, no device).
 
@@ -241,6 +258,9 @@ def next_candidate(
     while the probes cannot give one (fewer than two measured sizes): its slope, anchored on the largest
     measured fit, predicts the budget's size and the search jumps ``ESTIMATE_JUMP`` of the way there instead
     of climbing by ``MAX_GROWTH``; the measured line takes over from there. Every size is still run for real.
+
+    ``hard_limit_bytes`` bounds every candidate by :func:`upper_slope` (``created_bytes``: what a step creates
+    once, whatever the batch -- gradients and optimizer state -- where the workload can tell).
     """
     if not probes:
         return Decision(first_size(multiple_of), None, "first size")
@@ -298,11 +318,9 @@ def next_candidate(
         target = min(target, cap)
     if hard_limit_bytes is not None:
         # Never run a step that could exceed the hard limit (CPU RAM: the kernel kills, it does not raise).
-        # Bound the slope from above by the whole step's memory per sample, which includes fixed costs.
-        step_bytes = (lo_probe.peak_bytes or 0) - (lo_probe.baseline_bytes or 0)
-        upper_slope = max(line.bytes_per_sample if line else 0.0, step_bytes / lo)
-        if upper_slope > 0 and target > lo + (hard_limit_bytes - lo_probe.peak_bytes) / upper_slope:
-            target, how = lo + (hard_limit_bytes - lo_probe.peak_bytes) / upper_slope, "hard-limit guard"
+        slope = upper_slope(probes, lo_probe, created_bytes)
+        if slope > 0 and target > lo + (hard_limit_bytes - lo_probe.peak_bytes) / slope:
+            target, how = lo + (hard_limit_bytes - lo_probe.peak_bytes) / slope, "hard-limit guard"
     candidate = _align(target, multiple_of)
     stop_reason = "hard limit" if how == "hard-limit guard" else "memory"
     settled = candidate <= lo or (
@@ -525,6 +543,7 @@ def find_batch_size(
                     cap=cap,
                     hard_limit_bytes=hard_limit,
                     estimate=estimate,
+                    created_bytes=_optimizer_state_created(probes, before),
                 )
                 if decision.batch_size is None:
                     stop_reason = decision.reason
@@ -592,6 +611,14 @@ def find_batch_size(
         skipped_optimizer_steps=skipped,
         device_settings=dev.settings() if hasattr(dev, "settings") else {},
     )
+
+
+def _optimizer_state_created(probes: Sequence[Probe], before: dict[str, int] | None) -> int:
+    """The optimizer state a probe's steps created (0 where the workload cannot tell: a step callable)."""
+    for probe in probes:
+        if probe.tensor_bytes is not None and before is not None:
+            return max(probe.tensor_bytes["optimizer_state"] - before["optimizer_state"], 0)
+    return 0
 
 
 def _take_snapshot(work: Workload | StepFunction, dev: Device, budget: int, requested: str):

@@ -13,8 +13,10 @@ once per process through ``mallopt`` -- it is process-wide and stays on (glibc c
 threshold), costing a few more mmap calls for tensors over 64 KiB.
 
 Capacity is counted like a container limit counts it: the whole process, ``rss + available RAM``, capped by
-the cgroup limit (v2 ``memory.max`` or v1 ``memory.limit_in_bytes``). A CPU step that exceeds RAM is killed by
-the kernel, not raised, so :meth:`CPUDevice.hard_limit_bytes` tells the search where it must never go.
+every cgroup limit above the process (v2 ``memory.max`` or v1 ``memory.limit_in_bytes``, nested: the smallest
+room wins). A limit counts every process in its cgroup, so the room it leaves is ``limit - (usage -
+reclaimable cache - this process's rss)`` (:class:`CgroupLevel`). A CPU step that exceeds it is killed by the
+kernel, not raised, so :meth:`CPUDevice.hard_limit_bytes` tells the search where it must never go.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import ctypes.util
 import os
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -59,30 +62,96 @@ def _read_status_kib(field: str) -> int:
     raise OSError(f"{field} missing from {_STATUS}")
 
 
-def cgroup_limit_bytes() -> int | None:
-    """The memory limit of this process's cgroup (v2 or v1), or None when there is none."""
-    candidates = []
+@dataclass(frozen=True)
+class CgroupLevel:
+    """One cgroup on the way from this process's own to the root that has a memory limit.
+
+    ``usage`` is what the kernel charges to it (every process inside, page cache included) and
+    ``reclaimable`` the inactive file cache, which it drops before it kills -- the working set that Docker and
+    the kubelet report is ``usage - reclaimable``.
+    """
+
+    path: Path
+    limit: int
+    usage: int
+    reclaimable: int
+
+    def room_for(self, rss: int) -> int:
+        """The most resident memory a process holding ``rss`` now can reach: the limit minus the others' use."""
+        others = max(self.usage - self.reclaimable - rss, 0)
+        return self.limit - others
+
+
+_NO_LIMIT = 1 << 60  # cgroup v1 reports "no limit" as a huge number (9223372036854771712)
+
+
+def _read_int(path: Path) -> int | None:
     try:
-        for line in Path("/proc/self/cgroup").read_text().splitlines():
-            _, controllers, path = line.split(":", 2)
-            if controllers == "":  # cgroup v2
-                candidates.append(Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.max")
-                candidates.append(Path("/sys/fs/cgroup/memory.max"))
-            elif "memory" in controllers.split(","):  # cgroup v1
-                candidates.append(Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.limit_in_bytes")
-                candidates.append(Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
+        text = path.read_text().strip()
     except OSError:
         return None
-    for candidate in candidates:
-        try:
-            text = candidate.read_text().strip()
-        except OSError:
+    if not text or text == "max":
+        return None
+    value = int(text)
+    return value if value < _NO_LIMIT else None
+
+
+def _stat(path: Path, key: str) -> int:
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except OSError:
+        pass
+    return 0
+
+
+def cgroup_levels(
+    proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")
+) -> list[CgroupLevel]:
+    """Every cgroup from this process's own up to the root that limits memory (v2 ``memory.max``, v1
+    ``memory.limit_in_bytes``); nested limits all apply, so callers take the smallest room among them."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return []
+    levels = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2: one unified hierarchy
+            base, files = root, ("memory.max", "memory.current", "inactive_file")
+        elif "memory" in controllers.split(","):  # v1: the memory controller's own hierarchy
+            base, files = (
+                root / "memory",
+                ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
+            )
+        else:
             continue
-        if text and text != "max":
-            limit = int(text)
-            if limit < 1 << 60:  # v1 reports "no limit" as a huge number
-                return limit
-    return None
+        own = base / path.lstrip("/")
+        if not own.is_dir():  # a namespaced container sees its own cgroup at the mount's root
+            own = base
+        for folder in [own, *own.parents]:
+            if folder != base and base not in folder.parents:
+                break
+            limit = _read_int(folder / files[0])
+            usage = _read_int(folder / files[1])
+            if limit is not None and usage is not None:
+                levels.append(CgroupLevel(folder, limit, usage, _stat(folder / "memory.stat", files[2])))
+    return levels
+
+
+def process_capacity_bytes() -> int:
+    """The most resident memory this process can reach: ``rss + available RAM``, capped by every cgroup limit
+    above it (each net of what the cgroup's other processes hold)."""
+    rss = psutil.Process().memory_info().rss
+    rooms = [level.room_for(rss) for level in cgroup_levels()]
+    return min([rss + psutil.virtual_memory().available, *rooms])
+
+
+def host_room_bytes() -> int:
+    """Host memory this process can still grow into (for a state copy in RAM, on any device)."""
+    return max(process_capacity_bytes() - psutil.Process().memory_info().rss, 0)
 
 
 class _RSSSampler:
@@ -137,12 +206,14 @@ class CPUDevice(Device):
         return self._process.memory_info().rss
 
     def capacity_bytes(self) -> int:
-        capacity = self.in_use_bytes() + psutil.virtual_memory().available
-        limit = cgroup_limit_bytes()
-        return min(capacity, limit) if limit else capacity
+        return process_capacity_bytes()
 
     def hard_limit_bytes(self) -> int:
-        return self.capacity_bytes()
+        return process_capacity_bytes()
+
+    def settings(self) -> dict[str, object]:
+        """What shapes the readings: how the peak is read and whether glibc's mmap threshold is fixed."""
+        return {"peak": self.peak_method, "malloc_mmap_threshold_fixed": self.malloc_threshold_fixed}
 
     def release(self) -> None:
         release_after_oom("cpu")

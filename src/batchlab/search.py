@@ -609,7 +609,7 @@ def find_batch_size(
         state_copy_bytes=snapshot.nbytes + snapshot.disk_bytes,
         state_copy_storage=snapshot.storage,
         skipped_optimizer_steps=skipped,
-        device_settings=dev.settings() if hasattr(dev, "settings") else {},
+        device_settings=dev.settings(),
     )
 
 

@@ -67,6 +67,10 @@ class Device(ABC):
         """Free what a failed step left behind (called outside the ``except`` block, see :meth:`run`); real
         devices use :func:`batchlab.devices.release.release_after_oom`, the path every caller shares."""
 
+    def settings(self) -> dict[str, Any]:
+        """What shapes this device's readings (allocator configuration, how the peak is read), for the record."""
+        return {}
+
     def synchronize(self) -> None:  # noqa: B027 - an optional hook; CPU work is synchronous
         """Wait for queued work to finish, so a clock read after it is honest (no-op on the CPU)."""
 

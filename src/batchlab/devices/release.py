@@ -56,18 +56,18 @@ def devices_of(*holders: Any) -> list[torch.device]:
     return list(found)
 
 
-def release_after_oom(*devices: str | torch.device) -> None:
+def release_after_oom(*devices: str | torch.device, cuda: Any = torch.cuda) -> None:
     """Free what a failed step left behind; call it after its ``except`` block has ended (module docstring).
 
     ``devices`` are where the failed step ran (e.g. :func:`devices_of` its model). The CPU's queue is always
     drained (any graph's CPU-side nodes wait there, and it costs microseconds); a CUDA device is drained only
     when CUDA is initialised, so this never creates a CUDA context. Other device types get only the CPU drain
-    and the collection.
+    and the collection. ``cuda`` is the ``torch.cuda`` namespace (a scripted stand-in in tests).
     """
     flush_failed_backward("cpu")
     for device in dict.fromkeys(torch.device(d) for d in devices):
-        if device.type == "cuda" and torch.cuda.is_initialized():
+        if device.type == "cuda" and cuda.is_initialized():
             flush_failed_backward(device)
     gc.collect()
-    if torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
+    if cuda.is_initialized():
+        cuda.empty_cache()

@@ -6,7 +6,9 @@
 #   bash benchmarks/gpu_check.sh --dry-run  # CPU, tiny models, ~30 s: everything but the GPU itself
 #
 # Phases, each under `timeout` so a slow one cannot take the others' time (TOTAL_S in all):
-#   1. environment: GPU, driver, torch -> $OUT/env.txt
+#   1. environment: GPU, driver, torch -> $OUT/env.txt; then benchmarks/cuda_checks.py (issue 10 item 10: fp16
+#      optimizer state, a failed backward's release, the fake device against max_memory_allocated) ->
+#      $OUT/cuda_checks.md
 #   2. benchmarks/autobatch.py --cuda (another engineer's; emulated 16/24/40/80 GiB cards): absence or failure
 #      is logged and tolerated -> $OUT/autobatch.txt
 #   3. the profile of ResNet-50, ViT-B/16 and GPT-2 small (benchmarks/gpu_models.py, plain torch) at fp32 and
@@ -59,6 +61,11 @@ if ((DRY == 0)) && ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_av
   log "CUDA is not available: nothing to check (use --dry-run on a CPU machine)"
   exit 1
 fi
+
+# ---- 1b. correctness on the card: fp16 optimizer state, failed-backward release, fake vs allocator ----------
+timeout --kill-after=10 "$(cap 120)" "$PY" benchmarks/cuda_checks.py --device "$DEVICE" --out "$OUT" \
+  >"$OUT/cuda_checks.txt" 2>&1
+log "cuda checks: exit $? ($(grep -c '^\*\*pass' "$OUT/cuda_checks.md" 2>/dev/null || echo 0) of 3 pass)"
 
 # ---- 2. autobatch side by side (tolerated: absent, failing or cut) -----------------------------------------
 if [[ ! -f benchmarks/autobatch.py ]]; then

@@ -58,3 +58,11 @@ def test_profile_table_script_on_tiny_models(tmp_path, capsys):
         assert (tmp_path / f"{name}.json").is_file()
         assert (tmp_path / "plots" / f"{name}-throughput.png").is_file()
     assert "Command: `python benchmarks/profile_builtin.py --gpu-models" in report
+
+
+def test_cuda_checks_dry_run_on_the_cpu_passes_and_writes_its_tables(tmp_path):
+    import cuda_checks
+
+    assert cuda_checks.main(["--device", "cpu", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "cuda_checks.md").read_text()
+    assert text.count("**pass**") == 3 and "fp16 | " in text and "release_after_oom | 0 B" in text

@@ -10,18 +10,14 @@ from torch import nn
 
 from batchlab import SimulatedDevice, Workload, find_batch_size
 from batchlab.devices import allocator_memory
-from batchlab.profile import (
+from batchlab.profile import WARMUP_STEPS, ProfilePoint, findings, profile, summarize_variant
+from batchlab.profiling.analysis import (
     MAX_TIMED_STEPS,
     MIN_TIMED_STEPS,
-    WARMUP_STEPS,
-    ProfilePoint,
     default_batch_sizes,
-    findings,
     knee_batch_size,
     memory_per_sample,
-    profile,
     small_batch_scaling,
-    summarize_variant,
     timed_steps_for,
 )
 
@@ -49,6 +45,15 @@ def test_knee_is_the_smallest_batch_reaching_the_threshold():
 def test_knee_when_throughput_falls_after_a_peak():
     # A falling tail (cache or allocator effects) does not move the knee past the peak.
     assert knee_batch_size([8, 16, 32, 64], [500, 980, 1000, 700], 0.95) == 16
+
+
+def test_knee_defaults_to_the_shared_threshold_and_refuses_one_outside_0_1():
+    # 0.95 from batchlab.defaults: 600 >= 0.95 * 610, 560 is not.
+    assert knee_batch_size([8, 16, 32], [560, 600, 610]) == 16
+    with pytest.raises(ValueError, match=r"invalid threshold 1.5: expected a number in \(0, 1\]"):
+        knee_batch_size([1, 2], [1.0, 2.0], 1.5)
+    with pytest.raises(ValueError, match="invalid threshold 0: expected a number in"):
+        knee_batch_size([1, 2], [1.0, 2.0], 0)
 
 
 def test_memory_per_sample_uses_the_larger_sizes_like_the_search():

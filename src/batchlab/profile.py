@@ -33,7 +33,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -44,8 +43,17 @@ from typing import Any
 import torch
 
 from batchlab.checkpointing import activation_checkpointing, plan_checkpointing
+from batchlab.defaults import KNEE_THRESHOLD
 from batchlab.devices import Device, resolve_device
 from batchlab.errors import DoesNotFitError, WorkloadError
+from batchlab.profiling.analysis import (
+    SECONDS_PER_POINT,
+    default_batch_sizes,
+    knee_batch_size,
+    memory_per_sample,
+    small_batch_scaling,
+    timed_steps_for,
+)
 from batchlab.search import FitResult, Probe, find_batch_size
 from batchlab.spec import DEFAULT_FRACTION, parse_amp, parse_fraction
 from batchlab.units import format_bytes, parse_bytes
@@ -56,15 +64,7 @@ log = logging.getLogger("batchlab")
 PRECISIONS = ("fp32", "bf16", "fp16")
 WARMUP_STEPS = 2  # dropped: step 1 creates gradients and optimizer state (and on CUDA autotunes cuDNN and
 # warms the allocator); step 2 is the first update with optimizer state present. Neither is a steady step.
-MIN_TIMED_STEPS = 3  # the median of 3 already ignores one outlier (a GC pause, a noisy neighbour)
-MAX_TIMED_STEPS = 30  # enough for a stable median of a fast step; more only costs time
-SECONDS_PER_POINT = 1.0  # timed seconds aimed for per (variant, batch size): a small model gets many steps,
-# a large one MIN_TIMED_STEPS -- a profile of ~10 sizes x 2 variants stays around a minute plus warm-up
-KNEE_THRESHOLD = 0.95  # the knee: the smallest batch reaching 95% of the best throughput (the last 5% of
-# speed is rarely worth a batch that is several times larger)
-LINE_WINDOW = 8  # memory per sample: sizes >= largest / 8, like the search's line (small b is not affine)
 SCALING_WARN_RATIO = 0.5  # warn when, over the small sizes, throughput grows by < half the batch growth
-SCALING_SPAN = 4  # ... compared between the smallest size and the first size >= 4x it
 LOADER_GAP_WARN = 0.10  # a loader that costs > 10% of the samples/s is called the bottleneck
 
 
@@ -202,68 +202,6 @@ def format_rate(samples_per_second: float) -> str:
 
 def variant_name(precision: str, checkpointing: bool) -> str:
     return precision + ("+ckpt" if checkpointing else "")
-
-
-def default_batch_sizes(fit_batch_size: int, smallest: int = 1) -> list[int]:
-    """``smallest``, the powers of two above it up to the fit answer, and the answer itself."""
-    sizes = {smallest, fit_batch_size}
-    b = 1
-    while b <= fit_batch_size:
-        if b > smallest:
-            sizes.add(b)
-        b *= 2
-    return sorted(s for s in sizes if s <= fit_batch_size)
-
-
-def timed_steps_for(step_seconds: float, seconds_per_point: float) -> int:
-    """How many steps to time: about ``seconds_per_point`` worth, within MIN/MAX_TIMED_STEPS."""
-    if step_seconds <= 0 or not math.isfinite(step_seconds):
-        return MAX_TIMED_STEPS
-    return int(min(MAX_TIMED_STEPS, max(MIN_TIMED_STEPS, round(seconds_per_point / step_seconds))))
-
-
-def knee_batch_size(
-    batch_sizes: Sequence[int], throughputs: Sequence[float], threshold: float = KNEE_THRESHOLD
-) -> int | None:
-    """The smallest batch size whose throughput reaches ``threshold`` x the best one; None without points."""
-    pairs = [(b, t) for b, t in zip(batch_sizes, throughputs) if t is not None and t > 0]
-    if not pairs:
-        return None
-    best = max(t for _, t in pairs)
-    return min(b for b, t in pairs if t >= threshold * best)
-
-
-def memory_per_sample(batch_sizes: Sequence[int], peaks: Sequence[float]) -> tuple[float, float] | None:
-    """``(fixed_bytes, bytes_per_sample)``: a least-squares line through the peaks of sizes >= largest/8.
-
-    Falls back to the two largest sizes when the window holds fewer than two; None with fewer than two sizes.
-    """
-    points = {b: p for b, p in zip(batch_sizes, peaks) if p is not None}
-    if len(points) < 2:
-        return None
-    floor = max(points) / LINE_WINDOW
-    window = {b: p for b, p in points.items() if b >= floor}
-    if len(window) < 2:
-        window = dict(sorted(points.items())[-2:])
-    xs, ys = list(window), list(window.values())
-    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
-    sxx = sum((x - mean_x) ** 2 for x in xs)
-    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sxx
-    return mean_y - slope * mean_x, slope
-
-
-def small_batch_scaling(
-    batch_sizes: Sequence[int], throughputs: Sequence[float]
-) -> tuple[int, int, float] | None:
-    """``(b0, b1, efficiency)`` over the small sizes: the smallest size b0, the first b1 >= SCALING_SPAN * b0
-    (or the largest), and efficiency = (throughput gain) / (batch gain). 1.0 when the step time stays
-    constant as the batch grows (throughput doubles with the batch); 1/(b1/b0) when it is flat."""
-    pairs = sorted((b, t) for b, t in zip(batch_sizes, throughputs) if t is not None and t > 0)
-    if len(pairs) < 2:
-        return None
-    b0, t0 = pairs[0]
-    b1, t1 = next(((b, t) for b, t in pairs if b >= SCALING_SPAN * b0), pairs[-1])
-    return b0, b1, (t1 / t0) / (b1 / b0)
 
 
 def summarize_variant(

@@ -1,0 +1,90 @@
+"""The profile's decision and summary math: plain functions over batch sizes, throughputs and peak bytes.
+
+No torch, no device: each function takes numbers (or the profile's records) and returns numbers, so the knee,
+the memory line and the timing budget are tested exactly, without running a step. The one knee of the project
+lives here (:func:`knee_batch_size`); the advice and the CLI use it too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from batchlab import checks
+from batchlab.defaults import KNEE_THRESHOLD
+
+MIN_TIMED_STEPS = 3  # the median of 3 already ignores one outlier (a GC pause, a noisy neighbour)
+MAX_TIMED_STEPS = 30  # enough for a stable median of a fast step; more only costs time
+SECONDS_PER_POINT = 1.0  # timed seconds aimed for per (variant, batch size): a small model gets many steps,
+# a large one MIN_TIMED_STEPS -- a profile of ~10 sizes x 2 variants stays around a minute plus warm-up
+LINE_WINDOW = 8  # memory per sample: sizes >= largest / 8, like the search's line (small b is not affine)
+SCALING_SPAN = 4  # small-batch scaling compares the smallest size with the first size >= 4x it
+
+
+def knee_batch_size(
+    batch_sizes: Sequence[int], throughputs: Sequence[float | None], threshold: float = KNEE_THRESHOLD
+) -> int | None:
+    """The smallest batch size whose throughput reaches ``threshold`` x the best one; None without points.
+
+    Sizes without a positive throughput (not timed, or did not fit) are left out. ``threshold`` is a number in
+    (0, 1]; the default, :data:`batchlab.defaults.KNEE_THRESHOLD`, says why 0.95.
+    """
+    threshold = checks.fraction("threshold", threshold, include_one=True)
+    pairs = [(b, t) for b, t in zip(batch_sizes, throughputs) if t is not None and t > 0]
+    if not pairs:
+        return None
+    best = max(t for _, t in pairs)
+    return min(b for b, t in pairs if t >= threshold * best)
+
+
+def default_batch_sizes(fit_batch_size: int, smallest: int = 1) -> list[int]:
+    """``smallest``, the powers of two above it up to the fit answer, and the answer itself."""
+    sizes = {smallest, fit_batch_size}
+    b = 1
+    while b <= fit_batch_size:
+        if b > smallest:
+            sizes.add(b)
+        b *= 2
+    return sorted(s for s in sizes if s <= fit_batch_size)
+
+
+def timed_steps_for(step_seconds: float, seconds_per_point: float) -> int:
+    """How many steps to time: about ``seconds_per_point`` worth, within MIN/MAX_TIMED_STEPS."""
+    if step_seconds <= 0 or not math.isfinite(step_seconds):
+        return MAX_TIMED_STEPS
+    return int(min(MAX_TIMED_STEPS, max(MIN_TIMED_STEPS, round(seconds_per_point / step_seconds))))
+
+
+def memory_per_sample(
+    batch_sizes: Sequence[int], peaks: Sequence[float | None]
+) -> tuple[float, float] | None:
+    """``(fixed_bytes, bytes_per_sample)``: a least-squares line through the peaks of sizes >= largest/8.
+
+    Falls back to the two largest sizes when the window holds fewer than two; None with fewer than two sizes.
+    """
+    points = {b: p for b, p in zip(batch_sizes, peaks) if p is not None}
+    if len(points) < 2:
+        return None
+    floor = max(points) / LINE_WINDOW
+    window = {b: p for b, p in points.items() if b >= floor}
+    if len(window) < 2:
+        window = dict(sorted(points.items())[-2:])
+    xs, ys = list(window), list(window.values())
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mean_x) ** 2 for x in xs)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sxx
+    return mean_y - slope * mean_x, slope
+
+
+def small_batch_scaling(
+    batch_sizes: Sequence[int], throughputs: Sequence[float | None]
+) -> tuple[int, int, float] | None:
+    """``(b0, b1, efficiency)`` over the small sizes: the smallest size b0, the first b1 >= SCALING_SPAN * b0
+    (or the largest), and efficiency = (throughput gain) / (batch gain). 1.0 when the step time stays
+    constant as the batch grows (throughput doubles with the batch); 1/(b1/b0) when it is flat."""
+    pairs = sorted((b, t) for b, t in zip(batch_sizes, throughputs) if t is not None and t > 0)
+    if len(pairs) < 2:
+        return None
+    b0, t0 = pairs[0]
+    b1, t1 = next(((b, t) for b, t in pairs if b >= SCALING_SPAN * b0), pairs[-1])
+    return b0, b1, (t1 / t0) / (b1 / b0)

@@ -9,10 +9,10 @@ datasets with batchlab.sweep:
    root rule from ``--base-batch`` times each multiplier of a small grid (the Tuning Playbook: the LR must be
    re-tuned when the batch changes); every run stops when the validation loss reaches the target.
 2. Steps-to-target per batch size = the best multiplier's mean over seeds (interpolated between evaluations,
-   every 4 steps); fit S_min and B_crit in log space (batchlab.critical.fit_critical_batch).
+   every 4 steps); fit S_min and B_crit in log space (batchlab.noise.critical.fit_critical_batch).
 3. B_simple: every step also measures the noise scale (split-batch collector, which does not change the
    gradient); the per-step |G|² and tr(Σ) estimates over the second half of each run's steps to the target are
-   averaged and pooled over the best-LR runs of all batch sizes (batchlab.critical.pooled_noise_scale).
+   averaged and pooled over the best-LR runs of all batch sizes (batchlab.noise.critical.pooled_noise_scale).
 4. Compare: ratio B_simple / B_crit, target within 2x. Writes benchmarks/results/critical_batch.png and .json
    and prints a Markdown section for benchmarks/RESULTS.md.
 

@@ -38,11 +38,11 @@ def test_estimate_components_inverts_the_expectations():
     [
         ((1.0, 0.5, 32, 32), "b_small must be smaller than b_big, got b_small=32, b_big=32"),
         ((1.0, 0.5, 64, 32), "b_small must be smaller than b_big, got b_small=64, b_big=32"),
-        ((1.0, 0.5, 0, 32), "b_small must be a finite number > 0 (a batch size), got 0"),
-        ((1.0, 0.5, -4, 32), "b_small must be a finite number > 0 (a batch size), got -4"),
-        ((1.0, 0.5, NAN, 32), "b_small must be a finite number > 0 (a batch size), got nan"),
-        ((1.0, 0.5, 8, INF), "b_big must be a finite number > 0 (a batch size), got inf"),
-        ((1.0, 0.5, True, 32), "b_small must be a finite number > 0 (a batch size), got True"),
+        ((1.0, 0.5, 0, 32), "invalid b_small 0: expected a number > 0 (a batch size)"),
+        ((1.0, 0.5, -4, 32), "invalid b_small -4: expected a number > 0 (a batch size)"),
+        ((1.0, 0.5, NAN, 32), "invalid b_small nan: expected a number > 0 (a batch size)"),
+        ((1.0, 0.5, 8, INF), "invalid b_big inf: expected a number > 0 (a batch size)"),
+        ((1.0, 0.5, True, 32), "invalid b_small True: expected a number > 0 (a batch size)"),
         ((-1.0, 0.5, 8, 32), "sq_norm_small must be >= 0 (a squared norm), got -1.0"),
         ((1.0, -0.5, 8, 32), "sq_norm_big must be >= 0 (a squared norm), got -0.5"),
         ((1.0, "x", 8, 32), "sq_norm_big must be a real number (a squared norm), got 'x'"),
@@ -310,9 +310,11 @@ def test_accumulation_collector_close_removes_hooks():
 
 def test_accumulation_collector_rejects_bad_arguments():
     model = _mlp()
-    with pytest.raises(ValueError, match=re.escape("micro_batch_size must be an integer >= 1, got 0")):
+    with pytest.raises(ValueError, match=re.escape("invalid micro_batch_size 0: expected an int >= 1")):
         AccumulationCollector(model.parameters(), 0)
-    with pytest.raises(ValueError, match=re.escape("loss_divided_by_steps must be True or False, got 'yes'")):
+    with pytest.raises(
+        ValueError, match=re.escape("invalid loss_divided_by_steps 'yes': expected True or False")
+    ):
         AccumulationCollector(model.parameters(), 4, loss_divided_by_steps="yes")
     with pytest.raises(ValueError, match="params has no tensor that requires grad"):
         AccumulationCollector([p.detach() for p in model.parameters()], 4)

@@ -34,7 +34,7 @@ def _free_port() -> int:
 
 
 def _run_ranks(out: Path) -> list[dict]:
-    src = str(Path(batchlab.noise.__file__).resolve().parents[1])
+    src = str(Path(batchlab.__file__).resolve().parents[1])
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p),

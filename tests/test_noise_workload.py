@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from batchlab import Workload
-from batchlab.noise_workload import measure_noise_scale, noise_collector
+from batchlab.noise.measure import measure_noise_scale, noise_collector
 from conftest import tiny_bn_workload
 
 
@@ -130,10 +130,13 @@ def test_on_step_sees_every_pair():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
+        ({"batch_size": 0}, "invalid batch_size 0: expected an int >= 1"),
         ({"batch_size": 1}, "the split collector needs batch_size >= 2"),
-        ({"batch_size": 8, "steps": 0}, "steps must be an integer >= 1, got 0"),
-        ({"batch_size": 8, "collector": "ddp"}, "collector must be one of 'auto', 'accumulation', 'split'"),
+        ({"batch_size": 8, "steps": 0}, "invalid steps 0: expected an int >= 1"),
+        (
+            {"batch_size": 8, "collector": "ddp"},
+            "invalid collector 'ddp': expected one of 'auto', 'accumulation', 'split'",
+        ),
         (
             {"batch_size": 8, "collector": "accumulation"},
             "collector 'accumulation' needs a workload with grad_accum >= 2",

@@ -32,7 +32,7 @@ from batchlab.cli.noise import (
     require_workload,
 )
 from batchlab.errors import DoesNotFitError
-from batchlab.noise_workload import measure_noise_scale, noise_collector
+from batchlab.noise import measure_noise_scale, noise_collector
 from batchlab.scaling import RULES
 from batchlab.search import FitResult, find_batch_size
 from batchlab.units import parse_bytes

@@ -9,8 +9,14 @@ import time
 from rich.console import Console
 
 from batchlab.cli.common import Display, add_workload_options, build_workload
-from batchlab.noise import DEFAULT_BETA, NoiseScaleEstimate
-from batchlab.noise_workload import COLLECTORS, DEFAULT_NOISE_STEPS, measure_noise_scale, noise_collector
+from batchlab.noise import (
+    COLLECTORS,
+    DEFAULT_BETA,
+    DEFAULT_NOISE_STEPS,
+    NoiseScaleEstimate,
+    measure_noise_scale,
+    noise_collector,
+)
 from batchlab.workload import Workload
 
 # 128: near the noise scale of small tasks early in training (mlp-digits measured ~100-250), where the

@@ -2,12 +2,13 @@
 
 :func:`measure_noise_scale` runs ``steps`` real training steps of the workload (forward, loss, backward,
 optimizer step -- the noise scale belongs to the point training is at, and moves with it) with one of
-:mod:`batchlab.noise`'s collectors hooked in, and returns the tracker's :class:`~batchlab.noise.NoiseScaleEstimate`.
+:mod:`batchlab.noise.collectors` hooked in, and returns the tracker's
+:class:`~batchlab.noise.estimator.NoiseScaleEstimate`.
 The model's parameters and buffers, the optimizer's state, gradients, the GradScaler and the RNG states are
 restored bitwise afterwards (:meth:`Workload.snapshot`), and the collector's hooks removed -- also when a
 step raises.
 
-Which collector (cheapest first, see :mod:`batchlab.noise`):
+Which collector (cheapest first, see :mod:`batchlab.noise.collectors`):
 
 - ``"accumulation"`` (collector a) when the workload accumulates (``grad_accum > 1``): its micro-batches vs
   their sum, free;
@@ -16,18 +17,12 @@ Which collector (cheapest first, see :mod:`batchlab.noise`):
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 from dataclasses import replace
 
-from batchlab.noise import (
-    DEFAULT_BETA,
-    AccumulationCollector,
-    GradientNoiseScale,
-    NoiseScaleEstimate,
-    NormPair,
-    SplitBatchCollector,
-)
+from batchlab import checks
+from batchlab.noise.collectors import AccumulationCollector, NormPair, SplitBatchCollector
+from batchlab.noise.estimator import DEFAULT_BETA, GradientNoiseScale, NoiseScaleEstimate
 from batchlab.workload import StepFunction, Workload
 
 __all__ = ["measure_noise_scale", "noise_collector", "COLLECTORS", "DEFAULT_NOISE_STEPS"]
@@ -44,10 +39,7 @@ def noise_collector(workload: Workload, collector: str = "auto") -> str:
     ``"auto"`` picks accumulation when the workload accumulates gradients (``grad_accum > 1``: free) and the
     split batch otherwise. Raises ``ValueError`` for an unknown name or accumulation without accumulation.
     """
-    if not isinstance(collector, str) or collector not in COLLECTORS:
-        raise ValueError(
-            f"collector must be one of {', '.join(repr(c) for c in COLLECTORS)}; got {collector!r}"
-        )
+    checks.choice("collector", collector, COLLECTORS)
     accum = getattr(workload, "grad_accum", 1)
     if collector == "auto":
         return "accumulation" if accum > 1 else "split"
@@ -79,10 +71,10 @@ def measure_noise_scale(
             The estimate is most precise when the larger size is near B_noise itself.
         steps: optimizer steps to run (each one a real update of the model, undone afterwards).
         collector: ``"auto"``, ``"accumulation"`` or ``"split"`` (:func:`noise_collector`).
-        beta: the tracker's EMA decay (:class:`~batchlab.noise.GradientNoiseScale`).
+        beta: the tracker's EMA decay (:class:`~batchlab.noise.estimator.GradientNoiseScale`).
         on_step: called after each step with its index and the pair of norms it gave (progress displays).
 
-    Returns the tracker's :class:`~batchlab.noise.NoiseScaleEstimate`; its ``note`` also names the collector.
+    Returns the tracker's :class:`~batchlab.noise.estimator.NoiseScaleEstimate`; its ``note`` also names the collector.
     Non-finite steps (fp16 overflow) are skipped by the collector and counted in ``skipped``.
     """
     if isinstance(workload, StepFunction) or not isinstance(workload, Workload):
@@ -90,10 +82,8 @@ def measure_noise_scale(
             "measuring the noise scale needs a batchlab.Workload (model, make_batch, loss_fn, optimizer): the "
             "collectors hook the model's gradients, which a plain step(batch_size) callable hides"
         )
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    batch_size = checks.integer("batch_size", batch_size)
+    steps = checks.integer("steps", steps)
     kind = noise_collector(workload, collector)
     if kind == "split" and batch_size < 2:
         raise ValueError(
@@ -105,12 +95,12 @@ def measure_noise_scale(
     snapshot = workload.snapshot()
     try:
         if kind == "accumulation":
-            gns = AccumulationCollector(params, int(batch_size), tracker, scaler=workload.scaler)
+            gns = AccumulationCollector(params, batch_size, tracker, scaler=workload.scaler)
         else:
             gns = SplitBatchCollector(params, tracker, scaler=workload.scaler)
         with gns:  # removes the hooks on the way out
             for index in range(steps):
-                _train_step(workload, gns, int(batch_size))
+                _train_step(workload, gns, batch_size)
                 if on_step is not None:
                     on_step(index, gns.last)
     finally:

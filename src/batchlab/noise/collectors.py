@@ -1,25 +1,18 @@
-"""Gradient noise scale: the unbiased two-batch estimator, an EMA tracker, and torch collectors.
+"""Torch collectors of the gradient noise scale: the two squared gradient norms a training loop gives for free.
 
-McCandlish et al. 2018, "An Empirical Model of Large-Batch Training" (App. A): the squared norm of a
-batch-B mean gradient has expectation E|G_B|² = |G|² + tr(Σ)/B, where G is the true gradient and Σ the
-per-example gradient covariance. Two batch sizes B_small < B_big give both components (eq. A.2), and the
-simple noise scale B_simple = tr(Σ)/|G|² predicts the critical batch size.
+Each collector obtains |G_small|² and |G_big|² at two batch sizes from a real training loop and feeds them to
+a :class:`~batchlab.noise.estimator.GradientNoiseScale` (the math, McCandlish et al. 2018, App. A):
 
-Layers, bottom up:
+- :class:`AccumulationCollector` (a): gradient-accumulation micro-batches vs their sum, free;
+- :class:`DDPCollector` (b): the local vs the all-reduced gradient, from a DDP comm hook, free;
+- :class:`SplitBatchCollector` (c): one batch run as two halves, a second, smaller forward/backward.
 
-- :func:`estimate_components` — eq. A.2, plain numbers in and out.
-- :class:`GradientNoiseScale` — separate bias-corrected EMAs of |G|² and tr(Σ); B_simple is their ratio.
-- Collectors, which obtain the two squared norms from a real training loop for free or nearly so:
-  :class:`AccumulationCollector` (micro-batches vs their sum), :class:`DDPCollector` (local vs all-reduced
-  gradient, a DDP comm hook) and :class:`SplitBatchCollector` (one batch run as two halves). Each accepts an
-  optional ``torch.amp.GradScaler`` and divides its scale out before the norms reach the tracker; steps whose
-  norms are not finite (AMP overflow) are skipped and counted.
+Each accepts an optional ``torch.amp.GradScaler`` and divides its scale out before the norms reach the
+tracker; steps whose norms are not finite (AMP overflow) are skipped and counted.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -27,246 +20,10 @@ from typing import Any
 
 import torch
 
-__all__ = [
-    "estimate_components",
-    "GradientNoiseScale",
-    "NoiseScaleEstimate",
-    "NormPair",
-    "AccumulationCollector",
-    "DDPCollector",
-    "SplitBatchCollector",
-    "DEFAULT_BETA",
-]
+from batchlab import checks
+from batchlab.noise.estimator import GradientNoiseScale, NoiseScaleEstimate
 
-# EMA decay of the tracker: a ~100-update window. Per-update estimates are noisy (their spread is often larger
-# than their mean), while |G|² drifts as training goes on; k-diffusion uses 0.9998 for runs of 100k+ steps.
-DEFAULT_BETA = 0.99
-
-
-def _check_batch(name: str, value: object) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ValueError(f"{name} must be a finite number > 0 (a batch size), got {value!r}")
-    return float(value)
-
-
-def _check_sizes(b_small: object, b_big: object) -> tuple[float, float]:
-    bs, bb = _check_batch("b_small", b_small), _check_batch("b_big", b_big)
-    if not bs < bb:
-        raise ValueError(f"b_small must be smaller than b_big, got b_small={b_small!r}, b_big={b_big!r}")
-    return bs, bb
-
-
-def _check_sq_norm(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a real number (a squared norm), got {value!r}")
-    x = float(value)
-    if x < 0:
-        raise ValueError(f"{name} must be >= 0 (a squared norm), got {value!r}")
-    return x
-
-
-def estimate_components(
-    sq_norm_small: float, sq_norm_big: float, b_small: float, b_big: float
-) -> tuple[float, float]:
-    """Unbiased estimates ``(g2, trace_sigma)`` of |G|² and tr(Σ) from two squared gradient norms.
-
-    McCandlish et al. 2018, App. A, eq. A.2, with |G_B|² the squared norm of a batch-B mean gradient:
-    |G|² ≈ (B_big·|G_big|² − B_small·|G_small|²)/(B_big − B_small) and
-    tr(Σ) ≈ (|G_small|² − |G_big|²)/(1/B_small − 1/B_big).
-    Each is unbiased because E|G_B|² = |G|² + tr(Σ)/B; either may come out negative on a single pair.
-    ``sq_norm_small`` may be a mean over several small batches of size ``b_small`` (still unbiased); the
-    batch sizes may be non-integer (e.g. a harmonic mean of unequal sizes). NaN/inf norms propagate.
-    Raises ``ValueError`` for batch sizes that are not ``0 < b_small < b_big`` or for negative norms.
-    """
-    bs, bb = _check_sizes(b_small, b_big)
-    s, b = _check_sq_norm("sq_norm_small", sq_norm_small), _check_sq_norm("sq_norm_big", sq_norm_big)
-    g2 = (bb * b - bs * s) / (bb - bs)
-    trace_sigma = (s - b) / (1.0 / bs - 1.0 / bb)
-    return g2, trace_sigma
-
-
-# --------------------------------------------------------------------------------------------------- tracker
-
-
-@dataclass(frozen=True)
-class NoiseScaleEstimate:
-    """What a :class:`GradientNoiseScale` has measured so far.
-
-    ``b_simple`` is tr(Σ)/|G|² from the EMAs, or ``None`` with the reason in ``note`` (no updates yet, or an
-    EMA ≤ 0: gradient noise dominates the signal). ``*_stderr`` are standard errors (delta method over the
-    EMA-weighted per-update estimates, see :meth:`GradientNoiseScale.result`), ``None`` until two updates.
-    ``samples`` sums B_big over the accepted updates; ``effective_updates`` is the EMA's effective count.
-    """
-
-    b_simple: float | None
-    b_simple_stderr: float | None
-    g2: float | None
-    g2_stderr: float | None
-    trace_sigma: float | None
-    trace_sigma_stderr: float | None
-    updates: int
-    effective_updates: float
-    samples: float
-    skipped: int
-    beta: float
-    note: str
-
-    def to_dict(self) -> dict:
-        """Plain, JSON-ready dict of every field (no NaN or inf: missing values are ``None``)."""
-        return asdict(self)
-
-
-class GradientNoiseScale:
-    """Running gradient noise scale B_simple = EMA(tr Σ)/EMA(|G|²) (McCandlish et al. 2018, App. A).
-
-    Each :meth:`update` turns one pair of squared norms into per-update estimates of |G|² and tr(Σ)
-    (:func:`estimate_components`) and folds them into separate exponential moving averages with decay
-    ``beta``, bias-corrected like Adam's moments (divide by 1 − beta^t), so early values are not pulled
-    toward zero. The ratio is taken of the averages, not averaged ratios: a single pair's |G|² estimate is
-    often ≤ 0 and its ratio meaningless. Non-finite inputs (AMP overflow) are skipped and counted.
-
-    ``beta=0`` keeps only the latest update; values near 1 average longer (window ≈ 1/(1 − beta)).
-    """
-
-    def __init__(self, beta: float = DEFAULT_BETA) -> None:
-        if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0.0 <= beta < 1.0:
-            raise ValueError(f"beta must be a number in [0, 1) (the EMA decay), got {beta!r}")
-        self.beta = float(beta)
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget every update (and the skip count)."""
-        self._t = 0
-        self._decay = 1.0  # beta ** t, for the bias correction
-        # EMAs (not yet bias-corrected) of x = |G|² estimate, y = tr(Σ) estimate, and their second moments
-        self._x = self._y = self._xx = self._yy = self._xy = 0.0
-        self._samples = 0.0
-        self._skipped = 0
-
-    def update(self, sq_norm_small: float, sq_norm_big: float, b_small: float, b_big: float) -> bool:
-        """Fold one pair of squared gradient norms into the EMAs; return False if it was skipped.
-
-        ``sq_norm_small`` is |G_small|² (or a mean of several) at batch ``b_small``; ``sq_norm_big`` is |G_big|²
-        at ``b_big`` > ``b_small``. Non-finite norms are skipped and counted in ``skipped``; invalid batch sizes
-        or negative norms raise ``ValueError``.
-        """
-        bs, bb = _check_sizes(b_small, b_big)
-        s, b = _check_sq_norm("sq_norm_small", sq_norm_small), _check_sq_norm("sq_norm_big", sq_norm_big)
-        if not (math.isfinite(s) and math.isfinite(b)):
-            self._skipped += 1
-            return False
-        x, y = estimate_components(s, b, bs, bb)
-        c = 1.0 - self.beta
-        self._x += c * (x - self._x)
-        self._y += c * (y - self._y)
-        self._xx += c * (x * x - self._xx)
-        self._yy += c * (y * y - self._yy)
-        self._xy += c * (x * y - self._xy)
-        self._t += 1
-        self._decay *= self.beta
-        self._samples += bb
-        return True
-
-    @property
-    def updates(self) -> int:
-        """Number of accepted updates."""
-        return self._t
-
-    @property
-    def skipped(self) -> int:
-        """Number of updates skipped for non-finite norms."""
-        return self._skipped
-
-    @property
-    def samples(self) -> float:
-        """Samples behind the accepted updates (the sum of their B_big)."""
-        return self._samples
-
-    @property
-    def g2(self) -> float | None:
-        """Bias-corrected EMA of the |G|² estimates (None before the first update)."""
-        return self._x / (1.0 - self._decay) if self._t else None
-
-    @property
-    def trace_sigma(self) -> float | None:
-        """Bias-corrected EMA of the tr(Σ) estimates (None before the first update)."""
-        return self._y / (1.0 - self._decay) if self._t else None
-
-    @property
-    def b_simple(self) -> float | None:
-        """B_simple = EMA(tr Σ)/EMA(|G|²), or None when undefined (see :meth:`result` for why)."""
-        return self.result().b_simple
-
-    def result(self) -> NoiseScaleEstimate:
-        """The current estimate with its uncertainty.
-
-        Uncertainty: the normalised EMA weights w_t (Σ w_t = 1) give an effective number of updates
-        n_eff = 1/Σ w_t² = (1 + beta)(1 − beta^T)/((1 − beta)(1 + beta^T)). Treating updates as independent
-        (each sees fresh data; the weights move slowly), the standard error of a weighted mean X̄ is
-        sqrt(s²/n_eff) with s² = Σ w_t (x_t − X̄)²/(1 − Σ w_t²), and that of the ratio B = Ȳ/X̄ follows by the
-        delta method: SE(B) = sqrt(s_z²/n_eff)/|X̄| with z_t = y_t − B·x_t. All sums are kept as EMAs, so
-        this costs O(1) per update. It ignores correlation between updates and is a first-order (large-n_eff)
-        approximation; it is reported only while |G|² > 0.
-        """
-        t = self._t
-        if t == 0:
-            return NoiseScaleEstimate(
-                None, None, None, None, None, None, 0, 0.0, 0.0, self._skipped, self.beta,
-                "no updates yet" + (f" ({self._skipped} skipped for non-finite norms)" if self._skipped else ""),
-            )  # fmt: skip
-        corr = 1.0 - self._decay
-        x, y = self._x / corr, self._y / corr
-        xx, yy, xy = self._xx / corr, self._yy / corr, self._xy / corr
-        beta_t = self._decay
-        sum_w2 = 1.0 if self.beta == 0.0 else (1.0 - self.beta) * (1.0 + beta_t) / ((1.0 + self.beta) * corr)
-        n_eff = 1.0 / sum_w2
-
-        def stderr(second_moment_of_dev: float) -> float | None:
-            if sum_w2 >= 1.0 - 1e-12:  # one effective update: no spread to measure
-                return None
-            return math.sqrt(max(0.0, second_moment_of_dev) / (1.0 - sum_w2) * sum_w2)
-
-        g2_se, tr_se = stderr(xx - x * x), stderr(yy - y * y)
-        notes = []
-        b_simple = b_se = None
-        if x <= 0.0:
-            notes.append(
-                f"|G|² EMA is {x:.3g} <= 0: gradient noise dominates the signal at these batch sizes, so "
-                f"B_simple is unbounded (very large); collect more updates or use a larger B_big"
-            )
-        elif y <= 0.0:
-            notes.append(
-                f"tr(Σ) EMA is {y:.3g} <= 0: no measurable gradient noise yet (B_simple ≈ 0); collect more updates"
-            )
-        else:
-            b_simple = y / x
-            z2 = yy - 2.0 * b_simple * xy + b_simple * b_simple * xx  # weighted mean of (y_t - B x_t)²
-            se = stderr(z2)
-            b_se = se / x if se is not None else None
-        if self._skipped:
-            notes.append(f"{self._skipped} update(s) skipped for non-finite norms")
-        return NoiseScaleEstimate(
-            b_simple=b_simple,
-            b_simple_stderr=b_se,
-            g2=x,
-            g2_stderr=g2_se,
-            trace_sigma=y,
-            trace_sigma_stderr=tr_se,
-            updates=t,
-            effective_updates=n_eff,
-            samples=self._samples,
-            skipped=self._skipped,
-            beta=self.beta,
-            note="; ".join(notes) if notes else f"B_simple from {t} updates ({n_eff:.1f} effective)",
-        )
-
-
-# ---------------------------------------------------------------------------------------------- collectors
+__all__ = ["NormPair", "AccumulationCollector", "DDPCollector", "SplitBatchCollector"]
 
 
 @dataclass(frozen=True)
@@ -428,17 +185,10 @@ class AccumulationCollector(_Collector):
         loss_divided_by_steps: bool = True,
         scaler: Any = None,
     ) -> None:
-        if (
-            isinstance(micro_batch_size, bool)
-            or not isinstance(micro_batch_size, numbers.Integral)
-            or micro_batch_size < 1
-        ):
-            raise ValueError(f"micro_batch_size must be an integer >= 1, got {micro_batch_size!r}")
-        if not isinstance(loss_divided_by_steps, bool):
-            raise ValueError(f"loss_divided_by_steps must be True or False, got {loss_divided_by_steps!r}")
+        micro = checks.integer("micro_batch_size", micro_batch_size)
+        self.loss_divided_by_steps = checks.flag("loss_divided_by_steps", loss_divided_by_steps)
         super().__init__(tracker, scaler)
-        self.micro_batch_size = int(micro_batch_size)
-        self.loss_divided_by_steps = loss_divided_by_steps
+        self.micro_batch_size = micro
         self.single_micro_batch_steps = 0
         self._hooks = _GradHooks(params)
 
@@ -448,9 +198,11 @@ class AccumulationCollector(_Collector):
         ``micro_batch_size`` overrides the constructor's for this step (all micro-batches of a step are taken
         to have this size). Returns None, and counts it, when fewer than two micro-batches were seen.
         """
-        b = self.micro_batch_size if micro_batch_size is None else micro_batch_size
-        if isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 1:
-            raise ValueError(f"micro_batch_size must be an integer >= 1, got {micro_batch_size!r}")
+        b = (
+            self.micro_batch_size
+            if micro_batch_size is None
+            else checks.integer("micro_batch_size", micro_batch_size)
+        )
         sq_t, cross_t, n = self._hooks.take()
         if n < 2:
             if n == 1:
@@ -600,12 +352,7 @@ class DDPCollector(_Collector):
             raise ValueError(
                 f"ddp_model must be a torch.nn.parallel.DistributedDataParallel, got {type(ddp_model).__name__}"
             )
-        if (
-            isinstance(local_batch_size, bool)
-            or not isinstance(local_batch_size, numbers.Integral)
-            or local_batch_size < 1
-        ):
-            raise ValueError(f"local_batch_size must be an integer >= 1, got {local_batch_size!r}")
+        local = checks.integer("local_batch_size", local_batch_size)
         super().__init__(tracker, scaler)
         self._dist = dist
         self._group = getattr(ddp_model, "process_group", None)
@@ -614,7 +361,7 @@ class DDPCollector(_Collector):
             raise ValueError(
                 f"DDPCollector needs world size >= 2 to have two batch sizes, got {self.world_size}"
             )
-        self.local_batch_size = int(local_batch_size)
+        self.local_batch_size = local
         self._small: list[torch.Tensor] = []
         self._big: list[torch.Tensor] = []
         ddp_model.register_comm_hook(state=None, hook=self._hook)

@@ -9,7 +9,7 @@ from batchlab.checkpointing import activation_checkpointing
 from batchlab.devices import CPUDevice, CUDADevice, Device, FakeDevice, Measurement, SimulatedDevice
 from batchlab.errors import BatchlabError, DoesNotFitError, FakeTensorError, WorkloadError
 from batchlab.guard import GuardEvent, OOMGuard
-from batchlab.noise_workload import measure_noise_scale
+from batchlab.noise import measure_noise_scale
 from batchlab.oom import is_out_of_memory
 from batchlab.plan import PlanResult, estimate_memory_line, plan
 from batchlab.profile import Profile, ProfilePoint, VariantSummary, profile

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from batchlab.critical import crossing, fit_critical_batch, noise_window, pooled_noise_scale
+from batchlab.noise.critical import crossing, fit_critical_batch, noise_window, pooled_noise_scale
 from batchlab.sweep import (
     Budget,
     Curve,

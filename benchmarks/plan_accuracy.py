@@ -17,11 +17,17 @@ estimate of two training steps (from a fresh optimizer, as every probe runs) aga
 The fake side counts the increase too: its peak minus the tensors that existed before the step (parameters,
 buffers).
 
+Part 3, recurrent layers (``--part recurrent``): the issue-10 classifiers -- embedding 256, a 2-layer LSTM or
+GRU of hidden 512 over 64 steps, Adam -- in the same three columns, then ``plan`` for a 1 GiB CPU target and
+MemTracker on real tensors at the planned batch. With ``--cuda`` on a GPU machine, the same steps measured on
+the card (cuDNN) next to the fake CPU estimate: the fake CUDA run refuses cuDNN's RNN kernel, so this is the
+one place to see how far the CPU kernels' memory (what an emulated CUDA plan counts) is from cuDNN's.
+
 Part 2, search (``--part search``): probes and wall time of ``find_batch_size`` on the CPU with and without
 ``estimate=estimate_memory_line(...)``, for real workloads under a memory budget, and over simulated memory
 shapes whose estimated slope is off by -10%..+10% (how robust the seeded jump is).
 
-Run: ``python benchmarks/plan_accuracy.py [--part accuracy|search|all] [--cuda] [--quick]``.
+Run: ``python benchmarks/plan_accuracy.py [--part accuracy|search|recurrent|all] [--cuda] [--quick]``.
 Machines here are shared and noisy: times are wall clock of one run, memory is exact (VmHWM).
 """
 
@@ -40,9 +46,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a source tree, no install
 
-from batchlab import CPUDevice, SimulatedDevice, find_batch_size  # noqa: E402
+from batchlab import CPUDevice, FakeTensorError, SimulatedDevice, Workload, find_batch_size  # noqa: E402
 from batchlab.devices.fake import FakeDevice, _torch_internals  # noqa: E402
-from batchlab.plan import estimate_memory_line  # noqa: E402
+from batchlab.plan import estimate_memory_line, plan  # noqa: E402
 from batchlab.search import MemoryLine  # noqa: E402
 from batchlab.workloads import load_workload  # noqa: E402
 
@@ -51,6 +57,37 @@ GiB = 2**30
 
 SIZES = {"mlp-digits": (64, 256, 1024), "cnn": (8, 32, 128), "resnet": (8, 16, 32), "gpt": (4, 8, 16)}
 QUICK_SIZES = {"mlp-digits": (64, 256), "cnn": (8, 32), "resnet": (8, 16), "gpt": (4, 8)}
+RECURRENT_SIZES = {"LSTM": (32, 64, 128), "GRU": (32, 64)}  # the GRU runs step by step: ~10 s a step at 64
+QUICK_RECURRENT_SIZES = {"LSTM": (32, 64), "GRU": (32,)}
+
+
+class RecurrentClassifier(torch.nn.Module):
+    """Issue 10's classifier: tokens -> embedding 256 -> a 2-layer ``cell`` of hidden 512 -> the last step's logits."""
+
+    def __init__(self, cell: type[torch.nn.RNNBase]):
+        super().__init__()
+        self.embed = torch.nn.Embedding(10_000, 256)
+        self.rnn = cell(256, 512, num_layers=2, batch_first=True)
+        self.head = torch.nn.Linear(512, 10)
+
+    def forward(self, tokens):
+        out, _ = self.rnn(self.embed(tokens))
+        return self.head(out[:, -1])
+
+
+def recurrent_workload(cell_name: str, device: str = "cpu") -> Workload:
+    """The classifier over 64-step sequences with Adam, on ``device``."""
+    torch.manual_seed(0)
+    return Workload(
+        RecurrentClassifier(getattr(torch.nn, cell_name)).to(device),
+        lambda b: (
+            torch.randint(0, 10_000, (b, 64), device=device),
+            torch.randint(0, 10, (b,), device=device),
+        ),
+        torch.nn.functional.cross_entropy,
+        lambda params: torch.optim.Adam(params, lr=1e-3),
+        name=f"{cell_name.lower()}-classifier",
+    )
 
 
 def fake_increase(device: FakeDevice, batch_size: int) -> tuple[int, int, float]:
@@ -175,6 +212,64 @@ def accuracy(sizes: dict[str, tuple[int, ...]], with_cuda: bool) -> list[float]:
     return errors
 
 
+def recurrent(sizes: dict[str, tuple[int, ...]], with_cuda: bool) -> None:
+    """Part 3: the LSTM and GRU classifiers, estimate against the CPU and MemTracker, and a 1 GiB CPU plan."""
+    device = CPUDevice()
+    print(
+        "| workload | batch | fake (MiB) | CPU measured (MiB) | error | MemTracker real (MiB) | error | fake s |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for cell, batch_sizes in sizes.items():
+        workload = recurrent_workload(cell)
+        fake = FakeDevice(workload, device_type="cpu")
+        for b in batch_sizes:
+            estimate, _, seconds = fake_increase(fake, b)
+            measured = cpu_increase(workload, b, device)
+            tracked = memtracker_increase(workload, b)
+            print(
+                f"| {workload.name} | {b} | {estimate / MiB:.1f} | {measured / MiB:.1f} | {pct(estimate, measured)} "
+                f"| {tracked / MiB:.1f} | {pct(estimate, tracked)} | {seconds:.2f} |"
+            )
+    print(
+        "\n| workload | plan for 1 GiB (CPU) | estimated peak (MiB) | MemTracker real at that batch (MiB) | budget (MiB) |"
+    )
+    print("|---|---:|---:|---:|---:|")
+    for cell in sizes:
+        workload = recurrent_workload(cell)
+        result = plan(workload, "1GiB", device_type="cpu")
+        before = sum(p.numel() * p.element_size() for p in workload.model.parameters())
+        real = memtracker_increase(workload, result.batch_size) + before
+        print(
+            f"| {workload.name} | {result.batch_size} | {result.peak_bytes / MiB:.1f} | {real / MiB:.1f} "
+            f"| {result.budget_bytes / MiB:.1f} |"
+        )
+    if not with_cuda:
+        return
+    if not torch.cuda.is_available():
+        print("--cuda: no CUDA device here; skipped")
+        return
+    print(
+        "\n| workload | batch | fake CPU estimate (MiB) | max_allocated (MiB) | max_reserved (MiB) | fake CUDA run |"
+    )
+    print("|---|---:|---:|---:|---:|---|")
+    for cell, batch_sizes in sizes.items():
+        workload, cpu_workload = recurrent_workload(cell, "cuda"), recurrent_workload(cell)
+        try:
+            FakeDevice(workload, device_type="cuda").estimate(batch_sizes[0])
+            refused = "ran"
+        except FakeTensorError as exc:
+            refused = f"refused: {exc.op}"
+        for b in batch_sizes:
+            estimate, _, _ = fake_increase(FakeDevice(cpu_workload, device_type="cpu"), b)
+            allocated, reserved, _ = cuda_increase(workload, b)
+            print(
+                f"| {workload.name} | {b} | {estimate / MiB:.1f} | {allocated / MiB:.1f} | {reserved / MiB:.1f} "
+                f"| {refused} |"
+            )
+        del workload
+        torch.cuda.empty_cache()
+
+
 def seeded_search_real(quick: bool, reps: int = 2) -> None:
     """find_batch_size on the CPU with and without the fake estimate, same budget, same process.
 
@@ -242,7 +337,7 @@ def seeded_search_simulated(shapes: int = 300, seed: int = 0) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("accuracy", "search", "all"), default="all")
+    parser.add_argument("--part", choices=("accuracy", "search", "recurrent", "all"), default="all")
     parser.add_argument(
         "--cuda", action="store_true", help="also compare against the CUDA allocator (GPU needed)"
     )
@@ -259,6 +354,9 @@ def main() -> None:
         seeded_search_real(args.quick)
         print()
         seeded_search_simulated()
+    if args.part in ("recurrent", "all"):
+        print()
+        recurrent(QUICK_RECURRENT_SIZES if args.quick else RECURRENT_SIZES, args.cuda)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import threading
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from batchlab import CPUDevice, StepFunction, Workload, WorkloadError, find_batch_size
 from batchlab.devices.fake import (
@@ -18,6 +19,7 @@ from batchlab.devices.fake import (
     MemoryBreakdown,
     _CachingAllocatorModel,
     _torch_internals,
+    onednn_lstm_workspace_bytes,
 )
 from batchlab.targets import CUBLAS_WORKSPACE_BYTES_SM90
 from batchlab.workloads import load_workload
@@ -224,6 +226,181 @@ def test_bad_arguments_fail_before_anything_runs(cnn):
         FakeDevice(locked).estimate(4)
 
 
+class RecurrentClassifier(nn.Module):
+    """Tokens -> embedding -> a stacked ``cell`` (nn.LSTM / nn.GRU) -> the last step's logits."""
+
+    def __init__(
+        self, cell: type[nn.RNNBase], vocab: int, embed: int, hidden: int, layers: int, classes: int
+    ):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, embed)
+        self.rnn = cell(embed, hidden, num_layers=layers, batch_first=True)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, tokens):
+        out, _ = self.rnn(self.embed(tokens))
+        return self.head(out[:, -1])
+
+
+def recurrent_workload(cell: type[nn.RNNBase], *, hidden: int = 96, steps: int = 16) -> Workload:
+    """A small 2-layer recurrent classifier with Adam: the issue's shape (embed < hidden), scaled down for speed."""
+    torch.manual_seed(0)
+    return Workload(
+        RecurrentClassifier(cell, vocab=500, embed=48, hidden=hidden, layers=2, classes=5),
+        lambda b: (torch.randint(0, 500, (b, steps)), torch.randint(0, 5, (b,))),
+        nn.functional.cross_entropy,
+        lambda params: torch.optim.Adam(params, lr=1e-3),
+        name=f"{cell.__name__.lower()}-classifier",
+    )
+
+
+def memtracker_peak(workload: Workload, batch_size: int, steps: int = 2) -> int:
+    """torch's MemTracker over ``steps`` real steps: the count the fake run is held to, on real tensors."""
+    tracker = _torch_internals()["MemTracker"]()
+    tracker.track_external(workload.model, workload.optimizer)
+    snapshot = workload.snapshot()
+    with tracker:
+        for _ in range(steps):
+            tracker.reset_mod_stats()  # as FakeDevice does: a second root forward needs it
+            workload.step(batch_size)
+    snapshot.restore()
+    peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
+    return int(next(value for key, value in peak.items() if getattr(key, "value", key) == "Total"))
+
+
+class _RealWorkspaces(TorchDispatchMode):
+    """Records the training workspace each real aten.mkldnn_rnn_layer call allocates."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.mkldnn_rnn_layer.default:
+            self.sizes.append(out[3].nbytes)
+        return out
+
+
+@pytest.mark.parametrize(
+    ("embed", "hidden", "steps", "batch", "bidirectional", "dtype"),
+    [
+        (24, 40, 7, 5, False, torch.float32),  # nothing aligned: every part padded to a page
+        (48, 64, 16, 8, False, torch.float32),  # 4 * 64 gates: a multiple of 256, padded by get_good_ld
+        (100, 100, 10, 3, True, torch.float32),  # the reverse direction and a wider second-layer input
+        (256, 512, 8, 32, False, torch.float32),  # the issue's layer widths
+        (24, 40, 7, 5, False, torch.bfloat16),  # 2-byte data, f32 diff states
+    ],
+)
+def test_the_onednn_lstm_workspace_formula_matches_the_real_kernel_byte_for_byte(
+    embed, hidden, steps, batch, bidirectional, dtype
+):
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("this CPU has no oneDNN bf16 kernels: torch runs bf16 LSTMs step by step")
+    torch.manual_seed(0)
+    lstm = nn.LSTM(embed, hidden, num_layers=2, bidirectional=bidirectional).to(dtype)
+    real = _RealWorkspaces()
+    with real:
+        lstm(torch.randn(steps, batch, embed, dtype=dtype))
+    directions = 2 if bidirectional else 1
+    second_input = hidden * directions
+    expected = [
+        onednn_lstm_workspace_bytes(
+            steps, batch, width, hidden, itemsize=dtype.itemsize, cell_itemsize=dtype.itemsize
+        )
+        for width in [embed] * directions + [second_input] * directions
+    ]
+    assert real.sizes == expected
+
+
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU])
+def test_recurrent_classifiers_estimate_what_memtracker_counts_on_real_tensors(cell):
+    # The fake run against torch's MemTracker on real tensors: the same counter, so the stated tolerance is
+    # 1% (measured equal to the byte here, LSTM and GRU, fp32 and bf16). Before oneDNN's LSTM workspace was
+    # put back, the LSTM read -73% (benchmarks/RESULTS.md); the GRU runs as per-step ops and always matched.
+    workload = recurrent_workload(cell)
+    fake = FakeDevice(workload, device_type="cpu")
+    for batch_size in (8, 32):
+        estimate, real = fake.estimate(batch_size).peak_bytes, memtracker_peak(workload, batch_size)
+        assert abs(estimate - real) <= 0.01 * real, (batch_size, estimate, real)
+    if cell is nn.LSTM:  # both layers' workspaces are live at the peak, counted as activations
+        workspaces = onednn_lstm_workspace_bytes(16, 32, 48, 96) + onednn_lstm_workspace_bytes(16, 32, 96, 96)
+        assert fake.estimate(32).breakdown.activations > workspaces
+
+
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU])
+def test_recurrent_estimates_are_never_below_the_cpu_devices_measured_step(cell):
+    # The process's resident peak (VmHWM) can sit below the tensors' bytes: Linux backs the parts of oneDNN's
+    # workspace that only the backward pass writes (the diff states) when it writes them, and the backward of
+    # the upper layer frees its workspace before the lower layer's diff states are touched. Measured on the
+    # issue's 2-layer LSTM: -28% at batch 128. It must never sit above beyond the CNN test's 5% + 1 MiB.
+    workload, device = recurrent_workload(cell), CPUDevice()
+    snapshot = workload.snapshot()
+    device.run(workload.step, 8, 2)  # warm-up: oneDNN's primitives and torch's one-time set-up
+    snapshot.restore()
+    measured = device.run(workload.step, 64, 2)
+    snapshot.restore()
+    estimate = FakeDevice(workload, device_type="cpu").estimate(64)
+    real_step = measured.peak_bytes - measured.baseline_bytes
+    assert real_step <= 1.05 * (estimate.peak_bytes - estimate.baseline_bytes) + MiB
+
+
+class _CudnnLSTM(nn.LSTM):
+    """An LSTM that calls cuDNN's kernel itself, as ``nn.LSTM`` does on fake CUDA tensors."""
+
+    def forward(self, x):
+        zeros = x.new_zeros(1, x.shape[1], self.hidden_size)
+        weights = [self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0]
+        args = (
+            x,
+            weights,
+            4,
+            None,
+            zeros,
+            zeros,
+            2,
+            self.hidden_size,
+            0,
+            1,
+            False,
+            0.0,
+            self.training,
+            False,
+            [],
+            None,
+        )
+        return torch.ops.aten._cudnn_rnn.default(*args)[0].sum(0)
+
+
+def test_a_gpu_rnn_kernel_whose_reserve_space_fakes_cannot_size_is_refused_naming_it():
+    # torch's fake _cudnn_rnn returns an empty reserve space ("TODO: Query cudnnGetRNNTrainingReserveSize"):
+    # counting it would under-estimate every recurrent layer on a GPU, so the estimate refuses in one line.
+    workload = Workload(
+        _CudnnLSTM(8, 16),
+        lambda b: (torch.randn(5, b, 8), torch.randint(0, 16, (b,))),
+        nn.functional.cross_entropy,
+        lambda params: torch.optim.SGD(params, lr=0.1),
+        name="cudnn-lstm",
+    )
+    with pytest.raises(
+        FakeTensorError,
+        match=r"^[^\n]*'cudnn-lstm': aten\._cudnn_rnn\.default \(a recurrent layer on the GPU\)",
+    ) as info:
+        FakeDevice(workload).estimate(4)
+    assert info.value.op == "aten._cudnn_rnn.default"
+
+
+def test_a_cuda_target_emulated_on_the_cpu_says_recurrent_layers_are_counted_as_the_cpu_runs_them():
+    if torch.cuda.is_available():
+        pytest.skip("with CUDA the fake run uses fake CUDA tensors and cuDNN's kernel, which is refused")
+    lstm = recurrent_workload(nn.LSTM)
+    cuda, cpu = (FakeDevice(lstm, device_type=kind).estimate(8) for kind in ("cuda", "cpu"))
+    assert any("cuDNN sizes its own reserve space" in note for note in cuda.notes)
+    assert cuda.breakdown.activations == cpu.breakdown.activations  # oneDNN's workspace counted on both
+    plain = FakeDevice(tiny_bn_workload(), device_type="cuda").estimate(8)
+    assert not any("reserve space" in note for note in plain.notes)
+
+
 def test_private_torch_pieces_are_where_the_adapter_expects_them():
     # The one place batchlab reaches into torch internals: fail here, not in a user's plan, when they move.
     from torch.distributed._tools import mem_tracker
@@ -234,3 +411,11 @@ def test_private_torch_pieces_are_where_the_adapter_expects_them():
     assert all(callable(value) for value in names.values())
     assert {member.value for member in mem_tracker._MemRefType} == set(_CATEGORIES)
     assert hasattr(names["MemTracker"], "reset_mod_stats") and hasattr(names["MemTracker"], "track_external")
+    # The RNN kernels' arguments _KernelWorkspaces reads by name.
+    aten = torch.ops.aten
+    for op, wanted in [
+        (aten.mkldnn_rnn_layer.default, {"input", "weight0", "cx_", "hidden_size"}),
+        (aten._cudnn_rnn.default, {"train"}),
+        (aten.miopen_rnn.default, {"train"}),
+    ]:
+        assert wanted <= {argument.name for argument in op._schema.arguments}, op

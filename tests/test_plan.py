@@ -14,6 +14,7 @@ from batchlab.plan import PlanResult, estimate_memory_line, plan
 from batchlab.search import MemoryLine, Probe, next_candidate
 from batchlab.targets import CARDS, CUDA_CONTEXT_BYTES, resolve_target
 from batchlab.workloads import load_workload
+from test_fake import memtracker_peak
 
 MiB = 2**20
 GiB = 2**30
@@ -122,6 +123,51 @@ def test_a_real_cpu_search_jumps_from_the_fake_line_and_verifies():
     assert result.fits and sizes[0] == 2 and sizes[1] < 16  # a quarter of the way to ~20, not 8x growth to 16
     assert [p.outcome for p in result.probes if p.batch_size == result.batch_size] == ["fits"]
     assert result.peak_bytes <= result.budget_bytes
+
+
+LSTM_WORKLOAD = """
+import torch
+from torch import nn
+import batchlab
+
+
+class Classifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(500, 48)
+        self.rnn = nn.LSTM(48, 96, num_layers=2, batch_first=True)
+        self.head = nn.Linear(96, 5)
+
+    def forward(self, tokens):
+        return self.head(self.rnn(self.embed(tokens))[0][:, -1])
+
+
+def lstm():
+    torch.manual_seed(0)
+    return batchlab.Workload(
+        Classifier(),
+        lambda b: (torch.randint(0, 500, (b, 16)), torch.randint(0, 5, (b,))),
+        nn.functional.cross_entropy,
+        lambda params: torch.optim.Adam(params, lr=1e-3),
+        name="lstm",
+    )
+"""
+
+
+def test_plan_cli_on_an_lstm_file_workload_answers_a_batch_that_fits_on_real_tensors(tmp_path, capsys):
+    # As a user runs it: `batchlab plan --workload file.py:function`. The answer's step, run on real tensors
+    # under torch's MemTracker, must fit the budget the plan promised and match the estimate (1%: see
+    # test_fake.py, which also holds a GRU to it). Before oneDNN's LSTM workspace was counted, this plan's
+    # answer took 6x the budget on real tensors.
+    path = tmp_path / "recurrent.py"
+    path.write_text(LSTM_WORKLOAD)
+    args = ["plan", "--workload", f"{path}:lstm", "--target", "16MiB", "--device-type", "cpu", "--json"]
+    assert main(args) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["fits"] and data["limited_by"] == "memory" and data["budget_bytes"] == int(16 * MiB * 0.9)
+    real = memtracker_peak(load_workload(f"{path}:lstm"), data["batch_size"])
+    assert real <= data["budget_bytes"]
+    assert abs(data["peak_bytes"] - real) <= 0.01 * real
 
 
 def test_public_names():

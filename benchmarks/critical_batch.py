@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from batchlab.sweep import SweepResult, sweep
+from batchlab.sweeps import SweepResult, sweep
 from batchlab.workloads.tasks import Task
 
 HERE = Path(__file__).resolve().parent

@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from batchlab.cli import main
-from batchlab.sweep import SweepResult, SweepRun
-from batchlab.trainable import SupervisedRun
+from batchlab.sweeps import SupervisedRun, SweepResult, SweepRun
 from batchlab.workloads.tasks import load_task
 
 # A user's file: a run factory on batchlab's SupervisedRun (tiny: 64 training samples of 8 features), a
@@ -25,7 +24,7 @@ USER_FILE = textwrap.dedent(
     from torch import nn
 
     import batchlab
-    from batchlab.trainable import SupervisedRun
+    from batchlab.sweeps import SupervisedRun
 
 
     def _data():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from batchlab.noise.critical import crossing, fit_critical_batch, noise_window, pooled_noise_scale
-from batchlab.sweep import (
+from batchlab.sweeps import (
     Budget,
     Curve,
     RunSpec,

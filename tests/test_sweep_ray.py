@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from batchlab.cli import main
-from batchlab.sweep import SweepResult, SweepRun, sweep
+from batchlab.sweeps import SweepResult, SweepRun, sweep
 from batchlab.workloads.tasks import load_task
 from sweep_helpers import fresh_store
 
@@ -81,7 +81,7 @@ def test_cli_ray_sweep_of_a_file_factory_with_flags(tmp_path, capsys, local_ray)
     script = tmp_path / "ray_user_task.py"
     script.write_text(
         "import torch\n"
-        "from batchlab.trainable import SupervisedRun\n"
+        "from batchlab.sweeps import SupervisedRun\n"
         "def factory(batch_size, lr, seed):\n"
         "    torch.manual_seed(seed)\n"
         "    model = torch.nn.Linear(8, 2)\n"

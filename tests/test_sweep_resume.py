@@ -11,14 +11,14 @@ from pathlib import Path
 
 import torch
 
-from batchlab.sweep import sweep
+from batchlab.sweeps import sweep
 from batchlab.workloads.tasks import load_task
 from sweep_helpers import OFFLINE_ENV, fresh_store
 
 SCRIPT = textwrap.dedent(
     """
     import sys, torch
-    from batchlab.sweep import sweep
+    from batchlab.sweeps import sweep
     from batchlab.workloads.tasks import load_task
 
     torch.set_num_threads(1)

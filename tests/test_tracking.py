@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from batchlab.sweep import sweep
-from batchlab.tracking import default_tracking_uri, read_experiment, require_mlflow
+from batchlab.sweeps import sweep
+from batchlab.sweeps.tracking import default_tracking_uri, read_experiment, require_mlflow
 from sweep_helpers import ScriptedRun, fresh_store
 
 

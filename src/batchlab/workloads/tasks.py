@@ -29,7 +29,7 @@ from torch import nn
 from batchlab.devices import parse_device
 from batchlab.errors import WorkloadError
 from batchlab.spec import parse_amp
-from batchlab.trainable import NOISE_EVERY, SupervisedRun
+from batchlab.sweeps.trainable import NOISE_EVERY, SupervisedRun
 from batchlab.workloads import load_callable
 
 __all__ = ["Task", "TASKS", "ConfiguredFactory", "load_task", "describe_tasks"]
@@ -161,7 +161,7 @@ def describe_tasks() -> dict[str, str]:
 
 
 # A sweep flag -> the attribute through which a trainable says what it does, and what a trainable without
-# the attribute does: batchlab.sweep.execute_run reads device, accumulation and precision with these defaults.
+# the attribute does: batchlab.sweeps.execute_run reads device, accumulation and precision with these defaults.
 _OPTION_ATTRIBUTES = {
     "device": "device",
     "accumulation": "accumulation",
@@ -184,7 +184,7 @@ def _same(option: str, have: Any, wanted: Any) -> bool:
 class ConfiguredFactory:
     """A user's run factory with ``batchlab sweep``'s ``--device/--accumulation/--amp/--noise-every`` applied.
 
-    Each run the factory builds that is a :class:`~batchlab.trainable.SupervisedRun` is rebuilt with the
+    Each run the factory builds that is a :class:`~batchlab.sweeps.SupervisedRun` is rebuilt with the
     flags (:meth:`SupervisedRun.with_options`). Any other trainable cannot be changed from outside: it must
     already do what each flag asks (its ``device``, ``accumulation``, ``precision``, ``noise_every``
     attribute equal to the flag's value), else a one-line :class:`~batchlab.errors.WorkloadError` names the
@@ -218,7 +218,7 @@ class ConfiguredFactory:
                 flag = "--" + option.replace("_", "-")
                 raise WorkloadError(
                     f"{flag} {value} cannot be applied to the {type(run).__name__} the factory built (its "
-                    f"{attribute} is {have!r}): only a batchlab.trainable.SupervisedRun can be rebuilt with it; "
+                    f"{attribute} is {have!r}): only a batchlab.sweeps.SupervisedRun can be rebuilt with it; "
                     f"set it in the factory or drop {flag}"
                 )
         return run

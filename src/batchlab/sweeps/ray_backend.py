@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from batchlab.errors import BatchlabError
-from batchlab.sweep import RunSpec, SweepConfig, SweepEvent, SweepRun, execute_run
+from batchlab.sweeps.records import RunSpec, SweepConfig, SweepEvent, SweepRun, execute_run
 
 __all__ = ["run_trials", "require_ray"]
 
@@ -51,7 +51,7 @@ def _trial(
     """One Tune trial: run ``specs[config["key"]]`` and report progress, then the record."""
     from ray import tune
 
-    from batchlab.sweep import SweepConfig as _Config
+    from batchlab.sweeps.records import SweepConfig as _Config
 
     spec = RunSpec(**specs[config["key"]])
     cfg = _Config.from_dict(sweep_config)

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from batchlab.sweep import SweepConfig, SweepResult, SweepRun
+    from batchlab.sweeps.records import SweepConfig, SweepResult, SweepRun
 
 log = logging.getLogger("batchlab")
 
@@ -215,7 +215,7 @@ class SweepTracker:
         """
         from mlflow.entities import RunStatus
 
-        from batchlab.sweep import SweepRun
+        from batchlab.sweeps.records import SweepRun
 
         recovered: dict[str, SweepRun] = {}
         for run in sorted(self._child_runs(), key=lambda r: r.info.start_time or 0):
@@ -373,7 +373,7 @@ def read_experiment(experiment: str, tracking_uri: str) -> SweepResult:
     Each child run's ``batchlab/run.json`` artifact holds its whole record; runs without one (not logged by
     batchlab) are skipped. Raises ``ValueError`` when the experiment does not exist or has no batchlab runs.
     """
-    from batchlab.sweep import SweepConfig, SweepResult, SweepRun
+    from batchlab.sweeps.records import SweepConfig, SweepResult, SweepRun
 
     MlflowClient = require_mlflow()
     client = MlflowClient(tracking_uri=tracking_uri)

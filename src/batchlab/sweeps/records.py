@@ -53,7 +53,8 @@ from typing import Any
 
 import torch
 
-from batchlab.critical import (
+from batchlab.devices import resolve_device
+from batchlab.noise.critical import (
     CriticalBatchFit,
     NoiseWindow,
     crossing,
@@ -61,7 +62,6 @@ from batchlab.critical import (
     noise_window,
     pooled_noise_scale,
 )
-from batchlab.devices import resolve_device
 from batchlab.scaling import RULES, scale_lr
 
 log = logging.getLogger("batchlab")
@@ -1061,7 +1061,7 @@ def sweep(
 
     tracker = None
     if tracking_uri is not False:
-        from batchlab.tracking import SweepTracker, default_tracking_uri, mlflow_available
+        from batchlab.sweeps.tracking import SweepTracker, default_tracking_uri, mlflow_available
 
         if tracking_uri is None and not mlflow_available():
             log.warning("MLflow is not installed: this sweep is not tracked (pip install 'batchlab[track]')")
@@ -1115,7 +1115,7 @@ def sweep(
             )
             emit(SweepEvent("done", s.key, index, total, run.steps, run.steps, persist(run)))
     elif pending:
-        from batchlab.ray_backend import run_trials
+        from batchlab.sweeps.ray_backend import run_trials
 
         run_trials(
             workload_factory,
@@ -1140,7 +1140,7 @@ def sweep(
     files: list[Path] = []
     if report:
         try:
-            from batchlab.report import write_report
+            from batchlab.sweeps.report import write_report
 
             written = write_report(result, store.path / "report")
             result.report = written.html

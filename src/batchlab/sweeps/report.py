@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from batchlab.scaling import schedule
-from batchlab.sweep import BatchSummary, SweepResult, SweepRun
+from batchlab.sweeps.records import BatchSummary, SweepResult, SweepRun
 from batchlab.units import format_bytes
 
 __all__ = ["ReportFiles", "write_report", "load_sweep", "verdict"]
@@ -66,8 +66,8 @@ def load_sweep(source: SweepResult | str | Path, tracking_uri: str | None = None
         return SweepResult.load(path)
     if path.is_dir():
         raise ValueError(f"{path} is a directory but not a sweep directory (no sweep.json)")
-    from batchlab.sweep import DEFAULT_DIRECTORY
-    from batchlab.tracking import default_tracking_uri, read_experiment
+    from batchlab.sweeps.records import DEFAULT_DIRECTORY
+    from batchlab.sweeps.tracking import default_tracking_uri, read_experiment
 
     uri = tracking_uri or default_tracking_uri(DEFAULT_DIRECTORY)
     if tracking_uri is None and not (Path(DEFAULT_DIRECTORY) / "mlflow.db").exists():

@@ -13,11 +13,10 @@ from batchlab.noise import measure_noise_scale
 from batchlab.oom import is_out_of_memory
 from batchlab.plan import PlanResult, estimate_memory_line, plan
 from batchlab.profile import Profile, ProfilePoint, VariantSummary, profile
-from batchlab.report import write_report
 from batchlab.search import FitResult, Probe, find_batch_size
 from batchlab.spec import DEFAULT_FRACTION, BatchSpec, parse_batch
 from batchlab.state import StateSnapshot
-from batchlab.sweep import Budget, SweepResult, SweepRun, sweep
+from batchlab.sweeps import Budget, SweepResult, SweepRun, sweep, write_report
 from batchlab.units import format_bytes, parse_bytes
 from batchlab.workload import StepFunction, Workload
 

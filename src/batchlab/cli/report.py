@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from batchlab.report import load_sweep, verdict, write_report
-from batchlab.sweep import SweepStore
+from batchlab.sweeps import SweepStore, load_sweep, verdict, write_report
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

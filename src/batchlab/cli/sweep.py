@@ -11,16 +11,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from batchlab.scaling import RULES
-from batchlab.sweep import (
+from batchlab.sweeps import (
     AUTO_MIN_BATCH,
     DEFAULT_DIRECTORY,
+    NOISE_EVERY,
     Budget,
     SweepEvent,
     SweepResult,
     Target,
     sweep,
 )
-from batchlab.trainable import NOISE_EVERY
 from batchlab.units import format_bytes
 from batchlab.workloads.tasks import ConfiguredFactory, describe_tasks, load_task
 

@@ -34,8 +34,9 @@ import torch
 from torch import nn
 
 import batchlab
-from batchlab.devices import CPUDevice, CUDADevice, FakeDevice
+from batchlab.devices import CPUDevice, CUDADevice
 from batchlab.devices.release import release_after_oom
+from batchlab.planning import FakeDevice
 from batchlab.units import format_bytes
 from batchlab.workloads import load_workload
 

@@ -10,18 +10,15 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from batchlab import CPUDevice, StepFunction, Workload, WorkloadError, find_batch_size
-from batchlab.devices.fake import (
+from batchlab.planning.allocator import (
     BLOCK_BYTES,
     MID_SEGMENT_BYTES,
     SMALL_SEGMENT_BYTES,
-    FakeDevice,
-    FakeTensorError,
-    MemoryBreakdown,
-    _CachingAllocatorModel,
-    _torch_internals,
-    onednn_lstm_workspace_bytes,
+    CachingAllocatorModel,
 )
-from batchlab.targets import CUBLAS_WORKSPACE_BYTES_SM90
+from batchlab.planning.cards import CUBLAS_WORKSPACE_BYTES_SM90
+from batchlab.planning.fake import FakeDevice, FakeTensorError, MemoryBreakdown, _torch_internals
+from batchlab.planning.kernels import onednn_lstm_workspace_bytes
 from batchlab.workloads import load_workload
 from conftest import tiny_bn_workload
 from test_cpu import assert_bitwise_equal, state_of
@@ -84,7 +81,7 @@ def test_cuda_target_adds_allocator_rounding_and_the_cublas_workspace(cnn):
 
 
 def test_allocator_model_rounds_blocks_and_packs_segments():
-    model = _CachingAllocatorModel()
+    model = CachingAllocatorModel()
     small = [torch.empty(100, dtype=torch.uint8) for _ in range(3)]
     for tensor in small:
         model.track(tensor)
@@ -405,13 +402,13 @@ def test_private_torch_pieces_are_where_the_adapter_expects_them():
     # The one place batchlab reaches into torch internals: fail here, not in a user's plan, when they move.
     from torch.distributed._tools import mem_tracker
 
-    from batchlab.devices.fake import _CATEGORIES
+    from batchlab.planning.fake import _CATEGORIES
 
     names = _torch_internals()
     assert all(callable(value) for value in names.values())
     assert {member.value for member in mem_tracker._MemRefType} == set(_CATEGORIES)
     assert hasattr(names["MemTracker"], "reset_mod_stats") and hasattr(names["MemTracker"], "track_external")
-    # The RNN kernels' arguments _KernelWorkspaces reads by name.
+    # The RNN kernels' arguments KernelWorkspaces reads by name.
     aten = torch.ops.aten
     for op, wanted in [
         (aten.mkldnn_rnn_layer.default, {"input", "weight0", "cx_", "hidden_size"}),

@@ -9,10 +9,10 @@ import pytest
 import batchlab
 from batchlab import CPUDevice, DoesNotFitError, SimulatedDevice, find_batch_size
 from batchlab.cli import main
-from batchlab.devices.fake import FakeDevice
-from batchlab.plan import PlanResult, estimate_memory_line, plan
+from batchlab.planning.cards import CARDS, CUDA_CONTEXT_BYTES, resolve_target
+from batchlab.planning.fake import FakeDevice
+from batchlab.planning.plan import PlanResult, estimate_memory_line, plan
 from batchlab.search import MemoryLine, Probe, next_candidate
-from batchlab.targets import CARDS, CUDA_CONTEXT_BYTES, resolve_target
 from batchlab.workloads import load_workload
 from test_fake import memtracker_peak
 

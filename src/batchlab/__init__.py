@@ -6,12 +6,12 @@ the devices (:mod:`batchlab.devices`) and the pure search logic (:mod:`batchlab.
 
 from batchlab.advise import Candidate, Recommendation, advise
 from batchlab.checkpointing import activation_checkpointing
-from batchlab.devices import CPUDevice, CUDADevice, Device, FakeDevice, Measurement, SimulatedDevice
+from batchlab.devices import CPUDevice, CUDADevice, Device, Measurement, SimulatedDevice
 from batchlab.errors import BatchlabError, DoesNotFitError, FakeTensorError, WorkloadError
 from batchlab.guard import GuardEvent, OOMGuard
 from batchlab.noise import measure_noise_scale
 from batchlab.oom import is_out_of_memory
-from batchlab.plan import PlanResult, estimate_memory_line, plan
+from batchlab.planning import FakeDevice, PlanResult, estimate_memory_line, plan
 from batchlab.profile import Profile, ProfilePoint, VariantSummary, profile
 from batchlab.search import FitResult, Probe, find_batch_size
 from batchlab.spec import DEFAULT_FRACTION, BatchSpec, parse_batch

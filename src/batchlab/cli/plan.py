@@ -8,9 +8,9 @@ from rich.console import Console
 from rich.table import Table
 
 from batchlab.cli.common import Display
-from batchlab.plan import PlanResult, plan
+from batchlab.planning.cards import CARDS, DEVICE_TYPES, resolve_target
+from batchlab.planning.plan import PlanResult, plan
 from batchlab.spec import parse_amp, parse_batch
-from batchlab.targets import CARDS, DEVICE_TYPES, resolve_target
 from batchlab.units import format_bytes
 from batchlab.workloads import BUILTIN, load_workload
 

@@ -7,7 +7,6 @@ import torch
 from batchlab.devices.base import Device, Measurement
 from batchlab.devices.cpu import CPUDevice
 from batchlab.devices.cuda import CUDADevice
-from batchlab.devices.fake import FakeDevice
 from batchlab.devices.simulated import SimulatedDevice, allocator_memory
 
 __all__ = [
@@ -15,7 +14,6 @@ __all__ = [
     "Measurement",
     "CPUDevice",
     "CUDADevice",
-    "FakeDevice",
     "SimulatedDevice",
     "allocator_memory",
     "parse_device",

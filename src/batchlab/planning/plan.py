@@ -1,6 +1,6 @@
 """Plan without the device: the largest batch whose training step fits a card you do not have.
 
-:func:`plan` searches a :class:`~batchlab.devices.fake.FakeDevice` with the same search as
+:func:`plan` searches a :class:`~batchlab.planning.fake.FakeDevice` with the same search as
 :func:`~batchlab.find_batch_size` -- the fake device is just another Device -- so the answer follows the
 same rules (fraction of capacity, caps, multiple-of, 1% tolerance); only the peaks are estimated from fake
 tensors instead of measured. Nothing of the planned batch's size is allocated: a plan for an 80 GB card runs
@@ -23,10 +23,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from batchlab.devices.fake import FakeDevice, MemoryBreakdown
+from batchlab.planning.cards import PlanTarget, resolve_target
+from batchlab.planning.fake import FakeDevice, MemoryBreakdown
 from batchlab.search import MemoryLine, Probe, find_batch_size
 from batchlab.spec import parse_amp, parse_batch
-from batchlab.targets import Target, resolve_target
 from batchlab.units import format_bytes
 from batchlab.workload import StepFunction, Workload
 
@@ -49,7 +49,7 @@ class PlanResult:
     fits: bool
     mode: str
     fraction: float | None
-    target: Target
+    target: PlanTarget
     workload: str
     amp: str | None
     capacity_bytes: int
@@ -146,7 +146,7 @@ def estimate_memory_line(
     used there (the real fixed part -- the process, the runtime -- is anchored on the first real probe), so
     ``device_type`` should be the device searched: ``"cpu"`` or ``"cuda"``.
 
-    Raises :class:`~batchlab.devices.fake.FakeTensorError` when the step cannot run on fake tensors.
+    Raises :class:`~batchlab.planning.fake.FakeTensorError` when the step cannot run on fake tensors.
     """
     work = _with_amp(_check_workload(workload), parse_amp(amp))
     return _line(FakeDevice(work, device_type=device_type), batch_sizes)
@@ -154,7 +154,7 @@ def estimate_memory_line(
 
 def plan(
     workload: Workload,
-    target: str | int | Target,
+    target: str | int | PlanTarget,
     *,
     device_type: str | None = None,
     batch: int | float | str = -1,
@@ -168,7 +168,7 @@ def plan(
     Args:
         workload: a :class:`~batchlab.Workload`; its model and optimizer are copied to fake tensors and never
             modified. A model built on the meta device works too (it never needs real weights).
-        target: a card from :data:`batchlab.targets.CARDS` (``"a100-80gb"``, ``"h100-80gb"``, ``"rtx4090"``,
+        target: a card from :data:`batchlab.planning.cards.CARDS` (``"a100-80gb"``, ``"h100-80gb"``, ``"rtx4090"``,
             ``"l4"``, ``"t4"``) or a memory size the step may use (``"24GiB"``).
         device_type: ``"cuda"`` (default) or ``"cpu"`` for a memory-size target.
         batch: ``-1``/``"auto"`` (largest at 0.90 of the target), a fraction ``0 < f < 1``, or a fixed int to

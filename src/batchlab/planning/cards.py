@@ -11,7 +11,7 @@ What a card's memory holds besides the step's tensors, and how batchlab counts i
   CUDA-visible total minus :data:`CUDA_CONTEXT_BYTES`.
 - **cuBLAS workspace**: inside torch's counters (allocated through the caching allocator), so the fake device
   adds it to the step's estimate (:data:`CUBLAS_WORKSPACE_BYTES`, per card generation).
-- **Allocator rounding**: modelled per tensor by the fake device (see :mod:`batchlab.devices.fake`).
+- **Allocator rounding**: modelled per tensor by the fake device (see :mod:`batchlab.planning.fake`).
 
 The numbers are sources, not measurements on this project's machines; ``benchmarks/plan_accuracy.py``
 measures the context and the estimate's error on whatever GPU it runs on.
@@ -102,7 +102,7 @@ DEVICE_TYPES = ("cuda", "cpu")
 
 
 @dataclass(frozen=True)
-class Target:
+class PlanTarget:
     """Where a plan is for: a device type and the memory its training step may use.
 
     ``capacity_bytes`` is held against the estimate's peak (the fraction applies to it). For a card it is the
@@ -134,14 +134,14 @@ def _accepted() -> str:
     return f"a card ({', '.join(CARDS)}) or a memory size such as '24GiB'"
 
 
-def resolve_target(spec: str | int | Target, *, device_type: str | None = None) -> Target:
+def resolve_target(spec: str | int | PlanTarget, *, device_type: str | None = None) -> PlanTarget:
     """Parse a target: a card name from :data:`CARDS` (case-insensitive) or a memory size (``"24GiB"``, bytes).
 
     ``device_type`` (``"cuda"`` or ``"cpu"``) applies to memory sizes and defaults to ``"cuda"`` -- planning
     is mostly for a GPU you do not have; a card is always CUDA. Raises ``ValueError`` naming the value and
     listing the accepted cards.
     """
-    if isinstance(spec, Target):
+    if isinstance(spec, PlanTarget):
         return spec
     if device_type is not None and device_type not in DEVICE_TYPES:
         raise ValueError(
@@ -151,7 +151,7 @@ def resolve_target(spec: str | int | Target, *, device_type: str | None = None) 
         card = CARDS[spec.strip().lower()]
         if device_type == "cpu":
             raise ValueError(f"target {spec!r} is a CUDA card; device_type='cpu' needs a memory size")
-        return Target(card.name, "cuda", card.usable_bytes, card.cublas_workspace_bytes, card)
+        return PlanTarget(card.name, "cuda", card.usable_bytes, card.cublas_workspace_bytes, card)
     try:
         capacity = parse_bytes(spec)
     except ValueError:
@@ -159,4 +159,4 @@ def resolve_target(spec: str | int | Target, *, device_type: str | None = None) 
     kind = device_type or "cuda"
     workspace = CUBLAS_WORKSPACE_BYTES_SM90 if kind == "cuda" else 0  # unknown generation: the larger
     name = spec.strip() if isinstance(spec, str) else f"{capacity} bytes"
-    return Target(name, kind, capacity, workspace)
+    return PlanTarget(name, kind, capacity, workspace)

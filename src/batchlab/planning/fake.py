@@ -13,10 +13,10 @@ optimizer state and its param groups stay bitwise as they were, and no real memo
 tensors (other attributes -- a NumPy array kept on a module -- are copied for real). A model built on the
 meta device works too: it never needs real weights.
 
-For a CUDA target it adds what the caching allocator adds over the tensors (:class:`_CachingAllocatorModel`:
+For a CUDA target it adds what the caching allocator adds over the tensors (:class:`CachingAllocatorModel`:
 512-byte blocks, small allocations packed into 2 MiB segments, mid-sized ones into 20 MiB, large ones rounded
 to 2 MiB) and torch's cuBLAS workspace; the CUDA context is outside torch's counters and is taken off the
-target's capacity instead (:mod:`batchlab.targets`). Without CUDA in this torch build, fake CUDA tensors
+target's capacity instead (:mod:`batchlab.planning.cards`). Without CUDA in this torch build, fake CUDA tensors
 cannot run a backward pass (autograd asks the missing CUDA backend for a stream and the process aborts), so
 a CUDA target is emulated with fake CPU tensors: CPU autocast stands in for CUDA autocast (their op lists
 differ slightly), attention picks CPU kernels, and the optimizer is told to use the ``foreach`` step torch
@@ -24,8 +24,8 @@ picks by default for CUDA tensors. The estimate says which way it ran (``FakeEst
 
 Recurrent layers: on the CPU, ``nn.LSTM`` runs oneDNN's kernel (``aten.mkldnn_rnn_layer``, one call per layer
 and direction), whose training workspace -- every step's gates and states, kept for the backward pass -- is
-most of an LSTM's activation memory; torch's fake kernel returns it empty, so :class:`_KernelWorkspaces` puts
-back the size oneDNN allocates (:func:`onednn_lstm_workspace_bytes`). ``nn.GRU`` and ``nn.RNN`` run as
+most of an LSTM's activation memory; torch's fake kernel returns it empty, so :class:`KernelWorkspaces` puts
+back the size oneDNN allocates (:func:`batchlab.planning.kernels.onednn_lstm_workspace_bytes`). ``nn.GRU`` and ``nn.RNN`` run as
 ordinary per-step ops on the CPU, which fake tensors count as they are. On a CUDA card all three run cuDNN,
 whose reserve space torch's fake kernel also returns empty and cuDNN sizes at run time: with fake CUDA
 tensors that kernel is refused; CUDA emulated on the CPU counts the CPU kernels' memory instead, and says so.
@@ -44,41 +44,24 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import re
 import time
 import warnings
-import weakref
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode  # the documented home of TorchDispatchMode
 
 from batchlab.devices.base import Device, Measurement
 from batchlab.errors import FakeTensorError, WorkloadError
-from batchlab.targets import CUBLAS_WORKSPACE_BYTES_SM90, Target, resolve_target
+from batchlab.planning.allocator import CachingAllocatorModel
+from batchlab.planning.cards import CUBLAS_WORKSPACE_BYTES_SM90, PlanTarget, resolve_target
+from batchlab.planning.kernels import KernelWorkspaces, UncountedKernel
 from batchlab.workload import Workload
 
 MIN_TORCH = (2, 5)  # MemTracker first shipped in torch 2.5
 
-# The CUDA caching allocator's sizes: c10/cuda/CUDACachingAllocator.cpp (torch <= 2.7; now
-# c10/core/AllocatorConfig.h), whose comments are quoted.
-BLOCK_BYTES = 512  # kMinBlockSize: "all sizes are rounded to at least 512 bytes"
-SMALL_BYTES = 1024**2  # kSmallSize: "largest 'small' allocation is 1 MiB"
-SMALL_SEGMENT_BYTES = 2 * 1024**2  # kSmallBuffer: "'small' allocations are packed in 2 MiB blocks"
-MID_BYTES = 10 * 1024**2  # kMinLargeAlloc: "allocations between 1 and 10 MiB may use kLargeBuffer"
-MID_SEGMENT_BYTES = 20 * 1024**2  # kLargeBuffer: "'large' allocations may be packed in 20 MiB blocks"
-LARGE_ROUND_BYTES = 2 * 1024**2  # kRoundLarge: "round up large allocations to 2 MiB"
-
-# oneDNN's LSTM training workspace, which torch's CPU kernel allocates as the 4th output of aten.mkldnn_rnn_layer
-# (aten/src/ATen/native/mkldnn/RNN.cpp: at::empty(pd.workspace_desc().get_size()) when grad mode is on) and
-# its fake kernel returns empty (torch/_meta_registrations.py, mkldnn_rnn_layer: torch.empty(0, dtype=uint8)).
-# The sizes are oneDNN's (src/cpu/rnn/rnn_utils.hpp init_conf and set_workspace_sizes, rnn_utils.cpp
-# get_good_ld and set_offsets); tests/test_fake.py checks them byte for byte against the real kernel.
-ONEDNN_PAGE_BYTES = 4096  # set_offsets: "page_size = 4096"; every part of the workspace starts page-aligned
-ONEDNN_ACC_BYTES = 4  # gemm_acc_t, the diff states' type: f32 for f32/bf16/f16 data (cpu/rnn/ref_rnn.hpp)
 
 # MemTracker's category labels (the values of its private enum) -> batchlab's names.
 _CATEGORIES = {
@@ -178,178 +161,6 @@ class FakeEstimate:
         return data
 
 
-def _round_block(size: int) -> int:
-    """The caching allocator's block size for a request: up to a multiple of 512 bytes, at least 512."""
-    return max(BLOCK_BYTES, math.ceil(size / BLOCK_BYTES) * BLOCK_BYTES)
-
-
-def _round_up(size: int, unit: int) -> int:
-    return math.ceil(size / unit) * unit
-
-
-def _tensors_in(value: Any):
-    """Yield the tensors in an op's output (a tensor, or nested tuples/lists of them)."""
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, (tuple, list)):
-        for item in value:
-            yield from _tensors_in(item)
-
-
-def _onednn_good_ld(dim: int, itemsize: int) -> int:
-    """oneDNN's padded leading dimension (rnn_utils.cpp ``get_good_ld``): a multiple of 64 bytes, never of 256."""
-    ld = _round_up(dim, 64 // itemsize)
-    return ld + 64 // itemsize if ld % 256 == 0 else ld
-
-
-def onednn_lstm_workspace_bytes(
-    seq_len: int,
-    batch: int,
-    input_size: int,
-    hidden_size: int,
-    *,
-    gates: int = 4,
-    itemsize: int = 4,
-    cell_itemsize: int = 4,
-) -> int:
-    """The bytes of oneDNN's training workspace for one LSTM layer in one direction (one ``mkldnn_rnn_layer`` call).
-
-    oneDNN's ``set_workspace_sizes`` for ``n_layer = n_dir = 1``, ``n_iter = seq_len``, ``mb = batch``: every
-    step's gates and hidden output, then the layer's input and output states, the cell states and the three
-    diff-state buffers the backward pass writes, each over ``seq_len + 1`` steps and 2 layer slots (its input
-    and its own); ``set_offsets`` starts each part on a 4 KiB page. ``itemsize`` is the data's (4: f32, 2:
-    bf16/f16), ``cell_itemsize`` the cell state's; the diff states are f32 accumulators.
-    """
-    wide = max(input_size, hidden_size)  # states: max(slc, sic, dlc); diff states: max(slc, dic, sic, dhc)
-    state_row = _onednn_good_ld(wide, itemsize) * itemsize
-    diff_row = _onednn_good_ld(wide, ONEDNN_ACC_BYTES) * ONEDNN_ACC_BYTES
-    per_step = seq_len * batch  # n_iter * mb
-    per_state = 2 * (seq_len + 1) * batch  # (n_layer + 1) slots * (n_iter + 1) steps, the initial one, * mb
-    parts = (
-        per_step * _onednn_good_ld(gates * hidden_size, itemsize) * itemsize,  # ws_gates
-        per_step * _onednn_good_ld(hidden_size, itemsize) * itemsize,  # ws_ht
-        per_state * state_row,  # ws_states_layer (ws_states_iter shares it)
-        per_state * hidden_size * cell_itemsize,  # ws_states_iter_c
-        per_state * diff_row,  # ws_diff_states_layer
-        per_state * diff_row,  # ws_diff_states_iter
-        per_state * hidden_size * ONEDNN_ACC_BYTES,  # ws_diff_states_iter_c
-    )
-    return sum(_round_up(part, ONEDNN_PAGE_BYTES) for part in parts)
-
-
-class _UncountedKernel(RuntimeError):
-    """A kernel whose memory the fake run cannot count; :func:`_fake_error` turns it into a FakeTensorError."""
-
-    def __init__(self, func: Any, why: str):
-        super().__init__(f"{func} {why}")
-        self.func = func
-        self.why = why
-
-
-def _bound(func: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
-    """An aten op's arguments by their schema names."""
-    names = [argument.name for argument in func._schema.arguments]
-    return {**dict(zip(names, args)), **kwargs}
-
-
-class _KernelWorkspaces(TorchDispatchMode):
-    """Put back the memory of kernels whose fake implementation leaves it out, or refuse what cannot be counted.
-
-    ``aten.mkldnn_rnn_layer`` (``nn.LSTM`` on the CPU, one call per layer and direction) gets its training
-    workspace back, sized as oneDNN sizes it, so MemTracker and the allocator model above this mode see it
-    live from the forward pass until its backward frees it, as they would see the real one. cuDNN's and
-    MIOpen's RNN kernels (``nn.LSTM``/``GRU``/``RNN`` on a GPU) are refused in training: their reserve space is
-    sized by the library at run time (torch's fake kernel says "TODO: Query cudnnGetRNNTrainingReserveSize")
-    and returned empty. Must sit between the fake mode and MemTracker on the mode stack.
-    """
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in (torch.ops.aten._cudnn_rnn.default, torch.ops.aten.miopen_rnn.default):
-            if _bound(func, args, kwargs)["train"]:
-                raise _UncountedKernel(
-                    func,
-                    "(a recurrent layer on the GPU) has a reserve space that the GPU library sizes at run time "
-                    "and torch's fake kernel returns empty",
-                )
-        out = func(*args, **kwargs)
-        if func is torch.ops.aten.mkldnn_rnn_layer.default and torch.is_grad_enabled():
-            # The CPU kernel allocates the workspace only with grad mode on (inference returns none).
-            bound = _bound(func, args, kwargs)
-            data, cell, hidden = bound["input"], bound["cx_"], bound["hidden_size"]
-            seq_len, batch, input_size = data.shape  # time-major, as RNNParams reads sizes 0, 1, 2
-            size = onednn_lstm_workspace_bytes(
-                seq_len,
-                batch,
-                input_size,
-                hidden,
-                gates=bound["weight0"].shape[0] // hidden,
-                itemsize=data.element_size(),
-                cell_itemsize=cell.element_size(),
-            )
-            # Created under the fake mode below this one: a fake tensor, no memory; the modes above count it.
-            out = (*out[:3], torch.empty(size, dtype=torch.uint8, device=data.device))
-        return out
-
-
-class _CachingAllocatorModel(TorchDispatchMode):
-    """The CUDA caching allocator's rounding over the live storages of a (fake) step.
-
-    ``allocated`` counts each storage's block (512-byte rounding): what ``max_memory_allocated`` counts.
-    ``reserved`` adds segments: blocks up to 1 MiB packed into 2 MiB segments, blocks of 1-10 MiB into 20 MiB
-    segments, larger blocks each rounded up to 2 MiB. The real allocator also splits segments, reuses cached
-    blocks and fragments over time, which no model of live tensors can see; the benchmark measures the gap.
-    Storages are followed by weak references and dropped when torch frees them, as MemTracker does.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._blocks: dict[int, int] = {}  # id(storage) -> block bytes, for live storages only
-        self._small = self._mid = self._large = 0
-        self.peak_allocated = self.peak_reserved = 0
-
-    @property
-    def allocated(self) -> int:
-        return self._small + self._mid + self._large
-
-    @property
-    def reserved(self) -> int:
-        return (
-            _round_up(self._small, SMALL_SEGMENT_BYTES)
-            + _round_up(self._mid, MID_SEGMENT_BYTES)
-            + self._large
-        )
-
-    def _change(self, block: int, sign: int) -> None:
-        if block <= SMALL_BYTES:
-            self._small += sign * block
-        elif block < MID_BYTES:
-            self._mid += sign * block
-        else:
-            self._large += sign * _round_up(block, LARGE_ROUND_BYTES)
-
-    def _release(self, key: int) -> None:
-        self._change(self._blocks.pop(key), -1)
-
-    def track(self, tensor: torch.Tensor) -> None:
-        """Count ``tensor``'s storage once, until it is freed."""
-        storage = tensor.untyped_storage()
-        key = id(storage)
-        if key in self._blocks or storage.nbytes() == 0:
-            return
-        self._blocks[key] = block = _round_block(storage.nbytes())
-        self._change(block, +1)
-        weakref.finalize(storage, self._release, key)
-        self.peak_allocated = max(self.peak_allocated, self.allocated)
-        self.peak_reserved = max(self.peak_reserved, self.reserved)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in _tensors_in(out):
-            self.track(tensor)
-        return out
-
-
 class _FakeCopy(TorchFunctionMode):
     """Inside it, ``copy.deepcopy`` makes every tensor a fake one on ``device``: no data, no memory.
 
@@ -432,7 +243,7 @@ def _fake_error(exc: BaseException, workload: str) -> FakeTensorError | None:
             "has an output shape that depends on tensor values (torch.nonzero, boolean-mask indexing, "
             "torch.unique); fake tensors carry shapes, not values"
         )
-    elif isinstance(exc, _UncountedKernel):
+    elif isinstance(exc, UncountedKernel):
         why = exc.why
     elif isinstance(exc, torch_["no_kernel"]) or (
         isinstance(exc, RuntimeError) and "no fake impl registered" in str(exc)
@@ -455,8 +266,8 @@ class FakeDevice(Device):
     Args:
         workload: the :class:`~batchlab.Workload` to estimate (its model and optimizer are copied to fake
             tensors for every run and never modified). Its ``amp`` and ``grad_accum`` apply.
-        target: what the step is planned for: a card name from :data:`batchlab.targets.CARDS`, a memory size
-            (``"24GiB"``) or a :class:`~batchlab.targets.Target`. It sets the capacity a search holds
+        target: what the step is planned for: a card name from :data:`batchlab.planning.cards.CARDS`, a memory size
+            (``"24GiB"``) or a :class:`~batchlab.planning.cards.PlanTarget`. It sets the capacity a search holds
             estimates against. None: estimates only (:meth:`capacity_bytes` raises).
         device_type: ``"cuda"`` or ``"cpu"``: the target's device type when ``target`` is a memory size or
             None (default: ``"cuda"`` with a target, ``"cpu"`` without).
@@ -470,7 +281,7 @@ class FakeDevice(Device):
         self,
         workload: Workload,
         *,
-        target: str | int | Target | None = None,
+        target: str | int | PlanTarget | None = None,
         device_type: str | None = None,
     ) -> None:
         if not isinstance(workload, Workload):
@@ -572,7 +383,7 @@ class FakeDevice(Device):
                 name=work.name,
             )
         shadow.scaler = None
-        allocator = _CachingAllocatorModel() if self.device_type == "cuda" else None
+        allocator = CachingAllocatorModel() if self.device_type == "cuda" else None
         try:
             with fake_mode:
                 tracker.track_external(model, optimizer)
@@ -583,7 +394,7 @@ class FakeDevice(Device):
                     baseline_reserved = allocator.reserved
                 # Order matters: MemTracker and the allocator model must see the workspaces put back.
                 with (
-                    _KernelWorkspaces(),
+                    KernelWorkspaces(),
                     tracker,
                     allocator if allocator is not None else contextlib.nullcontext(),
                 ):

@@ -1,0 +1,24 @@
+"""Plan without the device: a training step's memory from fake tensors, for a card you do not have.
+
+- :mod:`~batchlab.planning.fake`: :class:`FakeDevice`, a step on fake tensors under torch's MemTracker.
+- :mod:`~batchlab.planning.allocator`: what the CUDA caching allocator adds over the tensors.
+- :mod:`~batchlab.planning.kernels`: kernels whose fake versions leave memory out (oneDNN's LSTM workspace).
+- :mod:`~batchlab.planning.cards`: the card table and the one target parser.
+- :mod:`~batchlab.planning.plan`: :func:`plan`, the largest batch on a target, searched on the fake device.
+"""
+
+from batchlab.planning.cards import CARDS, Card, PlanTarget, resolve_target
+from batchlab.planning.fake import FakeDevice, FakeEstimate
+from batchlab.planning.plan import PlanResult, estimate_memory_line, plan
+
+__all__ = [
+    "CARDS",
+    "Card",
+    "FakeDevice",
+    "FakeEstimate",
+    "PlanResult",
+    "PlanTarget",
+    "estimate_memory_line",
+    "plan",
+    "resolve_target",
+]

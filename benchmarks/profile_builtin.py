@@ -29,8 +29,9 @@ from pathlib import Path
 
 import torch
 
-from batchlab.plots import plot_profile
-from batchlab.profile import Profile, profile
+from batchlab.profiling.api import profile
+from batchlab.profiling.plots import plot_profile
+from batchlab.profiling.records import Profile
 from batchlab.units import format_bytes, parse_bytes
 from batchlab.workloads import BUILTIN, load_workload
 

@@ -17,8 +17,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from batchlab import CPUDevice, Workload
 from batchlab.cli import main
-from batchlab.plots import plot_profile
-from batchlab.profile import WARMUP_STEPS, profile
+from batchlab.defaults import WARMUP_STEPS
+from batchlab.profiling.api import profile
+from batchlab.profiling.plots import plot_profile
 from batchlab.workloads.examples import TinyGPT, small_cnn
 
 MiB = 2**20

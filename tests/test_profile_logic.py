@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -9,8 +10,8 @@ import torch
 from torch import nn
 
 from batchlab import SimulatedDevice, Workload, find_batch_size
+from batchlab.defaults import WARMUP_STEPS
 from batchlab.devices import allocator_memory
-from batchlab.profile import WARMUP_STEPS, ProfilePoint, findings, profile, summarize_variant
 from batchlab.profiling.analysis import (
     MAX_TIMED_STEPS,
     MIN_TIMED_STEPS,
@@ -18,8 +19,12 @@ from batchlab.profiling.analysis import (
     knee_batch_size,
     memory_per_sample,
     small_batch_scaling,
+    summarize_variant,
     timed_steps_for,
 )
+from batchlab.profiling.api import profile
+from batchlab.profiling.findings import findings
+from batchlab.profiling.records import MemorySource, PointOutcome, ProfilePoint
 
 GiB = 2**30
 MiB = 2**20
@@ -54,6 +59,18 @@ def test_knee_defaults_to_the_shared_threshold_and_refuses_one_outside_0_1():
         knee_batch_size([1, 2], [1.0, 2.0], 1.5)
     with pytest.raises(ValueError, match="invalid threshold 0: expected a number in"):
         knee_batch_size([1, 2], [1.0, 2.0], 0)
+
+
+def test_outcomes_are_str_enums_that_print_and_serialise_as_their_strings():
+    point = ProfilePoint("fp32", "fp32", False, 8, "over budget", 10 * MiB, None, "timed run")
+    assert point.outcome is PointOutcome.OVER_BUDGET and point.memory_source is MemorySource.TIMED_RUN
+    assert point.outcome == "over budget" and not point.fits
+    assert f"{point.outcome:<12}|{point.memory_source}" == "over budget |timed run"
+    data = point.to_dict()
+    assert type(data["outcome"]) is str and json.loads(json.dumps(data))["outcome"] == "over budget"
+    assert data["memory_source"] == "timed run"
+    with pytest.raises(ValueError, match="'fit' is not a valid PointOutcome"):
+        ProfilePoint("fp32", "fp32", False, 8, "fit", None, None, "timed run")
 
 
 def test_memory_per_sample_uses_the_larger_sizes_like_the_search():
@@ -241,6 +258,11 @@ def _blocks_workload(fail_at: int | None = None) -> Workload:
         (dict(checkpointing="yes"), "invalid checkpointing"),
         (dict(batch_sizes=[0, 4]), "invalid batch_sizes"),
         (dict(knee_threshold=1.5), "invalid knee_threshold"),
+        (
+            dict(seconds_per_point=float("inf")),
+            r"invalid seconds_per_point inf: expected a number >= 0 \(seconds\)",
+        ),
+        (dict(max_batch_size=0), "invalid max_batch_size 0: expected an int >= 1 or None"),
         (dict(fraction=1.5), "invalid memory fraction"),
         (dict(checkpoint_modules=[nn.Linear(2, 2)]), "needs checkpointing=True"),
         (dict(checkpointing=True, checkpoint_modules=[nn.Linear(2, 2)]), "not part of the model"),
@@ -280,8 +302,6 @@ def test_state_and_patches_are_restored_when_a_step_raises():
 
 
 def test_profile_to_dict_is_json_ready():
-    import json
-
     result = profile(
         noop, device=SimulatedDevice(allocator_memory(GiB, 10 * MiB), 4 * GiB), seconds_per_point=0
     )

@@ -1,8 +1,9 @@
 """The profile's decision and summary math: plain functions over batch sizes, throughputs and peak bytes.
 
-No torch, no device: each function takes numbers (or the profile's records) and returns numbers, so the knee,
-the memory line and the timing budget are tested exactly, without running a step. The one knee of the project
-lives here (:func:`knee_batch_size`); the advice and the CLI use it too.
+No torch, no device: each function takes numbers (or the profile's records) and returns numbers or a
+:class:`~batchlab.profiling.records.VariantSummary`, so the knee, the memory line, the timing budget and a
+variant's summary are tested exactly, without running a step. The one knee of the project lives here
+(:func:`knee_batch_size`); the advice and the CLI use it too.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Sequence
 
 from batchlab import checks
 from batchlab.defaults import KNEE_THRESHOLD
+from batchlab.profiling.records import ProfilePoint, VariantSummary
 
 MIN_TIMED_STEPS = 3  # the median of 3 already ignores one outlier (a GC pause, a noisy neighbour)
 MAX_TIMED_STEPS = 30  # enough for a stable median of a fast step; more only costs time
@@ -88,3 +90,40 @@ def small_batch_scaling(
     b0, t0 = pairs[0]
     b1, t1 = next(((b, t) for b, t in pairs if b >= SCALING_SPAN * b0), pairs[-1])
     return b0, b1, (t1 / t0) / (b1 / b0)
+
+
+def summarize_variant(
+    variant: str,
+    precision: str,
+    checkpointing: bool,
+    points: Sequence[ProfilePoint],
+    *,
+    knee_threshold: float = KNEE_THRESHOLD,
+    fit_batch_size: int | None = None,
+    checkpointed: str | None = None,
+) -> VariantSummary:
+    """The knee, the best and the largest fitting size, and memory per sample, from one variant's points."""
+    fitting = sorted((p for p in points if p.fits), key=lambda p: p.batch_size)
+    timed = [p for p in fitting if p.samples_per_second is not None]
+    by_batch = {p.batch_size: p for p in timed}
+    knee = knee_batch_size(
+        [p.batch_size for p in timed], [p.samples_per_second for p in timed], knee_threshold
+    )
+    best = max(timed, key=lambda p: p.samples_per_second, default=None)
+    largest = fitting[-1] if fitting else None
+    line = memory_per_sample([p.batch_size for p in fitting], [p.peak_bytes for p in fitting])
+    return VariantSummary(
+        variant=variant,
+        precision=precision,
+        checkpointing=checkpointing,
+        fit_batch_size=fit_batch_size,
+        largest_fitting_batch=largest.batch_size if largest else None,
+        largest_fitting_samples_per_second=largest.samples_per_second if largest else None,
+        best_batch=best.batch_size if best else None,
+        best_samples_per_second=best.samples_per_second if best else None,
+        knee_batch=knee,
+        knee_samples_per_second=by_batch[knee].samples_per_second if knee is not None else None,
+        bytes_per_sample=line[1] if line else None,
+        fixed_bytes=line[0] if line else None,
+        checkpointed=checkpointed,
+    )

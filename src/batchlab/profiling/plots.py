@@ -1,7 +1,7 @@
-"""PNG plots of a :class:`~batchlab.profile.Profile`, readable at a glance.
+"""PNG plots of a :class:`~batchlab.profiling.records.Profile`: throughput and peak memory vs batch size.
 
-matplotlib is imported only when a plot is drawn (it is an extra, not a core dependency: ``pip install
-'batchlab[plot]'``), and only its object-oriented API is used -- a ``Figure`` drawn by the Agg canvas -- so
+matplotlib is imported only when a plot is drawn, through :func:`batchlab.optional.require` (it is an extra,
+not a core dependency: ``pip install 'batchlab[plot]'``), and only its object-oriented API is used -- a ``Figure`` drawn by the Agg canvas -- so
 plotting never switches the caller's pyplot backend or opens a window.
 
 Two plots per profile, one line per variant, batch size on a log2 axis:
@@ -18,24 +18,32 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from batchlab.optional import require
 from batchlab.units import format_bytes
 
 if TYPE_CHECKING:
-    from batchlab.profile import Profile, ProfilePoint
+    from batchlab.profiling.records import Profile, ProfilePoint
 
 DPI = 110  # 7.5 x 4.5 in at 110 dpi: 825 x 495 px, legible in a terminal image viewer and a README
 SIZE_INCHES = (7.5, 4.5)
 BUDGET_IN_VIEW = 1.5  # draw the budget line when it is at most 1.5x the highest peak
 
 
-def require_matplotlib() -> Any:
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-        from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
-    except ImportError:
-        raise ImportError("plots need matplotlib: pip install 'batchlab[plot]'") from None
-    return Figure, FigureCanvasAgg, FixedLocator, FuncFormatter, NullLocator
+def _axes() -> tuple[Any, Any]:
+    """A new Figure drawn by the Agg canvas (never pyplot: the caller's backend stays as it is) and its axes."""
+    figure = require("matplotlib.figure", extra="plot", purpose="plots")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = figure.Figure(figsize=SIZE_INCHES, dpi=DPI)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, format="png")
+    return path
 
 
 def _slug(text: str) -> str:
@@ -47,9 +55,10 @@ def _memory_unit(values: list[float]) -> tuple[str, float]:
     return ("GiB", 2.0**30) if top >= 2 * 2**30 else ("MiB", 2.0**20)
 
 
-def _log2_batch_axis(ax: Any, sizes: list[int], mpl: Any) -> None:
+def _log2_batch_axis(ax: Any, sizes: list[int]) -> None:
     """Log2 x axis with plain integer labels at the powers of two in range."""
-    _, _, FixedLocator, FuncFormatter, NullLocator = mpl
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
     ax.set_xscale("log", base=2)
     lo, hi = min(sizes), max(sizes)
     ticks = [2**k for k in range(max(lo.bit_length() - 1, 0), hi.bit_length() + 1) if lo / 2 < 2**k < hi * 2]
@@ -67,11 +76,7 @@ def _variants(profile: Profile) -> list[tuple[str, list[ProfilePoint]]]:
 
 def plot_throughput(profile: Profile, path: str | Path) -> Path:
     """samples/s vs batch size per variant, knee starred; returns the PNG's path."""
-    mpl = require_matplotlib()
-    Figure, FigureCanvasAgg = mpl[0], mpl[1]
-    fig = Figure(figsize=SIZE_INCHES, dpi=DPI)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    fig, ax = _axes()
     sizes = [p.batch_size for p in profile.points if p.samples_per_second] or [1, 2]
     for index, (name, points) in enumerate(_variants(profile)):
         color = f"C{index}"
@@ -125,24 +130,17 @@ def plot_throughput(profile: Profile, path: str | Path) -> Path:
             label=f"knee: first batch at {profile.knee_threshold:.0%} of the best")  # fmt: skip
     if any(not p.fits and p.samples_per_second for p in profile.points):
         ax.plot([], [], "x", color="grey", markersize=9, mew=2, label="over the budget")
-    _log2_batch_axis(ax, sizes, mpl)
+    _log2_batch_axis(ax, sizes)
     ax.set_ylim(bottom=0)
     ax.set_ylabel("throughput (samples / s)")
     ax.set_title(f"{profile.workload} on {profile.device}: training throughput vs batch size", fontsize=11)
     ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, format="png")
-    return path
+    return _save(fig, path)
 
 
 def plot_memory(profile: Profile, path: str | Path) -> Path:
     """Peak memory vs batch size per variant with the budget line; returns the PNG's path."""
-    mpl = require_matplotlib()
-    Figure, FigureCanvasAgg = mpl[0], mpl[1]
-    fig = Figure(figsize=SIZE_INCHES, dpi=DPI)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    fig, ax = _axes()
     peaks = [p.peak_bytes for p in profile.points if p.peak_bytes is not None]
     # The budget line joins the plot only when it is near the data: a budget far above every peak would
     # squash the curves into a flat line at the bottom; it is then named in the legend instead.
@@ -203,7 +201,7 @@ def plot_memory(profile: Profile, path: str | Path) -> Path:
         ax.axhline(profile.budget_bytes / scale, color="red", linestyle="--", label=budget_label)
     else:
         ax.plot([], [], color="red", linestyle="--", label=f"{budget_label}, far above")
-    _log2_batch_axis(ax, sizes, mpl)
+    _log2_batch_axis(ax, sizes)
     what = (
         "process peak RSS"
         if profile.device == "cpu"
@@ -214,10 +212,7 @@ def plot_memory(profile: Profile, path: str | Path) -> Path:
     ax.set_ylabel(f"peak memory ({unit}, {what})")
     ax.set_title(f"{profile.workload} on {profile.device}: peak memory of a training step", fontsize=11)
     ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, format="png")
-    return path
+    return _save(fig, path)
 
 
 def plot_profile(profile: Profile, directory: str | Path, *, name: str | None = None) -> dict[str, Path]:

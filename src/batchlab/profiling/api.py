@@ -1,0 +1,456 @@
+"""profile(): the orchestration -- per variant, one fit search, then every planned size timed and summarised.
+
+This module decides what to run and in which order, and restores the workload afterwards; the parts it
+calls each have their own module: the records (:mod:`.records`), the pure math (:mod:`.analysis`), the
+prose (:mod:`.findings`), the clock (:mod:`.timing`) and the input pipeline (:mod:`.loaders`).
+
+The Tuning Playbook's first step in choosing a batch size is to find the feasible sizes and their throughput:
+only sizes up to the one that maximises throughput are worth considering, and throughput that does not
+roughly double with the batch points to an input or synchronisation bottleneck. :func:`profile` draws that
+curve for every *variant* (a precision -- fp32, bf16 or fp16 autocast -- with or without activation
+checkpointing) and says in plain words what each one buys.
+
+How, per variant:
+
+1. **Which sizes.** Run :func:`~batchlab.find_batch_size` once and reuse what it measured: the profiled sizes
+   are the smallest size it found to fit, the powers of two above it up to its answer, and the answer itself.
+   Every size it probed keeps the search's peak memory and verdict (``memory_source="fit search"``); every
+   size it found too big is reported as not fitting without running again -- and when it stopped within 1% of
+   the budget without a failure, the next power of two is run once to show what lies over the edge. A size
+   up to the verified answer fits by that verification (memory grows with the batch), whatever a noisy
+   timed run reads. Explicit ``batch_sizes`` skip the search; each then stands on its own timed run.
+2. **Timing.** Each fitting size runs ``WARMUP_STEPS`` (:mod:`batchlab.defaults`) steps from the workload's own starting state (one
+   device run), then -- in a second run -- enough steps for about ``seconds_per_point``
+   (``MIN_TIMED_STEPS``..``MAX_TIMED_STEPS``, estimated from the last warm-up step); each step is timed
+   between device synchronisations and the median of the timed steps is the step time. The peak is the
+   higher of the two runs'. State is restored afterwards, as after every probe.
+3. **Summary.** The knee (the smallest size reaching ``knee_threshold`` of the best throughput), the largest
+   fitting size and its throughput, memory per sample (a line through the peaks), and findings such as
+   "checkpointing lets batch 512 fit at 1.3x the step time".
+
+The decision and summary math (:func:`~.analysis.knee_batch_size`, :func:`~.analysis.memory_per_sample`,
+:func:`~.analysis.timed_steps_for`, :func:`~.analysis.summarize_variant`, :func:`~.findings.findings`) are
+plain functions over numbers.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from batchlab import checks
+from batchlab.checkpointing import activation_checkpointing, plan_checkpointing
+from batchlab.defaults import DEFAULT_FRACTION, KNEE_THRESHOLD, WARMUP_STEPS
+from batchlab.devices import Device, resolve_device
+from batchlab.errors import DoesNotFitError
+from batchlab.profiling.analysis import (
+    SECONDS_PER_POINT,
+    default_batch_sizes,
+    memory_per_sample,
+    summarize_variant,
+)
+from batchlab.profiling.findings import findings
+from batchlab.profiling.loaders import LoaderBatches, loader_factory, with_loader
+from batchlab.profiling.records import (
+    PRECISIONS,
+    MemorySource,
+    PointOutcome,
+    Profile,
+    ProfilePoint,
+    VariantSummary,
+    variant_name,
+)
+from batchlab.profiling.timing import Timing, time_steps
+from batchlab.search import FitResult, Probe, find_batch_size
+from batchlab.spec import parse_amp, parse_fraction
+from batchlab.units import format_bytes, parse_bytes
+from batchlab.workload import StepFunction, Workload, as_workload
+
+log = logging.getLogger("batchlab")
+
+
+def _parse_precisions(precisions: Sequence[str] | str | None, work: Workload | StepFunction) -> list[str]:
+    if precisions is None:
+        return [work.amp or "fp32"]
+    items = [p for p in precisions.split(",")] if isinstance(precisions, str) else list(precisions)
+    parsed = []
+    for item in items:
+        amp = parse_amp(item)
+        name = amp or "fp32"
+        if name not in parsed:
+            parsed.append(name)
+    if not parsed:
+        raise ValueError(f"invalid precisions {precisions!r}: expected some of {', '.join(PRECISIONS)}")
+    return parsed
+
+
+def _parse_checkpointing(checkpointing: Sequence[bool] | bool) -> list[bool]:
+    values = [checkpointing] if isinstance(checkpointing, bool) else list(checkpointing)
+    if not values or not all(isinstance(v, bool) for v in values):
+        raise ValueError(f"invalid checkpointing {checkpointing!r}: expected True, False or a list of them")
+    return list(dict.fromkeys(values))
+
+
+def _parse_batch_sizes(batch_sizes: Sequence[int] | None) -> list[int] | None:
+    if batch_sizes is None:
+        return None
+    sizes = [checks.integer("batch_sizes", b) for b in batch_sizes]
+    if not sizes:
+        raise ValueError(f"invalid batch_sizes {batch_sizes!r}: expected at least one int >= 1")
+    return sorted(set(sizes))
+
+
+@contextmanager
+def _variant_workload(
+    work: Workload | StepFunction,
+    precision: str,
+    checkpointing: bool,
+    checkpoint_modules: Sequence[torch.nn.Module] | None,
+) -> Iterator[tuple[Workload | StepFunction, str | None]]:
+    """The workload at ``precision`` (sharing model and optimizer), checkpointed inside the block."""
+    amp = parse_amp(precision)
+    if isinstance(work, StepFunction):
+        yield work, None
+        return
+    variant = work.with_amp(amp)
+    if not checkpointing:
+        yield variant, None
+        return
+    with activation_checkpointing(work.model, checkpoint_modules) as plan:
+        yield variant, plan.describe()
+
+
+def profile(
+    workload: Workload | StepFunction | Callable[[int], Any],
+    *,
+    device: str | torch.device | Device = "auto",
+    batch_sizes: Sequence[int] | None = None,
+    precisions: Sequence[str] | str | None = None,
+    checkpointing: Sequence[bool] | bool = (False,),
+    checkpoint_modules: Sequence[torch.nn.Module] | None = None,
+    memory_budget: int | str | None = None,
+    fraction: float = DEFAULT_FRACTION,
+    max_batch_size: int | None = None,
+    knee_threshold: float = KNEE_THRESHOLD,
+    seconds_per_point: float = SECONDS_PER_POINT,
+    loader: Any = None,
+    on_point: Callable[[ProfilePoint], None] | None = None,
+    on_probe: Callable[[str, Probe], None] | None = None,
+) -> Profile:
+    """Measure throughput and peak memory over batch sizes for each precision x checkpointing variant.
+
+    Args:
+        workload: a :class:`~batchlab.Workload` (or a plain ``step(batch_size)`` callable: fp32 only, no
+            checkpointing, no loader -- batchlab cannot reach inside it).
+        device: as for :func:`~batchlab.find_batch_size`.
+        batch_sizes: the sizes to profile; default: per variant, the powers of two up to the largest that
+            fits plus that size, from one :func:`~batchlab.find_batch_size` whose probes are reused.
+        precisions: some of ``"fp32"``, ``"bf16"``, ``"fp16"`` (autocast; fp16 with a GradScaler), as a list
+            or ``"fp32,bf16"``. Default: the workload's own (fp32 unless it was built with ``amp=``).
+        checkpointing: ``False``, ``True`` or both ``(False, True)``: activation checkpointing of the model's
+            repeated blocks (see :mod:`batchlab.checkpointing`), or of ``checkpoint_modules`` when given.
+        memory_budget: treat the device as having this much memory ("4GiB"); default: its capacity now. All
+            variants are held to the same ``fraction`` of it.
+        max_batch_size: never profile above this.
+        knee_threshold: the knee is the smallest batch reaching this share of the best throughput.
+        seconds_per_point: timed seconds aimed for per point (between MIN_ and MAX_TIMED_STEPS steps).
+        loader: a DataLoader (rebuilt at each batch size) or ``make_loader(batch_size)``: each fitting point is
+            timed again with batches drawn from it, to show what the input pipeline costs.
+        on_point: called with each :class:`ProfilePoint` as it is measured (progress displays).
+        on_probe: called with the variant's name and each :class:`~batchlab.search.Probe` of its fit search
+            as the probe completes (progress displays: on a large model the search is most of the time).
+
+    The workload's model, optimizer, gradients and RNG states are restored bitwise afterwards, and every
+    checkpointing patch is removed, also when a step raises.
+    """
+    started = time.perf_counter()
+    work = as_workload(workload)
+    variants = [
+        (precision, ckpt)
+        for ckpt in _parse_checkpointing(checkpointing)
+        for precision in _parse_precisions(precisions, work)
+    ]
+    sizes = _parse_batch_sizes(batch_sizes)
+    fraction = parse_fraction(fraction)
+    knee_threshold = checks.fraction("knee_threshold", knee_threshold, include_one=True)
+    seconds_per_point = checks.number("seconds_per_point", seconds_per_point, inclusive=True, what="seconds")
+    max_batch_size = checks.integer("max_batch_size", max_batch_size, none=True)
+    if isinstance(work, StepFunction):
+        unsupported = [p for p, c in variants if p != "fp32" or c]
+        if unsupported or loader is not None:
+            raise ValueError(
+                "precisions other than fp32, checkpointing and loader= need a batchlab.Workload: a plain "
+                "step(batch_size) callable cannot be changed from outside"
+            )
+    if checkpoint_modules is not None and True not in _parse_checkpointing(checkpointing):
+        raise ValueError("checkpoint_modules= needs checkpointing=True (or (False, True) to compare)")
+    if any(ckpt for _, ckpt in variants):
+        plan_checkpointing(work.model, checkpoint_modules)  # fails now, before anything runs
+    cap = min((c for c in (max_batch_size, getattr(work, "dataset_size", None)) if c), default=None)
+    if sizes is not None and cap is not None:
+        sizes = [b for b in sizes if b <= cap] or None
+        if sizes is None:
+            raise ValueError(f"every batch size in {batch_sizes!r} exceeds the cap {cap}")
+    make_loader = loader_factory(loader) if loader is not None else None
+    dev = resolve_device(device, work.device if isinstance(work, Workload) else None)
+    capacity = parse_bytes(memory_budget) if memory_budget is not None else dev.capacity_bytes()
+    budget = int(capacity * fraction)
+    hard_limit = dev.hard_limit_bytes()
+    samples_per_step = work.grad_accum
+
+    points: list[ProfilePoint] = []
+    summaries: list[VariantSummary] = []
+    fits: dict[str, FitResult | None] = {}
+    notes: list[str] = []
+    snapshot = work.snapshot()
+
+    def emit(point: ProfilePoint) -> None:
+        points.append(point)
+        log.info("profile %s b=%d: %s", point.variant, point.batch_size, point.outcome)
+        if on_point is not None:
+            on_point(point)
+
+    try:
+        for precision, ckpt in variants:
+            name = variant_name(precision, ckpt)
+            with _variant_workload(work, precision, ckpt, checkpoint_modules) as (variant, plan):
+                fit, planned, known = None, sizes, {}
+                if sizes is None:
+                    report = None if on_probe is None else functools.partial(on_probe, name)
+                    fit, planned, known = _search(
+                        variant, dev, capacity, fraction, max_batch_size, cap, report
+                    )
+                    fits[name] = fit
+                loaded = with_loader(variant, make_loader) if make_loader else None
+                variant_points = _profile_variant(
+                    variant, dev, name, precision, ckpt, planned, known, fit, budget, hard_limit,
+                    samples_per_step, seconds_per_point, snapshot, emit, loaded,
+                )  # fmt: skip
+            summaries.append(
+                summarize_variant(
+                    name, precision, ckpt, variant_points, knee_threshold=knee_threshold,
+                    fit_batch_size=fit.batch_size if fit else None, checkpointed=plan,
+                )
+            )  # fmt: skip
+    finally:
+        snapshot.restore()
+
+    lines, warnings = findings(
+        summaries, points, budget_bytes=budget, knee_threshold=knee_threshold, device_type=_device_type(dev)
+    )
+    timed = [p for p in points if p.fits and p.samples_per_second]
+    if dev.name == "cpu":
+        notes.append(
+            f"CPU peak counts the whole process; batchlab's state copy ({format_bytes(snapshot.nbytes)}) is included"
+        )
+    return Profile(
+        workload=work.name,
+        device=dev.name,
+        capacity_bytes=capacity,
+        budget_bytes=budget,
+        fraction=fraction,
+        knee_threshold=knee_threshold,
+        points=points,
+        variants=summaries,
+        best=max(timed, key=lambda p: p.samples_per_second, default=None),
+        findings=lines,
+        warnings=warnings,
+        fits=fits,
+        seconds=time.perf_counter() - started,
+        notes=notes,
+    )
+
+
+def _device_type(dev: Device) -> str:
+    return dev.name.split(":")[0]
+
+
+@dataclass(frozen=True)
+class _Known:
+    """A size the fit search already ran: its verdict and peak, reused instead of measured again."""
+
+    batch_size: int
+    outcome: PointOutcome
+    peak_bytes: int | None
+    allocated_bytes: int | None
+    error: str | None = None
+
+
+def _point(name: str, precision: str, ckpt: bool, known: _Known, fit_answer: bool = False) -> ProfilePoint:
+    return ProfilePoint(
+        name, precision, ckpt, known.batch_size, known.outcome, known.peak_bytes, known.allocated_bytes,
+        MemorySource.FIT_SEARCH, fit_answer=fit_answer, error=known.error,
+    )  # fmt: skip
+
+
+def _search(
+    variant: Workload | StepFunction,
+    dev: Device,
+    capacity: int,
+    fraction: float,
+    max_batch_size: int | None,
+    cap: int | None,
+    on_probe: Callable[[Probe], None] | None = None,
+) -> tuple[FitResult | None, list[int], dict[int, _Known]]:
+    """One fit search; returns it, the sizes to profile, and what it measured of each size it ran."""
+    try:
+        fit = find_batch_size(
+            variant,
+            device=dev,
+            batch=fraction,
+            memory_budget=capacity,
+            max_batch_size=max_batch_size,
+            on_probe=on_probe,
+        )
+    except DoesNotFitError as exc:
+        outcome = PointOutcome.OVER_BUDGET if exc.needed_bytes is not None else PointOutcome.OOM
+        failed = _Known(exc.batch_size, outcome, exc.needed_bytes, None, str(exc).splitlines()[0])
+        return None, [exc.batch_size], {exc.batch_size: failed}
+    known = {
+        probe.batch_size: _Known(
+            probe.batch_size,
+            PointOutcome(probe.outcome),
+            probe.peak_bytes,
+            probe.allocated_bytes,
+            probe.error,
+        )
+        for probe in fit.probes
+    }
+    smallest = min(b for b, k in known.items() if k.outcome is PointOutcome.FITS)
+    planned = default_batch_sizes(fit.batch_size, smallest)
+    # What does not fit is part of the picture: the sizes the search found too big (reported, never run
+    # again), or -- when it stopped without a failure, within 1% of the budget -- the next power of two,
+    # run once to show it is over (guarded against the hard limit like any size).
+    too_big = [b for b, k in known.items() if k.outcome is not PointOutcome.FITS and b > fit.batch_size]
+    if too_big:
+        planned += too_big
+    elif fit.limited_by in ("memory", "hard limit"):
+        planned.append(1 << fit.batch_size.bit_length())  # the smallest power of two above the answer
+    return fit, sorted(b for b in set(planned) if cap is None or b <= cap), known
+
+
+def _profile_variant(
+    variant, dev, name, precision, ckpt, planned, known, fit, budget, hard_limit,
+    samples_per_step, seconds_per_point, snapshot, emit, loaded=None,
+) -> list[ProfilePoint]:  # fmt: skip
+    """Time every planned size of one variant, smallest first; reuse what the search knows.
+
+    With ``loaded`` (the variant drawing its batches from the user's loader), each fitting point is
+    timed a second time through it.
+    """
+    out: list[ProfilePoint] = []
+    failed_at: int | None = None
+    for b in planned:
+        is_answer = fit is not None and b == fit.batch_size
+        searched = known.get(b)
+        if searched is not None and searched.outcome is not PointOutcome.FITS:
+            point = _point(name, precision, ckpt, searched)
+        elif failed_at is not None and b > failed_at:
+            point = ProfilePoint(
+                name, precision, ckpt, b, PointOutcome.SKIPPED, None, None, MemorySource.TIMED_RUN,
+                error=f"not run: batch {failed_at} did not fit",
+            )  # fmt: skip
+        elif searched is None and _predicted_over(out, b, hard_limit):
+            point = ProfilePoint(
+                name, precision, ckpt, b, PointOutcome.SKIPPED, None, None, MemorySource.TIMED_RUN,
+                error="not run: the memory line through smaller sizes puts it above the device's hard limit",
+            )  # fmt: skip
+        else:
+            verified = fit is not None and b <= fit.batch_size
+            try:
+                timing = time_steps(
+                    dev, variant.step, b, seconds_per_point=seconds_per_point,
+                    stop_above=None if verified else budget,
+                )  # fmt: skip
+            finally:
+                snapshot.restore()
+            point = _timed_point(
+                name, precision, ckpt, b, timing, searched, verified, budget, samples_per_step
+            )  # fmt: skip
+            if loaded is not None and point.fits:
+                point = _time_loader(point, loaded, dev, samples_per_step, seconds_per_point, snapshot)
+        if is_answer:
+            point = replace(point, fit_answer=True)
+        if not point.fits and failed_at is None and point.outcome is not PointOutcome.SKIPPED:
+            failed_at = b
+        out.append(point)
+        emit(point)
+    return out
+
+
+def _predicted_over(measured: Sequence[ProfilePoint], batch_size: int, hard_limit: int | None) -> bool:
+    if hard_limit is None:
+        return False
+    fitting = [p for p in measured if p.fits and p.peak_bytes is not None]
+    line = memory_per_sample([p.batch_size for p in fitting], [p.peak_bytes for p in fitting])
+    return line is not None and line[0] + line[1] * batch_size > hard_limit
+
+
+def _timed_point(
+    name: str,
+    precision: str,
+    ckpt: bool,
+    b: int,
+    timing: Timing,
+    searched: _Known | None,
+    verified: bool,
+    budget: int,
+    samples_per_step: int,
+) -> ProfilePoint:
+    """The point of a timed size. Its verdict: the search's for a size it probed; "fits" for any size up to
+    the answer the search verified (memory grows with the batch); otherwise the timed run's own."""
+    if not timing.ok:
+        return ProfilePoint(
+            name, precision, ckpt, b, PointOutcome.OOM, timing.peak_bytes, timing.allocated_bytes,
+            MemorySource.TIMED_RUN,
+            error=timing.error,
+        )  # fmt: skip
+    step_seconds = timing.median
+    speed = b * samples_per_step / step_seconds if step_seconds else None
+    note = None
+    if searched is not None:  # the search's verdict and peak stand: the same measurement, not repeated
+        outcome, peak, allocated = PointOutcome.FITS, searched.peak_bytes, searched.allocated_bytes
+        source = MemorySource.FIT_SEARCH
+    else:
+        peak, allocated, source = timing.peak_bytes, timing.allocated_bytes, MemorySource.TIMED_RUN
+        over = peak is not None and peak > budget
+        outcome = PointOutcome.OVER_BUDGET if over and not verified else PointOutcome.FITS
+        if over and verified:
+            note = (
+                f"peaked {format_bytes(peak - budget)} above the budget here; a larger size verified to fit"
+            )
+    return ProfilePoint(
+        name, precision, ckpt, b, outcome, peak, allocated, source, step_seconds, speed,
+        timing.step_times, WARMUP_STEPS, note=note,
+    )  # fmt: skip
+
+
+def _time_loader(
+    point: ProfilePoint,
+    loaded: tuple[Workload, LoaderBatches],
+    dev: Device,
+    samples_per_step: int,
+    seconds_per_point: float,
+    snapshot: Any,
+) -> ProfilePoint:
+    """Time a fitting point again with its batches drawn from the user's loader."""
+    work, batches = loaded
+    try:
+        timing = time_steps(dev, work.step, point.batch_size, seconds_per_point=seconds_per_point)
+    finally:
+        batches.close()  # a DataLoader's worker processes end with its iterator
+        snapshot.restore()
+    if not timing.ok or not timing.median:
+        return replace(point, note=f"with the loader: {timing.error or 'no timed step'}")
+    return replace(
+        point,
+        loader_step_seconds=timing.median,
+        loader_samples_per_second=point.batch_size * samples_per_step / timing.median,
+    )

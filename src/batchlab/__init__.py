@@ -12,7 +12,7 @@ from batchlab.guard import GuardEvent, OOMGuard
 from batchlab.noise import measure_noise_scale
 from batchlab.oom import is_out_of_memory
 from batchlab.planning import FakeDevice, PlanResult, estimate_memory_line, plan
-from batchlab.profile import Profile, ProfilePoint, VariantSummary, profile
+from batchlab.profiling import Profile, ProfilePoint, VariantSummary, profile
 from batchlab.search import FitResult, Probe, find_batch_size
 from batchlab.spec import DEFAULT_FRACTION, BatchSpec, parse_batch
 from batchlab.state import StateSnapshot

@@ -9,13 +9,11 @@ from rich.console import Console
 from rich.table import Table
 
 from batchlab.cli.common import Display, add_workload_options, build_workload
-from batchlab.profile import (
-    KNEE_THRESHOLD,
-    SECONDS_PER_POINT,
-    WARMUP_STEPS,
-    Profile,
-    profile,
-)
+from batchlab.defaults import KNEE_THRESHOLD, WARMUP_STEPS
+from batchlab.optional import require
+from batchlab.profiling.analysis import SECONDS_PER_POINT
+from batchlab.profiling.api import profile
+from batchlab.profiling.records import MemorySource, Profile
 from batchlab.spec import parse_amp
 from batchlab.units import format_bytes, parse_bytes
 
@@ -103,9 +101,8 @@ def run(args: argparse.Namespace) -> int:
     if args.memory_budget is not None:
         parse_bytes(args.memory_budget)
     if args.plot is not None:
-        from batchlab.plots import require_matplotlib
-
-        require_matplotlib()  # a missing matplotlib fails now, not after minutes of measuring
+        # a missing matplotlib fails now, not after minutes of measuring
+        require("matplotlib.figure", extra="plot", purpose="plots")
     workload = build_workload(args)
     with Display(f"profile {args.workload}", enabled=not args.json) as display:
         display.phase("fit search" if sizes is None else "timing batch sizes")
@@ -124,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         )
     plots = {}
     if args.plot is not None:
-        from batchlab.plots import plot_profile
+        from batchlab.profiling.plots import plot_profile
 
         plots = {kind: str(path) for kind, path in plot_profile(result, args.plot).items()}
     if args.json:
@@ -180,7 +177,7 @@ def profile_table(result: Profile) -> Table:
             row.append(format_bytes(p.peak_bytes))
             if allocated:
                 row.append(format_bytes(p.allocated_bytes))
-            row += ["search" if p.memory_source == "fit search" else "timed", " ".join(marks)]
+            row += ["search" if p.memory_source is MemorySource.FIT_SEARCH else "timed", " ".join(marks)]
             table.add_row(*row)
     return table
 

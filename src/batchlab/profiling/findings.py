@@ -42,7 +42,7 @@ def findings(
     lines += _checkpointing_findings(variants, by_variant)
     lines += _precision_findings(variants, by_variant)
     lines += _loader_findings(variants, by_variant)
-    return lines, _scaling_warnings(variants, by_variant, device_type)
+    return lines, list(_scaling_warnings(variants, by_variant, device_type))
 
 
 def _best_finding(
@@ -114,9 +114,8 @@ def _common_timed(
 
 def _checkpointing_findings(
     variants: Sequence[VariantSummary], by_variant: dict[str, list[ProfilePoint]]
-) -> list[str]:
+) -> Iterator[str]:
     """E.g. "checkpointing (fp32) lets batch 512 fit (largest without: 256) at 1.30x the step time (batch 256)"."""
-    lines = []
     for v, off in _against(variants, lambda v: variant_name(v.precision, False)):
         if v.largest_fitting_batch is None or off.largest_fitting_batch is None:
             continue
@@ -129,25 +128,23 @@ def _checkpointing_findings(
         if v.bytes_per_sample is not None and off.bytes_per_sample is not None:
             memory = f"; memory per sample {format_bytes(v.bytes_per_sample)} vs {format_bytes(off.bytes_per_sample)}"
         if not _memory_bound(by_variant[off.variant]):  # every listed size fitted: no claim about what fits
-            lines.append(f"checkpointing ({v.precision}) runs{cost}{memory}")
+            yield f"checkpointing ({v.precision}) runs{cost}{memory}"
         elif v.largest_fitting_batch > off.largest_fitting_batch:
-            lines.append(
+            yield (
                 f"checkpointing ({v.precision}) lets batch {v.largest_fitting_batch} fit (largest without: "
                 f"{off.largest_fitting_batch}){cost}{memory}"
             )
         else:
-            lines.append(
+            yield (
                 f"checkpointing ({v.precision}) lets no larger batch fit (largest {v.largest_fitting_batch} vs "
                 f"{off.largest_fitting_batch} without){cost}{memory}"
             )
-    return lines
 
 
 def _precision_findings(
     variants: Sequence[VariantSummary], by_variant: dict[str, list[ProfilePoint]]
-) -> list[str]:
+) -> Iterator[str]:
     """E.g. "bf16 vs fp32: 1.80x the samples/s at batch 64, 0.55x the memory per sample"."""
-    lines = []
     for v, base in _against(variants, lambda v: variant_name("fp32", v.checkpointing)):
         pair = _common_timed(by_variant[v.variant], by_variant[base.variant])
         if pair is None:
@@ -159,18 +156,16 @@ def _precision_findings(
         largest = ""
         if _memory_bound(by_variant[base.variant]) or _memory_bound(by_variant[v.variant]):
             largest = f"; largest fitting batch {v.largest_fitting_batch} vs {base.largest_fitting_batch}"
-        lines.append(
+        yield (
             f"{v.variant} vs {base.variant}: {point.samples_per_second / base_point.samples_per_second:.2f}x "
             f"the samples/s at batch {point.batch_size}{memory}{largest}"
         )
-    return lines
 
 
 def _loader_findings(
     variants: Sequence[VariantSummary], by_variant: dict[str, list[ProfilePoint]]
-) -> list[str]:
+) -> Iterator[str]:
     """Per variant, the input pipeline's cost at its fastest point: a bottleneck above LOADER_GAP_WARN."""
-    lines = []
     for v in variants:
         with_loader = [p for p in by_variant[v.variant] if p.fits and p.loader_samples_per_second]
         if not with_loader:
@@ -180,19 +175,17 @@ def _loader_findings(
         verdict = (
             "the input pipeline is the bottleneck" if gap > LOADER_GAP_WARN else "the input pipeline keeps up"
         )
-        lines.append(
+        yield (
             f"{v.variant} with the input pipeline at batch {point.batch_size}: "
             f"{format_rate(point.loader_samples_per_second)} samples/s vs {format_rate(point.samples_per_second)} without "
             f"({gap:.0%} lower): {verdict}"
         )
-    return lines
 
 
 def _scaling_warnings(
     variants: Sequence[VariantSummary], by_variant: dict[str, list[ProfilePoint]], device_type: str
-) -> list[str]:
+) -> Iterator[str]:
     """One warning per variant whose throughput barely grows over the small sizes, with the likely cause."""
-    warnings = []
     for v in variants:
         timed = [p for p in by_variant[v.variant] if p.fits and p.samples_per_second]
         scaling = small_batch_scaling([p.batch_size for p in timed], [p.samples_per_second for p in timed])
@@ -205,8 +198,7 @@ def _scaling_warnings(
             if device_type == "cpu"
             else "the step is bound by input loading, host-device synchronisation or kernel launches"
         )
-        warnings.append(
+        yield (
             f"{v.variant}: throughput grows only {gain:.1f}x from batch {b0} to {b1} ({b1 // b0}x the batch): "
             f"{cause}; larger batches buy little speed here"
         )
-    return warnings

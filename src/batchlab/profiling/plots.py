@@ -15,18 +15,18 @@ Two plots per profile, one line per variant, batch size on a log2 axis:
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from batchlab.optional import require
+from batchlab.profiling.records import PointOutcome, Profile, ProfilePoint
 from batchlab.units import format_bytes
-
-if TYPE_CHECKING:
-    from batchlab.profiling.records import Profile, ProfilePoint
 
 DPI = 110  # 7.5 x 4.5 in at 110 dpi: 825 x 495 px, legible in a terminal image viewer and a README
 SIZE_INCHES = (7.5, 4.5)
 BUDGET_IN_VIEW = 1.5  # draw the budget line when it is at most 1.5x the highest peak
+CROSS = {"markersize": 9, "mew": 2}  # the mark of a size that does not fit
 
 
 def _axes() -> tuple[Any, Any]:
@@ -74,6 +74,13 @@ def _variants(profile: Profile) -> list[tuple[str, list[ProfilePoint]]]:
     return [(v.variant, profile.points_of(v.variant)) for v in profile.variants]
 
 
+def _series(
+    ax: Any, points: list[ProfilePoint], value: Callable[[ProfilePoint], float], style: str, **kwargs: Any
+) -> None:
+    """One line or set of marks: batch size vs ``value(point)``."""
+    ax.plot([p.batch_size for p in points], [value(p) for p in points], style, **kwargs)
+
+
 def plot_throughput(profile: Profile, path: str | Path) -> Path:
     """samples/s vs batch size per variant, knee starred; returns the PNG's path."""
     fig, ax = _axes()
@@ -82,32 +89,15 @@ def plot_throughput(profile: Profile, path: str | Path) -> Path:
         color = f"C{index}"
         fitting = [p for p in points if p.fits and p.samples_per_second]
         over = [p for p in points if not p.fits and p.samples_per_second]
-        ax.plot(
-            [p.batch_size for p in fitting],
-            [p.samples_per_second for p in fitting],
-            "o-",
-            color=color,
-            label=name,
-        )
+        _series(ax, fitting, lambda p: p.samples_per_second, "o-", color=color, label=name)
         if over:
-            ax.plot(
-                [p.batch_size for p in over],
-                [p.samples_per_second for p in over],
-                "x",
-                color=color,
-                markersize=9,
-                mew=2,
-            )
+            _series(ax, over, lambda p: p.samples_per_second, "x", color=color, **CROSS)
         loaded = [p for p in fitting if p.loader_samples_per_second]
         if loaded:
-            ax.plot(
-                [p.batch_size for p in loaded],
-                [p.loader_samples_per_second for p in loaded],
-                "^--",
-                color=color,
-                alpha=0.8,
+            _series(
+                ax, loaded, lambda p: p.loader_samples_per_second, "^--", color=color, alpha=0.8,
                 label=f"{name} with input pipeline",
-            )
+            )  # fmt: skip
         summary = profile.variant(name)
         if summary.knee_batch is not None:
             ax.plot(
@@ -129,7 +119,7 @@ def plot_throughput(profile: Profile, path: str | Path) -> Path:
     ax.plot([], [], "*", color="grey", markersize=12, markeredgecolor="black",
             label=f"knee: first batch at {profile.knee_threshold:.0%} of the best")  # fmt: skip
     if any(not p.fits and p.samples_per_second for p in profile.points):
-        ax.plot([], [], "x", color="grey", markersize=9, mew=2, label="over the budget")
+        ax.plot([], [], "x", color="grey", label="over the budget", **CROSS)
     _log2_batch_axis(ax, sizes)
     ax.set_ylim(bottom=0)
     ax.set_ylabel("throughput (samples / s)")
@@ -153,35 +143,19 @@ def plot_memory(profile: Profile, path: str | Path) -> Path:
         fitting = [p for p in points if p.fits and p.peak_bytes is not None]
         over = [p for p in points if not p.fits and p.peak_bytes is not None]
         unknown = [p for p in points if not p.fits and p.peak_bytes is None]
-        ax.plot(
-            [p.batch_size for p in fitting],
-            [p.peak_bytes / scale for p in fitting],
-            "o-",
-            color=color,
-            label=name,
-        )
+        _series(ax, fitting, lambda p: p.peak_bytes / scale, "o-", color=color, label=name)
         allocated = [p for p in fitting if p.allocated_bytes is not None]
         if allocated:
-            ax.plot(
-                [p.batch_size for p in allocated],
-                [p.allocated_bytes / scale for p in allocated],
-                ":",
-                color=color,
+            _series(
+                ax, allocated, lambda p: p.allocated_bytes / scale, ":", color=color,
                 label=f"{name}: allocated (live tensors)",
-            )
+            )  # fmt: skip
         if over:
-            ax.plot(
-                [p.batch_size for p in over],
-                [p.peak_bytes / scale for p in over],
-                "x",
-                color=color,
-                markersize=9,
-                mew=2,
-            )
+            _series(ax, over, lambda p: p.peak_bytes / scale, "x", color=color, **CROSS)
         for p in unknown:
-            ax.plot([p.batch_size], [0.97], "x", color=color, markersize=9, mew=2, transform=top_edge)
+            ax.plot([p.batch_size], [0.97], "x", color=color, transform=top_edge, **CROSS)
             ax.annotate(
-                "oom" if p.outcome == "oom" else "not run",
+                "oom" if p.outcome is PointOutcome.OOM else "not run",
                 (p.batch_size, 0.97),
                 xycoords=top_edge,
                 textcoords="offset points",
@@ -190,9 +164,7 @@ def plot_memory(profile: Profile, path: str | Path) -> Path:
                 color=color,
             )
     if any(not p.fits for p in profile.points):
-        ax.plot(
-            [], [], "x", color="grey", markersize=9, mew=2, label="does not fit (x on top: oom / not run)"
-        )
+        ax.plot([], [], "x", color="grey", label="does not fit (x on top: oom / not run)", **CROSS)
     budget_label = (
         f"budget {format_bytes(profile.budget_bytes)} ({profile.fraction:.0%} of "
         f"{format_bytes(profile.capacity_bytes)})"

@@ -12,9 +12,8 @@ from batchlab.cli.common import Display, add_workload_options, build_workload
 from batchlab.defaults import KNEE_THRESHOLD, WARMUP_STEPS
 from batchlab.optional import require
 from batchlab.profiling.analysis import SECONDS_PER_POINT
-from batchlab.profiling.api import profile
+from batchlab.profiling.api import parse_precisions, profile
 from batchlab.profiling.records import MemorySource, Profile
-from batchlab.spec import parse_amp
 from batchlab.units import format_bytes, parse_bytes
 
 _SWITCH = {"off": False, "on": True, "false": False, "true": True, "no": False, "yes": True}
@@ -93,9 +92,7 @@ def parse_sizes(text: str | None) -> list[int] | None:
 
 def run(args: argparse.Namespace) -> int:
     # Validate every argument before building anything: a typo must not cost a model build.
-    precisions = _split(args.precision) or None
-    for precision in precisions or ():
-        parse_amp(precision)
+    precisions = parse_precisions(args.precision)
     checkpointing = parse_switches(args.checkpointing)
     sizes = parse_sizes(args.batch_sizes)
     if args.memory_budget is not None:

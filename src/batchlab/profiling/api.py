@@ -76,16 +76,18 @@ from batchlab.workload import StepFunction, Workload, as_workload
 log = logging.getLogger("batchlab")
 
 
-def _parse_precisions(precisions: Sequence[str] | str | None, work: Workload | StepFunction) -> list[str]:
+def parse_precisions(precisions: Sequence[str] | str | None) -> list[str] | None:
+    """The precisions to profile, as names: ``"fp32,bf16"`` or ``["fp32", "half"]`` -> ``["fp32", "bf16"]``.
+
+    Each goes through :func:`~batchlab.spec.parse_amp` (its aliases included) and duplicates are dropped;
+    None -- the workload's own precision -- stays None. The CLI calls this before it builds a model.
+    """
     if precisions is None:
-        return [work.amp or "fp32"]
-    items = [p for p in precisions.split(",")] if isinstance(precisions, str) else list(precisions)
-    parsed = []
-    for item in items:
-        amp = parse_amp(item)
-        name = amp or "fp32"
-        if name not in parsed:
-            parsed.append(name)
+        return None
+    items = (
+        [p for p in precisions.split(",") if p.strip()] if isinstance(precisions, str) else list(precisions)
+    )
+    parsed = list(dict.fromkeys(parse_amp(item) or "fp32" for item in items))
     if not parsed:
         raise ValueError(f"invalid precisions {precisions!r}: expected some of {', '.join(PRECISIONS)}")
     return parsed
@@ -175,7 +177,7 @@ def profile(
     variants = [
         (precision, ckpt)
         for ckpt in _parse_checkpointing(checkpointing)
-        for precision in _parse_precisions(precisions, work)
+        for precision in parse_precisions(precisions) or [work.amp or "fp32"]
     ]
     sizes = _parse_batch_sizes(batch_sizes)
     fraction = parse_fraction(fraction)

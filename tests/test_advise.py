@@ -1,4 +1,7 @@
-"""batchlab.advise: efficiency and goodput math, the argmax on synthetic curves, the 5% rule, plans, errors."""
+"""batchlab.advice: efficiency and goodput math, the argmax on synthetic curves, the 5% rule, plans, errors.
+
+The recommendation is :func:`batchlab.advice.recommend` (pure: a curve and a noise scale in); the pipeline that
+measures both on a workload, :func:`batchlab.advise`, is tested against the CLI in test_cli_advise.py."""
 
 from __future__ import annotations
 
@@ -10,18 +13,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from batchlab.advise import (
+from batchlab.advice.goodput import (
     CANDIDATES,
-    advise,
     candidate_batch_sizes,
     doubling_step_reduction,
     goodput,
     interpolate_throughput,
     statistical_efficiency,
     steps_factor,
-    throughput_knee,
 )
+from batchlab.advice.recommend import recommend
 from batchlab.noise import NoiseScaleEstimate
+from batchlab.profiling.analysis import knee_batch_size
 
 INF, NAN = float("inf"), float("nan")
 POWERS = [2**i for i in range(13)]  # 1 .. 4096
@@ -98,7 +101,9 @@ def test_interpolation_is_exact_at_points_and_log_linear_between():
     ],
 )
 def test_throughput_knee(curve, knee):
-    assert throughput_knee(curve) == knee
+    """The recommendation's knee is the project's one (batchlab.profiling.analysis.knee_batch_size)."""
+    current = min(dict(curve))
+    assert recommend(curve, INF, current_batch=current, lr=1e-3).knee_batch == knee
 
 
 def test_candidate_batch_sizes_are_geometric_and_include_the_ends():
@@ -121,7 +126,7 @@ def test_candidate_batch_sizes_are_geometric_and_include_the_ends():
 def test_goodput_peaks_where_the_calculus_says(k, noise):
     # samples/s ∝ b/(b + k) and efficiency ∝ 1/(B_noise + b): goodput ∝ b/((b + k)(b + B_noise)),
     # maximal at b* = sqrt(k B_noise). The curve is measured at powers of two and interpolated in log-log.
-    rec = advise(saturating(k), noise, current_batch=1, lr=1e-3)
+    rec = recommend(saturating(k), noise, current_batch=1, lr=1e-3)
     expected = math.sqrt(k * noise)
 
     def exact(b):
@@ -136,22 +141,22 @@ def test_perfect_scaling_picks_the_largest_and_flat_throughput_the_smallest():
     linear = {
         b: 10.0 * b for b in POWERS
     }  # throughput doubles with the batch: every size costs the same time
-    assert advise(linear, 300, current_batch=1, lr=1e-3).best_batch == 4096
+    assert recommend(linear, 300, current_batch=1, lr=1e-3).best_batch == 4096
     flat = {b: 5000.0 for b in POWERS}  # throughput never grows: smaller batches waste nothing
-    assert advise(flat, 300, current_batch=64, lr=1e-3).best_batch == 1
+    assert recommend(flat, 300, current_batch=64, lr=1e-3).best_batch == 1
 
 
 def test_infinite_noise_lets_throughput_decide_and_ties_go_to_the_smaller_batch():
     curve = {1: 10.0, 2: 30.0, 4: 50.0, 8: 50.0, 16: 40.0}
-    rec = advise(curve, INF, current_batch=1, lr=1e-3)
+    rec = recommend(curve, INF, current_batch=1, lr=1e-3)
     assert rec.best_batch == 4  # 4 and 8 both give 50 samples/s: the smaller wins
     assert "throughput alone decides" in rec.summary()
 
 
 def test_best_batch_does_not_depend_on_base_batch_but_lr_does():
     curve = saturating(32)
-    a = advise(curve, 200, current_batch=16, lr=1e-3, base_batch=16)
-    b = advise(curve, 200, current_batch=16, lr=1e-3, base_batch=256)
+    a = recommend(curve, 200, current_batch=16, lr=1e-3, base_batch=16)
+    b = recommend(curve, 200, current_batch=16, lr=1e-3, base_batch=256)
     assert a.best_batch == b.best_batch and a.batch_size == b.batch_size
     assert [c.relative_goodput for c in a.candidates] == pytest.approx(
         [c.relative_goodput for c in b.candidates]
@@ -164,7 +169,7 @@ def test_best_batch_does_not_depend_on_base_batch_but_lr_does():
 
 
 def test_switches_when_the_gain_is_above_the_threshold_and_says_so():
-    rec = advise(saturating(64), 256, current_batch=8, lr=1e-3)
+    rec = recommend(saturating(64), 256, current_batch=8, lr=1e-3)
     assert rec.switched and rec.batch_size == rec.best_batch != 8
     assert rec.gain > 0.05
     assert rec.candidate(rec.batch_size).relative_goodput == pytest.approx(1 + rec.gain)
@@ -173,16 +178,16 @@ def test_switches_when_the_gain_is_above_the_threshold_and_says_so():
 
 def test_keeps_the_current_batch_when_the_gain_is_small_and_says_so():
     curve = saturating(64)
-    best = advise(curve, 256, current_batch=8, lr=1e-3).best_batch  # 128
+    best = recommend(curve, 256, current_batch=8, lr=1e-3).best_batch  # 128
     near = 96  # within a few percent of the peak's goodput
-    rec = advise(curve, 256, current_batch=near, lr=1e-3)
+    rec = recommend(curve, 256, current_batch=near, lr=1e-3)
     assert rec.best_batch == best and 0 < rec.gain <= 0.05
     assert not rec.switched and rec.batch_size == near and rec.lr.lr == pytest.approx(1e-3)
     assert f"keep batch {near}: the best, {best}, gains only +" in rec.summary()
     assert "not above the 5% threshold" in rec.summary()
     # the same gain with a lower threshold switches; an exact tie never does
-    assert advise(curve, 256, current_batch=near, lr=1e-3, gain_threshold=0.0).batch_size == best
-    same = advise(curve, 256, current_batch=best, lr=1e-3, gain_threshold=0.0)
+    assert recommend(curve, 256, current_batch=near, lr=1e-3, gain_threshold=0.0).batch_size == best
+    same = recommend(curve, 256, current_batch=best, lr=1e-3, gain_threshold=0.0)
     assert not same.switched and same.gain == 0 and "it already has the most goodput" in same.summary()
 
 
@@ -192,7 +197,7 @@ def test_keeps_the_current_batch_when_the_gain_is_small_and_says_so():
 def test_current_batch_beyond_what_fits_runs_as_accumulation():
     curve = {b: 5000.0 * min(b, 512) / 512 for b in (64, 128, 256, 512, 1024)}
     # noise dominates, so 2048 (4 x 512 accumulated) has the same goodput as 512: no gain, keep 2048
-    rec = advise(curve, INF, current_batch=2048, lr=0.1, rule="linear", max_micro_batch=512)
+    rec = recommend(curve, INF, current_batch=2048, lr=0.1, rule="linear", max_micro_batch=512)
     assert not rec.switched and rec.best_batch == 512
     assert (rec.batch_size, rec.micro_batch, rec.accumulation_steps) == (2048, 512, 4)
     assert rec.plan.exact and rec.max_micro_batch == 512
@@ -206,7 +211,7 @@ def test_current_batch_beyond_what_fits_runs_as_accumulation():
 
 
 def test_accumulation_never_beats_the_largest_single_step_with_finite_noise():
-    rec = advise(saturating(16, sizes=(8, 64, 256)), 5000, current_batch=8, lr=1e-3, max_micro_batch=256)
+    rec = recommend(saturating(16, sizes=(8, 64, 256)), 5000, current_batch=8, lr=1e-3, max_micro_batch=256)
     single = rec.candidate(256)
     for c in rec.candidates:
         if c.accumulation_steps > 1:
@@ -215,20 +220,20 @@ def test_accumulation_never_beats_the_largest_single_step_with_finite_noise():
 
 def test_world_size_multiplies_throughput_and_the_plan():
     curve = saturating(32, sizes=(8, 32, 128, 512))
-    rec = advise(curve, INF, current_batch=4096, lr=0.1, max_micro_batch=512, world_size=4)
+    rec = recommend(curve, INF, current_batch=4096, lr=0.1, max_micro_batch=512, world_size=4)
     assert (rec.micro_batch, rec.accumulation_steps, rec.world_size) == (512, 2, 4)
     assert rec.candidate(2048).samples_per_second == pytest.approx(4 * curve[512])
     assert any("ignores the all-reduce" in n for n in rec.notes)
 
 
 def test_a_falling_curve_is_flagged_not_hidden():
-    rec = advise({2: 100.0, 4: 200.0, 8: 120.0, 16: 400.0}, 50, current_batch=2, lr=1e-3)
+    rec = recommend({2: 100.0, 4: 200.0, 8: 120.0, 16: 400.0}, 50, current_batch=2, lr=1e-3)
     assert any("throughput falls with the batch at 4 -> 8 (-40%)" in n for n in rec.notes)
-    assert not any("falls" in n for n in advise(saturating(8), 50, current_batch=2, lr=1e-3).notes)
+    assert not any("falls" in n for n in recommend(saturating(8), 50, current_batch=2, lr=1e-3).notes)
 
 
 def test_the_curve_is_never_extrapolated():
-    rec = advise({16: 100.0, 64: 300.0}, 100, current_batch=16, lr=1e-3, max_micro_batch=1000)
+    rec = recommend({16: 100.0, 64: 300.0}, 100, current_batch=16, lr=1e-3, max_micro_batch=1000)
     assert min(c.micro_batch for c in rec.candidates) == 16 and rec.max_micro_batch == 64
     assert any("not extrapolated" in n for n in rec.notes)
 
@@ -237,7 +242,9 @@ def test_the_curve_is_never_extrapolated():
 
 
 def test_linear_rule_warmup_and_schedule():
-    rec = advise(saturating(64), 256, current_batch=8, lr=0.1, rule="linear", dataset_size=50_000, epochs=10)
+    rec = recommend(
+        saturating(64), 256, current_batch=8, lr=0.1, rule="linear", dataset_size=50_000, epochs=10
+    )
     b = rec.batch_size
     assert rec.lr.lr == pytest.approx(0.1 * b / 8) and rec.lr.warmup_epochs == 5
     assert rec.schedule.steps_per_epoch == math.ceil(
@@ -249,7 +256,7 @@ def test_linear_rule_warmup_and_schedule():
 
 
 def test_sqrt_rule_maps_adam_betas_and_one_epoch_without_epochs():
-    rec = advise(
+    rec = recommend(
         saturating(64), 256, current_batch=32, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, dataset_size=1000
     )
     k = rec.batch_size / 32
@@ -259,19 +266,19 @@ def test_sqrt_rule_maps_adam_betas_and_one_epoch_without_epochs():
 
 
 def test_dataset_size_caps_the_candidates():
-    rec = advise(saturating(8), INF, current_batch=16, lr=1e-3, dataset_size=300)
+    rec = recommend(saturating(8), INF, current_batch=16, lr=1e-3, dataset_size=300)
     assert max(c.batch_size for c in rec.candidates) <= 300
 
 
 def test_estimate_input_gives_a_range_and_json():
-    rec = advise(saturating(64), estimate(256.0, 200.0), current_batch=8, lr=1e-3)
+    rec = recommend(saturating(64), estimate(256.0, 200.0), current_batch=8, lr=1e-3)
     lo, hi = rec.best_batch_range
     assert lo <= rec.best_batch <= hi and lo < hi
     assert rec.noise_scale == 256.0 and rec.noise_scale_stderr == 200.0
     data = json.loads(json.dumps(rec.to_dict(), allow_nan=False))
     assert data["batch_size"] == rec.batch_size and len(data["candidates"]) == len(rec.candidates)
     assert data["lr"]["rule"] == "sqrt" and data["explanation"] == list(rec.explanation)
-    inf = advise(saturating(64), INF, current_batch=8, lr=1e-3).to_dict()
+    inf = recommend(saturating(64), INF, current_batch=8, lr=1e-3).to_dict()
     assert inf["noise_scale"] is None
     json.dumps(inf, allow_nan=False)  # no inf anywhere (steps factors included)
 
@@ -286,7 +293,7 @@ def test_estimate_input_gives_a_range_and_json():
 def test_recommendation_invariants(speeds, noise, current_index, threshold):
     curve = {2**i: s for i, s in enumerate(speeds)}
     current = 2 ** min(current_index, len(speeds) - 1)
-    rec = advise(curve, noise, current_batch=current, lr=1.0, gain_threshold=threshold)
+    rec = recommend(curve, noise, current_batch=current, lr=1.0, gain_threshold=threshold)
     best = max(c.goodput for c in rec.candidates)
     assert rec.candidate(rec.best_batch).goodput == pytest.approx(best)
     assert rec.switched == (rec.gain > threshold and rec.best_batch != current)
@@ -303,31 +310,31 @@ def test_recommendation_invariants(speeds, noise, current_index, threshold):
         ({}, 10, {}, "throughput is empty"),
         ("fast", 10, {}, "throughput must be {batch_size: samples_per_second}"),
         ([(8, 1.0, 2)], 10, {}, "got the item (8, 1.0, 2)"),
-        ({0: 10.0}, 10, {}, "batch sizes must be integers >= 1, got 0"),
-        ({True: 10.0}, 10, {}, "batch sizes must be integers >= 1, got True"),
-        ({8: -1.0}, 10, {}, "throughput at batch 8 must be a finite number of samples/s > 0, got -1.0"),
-        ({8: NAN}, 10, {}, "throughput at batch 8 must be a finite number of samples/s > 0, got nan"),
+        ({0: 10.0}, 10, {}, "invalid throughput batch size 0: expected an int >= 1"),
+        ({True: 10.0}, 10, {}, "invalid throughput batch size True: expected an int >= 1"),
+        ({8: -1.0}, 10, {}, "invalid throughput[8] -1.0: expected a number > 0 (samples/s)"),
+        ({8: NAN}, 10, {}, "invalid throughput[8] nan: expected a number > 0 (samples/s)"),
         ([(8, 1.0), (8, 2.0)], 10, {}, "throughput lists batch size 8 twice"),
         ({8: 1.0}, None, {}, "noise_scale is required"),
-        ({8: 1.0}, -1, {}, "noise_scale must be >= 0 (B_noise), got -1"),
-        ({8: 1.0}, NAN, {}, "noise_scale must be a number >= 0"),
-        ({8: 1.0}, "big", {}, "noise_scale must be a number >= 0"),
+        ({8: 1.0}, -1, {}, "invalid noise_scale -1: expected a number >= 0 or inf (B_noise"),
+        ({8: 1.0}, NAN, {}, "invalid noise_scale nan: expected a number >= 0"),
+        ({8: 1.0}, "big", {}, "invalid noise_scale 'big': expected a number >= 0"),
         (
             {8: 1.0},
             estimate(None, note="|G|² EMA is -0.1 <= 0"),
             {},
             "has no B_simple: |G|² EMA is -0.1 <= 0",
         ),
-        ({8: 1.0}, 10, {"current_batch": 0}, "current_batch must be an integer >= 1, got 0"),
-        ({8: 1.0}, 10, {"lr": 0}, "lr must be a number > 0, got 0"),
+        ({8: 1.0}, 10, {"current_batch": 0}, "invalid current_batch 0: expected an int >= 1"),
+        ({8: 1.0}, 10, {"lr": 0}, "invalid lr 0: expected a number > 0"),
         (
             {8: 1.0},
             10,
             {"rule": "cubic"},
-            "rule must be one of 'linear', 'sqrt', 'adascale', 'none'; got 'cubic'",
+            "invalid rule 'cubic': expected one of 'linear', 'sqrt', 'adascale', 'none'",
         ),
-        ({8: 1.0}, 10, {"base_batch": 2.5}, "base_batch must be an integer >= 1, got 2.5"),
-        ({8: 1.0}, 10, {"world_size": 0}, "world_size must be an integer >= 1, got 0"),
+        ({8: 1.0}, 10, {"base_batch": 2.5}, "invalid base_batch 2.5: expected an int >= 1"),
+        ({8: 1.0}, 10, {"world_size": 0}, "invalid world_size 0: expected an int >= 1"),
         (
             {8: 1.0, 16: 2.0},
             10,
@@ -342,7 +349,7 @@ def test_recommendation_invariants(speeds, noise, current_index, threshold):
             {"current_batch": 100, "dataset_size": 50},
             "current_batch 100 is larger than the dataset",
         ),
-        ({8: 1.0}, 10, {"gain_threshold": -0.1}, "gain_threshold must be a finite number >= 0"),
+        ({8: 1.0}, 10, {"gain_threshold": -0.1}, "invalid gain_threshold -0.1: expected a number >= 0"),
         ({8: 1.0}, 10, {"current_batch": 4}, "below the smallest measured batch 8; measure throughput there"),
         ({8: 1.0}, 10, {"betas": (0.9, 1.5)}, "beta2 must be a number in [0, 1)"),
     ],
@@ -350,18 +357,18 @@ def test_recommendation_invariants(speeds, noise, current_index, threshold):
 def test_bad_inputs_raise_clear_errors(throughput, noise, kwargs, message):
     args = {"current_batch": 8, "lr": 1e-3, **kwargs}
     with pytest.raises(ValueError, match=re.escape(message)):
-        advise(throughput, noise, **args)
+        recommend(throughput, noise, **args)
 
 
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda: statistical_efficiency(0, 10, 32), "batch_size must be a finite number > 0, got 0"),
-        (lambda: statistical_efficiency(8, 10, INF), "base_batch must be a finite number > 0, got inf"),
-        (lambda: statistical_efficiency(8, -1, 32), "noise_scale must be >= 0"),
-        (lambda: goodput(-5.0, 8, 10, 32), "samples_per_second must be a finite number > 0"),
-        (lambda: steps_factor(-1, 10), "batch_size must be a finite number > 0"),
-        (lambda: throughput_knee({1: 1.0}, 0), "threshold must be a number in (0, 1]"),
+        (lambda: statistical_efficiency(0, 10, 32), "invalid batch_size 0: expected a number > 0"),
+        (lambda: statistical_efficiency(8, 10, INF), "invalid base_batch inf: expected a number > 0"),
+        (lambda: statistical_efficiency(8, -1, 32), "invalid noise_scale -1: expected a number >= 0"),
+        (lambda: goodput(-5.0, 8, 10, 32), "invalid samples_per_second -5.0: expected a number > 0"),
+        (lambda: steps_factor(-1, 10), "invalid batch_size -1: expected a number > 0"),
+        (lambda: knee_batch_size([1], [1.0], 0), "invalid threshold 0: expected a number in (0, 1]"),
         (lambda: candidate_batch_sizes(8, 4), "largest must be >= smallest"),
     ],
 )

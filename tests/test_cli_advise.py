@@ -60,7 +60,7 @@ def test_advise_json_parses_and_holds_the_whole_story(capsys):
 
 
 def test_advise_uses_profile_when_available(capsys):
-    pytest.importorskip("batchlab.profile")
+    pytest.importorskip("batchlab.profiling.api")
     code, out, _ = run_cli(
         capsys,
         "advise",
@@ -78,7 +78,7 @@ def test_advise_uses_profile_when_available(capsys):
 
 
 def test_advise_falls_back_to_probes_without_profile(capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "batchlab.profile", None)  # import batchlab.profile -> ImportError
+    monkeypatch.setitem(sys.modules, "batchlab.profiling.api", None)  # importing it -> ImportError
     code, _, err = run_cli(capsys, "advise", *QUICK, "--throughput", "profile")
     assert code == 1 and "batchlab.profile is not available" in err
     code, out, _ = run_cli(capsys, "advise", *QUICK_ADVISE, "--max-batch-size", "128", "--json")
@@ -104,7 +104,7 @@ def test_noise_reports_b_simple_with_its_uncertainty(capsys):
         (["advise", "--gain-threshold", "-1"], "invalid --gain-threshold -1.0"),
         (["advise", "--noise-steps", "0"], "invalid steps 0"),
         (["advise", "--memory-budget", "lots"], "invalid byte size 'lots'"),
-        (["advise", "--batch", "5000"], "--batch 5000 is larger than the dataset (1797 samples)"),
+        (["advise", "--batch", "5000"], "current_batch 5000 is larger than the dataset (1797 samples)"),
         (["advise", "--noise-collector", "accumulation"], "collector 'accumulation' needs a workload"),
         (["noise", "--steps", "0"], "invalid steps 0"),
         (["noise", "--batch", "1"], "invalid noise batch 1"),
@@ -124,3 +124,73 @@ def test_a_plain_step_callable_is_refused(capsys, tmp_path):
     for command in ("noise", "advise"):
         code, _, err = run_cli(capsys, command, "--workload", f"{script}:make", "--device", "cpu")
         assert code == 1 and "needs a batchlab.Workload" in err
+
+
+TINY_WORKLOAD = """
+import torch
+from torch import nn
+
+import batchlab
+
+
+def make():
+    torch.manual_seed(0)
+    data = torch.randn(256, 8), torch.randint(0, 3, (256,))
+
+    def make_batch(b):
+        index = torch.randint(0, 256, (b,))
+        return data[0][index], data[1][index]
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    adam = lambda params: torch.optim.Adam(params, lr=1e-3)
+    return batchlab.Workload(model, make_batch, nn.functional.cross_entropy, adam, dataset_size=256)
+"""
+
+
+def test_python_advise_gives_what_the_cli_prints(capsys, tmp_path, monkeypatch):
+    """batchlab.advise(workload, ...) and `batchlab advise --json` compute the same numbers and the same JSON.
+
+    Timings come from a fake clock (every perf_counter call advances it by 1 ms), so the throughput curve --
+    and everything the recommendation derives from it -- is the same in both runs; only the fit's memory
+    readings (the process's resident memory, the free RAM) and the total wall time differ between two runs
+    and are left out.
+    """
+    import time
+
+    import batchlab
+    from batchlab.workloads import load_workload
+
+    spec = tmp_path / "tiny.py"
+    spec.write_text(TINY_WORKLOAD)
+    flags = {"--batch": 16, "--max-batch-size": 64, "--noise-steps": 12, "--seconds-per-point": 0}
+
+    def fake_clock():
+        ticks = iter(range(10**9))
+        return lambda: next(ticks) * 1e-3
+
+    monkeypatch.setattr(time, "perf_counter", fake_clock())
+    code, out, _ = run_cli(
+        capsys, "advise", "--workload", f"{spec}:make", "--device", "cpu", "--json",
+        *[str(x) for item in flags.items() for x in item],
+    )  # fmt: skip
+    assert code == 0
+    from_cli = json.loads(out)
+
+    monkeypatch.setattr(time, "perf_counter", fake_clock())
+    advice = batchlab.advise(
+        load_workload(f"{spec}:make", device="cpu"),
+        current_batch=16,
+        max_batch_size=64,
+        noise_steps=12,
+        seconds_per_point=0,
+        device="cpu",
+    )
+    from_python = json.loads(json.dumps({"workload": f"{spec}:make", **advice.to_dict()}))
+
+    for data in (from_cli, from_python):
+        for memory in ("budget_bytes", "peak_bytes"):
+            data["fit"].pop(memory)
+        data.pop("seconds")  # the command's wall time: lazy first-time code paths read the clock too
+    assert from_python == from_cli
+    assert from_cli["throughput_source"] == "profile" and from_cli["recommendation"]["candidates"]
+    assert advice.recommendation.batch_size == from_cli["recommendation"]["batch_size"]

@@ -201,7 +201,7 @@ def test_tracker_reset():
 @pytest.mark.parametrize("beta", [1.0, -0.1, NAN, True, "0.9"])
 def test_tracker_rejects_beta(beta):
     with pytest.raises(
-        ValueError, match=re.escape(f"beta must be a number in [0, 1) (the EMA decay), got {beta!r}")
+        ValueError, match=re.escape(f"invalid beta {beta!r}: expected a number in [0, 1) (the EMA decay)")
     ):
         GradientNoiseScale(beta)
 

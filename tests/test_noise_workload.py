@@ -141,7 +141,7 @@ def test_on_step_sees_every_pair():
             {"batch_size": 8, "collector": "accumulation"},
             "collector 'accumulation' needs a workload with grad_accum >= 2",
         ),
-        ({"batch_size": 8, "beta": 1.0}, "beta must be a number in [0, 1)"),
+        ({"batch_size": 8, "beta": 1.0}, "invalid beta 1.0: expected a number in [0, 1)"),
     ],
 )
 def test_bad_arguments_fail_before_anything_runs(kwargs, message):

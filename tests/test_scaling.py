@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader, DistributedSampler
 
-from batchlab.scaling import RULES, plan_batch, scale_lr, schedule
+from batchlab.advice.scaling import RULES, plan_batch, scale_lr, schedule
 
 # ---------------------------------------------------------------------------------------------- scale_lr
 
@@ -74,32 +74,32 @@ def test_scale_lr_linear_warmup_note_and_unused_noise_scale_note():
 NAN = float("nan")
 BAD_SCALE_ARGS = [
     # (kwargs overriding a valid call, substring the message must contain)
-    ({"lr": 0}, "lr must be a number > 0, got 0"),
-    ({"lr": -0.1}, "lr must be a number > 0, got -0.1"),
-    ({"lr": NAN}, "lr must be a number > 0, got nan"),
-    ({"lr": math.inf}, "lr must be a number > 0, got inf"),
-    ({"lr": True}, "lr must be a number > 0, got True"),
-    ({"lr": "0.1"}, "lr must be a number > 0, got '0.1'"),
-    ({"base_batch": 0}, "base_batch must be an integer >= 1, got 0"),
-    ({"base_batch": -32}, "base_batch must be an integer >= 1, got -32"),
-    ({"base_batch": 32.0}, "base_batch must be an integer >= 1, got 32.0"),
-    ({"base_batch": NAN}, "base_batch must be an integer >= 1, got nan"),
-    ({"base_batch": True}, "base_batch must be an integer >= 1, got True"),
-    ({"new_batch": 0}, "new_batch must be an integer >= 1, got 0"),
-    ({"new_batch": False}, "new_batch must be an integer >= 1, got False"),
-    ({"rule": "cubic"}, "rule must be one of 'linear', 'sqrt', 'adascale', 'none'; got 'cubic'"),
-    ({"rule": None}, "got None"),
+    ({"lr": 0}, "invalid lr 0: expected a number > 0"),
+    ({"lr": -0.1}, "invalid lr -0.1: expected a number > 0"),
+    ({"lr": NAN}, "invalid lr nan: expected a number > 0"),
+    ({"lr": math.inf}, "invalid lr inf: expected a number > 0"),
+    ({"lr": True}, "invalid lr True: expected a number > 0"),
+    ({"lr": "0.1"}, "invalid lr '0.1': expected a number > 0"),
+    ({"base_batch": 0}, "invalid base_batch 0: expected an int >= 1"),
+    ({"base_batch": -32}, "invalid base_batch -32: expected an int >= 1"),
+    ({"base_batch": 32.0}, "invalid base_batch 32.0: expected an int >= 1"),
+    ({"base_batch": NAN}, "invalid base_batch nan: expected an int >= 1"),
+    ({"base_batch": True}, "invalid base_batch True: expected an int >= 1"),
+    ({"new_batch": 0}, "invalid new_batch 0: expected an int >= 1"),
+    ({"new_batch": False}, "invalid new_batch False: expected an int >= 1"),
+    ({"rule": "cubic"}, "invalid rule 'cubic': expected one of 'linear', 'sqrt', 'adascale', 'none'"),
+    ({"rule": None}, "invalid rule None"),
     ({"rule": "adascale"}, "rule 'adascale' needs noise_scale"),
-    ({"rule": "adascale", "noise_scale": -1.0}, "noise_scale must be a number >= 0 or inf, got -1.0"),
-    ({"rule": "adascale", "noise_scale": NAN}, "noise_scale must be a number >= 0 or inf, got nan"),
-    ({"rule": "adascale", "noise_scale": True}, "noise_scale must be a number >= 0 or inf, got True"),
+    ({"rule": "adascale", "noise_scale": -1.0}, "invalid noise_scale -1.0: expected a number >= 0 or inf"),
+    ({"rule": "adascale", "noise_scale": NAN}, "invalid noise_scale nan: expected a number >= 0 or inf"),
+    ({"rule": "adascale", "noise_scale": True}, "invalid noise_scale True: expected a number >= 0 or inf"),
     ({"betas": (1.0, 0.999)}, "beta1 must be a number in [0, 1), got 1.0"),
     ({"betas": (0.9, -0.1)}, "beta2 must be a number in [0, 1), got -0.1"),
     ({"betas": (0.9, NAN)}, "beta2 must be a number in [0, 1), got nan"),
     ({"betas": (0.9,)}, "betas must be a pair (beta1, beta2)"),
     ({"betas": 0.9}, "betas must be a pair (beta1, beta2) with each in [0, 1), got 0.9"),
-    ({"eps": -1e-8}, "eps must be a number >= 0, got -1e-08"),
-    ({"eps": NAN}, "eps must be a number >= 0, got nan"),
+    ({"eps": -1e-8}, "invalid eps -1e-08: expected a number >= 0"),
+    ({"eps": NAN}, "invalid eps nan: expected a number >= 0"),
 ]
 
 
@@ -174,15 +174,15 @@ def test_plan_batch_properties(target, max_micro, world):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        ((0, 64, 1), "target_global_batch must be an integer >= 1, got 0"),
-        ((-256, 64, 1), "target_global_batch must be an integer >= 1, got -256"),
-        ((256.0, 64, 1), "target_global_batch must be an integer >= 1, got 256.0"),
-        ((NAN, 64, 1), "target_global_batch must be an integer >= 1, got nan"),
-        ((True, 64, 1), "target_global_batch must be an integer >= 1, got True"),
-        ((256, 0, 1), "max_micro_batch must be an integer >= 1, got 0"),
-        ((256, -1, 1), "max_micro_batch must be an integer >= 1, got -1"),
-        ((256, 64, 0), "world_size must be an integer >= 1, got 0"),
-        ((256, 64, False), "world_size must be an integer >= 1, got False"),
+        ((0, 64, 1), "invalid target_global_batch 0: expected an int >= 1"),
+        ((-256, 64, 1), "invalid target_global_batch -256: expected an int >= 1"),
+        ((256.0, 64, 1), "invalid target_global_batch 256.0: expected an int >= 1"),
+        ((NAN, 64, 1), "invalid target_global_batch nan: expected an int >= 1"),
+        ((True, 64, 1), "invalid target_global_batch True: expected an int >= 1"),
+        ((256, 0, 1), "invalid max_micro_batch 0: expected an int >= 1"),
+        ((256, -1, 1), "invalid max_micro_batch -1: expected an int >= 1"),
+        ((256, 64, 0), "invalid world_size 0: expected an int >= 1"),
+        ((256, 64, False), "invalid world_size False: expected an int >= 1"),
     ],
 )
 def test_plan_batch_rejects(args, message):
@@ -283,20 +283,20 @@ def test_schedule_matches_dataloader_and_distributed_sampler(world, drop_last):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ({"dataset_size": 0}, "dataset_size must be an integer >= 1, got 0"),
-        ({"dataset_size": -5}, "dataset_size must be an integer >= 1, got -5"),
-        ({"dataset_size": NAN}, "dataset_size must be an integer >= 1, got nan"),
-        ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
-        ({"batch_size": 32.5}, "batch_size must be an integer >= 1, got 32.5"),
-        ({"batch_size": True}, "batch_size must be an integer >= 1, got True"),
-        ({"epochs": 0}, "epochs must be an integer >= 1, got 0"),
-        ({"epochs": -1}, "epochs must be an integer >= 1, got -1"),
-        ({"accumulation": 0}, "accumulation must be an integer >= 1, got 0"),
-        ({"accumulation": NAN}, "accumulation must be an integer >= 1, got nan"),
-        ({"world_size": 0}, "world_size must be an integer >= 1, got 0"),
-        ({"world_size": True}, "world_size must be an integer >= 1, got True"),
-        ({"drop_last": "yes"}, "drop_last must be True or False, got 'yes'"),
-        ({"drop_last": 1}, "drop_last must be True or False, got 1"),
+        ({"dataset_size": 0}, "invalid dataset_size 0: expected an int >= 1"),
+        ({"dataset_size": -5}, "invalid dataset_size -5: expected an int >= 1"),
+        ({"dataset_size": NAN}, "invalid dataset_size nan: expected an int >= 1"),
+        ({"batch_size": 0}, "invalid batch_size 0: expected an int >= 1"),
+        ({"batch_size": 32.5}, "invalid batch_size 32.5: expected an int >= 1"),
+        ({"batch_size": True}, "invalid batch_size True: expected an int >= 1"),
+        ({"epochs": 0}, "invalid epochs 0: expected an int >= 1"),
+        ({"epochs": -1}, "invalid epochs -1: expected an int >= 1"),
+        ({"accumulation": 0}, "invalid accumulation 0: expected an int >= 1"),
+        ({"accumulation": NAN}, "invalid accumulation nan: expected an int >= 1"),
+        ({"world_size": 0}, "invalid world_size 0: expected an int >= 1"),
+        ({"world_size": True}, "invalid world_size True: expected an int >= 1"),
+        ({"drop_last": "yes"}, "invalid drop_last 'yes': expected True or False"),
+        ({"drop_last": 1}, "invalid drop_last 1: expected True or False"),
     ],
 )
 def test_schedule_rejects(override, message):

@@ -1,49 +1,33 @@
-"""``batchlab advise``: fit + throughput + noise scale + schedule -> one batch size, its learning rate and why.
+"""``batchlab advise``: parse the flags, call :func:`batchlab.advise`, print its recommendation and why.
 
-Four measurements, each restoring the workload's state afterwards:
-
-1. the largest batch that fits (:func:`~batchlab.find_batch_size`) -- the largest micro batch;
-2. throughput over batch sizes: :func:`batchlab.profile.profile` when it is importable (its own fit search is
-   step 1), else the fit search's probes (two steps each, the first creating optimizer state: rough);
-3. the gradient noise scale (:func:`~batchlab.measure_noise_scale`);
-4. :func:`~batchlab.advise` combines them with the learning-rate rule and the epoch arithmetic.
+The pipeline (fit, throughput, noise scale, recommendation) is :mod:`batchlab.advice.pipeline`; ``--json``
+prints :meth:`~batchlab.advice.Advice.to_dict` with the workload's name first.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import time
-from typing import Any
 
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from batchlab.advise import DEFAULT_GAIN_THRESHOLD, Recommendation, advise
-from batchlab.cli.common import Display, add_workload_options, build_workload
-from batchlab.cli.noise import (
-    add_noise_options,
-    check_noise_args,
-    describe_noise,
-    noise_batch_for,
-    noise_dict,
-    require_workload,
+from batchlab import checks
+from batchlab.advice.pipeline import (
+    ADVISE_SECONDS_PER_POINT,
+    DEFAULT_CURRENT_BATCH,
+    THROUGHPUT_SOURCES,
+    Advice,
+    advise,
 )
-from batchlab.errors import DoesNotFitError
-from batchlab.noise import measure_noise_scale, noise_collector
-from batchlab.scaling import RULES
-from batchlab.search import FitResult, find_batch_size
+from batchlab.advice.recommend import Recommendation
+from batchlab.advice.scaling import RULES
+from batchlab.cli.common import Display, add_workload_options, build_workload
+from batchlab.cli.noise import add_noise_options, check_noise_args, describe_noise
+from batchlab.defaults import GAIN_THRESHOLD
 from batchlab.units import parse_bytes
 
-# 32: the batch most example scripts and tutorials start from (PyTorch examples, Keras' fit default), used
-# when neither --batch nor --base-batch says what the run uses now.
-DEFAULT_CURRENT_BATCH = 32
-# advise needs the curve's shape, not 1% precision: 0.2 timed seconds per size (profile's default is 1.0)
-# keeps the mlp-digits run well under half a minute on two CPU cores.
-ADVISE_SECONDS_PER_POINT = 0.2
-THROUGHPUT_SOURCES = ("auto", "profile", "probes")
 _SOURCE = {
     "measured": "meas.",
     "interpolated": "interp.",
@@ -87,8 +71,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--gain-threshold",
         type=float,
-        default=DEFAULT_GAIN_THRESHOLD,
-        help=f"goodput gain needed to switch from --batch (default {DEFAULT_GAIN_THRESHOLD}, as Pollux)",
+        default=GAIN_THRESHOLD,
+        help=f"goodput gain needed to switch from --batch (default {GAIN_THRESHOLD}, as Pollux)",
     )
     parser.add_argument(
         "--throughput",
@@ -115,244 +99,67 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    """Fail on bad values before any model is built: a typo must not cost minutes of measuring."""
-    for name in ("batch", "base_batch", "epochs", "dataset_size", "max_batch_size"):
+    """Fail on bad flag values before any model is built: a typo must not cost minutes of measuring."""
+    for name in ("batch", "base_batch", "epochs", "dataset_size", "max_batch_size", "world_size"):
         value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ValueError(f"invalid --{name.replace('_', '-')} {value!r}: expected an integer >= 1")
-    if args.world_size < 1:
-        raise ValueError(f"invalid --world-size {args.world_size!r}: expected an integer >= 1")
-    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
-        raise ValueError(f"invalid --lr {args.lr!r}: expected a number > 0")
-    if not (math.isfinite(args.gain_threshold) and args.gain_threshold >= 0):
-        raise ValueError(
-            f"invalid --gain-threshold {args.gain_threshold!r}: expected a number >= 0 (0.05 = 5%)"
-        )
+        if value is not None:
+            checks.integer(f"--{name.replace('_', '-')}", value)
+    if args.lr is not None:
+        checks.number("--lr", args.lr)
+    checks.number("--gain-threshold", args.gain_threshold, inclusive=True, what="0.05 = 5%")
     if args.seconds_per_point is not None:
-        if args.throughput == "probes":
-            raise ValueError(
-                f"--seconds-per-point {args.seconds_per_point:g} times batch sizes for --throughput profile; "
-                "--throughput probes reads the fit search's probes and times nothing: drop one of them"
-            )
-        if not (math.isfinite(args.seconds_per_point) and args.seconds_per_point >= 0):
-            raise ValueError(
-                f"invalid --seconds-per-point {args.seconds_per_point!r}: expected a number >= 0"
-            )
+        checks.number("--seconds-per-point", args.seconds_per_point, inclusive=True)
     if args.memory_budget is not None:
         parse_bytes(args.memory_budget)
     check_noise_args(args.noise_steps, args.noise_batch, args.noise_beta)
 
 
-def rule_for(optimizer: Any) -> tuple[str, str]:
-    """(rule, reason) for ``--rule auto``: linear for SGD (Goyal et al. 2017), sqrt for adaptive optimizers."""
-    name = type(optimizer).__name__
-    defaults = getattr(optimizer, "defaults", {}) or {}
-    if name == "SGD":
-        return "linear", "SGD, Goyal et al. 2017"
-    if "betas" in defaults or name in ("RMSprop", "Adagrad", "Adadelta"):
-        return "sqrt", f"{name} is adaptive, Malladi et al. 2022"
-    return "sqrt", f"{name} is neither SGD nor Adam-type; sqrt is the cautious choice"
-
-
-def _optimizer_hyper(optimizer: Any) -> tuple[float | None, tuple[float, float] | None, float | None]:
-    """(lr, betas, eps) of the first parameter group, where present."""
-    group = optimizer.param_groups[0] if getattr(optimizer, "param_groups", None) else {}
-    lr = group.get("lr")
-    betas = group.get("betas")
-    eps = group.get("eps")
-    return (
-        float(lr) if lr is not None else None,
-        (float(betas[0]), float(betas[1])) if isinstance(betas, (tuple, list)) and len(betas) == 2 else None,
-        float(eps) if isinstance(eps, (int, float)) else None,
-    )
-
-
-def measure_throughput(args: argparse.Namespace, workload: Any, cap: int | None, display: Display):
-    """(fit, {batch: samples/s}, source, detail): profile when importable (and asked), else the fit probes.
-
-    ``display`` shows each phase (the fit search, the timed sizes) and each probe and point as it ends.
-    """
-    profile = None
-    if args.throughput in ("auto", "profile"):
-        try:
-            from batchlab.profile import profile
-        except ImportError as exc:
-            if args.throughput == "profile":
-                raise ImportError(
-                    f"--throughput profile: batchlab.profile is not available ({exc})"
-                ) from None
-    if profile is not None:
-        display.phase("what fits (fit search)")
-        result = profile(
-            workload,
-            device=args.device,
-            memory_budget=args.memory_budget,
-            max_batch_size=cap,
-            seconds_per_point=ADVISE_SECONDS_PER_POINT
-            if args.seconds_per_point is None
-            else args.seconds_per_point,
-            on_point=display.point,
-            on_probe=display.variant_probe,
-        )
-        fits = [(name, fit) for name, fit in result.fits.items() if fit is not None]
-        if not fits:
-            raise DoesNotFitError(
-                f"nothing fits: {'; '.join(result.findings) or 'no batch size fits the budget'}",
-                batch_size=1,
-                needed_bytes=None,
-                budget_bytes=result.budget_bytes,
-            )
-        variant, fit = fits[0]
-        curve = {
-            p.batch_size: p.samples_per_second
-            for p in result.points
-            if p.variant == variant and p.fits and p.samples_per_second
-        }
-        detail = (
-            f"batchlab.profile ({variant}): median of timed steps after warm-up at {len(curve)} sizes, "
-            f"{result.seconds:.1f} s"
-        )
-        return fit, curve, "profile", detail
-    display.phase("what fits and throughput (fit search probes)")
-    fit = find_batch_size(
-        workload,
-        device=args.device,
-        memory_budget=args.memory_budget,
-        max_batch_size=cap,
-        on_probe=display.probe,
-    )
-    per_step = getattr(workload, "grad_accum", 1)
-    curve = {
-        p.batch_size: p.batch_size * per_step * p.steps / p.seconds
-        for p in fit.probes
-        if p.fits and p.steps and p.seconds > 0
-    }
-    detail = (
-        f"the fit search's {len(curve)} probes: {fit.probes[0].steps} steps each including the first (which "
-        f"creates optimizer state) -- rough, small sizes look slow; install/enable batchlab.profile for "
-        f"steady-state timing"
-    )
-    return fit, curve, "fit probes", detail
-
-
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
-    started = time.perf_counter()
-    workload = require_workload(build_workload(args))
-    opt_lr, betas, eps = _optimizer_hyper(workload.optimizer)
-    lr = args.lr if args.lr is not None else opt_lr
-    if lr is None:
-        raise ValueError("the workload's optimizer has no lr; pass --lr")
-    lr_from = "--lr" if args.lr is not None else f"the workload's {type(workload.optimizer).__name__}"
-    if args.rule == "auto":
-        rule, rule_reason = rule_for(workload.optimizer)
-    else:
-        rule, rule_reason = args.rule, "--rule"
-    current = args.batch or args.base_batch or DEFAULT_CURRENT_BATCH
-    base = args.base_batch or current
-    dataset_size = args.dataset_size or workload.dataset_size
-    # the workload's own dataset size already caps fit and profile; the flags cap them further
-    caps = [c for c in (args.max_batch_size, args.dataset_size) if c]
-    cap = min(caps) if caps else None
-    if dataset_size and current > dataset_size:
-        raise ValueError(f"--batch {current} is larger than the dataset ({dataset_size} samples)")
-    kind = noise_collector(workload, args.noise_collector)  # fails now for an impossible collector
-
+    workload = build_workload(args)
     with Display(f"advise {args.workload}", enabled=not args.json) as display:
-        fit, curve, source, detail = measure_throughput(args, workload, cap, display)
-        noise_batch = noise_batch_for(workload, args.noise_batch, fit.batch_size)
-        display.phase(f"noise scale, {args.noise_steps} steps at batch {noise_batch} ({kind} collector)")
-        noise_started = time.perf_counter()
-        estimate = measure_noise_scale(
+        advice = advise(
             workload,
-            noise_batch,
-            steps=args.noise_steps,
-            collector=kind,
-            beta=args.noise_beta,
-            on_step=lambda index, _pair: display.count("step", index + 1, args.noise_steps),
+            current_batch=args.batch,
+            lr=args.lr,
+            base_batch=args.base_batch,
+            rule=args.rule,
+            epochs=args.epochs,
+            dataset_size=args.dataset_size,
+            world_size=args.world_size,
+            gain_threshold=args.gain_threshold,
+            throughput=args.throughput,
+            seconds_per_point=args.seconds_per_point,
+            device=args.device,
+            memory_budget=args.memory_budget,
+            max_batch_size=args.max_batch_size,
+            noise_steps=args.noise_steps,
+            noise_batch=args.noise_batch,
+            noise_collector=args.noise_collector,
+            noise_beta=args.noise_beta,
+            progress=display,
         )
-    noise_seconds = time.perf_counter() - noise_started
-    if estimate.b_simple is None:
-        raise ValueError(
-            f"no noise scale to advise with ({estimate.note}); try more --noise-steps or a larger --noise-batch"
-        )
-    rec = advise(
-        curve,
-        estimate,
-        current_batch=current,
-        lr=lr,
-        base_batch=base,
-        rule=rule,
-        max_micro_batch=fit.batch_size,
-        world_size=args.world_size,
-        dataset_size=dataset_size,
-        epochs=args.epochs,
-        gain_threshold=args.gain_threshold,
-        betas=betas,
-        eps=eps,
-    )
-    seconds = time.perf_counter() - started
     if args.json:
-        data = {
-            "workload": args.workload,
-            "device": fit.device,
-            "recommendation": rec.to_dict(),
-            "throughput_source": source,
-            "throughput_detail": detail,
-            "throughput": {str(b): s for b, s in sorted(curve.items())},
-            "fit": {
-                "batch_size": fit.batch_size,
-                "limited_by": fit.limited_by,
-                "budget_bytes": fit.budget_bytes,
-                "peak_bytes": fit.peak_bytes,
-            },
-            "noise": noise_dict(estimate, kind, noise_batch, args.noise_steps, noise_seconds),
-            "lr_from": lr_from,
-            "rule_reason": rule_reason,
-            "seconds": seconds,
-        }
-        print(json.dumps(data, indent=2))
+        print(json.dumps({"workload": args.workload, **advice.to_dict()}, indent=2))
     else:
         console = Console()
-        print_advice(
-            console,
-            args.workload,
-            rec,
-            fit,
-            source,
-            detail,
-            estimate,
-            noise_batch,
-            kind,
-            lr_from,
-            rule_reason,
-        )
+        print_advice(console, advice)
         console.print(
-            f"[dim]took {seconds:.1f} s; the workload's state was restored after every measurement[/]"
+            f"[dim]took {advice.seconds:.1f} s; the workload's state was restored after every measurement[/]"
         )
     return 0
 
 
-def print_advice(
-    console: Console,
-    workload: str,
-    rec: Recommendation,
-    fit: FitResult,
-    source: str,
-    detail: str,
-    estimate: Any,
-    noise_batch: int,
-    kind: str,
-    lr_from: str,
-    rule_reason: str,
-) -> None:
+def print_advice(console: Console, advice: Advice) -> None:
+    """Where each input came from, the recommendation, the reasoning, the goodput table and the notes."""
+    rec, fit, estimate = advice.recommendation, advice.fit, advice.noise
     console.print()
     console.print(
         f"[dim]fit: largest micro batch {fit.batch_size} (limited by {fit.limited_by}) on {fit.device}\n"
-        f"throughput from {source}: {detail}\n"
-        f"noise: {describe_noise(estimate)}, {kind} collector at batch {noise_batch}, "
+        f"throughput from {advice.throughput_source}: {advice.throughput_detail}\n"
+        f"noise: {describe_noise(estimate)}, {advice.noise_collector} collector at batch {advice.noise_batch}, "
         f"{estimate.updates} steps\n"
-        f"learning rate {rec.lr.base_lr:g} from {lr_from}; rule {rec.lr.rule} ({rule_reason})[/]"
+        f"learning rate {rec.lr.base_lr:g} from {advice.lr_from}; rule {rec.lr.rule} ({advice.rule_reason})[/]"
     )
     console.print()
     how = (

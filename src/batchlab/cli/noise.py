@@ -8,20 +8,21 @@ import time
 
 from rich.console import Console
 
+from batchlab import checks
 from batchlab.cli.common import Display, add_workload_options, build_workload
 from batchlab.noise import (
     COLLECTORS,
     DEFAULT_BETA,
+    DEFAULT_NOISE_BATCH,
     DEFAULT_NOISE_STEPS,
     NoiseScaleEstimate,
+    check_beta,
     measure_noise_scale,
+    measurement_dict,
+    noise_batch_for,
     noise_collector,
+    require_workload,
 )
-from batchlab.workload import Workload
-
-# 128: near the noise scale of small tasks early in training (mlp-digits measured ~100-250), where the
-# two-batch estimate is most precise; it is capped by the dataset size.
-DEFAULT_NOISE_BATCH = 128
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -69,34 +70,15 @@ def add_noise_options(parser: argparse.ArgumentParser, prefix: str) -> None:
 
 def check_noise_args(steps: int, batch: int | None, beta: float) -> None:
     """Fail on bad values before any model is built."""
-    if steps < 1:
-        raise ValueError(f"invalid steps {steps!r}: expected an integer >= 1")
-    if batch is not None and batch < 2:
-        raise ValueError(f"invalid noise batch {batch!r}: expected an integer >= 2")
-    if not 0.0 <= beta < 1.0:
-        raise ValueError(f"invalid beta {beta!r}: expected a number in [0, 1)")
-
-
-def noise_batch_for(workload: Workload, batch: int | None, largest: int | None = None) -> int:
-    """The batch to measure at: ``batch`` if given, else the default capped by the dataset and ``largest``."""
+    checks.integer("steps", steps)
     if batch is not None:
-        return batch
-    caps = [c for c in (workload.dataset_size, largest) if c]
-    return max(2, min([DEFAULT_NOISE_BATCH, *caps]))
-
-
-def require_workload(workload: object) -> Workload:
-    if not isinstance(workload, Workload):
-        raise ValueError(
-            "this command needs a batchlab.Workload (model, make_batch, loss_fn, optimizer): the noise scale "
-            "is read from the model's gradients, which a plain step(batch_size) callable hides"
-        )
-    return workload
+        checks.integer("noise batch", batch, minimum=2)
+    check_beta(beta)
 
 
 def run(args: argparse.Namespace) -> int:
     check_noise_args(args.steps, args.batch, args.beta)
-    workload = require_workload(build_workload(args))
+    workload = require_workload(build_workload(args), "batchlab noise")
     batch = noise_batch_for(workload, args.batch)
     kind = noise_collector(workload, args.collector)
     started = time.perf_counter()
@@ -112,18 +94,12 @@ def run(args: argparse.Namespace) -> int:
         )
     seconds = time.perf_counter() - started
     if args.json:
-        data = noise_dict(estimate, kind, batch, args.steps, seconds)
+        data = measurement_dict(estimate, kind, batch, args.steps, seconds)
         data["workload"] = args.workload
         print(json.dumps(data, indent=2))
     else:
         print_noise(Console(), estimate, kind, batch, args.steps, seconds)
     return 0 if estimate.b_simple is not None else 1
-
-
-def noise_dict(estimate: NoiseScaleEstimate, kind: str, batch: int, steps: int, seconds: float) -> dict:
-    data = estimate.to_dict()
-    data.update(collector=kind, batch_size=batch, steps=steps, seconds=seconds)
-    return data
 
 
 def _pm(value: float | None, stderr: float | None, fmt: str = ".3g") -> str:

@@ -6,12 +6,27 @@
 - :mod:`~batchlab.noise.measure`: :func:`measure_noise_scale` over a :class:`~batchlab.Workload`, state restored;
 - :mod:`~batchlab.noise.critical`: steps-to-target curves and the critical batch fitted to them (pure).
 
-The names below are the ones ``batchlab.noise`` has always exported, plus the measurement.
+The names below are the ones ``batchlab.noise`` has always exported, plus the measurement's.
 """
 
 from batchlab.noise.collectors import AccumulationCollector, DDPCollector, NormPair, SplitBatchCollector
-from batchlab.noise.estimator import DEFAULT_BETA, GradientNoiseScale, NoiseScaleEstimate, estimate_components
-from batchlab.noise.measure import COLLECTORS, DEFAULT_NOISE_STEPS, measure_noise_scale, noise_collector
+from batchlab.noise.estimator import (
+    DEFAULT_BETA,
+    GradientNoiseScale,
+    NoiseScaleEstimate,
+    check_beta,
+    estimate_components,
+)
+from batchlab.noise.measure import (
+    COLLECTORS,
+    DEFAULT_NOISE_BATCH,
+    DEFAULT_NOISE_STEPS,
+    measure_noise_scale,
+    measurement_dict,
+    noise_batch_for,
+    noise_collector,
+    require_workload,
+)
 
 __all__ = [
     "estimate_components",
@@ -24,6 +39,11 @@ __all__ = [
     "DEFAULT_BETA",
     "measure_noise_scale",
     "noise_collector",
+    "noise_batch_for",
+    "require_workload",
+    "measurement_dict",
+    "check_beta",
     "COLLECTORS",
     "DEFAULT_NOISE_STEPS",
+    "DEFAULT_NOISE_BATCH",
 ]

@@ -18,11 +18,18 @@ from dataclasses import asdict, dataclass
 
 from batchlab import checks
 
-__all__ = ["estimate_components", "GradientNoiseScale", "NoiseScaleEstimate", "DEFAULT_BETA"]
+__all__ = ["estimate_components", "GradientNoiseScale", "NoiseScaleEstimate", "DEFAULT_BETA", "check_beta"]
 
 # EMA decay of the tracker: a ~100-update window. Per-update estimates are noisy (their spread is often larger
 # than their mean), while |G|² drifts as training goes on; k-diffusion uses 0.9998 for runs of 100k+ steps.
 DEFAULT_BETA = 0.99
+
+
+def check_beta(value: object, name: str = "beta") -> float:
+    """The tracker's EMA decay as a float in [0, 1) (0 keeps only the latest update; 1 would never move)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
+        raise ValueError(f"invalid {name} {value!r}: expected a number in [0, 1) (the EMA decay)")
+    return float(value)
 
 
 def _check_sizes(b_small: object, b_big: object) -> tuple[float, float]:
@@ -106,9 +113,7 @@ class GradientNoiseScale:
     """
 
     def __init__(self, beta: float = DEFAULT_BETA) -> None:
-        if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0.0 <= beta < 1.0:
-            raise ValueError(f"beta must be a number in [0, 1) (the EMA decay), got {beta!r}")
-        self.beta = float(beta)
+        self.beta = check_beta(beta)
         self.reset()
 
     def reset(self) -> None:

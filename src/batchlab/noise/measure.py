@@ -25,12 +25,56 @@ from batchlab.noise.collectors import AccumulationCollector, NormPair, SplitBatc
 from batchlab.noise.estimator import DEFAULT_BETA, GradientNoiseScale, NoiseScaleEstimate
 from batchlab.workload import StepFunction, Workload
 
-__all__ = ["measure_noise_scale", "noise_collector", "COLLECTORS", "DEFAULT_NOISE_STEPS"]
+__all__ = [
+    "measure_noise_scale",
+    "noise_collector",
+    "noise_batch_for",
+    "require_workload",
+    "measurement_dict",
+    "COLLECTORS",
+    "DEFAULT_NOISE_STEPS",
+    "DEFAULT_NOISE_BATCH",
+]
 
 COLLECTORS = ("auto", "accumulation", "split")
 # 100 steps: with the tracker's default EMA (beta 0.99) that is ~92 effective updates, which puts B_simple's
 # standard error near 10-25% on the built-in workloads (measured: mlp-digits at batch 128) in a few seconds.
 DEFAULT_NOISE_STEPS = 100
+# 128: near the noise scale of small tasks early in training (mlp-digits measured ~100-250), where the
+# two-batch estimate is most precise; it is capped by the dataset size.
+DEFAULT_NOISE_BATCH = 128
+
+
+def require_workload(workload: object, purpose: str = "measuring the noise scale") -> Workload:
+    """``workload`` if it is a :class:`~batchlab.Workload`; a plain ``step(batch_size)`` callable is refused."""
+    if isinstance(workload, StepFunction) or not isinstance(workload, Workload):
+        raise ValueError(
+            f"{purpose} needs a batchlab.Workload (model, make_batch, loss_fn, optimizer): the collectors hook "
+            f"the model's gradients, which a plain step(batch_size) callable hides"
+        )
+    return workload
+
+
+def noise_batch_for(workload: Workload, batch: int | None = None, largest: int | None = None) -> int:
+    """The batch to measure at: ``batch`` if given, else :data:`DEFAULT_NOISE_BATCH` capped by the dataset
+    and ``largest`` (e.g. the largest batch that fits), and at least 2 (the split collector halves it)."""
+    if batch is not None:
+        return batch
+    caps = [c for c in (workload.dataset_size, largest) if c]
+    return max(2, min([DEFAULT_NOISE_BATCH, *caps]))
+
+
+def measurement_dict(
+    estimate: NoiseScaleEstimate, collector: str, batch_size: int, steps: int, seconds: float
+) -> dict:
+    """The JSON of one measurement (``batchlab noise --json``, and ``noise`` in ``batchlab advise --json``)."""
+    return {
+        **estimate.to_dict(),
+        "collector": collector,
+        "batch_size": batch_size,
+        "steps": steps,
+        "seconds": seconds,
+    }
 
 
 def noise_collector(workload: Workload, collector: str = "auto") -> str:
@@ -77,11 +121,7 @@ def measure_noise_scale(
     Returns the tracker's :class:`~batchlab.noise.estimator.NoiseScaleEstimate`; its ``note`` also names the collector.
     Non-finite steps (fp16 overflow) are skipped by the collector and counted in ``skipped``.
     """
-    if isinstance(workload, StepFunction) or not isinstance(workload, Workload):
-        raise ValueError(
-            "measuring the noise scale needs a batchlab.Workload (model, make_batch, loss_fn, optimizer): the "
-            "collectors hook the model's gradients, which a plain step(batch_size) callable hides"
-        )
+    require_workload(workload)
     batch_size = checks.integer("batch_size", batch_size)
     steps = checks.integer("steps", steps)
     kind = noise_collector(workload, collector)

@@ -11,7 +11,18 @@ import math
 import numbers
 from dataclasses import asdict, dataclass
 
-__all__ = ["LRScaling", "BatchPlan", "Schedule", "RULES", "scale_lr", "plan_batch", "schedule"]
+from batchlab import checks
+
+__all__ = [
+    "LRScaling",
+    "BatchPlan",
+    "Schedule",
+    "RULES",
+    "scale_lr",
+    "plan_batch",
+    "schedule",
+    "check_noise_scale",
+]
 
 RULES = ("linear", "sqrt", "adascale", "none")
 
@@ -22,26 +33,15 @@ LINEAR_WARMUP_EPOCHS = 5.0
 # ---------------------------------------------------------------------------------------------- validation
 
 
-def _check_int(name: str, value: object, minimum: int = 1) -> int:
-    """Return ``value`` as an int if it is an integer >= ``minimum`` (bools are refused), else raise."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _check_real(name: str, value: object, *, positive: bool = True, allow_inf: bool = False) -> float:
-    """Return ``value`` as a float if it is a real number (> 0, or >= 0 when not ``positive``), else raise."""
-    what = ("a number > 0" if positive else "a number >= 0") + (" or inf" if allow_inf else "")
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be {what}, got {value!r}")
-    x = float(value)
-    if math.isnan(x) or (math.isinf(x) and not allow_inf):
-        raise ValueError(f"{name} must be {what}, got {value!r}")
-    if x < 0 or (positive and x == 0):
-        raise ValueError(f"{name} must be {what}, got {value!r}")
-    return x
+def check_noise_scale(value: object) -> float:
+    """B_noise as a float in [0, inf]: inf when gradient noise dominates (NaN and non-numbers refused)."""
+    return checks.number(
+        "noise_scale",
+        value,
+        inclusive=True,
+        allow_inf=True,
+        what="B_noise, e.g. GradientNoiseScale.result().b_simple; inf when noise dominates",
+    )
 
 
 def _check_betas(betas: object) -> tuple[float, float]:
@@ -132,15 +132,14 @@ def scale_lr(
     ``betas`` and ``eps`` are optional; when given they are mapped by ``sqrt`` and passed through otherwise.
     Raises ``ValueError`` naming any invalid argument.
     """
-    lr_ = _check_real("lr", lr)
-    b0 = _check_int("base_batch", base_batch)
-    b1 = _check_int("new_batch", new_batch)
-    if not isinstance(rule, str) or rule not in RULES:
-        raise ValueError(f"rule must be one of {', '.join(repr(r) for r in RULES)}; got {rule!r}")
+    lr_ = checks.number("lr", lr)
+    b0 = checks.integer("base_batch", base_batch)
+    b1 = checks.integer("new_batch", new_batch)
+    checks.choice("rule", rule, RULES)
     betas_ = _check_betas(betas) if betas is not None else None
-    eps_ = _check_real("eps", eps, positive=False) if eps is not None else None
+    eps_ = checks.number("eps", eps, inclusive=True, none=True)
     if noise_scale is not None:
-        noise_ = _check_real("noise_scale", noise_scale, positive=False, allow_inf=True)
+        noise_ = check_noise_scale(noise_scale)
     elif rule == "adascale":
         raise ValueError(
             "rule 'adascale' needs noise_scale (a measured B_noise, e.g. GradientNoiseScale.result().b_simple); "
@@ -238,9 +237,9 @@ def plan_batch(target_global_batch: int, max_micro_batch: int, world_size: int =
     and ``note`` say by how much it misses. When an exact split needs more accumulation steps than the memory
     limit forces (e.g. a prime per-rank batch), ``note`` also names the nearest fuller split.
     """
-    target = _check_int("target_global_batch", target_global_batch)
-    max_micro = _check_int("max_micro_batch", max_micro_batch)
-    world = _check_int("world_size", world_size)
+    target = checks.integer("target_global_batch", target_global_batch)
+    max_micro = checks.integer("max_micro_batch", max_micro_batch)
+    world = checks.integer("world_size", world_size)
 
     if target % world == 0:
         per_rank = target // world
@@ -344,13 +343,12 @@ def schedule(
     ``drop_last``; with ``drop_last`` every batch would be dropped and no step would ever run, so that raises
     ``ValueError`` rather than returning a silent zero. Invalid arguments raise ``ValueError`` naming them.
     """
-    n = _check_int("dataset_size", dataset_size)
-    b = _check_int("batch_size", batch_size)
-    e = _check_int("epochs", epochs)
-    a = _check_int("accumulation", accumulation)
-    w = _check_int("world_size", world_size)
-    if not isinstance(drop_last, bool):
-        raise ValueError(f"drop_last must be True or False, got {drop_last!r}")
+    n = checks.integer("dataset_size", dataset_size)
+    b = checks.integer("batch_size", batch_size)
+    e = checks.integer("epochs", epochs)
+    a = checks.integer("accumulation", accumulation)
+    w = checks.integer("world_size", world_size)
+    checks.flag("drop_last", drop_last)
 
     per_rank = n // w if drop_last else -(-n // w)
     iters = per_rank // b if drop_last else -(-per_rank // b)

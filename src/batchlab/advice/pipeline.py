@@ -1,0 +1,380 @@
+"""The advise pipeline: measure what fits, throughput and the noise scale on a Workload, then recommend.
+
+:func:`advise` is what ``batchlab advise`` computes, callable from Python with the same numbers and the same
+JSON (:meth:`Advice.to_dict`). Four measurements, each restoring the workload's state afterwards:
+
+1. the largest batch that fits (:func:`~batchlab.find_batch_size`) -- the largest micro batch;
+2. throughput over batch sizes: :func:`batchlab.profile` when it is importable (its own fit search is step 1),
+   else the fit search's probes (two steps each, the first creating optimizer state: rough);
+3. the gradient noise scale (:func:`~batchlab.measure_noise_scale`);
+4. :func:`~batchlab.advice.recommend` combines them with the learning-rate rule and the epoch arithmetic.
+
+The policy the pipeline adds to the pure recommendation: the learning rate, Adam's betas and eps come from the
+optimizer's first parameter group unless given (:func:`optimizer_hyperparameters`); ``rule="auto"`` picks
+linear for SGD and sqrt otherwise (:func:`rule_for`); the current batch defaults to
+:data:`DEFAULT_CURRENT_BATCH`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from batchlab import checks
+from batchlab.advice.recommend import Recommendation, check_fits_dataset, recommend
+from batchlab.advice.scaling import RULES
+from batchlab.defaults import GAIN_THRESHOLD
+from batchlab.errors import DoesNotFitError
+from batchlab.noise.estimator import DEFAULT_BETA, NoiseScaleEstimate, check_beta
+from batchlab.noise.measure import (
+    DEFAULT_NOISE_STEPS,
+    measure_noise_scale,
+    measurement_dict,
+    noise_batch_for,
+    require_workload,
+)
+from batchlab.noise.measure import noise_collector as collector_for
+from batchlab.search import FitResult, Probe, find_batch_size
+from batchlab.workload import Workload
+
+__all__ = [
+    "Advice",
+    "Progress",
+    "advise",
+    "rule_for",
+    "optimizer_hyperparameters",
+    "DEFAULT_CURRENT_BATCH",
+    "ADVISE_SECONDS_PER_POINT",
+    "THROUGHPUT_SOURCES",
+]
+
+# 32: the batch most example scripts and tutorials start from (PyTorch examples, Keras' fit default), used
+# when neither current_batch nor base_batch says what the run uses now.
+DEFAULT_CURRENT_BATCH = 32
+# advise needs the curve's shape, not 1% precision: 0.2 timed seconds per size (profile's default is 1.0)
+# keeps the mlp-digits run well under half a minute on two CPU cores.
+ADVISE_SECONDS_PER_POINT = 0.2
+THROUGHPUT_SOURCES = ("auto", "profile", "probes")
+
+
+class Progress(Protocol):
+    """What :func:`advise` reports while it measures (the CLI's ``Display`` is one; the default shows nothing)."""
+
+    def phase(self, text: str) -> None: ...  # a new phase begins
+
+    def probe(self, probe: Probe) -> None: ...  # a fit-search probe ended
+
+    def variant_probe(self, variant: str, probe: Probe) -> None: ...  # a probe of profile's fit search
+
+    def point(self, point: Any) -> None: ...  # a profile point was timed
+
+    def count(self, label: str, done: int, total: int) -> None: ...  # noise steps done of total
+
+
+class _Silent:
+    def phase(self, text: str) -> None:
+        pass
+
+    def probe(self, probe: Probe) -> None:
+        pass
+
+    def variant_probe(self, variant: str, probe: Probe) -> None:
+        pass
+
+    def point(self, point: Any) -> None:
+        pass
+
+    def count(self, label: str, done: int, total: int) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Advice:
+    """What :func:`advise` measured and recommends: the :class:`Recommendation` and every input behind it.
+
+    ``throughput`` is the curve the recommendation used (``{micro batch: samples/s}``), timed as
+    ``throughput_source`` says (``"profile"`` or ``"fit probes"``; ``throughput_detail`` in words). ``noise``
+    is the estimate, measured with ``noise_collector`` over ``noise_steps`` steps at ``noise_batch`` in
+    ``noise_seconds``. ``lr_from`` and ``rule_reason`` say where the learning rate and its rule came from;
+    ``seconds`` is the whole pipeline's wall time.
+    """
+
+    recommendation: Recommendation
+    fit: FitResult
+    throughput: dict[int, float]
+    throughput_source: str
+    throughput_detail: str
+    noise: NoiseScaleEstimate
+    noise_collector: str
+    noise_batch: int
+    noise_steps: int
+    noise_seconds: float
+    lr_from: str
+    rule_reason: str
+    seconds: float
+
+    def to_dict(self) -> dict:
+        """Plain, JSON-ready dict: ``batchlab advise --json`` prints it (with the workload's name first)."""
+        fit = self.fit
+        return {
+            "device": fit.device,
+            "recommendation": self.recommendation.to_dict(),
+            "throughput_source": self.throughput_source,
+            "throughput_detail": self.throughput_detail,
+            "throughput": {str(b): s for b, s in sorted(self.throughput.items())},
+            "fit": {
+                "batch_size": fit.batch_size,
+                "limited_by": fit.limited_by,
+                "budget_bytes": fit.budget_bytes,
+                "peak_bytes": fit.peak_bytes,
+            },
+            "noise": measurement_dict(
+                self.noise, self.noise_collector, self.noise_batch, self.noise_steps, self.noise_seconds
+            ),
+            "lr_from": self.lr_from,
+            "rule_reason": self.rule_reason,
+            "seconds": self.seconds,
+        }
+
+
+def rule_for(optimizer: Any) -> tuple[str, str]:
+    """(rule, reason) for ``rule="auto"``: linear for SGD (Goyal et al. 2017), sqrt for adaptive optimizers."""
+    name = type(optimizer).__name__
+    defaults = getattr(optimizer, "defaults", {}) or {}
+    if name == "SGD":
+        return "linear", "SGD, Goyal et al. 2017"
+    if "betas" in defaults or name in ("RMSprop", "Adagrad", "Adadelta"):
+        return "sqrt", f"{name} is adaptive, Malladi et al. 2022"
+    return "sqrt", f"{name} is neither SGD nor Adam-type; sqrt is the cautious choice"
+
+
+def optimizer_hyperparameters(
+    optimizer: Any,
+) -> tuple[float | None, tuple[float, float] | None, float | None]:
+    """(lr, betas, eps) of the optimizer's first parameter group, each None where it has none."""
+    group = optimizer.param_groups[0] if getattr(optimizer, "param_groups", None) else {}
+    lr = group.get("lr")
+    betas = group.get("betas")
+    eps = group.get("eps")
+    return (
+        float(lr) if lr is not None else None,
+        (float(betas[0]), float(betas[1])) if isinstance(betas, (tuple, list)) and len(betas) == 2 else None,
+        float(eps) if isinstance(eps, (int, float)) else None,
+    )
+
+
+def advise(
+    workload: Workload,
+    *,
+    current_batch: int | None = None,
+    lr: float | None = None,
+    base_batch: int | None = None,
+    rule: str = "auto",
+    epochs: int | None = None,
+    dataset_size: int | None = None,
+    world_size: int = 1,
+    gain_threshold: float = GAIN_THRESHOLD,
+    throughput: str = "auto",
+    seconds_per_point: float | None = None,
+    device: Any = "auto",
+    memory_budget: int | str | None = None,
+    max_batch_size: int | None = None,
+    noise_steps: int = DEFAULT_NOISE_STEPS,
+    noise_batch: int | None = None,
+    noise_collector: str = "auto",
+    noise_beta: float = DEFAULT_BETA,
+    progress: Progress | None = None,
+) -> Advice:
+    """Measure what fits, throughput and the noise scale of ``workload``, then recommend a batch and its LR.
+
+    Args:
+        workload: a :class:`~batchlab.Workload` (the noise scale needs its gradients: a plain
+            ``step(batch_size)`` callable is refused). Its state is restored after every measurement.
+        current_batch: the global batch the run uses now (default: ``base_batch``, else 32); kept unless
+            another has more than ``gain_threshold`` more goodput.
+        lr: the learning rate tuned at ``base_batch`` (default: the optimizer's first parameter group's).
+        base_batch: the batch ``lr`` was tuned at (default: ``current_batch``).
+        rule: ``"auto"`` (linear for SGD, sqrt otherwise: :func:`rule_for`) or one of
+            :data:`~batchlab.advice.scaling.RULES`.
+        epochs, dataset_size: the epoch arithmetic (default dataset size: the workload's); ``dataset_size``
+            also caps the batch sizes measured.
+        world_size: data-parallel ranks.
+        gain_threshold: the goodput gain needed to switch (:data:`batchlab.defaults.GAIN_THRESHOLD`).
+        throughput: ``"profile"`` (steady-state timing), ``"probes"`` (the fit search's, rough) or ``"auto"``
+            (profile when available).
+        seconds_per_point: profile's timed seconds per size (default 0.2); not with ``throughput="probes"``.
+        device, memory_budget, max_batch_size: as for :func:`~batchlab.find_batch_size`.
+        noise_steps, noise_batch, noise_collector, noise_beta: as for :func:`~batchlab.measure_noise_scale`
+            (default batch: 128, capped by the dataset and what fits).
+        progress: told of each phase, probe, timed point and noise step (see :class:`Progress`).
+
+    Returns an :class:`Advice`; ``advice.recommendation`` is the :class:`Recommendation`. Every argument is
+    checked before anything runs; ``ValueError`` names the one at fault.
+    """
+    started = time.perf_counter()
+    work = require_workload(workload, "advise")
+    shown = progress if progress is not None else _Silent()
+    for name, value in (
+        ("current_batch", current_batch),
+        ("base_batch", base_batch),
+        ("epochs", epochs),
+        ("dataset_size", dataset_size),
+        ("max_batch_size", max_batch_size),
+        ("noise_steps", noise_steps),
+        ("world_size", world_size),
+    ):
+        checks.integer(name, value, none=name not in ("noise_steps", "world_size"))
+    checks.integer("noise_batch", noise_batch, minimum=2, none=True)
+    check_beta(noise_beta, "noise_beta")
+    checks.number("lr", lr, none=True)
+    checks.number("gain_threshold", gain_threshold, inclusive=True, what="0.05 = 5%")
+    checks.choice("rule", rule, ("auto", *RULES))
+    checks.choice("throughput", throughput, THROUGHPUT_SOURCES)
+    checks.number("seconds_per_point", seconds_per_point, inclusive=True, none=True)
+    if seconds_per_point is not None and throughput == "probes":
+        raise ValueError(
+            f"seconds_per_point {seconds_per_point:g} times batch sizes for throughput 'profile'; throughput "
+            "'probes' reads the fit search's probes and times nothing: drop one of them"
+        )
+
+    opt_lr, betas, eps = optimizer_hyperparameters(work.optimizer)
+    lr_from = "the given lr" if lr is not None else f"the workload's {type(work.optimizer).__name__}"
+    lr = lr if lr is not None else opt_lr
+    if lr is None:
+        raise ValueError("the workload's optimizer has no lr; pass lr")
+    rule, rule_reason = rule_for(work.optimizer) if rule == "auto" else (rule, "given")
+    current = current_batch or base_batch or DEFAULT_CURRENT_BATCH
+    data = dataset_size or work.dataset_size
+    check_fits_dataset(current, data)
+    # the workload's own dataset size already caps fit and profile; the arguments cap them further
+    caps = [c for c in (max_batch_size, dataset_size) if c]
+    kind = collector_for(work, noise_collector)  # fails now for an impossible collector
+
+    fit, curve, source, detail = _measure_throughput(
+        work,
+        throughput,
+        device=device,
+        memory_budget=memory_budget,
+        max_batch_size=min(caps) if caps else None,
+        seconds_per_point=ADVISE_SECONDS_PER_POINT if seconds_per_point is None else seconds_per_point,
+        progress=shown,
+    )
+    batch = noise_batch_for(work, noise_batch, fit.batch_size)
+    shown.phase(f"noise scale, {noise_steps} steps at batch {batch} ({kind} collector)")
+    noise_started = time.perf_counter()
+    estimate = measure_noise_scale(
+        work,
+        batch,
+        steps=noise_steps,
+        collector=kind,
+        beta=noise_beta,
+        on_step=lambda index, _pair: shown.count("step", index + 1, noise_steps),
+    )
+    noise_seconds = time.perf_counter() - noise_started
+    if estimate.b_simple is None:
+        raise ValueError(
+            f"no noise scale to advise with ({estimate.note}); try more noise steps or a larger noise batch"
+        )
+    rec = recommend(
+        curve,
+        estimate,
+        current_batch=current,
+        lr=lr,
+        base_batch=base_batch or current,
+        rule=rule,
+        max_micro_batch=fit.batch_size,
+        world_size=world_size,
+        dataset_size=data,
+        epochs=epochs,
+        gain_threshold=gain_threshold,
+        betas=betas,
+        eps=eps,
+    )
+    return Advice(
+        recommendation=rec,
+        fit=fit,
+        throughput=curve,
+        throughput_source=source,
+        throughput_detail=detail,
+        noise=estimate,
+        noise_collector=kind,
+        noise_batch=batch,
+        noise_steps=noise_steps,
+        noise_seconds=noise_seconds,
+        lr_from=lr_from,
+        rule_reason=rule_reason,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _measure_throughput(
+    work: Workload,
+    source: str,
+    *,
+    device: Any,
+    memory_budget: int | str | None,
+    max_batch_size: int | None,
+    seconds_per_point: float,
+    progress: Progress,
+) -> tuple[FitResult, dict[int, float], str, str]:
+    """(fit, {batch: samples/s}, source, detail): profile when importable (and asked), else the fit probes."""
+    profile = None
+    if source in ("auto", "profile"):
+        try:
+            from batchlab.profiling.api import profile
+        except ImportError as exc:
+            if source == "profile":
+                raise ImportError(
+                    f"throughput 'profile': batchlab.profile is not available ({exc})"
+                ) from None
+    if profile is not None:
+        progress.phase("what fits (fit search)")
+        result = profile(
+            work,
+            device=device,
+            memory_budget=memory_budget,
+            max_batch_size=max_batch_size,
+            seconds_per_point=seconds_per_point,
+            on_point=progress.point,
+            on_probe=progress.variant_probe,
+        )
+        fits = [(name, fit) for name, fit in result.fits.items() if fit is not None]
+        if not fits:
+            raise DoesNotFitError(
+                f"nothing fits: {'; '.join(result.findings) or 'no batch size fits the budget'}",
+                batch_size=1,
+                needed_bytes=None,
+                budget_bytes=result.budget_bytes,
+            )
+        variant, fit = fits[0]
+        curve = {
+            p.batch_size: p.samples_per_second
+            for p in result.points
+            if p.variant == variant and p.fits and p.samples_per_second
+        }
+        detail = (
+            f"batchlab.profile ({variant}): median of timed steps after warm-up at {len(curve)} sizes, "
+            f"{result.seconds:.1f} s"
+        )
+        return fit, curve, "profile", detail
+    progress.phase("what fits and throughput (fit search probes)")
+    fit = find_batch_size(
+        work,
+        device=device,
+        memory_budget=memory_budget,
+        max_batch_size=max_batch_size,
+        on_probe=progress.probe,
+    )
+    per_step = getattr(work, "grad_accum", 1)
+    curve = {
+        p.batch_size: p.batch_size * per_step * p.steps / p.seconds
+        for p in fit.probes
+        if p.fits and p.steps and p.seconds > 0
+    }
+    detail = (
+        f"the fit search's {len(curve)} probes: {fit.probes[0].steps} steps each including the first (which "
+        f"creates optimizer state) -- rough, small sizes look slow; install/enable batchlab.profile for "
+        f"steady-state timing"
+    )
+    return fit, curve, "fit probes", detail

@@ -4,7 +4,7 @@ The one-line call is :func:`find_batch_size`; under it sit :class:`Workload` (on
 the devices (:mod:`batchlab.devices`) and the pure search logic (:mod:`batchlab.search`), each usable alone.
 """
 
-from batchlab.advise import Candidate, Recommendation, advise
+from batchlab.advice import Candidate, Recommendation, advise
 from batchlab.checkpointing import activation_checkpointing
 from batchlab.devices import CPUDevice, CUDADevice, Device, Measurement, SimulatedDevice
 from batchlab.errors import BatchlabError, DoesNotFitError, FakeTensorError, WorkloadError

@@ -78,7 +78,7 @@ import torch
 
 from batchlab.devices.release import devices_of, release_after_oom
 from batchlab.oom import is_out_of_memory
-from batchlab.scaling import plan_batch
+from batchlab.advice.scaling import plan_batch
 
 log = logging.getLogger("batchlab")
 

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from batchlab.scaling import RULES
+from batchlab.advice.scaling import RULES
 from batchlab.sweeps import (
     AUTO_MIN_BATCH,
     DEFAULT_DIRECTORY,

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from batchlab.errors import BatchlabError, DoesNotFitError
-from batchlab.scaling import BatchPlan, plan_batch
+from batchlab.advice.scaling import BatchPlan, plan_batch
 from batchlab.search import FitResult, find_batch_size
 
 log = logging.getLogger("batchlab")

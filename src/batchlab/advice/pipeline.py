@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from batchlab import checks
-from batchlab.advice.recommend import Recommendation, check_fits_dataset, recommend
+from batchlab.advice.recommend import check_fits_dataset, recommend
+from batchlab.advice.records import Recommendation
 from batchlab.advice.scaling import RULES
 from batchlab.defaults import GAIN_THRESHOLD
 from batchlab.errors import DoesNotFitError

@@ -8,7 +8,8 @@ and calls this.
 
 The steps, one function each: check the request; the largest single step; how the current batch runs;
 the candidate sizes; the goodput table; the choice (Pollux's 5% rule); the range the choice spans within
-B_noise's standard error; the learning rate, plan and schedules; notes on the curve; the explanation.
+B_noise's standard error; the learning rate, plan and schedules; notes on the curve. The records are
+:mod:`batchlab.advice.records`, the explanation in words :mod:`batchlab.advice.explain`.
 
 How it models throughput (the curve is per device, one optimizer step per micro-batch):
 
@@ -25,19 +26,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from batchlab import checks
+from batchlab.advice.explain import explain
 from batchlab.advice.goodput import (
     Curve,
     candidate_batch_sizes,
-    doubling_step_reduction,
     interpolate_throughput,
     parse_curve,
     statistical_efficiency,
     steps_factor,
 )
+from batchlab.advice.records import Candidate, Recommendation
 from batchlab.advice.scaling import (
     RULES,
     BatchPlan,
@@ -48,10 +50,10 @@ from batchlab.advice.scaling import (
     scale_lr,
     schedule,
 )
-from batchlab.defaults import GAIN_THRESHOLD, KNEE_THRESHOLD
+from batchlab.defaults import GAIN_THRESHOLD
 from batchlab.profiling.analysis import knee_batch_size
 
-__all__ = ["Candidate", "Recommendation", "recommend", "check_fits_dataset"]
+__all__ = ["recommend", "check_fits_dataset"]
 
 # Accumulation candidates: the largest single step times 2, 4, 8 and 16 -- enough to show what accumulation
 # costs in goodput; more steps per update only lower the efficiency further.
@@ -60,109 +62,6 @@ ACCUMULATION_FACTORS = (2, 4, 8, 16)
 # timing noise (a loaded machine) or a real cliff (memory pressure, a kernel switch), and either deserves a word.
 THROUGHPUT_DROP = 0.25
 _TIE = 1e-9  # relative goodput difference treated as a tie (the smaller batch wins a tie)
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One global batch size evaluated by :func:`recommend`.
-
-    ``samples_per_second`` is the throughput of all ``world_size`` ranks together at micro batch
-    ``micro_batch`` (``source``: ``"measured"`` at a measured size, ``"interpolated"`` between two, or
-    ``"accumulation"`` -- the largest single step's throughput, repeated). ``goodput`` = throughput x
-    ``efficiency``; ``relative_goodput`` is it divided by the current batch's goodput. ``steps_factor`` is
-    S/S_min = 1 + B_noise/B.
-    """
-
-    batch_size: int
-    micro_batch: int
-    accumulation_steps: int
-    world_size: int
-    samples_per_second: float
-    efficiency: float
-    goodput: float
-    relative_goodput: float
-    steps_factor: float | None
-    source: str
-
-    def to_dict(self) -> dict:
-        """Plain, JSON-ready dict (an infinite steps factor -- noise dominates -- is None)."""
-        d = asdict(self)
-        if self.steps_factor is not None and math.isinf(self.steps_factor):
-            d["steps_factor"] = None
-        return d
-
-
-@dataclass(frozen=True)
-class Recommendation:
-    """What :func:`recommend` recommends, and why.
-
-    The global batch ``batch_size`` runs as ``micro_batch`` x ``accumulation_steps`` x ``world_size``
-    (``plan``), with the learning rate ``lr.lr`` (``lr`` is the full :class:`~batchlab.advice.scaling.LRScaling`:
-    rule, factor, Adam betas/eps, warmup). ``switched`` says whether it differs from ``current_batch``: only
-    when ``best_batch`` beats it by more than ``gain_threshold`` in goodput (``gain``). ``schedule`` /
-    ``current_schedule`` are the epoch arithmetic at the recommended and the current batch (when the dataset
-    size is known); ``warmup_steps`` converts the rule's warmup epochs into optimizer steps. ``candidates`` is
-    the goodput table, ``explanation`` the reasoning in plain words, one finding per line.
-    """
-
-    batch_size: int
-    micro_batch: int
-    accumulation_steps: int
-    world_size: int
-    plan: BatchPlan
-    lr: LRScaling
-    warmup_steps: int | None
-    switched: bool
-    gain: float
-    gain_threshold: float
-    current_batch: int
-    best_batch: int
-    best_batch_range: tuple[int, int] | None
-    base_batch: int
-    noise_scale: float
-    noise_scale_stderr: float | None
-    efficiency: float
-    samples_per_second: float
-    goodput: float
-    current_goodput: float
-    knee_batch: int
-    max_throughput_batch: int
-    max_micro_batch: int
-    schedule: Schedule | None
-    current_schedule: Schedule | None
-    candidates: tuple[Candidate, ...]
-    explanation: tuple[str, ...]
-    notes: tuple[str, ...]
-
-    def candidate(self, batch_size: int) -> Candidate:
-        """The goodput-table row of ``batch_size`` (KeyError if it was not a candidate)."""
-        for c in self.candidates:
-            if c.batch_size == batch_size:
-                return c
-        raise KeyError(f"batch {batch_size} is not in the goodput table")
-
-    def summary(self) -> str:
-        """The explanation, one line per finding."""
-        return "\n".join(self.explanation)
-
-    def to_dict(self) -> dict:
-        """Plain, JSON-ready dict (no inf or NaN: an infinite B_noise is None, and ``notes`` say so)."""
-        d = {
-            name: getattr(self, name)
-            for name in self.__dataclass_fields__
-            if name not in ("plan", "lr", "schedule", "current_schedule", "candidates")
-        }
-        d["plan"] = self.plan.to_dict()
-        d["lr"] = self.lr.to_dict()
-        d["schedule"] = self.schedule.to_dict() if self.schedule else None
-        d["current_schedule"] = self.current_schedule.to_dict() if self.current_schedule else None
-        d["candidates"] = [c.to_dict() for c in self.candidates]
-        d["best_batch_range"] = list(self.best_batch_range) if self.best_batch_range else None
-        d["explanation"] = list(self.explanation)
-        d["notes"] = list(self.notes)
-        if math.isinf(self.noise_scale):
-            d["noise_scale"] = None
-        return d
 
 
 # ------------------------------------------------------------------------------------------------- the steps
@@ -514,7 +413,7 @@ def recommend(
     _model_notes(req, notes)
     knee = knee_batch_size([b for b, _ in req.curve], [t for _, t in req.curve])
     fastest = max(req.curve, key=lambda bt: bt[1])[0]
-    explanation = _explain(
+    explanation = explain(
         noise=req.noise,
         noise_se=req.noise_se,
         base=req.base,
@@ -565,139 +464,3 @@ def recommend(
         explanation=tuple(explanation),
         notes=tuple(notes),
     )
-
-
-# ----------------------------------------------------------------------------------------- the explanation
-
-
-def _fmt(x: float) -> str:
-    """A batch-like number for prose: 192, 1.2e+04."""
-    return f"{x:,.0f}" if x < 1e6 else f"{x:.2g}"
-
-
-def _range_text(best_range: tuple[int, int] | None) -> str:
-    if best_range is None:
-        return ""
-    if best_range[0] == best_range[1]:
-        return " (the same with B_noise ± 1 standard error)"
-    return f" (with B_noise ± 1 standard error the peak lies at {best_range[0]}..{best_range[1]})"
-
-
-def _explain(
-    *,
-    noise: float,
-    noise_se: float | None,
-    base: int,
-    curve: tuple[tuple[int, float], ...],
-    knee: int,
-    fastest: int,
-    best: Candidate,
-    chosen: Candidate,
-    current: Candidate,
-    gain: float,
-    gain_threshold: float,
-    switched: bool,
-    plan: BatchPlan,
-    max_step: int,
-    lr_scaling: LRScaling,
-    warmup_steps: int | None,
-    sched: Schedule | None,
-    current_sched: Schedule | None,
-    best_range: tuple[int, int] | None,
-) -> list[str]:
-    """The reasoning, one plain-words line per finding."""
-    lines = []
-    # 1. what the noise scale says
-    if math.isinf(noise):
-        lines.append(
-            "gradient noise dominates (B_noise = inf): every doubling of the batch halves the steps to a "
-            "result, so throughput alone decides"
-        )
-    elif noise == 0:
-        lines.append(
-            "no gradient noise measured (B_noise = 0): a larger batch buys no fewer steps, so only steps per "
-            "second count"
-        )
-    else:
-        se = f" ± {_fmt(noise_se)}" if noise_se else ""
-        lines.append(
-            f"gradient noise scale B_noise ≈ {_fmt(noise)}{se} (the critical batch): past ~{_fmt(noise)} each "
-            f"doubling of the batch buys < {doubling_step_reduction(noise, noise):.2f}x fewer steps "
-            f"(S = S_min(1 + B_noise/B), McCandlish et al. 2018); at batch {chosen.batch_size} a doubling buys "
-            f"{doubling_step_reduction(chosen.batch_size, noise):.2f}x"
-        )
-    # 2. the throughput curve
-    speeds = dict(curve)
-    knee_text = (
-        f"the knee of throughput is at {knee} ({speeds[knee]:,.0f} samples/s, ≥ {KNEE_THRESHOLD:.0%} of the best)"
-        if knee != fastest
-        else f"throughput keeps rising up to {knee} (no knee below it)"
-    )
-    lines.append(
-        f"{knee_text}; most samples/s at {fastest} ({speeds[fastest]:,.0f}); measured {curve[0][0]}..{curve[-1][0]}"
-        f", {len(curve)} size{'s' if len(curve) > 1 else ''}"
-    )
-    # 3. goodput
-    lines.append(
-        f"goodput (samples/s x statistical efficiency (B_noise + B0)/(B_noise + B), B0 = {base}) peaks at "
-        f"{best.batch_size}: {best.relative_goodput:.2f}x the current batch {current.batch_size}'s"
-        + _range_text(best_range)
-    )
-    # 4. the 5% rule, either way
-    if best.batch_size == current.batch_size:
-        lines.append(f"keep batch {current.batch_size}: it already has the most goodput")
-    elif switched:
-        steps = ""
-        if current.steps_factor is not None and math.isfinite(current.steps_factor):
-            ratio = current.steps_factor / chosen.steps_factor
-            steps = (
-                f"; {ratio:.2f}x fewer steps"
-                if ratio >= 1
-                else f"; {1 / ratio:.2f}x more steps, each cheaper"
-            )
-        lines.append(
-            f"switch from {current.batch_size} to {chosen.batch_size}: {gain:+.0%} goodput, above the "
-            f"{gain_threshold:.0%} threshold (Pollux switches only for more); reaches the same result in "
-            f"~{1 / (1 + gain):.2f}x the time{steps}"
-        )
-    else:
-        lines.append(
-            f"keep batch {current.batch_size}: the best, {best.batch_size}, gains only {gain:+.1%} goodput, not "
-            f"above the {gain_threshold:.0%} threshold (Pollux switches only for more)"
-        )
-    # 5. how to run it
-    if plan.accumulation_steps > 1:
-        lines.append(
-            f"{chosen.batch_size} does not fit in one step (largest measured single step: {max_step}): "
-            f"{plan.note}; accumulation buys no throughput"
-        )
-    elif plan.world_size > 1:
-        lines.append(f"run it as {plan.note}")
-    # 6. learning rate
-    lr_line = (
-        f"learning rate {lr_scaling.lr:.3g} ({lr_scaling.rule} rule: {lr_scaling.base_lr:g} at batch "
-        f"{lr_scaling.base_batch} x {lr_scaling.factor:.3g})"
-    )
-    if lr_scaling.betas is not None:
-        lr_line += f", betas ({lr_scaling.betas[0]:.4g}, {lr_scaling.betas[1]:.4g})"
-    if lr_scaling.eps is not None:
-        lr_line += f", eps {lr_scaling.eps:.3g}"
-    if lr_scaling.warmup_epochs:
-        lr_line += f"; warm up over {lr_scaling.warmup_epochs:g} epochs" + (
-            f" ({warmup_steps} steps)" if warmup_steps is not None else ""
-        )
-    lines.append(lr_line)
-    # 7. the schedule
-    if sched is not None and current_sched is not None:
-        per = "" if sched.epochs == 1 else f" x {sched.epochs} epochs = {sched.total_steps} in total"
-        micro = (
-            f" ({sched.iterations_per_epoch} micro-batches)"
-            if sched.iterations_per_epoch != sched.steps_per_epoch
-            else ""
-        )
-        steps = f"{sched.steps_per_epoch} optimizer step{'s' if sched.steps_per_epoch != 1 else ''}"
-        line = f"{sched.dataset_size} samples: {steps} per epoch{micro}{per}"
-        if current_sched.global_batch != sched.global_batch:
-            line += f"; {current_sched.steps_per_epoch} per epoch at batch {current_sched.global_batch}"
-        lines.append(line)
-    return lines

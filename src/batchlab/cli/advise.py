@@ -21,7 +21,7 @@ from batchlab.advice.pipeline import (
     Advice,
     advise,
 )
-from batchlab.advice.recommend import Recommendation
+from batchlab.advice.records import Recommendation
 from batchlab.advice.scaling import RULES
 from batchlab.cli.common import Display, add_workload_options, build_workload
 from batchlab.cli.noise import add_noise_options, check_noise_args, describe_noise

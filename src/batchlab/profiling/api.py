@@ -19,11 +19,11 @@ How, per variant:
    the budget without a failure, the next power of two is run once to show what lies over the edge. A size
    up to the verified answer fits by that verification (memory grows with the batch), whatever a noisy
    timed run reads. Explicit ``batch_sizes`` skip the search; each then stands on its own timed run.
-2. **Timing.** Each fitting size runs ``WARMUP_STEPS`` (:mod:`batchlab.defaults`) steps from the workload's own starting state (one
-   device run), then -- in a second run -- enough steps for about ``seconds_per_point``
-   (``MIN_TIMED_STEPS``..``MAX_TIMED_STEPS``, estimated from the last warm-up step); each step is timed
-   between device synchronisations and the median of the timed steps is the step time. The peak is the
-   higher of the two runs'. State is restored afterwards, as after every probe.
+2. **Timing** (:mod:`.timing`). Each fitting size runs ``WARMUP_STEPS`` (:mod:`batchlab.defaults`) steps
+   from the workload's own starting state (one device run), then -- in a second run -- enough steps for about
+   ``seconds_per_point`` (``MIN_TIMED_STEPS``..``MAX_TIMED_STEPS``, estimated from the last warm-up step);
+   each step is timed between device synchronisations and the median of the timed steps is the step time.
+   The peak is the higher of the two runs'. State is restored afterwards, as after every probe.
 3. **Summary.** The knee (the smallest size reaching ``knee_threshold`` of the best throughput), the largest
    fitting size and its throughput, memory per sample (a line through the peaks), and findings such as
    "checkpointing lets batch 512 fit at 1.3x the step time".
@@ -174,11 +174,8 @@ def profile(
     """
     started = time.perf_counter()
     work = as_workload(workload)
-    variants = [
-        (precision, ckpt)
-        for ckpt in _parse_checkpointing(checkpointing)
-        for precision in parse_precisions(precisions) or [work.amp or "fp32"]
-    ]
+    names = parse_precisions(precisions) or [work.amp or "fp32"]
+    variants = [(precision, ckpt) for ckpt in _parse_checkpointing(checkpointing) for precision in names]
     sizes = _parse_batch_sizes(batch_sizes)
     fraction = parse_fraction(fraction)
     knee_threshold = checks.fraction("knee_threshold", knee_threshold, include_one=True)

@@ -123,7 +123,8 @@ def _checkpointing_findings(
         cost = ""
         if pair is not None:
             on_point, off_point = pair
-            cost = f" at {on_point.step_seconds / off_point.step_seconds:.2f}x the step time (batch {on_point.batch_size})"
+            ratio = on_point.step_seconds / off_point.step_seconds
+            cost = f" at {ratio:.2f}x the step time (batch {on_point.batch_size})"
         memory = ""
         if v.bytes_per_sample is not None and off.bytes_per_sample is not None:
             memory = f"; memory per sample {format_bytes(v.bytes_per_sample)} vs {format_bytes(off.bytes_per_sample)}"
@@ -156,9 +157,10 @@ def _precision_findings(
         largest = ""
         if _memory_bound(by_variant[base.variant]) or _memory_bound(by_variant[v.variant]):
             largest = f"; largest fitting batch {v.largest_fitting_batch} vs {base.largest_fitting_batch}"
+        speed = point.samples_per_second / base_point.samples_per_second
         yield (
-            f"{v.variant} vs {base.variant}: {point.samples_per_second / base_point.samples_per_second:.2f}x "
-            f"the samples/s at batch {point.batch_size}{memory}{largest}"
+            f"{v.variant} vs {base.variant}: {speed:.2f}x the samples/s at batch {point.batch_size}"
+            f"{memory}{largest}"
         )
 
 

@@ -1,4 +1,4 @@
-"""The user's input pipeline as a step's batches: a DataLoader rebuilt at each batch size, drawn one batch a call.
+"""The user's input pipeline as a step's batches: a DataLoader rebuilt at each batch size, one batch a call.
 
 The profile times each fitting size a second time with its batches drawn from the user's loader, to show
 what the input pipeline costs; this module adapts a ``DataLoader`` (or a ``make_loader(batch_size)``

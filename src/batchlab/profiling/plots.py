@@ -1,8 +1,9 @@
 """PNG plots of a :class:`~batchlab.profiling.records.Profile`: throughput and peak memory vs batch size.
 
 matplotlib is imported only when a plot is drawn, through :func:`batchlab.optional.require` (it is an extra,
-not a core dependency: ``pip install 'batchlab[plot]'``), and only its object-oriented API is used -- a ``Figure`` drawn by the Agg canvas -- so
-plotting never switches the caller's pyplot backend or opens a window.
+not a core dependency: ``pip install 'batchlab[plot]'``), and only its object-oriented API is used -- a
+``Figure`` drawn by the Agg canvas -- so plotting never switches the caller's pyplot backend or opens a
+window.
 
 Two plots per profile, one line per variant, batch size on a log2 axis:
 
@@ -30,7 +31,7 @@ CROSS = {"markersize": 9, "mew": 2}  # the mark of a size that does not fit
 
 
 def _axes() -> tuple[Any, Any]:
-    """A new Figure drawn by the Agg canvas (never pyplot: the caller's backend stays as it is) and its axes."""
+    """A new Figure on the Agg canvas, and its axes (never pyplot: the caller's backend stays as it is)."""
     figure = require("matplotlib.figure", extra="plot", purpose="plots")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 

@@ -115,7 +115,7 @@ class VariantSummary:
 
 @dataclass
 class Profile:
-    """The result of :func:`batchlab.profile`: every point, a summary per variant and findings in plain words."""
+    """The result of :func:`batchlab.profile`: every point, a summary per variant, findings in plain words."""
 
     workload: str
     device: str

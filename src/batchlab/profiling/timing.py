@@ -21,7 +21,7 @@ from batchlab.profiling.analysis import timed_steps_for
 
 @dataclass(frozen=True)
 class Timing:
-    """What :func:`time_steps` measured: ``ok`` False on an out-of-memory; the peak over warm-up and timed runs."""
+    """What :func:`time_steps` measured: ``ok`` False on an out-of-memory; the peak over both runs."""
 
     ok: bool
     peak_bytes: int | None

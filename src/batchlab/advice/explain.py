@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import math
 
-from batchlab.advice.goodput import doubling_step_reduction
-from batchlab.advice.records import Candidate
-from batchlab.advice.scaling import BatchPlan, LRScaling, Schedule
+from batchlab.advice.goodput import Curve, doubling_step_reduction
+from batchlab.advice.records import Candidate, Recommendation
 from batchlab.defaults import KNEE_THRESHOLD
 
 __all__ = ["explain"]
@@ -25,29 +24,18 @@ def _range_text(best_range: tuple[int, int] | None) -> str:
     return f" (with B_noise ± 1 standard error the peak lies at {best_range[0]}..{best_range[1]})"
 
 
-def explain(
-    *,
-    noise: float,
-    noise_se: float | None,
-    base: int,
-    curve: tuple[tuple[int, float], ...],
-    knee: int,
-    fastest: int,
-    best: Candidate,
-    chosen: Candidate,
-    current: Candidate,
-    gain: float,
-    gain_threshold: float,
-    switched: bool,
-    plan: BatchPlan,
-    max_step: int,
-    lr_scaling: LRScaling,
-    warmup_steps: int | None,
-    sched: Schedule | None,
-    current_sched: Schedule | None,
-    best_range: tuple[int, int] | None,
-) -> list[str]:
-    """The reasoning, one plain-words line per finding."""
+def explain(rec: Recommendation, curve: Curve, current: Candidate) -> list[str]:
+    """The reasoning behind ``rec``, one plain-words line per finding.
+
+    ``curve`` is the measured throughput the recommendation was made from and ``current`` the current
+    batch's row of its goodput table (the batch the current one runs as, when it cannot run exactly).
+    """
+    noise, noise_se, base = rec.noise_scale, rec.noise_scale_stderr, rec.base_batch
+    knee, fastest, max_step = rec.knee_batch, rec.max_throughput_batch, rec.max_micro_batch
+    best, chosen = rec.candidate(rec.best_batch), rec.candidate(rec.batch_size)
+    gain, gain_threshold, switched = rec.gain, rec.gain_threshold, rec.switched
+    plan, lr_scaling, warmup_steps = rec.plan, rec.lr, rec.warmup_steps
+    sched, current_sched, best_range = rec.schedule, rec.current_schedule, rec.best_batch_range
     lines = []
     # 1. what the noise scale says
     if math.isinf(noise):

@@ -320,6 +320,7 @@ def _measure_throughput(
     progress: Progress,
 ) -> tuple[FitResult, dict[int, float], str, str]:
     """(fit, {batch: samples/s}, source, detail): profile when importable (and asked), else the fit probes."""
+    limits = {"device": device, "memory_budget": memory_budget, "max_batch_size": max_batch_size}
     profile = None
     if source in ("auto", "profile"):
         try:
@@ -333,9 +334,7 @@ def _measure_throughput(
         progress.phase("what fits (fit search)")
         result = profile(
             work,
-            device=device,
-            memory_budget=memory_budget,
-            max_batch_size=max_batch_size,
+            **limits,
             seconds_per_point=seconds_per_point,
             on_point=progress.point,
             on_probe=progress.variant_probe,
@@ -360,13 +359,7 @@ def _measure_throughput(
         )
         return fit, curve, "profile", detail
     progress.phase("what fits and throughput (fit search probes)")
-    fit = find_batch_size(
-        work,
-        device=device,
-        memory_budget=memory_budget,
-        max_batch_size=max_batch_size,
-        on_probe=progress.probe,
-    )
+    fit = find_batch_size(work, **limits, on_probe=progress.probe)
     per_step = getattr(work, "grad_accum", 1)
     curve = {
         p.batch_size: p.batch_size * per_step * p.steps / p.seconds

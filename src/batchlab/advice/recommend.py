@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from batchlab import checks
@@ -413,28 +413,7 @@ def recommend(
     _model_notes(req, notes)
     knee = knee_batch_size([b for b, _ in req.curve], [t for _, t in req.curve])
     fastest = max(req.curve, key=lambda bt: bt[1])[0]
-    explanation = explain(
-        noise=req.noise,
-        noise_se=req.noise_se,
-        base=req.base,
-        curve=req.curve,
-        knee=knee,
-        fastest=fastest,
-        best=best,
-        chosen=chosen,
-        current=current_row,
-        gain=gain,
-        gain_threshold=req.gain_threshold,
-        switched=switched,
-        plan=plan,
-        max_step=max_step,
-        lr_scaling=lr_scaling,
-        warmup_steps=warmup_steps,
-        sched=sched,
-        current_sched=current_sched,
-        best_range=best_range,
-    )
-    return Recommendation(
+    rec = Recommendation(
         batch_size=chosen.batch_size,
         micro_batch=plan.micro_batch,
         accumulation_steps=plan.accumulation_steps,
@@ -461,6 +440,7 @@ def recommend(
         schedule=sched,
         current_schedule=current_sched,
         candidates=tuple(rows),
-        explanation=tuple(explanation),
+        explanation=(),
         notes=tuple(notes),
     )
+    return replace(rec, explanation=tuple(explain(rec, req.curve, current_row)))

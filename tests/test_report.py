@@ -8,8 +8,8 @@ import re
 import pytest
 import torch
 
-from batchlab.sweeps import sweep
-from batchlab.sweeps.report import PLOTS, verdict, write_report
+from batchlab.sweeps import sweep, verdict, write_report
+from batchlab.sweeps.plots import PLOTS
 from batchlab.workloads.tasks import load_task
 from sweep_helpers import fresh_store
 

@@ -324,12 +324,12 @@ def test_sweep_refuses_a_different_sweep_under_the_same_name(tracked):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"lr": 0}, "lr must be"),
-        ({"rule": "adascale"}, "rule must be one of"),
+        ({"lr": 0}, "invalid lr 0: expected a number > 0"),
+        ({"rule": "adascale"}, "invalid rule 'adascale': expected one of 'linear', 'sqrt', 'none'"),
         ({"batch_sizes": [16, 16]}, "duplicates"),
         ({"batch_sizes": "many"}, "batch_sizes"),
         ({"backend": "spark"}, "backend"),
-        ({"lr_multipliers": (1, -2)}, "lr_multipliers"),
+        ({"lr_multipliers": (1, -2)}, "invalid lr_multipliers entry -2: expected a number > 0"),
         ({"budget": "forever"}, "invalid budget"),
     ],
 )

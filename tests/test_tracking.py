@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import builtins
 import logging
+import sys
 from pathlib import Path
 
 import pytest
 
 from batchlab.sweeps import sweep
-from batchlab.sweeps.tracking import default_tracking_uri, read_experiment, require_mlflow
+from batchlab.sweeps.tracking import default_tracking_uri, read_experiment
 from sweep_helpers import ScriptedRun, fresh_store
 
 
@@ -20,14 +20,9 @@ def scripted(batch_size, lr, seed):
 
 @pytest.fixture
 def no_mlflow(monkeypatch):
-    real_import = builtins.__import__
-
-    def fake_import(name, *args, **kwargs):
-        if name == "mlflow" or name.startswith("mlflow."):
-            raise ImportError("No module named 'mlflow'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", fake_import)
+    """MLflow as if not installed: a None in sys.modules makes every import of it raise ImportError."""
+    for name in [m for m in sys.modules if m == "mlflow" or m.startswith("mlflow.")] or ["mlflow"]:
+        monkeypatch.setitem(sys.modules, name, None)
 
 
 def test_default_store_is_sqlite_under_the_directory(tmp_path):
@@ -37,7 +32,7 @@ def test_default_store_is_sqlite_under_the_directory(tmp_path):
 
 def test_missing_mlflow_is_a_clear_error(no_mlflow, tmp_path):
     with pytest.raises(ImportError, match=r"pip install 'batchlab\[track\]'"):
-        require_mlflow()
+        read_experiment("any", "sqlite:///x.db")
     with pytest.raises(ImportError, match="batchlab\\[track\\]"):
         sweep(
             scripted,

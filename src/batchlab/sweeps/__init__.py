@@ -1,23 +1,38 @@
-"""Sweeps: train at several batch sizes, record and track every run, resume, and compare in one report."""
+"""Sweeps: train at several batch sizes, record and track every run, resume, and compare them in one report.
 
+The modules, each with one job (lower ones never import higher ones):
+
+- :mod:`~batchlab.sweeps.records`: the records every other module passes around (budget, target, curves,
+  one run's results, the configuration, progress events);
+- :mod:`~batchlab.sweeps.trainable`: what a sweep trains (the ``Trainable`` protocol, :class:`SupervisedRun`);
+  :mod:`~batchlab.sweeps.workload_run`: a run from a :class:`~batchlab.Workload`-returning function;
+- :mod:`~batchlab.sweeps.store`: the sweep directory (atomic JSON files, resume);
+- :mod:`~batchlab.sweeps.result`: the comparison across runs (per batch size, critical batch, noise scale);
+- :mod:`~batchlab.sweeps.runner`: one run's training loop; :mod:`~batchlab.sweeps.auto`: ``"auto"`` sizes;
+- :mod:`~batchlab.sweeps.tracking` (MLflow), :mod:`~batchlab.sweeps.ray_backend` (Ray Tune),
+  :mod:`~batchlab.sweeps.plots` and :mod:`~batchlab.sweeps.report` (PNGs, one HTML page);
+- :mod:`~batchlab.sweeps.api`: :func:`sweep`, which ties them together (``batchlab.sweep`` at the top level).
+"""
+
+from batchlab.sweeps.api import sweep
+from batchlab.sweeps.auto import AUTO_MIN_BATCH, auto_batch_sizes
 from batchlab.sweeps.records import (
-    AUTO_MIN_BATCH,
-    DEFAULT_DIRECTORY,
-    BatchSummary,
     Budget,
     Curve,
+    EventKind,
     RunSpec,
+    RunStatus,
+    StopReason,
     SweepConfig,
     SweepEvent,
-    SweepResult,
     SweepRun,
-    SweepStore,
     Target,
-    auto_batch_sizes,
-    execute_run,
-    sweep,
+    TargetMode,
 )
 from batchlab.sweeps.report import ReportFiles, load_sweep, verdict, write_report
+from batchlab.sweeps.result import BatchSummary, SweepResult
+from batchlab.sweeps.runner import execute_run
+from batchlab.sweeps.store import DEFAULT_DIRECTORY, SweepStore
 from batchlab.sweeps.tracking import SweepTracker, default_tracking_uri, read_experiment
 from batchlab.sweeps.trainable import NOISE_EVERY, SupervisedRun, Trainable, TrainableFactory, accuracy
 
@@ -27,9 +42,12 @@ __all__ = [
     "Budget",
     "Curve",
     "DEFAULT_DIRECTORY",
+    "EventKind",
     "NOISE_EVERY",
     "ReportFiles",
     "RunSpec",
+    "RunStatus",
+    "StopReason",
     "SupervisedRun",
     "SweepConfig",
     "SweepEvent",
@@ -38,6 +56,7 @@ __all__ = [
     "SweepStore",
     "SweepTracker",
     "Target",
+    "TargetMode",
     "Trainable",
     "TrainableFactory",
     "accuracy",

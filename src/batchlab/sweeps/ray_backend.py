@@ -1,13 +1,14 @@
 """The Ray Tune backend of :func:`batchlab.sweep`: the same runs as Tune trials, on one machine or a cluster.
 
 Each pending run becomes one trial of a grid search over run keys; the trial calls the very
-:func:`~batchlab.sweep.execute_run` the local backend calls, reports its progress at every evaluation and,
+:func:`~batchlab.sweeps.runner.execute_run` the local backend calls, reports its progress at every evaluation and,
 at the end, its whole record (as JSON). A Tune callback in the driver -- this process -- stores and logs
 each record the moment it arrives, through the same ``persist`` as the local backend: the records, the
 sweep directory and the MLflow runs are identical in form whichever backend ran them, and workers never
 need to reach the driver's files or tracking store (on a cluster they cannot).
 
-Ray is an optional extra (``pip install 'batchlab[ray]'``), imported only here. Without ``address``, a
+Ray is an optional extra (``pip install 'batchlab[ray]'``), imported only here, through
+:func:`batchlab.optional.require`. Without ``address``, a
 small local Ray is started (``num_cpus`` = this machine's cores, no dashboard, a 256 MiB object store) and
 shut down at the end; with ``address`` (``"auto"``, ``"ray://host:10001"``) an existing cluster is joined,
 and left running. batchlab must be importable on the cluster's workers (the same environment), and so must
@@ -17,44 +18,40 @@ Each trial asks for ``cpus_per_trial`` CPUs; Ray sets each worker's OMP threads 
 
 from __future__ import annotations
 
+import importlib.machinery
 import json
 import os
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
+from batchlab import optional
 from batchlab.errors import BatchlabError
-from batchlab.sweeps.records import RunSpec, SweepConfig, SweepEvent, SweepRun, execute_run
+from batchlab.sweeps.records import EventKind, RunSpec, SweepConfig, SweepEvent, SweepRun
+from batchlab.sweeps.runner import execute_run
 
-__all__ = ["run_trials", "require_ray"]
+__all__ = ["run_trials"]
 
 # The records are small; Ray's default object store (30% of RAM) would reserve GiBs of /dev/shm.
 OBJECT_STORE_BYTES = 256 * 2**20
 PROGRESS_KIND, DONE_KIND = "progress", "done"
 
 
-def require_ray() -> Any:
-    """Return the ``ray`` module, or raise ImportError that says how to install it."""
-    try:
-        import ray
-        from ray import tune  # noqa: F401
-    except ImportError:
-        raise ImportError("backend='ray' needs Ray Tune: pip install 'batchlab[ray]'") from None
-    return ray
+def _tune() -> ModuleType:
+    """``ray.tune``, or ImportError naming the ``ray`` extra."""
+    return optional.require("ray.tune", extra="ray", purpose="sweeps with backend='ray'")
 
 
 def _trial(
     config: dict[str, Any], factory: Any = None, sweep_config: dict | None = None, specs: dict | None = None
 ):
     """One Tune trial: run ``specs[config["key"]]`` and report progress, then the record."""
-    from ray import tune
-
-    from batchlab.sweeps.records import SweepConfig as _Config
-
+    tune = _tune()
     spec = RunSpec(**specs[config["key"]])
-    cfg = _Config.from_dict(sweep_config)
+    cfg = SweepConfig.from_dict(sweep_config)
     reported = {"step": -1}
 
     def on_step(step: int, max_steps: int | None) -> None:
@@ -94,30 +91,34 @@ class _Driver:
         return (_Driver, ())
 
     def start(self, key: str) -> None:
-        self.emit(SweepEvent("start", key, self.index[key], self.total))
+        self.emit(SweepEvent(EventKind.START, key, self.index[key], self.total))
 
     def result(self, key: str, result: dict[str, Any]) -> None:
         if result.get("kind") == DONE_KIND and key not in self.done:
             run = self.persist(SweepRun.from_dict(json.loads(result["record"])))
             self.done.add(key)
-            self.emit(SweepEvent("done", key, self.index[key], self.total, run.steps, run.steps, run))
+            self.emit(SweepEvent(EventKind.DONE, key, self.index[key], self.total, run.steps, run.steps, run))
         elif result.get("kind") == PROGRESS_KIND:
             step, most = result["step"], result["max_steps"] or None
-            self.emit(SweepEvent("step", key, self.index[key], self.total, step, most))
+            self.emit(SweepEvent(EventKind.STEP, key, self.index[key], self.total, step, most))
 
 
-def _ship_file_modules(ray: Any) -> None:
-    """Have Ray pickle the modules of ``file.py:function`` specs by value, so their functions reach workers.
+def _unimportable_modules() -> list[ModuleType]:
+    """The loaded top-level modules that a worker could not import by name: files imported from a path.
 
-    The loader (:func:`batchlab.workloads.load_callable`) imports such a file under a private module name
-    that no worker can import; by reference, a factory defined at the top of that file would fail there
-    with "No module named 'batchlab_user_task_...'".
+    The loader of ``file.py:function`` specs (:func:`batchlab.workloads.load_callable`) imports such a file
+    under a private module name that is on no ``sys.path``; Ray pickles functions by reference, so a factory
+    defined at the top of that file would fail on a worker with "No module named 'batchlab_user_task_...'".
+    A module counts when it came from a file and the path finder cannot find it again under its name.
     """
-    from batchlab.workloads import FILE_MODULE_PREFIX
-
+    found = []
     for name, module in list(sys.modules.items()):
-        if name.startswith(FILE_MODULE_PREFIX):
-            ray.cloudpickle.register_pickle_by_value(module)
+        spec = getattr(module, "__spec__", None)
+        if "." in name or name == "__main__" or spec is None or not spec.has_location:
+            continue
+        if importlib.machinery.PathFinder.find_spec(name) is None:
+            found.append(module)
+    return found
 
 
 def run_trials(
@@ -137,8 +138,8 @@ def run_trials(
     Raises :class:`~batchlab.errors.BatchlabError` naming the first failed trial's error, and
     ``KeyboardInterrupt`` when Tune stopped early (Ctrl-C) -- finished runs are persisted either way.
     """
-    ray = require_ray()
-    from ray import tune
+    tune = _tune()
+    ray = optional.require("ray", extra="ray", purpose="sweeps with backend='ray'")
 
     driver = _Driver(persist, emit, {spec.key: i for i, spec in pending}, total)
 
@@ -161,7 +162,8 @@ def run_trials(
         if address is None:
             kwargs.update(num_cpus=os.cpu_count() or 1, object_store_memory=OBJECT_STORE_BYTES)
         ray.init(address=address, **kwargs)
-    _ship_file_modules(ray)
+    for module in _unimportable_modules():  # their functions travel by value
+        ray.cloudpickle.register_pickle_by_value(module)
     try:
         trainable = tune.with_resources(
             tune.with_parameters(

@@ -7,7 +7,8 @@ artifacts beside it in ``batchlab-runs/artifacts/``. Any tracking URI works inst
     mlflow ui --backend-store-uri sqlite:///batchlab-runs/mlflow.db
 
 (``mlflow ui`` serves on http://127.0.0.1:5000.) MLflow is an optional extra (``pip install
-'batchlab[track]'``) and is imported only here, only when a sweep is tracked.
+'batchlab[track]'``) and is imported only here (through :func:`batchlab.optional.require`), only when a
+sweep is tracked.
 
 Layout of an experiment (named after the sweep):
 
@@ -36,14 +37,15 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from batchlab.sweeps.records import SweepConfig, SweepResult, SweepRun
+from batchlab import optional
+from batchlab.sweeps.records import SweepConfig, SweepRun
+from batchlab.sweeps.result import SweepResult
 
 log = logging.getLogger("batchlab")
 
-__all__ = ["SweepTracker", "default_tracking_uri", "mlflow_available", "read_experiment", "require_mlflow"]
+__all__ = ["SweepTracker", "default_tracking_uri", "mlflow_available", "read_experiment"]
 
 DB_NAME = "mlflow.db"
 RUN_ARTIFACT = "batchlab/run.json"
@@ -53,23 +55,23 @@ BATCH = 1000  # MLflow's log_batch takes at most 1000 metrics per call
 KIND, KEY, SWEEP, FINGERPRINT = "batchlab.kind", "batchlab.run_key", "batchlab.sweep", "batchlab.fingerprint"
 
 
+def _client(tracking_uri: str) -> Any:
+    """An ``mlflow.MlflowClient`` for ``tracking_uri``, or ImportError naming the ``track`` extra."""
+    mlflow = optional.require("mlflow", extra="track", purpose="sweeps tracked in MLflow")
+    return mlflow.MlflowClient(tracking_uri=tracking_uri)
+
+
 def mlflow_available() -> bool:
+    """Can MLflow be imported? (A sweep with the default ``tracking_uri`` skips tracking when it cannot.)"""
     try:
-        import mlflow  # noqa: F401
+        optional.require("mlflow", extra="track", purpose="sweeps tracked in MLflow")
     except ImportError:
         return False
     return True
 
 
-def require_mlflow() -> Any:
-    """Return ``mlflow.MlflowClient``, or raise ImportError that says how to install it."""
-    try:
-        from mlflow import MlflowClient
-    except ImportError:
-        raise ImportError(
-            "tracking sweeps needs MLflow: pip install 'batchlab[track]' (or pass tracking_uri=False)"
-        ) from None
-    return MlflowClient
+def _target_text(config: SweepConfig, none: str = "none") -> str:
+    return config.target.describe() if config.target else none
 
 
 def default_tracking_uri(root: str | Path) -> str:
@@ -123,8 +125,7 @@ class SweepTracker:
         An experiment of the same name made by a *different* sweep configuration is refused with
         ``ValueError``; a deleted one is restored.
         """
-        MlflowClient = require_mlflow()
-        client = MlflowClient(tracking_uri=tracking_uri)
+        client = _client(tracking_uri)
         experiment = client.get_experiment_by_name(config.name)
         if experiment is None:
             experiment_id = client.create_experiment(
@@ -159,7 +160,7 @@ class SweepTracker:
                 "lr_multipliers": config.lr_multipliers,
                 "seeds": config.seeds,
                 "budget": config.budget.describe(),
-                "target": config.target.describe() if config.target else "none",
+                "target": _target_text(config),
             }
             from mlflow.entities import Param
 
@@ -214,8 +215,6 @@ class SweepTracker:
         cut off mid-logging, or a second copy of a key -- is deleted, so each key has exactly one run.
         """
         from mlflow.entities import RunStatus
-
-        from batchlab.sweeps.records import SweepRun
 
         recovered: dict[str, SweepRun] = {}
         for run in sorted(self._child_runs(), key=lambda r: r.info.start_time or 0):
@@ -281,7 +280,7 @@ class SweepTracker:
             "seed": run.seed,
             "device": run.device,
             "budget": self.config.budget.describe(),
-            "target": self.config.target.describe() if self.config.target else "none",
+            "target": _target_text(self.config),
         }
         metrics: list[Metric] = []
 
@@ -360,7 +359,7 @@ class SweepTracker:
 
 
 def _describe(config: SweepConfig) -> str:
-    target = config.target.describe() if config.target else "no target"
+    target = _target_text(config, none="no target")
     return (
         f"batchlab sweep of {config.workload} at batch sizes {config.batch_sizes}; lr {config.lr:g} at batch "
         f"{config.effective_base_batch}, rule {config.rule}; budget {config.budget.describe()}; {target}"
@@ -368,15 +367,12 @@ def _describe(config: SweepConfig) -> str:
 
 
 def read_experiment(experiment: str, tracking_uri: str) -> SweepResult:
-    """Rebuild a :class:`~batchlab.sweep.SweepResult` from an MLflow experiment (name or id) of a sweep.
+    """Rebuild a :class:`~batchlab.sweeps.result.SweepResult` from an MLflow experiment (name or id) of a sweep.
 
     Each child run's ``batchlab/run.json`` artifact holds its whole record; runs without one (not logged by
     batchlab) are skipped. Raises ``ValueError`` when the experiment does not exist or has no batchlab runs.
     """
-    from batchlab.sweeps.records import SweepConfig, SweepResult, SweepRun
-
-    MlflowClient = require_mlflow()
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = _client(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None and experiment.isdigit():
         try:

@@ -1,8 +1,8 @@
-"""Trainable runs: the unit a sweep trains -- a fresh model at one batch size, learning rate and seed.
+"""What a sweep trains -- a fresh model at one batch size, learning rate and seed -- and the step it takes.
 
-A :class:`~batchlab.Workload` answers "what does one step at batch b cost?" with random batches; a sweep
-needs more: a held-out validation split, a fresh model per run, a chosen learning rate and seed. That is a
-*trainable*, built by a factory ``factory(batch_size, lr, seed) -> Trainable``:
+A :class:`~batchlab.Workload` answers "what does one step at batch b cost?"; a sweep needs more: a held-out
+validation split, a fresh model per run, a chosen learning rate and seed. That is a *trainable*, built by a
+factory ``factory(batch_size, lr, seed) -> Trainable``:
 
 - ``train_step() -> float``: one optimizer step on ``batch_size`` samples; returns the training loss (a
   Python float -- reading it is a device sync, which a sweep needs anyway to time each step honestly).
@@ -12,22 +12,24 @@ Optional attributes a sweep reads when present: ``batch_size`` (samples per opti
 ``accumulation``, ``precision``, ``dataset_size`` (training samples), ``device`` (a torch.device, for the
 memory reading), ``noise_scale() -> NoiseScaleEstimate | None``, ``last_step_measured_noise`` (that step
 carried the noise measurement's extra work and is left out of the throughput), ``last_noise`` (that step's
-unbiased estimates ``(|G|², tr Σ)`` of McCandlish eq. A.2, or None) and ``workload()`` (a
-:class:`~batchlab.Workload` of the same model, for ``batch_sizes="auto"``).
+unbiased estimates ``(|G|², tr Σ)`` of McCandlish eq. A.2, or None), ``workload()`` (a
+:class:`~batchlab.Workload` of the same model, for ``batch_sizes="auto"``) and ``with_options(...)`` (the
+run rebuilt with ``batchlab sweep``'s ``--device/--accumulation/--amp/--noise-every``).
 
-:class:`SupervisedRun` implements all of it for in-memory tensors; :mod:`batchlab.workloads.tasks` builds
-the built-in tasks on it.
+:class:`StepRun` is the training step batchlab's own runs share (micro-batches, the noise-scale collectors,
+the update); :class:`SupervisedRun` trains on in-memory tensors (the built-in tasks of
+:mod:`batchlab.workloads.tasks`), :class:`~batchlab.sweeps.workload_run.WorkloadRun` through a Workload.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
+from batchlab import checks
 from batchlab.noise import (
     AccumulationCollector,
     GradientNoiseScale,
@@ -38,7 +40,15 @@ from batchlab.noise import (
 from batchlab.spec import parse_amp
 from batchlab.workload import Workload
 
-__all__ = ["Trainable", "TrainableFactory", "SupervisedRun", "accuracy", "NOISE_EVERY"]
+__all__ = [
+    "NOISE_EVERY",
+    "StepRun",
+    "SupervisedRun",
+    "Trainable",
+    "TrainableFactory",
+    "accuracy",
+    "close_run",
+]
 
 # Every 4th step runs its backward as two halves for the gradient noise scale (same gradient, one more
 # forward/backward at half the batch): a quarter of the steps pay that, and those steps are left out of the
@@ -60,12 +70,129 @@ TrainableFactory = Callable[[int, float, int], Trainable]
 """``factory(batch_size, lr, seed) -> Trainable``: a fresh model trained at ``lr`` from seed ``seed``."""
 
 
+def close_run(run: Any) -> None:
+    """Call a run's optional ``close()`` (its noise hooks come off)."""
+    close = getattr(run, "close", None)
+    if callable(close):
+        close()
+
+
 def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Fraction of rows whose arg-max equals the integer target."""
     return (outputs.argmax(dim=-1) == targets).float().mean()
 
 
-class SupervisedRun:
+def _largest_divisor_at_most(n: int, k: int) -> int:
+    return max(d for d in range(1, min(n, k) + 1) if n % d == 0)
+
+
+class StepRun:
+    """One optimizer step of ``batch_size`` samples in ``accumulation`` micro-batches, the noise scale measured.
+
+    The gradient noise scale comes free from the micro-batches when ``accumulation >= 2``
+    (:class:`~batchlab.noise.AccumulationCollector`, every step), else from every ``noise_every``-th step run
+    as two halves (:class:`~batchlab.noise.SplitBatchCollector`; same gradient, one more forward/backward).
+    A subclass supplies the data and the pieces of a step: ``_batch()`` (a whole batch), ``_micro_batches()``
+    (``accumulation`` of ``batch_size // accumulation``), ``_loss(batch)``, ``_begin()`` (train mode, zero
+    gradients), ``_backward(loss)`` and ``_update()`` (the optimizer step, through the GradScaler under fp16).
+    """
+
+    model: nn.Module
+    device: torch.device
+
+    def _start(self, batch_size: int, accumulation: int, noise_every: int | None, scaler: Any) -> None:
+        """Check the sizes and hook the collector in; subclasses call it once ``model`` and ``device`` are set."""
+        checks.integer("batch_size", batch_size)
+        checks.integer("accumulation", accumulation)
+        checks.integer("noise_every", noise_every, minimum=0, none=True)
+        if batch_size % accumulation:
+            raise ValueError(
+                f"accumulation {accumulation} does not divide batch_size {batch_size}: every micro-batch "
+                f"must have the same size (try accumulation {_largest_divisor_at_most(batch_size, accumulation)})"
+            )
+        self.batch_size = batch_size
+        self.accumulation = accumulation
+        self.micro_batch = batch_size // accumulation
+        self.noise_every_requested = noise_every  # what was asked; noise_every below is what runs
+        self.steps_done = 0
+        self.last_step_measured_noise = False
+        self.last_noise: tuple[float, float] | None = None
+        self._tracker = GradientNoiseScale()
+        self._accum_collector: AccumulationCollector | None = None
+        self._split_collector: SplitBatchCollector | None = None
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if accumulation >= 2:
+            if noise_every:
+                self._accum_collector = AccumulationCollector(
+                    params, self.micro_batch, self._tracker, scaler=scaler
+                )
+            self.noise_every = 1 if noise_every else 0
+        else:
+            self.noise_every = int(noise_every or 0) if batch_size >= 2 else 0  # one sample cannot be halved
+            if self.noise_every:
+                self._split_collector = SplitBatchCollector(params, self._tracker, scaler=scaler)
+
+    def _batch(self) -> Any:
+        raise NotImplementedError
+
+    def _micro_batches(self) -> Iterable[Any]:
+        raise NotImplementedError
+
+    def _loss(self, batch: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _begin(self) -> None:
+        raise NotImplementedError
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _update(self) -> None:
+        raise NotImplementedError
+
+    def train_step(self) -> float:
+        """One optimizer step; returns the batch's mean training loss (a device sync)."""
+        self._begin()
+        measure = bool(self.noise_every) and self.steps_done % self.noise_every == 0
+        pair = None  # this step's NormPair when it measured the noise scale
+        if self.accumulation >= 2:
+            total = torch.zeros((), device=self.device)
+            for batch in self._micro_batches():
+                loss = self._loss(batch) / self.accumulation  # .grad: the mean gradient
+                self._backward(loss)
+                total += loss.detach()
+                del loss  # free this micro-batch's activations before the next one is built
+            if self._accum_collector is not None:
+                pair = self._accum_collector.step()  # before the update: the scaler may change its scale
+        elif measure and self._split_collector is not None:
+            total = self._split_collector.backward(self._loss, self._batch())
+            pair = self._split_collector.last
+        else:
+            total = self._loss(self._batch())
+            self._backward(total)
+            total = total.detach()
+        self._update()
+        self.steps_done += 1
+        self.last_step_measured_noise = measure and self._split_collector is not None
+        self.last_noise = (
+            estimate_components(pair.sq_norm_small, pair.sq_norm_big, pair.b_small, pair.b_big)
+            if pair is not None and pair.accepted
+            else None
+        )
+        return float(total)
+
+    def noise_scale(self) -> NoiseScaleEstimate | None:
+        """The gradient noise scale measured so far (None when measurement is off)."""
+        return self._tracker.result() if (self._accum_collector or self._split_collector) else None
+
+    def close(self) -> None:
+        """Remove the noise collectors' hooks."""
+        for collector in (self._accum_collector, self._split_collector):
+            if collector is not None:
+                collector.close()
+
+
+class SupervisedRun(StepRun):
     """Train ``model`` on in-memory ``(inputs, targets)`` tensors at a fixed batch size; evaluate on a held-out split.
 
     Sampling is what ``DataLoader(shuffle=True, drop_last=True)`` does: each epoch a fresh permutation (from
@@ -104,62 +231,30 @@ class SupervisedRun:
         noise_every: int | None = NOISE_EVERY,
         name: str = "supervised",
     ):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-        if isinstance(accumulation, bool) or not isinstance(accumulation, int) or accumulation < 1:
-            raise ValueError(f"accumulation must be an int >= 1, got {accumulation!r}")
-        if batch_size % accumulation:
-            raise ValueError(
-                f"accumulation {accumulation} does not divide batch_size {batch_size}: every micro-batch "
-                f"must have the same size (try accumulation {_largest_divisor_at_most(batch_size, accumulation)})"
-            )
         if len(train[0]) != len(train[1]) or len(val[0]) != len(val[1]):
             raise ValueError("inputs and targets must have the same length in train and val")
-        if batch_size > len(train[0]):
+        if not isinstance(batch_size, bool) and isinstance(batch_size, int) and batch_size > len(train[0]):
             raise ValueError(
                 f"batch_size {batch_size} is larger than the {len(train[0])} training samples: with drop_last "
                 "no step could run; use a batch size <= the training set"
             )
-        if noise_every is not None and (isinstance(noise_every, bool) or noise_every < 0):
-            raise ValueError(f"noise_every must be an int >= 0 or None, got {noise_every!r}")
         self.model = model
         self.optimizer = optimizer
         self.loss_fn = loss_fn
         self.seed = seed
-        self.noise_every_requested = noise_every  # what was asked; noise_every below is what runs
         self.device = next(iter(model.parameters())).device
         self.train_x, self.train_y = (t.to(self.device) for t in train)
         self.val_x, self.val_y = (t.to(self.device) for t in val)
-        self.batch_size = batch_size
-        self.accumulation = accumulation
-        self.micro_batch = batch_size // accumulation
         self.amp = parse_amp(amp)
         self.precision = self.amp or "fp32"
         self.metrics = dict(metrics if metrics is not None else {"accuracy": accuracy})
         self.name = name
         self.dataset_size = len(self.train_x)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp == "fp16" else None
-        self.steps_done = 0
-        self.last_step_measured_noise = False
-        self.last_noise: tuple[float, float] | None = None
         self._generator = torch.Generator().manual_seed(seed)
         self._order = torch.empty(0, dtype=torch.long)
         self._cursor = 0
-        self._tracker = GradientNoiseScale()
-        self._accum_collector: AccumulationCollector | None = None
-        self._split_collector: SplitBatchCollector | None = None
-        if accumulation >= 2:
-            if noise_every:
-                self._accum_collector = AccumulationCollector(
-                    model.parameters(), self.micro_batch, self._tracker, scaler=self.scaler
-                )
-            self.noise_every = 1 if noise_every else 0
-        else:
-            self.noise_every = int(noise_every or 0) if batch_size >= 2 else 0  # one sample cannot be halved
-            if self.noise_every:
-                self._split_collector = SplitBatchCollector(
-                    model.parameters(), self._tracker, scaler=self.scaler
-                )
+        self._start(batch_size, accumulation, noise_every, self.scaler)
 
     # ------------------------------------------------------------------------------------------ training
 
@@ -175,49 +270,32 @@ class SupervisedRun:
         dtype = torch.float16 if self.amp == "fp16" else torch.bfloat16
         return torch.autocast(self.device.type, dtype=dtype, enabled=self.amp is not None)
 
-    def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        index = self._next_indices()
+        return self.train_x[index], self.train_y[index]
+
+    def _micro_batches(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        x, y = self._batch()
+        return zip(x.split(self.micro_batch), y.split(self.micro_batch))
+
+    def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        inputs, targets = batch
         with self._autocast():
             return self.loss_fn(self.model(inputs), targets)
+
+    def _begin(self) -> None:
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
 
     def _backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
-    def train_step(self) -> float:
-        """One optimizer step; returns the batch's mean training loss (a device sync)."""
-        index = self._next_indices()
-        x, y = self.train_x[index], self.train_y[index]
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        measure = bool(self.noise_every) and self.steps_done % self.noise_every == 0
-        pair = None  # this step's NormPair when it measured the noise scale
-        if self.accumulation >= 2:
-            total = torch.zeros((), device=self.device)
-            for xs, ys in zip(x.split(self.micro_batch), y.split(self.micro_batch)):
-                loss = self._loss(xs, ys) / self.accumulation
-                self._backward(loss)
-                total += loss.detach()
-            if self._accum_collector is not None:
-                pair = self._accum_collector.step()
-        elif measure and self._split_collector is not None:
-            total = self._split_collector.backward(self._loss, x, y)
-            pair = self._split_collector.last
-        else:
-            total = self._loss(x, y)
-            self._backward(total)
-            total = total.detach()
+    def _update(self) -> None:
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
-        self.steps_done += 1
-        self.last_step_measured_noise = measure and self._split_collector is not None
-        self.last_noise = (
-            estimate_components(pair.sq_norm_small, pair.sq_norm_big, pair.b_small, pair.b_big)
-            if pair is not None and pair.accepted
-            else None
-        )
-        return float(total)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -234,10 +312,6 @@ class SupervisedRun:
                     sums[name] += float(metric(outputs.float(), y)) * len(x)
         self.model.train()
         return {name: value / count for name, value in sums.items()}
-
-    def noise_scale(self) -> NoiseScaleEstimate | None:
-        """The gradient noise scale measured so far (None when measurement is off)."""
-        return self._tracker.result() if (self._accum_collector or self._split_collector) else None
 
     def workload(self) -> Workload:
         """This model as a :class:`~batchlab.Workload` with random training batches (for memory searches)."""
@@ -306,21 +380,3 @@ class SupervisedRun:
             name=self.name,
             **settings,
         )
-
-    def close(self) -> None:
-        """Remove the noise collectors' hooks."""
-        for collector in (self._accum_collector, self._split_collector):
-            if collector is not None:
-                collector.close()
-
-
-def _largest_divisor_at_most(n: int, k: int) -> int:
-    return max(d for d in range(1, min(n, k) + 1) if n % d == 0)
-
-
-def is_finite(value: Any) -> bool:
-    """True for a finite real number (a loss that has not diverged)."""
-    try:
-        return math.isfinite(float(value))
-    except (TypeError, ValueError):
-        return False

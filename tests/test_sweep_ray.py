@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from batchlab.cli import main
@@ -98,3 +100,15 @@ def test_cli_ray_sweep_of_a_file_factory_with_flags(tmp_path, capsys, local_ray)
     (directory,) = (tmp_path / "sweeps").iterdir()
     (run,) = SweepResult.load(directory).runs
     assert (run.status, run.steps, run.precision, run.accumulation) == ("finished", 6, "bf16", 2)
+
+
+def test_cli_ray_sweep_of_a_workload_function(tmp_path, capsys, local_ray):
+    """The README's own-model example on Ray: its WorkloadFactory and its file's module reach the workers."""
+    example = Path(__file__).resolve().parent.parent / "examples" / "sweep_own_model.py"
+    args = ["sweep", "--workload", f"{example}:make_workload", "--batch-sizes", "16", *CLI, "--no-tracking"]
+    code = main([*args, "--dir", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    (directory,) = (tmp_path / "sweeps").iterdir()
+    (run,) = SweepResult.load(directory).runs
+    assert (run.workload, run.status, run.steps) == ("my-mlp", "finished", 6)

@@ -35,6 +35,7 @@ from batchlab.sweeps.runner import execute_run
 from batchlab.sweeps.store import DEFAULT_DIRECTORY, SweepStore
 from batchlab.sweeps.tracking import SweepTracker, default_tracking_uri, read_experiment
 from batchlab.sweeps.trainable import NOISE_EVERY, SupervisedRun, Trainable, TrainableFactory, accuracy
+from batchlab.sweeps.workload_run import WorkloadFactory, WorkloadRun
 
 __all__ = [
     "AUTO_MIN_BATCH",
@@ -59,6 +60,8 @@ __all__ = [
     "TargetMode",
     "Trainable",
     "TrainableFactory",
+    "WorkloadFactory",
+    "WorkloadRun",
     "accuracy",
     "auto_batch_sizes",
     "default_tracking_uri",

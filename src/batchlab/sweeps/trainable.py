@@ -42,6 +42,7 @@ from batchlab.workload import Workload
 
 __all__ = [
     "NOISE_EVERY",
+    "OPTIONS",
     "StepRun",
     "SupervisedRun",
     "Trainable",
@@ -54,6 +55,12 @@ __all__ = [
 # forward/backward at half the batch): a quarter of the steps pay that, and those steps are left out of the
 # throughput. With gradient accumulation the measurement is free and runs on every step.
 NOISE_EVERY = 4
+OPTIONS = (
+    "device",
+    "accumulation",
+    "amp",
+    "noise_every",
+)  # what with_options() changes: batchlab sweep's flags
 EVAL_BATCH = 4096  # validation is run in chunks of this many samples (memory, not statistics)
 
 
@@ -190,6 +197,15 @@ class StepRun:
         for collector in (self._accum_collector, self._split_collector):
             if collector is not None:
                 collector.close()
+
+    def _release_for(self, changes: Mapping[str, Any]) -> None:
+        """Check ``with_options(**changes)``'s keys and that no step has run, then take this run's hooks off."""
+        unknown = set(changes) - set(OPTIONS)
+        if unknown:
+            raise TypeError(f"with_options() takes {', '.join(OPTIONS)}; got {', '.join(sorted(unknown))}")
+        if self.steps_done:
+            raise ValueError(f"with_options() rebuilds a fresh run; this one has run {self.steps_done} steps")
+        self.close()
 
 
 class SupervisedRun(StepRun):
@@ -342,14 +358,7 @@ class SupervisedRun(StepRun):
         would not hold); it is refused once the optimizer has state (its tensors would stay behind). Call it
         before the first step; this run's noise hooks are removed.
         """
-        unknown = set(changes) - {"device", "accumulation", "amp", "noise_every"}
-        if unknown:
-            raise TypeError(
-                f"with_options() takes device, accumulation, amp, noise_every; got {', '.join(sorted(unknown))}"
-            )
-        if self.steps_done:
-            raise ValueError(f"with_options() rebuilds a fresh run; this one has run {self.steps_done} steps")
-        self.close()
+        self._release_for(changes)
         if "device" in changes:
             target = torch.device(changes["device"])
             if target != self.device and self.optimizer.state:

@@ -13,7 +13,11 @@ travels to Ray workers); the data is built once per process and cached.
   32-128-128-10 with Adam. Generated in milliseconds: the fast task for tests.
 
 ``load_task(spec, device=...)`` also takes ``path/to/file.py:function`` or ``module:function``: a function
-called with no arguments that returns a factory ``(batch_size, lr, seed) -> Trainable``.
+called with no arguments that returns either
+
+- a :class:`~batchlab.Workload` -- the same function ``fit``, ``profile``, ``noise`` and ``plan`` take -- with
+  ``workload.validation`` set: it is called once per run (:class:`~batchlab.sweeps.WorkloadFactory`), or
+- a factory ``(batch_size, lr, seed) -> Trainable``, e.g. of :class:`~batchlab.sweeps.SupervisedRun`.
 """
 
 from __future__ import annotations
@@ -26,10 +30,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from batchlab import checks
 from batchlab.devices import parse_device
 from batchlab.errors import WorkloadError
 from batchlab.spec import parse_amp
-from batchlab.sweeps.trainable import NOISE_EVERY, SupervisedRun
+from batchlab.sweeps import NOISE_EVERY, SupervisedRun, WorkloadFactory
+from batchlab.sweeps.trainable import OPTIONS, close_run
+from batchlab.workload import Workload
 from batchlab.workloads import load_callable
 
 __all__ = ["Task", "TASKS", "ConfiguredFactory", "load_task", "describe_tasks"]
@@ -162,7 +169,7 @@ def describe_tasks() -> dict[str, str]:
 
 # A sweep flag -> the attribute through which a trainable says what it does, and what a trainable without
 # the attribute does: batchlab.sweeps.execute_run reads device, accumulation and precision with these defaults.
-_OPTION_ATTRIBUTES = {
+_OPTION_ATTRIBUTES: dict[str, str] = {
     "device": "device",
     "accumulation": "accumulation",
     "amp": "precision",
@@ -184,8 +191,9 @@ def _same(option: str, have: Any, wanted: Any) -> bool:
 class ConfiguredFactory:
     """A user's run factory with ``batchlab sweep``'s ``--device/--accumulation/--amp/--noise-every`` applied.
 
-    Each run the factory builds that is a :class:`~batchlab.sweeps.SupervisedRun` is rebuilt with the
-    flags (:meth:`SupervisedRun.with_options`). Any other trainable cannot be changed from outside: it must
+    Each run the factory builds that has ``with_options`` (:class:`~batchlab.sweeps.SupervisedRun`, the
+    :class:`~batchlab.sweeps.WorkloadRun` of a Workload's function) is rebuilt with the flags. Any other
+    trainable cannot be changed from outside: it must
     already do what each flag asks (its ``device``, ``accumulation``, ``precision``, ``noise_every``
     attribute equal to the flag's value), else a one-line :class:`~batchlab.errors.WorkloadError` names the
     flag -- a flag is never silently dropped. :meth:`check` builds one run to find that out before a sweep
@@ -194,7 +202,7 @@ class ConfiguredFactory:
     """
 
     def __init__(self, factory: Callable[..., Any], **options: Any):
-        unknown = set(options) - set(_OPTION_ATTRIBUTES)
+        unknown = set(options) - set(OPTIONS)
         if unknown:
             raise TypeError(f"unknown sweep option(s) {', '.join(sorted(unknown))}")
         self.factory = factory
@@ -204,30 +212,27 @@ class ConfiguredFactory:
 
     def __call__(self, batch_size: int, lr: float, seed: int) -> Any:
         run = self.factory(batch_size, lr, seed)
-        if isinstance(run, SupervisedRun):
+        if callable(getattr(run, "with_options", None)):
             changes = dict(self.sweep_options)
             if changes.get("amp") == "fp32":
-                changes["amp"] = None  # SupervisedRun's fp32
+                changes["amp"] = None  # with_options' fp32
             return run.with_options(**changes)
         for option, value in self.sweep_options.items():
             attribute = _OPTION_ATTRIBUTES[option]
             have = getattr(run, attribute, _ATTRIBUTE_DEFAULTS.get(attribute))
             if not _same(option, have, value):
-                if callable(getattr(run, "close", None)):
-                    run.close()
+                close_run(run)
                 flag = "--" + option.replace("_", "-")
                 raise WorkloadError(
                     f"{flag} {value} cannot be applied to the {type(run).__name__} the factory built (its "
-                    f"{attribute} is {have!r}): only a batchlab.sweeps.SupervisedRun can be rebuilt with it; "
-                    f"set it in the factory or drop {flag}"
+                    f"{attribute} is {have!r}): only a run with with_options() (batchlab.sweeps.SupervisedRun, "
+                    f"a Workload's) can be rebuilt with it; set it in the factory or drop {flag}"
                 )
         return run
 
     def check(self, batch_size: int, lr: float) -> None:
         """Build (and close) one run, so a flag its runs cannot take fails before any training."""
-        run = self(batch_size, lr, 0)
-        if callable(getattr(run, "close", None)):
-            run.close()
+        close_run(self(batch_size, lr, 0))
 
 
 def load_task(
@@ -242,21 +247,16 @@ def load_task(
 
     A built-in task is built on ``device`` (None: the CPU; ``"auto"``: CUDA when available) with the options
     given (None: the task's default -- one micro-batch, fp32, the noise scale every ``NOISE_EVERY`` steps).
-    A user's factory keeps its own settings; each option given (a ``device`` other than None/``"auto"``,
-    which leave the model where the factory puts it) is applied to its runs by :class:`ConfiguredFactory`,
+    A user's function returns a Workload (run through :class:`~batchlab.sweeps.WorkloadFactory`) or a run
+    factory; either keeps its own settings, and each option given (a ``device`` other than None/``"auto"``,
+    which leave the model where the function puts it) is applied to its runs by :class:`ConfiguredFactory`,
     or refused there with a one-line error.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise WorkloadError(f"invalid task {spec!r}: expected one of {', '.join(TASKS)} or path.py:function")
     spec = spec.strip()
-    if accumulation is not None and (
-        isinstance(accumulation, bool) or not isinstance(accumulation, int) or accumulation < 1
-    ):
-        raise ValueError(f"invalid accumulation {accumulation!r}: expected an int >= 1")
-    if noise_every is not None and (
-        isinstance(noise_every, bool) or not isinstance(noise_every, int) or noise_every < 0
-    ):
-        raise ValueError(f"invalid noise_every {noise_every!r}: expected an int >= 0 (0: never)")
+    checks.integer("accumulation", accumulation, none=True)
+    checks.integer("noise_every", noise_every, minimum=0, none=True)
     options: dict[str, Any] = {"accumulation": accumulation, "noise_every": noise_every}
     if amp is not None:
         options["amp"] = parse_amp(amp) or "fp32"  # "fp32" (no autocast) is a choice too, unlike None
@@ -268,13 +268,18 @@ def load_task(
     if ":" not in spec:
         raise WorkloadError(
             f"unknown task {spec!r}: expected one of {', '.join(TASKS)}, path.py:function or module:function "
-            "(a function returning a factory (batch_size, lr, seed) -> trainable)"
+            "(a function returning a batchlab.Workload or a factory (batch_size, lr, seed) -> trainable)"
         )
     function = load_callable(spec, kind="task")
-    factory = function()
-    if not callable(factory):
+    made = function()
+    if isinstance(made, Workload):
+        factory: Callable[..., Any] = WorkloadFactory(function, source=spec, probe=made)
+    elif callable(made):
+        factory = made
+    else:
         raise WorkloadError(
-            f"{spec} returned {type(factory).__name__}; expected a factory (batch_size, lr, seed) -> trainable"
+            f"{spec} returned {type(made).__name__}; expected a batchlab.Workload (with validation data) or a "
+            "factory (batch_size, lr, seed) -> trainable"
         )
     if device is not None and device.strip().lower() != "auto":
         options["device"] = str(parse_device(device))

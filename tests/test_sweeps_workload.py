@@ -205,3 +205,13 @@ def test_the_factory_pickles_for_ray_workers():
 def test_a_factory_of_anything_but_a_workload_is_refused():
     with pytest.raises(WorkloadError, match="returned int; expected a batchlab.Workload"):
         WorkloadFactory(lambda: 3, source="f")
+
+
+def test_the_readme_shows_the_example_that_these_tests_run():
+    readme = (EXAMPLE.parent.parent / "README.md").read_text()
+    section = readme[readme.index("### Sweeping your own model") :]
+    code = section[section.index("```python\n") + len("```python\n") :]
+    code = code[: code.index("```\n")]
+    source = EXAMPLE.read_text()
+    assert code == source[source.index("import torch\n") :]  # the same file, word for word
+    assert "--workload examples/sweep_own_model.py:make_workload" in section

@@ -13,14 +13,18 @@ from batchlab.sweeps import (
     Budget,
     Curve,
     RunSpec,
+    RunStatus,
+    StopReason,
     SweepConfig,
     SweepResult,
     SweepRun,
     Target,
+    TargetMode,
     auto_batch_sizes,
     execute_run,
     sweep,
 )
+from batchlab.sweeps.records import fingerprint
 from batchlab.workloads.tasks import Task, load_task
 from sweep_helpers import ScriptedRun, fresh_store
 
@@ -351,6 +355,24 @@ def test_sweep_run_round_trips_through_json():
         lambda b, lr, s: ScriptedRun(4, [1.0], [2.0, 0.4]), RunSpec("k", 4, 0.1, 1.0, 0), _config()
     )
     assert SweepRun.from_dict(json.loads(json.dumps(run.to_dict()))) == run
+
+
+def test_outcomes_are_str_enums_whose_json_is_the_plain_strings_of_before():
+    run = execute_run(
+        lambda b, lr, s: ScriptedRun(4, [1.0], [2.0, 0.4]), RunSpec("k", 4, 0.1, 1.0, 0), _config()
+    )
+    assert run.status is RunStatus.FINISHED and run.stopped_by is StopReason.STEPS
+    data = json.loads(json.dumps(run.to_dict()))
+    assert (data["status"], data["stopped_by"]) == ("finished", "steps")
+    assert SweepRun.from_dict(data).status is RunStatus.FINISHED  # read back as the enum
+    assert (
+        f"{run.status} / {StopReason.OOM}" == "finished / oom"
+    )  # prints as its value (MLflow tags, the report)
+    assert (
+        Target(0.5).mode is TargetMode.MIN and json.loads(json.dumps(Target(0.5).to_dict()))["mode"] == "min"
+    )
+    # the hash a resumed sweep must match, computed by the code before the enums: old directories still resume
+    assert fingerprint(_config()) == "2f2fa64b4061"
 
 
 # ------------------------------------------------------------------------------------------------------ CLI

@@ -249,7 +249,7 @@ class SupervisedRun(StepRun):
     ):
         if len(train[0]) != len(train[1]) or len(val[0]) != len(val[1]):
             raise ValueError("inputs and targets must have the same length in train and val")
-        if not isinstance(batch_size, bool) and isinstance(batch_size, int) and batch_size > len(train[0]):
+        if checks.integer("batch_size", batch_size) > len(train[0]):
             raise ValueError(
                 f"batch_size {batch_size} is larger than the {len(train[0])} training samples: with drop_last "
                 "no step could run; use a batch size <= the training set"

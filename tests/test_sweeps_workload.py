@@ -215,3 +215,13 @@ def test_the_readme_shows_the_example_that_these_tests_run():
     source = EXAMPLE.read_text()
     assert code == source[source.index("import torch\n") :]  # the same file, word for word
     assert "--workload examples/sweep_own_model.py:make_workload" in section
+
+
+def test_ray_ships_by_value_exactly_the_modules_a_worker_could_not_import():
+    from batchlab.sweeps.ray_backend import _unimportable_modules
+    from batchlab.workloads.tasks import load_task
+
+    load_task(SPEC)  # imports the example under a private module name, on no sys.path
+    names = [module.__name__ for module in _unimportable_modules()]
+    assert "batchlab_user_task_sweep_own_model" in names
+    assert not {"torch", "batchlab", "sweep_helpers", "__main__"} & set(names)  # importable by name anywhere

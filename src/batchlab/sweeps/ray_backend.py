@@ -109,13 +109,15 @@ def _unimportable_modules() -> list[ModuleType]:
     The loader of ``file.py:function`` specs (:func:`batchlab.workloads.load_callable`) imports such a file
     under a private module name that is on no ``sys.path``; Ray pickles functions by reference, so a factory
     defined at the top of that file would fail on a worker with "No module named 'batchlab_user_task_...'".
-    A module counts when it came from a file and the path finder cannot find it again under its name.
+    A module counts when it came from a ``.py`` file and the path finder cannot find it again under its name.
     """
     found = []
     for name, module in list(sys.modules.items()):
         spec = getattr(module, "__spec__", None)
-        if "." in name or name == "__main__" or spec is None or not spec.has_location:
-            continue
+        if "." in name or name == "__main__" or getattr(module, "__name__", None) != name:
+            continue  # submodules go with their package; __main__ travels by value already
+        if spec is None or not str(spec.origin or "").endswith(".py"):
+            continue  # built-in and compiled modules: nothing to ship by value
         if importlib.machinery.PathFinder.find_spec(name) is None:
             found.append(module)
     return found

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from batchlab import DEFAULT_FRACTION, CPUDevice, DoesNotFitError, find_batch_size
+from batchlab import DEFAULT_FRACTION, BatchlabError, CPUDevice, DoesNotFitError, find_batch_size
+from batchlab.devices.base import Measurement
+from batchlab.state import copy_storage
 from batchlab.workloads import load_workload
 from conftest import tiny_bn_workload
 
@@ -233,3 +235,48 @@ def test_cpu_readings_are_net_of_the_searchs_own_state_copy():
     assert [p.peak_bytes for p in result.probes] == [m.peak_bytes - copy_bytes for m in raw]
     assert [p.baseline_bytes for p in result.probes] == [m.baseline_bytes - copy_bytes for m in raw]
     assert any("net of batchlab's own state copy" in note for note in result.notes)
+
+
+def test_an_oom_that_the_state_copy_may_cause_sends_the_copy_to_disk_and_runs_that_size_again(
+    tmp_path, monkeypatch
+):
+    # A limit that raises and counts the whole process (RLIMIT_AS, a raising allocator, the benchmark's emulated
+    # budget) also counts the search's own state copy, which the user's run will not hold.
+    monkeypatch.setenv("BATCHLAB_STATE_DIR", str(tmp_path))
+    try:
+        copy_storage(1, 1 << 40, requested="disk")
+    except BatchlabError as exc:
+        pytest.skip(f"a state copy on disk is not possible here: {exc}")
+    model = torch.nn.Linear(4096, 4096)  # 64 MiB of parameters: a 64 MiB copy while it is in RAM
+
+    class Wall(CPUDevice):
+        """Step memory 100 MiB + 10 MiB per sample above the process as built; out of memory past the budget,
+        counting whatever else the process holds by then (the search's copy, while it is in RAM)."""
+
+        def __init__(self, room: int):
+            super().__init__()
+            self.start = self.in_use_bytes()
+            self.budget = self.start + room  # the wall: the search's own budget, as in the benchmark
+
+        def capacity_bytes(self) -> int:
+            return int(self.budget / DEFAULT_FRACTION) + 1
+
+        def run(self, step, batch_size, steps=2):
+            held = self.in_use_bytes()
+            for _ in range(steps):
+                step(batch_size)
+            peak = held + (100 + 10 * batch_size) * MiB
+            if peak > self.budget:
+                return Measurement(
+                    batch_size, False, None, held, 0.0, steps, None, "DefaultCPUAllocator: wall"
+                )
+            return Measurement(batch_size, True, peak, held, 0.0, steps)
+
+    device = Wall(room=305 * MiB)  # net of the copy, 20 samples fit (300 MiB) and 21 do not
+    result = find_batch_size(lambda b: None, preserve=(model,), device=device)
+    assert result.budget_bytes == device.budget
+    tries = [(p.batch_size, p.outcome) for p in result.probes]
+    # The growth scout at 16 ran out with the copy in RAM (164 + 160 MiB) and fit once it had gone to disk.
+    assert tries == [(2, "fits"), (16, "oom"), (16, "fits"), (20, "fits"), (21, "oom")]
+    assert result.batch_size == 20 and result.state_copy_storage == "disk"
+    assert any("batch 16 ran out of memory with batchlab's state copy (64.02 MiB)" in n for n in result.notes)

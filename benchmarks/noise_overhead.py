@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from batchlab.noise import AccumulationCollector, SplitBatchCollector
-from batchlab.workload import Workload
+from batchlab.workload.workload import Workload
 from batchlab.workloads import load_workload
 
 ACCUM = 4  # micro-batches per optimizer step for collector (a): a common accumulation factor

@@ -8,7 +8,7 @@ import torch
 
 from batchlab import DEFAULT_FRACTION, BatchlabError, CPUDevice, DoesNotFitError, find_batch_size
 from batchlab.devices.base import Measurement
-from batchlab.state import copy_storage
+from batchlab.workload.state import copy_storage
 from batchlab.workloads import load_workload
 from conftest import tiny_bn_workload
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.distributed
 
-from batchlab.oom import is_out_of_memory, out_of_memory_kind
+from batchlab.devices.oom import is_out_of_memory, out_of_memory_kind
 
 # torch's ProcessGroupNCCL message when a collective's CUDA allocation fails, NCCL's last error appended
 NCCL_OOM = (

@@ -9,10 +9,10 @@ import pytest
 import batchlab
 from batchlab import CPUDevice, DoesNotFitError, SimulatedDevice, find_batch_size
 from batchlab.cli import main
+from batchlab.fit.search import MemoryLine, Probe, next_candidate
 from batchlab.planning.cards import CARDS, CUDA_CONTEXT_BYTES, resolve_target
 from batchlab.planning.fake import FakeDevice
 from batchlab.planning.plan import PlanResult, estimate_memory_line, plan
-from batchlab.search import MemoryLine, Probe, next_candidate
 from batchlab.workloads import load_workload
 from test_fake import memtracker_peak
 
@@ -108,7 +108,7 @@ def test_next_candidate_uses_the_estimate_only_until_the_probes_give_a_line():
     assert (seeded.batch_size, seeded.predicted_peak_bytes) == (226, 326)
     two = first + [Probe(4, "fits", 104, 0, None, 0.0, 2)]
     assert next_candidate(two, budget, estimate=MemoryLine(0.0, 50.0)).batch_size == 32  # the line wins
-    with pytest.raises(TypeError, match="estimate must be a batchlab.search.MemoryLine"):
+    with pytest.raises(TypeError, match="estimate must be a batchlab.fit.search.MemoryLine"):
         find_batch_size(lambda b: None, device=SimulatedDevice(lambda b: b, 100), estimate=(0, 1))
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from batchlab.checkpointing import activation_checkpointing, find_repeated_blocks, plan_checkpointing
+from batchlab.workload.checkpointing import activation_checkpointing, find_repeated_blocks, plan_checkpointing
 from batchlab.workloads.examples import TinyGPT, resnet, small_cnn
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from batchlab.checkpointing import plan_checkpointing
+from batchlab.workload.checkpointing import plan_checkpointing
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))  # benchmarks/ is scripts, not a package

@@ -10,7 +10,14 @@ from hypothesis import strategies as st
 
 from batchlab import DoesNotFitError, SimulatedDevice, find_batch_size
 from batchlab.devices import allocator_memory
-from batchlab.search import MAX_PROBES, VERIFY_LARGEST, Probe, fit_memory_line, largest_fit, next_candidate
+from batchlab.fit.search import (
+    MAX_PROBES,
+    VERIFY_LARGEST,
+    Probe,
+    fit_memory_line,
+    largest_fit,
+    next_candidate,
+)
 
 GiB = 2**30
 MiB = 2**20
@@ -280,7 +287,7 @@ def test_one_step_past_a_prediction_that_rounds_onto_the_largest_fit():
 
 
 def test_the_hard_limit_guard_leaves_state_created_once_out_of_its_per_sample_bound():
-    from batchlab.search import Probe, upper_slope
+    from batchlab.fit.search import Probe, upper_slope
 
     MiB = 2**20
     # batch 2: 760 MiB before the step, 290 MiB of optimizer state created, 10 MiB of activations.

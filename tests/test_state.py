@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from batchlab import BatchlabError, SimulatedDevice, StateSnapshot, find_batch_size
-from batchlab.state import RNGState, copy_storage
+from batchlab.workload.state import RNGState, copy_storage
 from conftest import tiny_bn_workload
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from batchlab import StepFunction, Workload, WorkloadError, find_batch_size
-from batchlab.workload import as_workload
+from batchlab.workload.workload import as_workload
 from conftest import tiny_bn_workload
 
 

@@ -27,6 +27,7 @@ from batchlab.advice.records import Recommendation
 from batchlab.advice.scaling import RULES
 from batchlab.defaults import GAIN_THRESHOLD
 from batchlab.errors import DoesNotFitError
+from batchlab.fit.search import FitResult, Probe, find_batch_size
 from batchlab.noise.estimator import DEFAULT_BETA, NoiseScaleEstimate, check_beta
 from batchlab.noise.measure import (
     DEFAULT_NOISE_STEPS,
@@ -36,8 +37,7 @@ from batchlab.noise.measure import (
     require_workload,
 )
 from batchlab.noise.measure import noise_collector as collector_for
-from batchlab.search import FitResult, Probe, find_batch_size
-from batchlab.workload import Workload
+from batchlab.workload.workload import Workload
 
 __all__ = [
     "Advice",

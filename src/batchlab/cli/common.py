@@ -10,9 +10,9 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from batchlab.devices import parse_device, resolve_device
-from batchlab.search import Probe
+from batchlab.fit.search import Probe
 from batchlab.units import format_bytes
-from batchlab.workload import Workload
+from batchlab.workload.workload import Workload
 from batchlab.workloads import BUILTIN, load_workload
 
 COUNT_LINES = 4  # off a terminal, a count (noise steps) prints a line at each quarter: a log shows how far

@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from batchlab.cli.common import Display, add_workload_options, build_workload
-from batchlab.search import FitResult, find_batch_size
+from batchlab.fit.search import FitResult, find_batch_size
 from batchlab.spec import parse_amp, parse_batch
 from batchlab.units import format_bytes, parse_bytes
 

@@ -13,10 +13,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from batchlab.devices.oom import out_of_memory_kind
+
 # The one release path after an out-of-memory error lives in batchlab.devices.release; the name stays importable
 # from here, where it was first defined.
 from batchlab.devices.release import flush_failed_backward as flush_failed_backward
-from batchlab.oom import out_of_memory_kind
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from batchlab.errors import BatchlabError, DoesNotFitError
 from batchlab.advice.scaling import BatchPlan, plan_batch
-from batchlab.search import FitResult, find_batch_size
+from batchlab.errors import BatchlabError, DoesNotFitError
+from batchlab.fit.search import FitResult, find_batch_size
 
 log = logging.getLogger("batchlab")
 

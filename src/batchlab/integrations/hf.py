@@ -49,14 +49,14 @@ from typing import Any
 
 import torch
 
-from batchlab.devices import Device
-from batchlab.devices.release import devices_of, release_after_oom
-from batchlab.integrations.ddp import agree_on_batch_size, all_gather_ints
-from batchlab.oom import is_out_of_memory
 from batchlab.advice.scaling import BatchPlan, plan_batch
-from batchlab.search import FitResult, Probe, find_batch_size
-from batchlab.state import StateSnapshot
-from batchlab.workload import Workload
+from batchlab.devices import Device
+from batchlab.devices.oom import is_out_of_memory
+from batchlab.devices.release import devices_of, release_after_oom
+from batchlab.fit.search import FitResult, Probe, find_batch_size
+from batchlab.integrations.ddp import agree_on_batch_size, all_gather_ints
+from batchlab.workload.state import StateSnapshot
+from batchlab.workload.workload import Workload
 
 log = logging.getLogger("batchlab")
 

@@ -42,8 +42,8 @@ from typing import Any
 import torch
 
 from batchlab.devices import Device
+from batchlab.fit.search import FitResult, Probe, find_batch_size
 from batchlab.integrations.ddp import agree_on_batch_size
-from batchlab.search import FitResult, Probe, find_batch_size
 from batchlab.spec import parse_batch
 
 try:  # the callback must subclass Lightning's; batchlab's core never imports this module

@@ -53,7 +53,7 @@ import torch
 
 from batchlab.devices import Device
 from batchlab.errors import DoesNotFitError
-from batchlab.search import FitResult, Probe, find_batch_size
+from batchlab.fit.search import FitResult, Probe, find_batch_size
 from batchlab.spec import parse_batch
 from batchlab.units import format_bytes
 

@@ -23,7 +23,7 @@ from dataclasses import replace
 from batchlab import checks
 from batchlab.noise.collectors import AccumulationCollector, NormPair, SplitBatchCollector
 from batchlab.noise.estimator import DEFAULT_BETA, GradientNoiseScale, NoiseScaleEstimate
-from batchlab.workload import StepFunction, Workload
+from batchlab.workload.workload import StepFunction, Workload
 
 __all__ = [
     "measure_noise_scale",

@@ -58,7 +58,7 @@ from batchlab.errors import FakeTensorError, WorkloadError
 from batchlab.planning.allocator import CachingAllocatorModel
 from batchlab.planning.cards import CUBLAS_WORKSPACE_BYTES_SM90, PlanTarget, resolve_target
 from batchlab.planning.kernels import KernelWorkspaces, UncountedKernel
-from batchlab.workload import Workload
+from batchlab.workload.workload import Workload
 
 MIN_TORCH = (2, 5)  # MemTracker first shipped in torch 2.5
 

@@ -23,12 +23,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from batchlab.fit.search import MemoryLine, Probe, find_batch_size
 from batchlab.planning.cards import PlanTarget, resolve_target
 from batchlab.planning.fake import FakeDevice, MemoryBreakdown
-from batchlab.search import MemoryLine, Probe, find_batch_size
 from batchlab.spec import parse_amp, parse_batch
 from batchlab.units import format_bytes
-from batchlab.workload import StepFunction, Workload
+from batchlab.workload.workload import StepFunction, Workload
 
 # Two sizes for the estimated line: large enough that every layer's per-sample memory dominates its fixed
 # part, and cheap whatever the size (fake tensors cost the same at any batch size).

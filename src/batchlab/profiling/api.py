@@ -46,10 +46,10 @@ from typing import Any
 import torch
 
 from batchlab import checks
-from batchlab.checkpointing import activation_checkpointing, plan_checkpointing
 from batchlab.defaults import DEFAULT_FRACTION, KNEE_THRESHOLD, WARMUP_STEPS
 from batchlab.devices import Device, resolve_device
 from batchlab.errors import DoesNotFitError
+from batchlab.fit.search import FitResult, Probe, find_batch_size
 from batchlab.profiling.analysis import (
     SECONDS_PER_POINT,
     default_batch_sizes,
@@ -68,10 +68,10 @@ from batchlab.profiling.records import (
     variant_name,
 )
 from batchlab.profiling.timing import Timing, time_steps
-from batchlab.search import FitResult, Probe, find_batch_size
 from batchlab.spec import parse_amp, parse_fraction
 from batchlab.units import format_bytes, parse_bytes
-from batchlab.workload import StepFunction, Workload, as_workload
+from batchlab.workload.checkpointing import activation_checkpointing, plan_checkpointing
+from batchlab.workload.workload import StepFunction, Workload, as_workload
 
 log = logging.getLogger("batchlab")
 
@@ -157,7 +157,7 @@ def profile(
         precisions: some of ``"fp32"``, ``"bf16"``, ``"fp16"`` (autocast; fp16 with a GradScaler), as a list
             or ``"fp32,bf16"``. Default: the workload's own (fp32 unless it was built with ``amp=``).
         checkpointing: ``False``, ``True`` or both ``(False, True)``: activation checkpointing of the model's
-            repeated blocks (see :mod:`batchlab.checkpointing`), or of ``checkpoint_modules`` when given.
+            repeated blocks (see :mod:`batchlab.workload.checkpointing`), or of ``checkpoint_modules`` when given.
         memory_budget: treat the device as having this much memory ("4GiB"); default: its capacity now. All
             variants are held to the same ``fraction`` of it.
         max_batch_size: never profile above this.
@@ -166,7 +166,7 @@ def profile(
         loader: a DataLoader (rebuilt at each batch size) or ``make_loader(batch_size)``: each fitting point is
             timed again with batches drawn from it, to show what the input pipeline costs.
         on_point: called with each :class:`ProfilePoint` as it is measured (progress displays).
-        on_probe: called with the variant's name and each :class:`~batchlab.search.Probe` of its fit search
+        on_probe: called with the variant's name and each :class:`~batchlab.fit.search.Probe` of its fit search
             as the probe completes (progress displays: on a large model the search is most of the time).
 
     The workload's model, optimizer, gradients and RNG states are restored bitwise afterwards, and every

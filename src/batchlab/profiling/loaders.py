@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from batchlab.errors import WorkloadError
-from batchlab.workload import Workload
+from batchlab.workload.workload import Workload
 
 
 class LoaderBatches:

@@ -13,7 +13,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from batchlab.search import FitResult
+    from batchlab.fit.search import FitResult
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 

@@ -131,7 +131,7 @@ class SweepTracker:
             experiment_id = client.create_experiment(
                 config.name,
                 artifact_location=_artifact_location(tracking_uri, config.name),
-                tags={FINGERPRINT: config.fingerprint, "batchlab.workload": config.workload},
+                tags={FINGERPRINT: config.fingerprint, "batchlab.workload.workload": config.workload},
             )
         else:
             experiment_id = experiment.experiment_id

@@ -38,7 +38,7 @@ from batchlab.noise import (
     estimate_components,
 )
 from batchlab.spec import parse_amp
-from batchlab.workload import Workload
+from batchlab.workload.workload import Workload
 
 __all__ = [
     "NOISE_EVERY",

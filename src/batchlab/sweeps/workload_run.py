@@ -33,7 +33,7 @@ from torch.utils._pytree import tree_map
 from batchlab.devices import resolve_device
 from batchlab.errors import WorkloadError
 from batchlab.sweeps.trainable import NOISE_EVERY, StepRun
-from batchlab.workload import StepFunction, Workload
+from batchlab.workload.workload import StepFunction, Workload
 
 __all__ = ["WorkloadFactory", "WorkloadRun", "missing_validation"]
 

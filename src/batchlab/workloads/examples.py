@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from batchlab.workload import Workload
+from batchlab.workload.workload import Workload
 
 
 def mlp_digits(device: str = "cpu") -> Workload:

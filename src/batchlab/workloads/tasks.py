@@ -36,7 +36,7 @@ from batchlab.errors import WorkloadError
 from batchlab.spec import parse_amp
 from batchlab.sweeps import NOISE_EVERY, SupervisedRun, WorkloadFactory
 from batchlab.sweeps.trainable import OPTIONS, close_run
-from batchlab.workload import Workload
+from batchlab.workload.workload import Workload
 from batchlab.workloads import load_callable
 
 __all__ = ["Task", "TASKS", "ConfiguredFactory", "load_task", "describe_tasks"]

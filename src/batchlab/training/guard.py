@@ -76,9 +76,9 @@ from typing import Any
 
 import torch
 
-from batchlab.devices.release import devices_of, release_after_oom
-from batchlab.oom import is_out_of_memory
 from batchlab.advice.scaling import plan_batch
+from batchlab.devices.oom import is_out_of_memory
+from batchlab.devices.release import devices_of, release_after_oom
 
 log = logging.getLogger("batchlab")
 

@@ -34,11 +34,11 @@ from batchlab.devices import CPUDevice, Device, resolve_device
 from batchlab.devices.base import Measurement
 from batchlab.devices.cpu import host_room_bytes
 from batchlab.errors import BatchlabError, DoesNotFitError
-from batchlab.skipped_steps import skip_note, steps_always_create_state
 from batchlab.spec import parse_amp, parse_batch
-from batchlab.state import copy_storage
 from batchlab.units import format_bytes, parse_bytes
-from batchlab.workload import StepFunction, Workload, as_workload
+from batchlab.workload.skipped_steps import skip_note, steps_always_create_state
+from batchlab.workload.state import copy_storage
+from batchlab.workload.workload import StepFunction, Workload, as_workload
 
 log = logging.getLogger("batchlab")
 
@@ -298,7 +298,7 @@ def next_candidate(
     Scouts: a size that would not be the answer as it stands -- the growth that feeds the line, an estimate's
     jump, a bracket's refinement, the step past a prediction -- runs as a scout (``Decision.scout``): one step
     at the smallest verified fit, from the user's state, creates the optimizer state (and, under fp16, the
-    skip patch's, :mod:`batchlab.skipped_steps`); one step at the size then runs with it. That step holds what
+    skip patch's, :mod:`batchlab.workload.skipped_steps`); one step at the size then runs with it. That step holds what
     a verified probe's second step holds -- the optimizer state, the gradients, the size's activations -- and
     meets the size's first-shape costs, so its peak is the verified probe's (measured on the CPU: gpt 1075.0 /
     1075.1 MiB, resnet 948.2 / 948.3 MiB at 16, scout / full), at one step at the size instead of two: on the
@@ -426,7 +426,7 @@ def _probe(
 
     ``own_bytes`` is memory the search itself holds in the measured process (the CPU state copy): it is taken
     off the reading, since the user's own run will not hold it. A step that the workload's GradScaler skips
-    still creates the optimizer state (:func:`~batchlab.skipped_steps.steps_always_create_state`).
+    still creates the optimizer state (:func:`~batchlab.workload.skipped_steps.steps_always_create_state`).
     ``state_step``: run a scout (:func:`next_candidate`), its first step at this size; it is timed apart (the
     device synchronised after it) and left out of the probe's ``steps`` and ``seconds``.
     """
@@ -545,7 +545,7 @@ def find_batch_size(
         state_copy: where the copy of the user's state lives between probes: ``"memory"`` (host RAM),
             ``"disk"`` (a temporary folder, ``BATCHLAB_STATE_DIR``), or ``"auto"``: RAM unless it would take
             more than half the host's free memory -- or, on the CPU, push the probes past the hard limit --
-            then disk (:func:`batchlab.state.copy_storage`).
+            then disk (:func:`batchlab.workload.state.copy_storage`).
 
     Raises:
         DoesNotFitError: when even the smallest allowed size does not fit; it says what that size needs.
@@ -564,7 +564,7 @@ def find_batch_size(
     multiple_of = _positive_int_or_none("multiple_of", multiple_of)
     if estimate is not None and not isinstance(estimate, MemoryLine):
         raise TypeError(
-            f"estimate must be a batchlab.search.MemoryLine or None, got {type(estimate).__name__}"
+            f"estimate must be a batchlab.fit.search.MemoryLine or None, got {type(estimate).__name__}"
         )
     work = as_workload(workload, preserve=preserve)
     amp = parse_amp(amp)
@@ -762,7 +762,7 @@ def _net_hard_limit(gross_limit: int | None, own_bytes: int) -> int | None:
 
 
 def _take_snapshot(work: Workload | StepFunction, dev: Device, budget: int, requested: str):
-    """Copy the user's state, in RAM or on disk (:func:`batchlab.state.copy_storage` decides; raises first)."""
+    """Copy the user's state, in RAM or on disk (:func:`batchlab.workload.state.copy_storage` decides; raises first)."""
     copy_bytes = work.snapshot_bytes()
     host_room = host_room_bytes()
     # On the CPU the copy shares the hard limit with the probes: when it would take room the budget needs

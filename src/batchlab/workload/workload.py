@@ -19,7 +19,7 @@ import torch
 
 from batchlab.errors import WorkloadError
 from batchlab.spec import parse_amp
-from batchlab.state import StateSnapshot, is_grad_scaler, is_lr_scheduler
+from batchlab.workload.state import StateSnapshot, is_grad_scaler, is_lr_scheduler
 
 Batch = Any  # (inputs, targets) or a dict of model keyword arguments
 
@@ -199,7 +199,7 @@ class Workload:
     def snapshot(self, directory: str | None = None) -> StateSnapshot:
         """Capture model, optimizer, GradScaler and RNG state, to be restored after every probe.
 
-        ``directory``: keep the copy in files there instead of RAM (see :func:`batchlab.state.copy_storage`).
+        ``directory``: keep the copy in files there instead of RAM (see :func:`batchlab.workload.state.copy_storage`).
         """
         return StateSnapshot.capture([self.model], [self.optimizer], self.scalers, directory=directory)
 
@@ -229,7 +229,7 @@ class StepFunction:
     batchlab cannot see inside a plain callable, so it restores only what ``preserve`` names -- modules,
     optimizers, GradScalers and LR schedulers -- plus the global RNGs always; memory is reported as a whole,
     not split by kind. Pass the step's GradScaler: a probe step it skips (fp16 overflow) then still creates
-    the optimizer state (:mod:`batchlab.skipped_steps`), and its scale is restored.
+    the optimizer state (:mod:`batchlab.workload.skipped_steps`), and its scale is restored.
     """
 
     amp = None

@@ -7,7 +7,7 @@ Usage (phase 2 of benchmarks/gpu_check.sh; ``--device cpu`` is its dry run, to c
 
 1. **fp16 counts the optimizer state whatever the GradScaler decides**: the issue's MLP (512-4096-4096-512,
    targets x1000 so the scaled fp16 gradients overflow at the starting scale) checked at batch 64 in fp32 and
-   in fp16; ``memory_breakdown["optimizer_state_created"]`` must match and the fp16 run must report the
+   in fp16; ``memory_breakdown.optimizer_state`` must match and the fp16 run must report the
    GradScaler's skips. On a card the first fp16 steps commonly skip this way.
 2. **A failed backward's graph is released**: a model whose second branch raises an out-of-memory error in
    backward, after the first branch's backward has started; the bytes still allocated after
@@ -63,7 +63,7 @@ def check_fp16_state(device: torch.device, width: int) -> dict:
     for amp in (None, "fp16"):
         result = batchlab.find_batch_size(_mlp_workload(device, amp, width), device=str(device), batch=64)
         rows[amp or "fp32"] = {
-            "optimizer_state_created": result.memory_breakdown["optimizer_state_created"],
+            "optimizer_state_created": result.memory_breakdown.optimizer_state,
             "skipped_optimizer_steps": result.skipped_optimizer_steps,
             "peak_bytes": result.peak_bytes,
         }

@@ -46,8 +46,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a source tree, no install
 
-from batchlab import CPUDevice, FakeTensorError, SimulatedDevice, Workload, find_batch_size  # noqa: E402
-from batchlab.fit.search import MemoryLine  # noqa: E402
+from batchlab import FakeTensorError, Workload, find_batch_size
+from batchlab.devices import CPUDevice, SimulatedDevice
+from batchlab.fit import MemoryLine  # noqa: E402
 from batchlab.planning.fake import FakeDevice, _torch_internals  # noqa: E402
 from batchlab.planning.plan import estimate_memory_line, plan  # noqa: E402
 from batchlab.workloads import load_workload  # noqa: E402

@@ -50,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     import psutil
     from ultralytics import YOLO
 
-    from batchlab import DoesNotFitError, format_bytes, parse_batch
+    from batchlab import DoesNotFitError
+    from batchlab.spec import parse_batch
+    from batchlab.units import format_bytes
 
     batch = parse_batch(args.batch)
     batch_value = (

@@ -29,7 +29,7 @@ SAMPLES = 400
 
 def simulated(rank: int):
     """A device whose step memory is FIXED + PER_SAMPLE * b, with a rank-dependent capacity."""
-    from batchlab import SimulatedDevice
+    from batchlab.devices import SimulatedDevice
 
     return SimulatedDevice(
         lambda b: FIXED_BYTES + BYTES_PER_SAMPLE * b, CAPACITY[rank], name=f"sim-rank{rank}"

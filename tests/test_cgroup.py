@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import batchlab
-from batchlab import CPUDevice
+from batchlab.devices import CPUDevice
 from batchlab.devices.cpu import CgroupLevel, cgroup_levels
 
 MiB = 2**20

@@ -44,7 +44,7 @@ def test_fit_prints_a_readable_summary(capsys):
     )
     assert code == 0
     assert "largest batch that fits: 100 (limited by max_batch_size)" in out
-    assert "probes" in out and "optimizer state created" in out
+    assert "probes" in out and "optimizer state" in out
 
 
 def test_fixed_batch_that_does_not_fit_exits_one(capsys):

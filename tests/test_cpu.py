@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from batchlab import DEFAULT_FRACTION, BatchlabError, CPUDevice, DoesNotFitError, find_batch_size
+from batchlab import BatchlabError, DoesNotFitError, find_batch_size
+from batchlab.defaults import DEFAULT_FRACTION
+from batchlab.devices import CPUDevice
 from batchlab.devices.base import Measurement
 from batchlab.workload.state import copy_storage
 from batchlab.workloads import load_workload
@@ -71,7 +73,7 @@ def test_batchnorm_adam_model_is_bitwise_unchanged_after_a_cpu_search(trained_fi
     assert result.fits and len(result.probes) >= 3
     assert_bitwise_equal(before, state_of(workload))
     # The search ran real steps: running stats moved during probes, so this test can fail.
-    assert any(p.tensor_bytes["optimizer_state"] > 0 for p in result.probes if p.fits)
+    assert any(p.tensor_bytes.optimizer_state > 0 for p in result.probes if p.fits)
 
 
 def test_state_is_restored_when_a_probe_fails_mid_step():
@@ -168,7 +170,7 @@ def test_fixed_batch_on_cpu_reports_what_it_needs():
     workload = load_workload("mlp-digits")
     result = find_batch_size(workload, device="cpu", batch=64)
     assert result.fits and result.mode == "fixed" and result.batch_size == 64
-    assert result.peak_bytes > 0 and result.memory_breakdown["optimizer_state_created"] > 0
+    assert result.peak_bytes > 0 and result.memory_breakdown.optimizer_state > 0
 
 
 def test_cpu_never_runs_a_fixed_batch_predicted_above_ram():

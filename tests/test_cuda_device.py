@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from batchlab import find_batch_size
+from batchlab import Workload, find_batch_size
 from batchlab.devices import CUDADevice
 from batchlab.devices import release as release_module
 
@@ -142,10 +142,35 @@ def test_peak_is_reserved_with_allocated_alongside_and_the_overhead_is_reported_
     assert measurement.ok
     assert measurement.allocated_bytes == 100 * per_sample
     assert measurement.peak_bytes == -(-(100 * per_sample) // BLOCK) * BLOCK
-    result = find_batch_size(_step(cuda, per_sample), device=device, batch=100)
-    overhead = result.memory_breakdown["allocator_overhead"]
-    assert overhead == result.peak_bytes - result.probes[-1].allocated_bytes and 0 < overhead < BLOCK
-    assert result.memory_breakdown["step"] == result.peak_bytes - result.probes[-1].baseline_bytes
+
+    # A Workload (its tensors known) whose step also allocates on the stand-in card: the split names the
+    # allocator's overhead (reserved - allocated) apart from the activations.
+    class OnTheStandIn(Workload):
+        def step(self, batch_size):
+            loss = super().step(batch_size)
+            _step(cuda, per_sample)(batch_size)
+            return loss
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    workload = OnTheStandIn(model, lambda b: (torch.randn(b, 4), torch.randn(b, 4)), torch.nn.functional.mse_loss,
+                            torch.optim.Adam(model.parameters()))  # fmt: skip
+    result = find_batch_size(workload, device=device, batch=100)
+    split, probe = result.memory_breakdown, result.probes[-1]
+    assert (
+        split.allocator_overhead == probe.peak_bytes - probe.allocated_bytes
+        and 0 < split.allocator_overhead < BLOCK
+    )
+    assert split.optimizer_state == 2 * (16 + 4) * 4 + 2 * 4  # Adam's moments and step counters, apart
+    assert (
+        split.activations
+        == probe.peak_bytes
+        - probe.baseline_bytes
+        - split.allocator_overhead
+        - split.gradients
+        - split.optimizer_state
+    )
+    assert split.total == result.peak_bytes
 
 
 def test_an_earlier_probes_cache_is_emptied_before_the_next_probe_is_read(flushed):

@@ -9,7 +9,10 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from batchlab import CPUDevice, StepFunction, Workload, WorkloadError, find_batch_size
+from batchlab import StepFunction, Workload, WorkloadError, find_batch_size
+from batchlab.devices import CPUDevice
+from batchlab.errors import FakeTensorError
+from batchlab.memory import MemoryBreakdown
 from batchlab.planning.allocator import (
     BLOCK_BYTES,
     MID_SEGMENT_BYTES,
@@ -17,7 +20,7 @@ from batchlab.planning.allocator import (
     CachingAllocatorModel,
 )
 from batchlab.planning.cards import CUBLAS_WORKSPACE_BYTES_SM90
-from batchlab.planning.fake import FakeDevice, FakeTensorError, MemoryBreakdown, _torch_internals
+from batchlab.planning.fake import FakeDevice, _torch_internals
 from batchlab.planning.kernels import onednn_lstm_workspace_bytes
 from batchlab.workloads import load_workload
 from conftest import tiny_bn_workload
@@ -58,7 +61,7 @@ def test_breakdown_sums_to_the_peak_and_counts_optimizer_state(cnn):
     assert parts.parameters == params == estimate.baseline_bytes
     # Adam's two moments (the second step runs with them) and one float32 step count per parameter tensor.
     assert parts.optimizer_state == 2 * params + 4 * len(list(cnn.model.parameters()))
-    assert parts.activations > 0 and parts.allocator_rounding == parts.cuda_workspace == 0
+    assert parts.activations > 0 and parts.allocator_overhead == parts.cuda_workspace == 0
     assert estimate.steps == 2 and estimate.emulated_on == "cpu"
 
 
@@ -69,13 +72,13 @@ def test_bf16_autocast_shrinks_the_activations(cnn):
     assert bf16_parts.parameters == fp32_parts.parameters  # autocast keeps fp32 weights
 
 
-def test_cuda_target_adds_allocator_rounding_and_the_cublas_workspace(cnn):
+def test_cuda_target_adds_allocator_overhead_and_the_cublas_workspace(cnn):
     cpu = FakeDevice(cnn, device_type="cpu").estimate(8)
     cuda = FakeDevice(cnn, device_type="cuda").estimate(8)
     parts = cuda.breakdown
     assert parts.total == cuda.peak_bytes
     assert parts.cuda_workspace == CUBLAS_WORKSPACE_BYTES_SM90  # generation unknown: the larger workspace
-    assert parts.allocator_rounding > 0
+    assert parts.allocator_overhead > 0
     assert cuda.peak_bytes >= cpu.peak_bytes + parts.cuda_workspace
     assert cuda.allocated_bytes <= cuda.peak_bytes  # allocated blocks never exceed the reserved segments
 

@@ -17,7 +17,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
-from batchlab import GuardEvent, OOMGuard
+from batchlab import OOMGuard
+from batchlab.training import GuardEvent
 from test_release import BranchNet
 
 STEPS, BATCH, FEATURES = 6, 32, 5

@@ -13,7 +13,8 @@ import torch
 from torch.nn import functional as F
 
 import batchlab.integrations.hf as hf
-from batchlab import SimulatedDevice, find_batch_size
+from batchlab import find_batch_size
+from batchlab.devices import SimulatedDevice
 from batchlab.integrations.hf import find_executable_batch_size, fit_trainer, fit_training_args
 from test_release import BranchNet
 

@@ -16,7 +16,8 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from batchlab import DoesNotFitError, SimulatedDevice, find_batch_size
+from batchlab import DoesNotFitError, find_batch_size
+from batchlab.devices import SimulatedDevice
 
 WORKER_PATH = Path(__file__).with_name("integration_ddp_worker.py")
 spec = importlib.util.spec_from_file_location("integration_ddp_worker", WORKER_PATH)

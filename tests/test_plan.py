@@ -7,9 +7,10 @@ import json
 import pytest
 
 import batchlab
-from batchlab import CPUDevice, DoesNotFitError, SimulatedDevice, find_batch_size
+from batchlab import DoesNotFitError, find_batch_size
 from batchlab.cli import main
-from batchlab.fit.search import MemoryLine, Probe, next_candidate
+from batchlab.devices import CPUDevice, SimulatedDevice
+from batchlab.fit import MemoryLine, Probe, next_candidate
 from batchlab.planning.cards import CARDS, CUDA_CONTEXT_BYTES, resolve_target
 from batchlab.planning.fake import FakeDevice
 from batchlab.planning.plan import PlanResult, estimate_memory_line, plan
@@ -108,7 +109,7 @@ def test_next_candidate_uses_the_estimate_only_until_the_probes_give_a_line():
     assert (seeded.batch_size, seeded.predicted_peak_bytes) == (226, 326)
     two = first + [Probe(4, "fits", 104, 0, None, 0.0, 2)]
     assert next_candidate(two, budget, estimate=MemoryLine(0.0, 50.0)).batch_size == 32  # the line wins
-    with pytest.raises(TypeError, match="estimate must be a batchlab.fit.search.MemoryLine"):
+    with pytest.raises(TypeError, match="estimate must be a batchlab.fit.MemoryLine"):
         find_batch_size(lambda b: None, device=SimulatedDevice(lambda b: b, 100), estimate=(0, 1))
 
 
@@ -171,6 +172,10 @@ def test_plan_cli_on_an_lstm_file_workload_answers_a_batch_that_fits_on_real_ten
 
 
 def test_public_names():
-    for name in ("plan", "PlanResult", "FakeDevice", "FakeTensorError", "estimate_memory_line"):
+    for name in ("plan", "PlanResult", "FakeTensorError"):  # the one-line call and what it returns/raises
         assert name in batchlab.__all__ and hasattr(batchlab, name)
-    assert batchlab.FakeDevice is FakeDevice
+    from batchlab import planning
+
+    for name in ("FakeDevice", "estimate_memory_line", "resolve_target", "CARDS"):  # building blocks
+        assert name in planning.__all__
+    assert planning.FakeDevice is FakeDevice

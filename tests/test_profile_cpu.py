@@ -15,9 +15,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from batchlab import CPUDevice, Workload
+from batchlab import Workload
 from batchlab.cli import main
 from batchlab.defaults import WARMUP_STEPS
+from batchlab.devices import CPUDevice
 from batchlab.profiling.api import profile
 from batchlab.profiling.plots import plot_profile
 from batchlab.workloads.examples import TinyGPT, small_cnn
@@ -103,7 +104,9 @@ def test_cnn_profile_reuses_the_fit_search(cnn_profile):
     _, _, device, result = cnn_profile
     probes = result.fits["fp32"].probes
     # The search ran first, exactly as recorded in its probe log ...
-    assert device.runs[: len(probes)] == [(p.batch_size, p.steps + (not p.verified)) for p in probes]  # a scout: 1 + 1
+    assert device.runs[: len(probes)] == [
+        (p.batch_size, p.steps + (not p.verified)) for p in probes
+    ]  # a scout: 1 + 1
     after = device.runs[len(probes) :]
     # ... and never again: no size it found too big runs later, and every later run is a warm-up or a timed
     # run of a profiled point (a size over the budget stops after its warm-up).

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from batchlab import SimulatedDevice, Workload, find_batch_size
+from batchlab import Workload, find_batch_size
 from batchlab.defaults import WARMUP_STEPS
-from batchlab.devices import allocator_memory
+from batchlab.devices import SimulatedDevice, allocator_memory
 from batchlab.profiling.analysis import (
     MAX_TIMED_STEPS,
     MIN_TIMED_STEPS,

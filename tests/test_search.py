@@ -8,16 +8,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from batchlab import DoesNotFitError, SimulatedDevice, find_batch_size
-from batchlab.devices import allocator_memory
-from batchlab.fit.search import (
-    MAX_PROBES,
-    VERIFY_LARGEST,
-    Probe,
-    fit_memory_line,
-    largest_fit,
-    next_candidate,
-)
+from batchlab import DoesNotFitError, find_batch_size
+from batchlab.devices import SimulatedDevice, allocator_memory
+from batchlab.fit.decision import MAX_PROBES, VERIFY_LARGEST, fit_memory_line, largest_fit, next_candidate
+from batchlab.fit.records import Probe
 
 GiB = 2**30
 MiB = 2**20
@@ -287,7 +281,8 @@ def test_one_step_past_a_prediction_that_rounds_onto_the_largest_fit():
 
 
 def test_the_hard_limit_guard_leaves_state_created_once_out_of_its_per_sample_bound():
-    from batchlab.fit.search import Probe, upper_slope
+    from batchlab.fit.decision import upper_slope
+    from batchlab.fit.records import Probe
 
     MiB = 2**20
     # batch 2: 760 MiB before the step, 290 MiB of optimizer state created, 10 MiB of activations.

@@ -3,9 +3,9 @@ import math
 import numpy as np
 import pytest
 
-from batchlab import DEFAULT_FRACTION, parse_batch, parse_bytes
-from batchlab.spec import BatchSpec, parse_amp, parse_fraction
-from batchlab.units import format_bytes
+from batchlab.defaults import DEFAULT_FRACTION
+from batchlab.spec import BatchSpec, parse_amp, parse_batch, parse_fraction
+from batchlab.units import format_bytes, parse_bytes
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from batchlab import BatchlabError, SimulatedDevice, StateSnapshot, find_batch_size
+from batchlab import BatchlabError, find_batch_size
+from batchlab.devices import SimulatedDevice
+from batchlab.workload import StateSnapshot
 from batchlab.workload.state import RNGState, copy_storage
 from conftest import tiny_bn_workload
 

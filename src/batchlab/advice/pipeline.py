@@ -27,7 +27,7 @@ from batchlab.advice.records import Recommendation
 from batchlab.advice.scaling import RULES
 from batchlab.defaults import GAIN_THRESHOLD
 from batchlab.errors import DoesNotFitError
-from batchlab.fit.search import FitResult, Probe, find_batch_size
+from batchlab.fit import FitResult, Probe, find_batch_size
 from batchlab.noise.estimator import DEFAULT_BETA, NoiseScaleEstimate, check_beta
 from batchlab.noise.measure import (
     DEFAULT_NOISE_STEPS,

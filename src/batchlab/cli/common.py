@@ -8,9 +8,11 @@ from typing import Any
 
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from batchlab.devices import parse_device, resolve_device
-from batchlab.fit.search import Probe
+from batchlab.fit import Probe
+from batchlab.memory import MemoryBreakdown
 from batchlab.units import format_bytes
 from batchlab.workload.workload import Workload
 from batchlab.workloads import BUILTIN, load_workload
@@ -144,3 +146,15 @@ class Display:
             f"peak {format_bytes(point.peak_bytes):>11}"
         )
         self.status(f"done b={point.batch_size}")
+
+
+def print_breakdown(console: Console, breakdown: MemoryBreakdown, title: str, peak_bytes: int | None) -> None:
+    """The memory split as a table: each non-zero part by name, then the peak."""
+    split = Table(title=title, show_header=True)
+    split.add_column("what")
+    split.add_column("bytes", justify="right")
+    for name, value in breakdown.to_dict().items():
+        if value:
+            split.add_row(name.replace("_", " "), format_bytes(value))
+    split.add_row("[bold]peak[/]", f"[bold]{format_bytes(peak_bytes)}[/]")
+    console.print(split)

@@ -7,8 +7,8 @@ import argparse
 from rich.console import Console
 from rich.table import Table
 
-from batchlab.cli.common import Display, add_workload_options, build_workload
-from batchlab.fit.search import FitResult, find_batch_size
+from batchlab.cli.common import Display, add_workload_options, build_workload, print_breakdown
+from batchlab.fit import FitResult, find_batch_size
 from batchlab.spec import parse_amp, parse_batch
 from batchlab.units import format_bytes, parse_bytes
 
@@ -70,14 +70,10 @@ def print_summary(console: Console, result: FitResult) -> None:
             f"memory per sample {format_bytes(result.bytes_per_sample)}, fixed {format_bytes(result.fixed_bytes)}"
             f" (line through the larger probes); search took {result.search_seconds:.1f} s, {result.steps_run} training steps"
         )
-    if result.memory_breakdown:
-        split = Table(title=f"memory at batch {result.batch_size}", show_header=True)
-        split.add_column("what")
-        split.add_column("bytes", justify="right")
-        for name, value in result.memory_breakdown.items():
-            split.add_row(name.replace("_", " "), format_bytes(value))
-        split.add_row("[bold]peak[/]", f"[bold]{format_bytes(result.peak_bytes)}[/]")
-        console.print(split)
+    if result.memory_breakdown is not None:
+        print_breakdown(
+            console, result.memory_breakdown, f"memory at batch {result.batch_size}", result.peak_bytes
+        )
     probes = Table(title="probes", show_header=True)
     for column in ("batch", "outcome", "peak", "predicted", "seconds"):
         probes.add_column(column, justify="right" if column != "outcome" else "left")

@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 
 from rich.console import Console
-from rich.table import Table
 
-from batchlab.cli.common import Display
+from batchlab.cli.common import Display, print_breakdown
 from batchlab.planning.cards import CARDS, DEVICE_TYPES, resolve_target
 from batchlab.planning.plan import PlanResult, plan
 from batchlab.spec import parse_amp, parse_batch
@@ -86,14 +85,8 @@ def print_summary(console: Console, result: PlanResult) -> None:
             f"{len(result.probes)} fake probes in {result.seconds:.1f} s"
         )
     if result.breakdown is not None:
-        split = Table(title=f"estimated memory at batch {result.batch_size}", show_header=True)
-        split.add_column("what")
-        split.add_column("bytes", justify="right")
-        for name, value in result.breakdown.to_dict().items():
-            if value:
-                split.add_row(name.replace("_", " "), format_bytes(value))
-        split.add_row("[bold]peak[/]", f"[bold]{format_bytes(result.peak_bytes)}[/]")
-        console.print(split)
+        title = f"estimated memory at batch {result.batch_size}"
+        print_breakdown(console, result.breakdown, title, result.peak_bytes)
     console.print(f"[dim]target: {result.target.source}[/]")
     for note in result.notes:
         console.print(f"[dim]note: {note}[/]")

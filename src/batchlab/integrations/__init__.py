@@ -10,6 +10,6 @@ Hugging Face or Ultralytics:
   and a drop-in for Accelerate's ``find_executable_batch_size``;
 - :mod:`batchlab.integrations.ddp` -- ``find_batch_size_distributed`` under ``torch.distributed`` (torchrun).
 
-All of them call the public API (:func:`batchlab.find_batch_size`, :func:`batchlab.parse_batch`,
+All of them call the public API (:func:`batchlab.find_batch_size`, :func:`batchlab.spec.parse_batch`,
 :func:`batchlab.scaling.plan_batch`) and use only their framework's public hooks; see docs/integrations.md.
 """

@@ -26,7 +26,7 @@ import torch
 
 from batchlab.advice.scaling import BatchPlan, plan_batch
 from batchlab.errors import BatchlabError, DoesNotFitError
-from batchlab.fit.search import FitResult, find_batch_size
+from batchlab.fit import FitResult, find_batch_size
 
 log = logging.getLogger("batchlab")
 

@@ -53,7 +53,7 @@ from batchlab.advice.scaling import BatchPlan, plan_batch
 from batchlab.devices import Device
 from batchlab.devices.oom import is_out_of_memory
 from batchlab.devices.release import devices_of, release_after_oom
-from batchlab.fit.search import FitResult, Probe, find_batch_size
+from batchlab.fit import FitResult, Probe, SearchOptions, find_batch_size
 from batchlab.integrations.ddp import agree_on_batch_size, all_gather_ints
 from batchlab.workload.state import StateSnapshot
 from batchlab.workload.workload import Workload
@@ -125,11 +125,7 @@ def _fit(
     collate: Callable[[list], Any],
     *,
     target_batch: int | None,
-    batch: int | float | str,
-    memory_budget: int | str | None,
-    device: str | torch.device | Device | None,
-    multiple_of: int,
-    on_probe: Callable[[Probe], None] | None,
+    options: SearchOptions,
 ) -> HFBatchPlan:
     from transformers import Trainer
 
@@ -160,17 +156,8 @@ def _fit(
     results: list[FitResult] = []
 
     def search() -> int:
-        results.append(
-            find_batch_size(
-                workload,
-                device=device if device is not None else "auto",
-                batch=batch,
-                memory_budget=memory_budget,
-                max_batch_size=-(-target // devices),  # never more than one device's share of the target
-                multiple_of=multiple_of,
-                on_probe=on_probe,
-            )
-        )
+        # never more than one device's share of the target
+        results.append(options.run(workload, max_batch_size=-(-target // devices)))
         return results[0].batch_size
 
     import torch.distributed as dist
@@ -228,11 +215,13 @@ def fit_training_args(
         train_dataset,
         data_collator,
         target_batch=target_batch,
-        batch=batch,
-        memory_budget=memory_budget,
-        device=device,
-        multiple_of=multiple_of,
-        on_probe=on_probe,
+        options=SearchOptions(
+            batch=batch,
+            memory_budget=memory_budget,
+            device=device,
+            multiple_of=multiple_of,
+            on_probe=on_probe,
+        ),  # fmt: skip
     )
 
 
@@ -259,11 +248,13 @@ def fit_trainer(
         loader.dataset,
         loader.collate_fn,
         target_batch=target_batch,
-        batch=batch,
-        memory_budget=memory_budget,
-        device=device,
-        multiple_of=multiple_of,
-        on_probe=on_probe,
+        options=SearchOptions(
+            batch=batch,
+            memory_budget=memory_budget,
+            device=device,
+            multiple_of=multiple_of,
+            on_probe=on_probe,
+        ),  # fmt: skip
     )
     _set_trainer_batch_size(trainer, trainer.args.train_batch_size)
     return fitted

@@ -42,9 +42,8 @@ from typing import Any
 import torch
 
 from batchlab.devices import Device
-from batchlab.fit.search import FitResult, Probe, find_batch_size
+from batchlab.fit import FitResult, Probe, SearchOptions
 from batchlab.integrations.ddp import agree_on_batch_size
-from batchlab.spec import parse_batch
 
 try:  # the callback must subclass Lightning's; batchlab's core never imports this module
     from lightning.pytorch.callbacks import Callback
@@ -160,7 +159,7 @@ class BatchlabFinder(Callback):
 
     Args:
         batch: ``-1`` (largest at 0.90 of memory), a fraction ``0 < f < 1``, or a fixed size to check;
-            parsed by :func:`batchlab.parse_batch`.
+            parsed by :func:`batchlab.spec.parse_batch`.
         memory_budget: treat the device as having this much memory ("6GiB").
         max_batch_size: never answer more than this (Lightning's ``max_val``).
         multiple_of: answer a multiple of this.
@@ -188,18 +187,14 @@ class BatchlabFinder(Callback):
         preserve: Sequence[Any] = (),
         on_probe: Callable[[Probe], None] | None = None,
     ) -> None:
-        parse_batch(batch)  # validate before any training starts
+        # Validated here, before any training starts.
+        self.options = SearchOptions(batch=batch, memory_budget=memory_budget, device=device,
+                                     max_batch_size=max_batch_size, multiple_of=multiple_of, on_probe=on_probe)  # fmt: skip
         if step is not None and not callable(step):
             raise TypeError(f"step must be a callable step(batch_size), got {step!r}")
-        self.batch = batch
-        self.memory_budget = memory_budget
-        self.max_batch_size = max_batch_size
-        self.multiple_of = multiple_of
         self.batch_arg_name = batch_arg_name
-        self.device = device
         self.step = step
         self.preserve = tuple(preserve)
-        self.on_probe = on_probe
         self.optimal_batch_size: int | None = None
         self.result: FitResult | None = None
         self.per_rank: list[int] = []
@@ -245,16 +240,11 @@ class BatchlabFinder(Callback):
 
         def search() -> int:
             results.append(
-                find_batch_size(
+                self.options.run(
                     runner if runner is not None else self.step,
-                    device=self.device if self.device is not None else str(pl_module.device),
-                    batch=self.batch,
-                    memory_budget=self.memory_budget,
-                    max_batch_size=self.max_batch_size,
+                    default_device=str(pl_module.device),
                     dataset_size=self._dataset_cap(runner, world),
-                    multiple_of=self.multiple_of,
                     preserve=preserve,
-                    on_probe=self.on_probe,
                 )
             )
             return results[0].batch_size

@@ -53,7 +53,7 @@ import torch
 
 from batchlab.devices import Device
 from batchlab.errors import DoesNotFitError
-from batchlab.fit.search import FitResult, Probe, find_batch_size
+from batchlab.fit import FitResult, Probe, SearchOptions
 from batchlab.spec import parse_batch
 from batchlab.units import format_bytes
 
@@ -309,18 +309,11 @@ class _Options:
             raise ValueError(
                 f"invalid on_misfit {on_misfit!r}: expected one of {', '.join(map(repr, _MISFIT))}"
             )
-        if memory_budget is not None:
-            from batchlab.units import parse_bytes
-
-            parse_bytes(memory_budget)
-        self.memory_budget = memory_budget
-        self.device = device
-        self.max_batch_size = max_batch_size
-        self.multiple_of = multiple_of
+        self.search = SearchOptions(memory_budget=memory_budget, device=device, max_batch_size=max_batch_size,
+                                    multiple_of=multiple_of, on_probe=on_probe)  # fmt: skip
         self.validate = validate
         self.on_misfit = on_misfit
         self.compare = compare
-        self.on_probe = on_probe
 
 
 class _BatchlabTrainerMixin:
@@ -421,16 +414,8 @@ class _BatchlabTrainerMixin:
         model = _unwrap(self.model)
         criterion = getattr(model, "criterion", None)
         try:
-            return find_batch_size(
-                step,
-                device=options.device if options.device is not None else str(self.device),
-                batch=batch,
-                memory_budget=options.memory_budget,
-                max_batch_size=options.max_batch_size,
-                dataset_size=dataset_size,
-                multiple_of=options.multiple_of,
-                preserve=preserve,
-                on_probe=options.on_probe,
+            return options.search.with_changes(batch=batch).run(
+                step, default_device=str(self.device), dataset_size=dataset_size, preserve=preserve
             )
         finally:
             model.criterion = criterion  # the loss builds it lazily on the first step: leave it as it was

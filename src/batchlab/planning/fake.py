@@ -47,7 +47,7 @@ import copy
 import re
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -55,6 +55,7 @@ from torch.overrides import TorchFunctionMode
 
 from batchlab.devices.base import Device, Measurement
 from batchlab.errors import FakeTensorError, WorkloadError
+from batchlab.memory import MemoryBreakdown
 from batchlab.planning.allocator import CachingAllocatorModel
 from batchlab.planning.cards import CUBLAS_WORKSPACE_BYTES_SM90, PlanTarget, resolve_target
 from batchlab.planning.kernels import KernelWorkspaces, UncountedKernel
@@ -102,35 +103,6 @@ def _torch_internals() -> dict[str, Any]:
             no_kernel=fake_tensor.UnsupportedOperatorException,
         )
     return _internals
-
-
-@dataclass(frozen=True)
-class MemoryBreakdown:
-    """The step's memory at its peak, by what it is; the fields sum to :attr:`total` (bytes).
-
-    The first seven come from torch's MemTracker: ``temporaries`` are backward-pass buffers such as the
-    gradients of activations; ``optimizer_state`` is everything allocated inside ``optimizer.step()`` -- the
-    state and, when the peak falls in the step, its temporaries. ``allocator_rounding`` is what the CUDA caching allocator adds over the
-    tensors' own bytes, ``cuda_workspace`` torch's cuBLAS workspace; both are 0 on a CPU target.
-    """
-
-    parameters: int = 0
-    buffers: int = 0
-    gradients: int = 0
-    activations: int = 0
-    temporaries: int = 0
-    optimizer_state: int = 0
-    other: int = 0
-    allocator_rounding: int = 0
-    cuda_workspace: int = 0
-
-    @property
-    def total(self) -> int:
-        """The sum of every field: the estimated peak."""
-        return sum(getattr(self, item.name) for item in fields(self))
-
-    def to_dict(self) -> dict[str, int]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -416,7 +388,7 @@ class FakeDevice(Device):
         else:
             rounding = max(0, allocator.peak_reserved - tensors_peak)
             breakdown = MemoryBreakdown(
-                **counts, allocator_rounding=rounding, cuda_workspace=self.cublas_workspace_bytes
+                **counts, allocator_overhead=rounding, cuda_workspace=self.cublas_workspace_bytes
             )
             allocated = max(allocator.peak_allocated, tensors_peak) + self.cublas_workspace_bytes
             baseline = max(baseline, baseline_reserved)
@@ -464,4 +436,4 @@ def _state_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> 
     return tensors
 
 
-__all__ = ["FakeDevice", "FakeEstimate", "FakeTensorError", "MemoryBreakdown"]
+__all__ = ["FakeDevice", "FakeEstimate"]

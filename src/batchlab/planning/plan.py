@@ -23,9 +23,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from batchlab.fit.search import MemoryLine, Probe, find_batch_size
+from batchlab.fit import MemoryLine, Probe, find_batch_size
+from batchlab.memory import MemoryBreakdown
 from batchlab.planning.cards import PlanTarget, resolve_target
-from batchlab.planning.fake import FakeDevice, MemoryBreakdown
+from batchlab.planning.fake import FakeDevice
 from batchlab.spec import parse_amp, parse_batch
 from batchlab.units import format_bytes
 from batchlab.workload.workload import StepFunction, Workload
@@ -146,7 +147,7 @@ def estimate_memory_line(
     used there (the real fixed part -- the process, the runtime -- is anchored on the first real probe), so
     ``device_type`` should be the device searched: ``"cpu"`` or ``"cuda"``.
 
-    Raises :class:`~batchlab.planning.fake.FakeTensorError` when the step cannot run on fake tensors.
+    Raises :class:`~batchlab.errors.FakeTensorError` when the step cannot run on fake tensors.
     """
     work = _with_amp(_check_workload(workload), parse_amp(amp))
     return _line(FakeDevice(work, device_type=device_type), batch_sizes)
@@ -172,7 +173,7 @@ def plan(
             ``"l4"``, ``"t4"``) or a memory size the step may use (``"24GiB"``).
         device_type: ``"cuda"`` (default) or ``"cpu"`` for a memory-size target.
         batch: ``-1``/``"auto"`` (largest at 0.90 of the target), a fraction ``0 < f < 1``, or a fixed int to
-            check; parsed by :func:`batchlab.parse_batch`.
+            check; parsed by :func:`batchlab.spec.parse_batch`.
         amp: ``"bf16"`` / ``"fp16"`` to plan under autocast; only for a Workload built without ``amp``.
         max_batch_size, dataset_size, multiple_of: as in :func:`~batchlab.find_batch_size` (the workload's own
             ``dataset_size`` is used when this is None).

@@ -49,7 +49,7 @@ from batchlab import checks
 from batchlab.defaults import DEFAULT_FRACTION, KNEE_THRESHOLD, WARMUP_STEPS
 from batchlab.devices import Device, resolve_device
 from batchlab.errors import DoesNotFitError
-from batchlab.fit.search import FitResult, Probe, find_batch_size
+from batchlab.fit import FitResult, Probe, find_batch_size
 from batchlab.profiling.analysis import (
     SECONDS_PER_POINT,
     default_batch_sizes,
@@ -166,7 +166,7 @@ def profile(
         loader: a DataLoader (rebuilt at each batch size) or ``make_loader(batch_size)``: each fitting point is
             timed again with batches drawn from it, to show what the input pipeline costs.
         on_point: called with each :class:`ProfilePoint` as it is measured (progress displays).
-        on_probe: called with the variant's name and each :class:`~batchlab.fit.search.Probe` of its fit search
+        on_probe: called with the variant's name and each :class:`~batchlab.fit.Probe` of its fit search
             as the probe completes (progress displays: on a large model the search is most of the time).
 
     The workload's model, optimizer, gradients and RNG states are restored bitwise afterwards, and every

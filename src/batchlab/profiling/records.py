@@ -9,23 +9,17 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from enum import Enum
 from typing import TYPE_CHECKING, Any
 
+from batchlab.labels import Label
+
 if TYPE_CHECKING:
-    from batchlab.fit.search import FitResult
+    from batchlab.fit import FitResult
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
-class _Label(str, Enum):
-    """A str-valued enum that prints as its value (``f"{PointOutcome.FITS}"`` is ``"fits"``)."""
-
-    def __str__(self) -> str:
-        return str.__str__(self)
-
-
-class PointOutcome(_Label):
+class PointOutcome(Label):
     """What became of one (variant, batch size)."""
 
     FITS = "fits"
@@ -34,7 +28,7 @@ class PointOutcome(_Label):
     SKIPPED = "skipped"  # not run: predicted above the hard limit, or larger than a size that failed
 
 
-class MemorySource(_Label):
+class MemorySource(Label):
     """Where a point's peak memory and verdict come from."""
 
     FIT_SEARCH = "fit search"  # the fit search's own probe of this size, reused

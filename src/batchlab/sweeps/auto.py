@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from batchlab.fit.search import find_batch_size
+from batchlab.fit import find_batch_size
 from batchlab.sweeps.trainable import close_run
 
 __all__ = ["AUTO_MIN_BATCH", "AUTO_MAX_SIZES", "auto_batch_sizes"]

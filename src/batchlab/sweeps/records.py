@@ -14,11 +14,11 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
-from enum import Enum
 from typing import Any
 
 from batchlab import checks
 from batchlab.advice.scaling import scale_lr
+from batchlab.labels import Label
 from batchlab.noise.critical import NoiseWindow
 
 __all__ = [
@@ -38,14 +38,7 @@ __all__ = [
 ]
 
 
-class _Label(str, Enum):
-    """A str-valued enum that prints as its value (``f"{RunStatus.OOM}"`` is ``"oom"``), as JSON stores it."""
-
-    def __str__(self) -> str:
-        return str.__str__(self)
-
-
-class RunStatus(_Label):
+class RunStatus(Label):
     """How a run ended: finished (budget spent or target reached), diverged (a non-finite loss), oom."""
 
     FINISHED = "finished"
@@ -53,7 +46,7 @@ class RunStatus(_Label):
     OOM = "oom"
 
 
-class StopReason(_Label):
+class StopReason(Label):
     """What ended a run: one of the budget's limits, the target (``stop_at_target``), divergence, an OOM."""
 
     STEPS = "steps"
@@ -64,14 +57,14 @@ class StopReason(_Label):
     OOM = "oom"
 
 
-class TargetMode(_Label):
+class TargetMode(Label):
     """Whether a target is reached at or below its value (a loss) or at or above it (an accuracy)."""
 
     MIN = "min"
     MAX = "max"
 
 
-class EventKind(_Label):
+class EventKind(Label):
     """What a :class:`SweepEvent` reports."""
 
     SKIP = "skip"

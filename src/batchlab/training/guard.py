@@ -1,7 +1,7 @@
 """OOMGuard: survive an out-of-memory error mid-training without changing what is trained.
 
 A training step over one batch runs as micro-batches with gradient accumulation. When a micro-batch runs out
-of memory (recognised by :func:`batchlab.is_out_of_memory`; anything else propagates unchanged), the guard
+of memory (recognised by :func:`batchlab.devices.oom.is_out_of_memory`; anything else propagates unchanged), the guard
 discards the partial gradients of that step, halves the micro-batch and raises the accumulation so that
 ``micro x accumulation`` -- the effective batch -- is unchanged (:func:`batchlab.scaling.plan_batch` keeps it
 exact when the halving is not), and runs the *same* batch again. The optimizer steps once per batch whatever
@@ -70,46 +70,24 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
+from batchlab import checks
 from batchlab.advice.scaling import plan_batch
 from batchlab.devices.oom import is_out_of_memory
 from batchlab.devices.release import devices_of, release_after_oom
+from batchlab.training.batches import batch_len, concat, evaluate_chunks, slice_batch
+from batchlab.training.optimizer_step import StepRecord
 
 log = logging.getLogger("batchlab")
 
 __all__ = ["GuardEvent", "OOMGuard"]
 
 _REDUCTIONS = ("mean", "sum")
-
-# The optimizers whose unapplied step the guard can prove (module docstring): every write to a parameter or a
-# state tensor is in place and bumps its version counter. Fused kernels write without bumping it; only those of
-# the second tuple bump their group's "step" counters first (read in torch 2.14's optim/adam.py, adagrad.py,
-# sgd.py).
-_VERSIONED = (
-    torch.optim.SGD,
-    torch.optim.Adam,
-    torch.optim.AdamW,
-    torch.optim.Adamax,
-    torch.optim.NAdam,
-    torch.optim.RAdam,
-    torch.optim.Adagrad,
-    torch.optim.Adadelta,
-    torch.optim.RMSprop,
-    torch.optim.Rprop,
-    torch.optim.ASGD,
-)
-_FUSED_COUNTED = (torch.optim.Adam, torch.optim.AdamW, torch.optim.Adagrad)
-# What GradScaler.step sets on an optimizer that unscales inside its own (fused) step, and deletes only after
-# the step returns: left behind by a failed step, the retry would multiply the scale in twice.
-_SCALER_ATTRIBUTES = ("grad_scale", "found_inf")
-# The ends of the reasons a failed optimizer step is not retried.
-_PARTLY = "; a partly applied update cannot be undone: restore a checkpoint"
-_UNKNOWN = ", so it cannot tell whether the update was partly applied"
 
 
 @dataclass(frozen=True)
@@ -155,75 +133,6 @@ class GuardEvent:
         return asdict(self)
 
 
-def _batch_len(batch: Any) -> int | None:
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.dim() else None
-    if isinstance(batch, Mapping):
-        values = batch.values()
-    elif isinstance(batch, (list, tuple)):
-        values = batch
-    else:
-        return None
-    for value in values:
-        length = _batch_len(value)
-        if length is not None:
-            return length
-    return None
-
-
-def _slice(batch: Any, start: int, stop: int) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch[start:stop] if batch.dim() else batch
-    if isinstance(batch, Mapping):
-        return type(batch)({key: _slice(value, start, stop) for key, value in batch.items()})
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(_slice(value, start, stop) for value in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_slice(value, start, stop) for value in batch)
-    return batch
-
-
-def _check_per_sample(output: Any, samples: int) -> None:
-    """Raise TypeError unless every leaf of ``output`` is a tensor with ``samples`` rows along dimension 0."""
-    if isinstance(output, torch.Tensor):
-        if output.dim() == 0 or output.shape[0] != samples:
-            raise TypeError(
-                f"OOMGuard.evaluate needs per-sample outputs, {samples} rows for a chunk of {samples}, got a "
-                f"tensor of shape {tuple(output.shape)}; return e.g. F.cross_entropy(..., reduction='none') and "
-                "reduce the result"
-            )
-    elif isinstance(output, (Mapping, list, tuple)):
-        for value in output.values() if isinstance(output, Mapping) else output:
-            _check_per_sample(value, samples)
-    else:
-        raise TypeError(
-            f"OOMGuard.evaluate needs tensors, or tuples/lists/dicts of tensors, from its function; got "
-            f"{type(output).__name__}"
-        )
-
-
-def _concat(parts: list[Any]) -> Any:
-    """Join chunk outputs of the same structure along dimension 0 (the inverse of :func:`_slice`)."""
-    first = parts[0]
-    if isinstance(first, torch.Tensor):
-        return torch.cat(parts) if len(parts) > 1 else first
-    if isinstance(first, Mapping):
-        return type(first)({key: _concat([part[key] for part in parts]) for key in first})
-    columns = [_concat([part[i] for part in parts]) for i in range(len(first))]
-    return type(first)(*columns) if hasattr(first, "_fields") else type(first)(columns)
-
-
-def _evaluate_chunks(batch: Any, fn: Callable[[Any], Any], length: int, chunk: int) -> list[Any]:
-    outputs = []
-    with torch.no_grad():
-        for start in range(0, length, chunk):
-            stop = min(start + chunk, length)
-            output = fn(_slice(batch, start, stop))
-            _check_per_sample(output, stop - start)
-            outputs.append(output)
-    return outputs
-
-
 def _first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
@@ -233,102 +142,6 @@ def _note(exc: BaseException, text: str) -> None:
     log.warning("batchlab OOMGuard: %s", text)
     if hasattr(exc, "add_note"):
         exc.add_note(f"batchlab OOMGuard: {text}")
-
-
-def _check_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"invalid {name} {value!r}: expected a positive int")
-    return value
-
-
-class _StepRecord:
-    """What an optimizer step may change, read just before it runs: enough to prove afterwards that a step
-    which raised applied nothing (version counters, module docstring), and to put back the state it created."""
-
-    def __init__(self, optimizer: Any):
-        inner = getattr(optimizer, "optimizer", None)  # Lightning's and Accelerate's wrappers keep it here
-        self.optimizer = inner if isinstance(inner, torch.optim.Optimizer) else optimizer
-        self.began = False
-        self.unprovable = self._unprovable()
-        if self.unprovable is not None:
-            return
-        opt = self.optimizer
-        self.params = [p for group in opt.param_groups for p in group["params"]]
-        self.param_versions = [p._version for p in self.params]
-        self.present = {p for p in self.params if p in opt.state}  # a defaultdict: never index it to look
-        self.state = {p: dict(opt.state[p]) for p in self.present if opt.state[p]}
-        self.state_versions = {
-            p: {k: v._version for k, v in entry.items()} for p, entry in self.state.items()
-        }
-        self.attributes = {name: getattr(opt, name) for name in _SCALER_ATTRIBUTES if hasattr(opt, name)}
-        self._hook = opt.register_step_pre_hook(self._begin)
-
-    def _unprovable(self) -> str | None:
-        opt = self.optimizer
-        if type(opt) not in _VERSIONED:
-            name = type(opt).__name__
-            return (
-                f"{name} is not one of the torch.optim optimizers whose steps the guard can check{_UNKNOWN}"
-            )
-        if any(group.get("fused") for group in opt.param_groups) and type(opt) not in _FUSED_COUNTED:
-            return f"a fused {type(opt).__name__} writes without a trace the guard can check{_UNKNOWN}"
-        for entry in opt.state.values():
-            for key, value in entry.items():
-                if not isinstance(value, torch.Tensor):
-                    return (
-                        f"its state holds a {type(value).__name__} ({key!r}) the guard cannot check{_UNKNOWN}"
-                    )
-        return None
-
-    def _begin(self, *args: Any) -> None:
-        self.began = True
-
-    def close(self) -> None:
-        if self.unprovable is None:
-            self._hook.remove()
-
-    def applied(self) -> str | None:
-        """Why the failed step cannot be retried (what it changed), or None when it applied nothing."""
-        if self.unprovable is not None:
-            return self.unprovable
-        opt = self.optimizer
-        if not self.began:
-            # What runs before it -- GradScaler's unscale_, a wrapper's own, step pre-hooks -- may have changed
-            # the gradients, and the unscale kernel does not bump their version counters (measured, torch 2.14).
-            return (
-                "the error came before optimizer.step() began (in a GradScaler's unscale or a step pre-hook), "
-                "which may have changed the gradients without a trace"
-            )
-        if any(p._version != v for p, v in zip(self.params, self.param_versions)):
-            return "it had already updated parameters" + _PARTLY
-        for p, entry in self.state.items():
-            now = opt.state.get(p, {})
-            if now.keys() != entry.keys() or any(now[k] is not v for k, v in entry.items()):
-                return "it had already replaced optimizer state" + _PARTLY
-            if any(v._version != self.state_versions[p][k] for k, v in entry.items()):
-                return "it had already updated optimizer state" + _PARTLY
-        for p in self.params:
-            if p not in self.state and p in opt.state:
-                for value in opt.state[p].values():
-                    if not isinstance(value, torch.Tensor) or value._version != 0:
-                        return "it had already updated the optimizer state it created" + _PARTLY
-        return None
-
-    def drop_created_state(self) -> None:
-        """Put the optimizer back as it was before the step: without the state entries the step created, and
-        without what GradScaler set on it for the step."""
-        opt = self.optimizer
-        for p in self.params:
-            if p not in self.state and p in opt.state:
-                if p in self.present:
-                    opt.state[p].clear()  # it held an empty entry before
-                else:
-                    del opt.state[p]
-        for name in _SCALER_ATTRIBUTES:
-            if name in self.attributes:
-                setattr(opt, name, self.attributes[name])
-            elif hasattr(opt, name):
-                delattr(opt, name)
 
 
 class OOMGuard:
@@ -366,9 +179,9 @@ class OOMGuard:
             callable(getattr(optimizer, "step", None)) and callable(getattr(optimizer, "zero_grad", None))
         ):
             raise TypeError(f"OOMGuard needs an optimizer with step() and zero_grad(), got {optimizer!r}")
-        self.batch_size = _check_int("batch_size", batch_size)
-        micro = _check_int("micro_batch", micro_batch if micro_batch is not None else batch_size)
-        self.min_micro_batch = _check_int("min_micro_batch", min_micro_batch)
+        self.batch_size = checks.integer("batch_size", batch_size)
+        micro = checks.integer("micro_batch", micro_batch if micro_batch is not None else batch_size)
+        self.min_micro_batch = checks.integer("min_micro_batch", min_micro_batch)
         if micro < self.min_micro_batch:
             raise ValueError(f"micro_batch {micro} is below min_micro_batch {self.min_micro_batch}")
         if reduction not in _REDUCTIONS:
@@ -411,7 +224,7 @@ class OOMGuard:
 
     def _accumulate(self, batch: Any, loss_fn: Callable[[Any], torch.Tensor]) -> torch.Tensor:
         """Forward and backward over every micro-batch of ``batch``; return the batch's loss (detached)."""
-        length = _batch_len(batch)
+        length = batch_len(batch)
         if length is None:
             raise TypeError(
                 f"OOMGuard cannot find a batch dimension in {type(batch).__name__}: pass a tensor, or a "
@@ -420,7 +233,7 @@ class OOMGuard:
         starts = list(range(0, length, self.micro_batch))
         total = None
         for index, start in enumerate(starts):
-            chunk = _slice(batch, start, min(start + self.micro_batch, length))
+            chunk = slice_batch(batch, start, min(start + self.micro_batch, length))
             last = index == len(starts) - 1
             sync = self.no_sync() if (self.no_sync is not None and not last) else contextlib.nullcontext()
             with sync:
@@ -450,7 +263,7 @@ class OOMGuard:
         """``optimizer.step()``, retried once after the release when it ran out of memory having applied
         nothing (module docstring); otherwise its error is re-raised with a note saying why."""
         for attempt in range(2):
-            record = _StepRecord(self.optimizer)
+            record = StepRecord(self.optimizer)
             error = None
             try:
                 self._apply_step()
@@ -529,7 +342,7 @@ class OOMGuard:
         never changes for an evaluation (transformers #32215). ``fn`` must return per-sample values -- a
         mean over a chunk is not a mean over the batch -- so a loss is ``reduction="none"``, reduced after.
         """
-        length = _batch_len(batch)
+        length = batch_len(batch)
         if length is None:
             raise TypeError(
                 f"OOMGuard.evaluate cannot find a batch dimension in {type(batch).__name__}: pass a tensor, or a "
@@ -538,7 +351,7 @@ class OOMGuard:
         while True:
             chunk = min(self.eval_micro_batch or length, length)
             try:
-                return _concat(_evaluate_chunks(batch, fn, length, chunk))
+                return concat(evaluate_chunks(batch, fn, length, chunk))
             except Exception as exc:
                 if not is_out_of_memory(exc) or chunk <= 1:
                     raise

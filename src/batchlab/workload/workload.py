@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from batchlab.errors import WorkloadError
+from batchlab.memory import MemoryBreakdown
 from batchlab.spec import parse_amp
 from batchlab.workload.state import StateSnapshot, is_grad_scaler, is_lr_scheduler
 
@@ -203,7 +204,7 @@ class Workload:
         """
         return StateSnapshot.capture([self.model], [self.optimizer], self.scalers, directory=directory)
 
-    def tensor_bytes(self) -> dict[str, int]:
+    def tensor_bytes(self) -> MemoryBreakdown:
         """Bytes held right now by the model's parameters, buffers, gradients and the optimizer's state."""
         params = list(self.model.parameters())
         state_tensors = [
@@ -212,12 +213,12 @@ class Workload:
             for value in values.values()
             if isinstance(value, torch.Tensor)
         ]
-        return {
-            "parameters": _tensor_nbytes(params),
-            "buffers": _tensor_nbytes(self.model.buffers()),
-            "gradients": _tensor_nbytes(p.grad for p in params if p.grad is not None),
-            "optimizer_state": _tensor_nbytes(state_tensors),
-        }
+        return MemoryBreakdown(
+            parameters=_tensor_nbytes(params),
+            buffers=_tensor_nbytes(self.model.buffers()),
+            gradients=_tensor_nbytes(p.grad for p in params if p.grad is not None),
+            optimizer_state=_tensor_nbytes(state_tensors),
+        )
 
     def __repr__(self) -> str:
         return f"Workload({self.name}, amp={self.amp}, grad_accum={self.grad_accum}, dataset_size={self.dataset_size})"
@@ -276,8 +277,8 @@ class StepFunction:
     def snapshot(self, directory: str | None = None) -> StateSnapshot:
         return StateSnapshot.capture(self._modules, self._optimizers, self._extra, directory=directory)
 
-    def tensor_bytes(self) -> dict[str, int] | None:
-        return None
+    def tensor_bytes(self) -> MemoryBreakdown | None:
+        return None  # a plain callable's tensors are out of sight
 
 
 def as_workload(

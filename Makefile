@@ -31,6 +31,8 @@ demo: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports   # the layer contracts in pyproject.toml ([tool.importlinter])
+	$(BIN)/vulture src vulture_whitelist.py --min-confidence 60   # dead code; the whitelist says why each is kept
 
 format: install
 	$(BIN)/ruff format .

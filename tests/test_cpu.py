@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 import torch
@@ -112,7 +117,7 @@ def _peaks(workload, device, sizes, repeats=1):
 def test_cpu_readings_repeat_within_two_percent_and_grow_linearly_on_the_cnn():
     workload = load_workload("cnn")
     device = CPUDevice()
-    assert device.malloc_threshold_fixed
+    assert device.glibc  # the 64 KiB mmap threshold is in effect
     # Warm-up, excluded: a process's first step also creates oneDNN/OpenMP pools (~10 MiB here), which stay.
     _peaks(workload, device, [8])
     readings = _peaks(workload, device, [8, 16, 32, 48], repeats=3)
@@ -282,3 +287,34 @@ def test_an_oom_that_the_state_copy_may_cause_sends_the_copy_to_disk_and_runs_th
     assert tries == [(2, "fits"), (16, "oom"), (16, "fits"), (20, "fits"), (21, "oom")]
     assert result.batch_size == 20 and result.state_copy_storage == "disk"
     assert any("batch 16 ran out of memory with batchlab's state copy (64.02 MiB)" in n for n in result.notes)
+
+
+def test_fast_allocator_gives_training_its_thresholds_back_and_later_readings_stay_conservative():
+    # In a fresh process: the threshold is process-wide. A reading after fast_allocator() must not read low
+    # (freed chunks in the fast heap would serve the step's tensors unread): each reading trims the heap first.
+    code = textwrap.dedent(
+        """
+        import json
+        from batchlab.devices.cpu import CPUDevice, fast_allocator
+        from batchlab.workloads import load_workload
+        device, workload = CPUDevice(), load_workload("cnn")
+        snapshot = workload.snapshot()
+        def step_mib(b):
+            m = device.run(workload.step, b, 2); snapshot.restore()
+            return (m.peak_bytes - m.baseline_bytes) / 2**20
+        step_mib(4)  # warm-up: oneDNN's one-time set-up
+        exact = step_mib(4)
+        settings_exact = device.settings()["allocator"]
+        assert fast_allocator()
+        for _ in range(3):
+            workload.step(16)  # training at speed: the heap keeps large freed chunks
+        snapshot.restore()
+        after = step_mib(4)
+        print(json.dumps([exact, after, settings_exact, device.settings()["allocator"]]))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    exact, after, before_text, after_text = json.loads(out.stdout.strip().splitlines()[-1])
+    assert exact > 1 and after >= exact  # conservative: never below the exact reading
+    assert before_text == "glibc, mmap threshold 64 KiB (exact readings)"
+    assert after_text.startswith("glibc, mmap threshold 64 KiB after fast_allocator()")

@@ -8,9 +8,14 @@ sub-millisecond spikes; said where it is used).
 glibc keeps freed memory in its heaps unless told otherwise, so repeated readings of the same step drift
 10-20% high (measured on this project's CNN). Fixing the mmap threshold at 64 KiB makes every large tensor
 its own mapping, returned to the kernel on free: then the peak grows exactly linearly with the batch
-(3.55 MiB per 64x64 image, repeatable to 0.1 MiB; see DESIGN.md). :func:`fix_malloc_threshold` does this
-once per process through ``mallopt`` -- it is process-wide and stays on (glibc cannot return to its dynamic
-threshold), costing a few more mmap calls for tensors over 64 KiB.
+(3.55 MiB per 64x64 image, repeatable to 0.1 MiB; see DESIGN.md). :func:`exact_allocator` sets it when a CPU device is made, through ``mallopt``: process-wide, and it stays
+-- switching back and forth is not an option, because the large free chunks a fast heap keeps would serve a
+later measured step's tensors without new resident pages and read as nothing (measured: 0.0 MiB for a CNN
+step at batch 2 after fast-mode steps). Its cost, measured: a training step is 35-45% slower (every large
+tensor a fresh mapping, page faults and all; benchmarks/RESULTS.md, "glibc's mmap threshold"), in batchlab's
+own timings too (profile, advise: their throughput is under the exact allocator, the same for every batch
+size they compare). A user who trains on the CPU in the same process after a search calls
+:func:`fast_allocator` and gets the speed back; the integrations that train after searching do.
 
 Capacity is counted like a container limit counts it: the whole process, ``rss + available RAM``, capped by
 every cgroup limit above the process (v2 ``memory.max`` or v1 ``memory.limit_in_bytes``, nested: the smallest
@@ -34,25 +39,59 @@ import psutil
 from batchlab.devices.base import Device
 from batchlab.devices.release import release_after_oom
 
-_M_MMAP_THRESHOLD = -3  # glibc malloc.h
-_MMAP_THRESHOLD_BYTES = 64 * 1024  # 64 KiB: every tensor larger than this is mmapped and unmapped on free
-_malloc_fixed: bool | None = None
+_M_TRIM_THRESHOLD = -1  # glibc malloc.h
+_M_MMAP_THRESHOLD = -3
+EXACT_MMAP_BYTES = 64 * 1024  # measuring: every tensor larger than this is mmapped and unmapped on free
+FAST_MMAP_BYTES = 32 * 1024**2  # DEFAULT_MMAP_THRESHOLD_MAX (64-bit): where the dynamic threshold tops out
+FAST_TRIM_BYTES = 2 * FAST_MMAP_BYTES  # the dynamic rule keeps trim at twice the mmap threshold
+_allocator: str | None = None  # None: untouched; "exact" or "fast" once set (process-wide)
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
 
 
-def fix_malloc_threshold() -> bool:
-    """Set glibc's mmap threshold to 64 KiB once per process; True if it is (or already was) in effect."""
-    global _malloc_fixed
-    if _malloc_fixed is None:
-        _malloc_fixed = False
-        if sys.platform.startswith("linux"):
-            try:
-                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-                _malloc_fixed = bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES))
-            except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-                _malloc_fixed = False
-    return _malloc_fixed
+def _libc() -> ctypes.CDLL | None:
+    """glibc, where ``mallopt`` exists (None elsewhere: musl, macOS, Windows)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def exact_allocator() -> bool:
+    """Set glibc's mmap threshold to 64 KiB for exact readings (process-wide, and it stays: module docstring);
+    True if it is in effect. After :func:`fast_allocator` it is set again, and readings trim the heap first."""
+    global _allocator
+    libc = _libc()
+    if libc is None:
+        return False
+    if _allocator != "exact":
+        libc.mallopt(_M_MMAP_THRESHOLD, EXACT_MMAP_BYTES)
+        _allocator = "exact" if _allocator is None else "exact after fast"
+    return True
+
+
+def fast_allocator() -> bool:
+    """Give training its speed back after measuring on the CPU: the static thresholds glibc's dynamic ones
+    settle at for large tensors (mmap 32 MiB, its 64-bit maximum; trim twice that); True where it applies.
+
+    The 64 KiB threshold batchlab measures with makes a training step 35-45% slower (benchmarks/RESULTS.md,
+    "glibc's mmap threshold"); glibc cannot return to its dynamic threshold, and with these a step runs as
+    fast as in a process batchlab never touched (measured, same page). Call it once your searches are done
+    and training follows in the same process (the Lightning, Ultralytics and Hugging Face integrations do).
+    A later measurement on the CPU still works, reading conservatively high: freed tensors then sit in the
+    heap, which each reading trims first (:meth:`CPUDevice._begin`) and the step faults back in.
+    """
+    global _allocator
+    libc = _libc()
+    if libc is None:
+        return False
+    libc.mallopt(_M_MMAP_THRESHOLD, FAST_MMAP_BYTES)
+    libc.mallopt(_M_TRIM_THRESHOLD, FAST_TRIM_BYTES)
+    _allocator = "fast"
+    return True
 
 
 def _read_status_kib(field: str) -> int:
@@ -180,7 +219,7 @@ class CPUDevice(Device):
     name = "cpu"
 
     def __init__(self) -> None:
-        self.malloc_threshold_fixed = fix_malloc_threshold()
+        self.glibc = exact_allocator()
         self._process = psutil.Process()
         self._exact_peak = sys.platform.startswith("linux") and self._clear_refs_works()
         self._sampler: _RSSSampler | None = None
@@ -212,13 +251,24 @@ class CPUDevice(Device):
         return process_capacity_bytes()
 
     def settings(self) -> dict[str, object]:
-        """What shapes the readings: how the peak is read and whether glibc's mmap threshold is fixed."""
-        return {"peak": self.peak_method, "malloc_mmap_threshold_fixed": self.malloc_threshold_fixed}
+        """What shapes the readings: how the peak is read and what the allocator did while measuring."""
+        if not self.glibc:
+            allocator = "not glibc: readings may include freed memory the allocator keeps"
+        elif _allocator == "exact after fast":
+            allocator = (
+                "glibc, mmap threshold 64 KiB after fast_allocator(): each reading trims the heap first"
+            )
+        else:
+            allocator = "glibc, mmap threshold 64 KiB (exact readings)"
+        return {"peak": self.peak_method, "allocator": allocator}
 
     def release(self) -> None:
         release_after_oom("cpu")
 
     def _begin(self) -> int:
+        exact_allocator()  # again, after a fast_allocator() since this device was made
+        if _allocator == "exact after fast":
+            _libc().malloc_trim(0)  # freed chunks must not serve this step unread (fast_allocator)
         if self._exact_peak:
             _CLEAR_REFS.write_text("5")
             return _read_status_kib("VmRSS")

@@ -17,6 +17,7 @@ import torch
 
 from batchlab import checks
 from batchlab.devices.base import Device
+from batchlab.devices.cpu import fast_allocator
 from batchlab.fit.records import FitResult, Probe
 from batchlab.fit.search import find_batch_size
 from batchlab.spec import parse_batch
@@ -61,11 +62,16 @@ class SearchOptions:
         preserve: Sequence[Any] = (),
         dataset_size: int | None = None,
         max_batch_size: int | None = None,
+        training_follows: bool = False,
     ) -> FitResult:
         """:func:`batchlab.find_batch_size` with these options; ``max_batch_size`` here is a further cap (the
-        smaller of it and the option's applies), ``default_device`` stands in for ``device=None``."""
+        smaller of it and the option's applies), ``default_device`` stands in for ``device=None``.
+
+        ``training_follows``: the caller trains in this process next (a framework's fit after its search); on
+        the CPU the allocator then gets its speed back (:func:`batchlab.devices.cpu.fast_allocator`).
+        """
         caps = [cap for cap in (self.max_batch_size, max_batch_size) if cap]
-        return find_batch_size(
+        result = find_batch_size(
             workload,
             device=self.device if self.device is not None else default_device,
             batch=self.batch,
@@ -77,3 +83,6 @@ class SearchOptions:
             on_probe=self.on_probe,
             state_copy=self.state_copy,
         )
+        if training_follows and result.device == "cpu":
+            fast_allocator()
+        return result

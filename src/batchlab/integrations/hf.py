@@ -157,7 +157,7 @@ def _fit(
 
     def search() -> int:
         # never more than one device's share of the target
-        results.append(options.run(workload, max_batch_size=-(-target // devices)))
+        results.append(options.run(workload, max_batch_size=-(-target // devices), training_follows=True))
         return results[0].batch_size
 
     import torch.distributed as dist

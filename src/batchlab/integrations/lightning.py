@@ -245,6 +245,7 @@ class BatchlabFinder(Callback):
                     default_device=str(pl_module.device),
                     dataset_size=self._dataset_cap(runner, world),
                     preserve=preserve,
+                    training_follows=True,
                 )
             )
             return results[0].batch_size

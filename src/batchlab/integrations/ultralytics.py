@@ -415,7 +415,11 @@ class _BatchlabTrainerMixin:
         criterion = getattr(model, "criterion", None)
         try:
             return options.search.with_changes(batch=batch).run(
-                step, default_device=str(self.device), dataset_size=dataset_size, preserve=preserve
+                step,
+                default_device=str(self.device),
+                dataset_size=dataset_size,
+                preserve=preserve,
+                training_follows=True,
             )
         finally:
             model.criterion = criterion  # the loss builds it lazily on the first step: leave it as it was

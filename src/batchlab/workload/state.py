@@ -135,14 +135,13 @@ class RNGState:
     python: Any
     numpy: Any
     torch_cpu: torch.Tensor
-    torch_cuda: list[torch.Tensor] | None
-    cuda_initialized: bool = False
+    torch_cuda: list[torch.Tensor] | None  # None: CUDA was not initialised when captured
 
     @classmethod
     def capture(cls) -> RNGState:
         initialized = torch.cuda.is_available() and torch.cuda.is_initialized()
         cuda = torch.cuda.get_rng_state_all() if initialized else None
-        return cls(random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda, initialized)
+        return cls(random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda)
 
     def restore(self) -> None:
         random.setstate(self.python)

@@ -30,11 +30,6 @@ BUILTIN: dict[str, Callable[..., Any]] = {
 }
 
 
-def describe_builtins() -> dict[str, str]:
-    """Name -> first line of the built-in's docstring, for ``--help`` and the README."""
-    return {name: (factory.__doc__ or "").strip().splitlines()[0] for name, factory in BUILTIN.items()}
-
-
 def load_workload(spec: str, *, device: str = "cpu") -> Any:
     """Build the workload a ``--workload`` spec names (see the module docstring for the forms)."""
     if not isinstance(spec, str) or not spec.strip():

@@ -135,10 +135,6 @@ class Task:
     def dataset_size(self) -> int:
         return len(self.data()[0][0])
 
-    @property
-    def description(self) -> str:
-        return _DESCRIPTIONS[self.name]
-
     def __call__(self, batch_size: int, lr: float, seed: int) -> SupervisedRun:
         train, val = self.data()
         with torch.random.fork_rng(devices=[]):

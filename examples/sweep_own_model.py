@@ -42,6 +42,6 @@ def make_workload() -> batchlab.Workload:
         lambda params: torch.optim.Adam(params, lr=1e-3),  # a sweep sets each run's lr on this optimizer
         dataset_size=N_TRAIN,
         name="my-mlp",
+        validation=validation,  # held-out (inputs, targets): what a sweep compares its runs on
     )
-    workload.validation = validation  # held-out (inputs, targets): what a sweep compares its runs on
     return workload

@@ -59,6 +59,9 @@ class Workload:
         grad_accum: micro-batches of size ``b`` per optimizer step; the batch size searched is the micro-batch.
         dataset_size: optional number of samples in the dataset; a search never answers more than this.
         name: a label for reports.
+        validation: held-out data a sweep compares its runs on: a batch in the form ``make_batch`` returns
+            (its loss is the validation loss) or a function ``model -> {"loss": ...}``; the other commands
+            ignore it (see :mod:`batchlab.sweeps.workload_run`).
     """
 
     def __init__(
@@ -72,6 +75,7 @@ class Workload:
         grad_accum: int = 1,
         dataset_size: int | None = None,
         name: str | None = None,
+        validation: Any = None,
     ):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"Workload model must be a torch.nn.Module, got {type(model).__name__}")
@@ -107,6 +111,7 @@ class Workload:
         self.grad_accum = grad_accum
         self.dataset_size = dataset_size
         self.name = name or type(model).__name__
+        self.validation = validation
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp == "fp16" else None
 
     def with_amp(self, amp: str | None) -> Workload:
@@ -114,7 +119,8 @@ class Workload:
         if parse_amp(amp) == self.amp:
             return self
         return Workload(self.model, self.make_batch, self.loss_fn, self.optimizer, amp=amp,
-                        grad_accum=self.grad_accum, dataset_size=self.dataset_size, name=self.name)  # fmt: skip
+                        grad_accum=self.grad_accum, dataset_size=self.dataset_size, name=self.name,
+                        validation=self.validation)  # fmt: skip
 
     @property
     def device(self) -> torch.device:

@@ -53,6 +53,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
+from batchlab import checks
 from batchlab.devices.base import Device, Measurement
 from batchlab.errors import FakeTensorError, WorkloadError
 from batchlab.memory import MemoryBreakdown
@@ -303,10 +304,8 @@ class FakeDevice(Device):
 
         Raises :class:`FakeTensorError` when the step needs real values or a kernel fake tensors lack.
         """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"invalid batch_size {batch_size!r}: expected a positive int")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"invalid steps {steps!r}: expected a positive int")
+        checks.integer("batch_size", batch_size)
+        checks.integer("steps", steps)
         torch_ = _torch_internals()
         started = time.perf_counter()
         work = self.workload

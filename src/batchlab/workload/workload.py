@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from batchlab import checks
 from batchlab.errors import WorkloadError
 from batchlab.memory import MemoryBreakdown
 from batchlab.spec import parse_amp
@@ -98,12 +99,8 @@ class Workload:
                 "Workload optimizer must be a torch.optim.Optimizer or a factory such as "
                 f"lambda params: torch.optim.AdamW(params, lr=1e-3); got {optimizer!r}"
             )
-        if isinstance(grad_accum, bool) or not isinstance(grad_accum, int) or grad_accum < 1:
-            raise ValueError(f"invalid grad_accum {grad_accum!r}: expected an int >= 1")
-        if dataset_size is not None and (
-            isinstance(dataset_size, bool) or not isinstance(dataset_size, int) or dataset_size < 1
-        ):
-            raise ValueError(f"invalid dataset_size {dataset_size!r}: expected a positive int or None")
+        checks.integer("grad_accum", grad_accum)
+        checks.integer("dataset_size", dataset_size, none=True)
         self.model = model
         self.make_batch = make_batch
         self.loss_fn = loss_fn

@@ -158,3 +158,19 @@ def print_breakdown(console: Console, breakdown: MemoryBreakdown, title: str, pe
             split.add_row(name.replace("_", " "), format_bytes(value))
     split.add_row("[bold]peak[/]", f"[bold]{format_bytes(peak_bytes)}[/]")
     console.print(split)
+
+
+def comma_list(text: str | None) -> list[str]:
+    """``"a, b,,c"`` -> ``["a", "b", "c"]``: the items of a comma-separated flag, blanks dropped."""
+    return [item.strip() for item in (text or "").split(",") if item.strip()]
+
+
+def comma_ints(flag: str, text: str, *, example: str = "8,16,32") -> list[int]:
+    """A comma-separated flag of positive ints (``--batch-sizes 8,16,32``), or one line naming the flag."""
+    try:
+        values = [int(item) for item in comma_list(text)]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise ValueError(f"invalid {flag} {text!r}: expected positive ints like {example}")
+    return values

@@ -8,7 +8,7 @@ import json
 from rich.console import Console
 from rich.table import Table
 
-from batchlab.cli.common import Display, add_workload_options, build_workload
+from batchlab.cli.common import Display, add_workload_options, build_workload, comma_ints, comma_list
 from batchlab.defaults import KNEE_THRESHOLD, WARMUP_STEPS
 from batchlab.optional import require
 from batchlab.profiling.analysis import SECONDS_PER_POINT
@@ -62,14 +62,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def _split(text: str | None) -> list[str]:
-    return [item.strip() for item in (text or "").split(",") if item.strip()]
-
-
 def parse_switches(text: str) -> list[bool]:
     """``"off,on"`` -> ``[False, True]``."""
     values = []
-    for item in _split(text):
+    for item in comma_list(text):
         if item.lower() not in _SWITCH:
             raise ValueError(f"invalid --checkpointing {text!r}: expected off, on or off,on")
         values.append(_SWITCH[item.lower()])
@@ -78,23 +74,11 @@ def parse_switches(text: str) -> list[bool]:
     return values
 
 
-def parse_sizes(text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        sizes = [int(item) for item in _split(text)]
-    except ValueError:
-        raise ValueError(f"invalid --batch-sizes {text!r}: expected positive ints like 8,16,32") from None
-    if not sizes or min(sizes) < 1:
-        raise ValueError(f"invalid --batch-sizes {text!r}: expected positive ints like 8,16,32")
-    return sizes
-
-
 def run(args: argparse.Namespace) -> int:
     # Validate every argument before building anything: a typo must not cost a model build.
     precisions = parse_precisions(args.precision)
     checkpointing = parse_switches(args.checkpointing)
-    sizes = parse_sizes(args.batch_sizes)
+    sizes = None if args.batch_sizes is None else comma_ints("--batch-sizes", args.batch_sizes)
     if args.memory_budget is not None:
         parse_bytes(args.memory_budget)
     if args.plot is not None:

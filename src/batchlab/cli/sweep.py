@@ -10,7 +10,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from batchlab import checks
 from batchlab.advice.scaling import RULES
+from batchlab.cli.common import comma_ints
 from batchlab.sweeps import (
     AUTO_MIN_BATCH,
     DEFAULT_DIRECTORY,
@@ -23,16 +25,6 @@ from batchlab.sweeps import (
 )
 from batchlab.units import format_bytes
 from batchlab.workloads.tasks import ConfiguredFactory, describe_tasks, load_task
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
-    return values
 
 
 def _floats(text: str) -> list[float]:
@@ -154,13 +146,16 @@ def _target(args: argparse.Namespace) -> Target | None:
 def run(args: argparse.Namespace) -> int:
     # Validate everything before building a model or starting MLflow/Ray.
     budget, target = _budget(args), _target(args)
-    batch_sizes = "auto" if args.batch_sizes.strip().lower() == "auto" else _ints(args.batch_sizes)
+    batch_sizes = (
+        "auto"
+        if args.batch_sizes.strip().lower() == "auto"
+        else comma_ints("--batch-sizes", args.batch_sizes, example="16,64,256")
+    )
     if args.no_tracking and args.tracking_uri:
         raise ValueError("give --tracking-uri or --no-tracking, not both")
     if args.ray_address is not None and args.backend != "ray":
         raise ValueError(f"--ray-address {args.ray_address} needs --backend ray")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"invalid --threads {args.threads!r}: expected an integer >= 1")
+    checks.integer("--threads", args.threads, none=True)
     factory = load_task(
         args.workload,
         device=args.device,

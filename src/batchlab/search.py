@@ -231,6 +231,20 @@ def upper_slope(probes: Sequence[Probe], lo_probe: Probe, created_bytes: int = 0
     return max(line.bytes_per_sample if line else 0.0, max(step_bytes, 0) / lo_probe.batch_size)
 
 
+def _clearly_over(
+    line: MemoryLine, size: int, budget: int, probes: Sequence[Probe], multiple_of: int
+) -> bool:
+    """Whether the line puts ``size`` over the budget by more than half a step and more than it has been off.
+
+    Then trying it is an out-of-memory error for nothing. Half a step at least, as one measured error can be
+    small by chance: over 5,000 simulated shapes (tests/test_search.py) with the error alone, 3 answers lost a
+    sample they had (0.96 of 23-33); with half a step as the floor -- also before any error is measured --
+    none.
+    """
+    over = line.peak(size) - budget
+    return over > max([*_prediction_errors(probes), line.bytes_per_sample * multiple_of / 2])
+
+
 def _failed_tail(probes: Sequence[Probe]) -> set[int]:
     """The sizes of the failures that ended the probe history (none if the last probe fit)."""
     tail: set[int] = set()
@@ -298,23 +312,25 @@ def next_candidate(
     """Decide the next batch size to try from the probes so far (pure; no torch, no device).
 
     Returns ``Decision(None, reason=...)`` when the search is done: the bracket is closed, the cap is reached,
-    or the next candidate would move the answer by less than ``TOLERANCE`` -- and the largest fit is verified.
+    or the next candidate would move the answer by less than ``TOLERANCE`` -- and the largest fit ran in full
+    after the last out-of-memory error. That error may leave the process heavier (on the CPU the first one pages
+    in ~4 MiB of torch's unwinder for good: 50 of 50 later steps at cnn's answer read 2-3 MiB over the budget,
+    benchmarks/RESULTS.md), and the answer must fit the process as the search leaves it.
 
     Scouts: a size that would not be the answer as it stands -- the growth that feeds the line, an estimate's
-    jump, a bracket's refinement, the step past a prediction -- runs as a scout (``Decision.scout``): one step
-    at the smallest verified fit, from the user's state, creates the optimizer state (and, under fp16, the
-    skip patch's, :mod:`batchlab.skipped_steps`); one step at the size then runs with it. That step holds what
-    a verified probe's second step holds -- the optimizer state, the gradients, the size's activations -- and
-    meets the size's first-shape costs, so its peak is the verified probe's (measured on the CPU: gpt 1075.0 /
-    1075.1 MiB, resnet 948.2 / 948.3 MiB at 16, scout / full), at one step at the size instead of two: on the
-    CPU benchmark a growth probe at 16 took 0.64 s instead of 1.59 s (resnet); over 5,000 simulated memory
-    shapes (tests/test_search.py) the searches' cost in sample-steps fell 15% (median) and 23% (95th
-    percentile) at the same answers, and 21% / 23% with the step past a prediction left out where the line
-    puts it clearly over.
-    A size that would be the answer if it fit -- a prediction from below, the hard-limit guard's size, one
-    that closes the bracket -- runs in full. A scout is never an answer: when the search would stop on one,
-    the next decision is that size's full run (``VERIFY_LARGEST``); each size counts by its latest probe
-    (:func:`latest_probes`), so a scout that fit and then failed in full does not fit.
+    jump, a bracket's refinement -- runs as a scout (``Decision.scout``): one step at the smallest verified fit,
+    from the user's state, creates the optimizer state (and, under fp16, the skip patch's,
+    :mod:`batchlab.skipped_steps`); one step at the size then runs with it. That step holds what a verified
+    probe's second step holds -- the optimizer state, the gradients, the size's activations -- and meets the
+    size's first-shape costs, so its peak is the verified probe's (measured on the CPU: gpt 1075.0 / 1075.1
+    MiB, resnet 948.2 / 948.3 MiB at 16, scout / full), at one step at the size instead of two: on the CPU
+    benchmark a growth probe at 16 took 0.64 s instead of 1.59 s (resnet); over 5,000 simulated memory shapes
+    (tests/test_search.py) the searches' cost in sample-steps fell 15% (median) and 23% (95th percentile) at
+    the same answers. A size that may be the answer as it stands -- a prediction from below, the step past it,
+    the hard-limit guard's size, one that closes the bracket -- runs in full. A scout is never an answer: when
+    the search would stop on one, the next decision is that size's full run (``VERIFY_LARGEST``); each size
+    counts by its latest probe (:func:`latest_probes`), so a scout that fit and then failed in full does not
+    fit.
 
     ``estimate`` (optional, e.g. from :func:`batchlab.estimate_memory_line`) stands in for the memory line
     while the probes cannot give one (fewer than two measured sizes): its slope, anchored on the largest
@@ -326,8 +342,10 @@ def next_candidate(
     """
     decision = _next_size(probes, budget_bytes, multiple_of, cap, hard_limit_bytes, estimate, created_bytes)
     largest = largest_fit(probes)
-    if decision.batch_size is None and largest is not None and not largest.verified:
-        return Decision(largest.batch_size, largest.peak_bytes, VERIFY_LARGEST)
+    if decision.batch_size is None and largest is not None:
+        last_oom = max((i for i, p in enumerate(probes) if p.outcome == "oom"), default=-1)
+        if not largest.verified or next(i for i, p in enumerate(probes) if p is largest) < last_oom:
+            return Decision(largest.batch_size, largest.peak_bytes, VERIFY_LARGEST)
     return decision
 
 
@@ -386,7 +404,9 @@ def _next_size(
     if hi is not None:
         last = probes[-1]
         last_two_failed = len(_failed_tail(probes)) >= 2  # two sizes in a row (a retry of one is one)
-        no_peak = not last.fits and last.peak_bytes is None  # an OOM says nothing about the slope
+        # An OOM says nothing about the slope -- unless the line expected it (the step past a prediction).
+        expected = last.predicted_peak_bytes is not None and last.predicted_peak_bytes > budget_bytes
+        no_peak = not last.fits and last.peak_bytes is None and not expected
         # A secant step that would not cut at least a quarter of the bracket is too timid (a stale margin after
         # a jump): bisect instead, so the bracket always shrinks geometrically.
         bold = max(lo * (1 + TOLERANCE), lo + (hi - lo) / 4) <= _align(target, multiple_of) < hi
@@ -404,19 +424,16 @@ def _next_size(
     settled = candidate <= lo or (
         hi is None and how == "line prediction" and (candidate - lo) / lo < TOLERANCE
     )
-    if settled and hi is None and how == "line prediction" and multiple_of / lo >= TOLERANCE:
-        # At small sizes one more sample is more than 1%: try it rather than trust the rounding of the line --
-        # unless the line puts it over the budget by more than half a sample and by more than it has been
-        # off at the probes that measured it: then the try is an out-of-memory error for nothing (on the CPU
-        # one costs the process ~4 MiB for good, benchmarks/RESULTS.md). Half a sample, as one measured error
-        # can be small by chance: over 5,000 simulated shapes with the error alone, 3 answers lost a sample
-        # they had (0.96 of 23-33); with both, none.
-        step_up = lo + multiple_of
-        errors = _prediction_errors(probes)
-        over = line.peak(step_up) - budget_bytes
-        clearly_over = bool(errors) and over > max(*errors, line.bytes_per_sample * multiple_of / 2)
-        if (cap is None or step_up <= cap) and not clearly_over:
-            return Decision(step_up, int(line.peak(step_up)), "one step past the prediction", scout=True)
+    # At small sizes one more sample is more than 1%: try the size past the prediction rather than trust the
+    # rounding of the line -- in full, as it may be the answer, and before the prediction itself, so that the
+    # prediction's run (which then closes the bracket) comes after the out-of-memory error the step past
+    # usually is: the answer must fit the process as the search leaves it (see next_candidate).
+    base = lo if settled else candidate  # the size the line puts at the budget: the largest fit, or untried
+    past = base + multiple_of
+    from_below = hi is None and how == "line prediction" and not seeded
+    if from_below and multiple_of / base >= TOLERANCE and (cap is None or past <= cap):
+        if not _clearly_over(line, past, budget_bytes, probes, multiple_of):
+            return Decision(past, int(line.peak(past)), "one step past the prediction")
     if settled:
         return Decision(None, reason=stop_reason)
     predicted = int(line.peak(candidate)) if line else None
@@ -641,6 +658,7 @@ def find_batch_size(
         return probe
 
     moved_copy_at: int | None = None  # the size whose out-of-memory error sent the state copy to disk
+    retried = False  # and whether that size ran again
 
     def move_copy_to_disk() -> bool:
         """Take the state copy out of the measured process (CPU); False where it must stay in RAM."""
@@ -660,17 +678,17 @@ def find_batch_size(
         """:func:`run`, and once more with the state copy on disk where the copy may be what ran out.
 
         Readings are net of the copy, but a limit that raises (RLIMIT_AS, an allocator's, an emulated budget)
-        counts the whole process: the first out-of-memory error with the copy in the measured process, at a
-        size the line did not put above the budget, may be the copy's -- which the user's run will not hold.
-        The copy then goes to disk for the rest of the search and the size runs again. Measured in
+        counts the whole process: after the first out-of-memory error with the copy in the measured process,
+        the copy goes to disk for the rest of the search (from then on it could only cost sizes the user's run
+        can hold), and the size runs again unless the line expected it not to fit. Measured in
         benchmarks/autobatch.py (the emulated OOM at the budget): a 14 MiB copy made gpt fail at 22 of 22.
         """
-        nonlocal moved_copy_at
+        nonlocal moved_copy_at, retried
         probe = run(batch_size, predicted, scout)
-        explained = predicted is not None and predicted > budget  # the line expected it not to fit
-        if probe.outcome == "oom" and not explained and own_bytes and state_copy != "memory":
-            if move_copy_to_disk():
-                moved_copy_at = batch_size
+        if probe.outcome == "oom" and own_bytes and state_copy != "memory" and move_copy_to_disk():
+            moved_copy_at = batch_size
+            if predicted is None or predicted <= budget:  # not explained by the line
+                retried = True
                 probe = run(batch_size, predicted, scout)
         return probe
 
@@ -691,13 +709,6 @@ def find_batch_size(
                     created_bytes=_optimizer_state_created(probes, before),
                 )
                 if decision.batch_size is None:
-                    answer = largest_fit(probes, verified=True)
-                    if isinstance(dev, CPUDevice) and answer is not None and _oom_after(probes, answer):
-                        # On the CPU the first out-of-memory error that unwinds through torch pages in ~4 MiB
-                        # of its unwinder for good (RssFile; benchmarks/RESULTS.md): an answer verified before
-                        # a later error must fit the process as the search leaves it, so it runs again.
-                        run_and_retry(answer.batch_size, answer.peak_bytes)
-                        continue
                     stop_reason = decision.reason
                     break
                 if decision.reason == BATCH_ONE_FALLBACK:
@@ -728,7 +739,8 @@ def find_batch_size(
         notes.append(
             f"batch {moved_copy_at} ran out of memory with batchlab's state copy "
             f"({format_bytes(copy_in_ram_bytes)}) in the process, which your run will not hold: the copy moved "
-            f"to disk ({format_bytes(snapshot.disk_bytes)}) and batch {moved_copy_at} ran again"
+            f"to disk ({format_bytes(snapshot.disk_bytes)})"
+            + (f" and batch {moved_copy_at} ran again" if retried else "")
         )
     elif snapshot.storage == "disk":
         notes.append(f"the state copy ({format_bytes(snapshot.disk_bytes)}) was kept on disk, not in RAM")
@@ -776,12 +788,6 @@ def _optimizer_state_created(probes: Sequence[Probe], before: dict[str, int] | N
         if probe.tensor_bytes is not None and before is not None:
             return max(probe.tensor_bytes["optimizer_state"] - before["optimizer_state"], 0)
     return 0
-
-
-def _oom_after(probes: Sequence[Probe], probe: Probe) -> bool:
-    """Whether an out-of-memory error came after ``probe`` (one of ``probes``)."""
-    later = probes[[id(p) for p in probes].index(id(probe)) + 1 :]
-    return any(p.outcome == "oom" for p in later)
 
 
 def _net_hard_limit(gross_limit: int | None, own_bytes: int) -> int | None:

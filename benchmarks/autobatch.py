@@ -2,41 +2,54 @@
 
 Usage (from the repository root, with the project's virtualenv):
 
-    python benchmarks/autobatch.py                                   # CPU: cnn, resnet, gpt (~20-35 min)
+    python benchmarks/autobatch.py                                   # CPU: 5 workloads (~35-45 min)
     python benchmarks/autobatch.py --workloads cnn --check-steps 3   # a quick smoke run
     python benchmarks/autobatch.py --cuda                            # GPU: emulated 16/24/40/80 GiB cards
 
-What runs, per workload (on the CPU each role in a fresh process -- see "Processes" below):
+Workloads (CPU): the built-ins cnn, resnet and gpt in fp32, and two mixed-precision ones defined here
+(:func:`build_workload`): resnet-bf16 (bf16 autocast) and gpt-fp16 (fp16 autocast with a GradScaler that skips
+the first 6 steps from its starting scale, so the optimizer state first exists at step 7).
 
-- ``truth``: the largest batch whose two training steps from the user's starting state stay within the
-  budget, found exhaustively: sizes 1, 2, 4, ... until one exceeds the budget, then bisection over every
-  integer in the last bracket, each try two real steps from the restored state. The answer must fit in two
+What each tool is given -- the same signal, the same budget, the same start:
+
+- **The budget** is 0.90 x a capacity chosen per workload (``CPU_CAPACITY``), counted as the whole process's
+  peak resident memory. **The signal** is one emulated out-of-memory error, raised for every tool alike: on
+  the CPU the process's peak (VmHWM, reset by ``/proc/self/clear_refs``) is read after every aten op by a
+  ``TorchDispatchMode`` (~4 us a read), and the moment it exceeds the budget the step raises
+  ``torch.OutOfMemoryError("DefaultCPUAllocator: can't allocate memory: emulated ...")`` -- mid-step, as a real
+  allocator does, so no search ever holds more than the budget plus one op's output. A RuntimeError with one
+  argument: Lightning's ``is_oom_error``, Accelerate's ``should_reduce_batch_size`` and batchlab's classifier
+  all recognise it, and each tool's own recovery runs (batchlab's: the device releases after its except block,
+  :func:`batchlab.devices.release.release_after_oom`). Nothing else is given: no tool is told the budget except
+  batchlab, whose API takes one.
+- ``batchlab``: ``find_batch_size(workload, batch=-1, memory_budget=capacity)`` -- its own check at 0.90 x
+  capacity, the very threshold the guard raises at. The check reads the same counter net of batchlab's state
+  copy (its user's run will not hold the copy) while the guard counts the whole process, so the guard always
+  fires first: every size over the budget reaches batchlab as the raised error, exactly as for the others,
+  and the copy counts against batchlab wherever the guard sees it (batchlab then moves it to disk).
+- ``lightning-power`` / ``lightning-binsearch``: the real ``Tuner.scale_batch_size`` (BatchSizeFinder) on a
+  LightningModule that wraps the workload: manual optimization, so ``training_step`` runs the user's whole
+  step -- forward and loss under the workload's autocast, backward (scaled by the workload's GradScaler under
+  fp16) and ``optimizer.step()`` (``scaler.step``/``update`` under fp16, so a skipped step is no optimizer step
+  to Lightning either); a DataLoader over batches drawn from the workload's own ``make_batch``; the
+  ``batch_size`` attribute. Lightning's defaults: init_val 2, 3 steps per trial, 5% margin (binsearch).
+- ``accelerate``: the real ``accelerate.utils.find_executable_batch_size`` around a function that restores the
+  user's starting state (the scaler's scale too) and runs two training steps -- a restarted training run, as
+  the decorator expects. ``starting_batch_size=1024`` on the CPU (see ``ACCELERATE_START``).
+- ``ultralytics`` (CUDA only, image workloads, when importable): ``ultralytics.utils.autobatch.autobatch``.
+- **The start**: every role in a fresh process, the same weights, resident baseline and caches (below).
+
+The ground truth:
+
+- ``truth``: the largest batch whose steps from the user's starting state, up to the second *applied*
+  optimizer step (:func:`measure`: two steps in fp32/bf16, eight for gpt-fp16, whose scaler skips six), stay
+  within the budget, found exhaustively: sizes 1, 2, 4, ... until one exceeds the budget, then bisection over
+  every integer in the last bracket, each try real steps from the restored state. The answer must fit in two
   readings (a size that fit once and not again steps it down), and the peaks of the sizes that fit are
   checked to rise with the batch -- monotonicity is what makes bisection exhaustive. Then ``truth-edge``, in
   a fresh process, walks up from that answer while a size fits twice: a process that ran over-budget tries
-  reads a few MiB high afterwards, so the edge is settled where only fitting sizes, in rising order, ran.
-- ``batchlab``: ``find_batch_size(workload, batch=-1, memory_budget=capacity)`` -- its own budget check at
-  0.90 x capacity (batchlab's default fraction), i.e. the same threshold the others are given.
-- ``lightning-power`` / ``lightning-binsearch``: the real ``Tuner.scale_batch_size`` (BatchSizeFinder) on a
-  LightningModule that wraps the workload: manual optimization, so ``training_step`` runs the whole step --
-  forward, loss, backward and ``optimizer.step()``; a DataLoader over batches drawn from the workload's own
-  ``make_batch``; the ``batch_size`` attribute. Lightning's defaults: init_val 2, 3 steps per trial, 5% margin
-  (binsearch).
-- ``accelerate``: the real ``accelerate.utils.find_executable_batch_size`` around a function that restores the
-  user's starting state and runs two training steps -- a restarted training run, as the decorator expects.
-  ``starting_batch_size=1024`` on the CPU (see ``ACCELERATE_START``).
-- ``ultralytics`` (CUDA only, image workloads, when importable): ``ultralytics.utils.autobatch.autobatch``.
-
-The out-of-memory signal is the same for every tool. A budget is 0.90 x a capacity chosen per workload. On the
-CPU the whole process's peak resident memory is read exactly (``/proc/self/clear_refs`` resets VmHWM before
-each step; VmHWM is read after every aten op by a ``TorchDispatchMode``, ~4 us a read), and the moment it
-exceeds the budget the step raises ``torch.OutOfMemoryError("DefaultCPUAllocator: can't allocate memory:
-emulated ...")`` -- a RuntimeError with one argument, which Lightning's ``is_oom_error``, Accelerate's
-``should_reduce_batch_size`` and batchlab's classifier all recognise. Raising mid-step, as a real allocator
-does, also keeps a doubling search from ever holding more than the budget plus one op's output. batchlab gets
-no raising guard: it reads the same counters through its CPUDevice and applies the same threshold itself. Its
-steps still run under the same per-op watch (reading, not raising below a 2x-capacity runaway ceiling), so
-every tool pays the same measuring overhead.
+  reads a few MiB high afterwards (the first raised error pages in ~4 MiB of the unwinder's code, measured on
+  resnet), so the edge is settled where only fitting sizes, in rising order, ran -- a user's fresh run.
 
 An error raised inside backward leaves the failed graph's activations queued in the autograd engine until
 the next backward (see :func:`flush_autograd`; pytorch/pytorch#82218) -- with a real allocator error as with
@@ -44,13 +57,16 @@ the emulated one. The tools meet that as they would for real; only the ground tr
 
 After each tool, the state the user started from is restored and 50 further steps run at the tool's answer
 in the same process (the tool's leftovers still resident, as they would be for the user); the table reports
-the largest per-step peak and how many steps went over the budget.
+the largest per-step peak and how many steps went over the budget, and the JSON which steps and the first
+step that ran with the optimizer state (``state_from_step``: 2, or later where a GradScaler skipped). Every
+step's wall time is recorded (``tries``, and ``step_times``: per distinct size, its first step against its
+later ones -- first-shape costs).
 
 Processes (CPU): every role runs in a fresh interpreter that imports torch, Lightning, Accelerate and
-batchlab, sets glibc's mmap threshold (batchlab's ``fix_malloc_threshold``, for repeatable readings), seeds,
+batchlab, sets glibc's mmap threshold (batchlab's ``exact_allocator``, for repeatable readings), seeds,
 and builds the workload -- so every tool starts from the same weights (fingerprint checked) and the same
-resident baseline, and no tool inherits another's heap or oneDNN cache (``ONEDNN_CACHE_OFF``). Wall time is
-the tool's call alone (not imports or model building).
+resident baseline, and no tool inherits another's heap or per-shape caches (oneDNN's and PyTorch's, held at
+zero or one entry: ``ONEDNN_CACHE_OFF``). Wall time is the tool's call alone (not imports or model building).
 
 CUDA (``--cuda``), kept apart in :func:`run_cuda`: the same roles on emulated cards
 (``set_per_process_memory_fraction``), all in one process, with the budget at 0.90 x the card, the peak from
@@ -84,13 +100,18 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from batchlab import find_batch_size, format_bytes, parse_bytes
-from batchlab.devices.cpu import fix_malloc_threshold
+from batchlab import Workload, find_batch_size
+from batchlab.devices.cpu import exact_allocator
+from batchlab.units import format_bytes, parse_bytes
 from batchlab.workloads import load_workload
 
 FRACTION = 0.90  # batchlab's DEFAULT_FRACTION (spec.py); every tool is held to fraction x capacity
 SEED = 0  # every process builds the same weights from this seed
 PROBE_STEPS = 2  # truth and accelerate tries: step 1 creates optimizer state, step 2 runs with it
+# The truth counts *applied* optimizer steps: a GradScaler that skips (fp16 overflow) delays the optimizer state,
+# so a truth probe runs until PROBE_STEPS steps were applied -- the user's run meets the state at its first
+# applied step -- and gives up (the size does not settle) after this many steps; gpt-fp16 skips 6 (measured).
+MAX_PROBE_STEPS = 16
 CHECK_STEPS = 50  # further steps at each answer, from the user's starting state (issue 2, item 7)
 # Accelerate only ever goes down (x0.9 per OOM), so it needs a start above the answer. Its default, 128, is
 # returned untested against anything larger whenever 128 fits; 1024 (CPU) is a round guess well above every
@@ -100,11 +121,22 @@ ACCELERATE_START = {"cpu": 1024, "cuda": 65536}
 TRUTH_LIMIT = 2**16  # the exhaustive search refuses to go further (no CPU or emulated card here gets near)
 CEILING_FACTOR = 2.0  # runaway guard for the machine (CPU): no step may pass 2x capacity, whoever runs it
 DATASET_LENGTH = 10**7  # Lightning stops at len(dataset); synthetic batches are drawn lazily, so no cost
-# Capacities (CPU): 0.9 x these puts the true max at ~20-70 samples, where one step takes ~1.1-1.3 s on an
-# unloaded core; each workload took ~7 minutes here (~270 steps near its max, 200 of them in the checks).
-# The process alone is ~410-490 MiB (torch, Lightning, Accelerate, the model): the rest is the batch's.
-CPU_CAPACITY = {"cnn": "768MiB", "resnet": "768MiB", "gpt": "832MiB"}
-CPU_WORKLOADS = ("cnn", "resnet", "gpt")  # mlp-digits is left out: its answer is capped by its 1797 samples
+# Capacities (CPU): 0.9 x these puts the true max at ~12-70 samples, where one step takes ~1-2 s on an
+# unloaded core. The process alone is ~830-900 MiB with torch 2.14.1's CUDA build (torch ~510 MiB, Lightning
+# ~300 MiB, the model); with 2.13.0's CPU build it was ~410-490 MiB and cnn/resnet/gpt ran at 768/768/832 MiB.
+# Measured here (MiB per sample / fixed MiB, to the second applied optimizer step, caches off as below):
+# cnn 3.81 / 836, resnet 5.88 / 855, gpt 11.3 / 895, resnet-bf16 ~3.0 / 856, gpt-fp16 7.72 / 900 -- whose
+# steps are the slowest (~0.18 s per sample), hence its smaller max (~12.5).
+CPU_CAPACITY = {
+    "cnn": "1216MiB",
+    "resnet": "1216MiB",
+    "gpt": "1280MiB",
+    "resnet-bf16": "1152MiB",
+    "gpt-fp16": "1107MiB",
+}
+# mlp-digits is left out: its answer is capped by its 1797 samples. The two mixed-precision workloads are
+# defined here (:func:`build_workload`).
+CPU_WORKLOADS = ("cnn", "resnet", "gpt", "resnet-bf16", "gpt-fp16")
 CPU_TOOLS = ("batchlab", "lightning-power", "lightning-binsearch", "accelerate")
 CUDA_CARDS_GIB = (16, 24, 40, 80)
 # The GPU check (benchmarks/gpu_check.sh) gives this script ~200 s for all four cards: 10 steps per check
@@ -117,8 +149,17 @@ ROOT = Path(__file__).resolve().parent
 # resident: measured here on resnet, +19 MiB after 8 new sizes (~2.4 MiB each, ~0.4 samples), +4 MiB with
 # the cache off. Left on, the true max depends on which sizes a process tried before, and a search that
 # tries many sizes (Accelerate from 1024 tries ~30) shrinks its own budget. Off in every process (costs
-# ~15% conv speed, the same for all); --onednn-cache keeps the default to show the effect.
-ONEDNN_CACHE_OFF = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0", "DNNL_PRIMITIVE_CACHE_CAPACITY": "0"}
+# ~15% conv speed, the same for all); --onednn-cache keeps the default to show the effect. The "+4 MiB" left
+# is PyTorch's own per-shape cache of oneDNN computations (ideep's LRU, LRU_CACHE_CAPACITY, default 1024):
+# measured with torch 2.14.1, RssAnon grows per new batch size by ~0.5 MiB (resnet), ~1.5 MiB (resnet-bf16)
+# and ~4.5 MiB (gpt-fp16: 2 samples after 4 sizes), and not at all with a capacity of 1 (0 crashes). It is
+# held at 1 in every process too: no step time changed (cnn, resnet, resnet-bf16, gpt) except gpt-fp16's,
+# whose fp16 matmuls then re-pack their weights every call (~2x slower, the same for all tools).
+ONEDNN_CACHE_OFF = {
+    "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0",
+    "DNNL_PRIMITIVE_CACHE_CAPACITY": "0",
+    "LRU_CACHE_CAPACITY": "1",
+}
 
 log = logging.getLogger("autobatch")
 
@@ -134,7 +175,7 @@ class CPUMeter:
     name = "cpu"
 
     def __init__(self) -> None:
-        fix_malloc_threshold()  # batchlab's: 64 KiB mmap threshold, so freed tensors leave RSS (repeatable)
+        exact_allocator()  # batchlab's: 64 KiB mmap threshold, so freed tensors leave RSS (repeatable)
         self._status = os.open("/proc/self/status", os.O_RDONLY)
         self.reset()  # fails here, not mid-benchmark, where clear_refs is not writable
 
@@ -213,6 +254,7 @@ class StepEvent:
     batch_size: int
     peak_bytes: int
     outcome: str  # "ok" | "oom" (emulated, over the budget) | "ceiling" (runaway guard) | "error"
+    seconds: float  # the step's wall time, to its end or to the raise
 
 
 class _GuardedStep:
@@ -230,19 +272,23 @@ class _GuardedStep:
     def __enter__(self) -> None:
         if self.reset:
             self.guard.meter.reset()
+        self.started = time.perf_counter()
         self.watch.__enter__()
 
     def __exit__(self, exc_type, exc, traceback) -> bool:
         self.watch.__exit__(exc_type, exc, traceback)
+        seconds = time.perf_counter() - self.started
         peak = self.guard.meter.peak()
         if exc_type is None:
             late = self.watch.over_limit()  # anything allocated outside an aten op
-            self.guard.events.append(StepEvent(self.batch_size, peak, self._kind() if late else "ok"))
+            kind = self._kind() if late else "ok"
+            self.guard.events.append(StepEvent(self.batch_size, peak, kind, seconds))
             if late:
                 raise self.watch.error()
             return False
         emulated = issubclass(exc_type, torch.OutOfMemoryError) and "emulated by benchmarks/" in str(exc)
-        self.guard.events.append(StepEvent(self.batch_size, peak, self._kind() if emulated else "error"))
+        kind = self._kind() if emulated else "error"
+        self.guard.events.append(StepEvent(self.batch_size, peak, kind, seconds))
         return False  # propagate unchanged
 
     def _kind(self) -> str:
@@ -320,7 +366,7 @@ def setup(workload_name: str, device: str, capacity: int) -> Context:
     random.seed(SEED)
     np.random.seed(SEED)
     torch.manual_seed(SEED)
-    workload = load_workload(workload_name, device=device)
+    workload = build_workload(workload_name, device)
     return Context(
         name=workload_name,
         workload=workload,
@@ -332,6 +378,33 @@ def setup(workload_name: str, device: str, capacity: int) -> Context:
         ceiling=ceiling,
         fingerprint=fingerprint(workload.model),
     )
+
+
+def per_sequence_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Token cross-entropy summed over each sequence and averaged over sequences (gpt-fp16's loss)."""
+    flat = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
+    )
+    return flat / targets.shape[0]
+
+
+def build_workload(name: str, device: str) -> Workload:
+    """A built-in workload, or one of the two mixed-precision variants defined here.
+
+    - ``resnet-bf16``: the resnet built-in under bf16 autocast (no GradScaler: bf16 has fp32's range).
+    - ``gpt-fp16``: the gpt built-in under fp16 autocast with a GradScaler, its loss summed over each
+      sequence's 128 tokens (:func:`per_sequence_loss`, as much sequence code writes it) instead of averaged.
+      At the scaler's starting scale (2^16) the scaled gradients overflow: measured here, the scaler skips the
+      first 6 steps at every batch size tried (2, 8, 24) and applies the 7th, so AdamW's state (2x the
+      parameters, 28 MiB) first exists at step 7 -- after any 2- or 3-step try that restarts from the user's
+      state. That is the case where a search can miss the optimizer state (issue 10, item 1).
+    """
+    if name == "resnet-bf16":
+        return load_workload("resnet", device=device).with_amp("bf16")
+    if name == "gpt-fp16":
+        base = load_workload("gpt", device=device)
+        return Workload(base.model, base.make_batch, per_sequence_loss, base.optimizer, amp="fp16", name=name)
+    return load_workload(name, device=device)
 
 
 def flush_autograd(device: str) -> None:
@@ -347,19 +420,30 @@ def flush_autograd(device: str) -> None:
     (leaf * 1).sum().backward()
 
 
-def measure(ctx: Context, guard: Guard, batch_size: int, steps: int) -> tuple[int | None, list[int]]:
-    """Run ``steps`` steps at ``batch_size`` from the restored state; (max peak or None if aborted, peaks)."""
+def measure(ctx: Context, guard: Guard, batch_size: int) -> tuple[int | None, list[int]]:
+    """Steps at ``batch_size`` from the restored state until ``PROBE_STEPS`` optimizer steps were applied
+    (a GradScaler's skipped steps do not count: the state they delay is what the user's run meets next);
+    (max peak, or None if a step was aborted, and every step's peak)."""
     ctx.restore()
-    peaks, aborted = [], False
-    for _ in range(steps):
-        try:
-            with guard.step(batch_size):
-                ctx.workload.step(batch_size)
-        except torch.OutOfMemoryError:  # over the budget (truth), or the emulated card's real wall (CUDA)
-            aborted = True
-        peaks.append(guard.events[-1].peak_bytes)
-        if aborted:
-            break
+    peaks, aborted, applied = [], False, []
+    handle = ctx.workload.optimizer.register_step_post_hook(lambda *_: applied.append(True))
+    try:
+        while len(applied) < PROBE_STEPS:
+            if len(peaks) == MAX_PROBE_STEPS:
+                raise SystemExit(
+                    f"batch {batch_size}: {MAX_PROBE_STEPS} steps applied only {len(applied)} optimizer steps "
+                    "(the GradScaler keeps skipping); the true max is undefined"
+                )
+            try:
+                with guard.step(batch_size):
+                    ctx.workload.step(batch_size)
+            except torch.OutOfMemoryError:  # over the budget (truth), or the emulated card's wall (CUDA)
+                aborted = True
+            peaks.append(guard.events[-1].peak_bytes)
+            if aborted:
+                break
+    finally:
+        handle.remove()
     if aborted:
         flush_autograd(ctx.device)
     ctx.restore()  # outside the except block: its traceback held the step's tensors
@@ -369,7 +453,8 @@ def measure(ctx: Context, guard: Guard, batch_size: int, steps: int) -> tuple[in
 def role_truth(ctx: Context, args) -> dict[str, Any]:
     """The true largest batch at the budget: doubling, then bisection over every integer in the bracket.
 
-    A size fits when both steps of a probe stay within the budget. The answer must fit in two readings: at
+    A size fits when every step of a probe (:func:`measure`: to the second applied optimizer step) stays within
+    the budget. The answer must fit in two readings: at
     the edge, whole-process readings differ by 1-2 MiB from probe to probe, so a size that fit once and not
     again steps the answer down by one until a size fits twice (``edge`` in the JSON shows what happened).
     """
@@ -378,7 +463,7 @@ def role_truth(ctx: Context, args) -> dict[str, Any]:
     readings: dict[int, list[int | None]] = {}
 
     def fits(batch_size: int) -> bool:
-        peak, _ = measure(ctx, guard, batch_size, PROBE_STEPS)
+        peak, _ = measure(ctx, guard, batch_size)
         readings.setdefault(batch_size, []).append(peak)
         log.info("truth b=%d peak %s", batch_size, format_bytes(peak))
         return peak is not None and peak <= ctx.budget
@@ -432,14 +517,14 @@ def role_truth_edge(ctx: Context, args) -> dict[str, Any]:
     process read b=65 ~6 MiB above the line through its smaller sizes, after six failed tries above it;
     a process that never went over read b=67 on the line). So the bisection runs in one process and its
     edge is settled here, where only sizes that fit, in rising order, have run -- the history any search
-    that climbs from below would have. A size fits when both of two probes (two steps each) stay within the
+    that climbs from below would have. A size fits when both of two probes (:func:`measure`) stay within the
     budget; the walk stops at the first size that does not (or walks down if the start does not fit).
     """
     guard = ctx.guard(enforce=True)
     readings: dict[int, list[int | None]] = {}
 
     def fits_twice(batch_size: int) -> bool:
-        peaks = [measure(ctx, guard, batch_size, PROBE_STEPS)[0] for _ in range(2)]
+        peaks = [measure(ctx, guard, batch_size)[0] for _ in range(2)]
         readings[batch_size] = peaks
         log.info("edge b=%d peaks %s", batch_size, [format_bytes(p) for p in peaks])
         return all(p is not None and p <= ctx.budget for p in peaks)
@@ -462,7 +547,14 @@ def role_truth_edge(ctx: Context, args) -> dict[str, Any]:
 
 
 def role_batchlab(ctx: Context, args) -> dict[str, Any]:
-    guard = ctx.guard(enforce=False)  # batchlab applies the budget itself; the guard only counts and watches
+    """``find_batch_size(batch=-1, memory_budget=capacity)``: its own check at 0.90 x capacity, the guard's budget.
+
+    The guard raises the same emulated OOM at the same budget as for the other tools. batchlab's own check
+    reads the same counter net of its state copy (the user's run will not hold the copy), so it can never
+    fire before the guard: every over-budget size reaches batchlab as the raised error, and its recovery
+    (:func:`batchlab.devices.release.release_after_oom`) runs as it would after a real one.
+    """
+    guard = ctx.guard(enforce=True)
     workload = ctx.workload
     own_step = workload.step
 
@@ -479,18 +571,45 @@ def role_batchlab(ctx: Context, args) -> dict[str, Any]:
         del workload.step
     if result.budget_bytes != ctx.budget:
         raise SystemExit(f"batchlab's budget {result.budget_bytes} != the benchmark's {ctx.budget}")
-    tries = [[p.batch_size, p.outcome, p.peak_bytes] for p in result.probes]
     return {
         "answer": result.batch_size,
         "seconds": seconds,
         "steps": len(guard.events),
         "batchlab_steps_run": result.steps_run,
-        "tries": tries,
+        "probes": [
+            [p.batch_size, p.outcome, p.peak_bytes, round(p.seconds, 3), p.steps, p.skipped_optimizer_steps]
+            for p in result.probes
+        ],
+        "tries": _tries(guard.events),
+        "step_times": step_times(guard.events),
         "limited_by": result.limited_by,
         "peak_reported": result.peak_bytes,
+        "state_copy_bytes": result.state_copy_bytes,
+        "state_copy_storage": result.state_copy_storage,
+        "skipped_optimizer_steps": result.skipped_optimizer_steps,
+        "notes": result.notes,
         "ooms": sum(e.outcome != "ok" for e in guard.events),
         "_keep": result,
     }
+
+
+def _tries(events: list[StepEvent]) -> list[list]:
+    return [[e.batch_size, e.outcome, e.peak_bytes, round(e.seconds, 3)] for e in events]
+
+
+def step_times(events: list[StepEvent]) -> list[list]:
+    """Per distinct batch size, in the order first run: [b, outcome and seconds of its first step ever in this
+    process, median seconds of its later completed steps (None if none), steps at b]. A first-shape cost
+    (oneDNN primitives, kernel caches for a new shape) shows as a first step slower than the later ones."""
+    by_size: dict[int, list[StepEvent]] = {}
+    for event in events:
+        by_size.setdefault(event.batch_size, []).append(event)
+    rows = []
+    for b, steps in by_size.items():
+        later = [e.seconds for e in steps[1:] if e.outcome == "ok"]
+        median = round(statistics.median(later), 3) if later else None
+        rows.append([b, steps[0].outcome, round(steps[0].seconds, 3), median, len(steps)])
+    return rows
 
 
 class _SyntheticBatches(torch.utils.data.Dataset):
@@ -538,13 +657,20 @@ def role_lightning(ctx: Context, args, mode: str) -> dict[str, Any]:
             return workload.optimizer
 
         def training_step(self, batch, batch_idx):
+            # The user's own step: the workload's autocast and, under fp16, its GradScaler (Lightning's
+            # precision stays "32-true"; a skipped scaler.step is not an optimizer step to Lightning either).
             inputs, targets = batch
+            scaler = workload.scaler
             with guard.step(len(inputs)):
                 optimizer = self.optimizers()
                 optimizer.zero_grad(set_to_none=True)
-                loss = workload.loss_fn(self.model(inputs), targets)
-                self.manual_backward(loss)
-                optimizer.step()
+                loss = workload.loss((inputs, targets))
+                self.manual_backward(scaler.scale(loss) if scaler else loss)
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
             return loss.detach()
 
     root = tempfile.mkdtemp(prefix="autobatch-lightning-")
@@ -567,7 +693,8 @@ def role_lightning(ctx: Context, args, mode: str) -> dict[str, Any]:
         "answer": int(answer),
         "seconds": seconds,
         "steps": len(guard.events),
-        "tries": [[e.batch_size, e.outcome, e.peak_bytes] for e in guard.events],
+        "tries": _tries(guard.events),
+        "step_times": step_times(guard.events),
         "ooms": sum(e.outcome == "oom" for e in guard.events),
         "restored_fingerprint": fingerprint(workload.model),
         "_keep": (trainer, module),  # the user's trainer stays alive through the 50-step check
@@ -595,7 +722,8 @@ def role_accelerate(ctx: Context, args) -> dict[str, Any]:
         "answer": int(answer),
         "seconds": seconds,
         "steps": len(guard.events),
-        "tries": [[e.batch_size, e.outcome, e.peak_bytes] for e in guard.events],
+        "tries": _tries(guard.events),
+        "step_times": step_times(guard.events),
         "ooms": sum(e.outcome == "oom" for e in guard.events),
         "start": args.accelerate_start,
     }
@@ -621,12 +749,17 @@ def check(ctx: Context, batch_size: int, steps: int) -> dict[str, Any]:
     """``steps`` further steps at ``batch_size`` from the user's starting state: do they stay in the budget?
 
     The process is left as the tool left it (its objects alive, nothing flushed), as the user's training
-    continues in it; the weights, optimizer and RNG are put back to where the user started.
+    continues in it; the weights, optimizer and RNG (and a GradScaler's scale) are put back to where the user
+    started. ``state_from_step`` is the first step that ran with the optimizer state present (1-based; 2 when
+    no step is skipped; later when a GradScaler skipped the first steps), ``over_budget_at`` the steps that
+    went over.
     """
     guard = ctx.guard(enforce=False)
     ctx.restore()
     aborted = False
+    has_state = []  # per step: did the optimizer state exist when the step began?
     for _ in range(steps):
+        has_state.append(bool(ctx.workload.optimizer.state))
         try:
             with guard.step(batch_size):
                 ctx.workload.step(batch_size)
@@ -645,6 +778,8 @@ def check(ctx: Context, batch_size: int, steps: int) -> dict[str, Any]:
         "max_peak_after_first": max(peaks[1:]) if len(peaks) > 1 else None,
         "median_peak": statistics.median(peaks) if peaks else None,
         "over_budget_steps": sum(p > ctx.budget for p in peaks) + (steps - len(peaks)),
+        "over_budget_at": [i + 1 for i, p in enumerate(peaks) if p > ctx.budget],
+        "state_from_step": next((i + 1 for i, present in enumerate(has_state) if present), None),
         "aborted": aborted,
     }
 
@@ -843,8 +978,12 @@ def summarise(rows: list[dict]) -> list[dict]:
                     "seconds": r["seconds"],
                     "vs_binsearch": r["seconds"] / reference if reference else None,
                     "steps": r["steps"],
+                    "sizes": len(r.get("step_times", [])),  # distinct batch sizes the tool ran
+                    "ooms": r.get("ooms"),
                     "check_max_peak": c.get("max_peak"),
                     "check_over_budget_steps": c.get("over_budget_steps"),
+                    "check_over_budget_at": c.get("over_budget_at"),
+                    "check_state_from_step": c.get("state_from_step"),
                     "same_start": r["fingerprint"] == row["truth"].get("fingerprint"),
                 }
             )
@@ -853,20 +992,23 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 def markdown(table: list[dict], check_steps: int) -> str:
     lines = [
-        "| workload | budget | tool | answer | true max | ÷ true max | wall s | ÷ binsearch | steps "
-        f"| {check_steps}-step max peak | within budget |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| workload | budget | tool | answer | true max | ÷ true max | wall s | ÷ binsearch | steps | sizes "
+        f"| OOMs | {check_steps}-step max peak | within budget |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for t in table:
         if "error" in t:
-            lines.append(f"| {t['workload']} | {t['card']} | {t['tool']} | error: {t['error']} |||||||||")
+            lines.append(f"| {t['workload']} | {t['card']} | {t['tool']} | error: {t['error']} |||||||||||")
             continue
         over = t["check_over_budget_steps"]
-        verdict = "yes" if over == 0 else ("—" if over is None else f"**no: {over} steps over**")
+        at = t.get("check_over_budget_at") or []
+        where = f" (step {', '.join(map(str, at[:3]))}{', ...' if len(at) > 3 else ''})" if at else ""
+        verdict = "yes" if over == 0 else ("—" if over is None else f"**no: {over} over{where}**")
         lines.append(
             f"| {t['workload']} | {format_bytes(t['budget'])} ({t['card']}) | {t['tool']} | {t['answer']} | "
             f"{t['true_max']} | {t['ratio']:.2f} | {t['seconds']:.1f} | "
             f"{'—' if t['vs_binsearch'] is None else format(t['vs_binsearch'], '.2f')} | {t['steps']} | "
+            f"{t['sizes']} | {t['ooms']} | "
             f"{format_bytes(t['check_max_peak']) if t['check_max_peak'] else '—'} | {verdict} |"
         )
     return "\n".join(lines)
@@ -934,7 +1076,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--cuda", action="store_true", help="the same as --device cuda")
     parser.add_argument(
-        "--workloads", default=None, help="comma-separated built-ins (default: cnn,resnet,gpt)"
+        "--workloads", default=None, help="comma-separated (default: " + ",".join(CPU_WORKLOADS) + ")"
     )
     parser.add_argument(
         "--capacity",
@@ -961,7 +1103,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--onednn-cache",
         action="store_true",
-        help="CPU: keep oneDNN's per-shape primitive cache (default off)",
+        help="CPU: keep oneDNN's and PyTorch's per-shape caches (default: off, ONEDNN_CACHE_OFF)",
     )
     parser.add_argument(
         "--json", default=None, help="where to write the results (default: benchmarks/results/)"
@@ -1015,7 +1157,7 @@ def main(argv: list[str] | None = None) -> None:
 
         rows = run_cuda(args, cards, workloads, tools, write_and_print)
     else:
-        env["onednn_primitive_cache"] = "default" if args.onednn_cache else "off"
+        env["per_shape_caches"] = "default" if args.onednn_cache else ONEDNN_CACHE_OFF
         env["check_steps"] = args.check_steps
         workloads = args.workloads.split(",") if args.workloads else list(CPU_WORKLOADS)
         caps = parse_capacities(args.capacity, workloads)

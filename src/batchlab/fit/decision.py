@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from batchlab.fit.records import Limit, MemoryLine, Probe
+from batchlab.fit.records import Limit, MemoryLine, Outcome, Probe
 
 MAX_GROWTH = 8  # never extrapolate more than 8x past the largest size that ran: a line from tiny probes lies
 TOLERANCE = 0.01  # stop when the next candidate would move the answer by less than 1%
@@ -77,6 +77,20 @@ def upper_slope(probes: Sequence[Probe], lo_probe: Probe, created_bytes: int = 0
     return max(line.bytes_per_sample if line else 0.0, max(step_bytes, 0) / lo_probe.batch_size)
 
 
+def _clearly_over(
+    line: MemoryLine, size: int, budget: int, probes: Sequence[Probe], multiple_of: int
+) -> bool:
+    """Whether the line puts ``size`` over the budget by more than half a step and more than it has been off.
+
+    Then trying it is an out-of-memory error for nothing. Half a step at least, as one measured error can be
+    small by chance: over 5,000 simulated shapes (tests/test_search.py) with the error alone, 3 answers lost a
+    sample they had (0.96 of 23-33); with half a step as the floor -- also before any error is measured --
+    none.
+    """
+    over = line.peak(size) - budget
+    return over > max([*_prediction_errors(probes), line.bytes_per_sample * multiple_of / 2])
+
+
 def _failed_tail(probes: Sequence[Probe]) -> set[int]:
     """The sizes of the failures that ended the probe history (none if the last probe fit)."""
     tail: set[int] = set()
@@ -87,14 +101,19 @@ def _failed_tail(probes: Sequence[Probe]) -> set[int]:
     return tail
 
 
-def _prediction_error(probes: Sequence[Probe], recent: int = 3) -> float:
-    """The largest |measured - predicted| peak among the last ``recent`` probes that had both."""
+def _prediction_errors(probes: Sequence[Probe], recent: int = 3) -> list[float]:
+    """|measured - predicted| peak of the last ``recent`` probes that had both."""
     errors = [
-        abs(p.peak_bytes - p.predicted_peak_bytes)
+        float(abs(p.peak_bytes - p.predicted_peak_bytes))
         for p in probes
         if p.peak_bytes is not None and p.predicted_peak_bytes is not None
     ]
-    return float(max(errors[-recent:], default=0))
+    return errors[-recent:]
+
+
+def _prediction_error(probes: Sequence[Probe], recent: int = 3) -> float:
+    """The largest |measured - predicted| peak among the last ``recent`` probes that had both."""
+    return max(_prediction_errors(probes, recent), default=0.0)
 
 
 def _align(batch_size: float, multiple_of: int) -> int:
@@ -139,21 +158,25 @@ def next_candidate(
     """Decide the next batch size to try from the probes so far (pure; no torch, no device).
 
     Returns ``Decision(None, reason=...)`` when the search is done: the bracket is closed, the cap is reached,
-    or the next candidate would move the answer by less than ``TOLERANCE`` -- and the largest fit is verified.
+    or the next candidate would move the answer by less than ``TOLERANCE`` -- and the largest fit ran in full
+    after the last out-of-memory error. That error may leave the process heavier (on the CPU the first one pages
+    in ~4 MiB of torch's unwinder for good: 50 of 50 later steps at cnn's answer read 2-3 MiB over the budget,
+    benchmarks/RESULTS.md), and the answer must fit the process as the search leaves it.
 
     Scouts: a size that would not be the answer as it stands -- the growth that feeds the line, an estimate's
-    jump, a bracket's refinement, the step past a prediction -- runs as a scout (``Decision.scout``): one step
-    at the smallest verified fit, from the user's state, creates the optimizer state (and, under fp16, the
-    skip patch's, :mod:`batchlab.workload.skipped_steps`); one step at the size then runs with it. That step holds what
-    a verified probe's second step holds -- the optimizer state, the gradients, the size's activations -- and
-    meets the size's first-shape costs, so its peak is the verified probe's (measured on the CPU: gpt 1075.0 /
-    1075.1 MiB, resnet 948.2 / 948.3 MiB at 16, scout / full), at one step at the size instead of two: on the
-    CPU benchmark a growth probe at 16 took 0.64 s instead of 1.59 s (resnet); over 5,000 simulated memory
-    shapes the searches' cost in sample-steps fell 15% (median) and 23% (95th percentile), at the same answers.
-    A size that would be the answer if it fit -- a prediction from below, the hard-limit guard's size, one
-    that closes the bracket -- runs in full. A scout is never an answer: when the search would stop on one,
-    the next decision is that size's full run (``VERIFY_LARGEST``); each size counts by its latest probe
-    (:func:`latest_probes`), so a scout that fit and then failed in full does not fit.
+    jump, a bracket's refinement -- runs as a scout (``Decision.scout``): one step at the smallest verified fit,
+    from the user's state, creates the optimizer state (and, under fp16, the skip patch's,
+    :mod:`batchlab.workload.skipped_steps`); one step at the size then runs with it. That step holds what a verified
+    probe's second step holds -- the optimizer state, the gradients, the size's activations -- and meets the
+    size's first-shape costs, so its peak is the verified probe's (measured on the CPU: gpt 1075.0 / 1075.1
+    MiB, resnet 948.2 / 948.3 MiB at 16, scout / full), at one step at the size instead of two: on the CPU
+    benchmark a growth probe at 16 took 0.64 s instead of 1.59 s (resnet); over 5,000 simulated memory shapes
+    (tests/test_search.py) the searches' cost in sample-steps fell 15% (median) and 23% (95th percentile) at
+    the same answers. A size that may be the answer as it stands -- a prediction from below, the step past it,
+    the hard-limit guard's size, one that closes the bracket -- runs in full. A scout is never an answer: when
+    the search would stop on one, the next decision is that size's full run (``VERIFY_LARGEST``); each size
+    counts by its latest probe (:func:`latest_probes`), so a scout that fit and then failed in full does not
+    fit.
 
     ``estimate`` (optional, e.g. from :func:`batchlab.planning.estimate_memory_line`) stands in for the memory line
     while the probes cannot give one (fewer than two measured sizes): its slope, anchored on the largest
@@ -165,8 +188,10 @@ def next_candidate(
     """
     decision = _next_size(probes, budget_bytes, multiple_of, cap, hard_limit_bytes, estimate, created_bytes)
     largest = largest_fit(probes)
-    if decision.batch_size is None and largest is not None and not largest.verified:
-        return Decision(largest.batch_size, largest.peak_bytes, VERIFY_LARGEST)
+    if decision.batch_size is None and largest is not None:
+        last_oom = max((i for i, p in enumerate(probes) if p.outcome == Outcome.OOM), default=-1)
+        if not largest.verified or next(i for i, p in enumerate(probes) if p is largest) < last_oom:
+            return Decision(largest.batch_size, largest.peak_bytes, VERIFY_LARGEST)
     return decision
 
 
@@ -225,7 +250,9 @@ def _next_size(
     if hi is not None:
         last = probes[-1]
         last_two_failed = len(_failed_tail(probes)) >= 2  # two sizes in a row (a retry of one is one)
-        no_peak = not last.fits and last.peak_bytes is None  # an OOM says nothing about the slope
+        # An OOM says nothing about the slope -- unless the line expected it (the step past a prediction).
+        expected = last.predicted_peak_bytes is not None and last.predicted_peak_bytes > budget_bytes
+        no_peak = not last.fits and last.peak_bytes is None and not expected
         # A secant step that would not cut at least a quarter of the bracket is too timid (a stale margin after
         # a jump): bisect instead, so the bracket always shrinks geometrically.
         bold = max(lo * (1 + TOLERANCE), lo + (hi - lo) / 4) <= _align(target, multiple_of) < hi
@@ -243,11 +270,16 @@ def _next_size(
     settled = candidate <= lo or (
         hi is None and how == "line prediction" and (candidate - lo) / lo < TOLERANCE
     )
-    if settled and hi is None and how == "line prediction" and multiple_of / lo >= TOLERANCE:
-        # At small sizes one more sample is more than 1%: try it rather than trust the rounding of the line.
-        step_up = lo + multiple_of
-        if cap is None or step_up <= cap:
-            return Decision(step_up, int(line.peak(step_up)), "one step past the prediction", scout=True)
+    # At small sizes one more sample is more than 1%: try the size past the prediction rather than trust the
+    # rounding of the line -- in full, as it may be the answer, and before the prediction itself, so that the
+    # prediction's run (which then closes the bracket) comes after the out-of-memory error the step past
+    # usually is: the answer must fit the process as the search leaves it (see next_candidate).
+    base = lo if settled else candidate  # the size the line puts at the budget: the largest fit, or untried
+    past = base + multiple_of
+    from_below = hi is None and how == "line prediction" and not seeded
+    if from_below and multiple_of / base >= TOLERANCE and (cap is None or past <= cap):
+        if not _clearly_over(line, past, budget_bytes, probes, multiple_of):
+            return Decision(past, int(line.peak(past)), "one step past the prediction")
     if settled:
         return Decision(None, reason=stop_reason)
     predicted = int(line.peak(candidate)) if line else None

@@ -246,6 +246,7 @@ class _Search:
         self.hard_limit = _net_hard_limit(self.gross_limit, self.own_bytes)
         self.before = work.tensor_bytes()
         self.moved_copy_at: int | None = None  # the size whose out-of-memory error sent the copy to disk
+        self.retried = False  # and whether that size ran again
 
     def run(self, batch_size: int, predicted: int | None, scout: bool = False) -> Probe:
         """Probe ``batch_size`` (a scout's state step at the smallest verified fit) and restore the state."""
@@ -274,17 +275,18 @@ class _Search:
         """:meth:`run`, and once more with the state copy on disk where the copy may be what ran out.
 
         Readings are net of the copy, but a limit that raises (RLIMIT_AS, an allocator's, an emulated budget)
-        counts the whole process: the first out-of-memory error with the copy in the measured process, at a
-        size the line did not put above the budget, may be the copy's -- which the user's run will not hold.
-        The copy then goes to disk for the rest of the search and the size runs again. Measured in
+        counts the whole process: after the first out-of-memory error with the copy in the measured process,
+        the copy goes to disk for the rest of the search (from then on it could only cost sizes the user's run
+        can hold), and the size runs again unless the line expected it not to fit. Measured in
         benchmarks/autobatch.py (the emulated OOM at the budget): a 14 MiB copy made gpt fail at 22 of 22.
         """
         probe = self.run(batch_size, predicted, scout)
-        explained = predicted is not None and predicted > self.budget  # the line expected it not to fit
-        if probe.outcome == Outcome.OOM and not explained and self.own_bytes and self.state_copy != "memory":
+        if probe.outcome == Outcome.OOM and self.own_bytes and self.state_copy != "memory":
             if self._move_copy_to_disk():
                 self.moved_copy_at = batch_size
-                probe = self.run(batch_size, predicted, scout)
+                if predicted is None or predicted <= self.budget:  # not explained by the line
+                    self.retried = True
+                    probe = self.run(batch_size, predicted, scout)
         return probe
 
     def _move_copy_to_disk(self) -> bool:
@@ -324,8 +326,8 @@ class _Search:
             notes.append(
                 f"batch {self.moved_copy_at} ran out of memory with batchlab's state copy "
                 f"({format_bytes(self.copy_in_ram_bytes)}) in the process, which your run will not hold: the "
-                f"copy moved to disk ({format_bytes(self.snapshot.disk_bytes)}) and batch {self.moved_copy_at} "
-                "ran again"
+                f"copy moved to disk ({format_bytes(self.snapshot.disk_bytes)})"
+                + (f" and batch {self.moved_copy_at} ran again" if self.retried else "")
             )
         elif self.snapshot.storage == "disk":
             notes.append(

@@ -122,7 +122,9 @@ def test_a_real_cpu_search_jumps_from_the_fake_line_and_verifies():
     result = find_batch_size(workload, device="cpu", memory_budget=budget, estimate=line)
     sizes = [p.batch_size for p in result.probes]
     assert result.fits and sizes[0] == 2 and sizes[1] < 16  # a quarter of the way to ~20, not 8x growth to 16
-    assert [p.outcome for p in result.probes if p.batch_size == result.batch_size] == ["fits"]
+    # Verified in full; the search may run the answer again after a later over-budget probe (CPU), never over
+    at_answer = [p for p in result.probes if p.batch_size == result.batch_size]
+    assert at_answer and {p.outcome for p in at_answer} == {"fits"}
     assert result.peak_bytes <= result.budget_bytes
 
 

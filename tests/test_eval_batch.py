@@ -20,19 +20,21 @@ MiB = 2**20
 
 
 class GradAwareDevice(SimulatedDevice):
-    """A simulated device whose step memory depends on what the step did: a training step leaves gradients and
-    needs 10 MiB per sample, an evaluation step leaves none and needs 2 MiB (no activations kept for a backward)."""
+    """A simulated device whose step memory depends on what the step ran: a forward with gradients enabled (a
+    training step) needs 10 MiB per sample, one under no_grad (an evaluation) 2 MiB -- no activations kept."""
 
     def __init__(self, model: nn.Module, capacity_bytes: int):
         super().__init__(lambda b: 0, capacity_bytes)
-        self.model = model
+        self.grad_enabled: list[bool] = []
+        for module in model.modules():  # a LightningModule's training_step may call a submodule, not forward
+            module.register_forward_pre_hook(lambda m, args: self.grad_enabled.append(torch.is_grad_enabled()))
 
     def run(self, step, batch_size, steps=2):
         self.runs.append(batch_size)
+        self.grad_enabled.clear()
         for _ in range(steps):
             step(batch_size)
-        trained = any(p.grad is not None for p in self.model.parameters())
-        peak = 100 * MiB + (10 if trained else 2) * MiB * batch_size
+        peak = 100 * MiB + (10 if any(self.grad_enabled) else 2) * MiB * batch_size
         if peak > self.capacity_bytes():
             return Measurement(batch_size, False, None, 0, 1e-3, steps, None, "simulated out of memory")
         return Measurement(batch_size, True, peak, 0, 1e-3, steps, None)

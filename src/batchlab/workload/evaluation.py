@@ -34,8 +34,7 @@ class StepMode(Label):
 class EvalStep(StepFunction):
     """``forward(batch_size)`` as an evaluation step of ``modules``: eval mode and ``no_grad`` around it.
 
-    ``tensor_bytes``: a function giving the bytes the model and optimizer hold (a Workload's), so the result
-    can name the memory; default unknown, as for any step callable.
+    ``tensor_bytes``: as for :class:`~batchlab.workload.workload.StepFunction` (a Workload's own, from :meth:`of`).
     """
 
     def __init__(
@@ -49,8 +48,9 @@ class EvalStep(StepFunction):
     ):
         if not modules or not all(isinstance(module, torch.nn.Module) for module in modules):
             raise TypeError(f"EvalStep needs the nn.Module(s) it evaluates, got {modules!r}")
-        super().__init__(forward, preserve=tuple(modules), dataset_size=dataset_size, name=name)
-        self._tensor_bytes = tensor_bytes
+        super().__init__(
+            forward, preserve=tuple(modules), dataset_size=dataset_size, name=name, tensor_bytes=tensor_bytes
+        )
 
     @classmethod
     def of(cls, workload: Workload) -> EvalStep:
@@ -74,8 +74,6 @@ class EvalStep(StepFunction):
             for sub, training in flags:
                 sub.training = training
 
-    def tensor_bytes(self) -> MemoryBreakdown | None:
-        return self._tensor_bytes() if self._tensor_bytes is not None else None
 
 
 def for_mode(work: Workload | StepFunction, mode: str) -> Workload | StepFunction:

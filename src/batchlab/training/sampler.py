@@ -14,7 +14,7 @@ A batch costs its samples times its longest sample (the collator pads every samp
 counts), and no batch costs more than ``max_tokens`` or holds more than ``max_batch_size`` samples. Samples
 are grouped by length into buckets with equal numbers of samples (lhotse estimates its duration bins the same
 way, from quantiles), shuffled within each bucket by a seeded generator of the sampler's own -- the global RNG
-is never drawn from -- and the batches of all buckets are shuffled together. A sample longer than
+is never drawn from -- packed greedily from the shortest bucket to the longest, and the batches are shuffled. A sample longer than
 ``max_length`` (the longest length searched) or costing more than ``max_tokens`` alone is refused at
 construction with its index and length: it would otherwise be an out-of-memory error mid-epoch.
 """
@@ -46,7 +46,7 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler[list[int]]):
         shuffle: shuffle within buckets and the order of batches, anew each epoch; False keeps dataset order
             within buckets and buckets from short to long.
         seed: the sampler's own generator seed; epoch ``e`` draws from ``seed + e``.
-        drop_last: drop each bucket's last, partly filled batch.
+        drop_last: drop the epoch's last batch, the one that can be partly filled.
 
     Each ``iter()`` is the next epoch (``set_epoch`` sets it, as ``DistributedSampler`` does); ``len()`` is the
     number of batches of the epoch the next ``iter()`` will yield.
@@ -116,24 +116,27 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler[list[int]]):
         generator = torch.Generator().manual_seed(self.seed + epoch)
         by_length = sorted(range(len(self.lengths)), key=self.lengths.__getitem__)
         size = -(-len(by_length) // self.buckets)
-        batches: list[list[int]] = []
+        order: list[int] = []
         for start in range(0, len(by_length), size):
             bucket = by_length[start : start + size]
             if self.shuffle:
                 bucket = [bucket[i] for i in torch.randperm(len(bucket), generator=generator).tolist()]
             else:
                 bucket.sort()
-            batches += self._pack(bucket)
+            order += bucket
+        batches = self._pack(order)
         if self.shuffle:
             batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
         return batches
 
-    def _pack(self, bucket: list[int]) -> list[list[int]]:
-        """Greedy in the bucket's order: a batch closes when one more sample would pass the budget or the cap."""
+    def _pack(self, order: list[int]) -> list[list[int]]:
+        """Greedy over the buckets from short to long: a batch closes when one more sample would pass the budget
+        or the cap. A bucket's last batch stays open for the next bucket's samples, so only the epoch's very
+        last batch can be left part-filled (``drop_last`` drops it)."""
         batches: list[list[int]] = []
         batch: list[int] = []
         longest = 0
-        for index in bucket:
+        for index in order:
             length = self.lengths[index]
             grown = max(longest, length)
             full = self.max_batch_size is not None and len(batch) >= self.max_batch_size

@@ -131,7 +131,9 @@ def test_cuda_requested_without_cuda_is_one_line(capsys):
 
 
 def test_fit_eval_searches_the_evaluation_step(capsys):
-    code, out, _ = run_cli(capsys, "fit", "--workload", "cnn", "--device", "cpu", "--batch", "8", "--eval", "--json")
+    code, out, _ = run_cli(
+        capsys, "fit", "--workload", "cnn", "--device", "cpu", "--batch", "8", "--eval", "--json"
+    )
     data = json.loads(out)
     assert code == 0 and data["fits"] and data["step_mode"] == "eval"
     assert {p["optimizer_steps"] for p in data["probes"]} == {None}  # no probe ran an optimizer step

@@ -27,7 +27,9 @@ class GradAwareDevice(SimulatedDevice):
         super().__init__(lambda b: 0, capacity_bytes)
         self.grad_enabled: list[bool] = []
         for module in model.modules():  # a LightningModule's training_step may call a submodule, not forward
-            module.register_forward_pre_hook(lambda m, args: self.grad_enabled.append(torch.is_grad_enabled()))
+            module.register_forward_pre_hook(
+                lambda m, args: self.grad_enabled.append(torch.is_grad_enabled())
+            )
 
     def run(self, step, batch_size, steps=2):
         self.runs.append(batch_size)
@@ -65,7 +67,12 @@ def test_eval_search_on_the_cpu_is_bitwise_clean_and_creates_no_optimizer_state(
 
 
 def before_bytes(state):
-    return sum(v.numel() * v.element_size() for s in state["opt_state"].values() for v in s.values() if torch.is_tensor(v))
+    return sum(
+        v.numel() * v.element_size()
+        for s in state["opt_state"].values()
+        for v in s.values()
+        if torch.is_tensor(v)
+    )
 
 
 def test_the_eval_step_runs_in_eval_mode_without_gradients_and_restores_flags_on_failure():

@@ -233,7 +233,11 @@ def test_fit_trainer_sets_the_eval_batch_apart_and_never_shrinks_training(tmp_pa
     args = _args(tmp_path, per_device=64)
     trainer = Trainer(model=model, args=args, train_dataset=_dataset(), eval_dataset=_dataset(400))
     plan = fit_trainer(trainer, device=GradAwareDevice(model, 600 * MIB), evaluation=True)
-    assert (plan.per_device_train_batch_size, plan.gradient_accumulation_steps, plan.largest_fitting) == (32, 2, 44)
+    assert (plan.per_device_train_batch_size, plan.gradient_accumulation_steps, plan.largest_fitting) == (
+        32,
+        2,
+        44,
+    )
     state = plan.result.memory_breakdown.gradients + plan.result.memory_breakdown.optimizer_state
     assert state > 0  # the training step's gradients and Adam moments, measured
     budget = 0.9 * (600 * MIB - -(-state // 0.9))

@@ -64,7 +64,10 @@ def test_with_a_dataloader_and_the_padding_collator():
 
 def test_a_sample_longer_than_the_searched_lengths_is_an_error_naming_it():
     budget = token_budget({32: 8, 64: 4})
-    with pytest.raises(ValueError, match=r"sample 1 has length 70, longer than the longest searched length \(max_length\) 64 \(5 such samples\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"sample 1 has length 70, longer than the longest searched length \(max_length\) 64 \(5 such samples\)",
+    ):
         TokenBudgetBatchSampler.from_budget(LENGTHS, budget)
     with pytest.raises(ValueError, match="sample 4 has length 100, longer than max_tokens 99"):
         TokenBudgetBatchSampler(LENGTHS, 99)
@@ -98,6 +101,7 @@ def test_one_epoch_of_real_text_stays_within_the_measured_budget_and_fills_it():
     loader = DataLoader(data, batch_sampler=sampler, collate_fn=PadCollator(pad_values={1: IGNORE_INDEX}))
     device, peaks, costs = CPUDevice(), [], []
     for inputs, targets in loader:  # one full epoch
+
         def step(_, batch=(inputs, targets)):
             workload.begin_step()
             workload.backward(workload.loss(batch))

@@ -37,7 +37,10 @@ def test_bucket_batch_sizes_in_the_lhotse_nemo_form():
     assert budget.bucket_batch_sizes() == [64, 30, 14, 6, 2]
     # a bin between searched lengths takes the next searched length's measured batch
     assert budget.bucket_batch_sizes([100, 300, 2048]) == [64, 14, 2]
-    assert budget.lhotse_buckets([100, 300]) == {"bucket_duration_bins": [100, 300], "bucket_batch_size": [64, 14]}
+    assert budget.lhotse_buckets([100, 300]) == {
+        "bucket_duration_bins": [100, 300],
+        "bucket_batch_size": [64, 14],
+    }
     for edge, size in zip([100, 300, 2048], budget.bucket_batch_sizes([100, 300, 2048])):
         assert size >= budget.batch_size_at(edge)  # never less than the token budget allows there
 

@@ -9,13 +9,12 @@ here once instead of in every integration.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-
-import math
 
 from batchlab import checks
 from batchlab.devices.base import Device

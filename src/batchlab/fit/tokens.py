@@ -110,9 +110,7 @@ def token_budget(max_batch_by_length: Mapping[int, int]) -> TokenBudget:
     """
     lengths, batches = _checked_table(max_batch_by_length)
     candidates = [((batches[0] + 1) * lengths[0] - 1, lengths[0])]
-    candidates += [
-        ((batches[i] + 1) * (lengths[i - 1] + 1) - 1, lengths[i]) for i in range(1, len(lengths))
-    ]
+    candidates += [((batches[i] + 1) * (lengths[i - 1] + 1) - 1, lengths[i]) for i in range(1, len(lengths))]
     max_tokens, limiting = min(candidates)
     return TokenBudget(
         max_tokens=max_tokens,

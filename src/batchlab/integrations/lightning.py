@@ -99,7 +99,9 @@ def _detached(pl_module: Any) -> Iterator[None]:
 class _LightningStep:
     """One automatic-optimization training step of a LightningModule at batch ``b``."""
 
-    def __init__(self, trainer: Any, pl_module: Any, batch_arg_name: str, eval_batch_arg_name: str | None = None):
+    def __init__(
+        self, trainer: Any, pl_module: Any, batch_arg_name: str, eval_batch_arg_name: str | None = None
+    ):
         from lightning.pytorch.utilities.parsing import lightning_setattr
 
         self.trainer, self.pl_module, self.batch_arg_name = trainer, pl_module, batch_arg_name
@@ -239,7 +241,10 @@ class BatchlabFinder(Callback):
     def setup(self, trainer: Any, pl_module: Any, stage: str | None = None) -> None:
         from lightning.pytorch.utilities.parsing import lightning_hasattr
 
-        for name, option in ((self.batch_arg_name, "batch_arg_name"), (self.eval_batch_arg_name, "eval_batch_arg_name")):
+        for name, option in (
+            (self.batch_arg_name, "batch_arg_name"),
+            (self.eval_batch_arg_name, "eval_batch_arg_name"),
+        ):
             if stage == "fit" and name is not None and not lightning_hasattr(pl_module, name):
                 raise AttributeError(
                     f"BatchlabFinder: no `{name}` on the LightningModule, its hparams or the datamodule; "
@@ -329,7 +334,12 @@ class BatchlabFinder(Callback):
         return agreed
 
     def _scale_eval_batch(
-        self, trainer: Any, pl_module: Any, runner: _LightningStep, gather: Callable[[int], list[int]], world: int
+        self,
+        trainer: Any,
+        pl_module: Any,
+        runner: _LightningStep,
+        gather: Callable[[int], list[int]],
+        world: int,
     ) -> None:
         """Search ``validation_step`` beside the training state and set ``eval_batch_arg_name`` (restored on failure)."""
         from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_setattr

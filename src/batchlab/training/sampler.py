@@ -90,7 +90,9 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler[list[int]]):
         self._planned: tuple[int, list[list[int]]] | None = None
 
     @classmethod
-    def from_budget(cls, lengths: Sequence[int], budget: TokenBudget, **kwargs: Any) -> TokenBudgetBatchSampler:
+    def from_budget(
+        cls, lengths: Sequence[int], budget: TokenBudget, **kwargs: Any
+    ) -> TokenBudgetBatchSampler:
         """A sampler that keeps to ``budget``: its tokens, its sample cap and its longest searched length."""
         if not isinstance(budget, TokenBudget):
             raise TypeError(f"budget must be a batchlab.fit.tokens.TokenBudget, got {type(budget).__name__}")

@@ -13,4 +13,12 @@ from batchlab.workload.evaluation import EvalStep, StepMode
 from batchlab.workload.state import StateSnapshot
 from batchlab.workload.workload import StepFunction, Workload, as_workload
 
-__all__ = ["EvalStep", "StateSnapshot", "StepMode", "StepFunction", "Workload", "activation_checkpointing", "as_workload"]
+__all__ = [
+    "EvalStep",
+    "StateSnapshot",
+    "StepMode",
+    "StepFunction",
+    "Workload",
+    "activation_checkpointing",
+    "as_workload",
+]

@@ -75,7 +75,6 @@ class EvalStep(StepFunction):
                 sub.training = training
 
 
-
 def for_mode(work: Workload | StepFunction, mode: str) -> Workload | StepFunction:
     """``work`` as the step ``mode`` names; an EvalStep is already one. A plain step callable cannot be turned
     into an evaluation (batchlab cannot see what it runs), so ``mode="eval"`` refuses it in one line."""

@@ -75,7 +75,9 @@ def text_lm(
     def make_batch(batch_size: int, shape: int = max_length) -> tuple[torch.Tensor, torch.Tensor]:
         length = checks.integer("shape", shape)
         if length > max_length:
-            raise ValueError(f"invalid shape {shape!r}: expected a length <= the model's context {max_length}")
+            raise ValueError(
+                f"invalid shape {shape!r}: expected a length <= the model's context {max_length}"
+            )
         starts = torch.randint(0, len(stream) - length - 1, (batch_size, 1), device=device)
         windows = stream[starts + torch.arange(length + 1, device=device)]
         return windows[:, :-1], windows[:, 1:]

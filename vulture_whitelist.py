@@ -30,3 +30,10 @@ types  # TorchDispatchMode.__torch_dispatch__(func, types, args, kwargs)
 
 # GradScaler's lazily created growth tracker, reset with its scale (workload/state.py, _GradScalerCopy).
 _._growth_tracker
+
+# Issue 12's building blocks, called by users, the tests and benchmarks/token_budget.py (outside src/): the token
+# budget, the sampler and collator a DataLoader takes, the text dataset, the callback's evaluation answer.
+token_budget, _.batch_size_at, _.lhotse_buckets, limiting_length  # batchlab.fit.tokens
+_.from_budget, _.set_epoch, PadCollator  # batchlab.training.sampler (set_epoch: as DistributedSampler's)
+DocumentDataset  # batchlab.workloads.text
+_.eval_batch_size  # BatchlabFinder, with eval_batch_arg_name

@@ -128,3 +128,14 @@ def test_console_script_and_module_entry_points():
 def test_cuda_requested_without_cuda_is_one_line(capsys):
     code, _, err = run_cli(capsys, "fit", "--workload", "mlp-digits", "--device", "cuda")
     assert code == 1 and "CUDA is not available" in err
+
+
+def test_fit_eval_searches_the_evaluation_step(capsys):
+    code, out, _ = run_cli(
+        capsys, "fit", "--workload", "cnn", "--device", "cpu", "--batch", "8", "--eval", "--json"
+    )
+    data = json.loads(out)
+    assert code == 0 and data["fits"] and data["step_mode"] == "eval"
+    assert {p["optimizer_steps"] for p in data["probes"]} == {None}  # no probe ran an optimizer step
+    code, out, _ = run_cli(capsys, "fit", "--workload", "cnn", "--device", "cpu", "--batch", "8", "--eval")
+    assert code == 0 and "evaluation batch 8 fits" in out

@@ -219,3 +219,48 @@ def test_decorator_frees_a_failed_backwards_graph_before_the_retry():
     assert train(model, optimizer) == 32
     assert train.batch_sizes_tried == [128, 64, 32]
     assert alive_at_call == [0, 0, 0]
+
+
+def test_fit_trainer_sets_the_eval_batch_apart_and_never_shrinks_training(tmp_path):
+    """transformers#32215: with auto_find_batch_size an evaluation OOM shrinks the training batch. Here the
+    evaluation batch is searched on its own (forward only: 2 MiB per sample against training's 10), beside the
+    training state the training search measured, and the training plan is the one found without it."""
+    from transformers import Trainer
+
+    from test_eval_batch import GradAwareDevice
+
+    model = _model()
+    args = _args(tmp_path, per_device=64)
+    trainer = Trainer(model=model, args=args, train_dataset=_dataset(), eval_dataset=_dataset(400))
+    plan = fit_trainer(trainer, device=GradAwareDevice(model, 600 * MIB), evaluation=True)
+    assert (plan.per_device_train_batch_size, plan.gradient_accumulation_steps, plan.largest_fitting) == (
+        32,
+        2,
+        44,
+    )
+    state = plan.result.memory_breakdown.gradients + plan.result.memory_breakdown.optimizer_state
+    assert state > 0  # the training step's gradients and Adam moments, measured
+    budget = 0.9 * (600 * MIB - -(-state // 0.9))
+    assert plan.eval_result.budget_bytes == int(budget)
+    assert plan.per_device_eval_batch_size == int((budget - 100 * MIB) // (2 * MIB)) == 219
+    assert plan.eval_result.step_mode == "eval" and plan.eval_result.fits
+    assert trainer.args.per_device_eval_batch_size == 219
+    assert (trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps) == (32, 2)
+    assert next(iter(trainer.get_eval_dataloader()))["input_ids"].shape[0] == 219
+    metrics = trainer.evaluate()
+    assert "eval_loss" in metrics
+    trainer.train()
+    assert trainer.state.train_batch_size == 32
+
+
+def test_fit_training_args_with_an_eval_set_on_the_real_cpu(tmp_path):
+    model = _model()
+    args = _args(tmp_path, per_device=8)
+    budget = f"{psutil.Process().memory_info().rss // MIB + 1024}MiB"
+    plan = fit_training_args(model, args, _dataset(), memory_budget=budget, eval_dataset=_dataset(64))
+    evaluation = plan.eval_result
+    assert evaluation.fits and evaluation.peak_bytes <= evaluation.budget_bytes
+    assert evaluation.budget_bytes < plan.result.budget_bytes  # room left for the training state
+    assert args.per_device_eval_batch_size == plan.per_device_eval_batch_size == 64  # the whole eval set
+    assert args.per_device_train_batch_size == 8
+    assert any("room for the training state" in note for note in evaluation.notes)

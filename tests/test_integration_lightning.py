@@ -149,3 +149,56 @@ def test_two_ddp_ranks_agree_on_the_minimum(tmp_path):
         assert result["optimal"] == result["model_batch_size"] == 44
         assert result["seen"] == [44, 44]  # and both ranks train at it
     assert [r["local"] for r in ranks] == [80, 44]
+
+
+@functools.cache
+def _validating_net():
+    class ValNet(_lightning().Net):
+        """Net with a validation loader that reads its own batch attribute, as the finder's eval search needs."""
+
+        def __init__(self):
+            super().__init__(batch_size=4)
+            self.val_batch_size = 2
+            self.val_seen: list[int] = []
+            self.val_training_flags: list[bool] = []
+
+        def val_dataloader(self):
+            return DataLoader(_data(), batch_size=self.val_batch_size)
+
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            self.val_seen.append(len(x))
+            self.val_training_flags.append(self.training or torch.is_grad_enabled())
+            loss = F.cross_entropy(self.net(x), y)
+            self.log("val_loss", loss)
+            return loss
+
+    return ValNet
+
+
+def test_the_validation_batch_is_found_apart_and_beside_the_training_state():
+    from test_eval_batch import GradAwareDevice
+
+    model = _validating_net()()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    device = GradAwareDevice(model, 300 * MIB)  # training 10 MiB per sample, validation 2 MiB
+    finder = _lightning().BatchlabFinder(device=device, eval_batch_arg_name="val_batch_size")
+    _trainer(finder, limit_val_batches=1, num_sanity_val_steps=0).fit(model)
+    assert finder.optimal_batch_size == model.batch_size == 17  # 100 + 10 b <= 270 MiB, as without validation
+    state = finder.result.memory_breakdown.gradients + finder.result.memory_breakdown.optimizer_state
+    assert state > 0  # the training search counted the gradients and Adam's moments of the real step
+    budget = int(0.9 * (300 * MIB - -(-state // 0.9)))
+    assert finder.eval_result.budget_bytes == budget and finder.eval_result.step_mode == "eval"
+    assert finder.eval_batch_size == model.val_batch_size == (budget - 100 * MIB) // (2 * MIB)
+    assert model.val_seen[-1] == finder.eval_batch_size  # the fit loop validated at it
+    assert set(model.val_training_flags) == {False}  # every validation_step ran in eval mode, no grad
+    for key, value in initial.items():
+        assert torch.equal(model.at_train_start[key], value), key
+
+
+def test_the_validation_attribute_is_checked_before_training():
+    with pytest.raises(ValueError, match="eval_batch_arg_name='batch_size' is batch_arg_name too"):
+        _lightning().BatchlabFinder(eval_batch_arg_name="batch_size")
+    finder = _lightning().BatchlabFinder(device=_sim(600), eval_batch_arg_name="val_size")
+    with pytest.raises(AttributeError, match="no `val_size`.*pass eval_batch_arg_name="):
+        _trainer(finder).fit(_lightning().Net())

@@ -31,6 +31,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--amp", default=None, help="probe under autocast: bf16 or fp16")
     parser.add_argument("--max-batch-size", type=int, default=None, help="never answer more than this")
     parser.add_argument("--multiple-of", type=int, default=1, help="answer a multiple of this (e.g. 8)")
+    parser.add_argument(
+        "--eval",
+        action="store_true",
+        help="the largest evaluation batch: forward and loss under no_grad, the model in eval mode",
+    )
     parser.set_defaults(run=run)
 
 
@@ -52,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
             max_batch_size=args.max_batch_size,
             multiple_of=args.multiple_of,
             on_probe=display.probe,
+            mode="eval" if args.eval else "train",
         )
     if args.json:
         print(result.to_json(indent=2))

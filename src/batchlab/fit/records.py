@@ -127,6 +127,7 @@ class FitResult:
     state_copy_storage: str = "memory"
     skipped_optimizer_steps: int = 0
     device_settings: dict[str, Any] = field(default_factory=dict)
+    step_mode: str = "train"  # "eval": the batch of an evaluation step (find_batch_size(mode="eval"))
 
     @property
     def steps_run(self) -> int:
@@ -142,14 +143,18 @@ class FitResult:
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(), **kwargs)
 
+    @property
+    def _what(self) -> str:
+        return "evaluation batch" if self.step_mode == "eval" else "batch"
+
     def summary(self) -> str:
         """One paragraph in plain words."""
         if self.mode == "fixed":
             verdict = "fits" if self.fits else "does NOT fit"
             need = format_bytes(self.peak_bytes if self.peak_bytes is not None else self.predicted_peak_bytes)
-            return f"batch {self.batch_size} {verdict}: needs {need} of a {format_bytes(self.budget_bytes)} budget on {self.device}"
+            return f"{self._what} {self.batch_size} {verdict}: needs {need} of a {format_bytes(self.budget_bytes)} budget on {self.device}"
         return (
-            f"largest batch that fits: {self.batch_size} (limited by {self.limited_by}); peak "
+            f"largest {self._what} that fits: {self.batch_size} (limited by {self.limited_by}); peak "
             f"{format_bytes(self.peak_bytes)} of a {format_bytes(self.budget_bytes)} budget "
             f"({self.fraction:.0%} of {format_bytes(self.capacity_bytes)}) on {self.device}, verified with real steps"
         )

@@ -44,6 +44,7 @@ from batchlab.fit.probe import breakdown_of, run_probe
 from batchlab.fit.records import FitResult, Limit, MemoryLine, Outcome, Probe
 from batchlab.spec import parse_amp, parse_batch
 from batchlab.units import format_bytes, parse_bytes
+from batchlab.workload.evaluation import EvalStep, StepMode, for_mode
 from batchlab.workload.skipped_steps import skip_note
 from batchlab.workload.state import StateSnapshot, copy_storage
 from batchlab.workload.workload import StepFunction, Workload, as_workload
@@ -72,6 +73,7 @@ def find_batch_size(
     on_probe: Callable[[Probe], None] | None = None,
     estimate: MemoryLine | None = None,
     state_copy: str = "auto",
+    mode: str = "train",
 ) -> FitResult:
     """Find the largest batch size whose full training step fits in memory -- or check a fixed one.
 
@@ -96,6 +98,12 @@ def find_batch_size(
             ``"disk"`` (a temporary folder, ``BATCHLAB_STATE_DIR``), or ``"auto"``: RAM unless it would take
             more than half the host's free memory -- or, on the CPU, push the probes past the hard limit --
             then disk (:func:`batchlab.workload.state.copy_storage`).
+        mode: ``"train"`` (the full training step) or ``"eval"``: the largest *evaluation* batch -- the
+            Workload's batch and loss under ``no_grad`` with the model in eval mode, no backward, no optimizer
+            step (:class:`~batchlab.workload.evaluation.EvalStep`), verified the same way. It is the evaluation
+            alone: an evaluation between training steps also holds the gradients and optimizer state, for
+            which :meth:`batchlab.fit.SearchOptions.run` (``beside=``) leaves room. A plain step callable is
+            refused: batchlab cannot make it evaluate.
 
     Raises:
         DoesNotFitError: when even the smallest allowed size does not fit; it says what that size needs.
@@ -114,14 +122,17 @@ def find_batch_size(
     multiple_of = checks.integer("multiple_of", multiple_of)
     if estimate is not None and not isinstance(estimate, MemoryLine):
         raise TypeError(f"estimate must be a batchlab.fit.MemoryLine or None, got {type(estimate).__name__}")
+    mode = checks.choice("mode", mode, [m.value for m in StepMode])
     work = _with_amp(as_workload(workload, preserve=preserve), parse_amp(amp))
+    home = work.device if isinstance(work, Workload) else None
+    work = for_mode(work, mode)
     caps = _caps(max_batch_size, dataset_size or work.dataset_size)
     cap = min(caps.values()) if caps else None
     if cap is not None and cap < multiple_of:
         raise ValueError(f"multiple_of={multiple_of} is larger than the batch cap {cap} ({', '.join(caps)})")
     if spec.is_fixed and cap is not None and spec.size > cap:
         raise ValueError(f"batch {spec.size} exceeds the cap {cap} ({', '.join(caps)})")
-    dev = resolve_device(device, work.device if isinstance(work, Workload) else None)
+    dev = resolve_device(device, home)
     capacity = budget_override or dev.capacity_bytes()
     budget = capacity if spec.is_fixed else int(capacity * spec.fraction)
 
@@ -139,6 +150,7 @@ def find_batch_size(
         batch_size=answer.batch_size if answer is not None else spec.size,
         fits=answer is not None and answer.fits,
         mode="fixed" if spec.is_fixed else "fit",
+        step_mode=StepMode.EVAL if isinstance(work, EvalStep) else StepMode.TRAIN,
         fraction=spec.fraction,
         device=dev.name,
         capacity_bytes=capacity,

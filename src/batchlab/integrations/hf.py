@@ -49,6 +49,7 @@ from typing import Any
 
 import torch
 
+from batchlab import checks
 from batchlab.advice.scaling import BatchPlan, plan_batch
 from batchlab.devices import Device
 from batchlab.devices.oom import is_out_of_memory
@@ -83,17 +84,25 @@ class HFBatchPlan:
     largest_fitting: int
     plan: BatchPlan
     result: FitResult
+    per_device_eval_batch_size: int | None = None  # set when an evaluation set was searched too
+    eval_result: FitResult | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["result"] = self.result.to_dict()
+        data["eval_result"] = self.eval_result.to_dict() if self.eval_result is not None else None
         return data
 
     def summary(self) -> str:
+        evaluation = (
+            f"; evaluation {self.per_device_eval_batch_size} per device"
+            if self.per_device_eval_batch_size is not None
+            else ""
+        )
         return (
             f"{self.per_device_train_batch_size} per device x {self.gradient_accumulation_steps} accumulation x "
             f"{self.devices} device(s) = {self.effective_batch} (asked {self.target_batch}; largest that fits "
-            f"per device: {self.largest_fitting})"
+            f"per device: {self.largest_fitting}){evaluation}"
         )
 
 
@@ -103,6 +112,21 @@ def _devices(args: Any) -> int:
 
 def _amp(args: Any) -> str | None:
     return "bf16" if getattr(args, "bf16", False) else "fp16" if getattr(args, "fp16", False) else None
+
+
+def _map_style(dataset: Any, what: str) -> None:
+    if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+        raise TypeError(
+            f"batchlab needs a map-style {what} dataset (len() and indexing) to draw probe batches from, "
+            f"got {type(dataset).__name__}; pass target_batch= and a map-style sample of it to fit_training_args"
+        )
+
+
+def _eval_loss(output: Any, batch: Any) -> torch.Tensor:
+    """The evaluation's loss where the batch has labels (as ``Trainer.prediction_step`` computes it), else 0:
+    the forward is what takes the memory."""
+    loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+    return loss if loss is not None else torch.zeros(())
 
 
 def _sampler(dataset: Any, collate: Callable[[list], Any]) -> Callable[[int], Any]:
@@ -126,14 +150,13 @@ def _fit(
     *,
     target_batch: int | None,
     options: SearchOptions,
+    evaluation: tuple[Any, Callable[[list], Any]] | None = None,
 ) -> HFBatchPlan:
     from transformers import Trainer
 
-    if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
-        raise TypeError(
-            f"batchlab needs a map-style training dataset (len() and indexing) to draw probe batches from, "
-            f"got {type(dataset).__name__}; pass target_batch= and a map-style sample of it to fit_training_args"
-        )
+    _map_style(dataset, "training")
+    if evaluation is not None:
+        _map_style(evaluation[0], "evaluation")
     devices = _devices(args)
     target = int(
         target_batch or args.per_device_train_batch_size * args.gradient_accumulation_steps * devices
@@ -163,17 +186,37 @@ def _fit(
     import torch.distributed as dist
 
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    # Under torchrun/accelerate every process searches its own device; all take the smallest answer.
+    gather = all_gather_ints if distributed else (lambda value: [value])
+    rank = dist.get_rank() if distributed else 0
     try:
-        # Under torchrun/accelerate every process searches its own device; all take the smallest answer.
-        gather = all_gather_ints if distributed else (lambda value: [value])
-        largest, _ = agree_on_batch_size(search, gather, rank=dist.get_rank() if distributed else 0)
+        largest, _ = agree_on_batch_size(search, gather, rank=rank)
     finally:
         if checkpointing:
             model.gradient_checkpointing_disable()
     result = results[0]
     plan = plan_batch(target, largest, devices)
+    # The training batch is written before the evaluation is searched, and nothing the evaluation finds
+    # changes it: an evaluation's out-of-memory error does not shrink training (transformers#32215).
     args.per_device_train_batch_size = plan.micro_batch
     args.gradient_accumulation_steps = plan.accumulation_steps
+    eval_size, eval_result = None, None
+    if evaluation is not None:
+        eval_dataset, eval_collate = evaluation
+        eval_workload = Workload(model, _sampler(eval_dataset, eval_collate), _eval_loss, workload.optimizer,
+                                 amp=_amp(args), dataset_size=len(eval_dataset), name=type(model).__name__)  # fmt: skip
+        eval_results: list[FitResult] = []
+
+        def search_eval() -> int:
+            # between training steps, so beside the gradients and optimizer state the training search measured
+            eval_results.append(
+                options.with_changes(mode="eval").run(eval_workload, beside=result, training_follows=True)
+            )
+            return eval_results[0].batch_size
+
+        eval_size, _ = agree_on_batch_size(search_eval, gather, rank=rank)
+        eval_result = eval_results[0]
+        args.per_device_eval_batch_size = eval_size
     fitted = HFBatchPlan(
         per_device_train_batch_size=plan.micro_batch,
         gradient_accumulation_steps=plan.accumulation_steps,
@@ -183,6 +226,8 @@ def _fit(
         largest_fitting=largest,
         plan=plan,
         result=result,
+        per_device_eval_batch_size=eval_size,
+        eval_result=eval_result,
     )
     log.info("batchlab: %s", fitted.summary())
     return fitted
@@ -200,12 +245,15 @@ def fit_training_args(
     device: str | torch.device | Device | None = None,
     multiple_of: int = 1,
     on_probe: Callable[[Probe], None] | None = None,
+    eval_dataset: Any = None,
 ) -> HFBatchPlan:
     """Set ``args.per_device_train_batch_size`` and ``gradient_accumulation_steps`` before building a Trainer.
 
     ``train_dataset`` must be map-style and already hold model inputs (with ``labels``); ``data_collator``
     defaults to ``transformers.default_data_collator``. The model is measured where it is: move it to its
     training device first. The effective batch kept is ``target_batch``, or what ``args`` asks for now.
+    With ``eval_dataset`` (map-style) ``args.per_device_eval_batch_size`` is set too: the largest evaluation
+    batch (forward under ``no_grad``, the model in eval mode) that fits beside the training state.
     """
     if data_collator is None:
         from transformers import default_data_collator as data_collator
@@ -215,6 +263,7 @@ def fit_training_args(
         train_dataset,
         data_collator,
         target_batch=target_batch,
+        evaluation=(eval_dataset, data_collator) if eval_dataset is not None else None,
         options=SearchOptions(
             batch=batch,
             memory_budget=memory_budget,
@@ -234,20 +283,26 @@ def fit_trainer(
     device: str | torch.device | Device | None = None,
     multiple_of: int = 1,
     on_probe: Callable[[Probe], None] | None = None,
+    evaluation: bool = False,
 ) -> HFBatchPlan:
     """Find the per-device batch for ``trainer`` and set it with the accumulation that keeps the effective batch.
 
     Samples come from ``trainer.get_train_dataloader()`` (its dataset, with the columns the model does not
     take removed, and its collator), the model and arguments from the trainer. Call it before
-    ``trainer.train()``; the model's state is left exactly as it was.
+    ``trainer.train()``; the model's state is left exactly as it was. ``evaluation=True`` also sets
+    ``args.per_device_eval_batch_size`` from ``trainer.get_eval_dataloader()``: the largest evaluation batch
+    that fits beside the training state (the Trainer reads it from ``args`` each time it evaluates), found
+    apart from the training batch, which it never changes.
     """
     loader = trainer.get_train_dataloader()
+    eval_loader = trainer.get_eval_dataloader() if checks.flag("evaluation", evaluation) else None
     fitted = _fit(
         trainer.model,
         trainer.args,
         loader.dataset,
         loader.collate_fn,
         target_batch=target_batch,
+        evaluation=(eval_loader.dataset, eval_loader.collate_fn) if eval_loader is not None else None,
         options=SearchOptions(
             batch=batch,
             memory_budget=memory_budget,

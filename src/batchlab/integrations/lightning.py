@@ -44,6 +44,8 @@ import torch
 from batchlab.devices import Device
 from batchlab.fit import FitResult, Probe, SearchOptions
 from batchlab.integrations.ddp import agree_on_batch_size
+from batchlab.workload import EvalStep, StepFunction
+from batchlab.workload.workload import tensor_bytes_of
 
 try:  # the callback must subclass Lightning's; batchlab's core never imports this module
     from lightning.pytorch.callbacks import Callback
@@ -97,10 +99,13 @@ def _detached(pl_module: Any) -> Iterator[None]:
 class _LightningStep:
     """One automatic-optimization training step of a LightningModule at batch ``b``."""
 
-    def __init__(self, trainer: Any, pl_module: Any, batch_arg_name: str):
+    def __init__(
+        self, trainer: Any, pl_module: Any, batch_arg_name: str, eval_batch_arg_name: str | None = None
+    ):
         from lightning.pytorch.utilities.parsing import lightning_setattr
 
         self.trainer, self.pl_module, self.batch_arg_name = trainer, pl_module, batch_arg_name
+        self.eval_batch_arg_name = eval_batch_arg_name
         self._setattr = lightning_setattr
         self.optimizers = _optimizers(pl_module.configure_optimizers())
         self._iterators: dict[int, Iterator[Any]] = {}
@@ -108,31 +113,46 @@ class _LightningStep:
         half = str(trainer.precision).startswith("16") and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if half else None
 
-    def _source(self) -> Any:
+    def loader(self, batch_size: int, stage: str = "train") -> Any:
+        """The ``train`` (or ``val``) dataloader built at ``batch_size``, through the batch attribute."""
+        name = self.batch_arg_name if stage == "train" else self.eval_batch_arg_name
+        self._setattr(self.pl_module, name, batch_size)
+        return getattr(self._source(stage), f"{stage}_dataloader")()
+
+    def _source(self, stage: str = "train") -> Any:
         datamodule = self.trainer.datamodule
-        if datamodule is not None and hasattr(datamodule, "train_dataloader"):
+        if datamodule is not None and hasattr(datamodule, f"{stage}_dataloader"):
             return datamodule
         return self.pl_module
 
-    def loader(self, batch_size: int) -> Any:
-        self._setattr(self.pl_module, self.batch_arg_name, batch_size)
-        return self._source().train_dataloader()
-
-    def _next_batch(self, batch_size: int) -> Any:
-        iterator = self._iterators.get(batch_size)
+    def _next_batch(self, batch_size: int, stage: str = "train") -> Any:
+        key = (stage, batch_size)
+        iterator = self._iterators.get(key)
         if iterator is None:
-            iterator = self._iterators[batch_size] = iter(self.loader(batch_size))
+            iterator = self._iterators[key] = iter(self.loader(batch_size, stage))
         try:
-            return next(iterator)
+            batch = next(iterator)
         except StopIteration:  # a short dataset: start it again
-            self._iterators[batch_size] = iter(self.loader(batch_size))
-            return next(self._iterators[batch_size])
+            self._iterators[key] = iter(self.loader(batch_size, stage))
+            batch = next(self._iterators[key])
+        module = self.pl_module
+        batch = module.on_before_batch_transfer(batch, 0)
+        batch = module.transfer_batch_to_device(batch, module.device, 0)
+        return module.on_after_batch_transfer(batch, 0)
+
+    def validate(self, batch_size: int) -> None:
+        """One ``validation_step`` at ``batch_size`` (run by an :class:`~batchlab.workload.EvalStep`: no_grad,
+        eval mode), under the trainer's precision context."""
+        batch = self._next_batch(batch_size, "val")
+        with _detached(self.pl_module), self.trainer.precision_plugin.forward_context():
+            self.pl_module.validation_step(batch, 0)
+
+    def tensor_bytes(self) -> Any:
+        return tensor_bytes_of([self.pl_module], self.optimizers)
 
     def __call__(self, batch_size: int) -> None:
         module = self.pl_module
-        batch = module.on_before_batch_transfer(self._next_batch(batch_size), 0)
-        batch = module.transfer_batch_to_device(batch, module.device, 0)
-        batch = module.on_after_batch_transfer(batch, 0)
+        batch = self._next_batch(batch_size)
         module.train()
         with _detached(module), self.trainer.precision_plugin.forward_context():
             output = module.training_step(batch, 0)
@@ -169,9 +189,14 @@ class BatchlabFinder(Callback):
         step: your own ``step(batch_size)`` for modules the default step cannot run (manual optimization);
             then ``preserve`` names what it changes (modules and optimizers).
         on_probe: called with each :class:`~batchlab.Probe`.
+        eval_batch_arg_name: also find the validation batch and set it here (looked up as ``batch_arg_name``;
+            ``val_dataloader()`` must read it): the largest batch whose ``validation_step`` fits -- under
+            ``no_grad``, the module in eval mode -- beside the gradients and optimizer state the training
+            search measured. Found after the training batch and apart from it: it never changes it.
 
     After the search: ``optimal_batch_size`` (as ``BatchSizeFinder``), ``result`` (this rank's
-    :class:`~batchlab.FitResult`) and ``per_rank`` (every rank's own answer; one entry without DDP).
+    :class:`~batchlab.FitResult`) and ``per_rank`` (every rank's own answer; one entry without DDP); with
+    ``eval_batch_arg_name``, ``eval_batch_size`` and ``eval_result`` too.
     """
 
     def __init__(
@@ -186,13 +211,27 @@ class BatchlabFinder(Callback):
         step: Callable[[int], Any] | None = None,
         preserve: Sequence[Any] = (),
         on_probe: Callable[[Probe], None] | None = None,
+        eval_batch_arg_name: str | None = None,
     ) -> None:
         # Validated here, before any training starts.
         self.options = SearchOptions(batch=batch, memory_budget=memory_budget, device=device,
                                      max_batch_size=max_batch_size, multiple_of=multiple_of, on_probe=on_probe)  # fmt: skip
         if step is not None and not callable(step):
             raise TypeError(f"step must be a callable step(batch_size), got {step!r}")
+        if eval_batch_arg_name is not None and eval_batch_arg_name == batch_arg_name:
+            raise ValueError(
+                f"BatchlabFinder: eval_batch_arg_name={eval_batch_arg_name!r} is batch_arg_name too; the "
+                "validation batch needs its own attribute (one read by val_dataloader())"
+            )
+        if eval_batch_arg_name is not None and step is not None:
+            raise ValueError(
+                "BatchlabFinder: eval_batch_arg_name needs the default step (validation_step runs beside it); "
+                "with step= search your evaluation with batchlab.workload.EvalStep yourself"
+            )
         self.batch_arg_name = batch_arg_name
+        self.eval_batch_arg_name = eval_batch_arg_name
+        self.eval_batch_size: int | None = None
+        self.eval_result: FitResult | None = None
         self.step = step
         self.preserve = tuple(preserve)
         self.optimal_batch_size: int | None = None
@@ -202,11 +241,15 @@ class BatchlabFinder(Callback):
     def setup(self, trainer: Any, pl_module: Any, stage: str | None = None) -> None:
         from lightning.pytorch.utilities.parsing import lightning_hasattr
 
-        if stage == "fit" and not lightning_hasattr(pl_module, self.batch_arg_name):
-            raise AttributeError(
-                f"BatchlabFinder: no `{self.batch_arg_name}` on the LightningModule, its hparams or the datamodule; "
-                "add one (the dataloaders must read it) or pass batch_arg_name="
-            )
+        for name, option in (
+            (self.batch_arg_name, "batch_arg_name"),
+            (self.eval_batch_arg_name, "eval_batch_arg_name"),
+        ):
+            if stage == "fit" and name is not None and not lightning_hasattr(pl_module, name):
+                raise AttributeError(
+                    f"BatchlabFinder: no `{name}` on the LightningModule, its hparams or the datamodule; "
+                    f"add one (the dataloaders must read it) or pass {option}="
+                )
         if stage == "fit" and self.step is None and not pl_module.automatic_optimization:
             raise ValueError(
                 "BatchlabFinder: manual optimization needs the trainer's loop; pass step=your_step(batch_size) "
@@ -216,12 +259,12 @@ class BatchlabFinder(Callback):
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self.scale_batch_size(trainer, pl_module)
 
-    def _dataset_cap(self, runner: _LightningStep | None, world: int) -> int | None:
-        """Each rank's share of a map-style training set (a larger batch only repeats samples)."""
+    def _dataset_cap(self, runner: _LightningStep | None, world: int, stage: str = "train") -> int | None:
+        """Each rank's share of a map-style training (or validation) set (a larger batch only repeats samples)."""
         if runner is None:
             return None
         try:
-            dataset = runner.loader(1).dataset
+            dataset = runner.loader(1, stage).dataset
             return -(-len(dataset) // world)
         except (TypeError, AttributeError):  # iterable datasets have no length
             return None
@@ -232,16 +275,27 @@ class BatchlabFinder(Callback):
 
         original = lightning_getattr(pl_module, self.batch_arg_name)
         world = int(getattr(trainer, "world_size", 1) or 1)
-        runner = _LightningStep(trainer, pl_module, self.batch_arg_name) if self.step is None else None
-        # The step's own GradScaler too: a step it skips (fp16 overflow) must still create the optimizer state.
-        scalers = (runner.scaler,) if runner is not None and runner.scaler is not None else ()
-        preserve = (pl_module, *runner.optimizers, *scalers) if runner is not None else self.preserve
+        runner = (
+            _LightningStep(trainer, pl_module, self.batch_arg_name, self.eval_batch_arg_name)
+            if self.step is None
+            else None
+        )
+        if runner is not None:
+            # The step's own GradScaler too: a step it skips (fp16 overflow) must still create the optimizer
+            # state; the tensors it holds are counted, so the evaluation can leave room for them.
+            scalers = (runner.scaler,) if runner.scaler is not None else ()
+            work: Any = StepFunction(
+                runner, preserve=(pl_module, *runner.optimizers, *scalers), tensor_bytes=runner.tensor_bytes
+            )
+            preserve: tuple = ()
+        else:
+            work, preserve = self.step, self.preserve
         results: list[FitResult] = []
 
         def search() -> int:
             results.append(
                 self.options.run(
-                    runner if runner is not None else self.step,
+                    work,
                     default_device=str(pl_module.device),
                     dataset_size=self._dataset_cap(runner, world),
                     preserve=preserve,
@@ -259,11 +313,14 @@ class BatchlabFinder(Callback):
         agreed = None
         try:
             agreed, self.per_rank = agree_on_batch_size(search, gather, rank=int(trainer.global_rank))
+            lightning_setattr(pl_module, self.batch_arg_name, agreed)
+            self.result = results[0]
+            if runner is not None and self.eval_batch_arg_name is not None:
+                self._scale_eval_batch(trainer, pl_module, runner, gather, world)
         finally:
             if runner is not None:
                 runner.close()
             lightning_setattr(pl_module, self.batch_arg_name, agreed if agreed is not None else original)
-        self.result = results[0]
         self.optimal_batch_size = agreed
         if not self.result.fits:  # a fixed batch= that was checked and does not fit: say so, do not hide it
             log.warning("batchlab: %s", self.result.summary())
@@ -275,3 +332,39 @@ class BatchlabFinder(Callback):
             self.per_rank,
         )
         return agreed
+
+    def _scale_eval_batch(
+        self,
+        trainer: Any,
+        pl_module: Any,
+        runner: _LightningStep,
+        gather: Callable[[int], list[int]],
+        world: int,
+    ) -> None:
+        """Search ``validation_step`` beside the training state and set ``eval_batch_arg_name`` (restored on failure)."""
+        from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_setattr
+
+        original = lightning_getattr(pl_module, self.eval_batch_arg_name)
+        step = EvalStep(runner.validate, [pl_module], name=f"{type(pl_module).__name__} (eval)",
+                        tensor_bytes=runner.tensor_bytes)  # fmt: skip
+        results: list[FitResult] = []
+
+        def search() -> int:
+            results.append(
+                self.options.with_changes(mode="eval").run(
+                    step,
+                    default_device=str(pl_module.device),
+                    dataset_size=self._dataset_cap(runner, world, "val"),
+                    beside=self.result,
+                    training_follows=True,
+                )
+            )
+            return results[0].batch_size
+
+        agreed = None
+        try:
+            agreed, _ = agree_on_batch_size(search, gather, rank=int(trainer.global_rank))
+        finally:
+            lightning_setattr(pl_module, self.eval_batch_arg_name, agreed if agreed is not None else original)
+        self.eval_batch_size, self.eval_result = agreed, results[0]
+        log.info("batchlab: %s; %s = %d", self.eval_result.summary(), self.eval_batch_arg_name, agreed)

@@ -46,6 +46,26 @@ def _tensor_nbytes(tensors: Iterable[torch.Tensor]) -> int:
     return total
 
 
+def tensor_bytes_of(
+    modules: Sequence[torch.nn.Module], optimizers: Sequence[torch.optim.Optimizer]
+) -> MemoryBreakdown:
+    """Bytes held right now by the modules' parameters, buffers and gradients and the optimizers' state."""
+    params = [p for module in modules for p in module.parameters()]
+    state_tensors = [
+        value
+        for optimizer in optimizers
+        for values in optimizer.state.values()
+        for value in values.values()
+        if isinstance(value, torch.Tensor)
+    ]
+    return MemoryBreakdown(
+        parameters=_tensor_nbytes(params),
+        buffers=_tensor_nbytes(b for module in modules for b in module.buffers()),
+        gradients=_tensor_nbytes(p.grad for p in params if p.grad is not None),
+        optimizer_state=_tensor_nbytes(state_tensors),
+    )
+
+
 class Workload:
     """One training step of ``model`` on ``make_batch(b)`` with ``loss_fn`` and ``optimizer``.
 
@@ -209,19 +229,7 @@ class Workload:
 
     def tensor_bytes(self) -> MemoryBreakdown:
         """Bytes held right now by the model's parameters, buffers, gradients and the optimizer's state."""
-        params = list(self.model.parameters())
-        state_tensors = [
-            value
-            for values in self.optimizer.state.values()
-            for value in values.values()
-            if isinstance(value, torch.Tensor)
-        ]
-        return MemoryBreakdown(
-            parameters=_tensor_nbytes(params),
-            buffers=_tensor_nbytes(self.model.buffers()),
-            gradients=_tensor_nbytes(p.grad for p in params if p.grad is not None),
-            optimizer_state=_tensor_nbytes(state_tensors),
-        )
+        return tensor_bytes_of([self.model], [self.optimizer])
 
     def __repr__(self) -> str:
         return f"Workload({self.name}, amp={self.amp}, grad_accum={self.grad_accum}, dataset_size={self.dataset_size})"
@@ -232,7 +240,8 @@ class StepFunction:
 
     batchlab cannot see inside a plain callable, so it restores only what ``preserve`` names -- modules,
     optimizers, GradScalers and LR schedulers -- plus the global RNGs always; memory is reported as a whole,
-    not split by kind. Pass the step's GradScaler: a probe step it skips (fp16 overflow) then still creates
+    not split by kind unless ``tensor_bytes`` says what the model and optimizer hold (e.g.
+    ``lambda: tensor_bytes_of([model], [optimizer])``). Pass the step's GradScaler: a probe step it skips (fp16 overflow) then still creates
     the optimizer state (:mod:`batchlab.workload.skipped_steps`), and its scale is restored.
     """
 
@@ -246,6 +255,7 @@ class StepFunction:
         preserve: Sequence[Any] = (),
         dataset_size: int | None = None,
         name: str | None = None,
+        tensor_bytes: Callable[[], MemoryBreakdown] | None = None,
     ):
         if not callable(step):
             raise TypeError(f"expected a Workload or a callable step(batch_size), got {step!r}")
@@ -262,6 +272,7 @@ class StepFunction:
             )
         self.dataset_size = dataset_size
         self.name = name or getattr(step, "__name__", type(step).__name__)
+        self._tensor_bytes = tensor_bytes
 
     def step(self, batch_size: int) -> Any:
         return self._step(batch_size)
@@ -281,7 +292,7 @@ class StepFunction:
         return StateSnapshot.capture(self._modules, self._optimizers, self._extra, directory=directory)
 
     def tensor_bytes(self) -> MemoryBreakdown | None:
-        return None  # a plain callable's tensors are out of sight
+        return self._tensor_bytes() if self._tensor_bytes is not None else None  # else out of sight
 
 
 def as_workload(

@@ -2,7 +2,7 @@
 
 A spec is one of:
 
-- a built-in name: ``mlp-digits``, ``cnn``, ``resnet``, ``gpt`` (see :data:`BUILTIN`);
+- a built-in name: ``mlp-digits``, ``cnn``, ``resnet``, ``gpt``, ``text-lm`` (see :data:`BUILTIN`);
 - ``path/to/file.py:function`` or ``package.module:function``: a function called with no arguments that
   returns a :class:`~batchlab.Workload` or a plain ``step(batch_size)`` callable.
 
@@ -20,6 +20,7 @@ from typing import Any
 
 from batchlab.errors import WorkloadError
 from batchlab.workloads.examples import gpt, mlp_digits, resnet, small_cnn
+from batchlab.workloads.text import text_lm
 
 FILE_MODULE_PREFIX = "batchlab_user_"  # a spec's file is imported as batchlab_user_<kind>_<stem>: only here
 BUILTIN: dict[str, Callable[..., Any]] = {
@@ -27,6 +28,7 @@ BUILTIN: dict[str, Callable[..., Any]] = {
     "cnn": small_cnn,
     "resnet": resnet,
     "gpt": gpt,
+    "text-lm": text_lm,
 }
 
 

@@ -1,5 +1,14 @@
-"""Tools that run inside a user's training loop: :class:`OOMGuard` recovers from an out-of-memory error."""
+"""Tools that run inside a user's training loop.
 
+- :class:`OOMGuard` recovers from an out-of-memory error (:mod:`~batchlab.training.guard`);
+- :func:`carry_over` moves a live optimizer's hyper-parameters across a batch change, with an audit
+  (:mod:`~batchlab.training.carry`; the rules in :mod:`batchlab.advice.transfer`);
+- :class:`BatchRamp` grows the batch with the measured noise scale, each change through :func:`carry_over`
+  (:mod:`~batchlab.training.ramp`; the decision in :mod:`batchlab.advice.ramp`).
+"""
+
+from batchlab.training.carry import carry_over
 from batchlab.training.guard import GuardEvent, OOMGuard
+from batchlab.training.ramp import BatchRamp, RampEvent
 
-__all__ = ["GuardEvent", "OOMGuard"]
+__all__ = ["BatchRamp", "GuardEvent", "OOMGuard", "RampEvent", "carry_over"]

@@ -124,9 +124,15 @@ class BatchRampCallback(Callback):
         )
 
     def _changed(self, event: RampEvent) -> None:
+        """Inside the ramp's all-or-nothing change: set the accumulation, undone if the user's callback fails."""
+        before = self._trainer.accumulate_grad_batches
         self._trainer.accumulate_grad_batches = event.accumulation
-        if self.user_on_change is not None:
-            self.user_on_change(event)
+        try:
+            if self.user_on_change is not None:
+                self.user_on_change(event)
+        except BaseException:
+            self._trainer.accumulate_grad_batches = before
+            raise
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         grow_to = self.ramp.observe()

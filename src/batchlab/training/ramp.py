@@ -44,7 +44,7 @@ from batchlab.advice.ramp import (
 )
 from batchlab.advice.scaling import BatchPlan, plan_batch
 from batchlab.advice.transfer import optimizer_rule
-from batchlab.noise.collectors import AccumulationCollector
+from batchlab.noise.collectors import AccumulationCollector, NormPair
 from batchlab.noise.estimator import GradientNoiseScale, NoiseScaleEstimate
 from batchlab.training.carry import carry_over, hyperparameter_snapshot, optimizer_name, unwrap_optimizer
 
@@ -108,8 +108,9 @@ class BatchRamp:
         scaler: a GradScaler whose scale the collector divides out.
         on_change: called with each :class:`RampEvent` inside the change (an error there undoes it).
 
-    ``batch_size``, ``micro_batch``, ``accumulation``: what to run now; ``events``: every change; ``readings``
-    the last reading (:class:`~batchlab.advice.ramp.RampReading`); ``steps``: optimizer steps seen.
+    ``batch_size``, ``micro_batch``, ``accumulation``: what to run now; ``events``: every change; ``reading``:
+    the last reading (:class:`~batchlab.advice.ramp.RampReading`); ``last_pair``: the last step's norms;
+    ``steps``: optimizer steps seen.
     """
 
     def __init__(
@@ -162,6 +163,7 @@ class BatchRamp:
         self.collector = AccumulationCollector(params, self.plan.micro_batch, self.tracker, scaler=scaler)
         self.events: list[RampEvent] = []
         self.reading: RampReading | None = None
+        self.last_pair: NormPair | None = None  # the last step's squared norms (None: fewer than 2 micro-batches)
         self.steps = 0
 
     def _plan(self, batch: int) -> BatchPlan:
@@ -198,7 +200,7 @@ class BatchRamp:
     def observe(self) -> int | None:
         """Take the step's gradients (the micro-batches since the last call) into the estimate; return the batch
         to grow to now, or None. Call once per optimizer step, after its last backward."""
-        self.collector.step(self.micro_batch)
+        self.last_pair = self.collector.step(self.micro_batch)
         self.steps += 1
         est = self.tracker.result()
         self.reading = self.rule.observe(est.b_simple, est.b_simple_stderr, est.updates)

@@ -45,7 +45,9 @@ def _lightning() -> SimpleNamespace:
             self.net = torch.nn.Linear(16, 4)
             self.micro, self.optimizer_name = micro, optimizer
             self.since_step = 0
-            self.windows: list[tuple[int, int]] = []  # (batches in the window, trainer.accumulate_grad_batches)
+            self.windows: list[
+                tuple[int, int]
+            ] = []  # (batches in the window, trainer.accumulate_grad_batches)
 
         def train_dataloader(self):
             return DataLoader(_data(), batch_size=self.micro, shuffle=True, drop_last=True)
@@ -111,7 +113,9 @@ def test_bad_setups_are_one_line_errors_before_the_first_step():
     with pytest.raises(ValueError, match="remove the GradientAccumulationScheduler"):
         scheduler = lt.L.pytorch.callbacks.GradientAccumulationScheduler({0: 2})
         _trainer([lt.BatchRampCallback(max_batch=64), scheduler], accumulation=1).fit(model)
-    with pytest.raises(ValueError, match=r"^invalid max_batch 4: below the current batch 16 \(a ramp only grows\)$"):
+    with pytest.raises(
+        ValueError, match=r"^invalid max_batch 4: below the current batch 16 \(a ramp only grows\)$"
+    ):
         _trainer([lt.BatchRampCallback(max_batch=4)]).fit(model)
     with pytest.raises(ValueError, match="^no batch-change rule for optimizer 'Adagrad'"):
         _trainer([lt.BatchRampCallback(max_batch=64)]).fit(lt.Net(optimizer="adagrad"))

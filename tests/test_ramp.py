@@ -27,7 +27,9 @@ def test_ramp_sizes_double_from_the_start_and_end_at_the_rounded_maximum():
 
 
 def test_ramp_sizes_refuse_a_maximum_below_the_start():
-    with pytest.raises(ValueError, match=r"^invalid max_batch 8: below the current batch 16 \(a ramp only grows\)$"):
+    with pytest.raises(
+        ValueError, match=r"^invalid max_batch 8: below the current batch 16 \(a ramp only grows\)$"
+    ):
         ramp_sizes(16, 8, 64)
 
 
@@ -72,7 +74,9 @@ def test_rule_target_scales_the_estimate_and_undefined_estimates_break_the_strea
 
 @pytest.mark.parametrize("target", [0, -1.0, float("nan")])
 def test_rule_refuses_a_non_positive_target(target):
-    with pytest.raises(ValueError, match=r"^invalid target .*: expected a number > 0 \(the multiple of B_simple"):
+    with pytest.raises(
+        ValueError, match=r"^invalid target .*: expected a number > 0 \(the multiple of B_simple"
+    ):
         RampRule((8, 16), target=target)
 
 
@@ -114,7 +118,9 @@ def _train(model, optimizer, ramp, x, y, steps):
 def test_plain_loop_ramp_grows_toward_the_noise_scale_with_lr_carried_and_whole_micro_batches():
     model, x, y = _noisy_problem()
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-2)
-    with BatchRamp(optimizer, batch_size=8, max_batch=128, max_micro_batch=8, patience=2, min_updates=5) as ramp:
+    with BatchRamp(
+        optimizer, batch_size=8, max_batch=128, max_micro_batch=8, patience=2, min_updates=5
+    ) as ramp:
         history = _train(model, optimizer, ramp, x, y, 60)
     batches = [h[0] for h in history]
     assert batches == sorted(batches) and batches[-1] >= 32  # grew, never shrank
@@ -124,7 +130,9 @@ def test_plain_loop_ramp_grows_toward_the_noise_scale_with_lr_carried_and_whole_
     for batch, micro, accumulation, _ in history:
         assert micro * accumulation == batch and micro <= 8 and accumulation >= 2 and batch <= 128
     for event in ramp.events:
-        assert event.lr_after == pytest.approx(event.lr_before * math.sqrt(event.batch_after / event.batch_before))
+        assert event.lr_after == pytest.approx(
+            event.lr_before * math.sqrt(event.batch_after / event.batch_before)
+        )
         assert event.b_simple - event.b_simple_stderr >= event.batch_after  # it grew only where the bound was
     assert history[-1][3] == pytest.approx(3e-2 * math.sqrt(batches[-1] / 8))
     assert optimizer.param_groups[0]["betas"][1] < 0.999  # betas carried too
@@ -133,14 +141,18 @@ def test_plain_loop_ramp_grows_toward_the_noise_scale_with_lr_carried_and_whole_
 def test_bad_input_is_refused_before_training():
     model, _, _ = _noisy_problem()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    with pytest.raises(ValueError, match=r"^invalid max_batch 16: below the current batch 32 \(a ramp only grows\)$"):
+    with pytest.raises(
+        ValueError, match=r"^invalid max_batch 16: below the current batch 32 \(a ramp only grows\)$"
+    ):
         BatchRamp(optimizer, batch_size=32, max_batch=16, max_micro_batch=32)
     with pytest.raises(ValueError, match=r"^invalid target 0: expected a number > 0"):
         BatchRamp(optimizer, batch_size=8, max_batch=64, max_micro_batch=32, target=0)
     with pytest.raises(ValueError, match=r"^invalid max_batch -4: expected an int >= 1$"):
         BatchRamp(optimizer, batch_size=8, max_batch=-4, max_micro_batch=32)
     adagrad = torch.optim.Adagrad(model.parameters())
-    with pytest.raises(ValueError, match=r"^no batch-change rule for optimizer 'Adagrad': known ones are SGD"):
+    with pytest.raises(
+        ValueError, match=r"^no batch-change rule for optimizer 'Adagrad': known ones are SGD"
+    ):
         BatchRamp(adagrad, batch_size=8, max_batch=64, max_micro_batch=32)
     BatchRamp(adagrad, batch_size=8, max_batch=64, max_micro_batch=32, rule="sqrt").close()  # explicit rule
     # Nothing was hooked by the refused ones: a backward runs no collector.

@@ -39,8 +39,13 @@ def test_ramp_run_in_a_sweep_records_batch_and_lr_per_step_and_in_mlflow(tmp_pat
 
     client = MlflowClient(tracking_uri=uri)
     history = sorted((m.step, m.value) for m in client.get_metric_history(run.mlflow_run_id, "batch_size"))
-    changes = [(s, b) for s, b in zip(run.train.step, batches) if s == 1 or b != batches[run.train.step.index(s) - 1]]
-    assert history == [*changes, (run.steps, batches[-1])]  # each change, where it happened, and the last step
+    changes = [
+        (s, b) for s, b in zip(run.train.step, batches) if s == 1 or b != batches[run.train.step.index(s) - 1]
+    ]
+    assert history == [
+        *changes,
+        (run.steps, batches[-1]),
+    ]  # each change, where it happened, and the last step
     lr_history = sorted((m.step, m.value) for m in client.get_metric_history(run.mlflow_run_id, "lr"))
     assert [s for s, _ in lr_history] == [s for s, _ in history]
     assert lr_history[-1][1] == pytest.approx(3e-3 * math.sqrt(batches[-1] / 8))

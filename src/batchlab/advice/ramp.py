@@ -117,7 +117,9 @@ class RampRule:
         min_updates: int = DEFAULT_MIN_UPDATES,
     ) -> None:
         if not sizes or any(b <= a for a, b in zip(sizes, sizes[1:])):
-            raise ValueError(f"sizes must be a non-empty, strictly increasing tuple of batches, got {sizes!r}")
+            raise ValueError(
+                f"sizes must be a non-empty, strictly increasing tuple of batches, got {sizes!r}"
+            )
         self.sizes = tuple(checks.integer("size", s) for s in sizes)
         self.target = checks.number("target", target, what="the multiple of B_simple the batch grows toward")
         self.patience = checks.integer("patience", patience)

@@ -114,7 +114,9 @@ class Change:
 
     def line(self) -> str:
         where = f"group {self.group} " if self.group >= 0 else ""
-        return f"{where}{self.name}: {_show(self.before)} -> {_show(self.after)}  [{self.rule}; {self.source}]"
+        return (
+            f"{where}{self.name}: {_show(self.before)} -> {_show(self.after)}  [{self.rule}; {self.source}]"
+        )
 
 
 def _show(value: Any) -> str:
@@ -153,7 +155,9 @@ class CarryOver:
             "new_batch": self.new_batch,
             "k": self.k,
             "lr_factor": self.lr_factor,
-            "groups": [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in self.groups],
+            "groups": [
+                {k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in self.groups
+            ],
             "changes": [c.to_dict() for c in self.changes],
             "plan": self.plan.to_dict() if self.plan is not None else None,
             "warmup_steps": self.warmup_steps,
@@ -162,9 +166,7 @@ class CarryOver:
 
     def audit(self) -> str:
         """The audit as text: the batch change, then each value before and after with its rule and source."""
-        head = (
-            f"batch {self.old_batch} -> {self.new_batch} (k = {self.k:.4g}), {self.optimizer}, rule {self.rule!r}"
-        )
+        head = f"batch {self.old_batch} -> {self.new_batch} (k = {self.k:.4g}), {self.optimizer}, rule {self.rule!r}"
         lines = [head, *(f"  {c.line()}" for c in self.changes), *(f"  note: {n}" for n in self.notes)]
         return "\n".join(lines)
 
@@ -202,7 +204,9 @@ def _carry_group(
         mapped = scale_lr(1.0, old, new, spec.rule, noise_scale=noise_scale, betas=(alpha, alpha))
         out["alpha"] = mapped.betas[1]
         changes.append(Change("alpha", index, alpha, out["alpha"], beta_rule + " (RMSprop's beta2)", source))
-        notes += [f"group {index}: {n.replace('beta2', 'alpha')}" for n in mapped.notes if n.startswith("beta2")]
+        notes += [
+            f"group {index}: {n.replace('beta2', 'alpha')}" for n in mapped.notes if n.startswith("beta2")
+        ]
     if eps is not None:
         out["eps"] = scaled.eps
         eps_rule = "eps / sqrt(k)" if spec.rule == "sqrt" else "kept"
@@ -219,7 +223,11 @@ def _carry_group(
         else:
             out["weight_decay"] = wd
             known = decay == "objective"
-            rule = "kept: coupled L2 is part of the objective" if known else f"kept: how {spec.name} decays is unknown"
+            rule = (
+                "kept: coupled L2 is part of the objective"
+                if known
+                else f"kept: how {spec.name} decays is unknown"
+            )
             changes.append(Change("weight_decay", index, wd, wd, rule, L2 if known else "no rule"))
     for key, why, where in spec.kept:
         if key in values:
@@ -268,7 +276,9 @@ def carry_hyperparameters(
         plan = plan_batch(asked, max_micro_batch, world_size)
         new = plan.effective_batch
         if plan.difference:
-            notes.append(f"batch {asked} cannot run exactly ({plan.note}); carried to {new}, the batch that runs")
+            notes.append(
+                f"batch {asked} cannot run exactly ({plan.note}); carried to {new}, the batch that runs"
+            )
         changes.append(Change("micro_batch x accumulation", -1,
                               f"{before_plan.micro_batch} x {before_plan.accumulation_steps}",
                               f"{plan.micro_batch} x {plan.accumulation_steps}",

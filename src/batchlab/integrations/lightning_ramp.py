@@ -102,14 +102,20 @@ class BatchRampCallback(Callback):
                 f"Trainer(accumulate_grad_batches>=2), got {accumulation!r} (the dataloader's batch is the micro-batch)"
             )
         if int(getattr(trainer, "world_size", 1) or 1) > 1:
-            raise ValueError("BatchRampCallback runs on one process (the accumulation collector is not for DDP)")
+            raise ValueError(
+                "BatchRampCallback runs on one process (the accumulation collector is not for DDP)"
+            )
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if len(trainer.optimizers) != 1:
-            raise ValueError(f"BatchRampCallback carries one optimizer's hyper-parameters, got {len(trainer.optimizers)}")
+            raise ValueError(
+                f"BatchRampCallback carries one optimizer's hyper-parameters, got {len(trainer.optimizers)}"
+            )
         micro = getattr(trainer.train_dataloader, "batch_size", None)
         if not isinstance(micro, int) or micro < 1:
-            raise ValueError("BatchRampCallback needs a training DataLoader with an int batch_size (the micro-batch)")
+            raise ValueError(
+                "BatchRampCallback needs a training DataLoader with an int batch_size (the micro-batch)"
+            )
         self._trainer = trainer
         self.ramp = BatchRamp(
             trainer.optimizers[0],
@@ -144,9 +150,15 @@ class BatchRampCallback(Callback):
         pending, self._pending = self._pending, None
         self.ramp.apply(pending)
 
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         stepped, self._stepped = self._stepped, False
-        if stepped and self._pending is not None and (batch_idx + 1) % (self._pending // self.ramp.micro_batch) == 0:
+        if (
+            stepped
+            and self._pending is not None
+            and (batch_idx + 1) % (self._pending // self.ramp.micro_batch) == 0
+        ):
             self._apply_pending()
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:

@@ -37,7 +37,9 @@ class RampedRun:
             raise TypeError(f"RampedRun ramps a batchlab.sweeps.SupervisedRun, got {type(run).__name__}")
         self.run = run.with_options(noise_every=0)  # the ramp measures the noise scale on its own hooks
         try:
-            self.ramp = BatchRamp(self.run.optimizer, batch_size=run.batch_size, scaler=self.run.scaler, **ramp_options)
+            self.ramp = BatchRamp(
+                self.run.optimizer, batch_size=run.batch_size, scaler=self.run.scaler, **ramp_options
+            )
         except BaseException:
             self.run.close()
             raise

@@ -196,7 +196,9 @@ class StepRun:
         first split. The ramp that resizes it measures the noise scale on its own hooks.
         """
         if self._accum_collector is not None or self._split_collector is not None:
-            raise ValueError("resize() needs a run built with noise_every=0 (its collectors keep the first split)")
+            raise ValueError(
+                "resize() needs a run built with noise_every=0 (its collectors keep the first split)"
+            )
         checks.integer("batch_size", batch_size)
         checks.integer("accumulation", accumulation)
         if batch_size % accumulation:

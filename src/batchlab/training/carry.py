@@ -52,7 +52,9 @@ def optimizer_name(optimizer: Any) -> str:
 def _groups(optimizer: Any) -> list[dict[str, Any]]:
     groups = getattr(optimizer, "param_groups", None)
     if not isinstance(groups, list) or not groups:
-        raise TypeError(f"carry_over needs a torch optimizer with param_groups, got {type(optimizer).__name__}")
+        raise TypeError(
+            f"carry_over needs a torch optimizer with param_groups, got {type(optimizer).__name__}"
+        )
     return groups
 
 
@@ -60,7 +62,11 @@ def _write(group: dict[str, Any], key: str, value: Any) -> None:
     current = group.get(key)
     if isinstance(current, torch.Tensor):  # capturable / fused optimizers keep the LR as a tensor
         current.fill_(value)
-    elif key == "betas" and isinstance(current, (tuple, list)) and any(isinstance(b, torch.Tensor) for b in current):
+    elif (
+        key == "betas"
+        and isinstance(current, (tuple, list))
+        and any(isinstance(b, torch.Tensor) for b in current)
+    ):
         for tensor, v in zip(current, value):
             tensor.fill_(v)
     else:
@@ -80,10 +86,7 @@ def hyperparameter_snapshot(optimizer: Any, schedulers: Sequence[Any] = ()) -> C
     """A function that puts back what a carry may write: every group's hyper-parameters (tensors by value) and
     each scheduler's ``base_lrs``. Used for the all-or-nothing write, and by the ramp to undo a failed change."""
     groups = _groups(optimizer)
-    saved = []
-    for group in groups:
-        values = {}
-        saved.append({key: _read(group[key]) for key in _KEYS if key in group})
+    saved = [{key: _read(group[key]) for key in _KEYS if key in group} for group in groups]
     bases = [list(s.base_lrs) if hasattr(s, "base_lrs") else None for s in schedulers]
 
     def restore() -> None:

@@ -151,7 +151,9 @@ class BatchRamp:
             )
         if on_change is not None and not callable(on_change):
             raise TypeError(f"on_change must be callable as on_change(event), got {on_change!r}")
-        sizes = ramp_sizes(start, top, self.max_micro_batch, growth=growth, min_accumulation=self.min_accumulation)
+        sizes = ramp_sizes(
+            start, top, self.max_micro_batch, growth=growth, min_accumulation=self.min_accumulation
+        )
         self.rule = RampRule(sizes, target=target, patience=patience, z=z, min_updates=min_updates)
         self.optimizer = opt
         self.lr_rule = rule
@@ -163,7 +165,9 @@ class BatchRamp:
         self.collector = AccumulationCollector(params, self.plan.micro_batch, self.tracker, scaler=scaler)
         self.events: list[RampEvent] = []
         self.reading: RampReading | None = None
-        self.last_pair: NormPair | None = None  # the last step's squared norms (None: fewer than 2 micro-batches)
+        self.last_pair: NormPair | None = (
+            None  # the last step's squared norms (None: fewer than 2 micro-batches)
+        )
         self.steps = 0
 
     def _plan(self, batch: int) -> BatchPlan:
@@ -210,7 +214,9 @@ class BatchRamp:
         """Move to ``new_batch`` (one of :attr:`sizes` above the current one): carry the hyper-parameters, plan
         the split, call ``on_change``. All or nothing: on any error the last good batch and LR stay."""
         if new_batch not in self.rule.sizes or new_batch <= self.batch_size:
-            raise ValueError(f"invalid new_batch {new_batch!r}: expected one of {self.sizes} above {self.batch_size}")
+            raise ValueError(
+                f"invalid new_batch {new_batch!r}: expected one of {self.sizes} above {self.batch_size}"
+            )
         old_plan, old_batch, lr_before = self.plan, self.batch_size, self.lr
         plan = self._plan(new_batch)
         restore = hyperparameter_snapshot(self.optimizer, self.schedulers)

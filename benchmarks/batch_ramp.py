@@ -84,13 +84,13 @@ def _trajectory(result: SweepResult, multiplier: float) -> list[list[list[int]]]
     return out
 
 
-def compare(name: str, fixed: SweepResult, ramp: SweepResult) -> dict:
+def compare(name: str, fixed: SweepResult, ramp: SweepResult, seeds: int) -> dict:
     rows = [s.to_dict() for s in fixed.by_batch_size()]
     ramp_row = ramp.by_batch_size()[0].to_dict()
-    reached = [r for r in rows if r["samples_to_target"] is not None and r["reached"] == r["runs"]]
-    out = {"dataset": name, "fixed": rows, "ramp": ramp_row,
+    reached = [r for r in rows if r["samples_to_target"] is not None and r["reached"] == seeds]
+    out = {"dataset": name, "seeds": seeds, "fixed": rows, "ramp": ramp_row,
            "ramp_batches": _trajectory(ramp, ramp_row["lr_multiplier"])}  # fmt: skip
-    if ramp_row["steps_to_target"] is None or not reached:
+    if ramp_row["steps_to_target"] is None or ramp_row["reached"] < seeds or not reached:
         out.update(dominated_by=None, efficient=None, goal_not_dominated=False, goal_steps_samples=False)
         return out
     rs, rn = ramp_row["steps_to_target"], ramp_row["samples_to_target"]
@@ -122,7 +122,7 @@ def markdown(results: list[dict], command: str, seconds: float) -> str:
         "",
     ]
     for r in results:
-        lines += [f"**{r['dataset']}**", "", "| run | best lr x | steps to target | samples to target | reached |",
+        lines += [f"**{r['dataset']}**", "", "| run | best lr x | steps to target | samples to target | seeds reached |",
                   "|---|---:|---:|---:|---:|"]  # fmt: skip
         for row in [*r["fixed"], {**r["ramp"], "label": "ramp"}]:
             label = row.get("label") or f"fixed {row['batch_size']}"
@@ -167,7 +167,7 @@ def main() -> None:
         ramp_factory = RampFactory(Task(name, noise_every=0), max_batch=BATCH_SIZES[-1], max_micro_batch=MAX_MICRO,
                                    target=args.target)  # fmt: skip
         ramp = _sweep(ramp_factory, [BATCH_SIZES[0]], settings, args.seeds, directory, uri, f"{name}-ramp")
-        result = compare(name, fixed, ramp)
+        result = compare(name, fixed, ramp, args.seeds)
         result["seconds"] = time.time() - t0
         results.append(result)
         print(json.dumps({k: result.get(k) for k in ("dataset", "efficient", "steps_ratio", "samples_ratio",

@@ -8,7 +8,9 @@ and seeds, every run stopping at the target validation loss:
    times each multiplier of ``GRID`` (the built-in tasks: MLPs with Adam).
 2. **Ramp**: :class:`batchlab.sweeps.RampFactory` from the smallest batch, up to the largest, micro-batches of at
    most ``MAX_MICRO`` (standing in for the fitted maximum): the noise scale is measured from the accumulation
-   micro-batches and each change carries the LR (and Adam's betas and eps) by the same square-root rule.
+   micro-batches and each change carries the LR (and Adam's betas and eps) by the same square-root rule. One
+   ramp per ``--targets`` value: 1 grows toward B_simple (the default), 2 toward 2 x B_simple, about the swept
+   critical batch here (B_simple measured 0.46-0.52 of it, DESIGN.md).
 
 Per batch size (and for the ramp) the best multiplier's mean steps and samples to the target over the seeds
 (:meth:`batchlab.sweeps.SweepResult.by_batch_size`). The issue's goals: no fixed batch reaches the target with
@@ -42,11 +44,12 @@ MAX_MICRO = 64  # the micro-batch cap: 256 runs as 4 x 64
 # validation loss (reached by every batch size before it overfits: digits bottoms out near 0.07, MNIST-1D's MLP
 # near 1.0, the char-LM keeps improving past 2.1 in 50k samples) and a sample cap per run.
 EXPERIMENTS = {
-    "mlp-digits": {"lr": 5.6e-3, "target": 0.12, "samples": 40_000},
-    "mnist1d": {"lr": 2.8e-3, "target": 1.2, "samples": 60_000},
-    "char-lm": {"lr": 3e-3, "target": 2.4, "samples": 60_000},
+    "mlp-digits": {"lr": 5.6e-3, "target": 0.12, "samples": 40_000, "eval_every": 2},
+    "mnist1d": {"lr": 2.8e-3, "target": 1.2, "samples": 60_000, "eval_every": 2},
+    "char-lm": {"lr": 3e-3, "target": 2.4, "samples": 60_000, "eval_every": 4},
 }
-EVAL_EVERY = 2  # steps; steps/samples to the target are interpolated between evaluations
+# Evaluate every 2 steps (char-lm: 4, its 8000 validation windows cost more and its small batches take >1000
+# steps); steps and samples to the target are interpolated between evaluations.
 
 
 def _sweep(factory, sizes, settings, seeds, directory, uri, name) -> SweepResult:
@@ -61,7 +64,7 @@ def _sweep(factory, sizes, settings, seeds, directory, uri, name) -> SweepResult
         budget=Budget(samples=settings["samples"]),
         target=settings["target"],
         stop_at_target=True,
-        eval_every=EVAL_EVERY,
+        eval_every=settings["eval_every"],
         name=name,
         directory=directory,
         tracking_uri=uri,
@@ -84,30 +87,35 @@ def _trajectory(result: SweepResult, multiplier: float) -> list[list[list[int]]]
     return out
 
 
-def compare(name: str, fixed: SweepResult, ramp: SweepResult, seeds: int) -> dict:
-    rows = [s.to_dict() for s in fixed.by_batch_size()]
-    ramp_row = ramp.by_batch_size()[0].to_dict()
-    reached = [r for r in rows if r["samples_to_target"] is not None and r["reached"] == seeds]
-    out = {"dataset": name, "seeds": seeds, "fixed": rows, "ramp": ramp_row,
-           "ramp_batches": _trajectory(ramp, ramp_row["lr_multiplier"])}  # fmt: skip
+def _goals(ramp_row: dict, reached: list[dict], seeds: int) -> dict:
+    """The issue's two goals for one ramp row against the fixed rows that reached the target on every seed."""
     if ramp_row["steps_to_target"] is None or ramp_row["reached"] < seeds or not reached:
-        out.update(dominated_by=None, efficient=None, goal_not_dominated=False, goal_steps_samples=False)
-        return out
+        return {"dominated_by": None, "steps_ratio": None, "samples_ratio": None, "goal_not_dominated": False,
+                "goal_steps_samples": False}  # fmt: skip
     rs, rn = ramp_row["steps_to_target"], ramp_row["samples_to_target"]
     dominated = [
         r["batch_size"] for r in reached if r["steps_to_target"] < rs and r["samples_to_target"] < rn
     ]
     efficient = min(reached, key=lambda r: r["samples_to_target"])
     steps_ratio, samples_ratio = rs / efficient["steps_to_target"], rn / efficient["samples_to_target"]
-    out.update(
-        dominated_by=dominated,
-        efficient=efficient["batch_size"],
-        steps_ratio=steps_ratio,
-        samples_ratio=samples_ratio,
-        goal_not_dominated=not dominated,
-        goal_steps_samples=steps_ratio <= 0.7 and samples_ratio <= 1.1,
-    )
+    return {"dominated_by": dominated, "steps_ratio": steps_ratio, "samples_ratio": samples_ratio,
+            "goal_not_dominated": not dominated, "goal_steps_samples": steps_ratio <= 0.7 and samples_ratio <= 1.1}  # fmt: skip
+
+
+def compare(name: str, fixed: SweepResult, ramps: dict[float, SweepResult], seeds: int) -> dict:
+    rows = [s.to_dict() for s in fixed.by_batch_size()]
+    reached = [r for r in rows if r["samples_to_target"] is not None and r["reached"] == seeds]
+    efficient = min(reached, key=lambda r: r["samples_to_target"])["batch_size"] if reached else None
+    out = {"dataset": name, "seeds": seeds, "fixed": rows, "efficient": efficient, "ramps": []}
+    for target, result in ramps.items():
+        row = result.by_batch_size()[0].to_dict()
+        out["ramps"].append({"target": target, **row, "batches": _trajectory(result, row["lr_multiplier"]),
+                             **_goals(row, reached, seeds)})  # fmt: skip
     return out
+
+
+def _cell(value: float | None) -> str:
+    return f"{value:.0f}" if value is not None else "-"
 
 
 def markdown(results: list[dict], command: str, seconds: float) -> str:
@@ -117,30 +125,37 @@ def markdown(results: list[dict], command: str, seconds: float) -> str:
         f"Issue 13 item 3. Machine: 2-core shared CPU, no GPU, torch {torch.__version__.split('+')[0]}, "
         f"Python {platform.python_version()}, 1 torch thread. Command: `{command}` ({seconds / 60:.1f} min).",
         f"Fixed batches {BATCH_SIZES}; LR grid x{GRID} on the sqrt rule from batch {BATCH_SIZES[0]}; the ramp from "
-        f"{BATCH_SIZES[0]} to {BATCH_SIZES[-1]}, micro-batches <= {MAX_MICRO}; means over seeds at each row's best "
-        "multiplier (fewest steps). Raw: benchmarks/results/batch_ramp.json.",
+        f"{BATCH_SIZES[0]} to {BATCH_SIZES[-1]}, micro-batches <= {MAX_MICRO}, growing toward target x B_simple; "
+        "means over seeds at each row's best multiplier (fewest steps). Raw: benchmarks/results/batch_ramp.json; "
+        "the runs in MLflow (SQLite under the run's temporary directory, not committed).",
         "",
     ]
     for r in results:
-        lines += [f"**{r['dataset']}**", "", "| run | best lr x | steps to target | samples to target | seeds reached |",
-                  "|---|---:|---:|---:|---:|"]  # fmt: skip
-        for row in [*r["fixed"], {**r["ramp"], "label": "ramp"}]:
-            label = row.get("label") or f"fixed {row['batch_size']}"
-            steps = f"{row['steps_to_target']:.0f}" if row["steps_to_target"] is not None else "-"
-            samples = f"{row['samples_to_target']:.0f}" if row["samples_to_target"] is not None else "-"
-            lines.append(
-                f"| {label} | {row['lr_multiplier']:g} | {steps} | {samples} | {row['reached']}/{row['runs']} |"
-            )
+        lines += [f"**{r['dataset']}** (target val loss {EXPERIMENTS[r['dataset']]['target']})", "",
+                  "| run | best lr x | steps to target | samples to target | seeds reached |", "|---|---:|---:|---:|---:|"]  # fmt: skip
+        for row in r["fixed"]:
+            lines.append(f"| fixed {row['batch_size']} | {row['lr_multiplier']:g} | {_cell(row['steps_to_target'])} | "
+                         f"{_cell(row['samples_to_target'])} | {row['reached']}/{r['seeds']} |")  # fmt: skip
+        for row in r["ramps"]:
+            lines.append(f"| ramp, target {row['target']:g} x B_simple | {row['lr_multiplier']:g} | "
+                         f"{_cell(row['steps_to_target'])} | {_cell(row['samples_to_target'])} | "
+                         f"{row['reached']}/{r['seeds']} |")  # fmt: skip
         lines.append("")
-        if r.get("efficient") is not None:
-            lines.append(
-                f"Ramp batches per seed (step, batch): {r['ramp_batches']}. Most sample-efficient fixed batch: "
-                f"{r['efficient']}; ramp/it: steps x{r['steps_ratio']:.2f}, samples x{r['samples_ratio']:.2f}. "
-                f"Not dominated: **{'met' if r['goal_not_dominated'] else 'MISSED (by ' + str(r['dominated_by']) + ')'}**; "
-                f">= 30% fewer steps at <= 1.1x samples: **{'met' if r['goal_steps_samples'] else 'MISSED'}**."
+        for row in r["ramps"]:
+            if row["steps_ratio"] is None:
+                lines.append(
+                    f"- target {row['target']:g}: the ramp or every fixed batch missed the target: **MISSED**."
+                )
+                continue
+            dominated = (
+                "met" if row["goal_not_dominated"] else f"MISSED (fixed {row['dominated_by']} has both fewer)"
             )
-        else:
-            lines.append("The ramp or every fixed batch missed the target: **MISSED**.")
+            lines.append(
+                f"- target {row['target']:g}: batches per seed (step, batch) {row['batches']}; against fixed "
+                f"{r['efficient']} (the most sample-efficient): steps x{row['steps_ratio']:.2f}, samples "
+                f"x{row['samples_ratio']:.2f}. Not dominated: **{dominated}**; >= 30% fewer steps at <= 1.1x "
+                f"samples: **{'met' if row['goal_steps_samples'] else 'MISSED'}**."
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -150,10 +165,11 @@ def main() -> None:
     parser.add_argument("--datasets", default=",".join(EXPERIMENTS))
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--directory", default=None, help="sweeps and the MLflow store (default: a temp dir)")
-    parser.add_argument("--target", type=float, default=1.0, help="the ramp grows toward target x B_simple")
+    parser.add_argument("--targets", default="1,2", help="ramps toward target x B_simple, one per value")
     parser.add_argument("--out", default=str(HERE / "results" / "batch_ramp.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
+    targets = [float(t) for t in args.targets.split(",")]
     directory = Path(args.directory or tempfile.mkdtemp(prefix="batchlab-batch-ramp-"))
     uri = f"sqlite:///{(directory / 'mlflow.db').resolve()}"
     started = time.time()
@@ -161,27 +177,27 @@ def main() -> None:
     for name in args.datasets.split(","):
         settings = EXPERIMENTS[name]
         t0 = time.time()
-        fixed = _sweep(
-            Task(name, noise_every=0), BATCH_SIZES, settings, args.seeds, directory, uri, f"{name}-fixed"
-        )
-        ramp_factory = RampFactory(Task(name, noise_every=0), max_batch=BATCH_SIZES[-1], max_micro_batch=MAX_MICRO,
-                                   target=args.target)  # fmt: skip
-        ramp = _sweep(ramp_factory, [BATCH_SIZES[0]], settings, args.seeds, directory, uri, f"{name}-ramp")
-        result = compare(name, fixed, ramp, args.seeds)
+        task = Task(name, noise_every=0)
+        fixed = _sweep(task, BATCH_SIZES, settings, args.seeds, directory, uri, f"{name}-fixed")
+        ramps = {}
+        for target in targets:
+            factory = RampFactory(task, max_batch=BATCH_SIZES[-1], max_micro_batch=MAX_MICRO, target=target)
+            ramps[target] = _sweep(factory, [BATCH_SIZES[0]], settings, args.seeds, directory, uri,
+                                   f"{name}-ramp-t{target:g}")  # fmt: skip
+        result = compare(name, fixed, ramps, args.seeds)
         result["seconds"] = time.time() - t0
         results.append(result)
-        print(json.dumps({k: result.get(k) for k in ("dataset", "efficient", "steps_ratio", "samples_ratio",
-                                                     "dominated_by", "seconds")}), flush=True)  # fmt: skip
+        print(json.dumps({"dataset": name, "seconds": result["seconds"], "efficient": result["efficient"],
+                          "ramps": [{k: row[k] for k in ("target", "steps_to_target", "samples_to_target",
+                                                          "steps_ratio", "samples_ratio", "dominated_by")}
+                                    for row in result["ramps"]]}), flush=True)  # fmt: skip
     seconds = time.time() - started
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     payload = {"results": results, "settings": EXPERIMENTS, "batch_sizes": BATCH_SIZES, "grid": GRID,
-               "max_micro": MAX_MICRO, "ramp_target": args.target, "seeds": args.seeds, "seconds": seconds,
+               "max_micro": MAX_MICRO, "ramp_targets": targets, "seeds": args.seeds, "seconds": seconds,
                "mlflow": uri}  # fmt: skip
     Path(args.out).write_text(json.dumps(payload, indent=2))
-    command = "nice -n 5 python benchmarks/batch_ramp.py" + (
-        f" --target {args.target:g}" if args.target != 1.0 else ""
-    )
-    print(markdown(results, command, seconds))
+    print(markdown(results, "nice -n 5 python benchmarks/batch_ramp.py", seconds))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,9 @@ source. :func:`batchlab.training.carry_over` applies it to a live optimizer. Rul
   the hyper-parameters are carried to.
 
 An optimizer this table does not know needs an explicit ``rule``; its weight decay is then left as it is (the
-audit says so), since how it decays is unknown.
+audit says so), since how it decays is unknown. ``keep`` leaves named values as they are (e.g. ``("betas",)``:
+the SDE rule maps β₁ = 0.9 to 0.2 at k = 8, past the range where Malladi et al. find it holds); the audit
+lists them as kept on request.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ ADASCALE = "Johnson et al. 2020 (AdaScale)"
 TIMESCALE = "Wang & Aitchison 2024; Bergsma et al. 2025 (Power Lines)"
 L2 = "Loshchilov & Hutter 2019"
 SAMPLES = "warm-up counted in samples"
+KEEPABLE = ("betas", "alpha", "eps", "weight_decay", "initial_lr")  # what keep= may leave as it is (not lr)
 _RULE_SOURCE = {"linear": GOYAL, "sqrt": MALLADI, "adascale": ADASCALE, "none": "unchanged"}
 
 
@@ -179,7 +182,13 @@ def _number(value: Any) -> float:
 
 
 def _carry_group(
-    index: int, values: Mapping[str, Any], old: int, new: int, spec: OptimizerRule, noise_scale: float | None
+    index: int,
+    values: Mapping[str, Any],
+    old: int,
+    new: int,
+    spec: OptimizerRule,
+    noise_scale: float | None,
+    keep: tuple[str, ...],
 ) -> tuple[dict[str, Any], list[Change], list[str], float]:
     lr = checks.number(f"group {index} lr", _number(values["lr"]), inclusive=True)
     betas = tuple(_number(b) for b in values["betas"]) if values.get("betas") is not None else None
@@ -232,6 +241,10 @@ def _carry_group(
     for key, why, where in spec.kept:
         if key in values:
             changes.append(Change(key, index, values[key], values[key], why, where))
+    for key in keep:
+        if out.pop(key, None) is not None:
+            changes = [Change(key, index, c.before, c.before, "kept on request", "keep=") if c.name == key else c
+                       for c in changes]  # fmt: skip
     return out, changes, notes, factor
 
 
@@ -246,6 +259,7 @@ def carry_hyperparameters(
     warmup_steps: int | None = None,
     max_micro_batch: int | None = None,
     world_size: int = 1,
+    keep: Sequence[str] = (),
 ) -> CarryOver:
     """The hyper-parameters of ``groups`` (param-group values, e.g. ``{"lr": 1e-3, "betas": (0.9, 0.999),
     "eps": 1e-8, "weight_decay": 0.01}``) carried from global batch ``old_batch`` to ``new_batch``.
@@ -253,7 +267,8 @@ def carry_hyperparameters(
     ``optimizer`` is the torch.optim class name (:data:`OPTIMIZERS`); ``rule`` overrides its LR rule and is
     required for an optimizer the table does not know. ``noise_scale`` is for rule ``"adascale"``.
     ``warmup_steps``: the warm-up steps still to run at the old batch (kept in samples). ``max_micro_batch``
-    (and ``world_size``): plan the accumulation that keeps each micro-batch within it. Raises ``ValueError``
+    (and ``world_size``): plan the accumulation that keeps each micro-batch within it. ``keep``: values to leave
+    as they are (any of ``betas``, ``alpha``, ``eps``, ``weight_decay``, ``initial_lr``). Raises ``ValueError``
     naming any invalid argument, before anything is computed.
     """
     old = checks.integer("old_batch", old_batch)
@@ -262,6 +277,9 @@ def carry_hyperparameters(
     checks.integer("warmup_steps", warmup_steps, minimum=0, none=True)
     checks.integer("max_micro_batch", max_micro_batch, none=True)
     checks.integer("world_size", world_size)
+    keep = tuple(keep)
+    for key in keep:
+        checks.choice("keep entry", key, KEEPABLE)
     if not groups:
         raise ValueError("groups is empty: pass the optimizer's param-group values (at least one group)")
     for i, g in enumerate(groups):
@@ -286,7 +304,7 @@ def carry_hyperparameters(
     out_groups = []
     factor = 1.0
     for i, g in enumerate(groups):
-        values, group_changes, group_notes, factor = _carry_group(i, g, old, new, spec, noise_scale)
+        values, group_changes, group_notes, factor = _carry_group(i, g, old, new, spec, noise_scale, keep)
         out_groups.append(values)
         changes.extend(group_changes)
         notes.extend(group_notes)

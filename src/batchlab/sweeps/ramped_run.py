@@ -106,6 +106,7 @@ class RampFactory:
     min_updates: int = DEFAULT_MIN_UPDATES
     beta: float = RAMP_BETA
     rule: str | None = None
+    keep: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -118,5 +119,5 @@ class RampFactory:
 
     def __call__(self, batch_size: int, lr: float, seed: int) -> RampedRun:
         options = {k: getattr(self, k) for k in ("max_batch", "max_micro_batch", "target", "growth", "patience",
-                                                 "z", "min_updates", "beta", "rule")}  # fmt: skip
+                                                 "z", "min_updates", "beta", "rule", "keep")}  # fmt: skip
         return RampedRun(self.factory(batch_size, lr, seed), **options)

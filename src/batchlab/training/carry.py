@@ -113,6 +113,7 @@ def carry_over(
     max_micro_batch: int | None = None,
     world_size: int = 1,
     schedulers: Sequence[Any] = (),
+    keep: Sequence[str] = (),
 ) -> CarryOver:
     """Carry ``optimizer``'s hyper-parameters from global batch ``old_batch`` to ``new_batch``; return the audit.
 
@@ -121,7 +122,8 @@ def carry_over(
     ``"adascale"``. ``apply=False`` only computes. ``warmup_steps``: the warm-up steps still to run at the
     old batch (returned in steps at the new batch, the samples kept). ``max_micro_batch`` (with
     ``world_size``): the accumulation that keeps each micro-batch within it (``carry.plan``). ``schedulers``:
-    LR schedulers whose ``base_lrs`` follow the LR (module docstring). Every check runs before anything is
+    LR schedulers whose ``base_lrs`` follow the LR (module docstring). ``keep``: values left as they are (e.g.
+    ``("betas",)``; :func:`~batchlab.advice.transfer.carry_hyperparameters`). Every check runs before anything is
     written; a failed write leaves the optimizer as it was.
     """
     opt = unwrap_optimizer(optimizer)
@@ -136,6 +138,7 @@ def carry_over(
         warmup_steps=warmup_steps,
         max_micro_batch=max_micro_batch,
         world_size=world_size,
+        keep=keep,
     )
     for scheduler in schedulers:
         if not isinstance(getattr(scheduler, "base_lrs", None), list):

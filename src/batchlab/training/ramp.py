@@ -43,7 +43,7 @@ from batchlab.advice.ramp import (
     ramp_sizes,
 )
 from batchlab.advice.scaling import BatchPlan, plan_batch
-from batchlab.advice.transfer import optimizer_rule
+from batchlab.advice.transfer import KEEPABLE, optimizer_rule
 from batchlab.noise.collectors import AccumulationCollector, NormPair
 from batchlab.noise.estimator import GradientNoiseScale, NoiseScaleEstimate
 from batchlab.training.carry import carry_over, hyperparameter_snapshot, optimizer_name, unwrap_optimizer
@@ -106,6 +106,7 @@ class BatchRamp:
         beta: the noise tracker's EMA decay (:data:`RAMP_BETA`); ``tracker`` replaces the tracker.
         schedulers: LR schedulers whose ``base_lrs`` follow the LR.
         scaler: a GradScaler whose scale the collector divides out.
+        keep: hyper-parameters each change leaves as they are (e.g. ``("betas",)``), see ``carry_over``.
         on_change: called with each :class:`RampEvent` inside the change (an error there undoes it).
 
     ``batch_size``, ``micro_batch``, ``accumulation``: what to run now; ``events``: every change; ``reading``:
@@ -132,12 +133,16 @@ class BatchRamp:
         tracker: GradientNoiseScale | None = None,
         schedulers: Sequence[Any] = (),
         scaler: Any = None,
+        keep: Sequence[str] = (),
         on_change: Callable[[RampEvent], Any] | None = None,
     ) -> None:
         opt = unwrap_optimizer(optimizer)
         if not isinstance(opt, torch.optim.Optimizer):
             raise TypeError(f"BatchRamp needs a torch optimizer, got {type(optimizer).__name__}")
         optimizer_rule(optimizer_name(opt), rule)  # an unknown optimizer fails here, before training
+        self.keep = tuple(keep)
+        for key in self.keep:
+            checks.choice("keep entry", key, KEEPABLE)
         start = checks.integer("batch_size", batch_size)
         top = checks.integer("max_batch", max_batch)
         self.max_micro_batch = checks.integer("max_micro_batch", max_micro_batch)
@@ -223,7 +228,12 @@ class BatchRamp:
         est = self.tracker.result()
         try:
             carry = carry_over(
-                self.optimizer, old_batch, plan.effective_batch, rule=self.lr_rule, schedulers=self.schedulers
+                self.optimizer,
+                old_batch,
+                plan.effective_batch,
+                rule=self.lr_rule,
+                schedulers=self.schedulers,
+                keep=self.keep,
             )
             event = RampEvent(self.steps, old_batch, plan.effective_batch, plan.micro_batch,
                               plan.accumulation_steps, lr_before, self.lr, est.b_simple, est.b_simple_stderr,

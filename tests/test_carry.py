@@ -151,3 +151,14 @@ def test_a_failed_write_puts_every_group_back():
 def test_adascale_carries_the_gain():
     carry = carry_hyperparameters([{"lr": 0.1}], 32, 128, optimizer="SGD", rule="adascale", noise_scale=64)
     assert carry.lr_factor == pytest.approx((1 + 64 / 32) / (1 + 64 / 128)) and math.isfinite(carry.k)
+
+
+def test_keep_leaves_named_values_as_they_are_and_says_so():
+    opt = torch.optim.AdamW(_params(), lr=1e-3, weight_decay=0.1)
+    carry = carry_over(opt, 8, 64, keep=("betas",))
+    assert opt.param_groups[0]["betas"] == (0.9, 0.999) and opt.param_groups[0]["eps"] < 1e-8
+    assert "group 0 betas: (0.9, 0.999) -> (0.9, 0.999)  [kept on request; keep=]" in carry.audit()
+    with pytest.raises(
+        ValueError, match=r"^invalid keep entry 'lr': expected one of 'betas', 'alpha', 'eps'"
+    ):
+        carry_over(opt, 8, 64, keep=("lr",))

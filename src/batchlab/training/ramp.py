@@ -147,8 +147,6 @@ class BatchRamp:
         top = checks.integer("max_batch", max_batch)
         self.max_micro_batch = checks.integer("max_micro_batch", max_micro_batch)
         self.min_accumulation = checks.integer("min_accumulation", min_accumulation, minimum=2)
-        if top < start:
-            raise ValueError(f"invalid max_batch {top}: below the current batch {start} (a ramp only grows)")
         if start < self.min_accumulation:
             raise ValueError(
                 f"invalid batch_size {start}: a step needs at least {self.min_accumulation} micro-batches of "

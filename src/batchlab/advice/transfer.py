@@ -15,10 +15,9 @@ source. :func:`batchlab.training.carry_over` applies it to a live optimizer. Rul
   dataset size"; Bergsma et al. 2025, "Power Lines"). D, the dataset size, is the same before and after, so
   λ' = λ·k·η/η'; under the sqrt rule λ' = λ·√k. 1/τ is the fraction of the weights decayed per epoch.
 - **SGD's weight decay** shrinks θ by η·λ per step too (θ ← θ − η(g + λθ)), so the same timescale is kept:
-  the decay per epoch, η·λ·D/B. Under the linear rule that is λ' = λ, what Goyal et al. 2017 (§2.1) do:
-  weight decay is part of the loss, and scaling the LR by k keeps λ. Momentum is kept (Goyal et al. keep
-  m = 0.9); torch's SGD buffers gradients (u ← m·u + g, θ ← θ − η·u, their eq. 9), the form that needs no
-  momentum correction when η changes.
+  the decay per epoch, η·λ·D/B. Under the linear rule that is λ' = λ, as in Goyal et al. 2017 (λ = 10⁻⁴ at
+  every batch size while the LR scales linearly). Momentum is kept (they keep m = 0.9); torch's SGD buffers
+  gradients (u ← m·u + g, θ ← θ − η·u), the form in which a change of η needs no momentum correction.
 - **Adam's coupled L2** (``weight_decay`` with ``decoupled_weight_decay=False``): the term is part of the
   objective and passes through Adam's preconditioner, so it is not a decay with a timescale (Loshchilov &
   Hutter 2019); λ is kept.
@@ -29,7 +28,7 @@ source. :func:`batchlab.training.carry_over` applies it to a live optimizer. Rul
 
 An optimizer this table does not know needs an explicit ``rule``; its weight decay is then left as it is (the
 audit says so), since how it decays is unknown. ``keep`` leaves named values as they are (e.g. ``("betas",)``:
-the SDE rule maps β₁ = 0.9 to 0.2 at k = 8, past the range where Malladi et al. find it holds); the audit
+the SDE rule maps β₁ = 0.9 to 0.2 at k = 8, far from the small-k(1 − β) regime it is derived for); the audit
 lists them as kept on request.
 """
 

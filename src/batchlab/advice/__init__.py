@@ -19,8 +19,8 @@ from batchlab.advice.goodput import (
     steps_factor,
 )
 from batchlab.advice.pipeline import Advice, advise, rule_for
-from batchlab.advice.recommend import recommend
 from batchlab.advice.ramp import RampRule, ramp_sizes
+from batchlab.advice.recommend import recommend
 from batchlab.advice.records import Candidate, Recommendation
 from batchlab.advice.scaling import RULES, BatchPlan, LRScaling, Schedule, plan_batch, scale_lr, schedule
 from batchlab.advice.transfer import CarryOver, carry_hyperparameters

@@ -9,6 +9,7 @@ The modules, each with one job (lower ones never import higher ones):
 - :mod:`~batchlab.sweeps.store`: the sweep directory (atomic JSON files, resume);
 - :mod:`~batchlab.sweeps.result`: the comparison across runs (per batch size, critical batch, noise scale);
 - :mod:`~batchlab.sweeps.runner`: one run's training loop; :mod:`~batchlab.sweeps.auto`: ``"auto"`` sizes;
+  :mod:`~batchlab.sweeps.ramped_run`: a run whose batch ramps with the noise scale (:class:`RampFactory`);
 - :mod:`~batchlab.sweeps.tracking` (MLflow), :mod:`~batchlab.sweeps.ray_backend` (Ray Tune),
   :mod:`~batchlab.sweeps.plots` and :mod:`~batchlab.sweeps.report` (PNGs, one HTML page);
 - :mod:`~batchlab.sweeps.api`: :func:`sweep`, which ties them together (``batchlab.sweep`` at the top level).
@@ -16,6 +17,7 @@ The modules, each with one job (lower ones never import higher ones):
 
 from batchlab.sweeps.api import sweep
 from batchlab.sweeps.auto import AUTO_MIN_BATCH, auto_batch_sizes
+from batchlab.sweeps.ramped_run import RampedRun, RampFactory
 from batchlab.sweeps.records import (
     Budget,
     Curve,
@@ -45,6 +47,8 @@ __all__ = [
     "DEFAULT_DIRECTORY",
     "EventKind",
     "NOISE_EVERY",
+    "RampFactory",
+    "RampedRun",
     "ReportFiles",
     "RunSpec",
     "RunStatus",

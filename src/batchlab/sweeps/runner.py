@@ -71,7 +71,9 @@ def execute_run(
     Each step is timed alone (``train_step`` returns a float, a device sync; CUDA is synchronised after it
     too), so training seconds exclude evaluation and throughput can leave out warm-up and noise-measurement
     steps. The whole loop runs inside ``Device.run``: its peak memory is the run's, and an out-of-memory error
-    ends the run as ``status="oom"`` while any other exception propagates unchanged.
+    ends the run as ``status="oom"`` while any other exception propagates unchanged. A trainable with
+    ``step_metrics()`` (a batch ramp, :class:`~batchlab.sweeps.ramped_run.RampedRun`) has its ``batch_size``
+    read before each step, for the samples, and the values it returns recorded in the training curve.
     """
     started = time.time()
     trainable = factory(spec.batch_size, spec.lr, spec.seed)
@@ -88,6 +90,8 @@ def execute_run(
     every = config.eval_every or (max(1, max_steps // EVAL_POINTS) if max_steps else EVAL_EVERY_UNKNOWN)
     early = _early_evals(every)
     train, val, updates = Curve(), Curve(), Curve()
+    step_metrics = getattr(trainable, "step_metrics", None)
+    step_metrics = step_metrics if callable(step_metrics) else None
     state: dict[str, Any] = {"step": 0, "samples": 0, "seconds": 0.0, "stopped_by": None}
     timed = {"samples": 0, "seconds": 0.0}
 
@@ -117,19 +121,22 @@ def execute_run(
         if is_cuda:
             torch.cuda.synchronize(model_device)
         while state["stopped_by"] is None:
+            # A trainable with step_metrics (a batch ramp) may change its batch between steps: read it each time.
+            size = int(trainable.batch_size) if step_metrics is not None else batch
             t0 = time.perf_counter()
             loss = _finite(trainable.train_step())
             if is_cuda:
                 torch.cuda.synchronize(model_device)  # the step's kernels belong to its time
             dt = time.perf_counter() - t0
             state["step"] += 1
-            state["samples"] += batch
+            state["samples"] += size
             state["seconds"] += dt
             step = state["step"]
             if step > WARMUP_STEPS and not getattr(trainable, "last_step_measured_noise", False):
-                timed["samples"] += batch
+                timed["samples"] += size
                 timed["seconds"] += dt
-            train.add(step, state["samples"], state["seconds"], loss=loss)
+            extra = dict(step_metrics()) if step_metrics is not None else {}
+            train.add(step, state["samples"], state["seconds"], loss=loss, **extra)
             pair = getattr(trainable, "last_noise", None)
             if pair is not None:
                 updates.add(step, state["samples"], state["seconds"], g2=pair[0], trace=pair[1])

@@ -17,7 +17,8 @@ Layout of an experiment (named after the sweep):
 - one child run per run of the sweep (tag ``batchlab.kind=run``, ``batchlab.run_key``, nested under the parent
   through ``mlflow.parentRunId``): parameters (batch size, lr, base lr/batch, rule, multiplier, accumulation,
   precision, workload, seed, budget, target, device), step metrics (``train_loss``; ``val_loss`` and the other
-  validation metrics, ``samples``, ``train_seconds``, ``noise_scale`` at each evaluation), summary metrics
+  validation metrics, ``samples``, ``train_seconds``, ``noise_scale`` at each evaluation; a batch ramp's
+  ``batch_size`` and ``lr`` at every step where they change, and the last), summary metrics
   (throughput, peak memory, steps/samples/seconds to target...) and the whole record as
   ``batchlab/run.json``. Metric timestamps are the run's start plus its training seconds, so MLflow's
   "relative time" axis is training time.
@@ -292,6 +293,12 @@ class SweepTracker:
         stride = max(1, math.ceil(len(train) / MAX_POINTS))
         for i in range(0, len(train), stride):
             add("train_loss", train["loss"][i], train.step[i], train.seconds[i])
+        for name in (n for n in train.values if n != "loss"):  # a ramp's batch_size and lr: where they change
+            column, last = train[name], None
+            for i, value in enumerate(column):
+                if value is not None and (value != last or i == len(column) - 1):
+                    add(name, value, train.step[i], train.seconds[i])
+                    last = value
         val = run.val
         for i in range(len(val)):
             for name, column in val.values.items():

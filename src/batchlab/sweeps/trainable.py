@@ -10,7 +10,8 @@ factory ``factory(batch_size, lr, seed) -> Trainable``:
 
 Optional attributes a sweep reads when present: ``batch_size`` (samples per optimizer step),
 ``accumulation``, ``precision``, ``dataset_size`` (training samples), ``device`` (a torch.device, for the
-memory reading), ``noise_scale() -> NoiseScaleEstimate | None``, ``last_step_measured_noise`` (that step
+memory reading), ``step_metrics()`` (values of the step just taken to record beside its loss, e.g. a batch
+ramp's ``batch_size`` and ``lr``; ``batch_size`` is then read before every step), ``noise_scale() -> NoiseScaleEstimate | None``, ``last_step_measured_noise`` (that step
 carried the noise measurement's extra work and is left out of the throughput), ``last_noise`` (that step's
 unbiased estimates ``(|G|², tr Σ)`` of McCandlish eq. A.2, or None), ``workload()`` (a
 :class:`~batchlab.Workload` of the same model, for ``batch_sizes="auto"``) and ``with_options(...)`` (the
@@ -187,6 +188,23 @@ class StepRun:
             else None
         )
         return float(total)
+
+    def resize(self, batch_size: int, accumulation: int) -> None:
+        """Run the next steps at ``batch_size`` in ``accumulation`` equal micro-batches (a batch ramp's change).
+
+        Only for a run that measures no noise itself (``noise_every=0``): its collectors were built for the
+        first split. The ramp that resizes it measures the noise scale on its own hooks.
+        """
+        if self._accum_collector is not None or self._split_collector is not None:
+            raise ValueError(
+                "resize() needs a run built with noise_every=0 (its collectors keep the first split)"
+            )
+        checks.integer("batch_size", batch_size)
+        checks.integer("accumulation", accumulation)
+        if batch_size % accumulation:
+            raise ValueError(f"accumulation {accumulation} does not divide batch_size {batch_size}")
+        self.batch_size, self.accumulation = batch_size, accumulation
+        self.micro_batch = batch_size // accumulation
 
     def noise_scale(self) -> NoiseScaleEstimate | None:
         """The gradient noise scale measured so far (None when measurement is off)."""

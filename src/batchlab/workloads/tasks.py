@@ -8,6 +8,10 @@ travels to Ray workers); the data is built once per process and cached.
 - ``mnist1d``: MNIST-1D (Greydanus 2020), 4000 train / 1000 test sequences of length 40 generated offline
   by ``mnist1d.data.make_dataset(get_dataset_args())`` (its ``get_dataset()`` downloads; never called);
   MLP 40-256-256-10 with Adam. Needs ``pip install mnist1d``.
+- ``char-lm``: a character-level language model of the Python standard library's own source
+  (:func:`batchlab.workloads.corpus.stdlib_corpus`, split by file): 60000 train / 8000 val windows of 16
+  bytes sampled (seed 0) from the train and validation streams, each labelled with the byte that follows;
+  embedding 16 per byte, MLP 256-256-256 over the window (Bengio et al. 2003's neural LM, tiny), Adam.
 - ``teacher-student``: synthetic -- 32-d Gaussian inputs labelled by sampling from a fixed random teacher
   MLP's softmax (so the labels carry noise, as real labels do); 8192 train / 2048 val; student MLP
   32-128-128-10 with Adam. Generated in milliseconds: the fast task for tests.
@@ -88,6 +92,36 @@ def _teacher_student(n_train: int = 8192, n_val: int = 2048, dim: int = 32, clas
     return (x[:n_train], y[:n_train]), (x[n_train:], y[n_train:])
 
 
+CHAR_CONTEXT = 16  # bytes of context per prediction: enough for a keyword or an identifier, cheap on a CPU
+CHAR_SAMPLES = (60000, 8000)  # train / val windows: a few epochs of a small sweep, ~1 MB of int64 inputs
+
+
+@functools.cache
+def _char_lm() -> Split:
+    from batchlab.workloads.corpus import stdlib_corpus
+
+    corpus = stdlib_corpus()
+    generator = torch.Generator().manual_seed(0)
+    splits = []
+    for split, count in zip(("train", "val"), CHAR_SAMPLES):
+        stream = corpus.stream(split)
+        start = torch.randint(0, len(stream) - CHAR_CONTEXT, (count,), generator=generator)
+        windows = stream[start[:, None] + torch.arange(CHAR_CONTEXT + 1)]
+        splits.append((windows[:, :CHAR_CONTEXT], windows[:, CHAR_CONTEXT]))
+    return splits[0], splits[1]
+
+
+def _char_mlp() -> nn.Module:
+    from batchlab.workloads.corpus import VOCAB_SIZE
+
+    embedding = 16
+    return nn.Sequential(
+        nn.Embedding(VOCAB_SIZE, embedding),
+        nn.Flatten(),
+        _mlp((CHAR_CONTEXT * embedding, 256, 256, VOCAB_SIZE)),
+    )
+
+
 def _mlp(sizes: tuple[int, ...]) -> nn.Module:
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
@@ -101,6 +135,7 @@ _DATA: dict[str, Callable[[], Split]] = {
     "mlp-digits": _digits,
     "mnist1d": _mnist1d,
     "teacher-student": _teacher_student,
+    "char-lm": _char_lm,
 }
 _LAYERS = {
     "mlp-digits": (64, 256, 256, 10),
@@ -111,7 +146,12 @@ _DESCRIPTIONS = {
     "mlp-digits": "MLP on sklearn's digits (real, 1438 train / 359 val), Adam",
     "mnist1d": "MLP on MNIST-1D generated offline (4000 train / 1000 val), Adam",
     "teacher-student": "MLP student of a random teacher MLP (synthetic, 8192 train / 2048 val), Adam",
+    "char-lm": "byte-level LM of the Python standard library's source (60000 / 8000 windows of 16), Adam",
 }
+
+
+def _model(name: str) -> nn.Module:
+    return _char_mlp() if name == "char-lm" else _mlp(_LAYERS[name])
 
 
 @dataclass(frozen=True)
@@ -139,7 +179,7 @@ class Task:
         train, val = self.data()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = _mlp(_LAYERS[self.name]).to(self.device)
+            model = _model(self.name).to(self.device)
         return SupervisedRun(
             model,
             torch.optim.Adam(model.parameters(), lr=lr),

@@ -1,0 +1,65 @@
+"""A batch ramp inside a sweep: the runner counts its changing batch, MLflow (a real SQLite store) holds its batch
+and LR as stepped metrics, and the run's record keeps them per step."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from batchlab.sweeps import RampedRun, RampFactory, sweep
+from batchlab.workloads.tasks import Task
+from sweep_helpers import fresh_store
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _factory():
+    return RampFactory(Task("teacher-student"), max_batch=64, max_micro_batch=16, patience=1, min_updates=3)
+
+
+def test_ramp_run_in_a_sweep_records_batch_and_lr_per_step_and_in_mlflow(tmp_path):
+    uri = fresh_store(tmp_path / "store")
+    result = sweep(_factory(), [8], lr=3e-3, budget=60, directory=tmp_path, tracking_uri=uri, report=False)
+    run = result.runs[0]
+    batches, lrs = run.train["batch_size"], run.train["lr"]
+    assert run.batch_size == 8 and batches[0] == 8 and batches == sorted(batches) and batches[-1] >= 32
+    assert run.samples == sum(batches)  # the runner counted each step at its own batch
+    assert all(lr == pytest.approx(3e-3 * math.sqrt(b / 8)) for b, lr in zip(batches, lrs))
+    assert result.config.workload == "teacher-student-ramp"
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run.mlflow_run_id, "batch_size"))
+    changes = [
+        (s, b) for s, b in zip(run.train.step, batches) if s == 1 or b != batches[run.train.step.index(s) - 1]
+    ]
+    assert history == [
+        *changes,
+        (run.steps, batches[-1]),
+    ]  # each change, where it happened, and the last step
+    lr_history = sorted((m.step, m.value) for m in client.get_metric_history(run.mlflow_run_id, "lr"))
+    assert [s for s, _ in lr_history] == [s for s, _ in history]
+    assert lr_history[-1][1] == pytest.approx(3e-3 * math.sqrt(batches[-1] / 8))
+
+
+def test_fixed_runs_record_no_ramp_columns(tmp_path):
+    result = sweep(Task("teacher-student", noise_every=0), [8], lr=3e-3, budget=3, directory=tmp_path,
+                   tracking_uri=False, report=False)  # fmt: skip
+    assert set(result.runs[0].train.values) == {"loss"}
+
+
+def test_ramped_run_refuses_a_trainable_it_cannot_resize_and_bad_ramp_options():
+    with pytest.raises(TypeError, match="RampedRun ramps a batchlab.sweeps.SupervisedRun, got object"):
+        RampedRun(object(), max_batch=64, max_micro_batch=16)
+    bad = RampFactory(Task("teacher-student"), max_batch=4, max_micro_batch=16)
+    with pytest.raises(ValueError, match=r"^invalid max_batch 4: below the current batch 8"):
+        bad(8, 1e-3, 0)

@@ -43,7 +43,7 @@ import torch
 
 from batchlab.devices import Device
 from batchlab.fit import FitResult, Probe, SearchOptions
-from batchlab.integrations.ddp import agree_on_batch_size
+from batchlab.integrations.distributed import agree_on_batch_size
 
 try:  # the callback must subclass Lightning's; batchlab's core never imports this module
     from lightning.pytorch.callbacks import Callback

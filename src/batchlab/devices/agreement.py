@@ -128,6 +128,30 @@ def sync_points(modules: Sequence[torch.nn.Module], agreement: StepAgreement) ->
             handle.remove()
 
 
+def reset_after_failure(modules: Sequence[torch.nn.Module]) -> None:
+    """Put every FSDP2 root inside ``modules`` back to a clean iteration after a step some rank left midway.
+
+    A rank that raised inside a module's forward left that module unsharded and its post-forward order (which
+    FSDP's backward prefetch walks) half-recorded; a rank that left at the next sync point recorded one more
+    module. Without a reset the retry's collectives would differ between ranks -- one all-gathers where the
+    other finds the parameters unsharded, or prefetches another module -- and mismatch. torch >= 2.14 ships
+    ``FSDPModule.reset_iter_state()`` for exactly this (reshard every group, clear the per-iteration trackers,
+    drop in-flight reductions; called on the root); before it, ``reshard()`` on every sharded module is the
+    public part of it. Every rank runs it after the verdict, before any retry.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for root in modules:
+        sharded = [module for module in root.modules() if isinstance(module, FSDPModule)]
+        inner = {id(child) for module in sharded for child in module.modules() if child is not module}
+        for module in sharded:
+            if hasattr(module, "reset_iter_state"):  # torch >= 2.14: a feature check, not a version check
+                if id(module) not in inner:  # the roots: what the top-level fully_shard was applied to
+                    module.reset_iter_state()
+            else:
+                module.reshard()
+
+
 __all__ = [
     "DONE",
     "ERROR",
@@ -136,5 +160,6 @@ __all__ = [
     "RUNNING",
     "StepAgreement",
     "Verdict",
+    "reset_after_failure",
     "sync_points",
 ]

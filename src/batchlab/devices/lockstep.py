@@ -28,7 +28,15 @@ from typing import Any
 
 import torch
 
-from batchlab.devices.agreement import DONE, ERROR, OUT_OF_MEMORY, PEER, StepAgreement, sync_points
+from batchlab.devices.agreement import (
+    DONE,
+    ERROR,
+    OUT_OF_MEMORY,
+    PEER,
+    StepAgreement,
+    reset_after_failure,
+    sync_points,
+)
 from batchlab.devices.base import Device, Measurement
 from batchlab.devices.oom import is_out_of_memory
 from batchlab.devices.ranks import Ranks
@@ -128,6 +136,8 @@ class LockstepDevice(Device):
                 f"batch {batch_size}: rank(s) {verdict.error_ranks} raised during the probe; every rank stops "
                 "(see that rank's log for its error)"
             )
+        if not verdict.ok:
+            reset_after_failure(self.models)  # every rank's sharded modules as before the probe
         if peer or error is not None:
             self.inner.release()  # outside the except block: its traceback held the step's tensors
         peaks = self.ranks.all_gather_ints(_NONE if own is None or own.peak_bytes is None else own.peak_bytes)

@@ -31,8 +31,8 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(mode: str, ranks: int, out: Path, **env: str) -> list[dict]:
-    """Run ``mode`` on ``ranks`` ranks; every rank's results (fails with the log if one is missing)."""
+def launch(script: Path, args: list[str], ranks: int, **env: str) -> subprocess.CompletedProcess:
+    """``torchrun`` of ``script`` on ``ranks`` ranks under ``timeout``; fails if a rank hung."""
     import batchlab
 
     src = str(Path(batchlab.__file__).resolve().parents[1])
@@ -45,11 +45,20 @@ def torchrun(mode: str, ranks: int, out: Path, **env: str) -> list[dict]:
     command = [
         "timeout", str(LIMIT_S), sys.executable, "-m", "torch.distributed.run",
         f"--nproc-per-node={ranks}", "--master-addr=127.0.0.1", f"--master-port={_port()}",
-        str(WORKER), mode, str(out),
+        str(script), *args,
     ]  # fmt: skip
     done = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=LIMIT_S + 30)
     log = (done.stdout + done.stderr)[-4000:]
-    assert done.returncode != 124, f"torchrun {mode} did not finish in {LIMIT_S} s (a rank hung):\n{log}"
+    assert done.returncode != 124, (
+        f"torchrun {script.name} did not finish in {LIMIT_S} s (a rank hung):\n{log}"
+    )
+    return done
+
+
+def torchrun(mode: str, ranks: int, out: Path, **env: str) -> list[dict]:
+    """Run ``mode`` on ``ranks`` ranks; every rank's results (fails with the log if one is missing)."""
+    done = launch(WORKER, [mode, str(out)], ranks, **env)
+    log = (done.stdout + done.stderr)[-4000:]
     results = []
     for rank in range(ranks):
         path = out / f"rank{rank}.json"
@@ -122,3 +131,22 @@ def test_oomguard_an_error_on_rank_1_makes_every_rank_raise(tmp_path):
     assert (results[1]["raised"], results[1]["message"]) == ("ValueError", "injected shape bug")
     assert results[0]["raised"] == "BatchlabError" and "rank(s) [1] raised" in results[0]["message"]
     assert len(results[0]["losses"]) == len(results[1]["losses"]) == 1  # step 0 ran; step 1 stopped both
+
+
+EXAMPLE = Path(__file__).parents[1] / "examples" / "fsdp_torchrun.py"
+DOCS = Path(__file__).parents[1] / "docs" / "integrations.md"
+
+
+def test_the_docs_fsdp_example_is_the_examples_file_verbatim():
+    text = DOCS.read_text()
+    marker = "<!-- example: examples/fsdp_torchrun.py -->\n```python\n"
+    assert marker in text
+    block = text.split(marker, 1)[1].split("```", 1)[0]
+    assert block == EXAMPLE.read_text()
+
+
+def test_the_docs_fsdp_example_runs_under_torchrun():
+    done = launch(EXAMPLE, [], 2)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert "x 2 ranks = global batch 512" in done.stdout
+    assert "trained 3 steps at" in done.stdout

@@ -329,7 +329,9 @@ class FakeDevice(Device):
                 f"({type(exc).__name__}: {exc}); measure on the device instead (batchlab fit / find_batch_size)"
             ) from exc
 
-    def _tracker(self, torch_: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Any:
+    def _tracker(
+        self, torch_: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    ) -> Any:
         """torch's MemTracker, following the copy's model and optimizer."""
         tracker = torch_["MemTracker"]()
         tracker.track_external(model, optimizer)

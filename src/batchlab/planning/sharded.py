@@ -8,7 +8,7 @@ the parameters, gradients and optimizer state, the unsharded parameters while a 
 all-gather and reduce-scatter buffers. The estimate is rank 0's; with even shards every rank's is the same.
 
 What is modelled, and what is refused (one line naming the option): ``fully_shard`` on each module of the
-classes in ``shard`` (default: every direct child of the model that holds parameters) and then on the model
+classes in ``shard`` (default: every direct child of the model that holds parameters, the members of a ModuleList or ModuleDict child one by one) and then on the model
 itself, over a 1-D mesh, with ``reshard_after_forward`` (True or False). Mixed precision, CPU offload, HSDP
 (2-D meshes) and a custom ``shard_placement_fn`` are not modelled. The optimizer is rebuilt over the sharded
 parameters with its first param group's settings (FSDP replaces the parameters); several param groups are
@@ -22,6 +22,7 @@ own. Validated against real 2- and 4-rank gloo runs on the CPU (benchmarks/fsdp_
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -64,7 +65,9 @@ def check_fsdp_options(options: dict[str, Any] | None) -> dict[str, Any]:
                 f"{', '.join(MODELLED_OPTIONS)} (measure with find_batch_size_distributed on the ranks instead)"
             )
         if value not in MODELLED_OPTIONS[name]:
-            raise ValueError(f"invalid FSDP option {name}={value!r}: expected one of {MODELLED_OPTIONS[name]}")
+            raise ValueError(
+                f"invalid FSDP option {name}={value!r}: expected one of {MODELLED_OPTIONS[name]}"
+            )
     return options
 
 
@@ -129,7 +132,9 @@ class ShardedFakeDevice(FakeDevice):
         self.world_size = checks.integer("world_size", world_size)
         self.options = check_fsdp_options(fsdp_options)
         self.shard = tuple(shard) if shard is not None else None
-        if self.shard is not None and not all(isinstance(c, type) and issubclass(c, torch.nn.Module) for c in self.shard):
+        if self.shard is not None and not all(
+            isinstance(c, type) and issubclass(c, torch.nn.Module) for c in self.shard
+        ):
             raise TypeError(f"shard must be nn.Module classes, got {shard!r}")
         groups = len(workload.optimizer.param_groups)
         if groups != 1:
@@ -155,10 +160,26 @@ class ShardedFakeDevice(FakeDevice):
                 self._mesh = None
 
     def _units(self, model: torch.nn.Module) -> list[torch.nn.Module]:
-        """The modules sharded one by one, before the model itself."""
+        """The modules sharded one by one, before the model itself. Modules that share a parameter (tied
+        embedding and head) stay in the model's own group: FSDP2 refuses a parameter in two groups."""
         if self.shard is not None:
-            return [m for m in model.modules() if m is not model and isinstance(m, self.shard)]
-        return [child for child in model.children() if any(True for _ in child.parameters())]
+            units = [m for m in model.modules() if m is not model and isinstance(m, self.shard)]
+        else:
+            units = []
+            for child in model.children():
+                # a ModuleList / ModuleDict has no forward to hook: its members (a transformer's blocks) are units
+                members = (
+                    child.children()
+                    if isinstance(child, (torch.nn.ModuleList, torch.nn.ModuleDict))
+                    else [child]
+                )
+                units.extend(m for m in members if any(True for _ in m.parameters()))
+        holders: dict[int, int] = {}  # id(parameter) -> how many units hold it
+        for unit in units:
+            for param in set(unit.parameters()):
+                holders[id(param)] = holders.get(id(param), 0) + 1
+        tied = {i for i, unit in enumerate(units) if any(holders[id(p)] > 1 for p in unit.parameters())}
+        return [unit for index, unit in enumerate(units) if index not in tied]
 
     def _copy(self, fake_mode: Any, device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         model, optimizer = super()._copy(fake_mode, device)
@@ -167,12 +188,23 @@ class ShardedFakeDevice(FakeDevice):
             for module in self._units(model):
                 fully_shard(module, mesh=self._mesh, **self.options)
             fully_shard(model, mesh=self._mesh, **self.options)
-            settings = {key: value for key, value in optimizer.param_groups[0].items() if key != "params"}
+            # the first group's settings that the constructor takes (AdamW's group also holds derived keys)
+            accepted = inspect.signature(type(optimizer).__init__).parameters
+            group = optimizer.param_groups[0]
+            settings = {key: value for key, value in group.items() if key in accepted and key != "params"}
             sharded = type(optimizer)(model.parameters(), **settings)
         return model, sharded
 
-    def _tracker(self, torch_: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Any:
+    def _tracker(
+        self, torch_: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    ) -> Any:
         return _fsdp_internals()["FSDPMemTracker"](model, optimizer)
 
 
-__all__ = ["FSDP_CATEGORIES", "MODELLED_OPTIONS", "ShardedFakeDevice", "check_fsdp_options", "fake_process_group"]
+__all__ = [
+    "FSDP_CATEGORIES",
+    "MODELLED_OPTIONS",
+    "ShardedFakeDevice",
+    "check_fsdp_options",
+    "fake_process_group",
+]

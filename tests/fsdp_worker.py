@@ -10,6 +10,8 @@ it with ``fully_shard`` (each layer, then the root), trains it with Adam, and wr
   forward once the batch reaches ``INJECT_AT``, during the search.
 - ``oom-guard`` / ``error-guard``: OOMGuard steps of batch 64; rank 1 alone raises in layer 2's forward
   (``oom-guard``: while the micro-batch exceeds 16; ``error-guard``: at step 1).
+- ``failures``: the four above in turn, in one process group -- which also shows that every rank is still in
+  step with the others after each failure. Results are keyed by mode.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from torch.nn import functional as F
 MIB = 2**20
 WIDTH_IN, WIDTH = 2048, 64
 INJECT_AT = 24
+FAILURES = ("oom-search", "error-search", "oom-guard", "error-guard")
 
 
 class Injected(nn.Module):
@@ -140,21 +143,20 @@ def main(mode: str, out_dir: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     oom = torch.OutOfMemoryError("injected: out of memory on this rank only")
-    try:
-        if mode == "fit":
-            result = fit(rank)
-        elif mode == "oom-search":
-            result = search_failure(rank, oom)
-        elif mode == "error-search":
-            result = search_failure(rank, ValueError("injected shape bug"))
-        elif mode == "oom-guard":
-            result = guard(rank, oom, lambda b, step: b > 16)
-        elif mode == "error-guard":
-            result = guard(rank, ValueError("injected shape bug"), lambda b, step: step == 1)
-        else:
-            raise ValueError(f"unknown mode {mode!r}")
-    except Exception:
-        result = {"crashed": traceback.format_exc()}
+    modes = {
+        "fit": lambda: fit(rank),
+        "oom-search": lambda: search_failure(rank, oom),
+        "error-search": lambda: search_failure(rank, ValueError("injected shape bug")),
+        "oom-guard": lambda: guard(rank, oom, lambda b, step: b > 16),
+        "error-guard": lambda: guard(rank, ValueError("injected shape bug"), lambda b, step: step == 1),
+    }
+    result = {}
+    # "failures": every failure mode in turn, in one process group (one torchrun start instead of four)
+    for name in FAILURES if mode == "failures" else [mode]:
+        try:
+            result[name] = modes[name]()
+        except Exception:
+            result[name] = {"crashed": traceback.format_exc()}
     result["rank"], result["world"] = rank, dist.get_world_size()
     path = os.path.join(out_dir, f"rank{rank}.json")
     with open(path + ".tmp", "w") as f:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -129,3 +131,31 @@ def test_the_fsdp_plan_shards_per_rank_and_answers_the_global_batch():
     )
     assert all(torch.equal(before[k], v) for k, v in work.model.state_dict().items())  # never touched
     assert current_ranks() is None  # the fake process group is gone again
+
+
+WORKLOAD_FILE = '''
+import torch
+from torch import nn
+from torch.nn import functional as F
+from batchlab import Workload
+
+def build(device="cpu"):
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    return Workload(model, lambda b: (torch.randn(b, 16), torch.randn(b, 4)), F.mse_loss, torch.optim.Adam(model.parameters()))
+'''
+
+
+def test_cli_plan_for_8_cards_with_fsdp_answers_per_rank_and_global(tmp_path, capsys):
+    from batchlab.cli import main
+
+    path = tmp_path / "tiny.py"
+    path.write_text(WORKLOAD_FILE)
+    spec = f"{path}:build"
+    args = ["plan", "--workload", spec, "--target", "h100-80gb", "--max-batch-size", "64"]
+    assert main([*args, "--world-size", "8", "--fsdp", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["world_size"], data["fsdp"], data["batch_size"]) == (8, True, 64)
+    assert data["global_batch"] == 512
+    assert any("FSDP2 on 8 ranks" in note for note in data["notes"])
+    assert main([*args, "--world-size", "0", "--fsdp"]) == 1  # batchlab's one-line error, before any build
+    assert capsys.readouterr().err.strip() == "batchlab: error: invalid --world-size 0: expected an int >= 1"

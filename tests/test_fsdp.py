@@ -65,7 +65,9 @@ def torchrun(mode: str, ranks: int, out: Path, **env: str) -> list[dict]:
         assert path.exists(), f"rank {rank} wrote nothing (exit {done.returncode}):\n{log}"
         result = json.loads(path.read_text())
         for name, part in result.items():
-            assert not (isinstance(part, dict) and "crashed" in part), f"rank {rank} {name}: {part['crashed']}"
+            assert not (isinstance(part, dict) and "crashed" in part), (
+                f"rank {rank} {name}: {part['crashed']}"
+            )
         results.append(result)
     return results
 
@@ -157,3 +159,28 @@ def test_the_docs_fsdp_example_runs_under_torchrun():
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     assert "x 2 ranks = global batch 512" in done.stdout
     assert "trained 3 steps at" in done.stdout
+
+
+def test_lightning_model_parallel_fsdp2_finder_probes_in_lockstep(tmp_path):
+    """BatchlabFinder under Lightning's ModelParallelStrategy (FSDP2) on 2 CPU ranks; Lightning's own FSDP
+    strategy (FSDP1) refuses the CPU ("requires a GPU accelerator")."""
+    pytest.importorskip("lightning")
+    import batchlab
+
+    src = str(Path(batchlab.__file__).resolve().parents[1])
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p),
+        "OMP_NUM_THREADS": "1",
+    }
+    script = Path(__file__).with_name("lightning_fsdp_worker.py")
+    command = ["timeout", str(LIMIT_S), sys.executable, str(script), str(tmp_path)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=LIMIT_S + 30)
+    log = (done.stdout + done.stderr)[-4000:]
+    assert done.returncode != 124, f"Lightning FSDP2 run did not finish in {LIMIT_S} s:\n{log}"
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["probes"] == ranks[1]["probes"]  # the same probes in the same order on both ranks
+    assert ranks[0]["optimal"] == ranks[1]["optimal"] > 16
+    assert all(
+        r["device"] == "cpu x 2 ranks (lockstep)" and r["model_batch_size"] == r["optimal"] for r in ranks
+    )

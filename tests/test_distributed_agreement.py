@@ -133,7 +133,7 @@ def test_the_fsdp_plan_shards_per_rank_and_answers_the_global_batch():
     assert current_ranks() is None  # the fake process group is gone again
 
 
-WORKLOAD_FILE = '''
+WORKLOAD_FILE = """
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -142,7 +142,7 @@ from batchlab import Workload
 def build(device="cpu"):
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
     return Workload(model, lambda b: (torch.randn(b, 16), torch.randn(b, 4)), F.mse_loss, torch.optim.Adam(model.parameters()))
-'''
+"""
 
 
 def test_cli_plan_for_8_cards_with_fsdp_answers_per_rank_and_global(tmp_path, capsys):

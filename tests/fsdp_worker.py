@@ -9,7 +9,9 @@ it with ``fully_shard`` (each layer, then the root), trains it with Adam, and wr
 - ``oom-search`` / ``error-search``: rank 1 alone raises an out-of-memory error (or a ValueError) in layer 2's
   forward once the batch reaches ``INJECT_AT``, during the search.
 - ``oom-guard`` / ``error-guard``: OOMGuard steps of batch 64; rank 1 alone raises in layer 2's forward
-  (``oom-guard``: while the micro-batch exceeds 16; ``error-guard``: at step 1).
+  (``oom-guard``: while the micro-batch exceeds 16; ``error-guard``: at step 1); ``oom-guard-loss``: the
+  out-of-memory error in the loss, after the forward -- the other rank learns of it at the backward's first
+  sync point, before FSDP's backward all-gathers.
 - ``failures``: the four above in turn, in one process group -- which also shows that every rank is still in
   step with the others after each failure. Results are keyed by mode.
 """
@@ -29,7 +31,7 @@ from torch.nn import functional as F
 MIB = 2**20
 WIDTH_IN, WIDTH = 2048, 64
 INJECT_AT = 24
-FAILURES = ("oom-search", "error-search", "oom-guard", "error-guard")
+FAILURES = ("oom-search", "error-search", "oom-guard", "error-guard", "oom-guard-loss")
 
 
 class Injected(nn.Module):
@@ -117,18 +119,25 @@ def search_failure(rank: int, error: BaseException) -> dict:
     }
 
 
-def guard(rank: int, error: BaseException, when) -> dict:
+def guard(rank: int, error: BaseException, when, in_loss: bool = False) -> dict:
     from batchlab.training import OOMGuard
 
     state = {"step": 0}
-    model, optimizer = build(error, lambda b: when(b, state["step"]))
+    model, optimizer = build(None if in_loss else error, lambda b: when(b, state["step"]))
+
+    def loss_fn(batch):
+        out = model(batch[0])
+        if in_loss and rank == 1 and when(len(out), state["step"]):  # after the forward, before the backward
+            raise error
+        return F.mse_loss(out, batch[1])
+
     guard = OOMGuard(optimizer, 64, model=model)
     losses = []
     try:
         for step in range(3):
             state["step"] = step
             x, y = make_batch(64)
-            losses.append(float(guard.step((x, y), lambda batch: F.mse_loss(model(batch[0]), batch[1]))))
+            losses.append(float(guard.step((x, y), loss_fn)))
     except Exception as exc:
         return {"raised": type(exc).__name__, "message": str(exc), "losses": losses}
     return {
@@ -149,6 +158,7 @@ def main(mode: str, out_dir: str) -> None:
         "error-search": lambda: search_failure(rank, ValueError("injected shape bug")),
         "oom-guard": lambda: guard(rank, oom, lambda b, step: b > 16),
         "error-guard": lambda: guard(rank, ValueError("injected shape bug"), lambda b, step: step == 1),
+        "oom-guard-loss": lambda: guard(rank, oom, lambda b, step: b > 16, in_loss=True),
     }
     result = {}
     # "failures": every failure mode in turn, in one process group (one torchrun start instead of four)

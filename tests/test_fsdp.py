@@ -184,3 +184,13 @@ def test_lightning_model_parallel_fsdp2_finder_probes_in_lockstep(tmp_path):
     assert all(
         r["device"] == "cpu x 2 ranks (lockstep)" and r["model_batch_size"] == r["optimal"] for r in ranks
     )
+
+
+def test_oomguard_an_oom_in_rank_1s_loss_reaches_the_other_rank_before_the_backward(failures):
+    by_loss = [r["oom-guard-loss"] for r in failures]
+    by_forward = [r["oom-guard"] for r in failures]
+    for rank in range(2):
+        assert by_loss[rank]["micro"] == [16, 4]
+        # the same recovery, wherever the error came from: the very same training on each rank's shard
+        assert by_loss[rank]["losses"] == by_forward[rank]["losses"]
+        assert by_loss[rank]["local_weights"] == by_forward[rank]["local_weights"]

@@ -24,7 +24,8 @@ _.batchlab_result, _.ultralytics_batch, _.optimal_batch_size
 
 # Hooks a framework calls by name, with the signatures it calls them with.
 _.setup, _.on_fit_start  # Lightning Callback
-_.on_train_start, _.on_before_optimizer_step, _.on_train_batch_end, _.on_train_epoch_start, _.teardown  # ditto
+_.on_train_start, _.on_before_optimizer_step, _.on_train_batch_end  # ditto
+_.on_train_epoch_start, _.teardown  # ditto
 _.on_trial_start, _.on_trial_result, iteration, trials  # Ray Tune Callback
 _._num_to_string, vmin, vmax  # matplotlib LogFormatter's text hook
 types  # TorchDispatchMode.__torch_dispatch__(func, types, args, kwargs)

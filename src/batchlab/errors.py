@@ -2,6 +2,7 @@
 
     BatchlabError                 base class; catch this to handle anything batchlab decided
     ├── DoesNotFitError           even the smallest batch does not fit the memory budget
+    ├── PeerFailureError          another rank failed mid-step; this one left the step with it (distributed)
     └── WorkloadError             a workload spec or object that cannot be used (bad name, bad callable)
         └── FakeTensorError       the workload cannot run on fake tensors (``batchlab plan``); names the op
 
@@ -29,6 +30,20 @@ class DoesNotFitError(BatchlabError):
         self.batch_size = batch_size
         self.needed_bytes = needed_bytes
         self.budget_bytes = budget_bytes
+
+
+class PeerFailureError(BatchlabError):
+    """Another rank ran out of memory (``out_of_memory``) or raised, so this rank leaves the step too.
+
+    Raised at a sync point (:mod:`batchlab.devices.agreement`) so that no rank waits in a collective that a
+    failed rank never reaches; the search and ``OOMGuard`` catch it and step back with every other rank.
+    ``ranks`` are the ranks that failed.
+    """
+
+    def __init__(self, message: str, *, ranks: list[int], out_of_memory: bool):
+        super().__init__(message)
+        self.ranks = ranks
+        self.out_of_memory = out_of_memory
 
 
 class WorkloadError(BatchlabError):

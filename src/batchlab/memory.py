@@ -9,6 +9,7 @@ categories: parameter, buffer, gradient, activation, temporary, optimizer state)
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,13 @@ class MemoryBreakdown:
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
+
+
+def held_bytes(tensor: Any) -> int:
+    """Bytes this process holds for ``tensor``: its elements, or for a DTensor (FSDP2's sharded parameters,
+    their gradients and optimizer state) its local shard only -- ``numel()`` is the global size (issue 14)."""
+    local = tensor.to_local() if callable(getattr(tensor, "to_local", None)) else tensor
+    return local.numel() * local.element_size()
 
 
 def measured_breakdown(

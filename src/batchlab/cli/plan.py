@@ -6,6 +6,7 @@ import argparse
 
 from rich.console import Console
 
+from batchlab import checks
 from batchlab.cli.common import Display, print_breakdown
 from batchlab.planning.cards import CARDS, DEVICE_TYPES, resolve_target
 from batchlab.planning.plan import PlanResult, plan
@@ -46,6 +47,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--amp", default=None, help="plan under autocast: bf16 or fp16")
     parser.add_argument("--max-batch-size", type=int, default=None, help="never answer more than this")
     parser.add_argument("--multiple-of", type=int, default=1, help="answer a multiple of this (e.g. 8)")
+    parser.add_argument(
+        "--world-size", type=int, default=1, help="ranks (cards) in the run; the answer is per rank"
+    )
+    parser.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard the model with FSDP2 over --world-size ranks (fake process group)",
+    )
     parser.add_argument("--json", action="store_true", help="print only JSON on stdout")
     parser.set_defaults(run=run)
 
@@ -55,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     target = resolve_target(args.target, device_type=args.device_type)
     parse_batch(args.batch)
     parse_amp(args.amp)
+    checks.integer("--world-size", args.world_size)
     workload = load_workload(
         args.workload, device="cpu"
     )  # fake copies go to the target; CPU builds are enough
@@ -67,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
             amp=args.amp,
             max_batch_size=args.max_batch_size,
             multiple_of=args.multiple_of,
+            world_size=args.world_size,
+            fsdp=args.fsdp,
         )
     if args.json:
         print(result.to_json(indent=2))

@@ -55,7 +55,7 @@ from batchlab.devices import Device
 from batchlab.devices.oom import is_out_of_memory
 from batchlab.devices.release import devices_of, release_after_oom
 from batchlab.fit import FitResult, Probe, SearchOptions, find_batch_size
-from batchlab.integrations.ddp import agree_on_batch_size, all_gather_ints
+from batchlab.integrations.distributed import agree_on_batch_size, all_gather_ints
 from batchlab.workload.state import StateSnapshot
 from batchlab.workload.workload import Workload
 

@@ -20,6 +20,9 @@ Against Lightning's ``BatchSizeFinder`` (``lightning.pytorch.tuner.batch_size_sc
 
 - under DDP each rank searches on its own device and the ranks agree on the smallest answer (one all_gather
   through ``trainer.strategy.all_gather``); BatchSizeFinder refuses distributed strategies;
+- under FSDP2 (``ModelParallelStrategy``, ``fully_shard`` in ``configure_model``) every rank probes together on a
+  :class:`~batchlab.devices.lockstep.LockstepDevice`, each with its own budget (issue 14; runs on the CPU with
+  gloo). Lightning's ``strategy="fsdp"`` (FSDP1) refuses the CPU ("requires a GPU accelerator");
 - the answer is a size that ran and whose measured peak stays within the budget (0.90 of capacity by
   default, or ``batch=0.8``, ``memory_budget="6GiB"``), not "the last size before an OOM" minus 5%;
 - it uses public hooks only: no fit-loop internals, and no search state kept on the user's module.
@@ -41,9 +44,13 @@ from typing import Any
 
 import torch
 
-from batchlab.devices import Device
+from batchlab.devices import Device, resolve_device
+from batchlab.devices.lockstep import LockstepDevice
+from batchlab.devices.ranks import current_ranks
 from batchlab.fit import FitResult, Probe, SearchOptions
-from batchlab.integrations.ddp import agree_on_batch_size
+from batchlab.integrations.distributed import agree_on_batch_size
+from batchlab.integrations.distributed.fit import is_sharded
+from batchlab.units import parse_bytes
 from batchlab.workload import EvalStep, StepFunction
 from batchlab.workload.workload import tensor_bytes_of
 
@@ -269,6 +276,19 @@ class BatchlabFinder(Callback):
         except (TypeError, AttributeError):  # iterable datasets have no length
             return None
 
+    def _lockstep_options(self, pl_module: Any) -> SearchOptions:
+        """Under an FSDP2-sharded module (Lightning's ModelParallelStrategy: ``fully_shard`` in
+        ``configure_model``), the options with a :class:`~batchlab.devices.lockstep.LockstepDevice`: the step
+        communicates, so every rank probes together (:mod:`batchlab.integrations.distributed.fit`)."""
+        ranks = current_ranks()
+        if ranks is None or not is_sharded(pl_module):
+            return self.options
+        inner = resolve_device(self.options.device or str(pl_module.device))
+        budget = self.options.memory_budget
+        own = parse_bytes(budget) if budget is not None else inner.capacity_bytes()
+        device = LockstepDevice(inner, ranks, own, models=[pl_module])
+        return self.options.with_changes(device=device, memory_budget=device.common_bytes)
+
     def scale_batch_size(self, trainer: Any, pl_module: Any) -> int:
         """Run the search (every rank, when distributed) and set ``batch_arg_name`` to the agreed answer."""
         from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_setattr
@@ -291,10 +311,16 @@ class BatchlabFinder(Callback):
         else:
             work, preserve = self.step, self.preserve
         results: list[FitResult] = []
+        options = self._lockstep_options(pl_module) if world > 1 else self.options
+        if options is not self.options and self.eval_batch_arg_name is not None:
+            raise ValueError(
+                "BatchlabFinder: eval_batch_arg_name is not supported under an FSDP2-sharded module yet "
+                "(the evaluation search does not probe in lockstep); leave it unset"
+            )
 
         def search() -> int:
             results.append(
-                self.options.run(
+                options.run(
                     work,
                     default_device=str(pl_module.device),
                     dataset_size=self._dataset_cap(runner, world),

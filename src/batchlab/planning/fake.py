@@ -277,6 +277,7 @@ class FakeDevice(Device):
         self.workload = workload
         self.name = f"fake {self.device_type}" + (f" ({self.target.name})" if self.target else "")
         self.estimates: dict[int, FakeEstimate] = {}
+        self.extra_notes: list[str] = []  # what a subclass adds to every estimate's notes
 
     @property
     def emulated_on(self) -> torch.device:
@@ -308,20 +309,44 @@ class FakeDevice(Device):
         checks.integer("steps", steps)
         torch_ = _torch_internals()
         started = time.perf_counter()
-        work = self.workload
-        device = self.emulated_on
         fake_mode = torch_["FakeTensorMode"](allow_non_fake_inputs=True)  # make_batch may index real data
+        with self._environment():
+            return self._estimate(torch_, fake_mode, batch_size, steps, started)
+
+    def _environment(self) -> contextlib.AbstractContextManager:
+        """What the fake step runs inside (a subclass: a fake process group); nothing here."""
+        return contextlib.nullcontext()
+
+    def _copy(self, fake_mode: Any, device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        """The workload's model and optimizer as fake tensors on ``device`` (a subclass may shard them)."""
+        work = self.workload
         try:
             with _FakeCopy(fake_mode, device):
-                model, optimizer = copy.deepcopy(
-                    (work.model, work.optimizer)
-                )  # one memo: tied weights stay tied
+                return copy.deepcopy((work.model, work.optimizer))  # one memo: tied weights stay tied
         except Exception as exc:  # a lock, a file handle, a generator held by the model: batchlab's limit
             raise WorkloadError(
                 f"cannot copy workload {work.name!r}'s model and optimizer to fake tensors "
                 f"({type(exc).__name__}: {exc}); measure on the device instead (batchlab fit / find_batch_size)"
             ) from exc
-        notes = []
+
+    def _tracker(
+        self, torch_: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    ) -> Any:
+        """torch's MemTracker, following the copy's model and optimizer."""
+        tracker = torch_["MemTracker"]()
+        tracker.track_external(model, optimizer)
+        return tracker
+
+    # MemTracker's category labels (the values of its private enum) -> batchlab's names.
+    categories: dict[str, str] = _CATEGORIES
+
+    def _estimate(
+        self, torch_: dict[str, Any], fake_mode: Any, batch_size: int, steps: int, started: float
+    ) -> FakeEstimate:
+        work = self.workload
+        device = self.emulated_on
+        model, optimizer = self._copy(fake_mode, device)
+        notes = list(self.extra_notes)
         if self.device_type == "cuda":
             _use_cuda_foreach(optimizer)
             if device.type == "cpu":
@@ -336,7 +361,7 @@ class FakeDevice(Device):
                     )
         if work.amp == "fp16":
             notes.append("fp16: GradScaler skipped (its inf check reads a value); its unscale is in place")
-        tracker = torch_["MemTracker"]()
+        tracker = self._tracker(torch_, model, optimizer)
 
         def make_batch(batch_size: int) -> Any:
             tracker.reset_mod_stats()  # per-module stats only: MemTracker refuses a second root forward without it
@@ -357,7 +382,6 @@ class FakeDevice(Device):
         allocator = CachingAllocatorModel() if self.device_type == "cuda" else None
         try:
             with fake_mode:
-                tracker.track_external(model, optimizer)
                 start = tracker.get_tracker_snapshot("current").get(device, {})
                 if allocator is not None:
                     for tensor in _state_tensors(model, optimizer):
@@ -379,7 +403,9 @@ class FakeDevice(Device):
             raise error from exc
         by_label = {getattr(key, "value", key): value for key, value in peak.items()}
         tensors_peak = int(by_label.get("Total", 0))
-        counts = {name: int(by_label.get(label, 0)) for label, name in _CATEGORIES.items()}
+        counts: dict[str, int] = {}
+        for label, name in self.categories.items():
+            counts[name] = counts.get(name, 0) + int(by_label.get(label, 0))
         baseline = int(sum(value for key, value in start.items() if getattr(key, "value", key) != "Total"))
         if allocator is None:
             breakdown = MemoryBreakdown(**counts)
@@ -432,7 +458,8 @@ def _state_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> 
     tensors.extend(model.buffers())
     for state in optimizer.state.values():
         tensors.extend(value for value in state.values() if isinstance(value, torch.Tensor))
-    return tensors
+    # a DTensor (a sharded copy, planning.sharded) holds its local shard's storage
+    return [t.to_local() if callable(getattr(t, "to_local", None)) else t for t in tensors]
 
 
 __all__ = ["FakeDevice", "FakeEstimate"]

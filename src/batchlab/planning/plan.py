@@ -23,10 +23,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from batchlab import checks
 from batchlab.fit import MemoryLine, Probe, find_batch_size
 from batchlab.memory import MemoryBreakdown
 from batchlab.planning.cards import PlanTarget, resolve_target
 from batchlab.planning.fake import FakeDevice
+from batchlab.planning.sharded import ShardedFakeDevice
 from batchlab.spec import parse_amp, parse_batch
 from batchlab.units import format_bytes
 from batchlab.workload.workload import StepFunction, Workload
@@ -64,6 +66,13 @@ class PlanResult:
     probes: list[Probe] = field(default_factory=list)
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    world_size: int = 1
+    fsdp: bool = False
+
+    @property
+    def global_batch(self) -> int:
+        """``batch_size x world_size``: every rank runs the per-rank batch (before any accumulation)."""
+        return self.batch_size * self.world_size
 
     @property
     def memory_line(self) -> MemoryLine | None:
@@ -77,6 +86,7 @@ class PlanResult:
         data["target"] = self.target.to_dict()
         data["breakdown"] = self.breakdown.to_dict() if self.breakdown else None
         data["estimated"] = True  # from fake tensors, never measured
+        data["global_batch"] = self.global_batch
         return data
 
     def to_json(self, **kwargs: Any) -> str:
@@ -85,6 +95,9 @@ class PlanResult:
     def summary(self) -> str:
         """One paragraph in plain words."""
         where = f"{self.target.name} ({self.target.device_type}, {format_bytes(self.capacity_bytes)} usable)"
+        if self.world_size > 1 or self.fsdp:
+            how = "FSDP2-sharded" if self.fsdp else "replicated"
+            where += f" per rank, {self.world_size} ranks {how}"
         if self.mode == "fixed":
             verdict = "fits" if self.fits else "does NOT fit"
             return (
@@ -94,7 +107,14 @@ class PlanResult:
         return (
             f"largest batch that fits {where}: {self.batch_size} (limited by {self.limited_by}); estimated "
             f"peak {format_bytes(self.peak_bytes)} of a {format_bytes(self.budget_bytes)} budget "
-            f"({self.fraction:.0%}); fake tensors, not measured -- verify on the card with `batchlab fit`"
+            f"({self.fraction:.0%}){self._global()}; fake tensors, not measured -- verify on the card with `batchlab fit`"
+        )
+
+    def _global(self) -> str:
+        return (
+            f"; global batch {self.global_batch} ({self.batch_size} x {self.world_size} ranks)"
+            if self.world_size > 1
+            else ""
         )
 
 
@@ -163,6 +183,10 @@ def plan(
     max_batch_size: int | None = None,
     dataset_size: int | None = None,
     multiple_of: int = 1,
+    world_size: int = 1,
+    fsdp: bool = False,
+    fsdp_options: dict[str, Any] | None = None,
+    shard: Any = None,
 ) -> PlanResult:
     """Plan the batch size for a device you may not have, from fake tensors: nothing of that size is allocated.
 
@@ -177,6 +201,12 @@ def plan(
         amp: ``"bf16"`` / ``"fp16"`` to plan under autocast; only for a Workload built without ``amp``.
         max_batch_size, dataset_size, multiple_of: as in :func:`~batchlab.find_batch_size` (the workload's own
             ``dataset_size`` is used when this is None).
+        world_size: the ranks (cards) the run uses; the answer is per rank, ``global_batch`` = it x ranks.
+        fsdp: shard the model with FSDP2 over ``world_size`` ranks (a fake process group:
+            :mod:`batchlab.planning.sharded`); without it each rank holds the whole model (DDP), whose
+            gradient buckets are not modelled.
+        fsdp_options, shard: the ``fully_shard`` options and the module classes sharded one by one
+            (:class:`~batchlab.planning.sharded.ShardedFakeDevice`); an option it does not model is refused.
 
     Raises:
         DoesNotFitError: the smallest size's estimate exceeds the budget.
@@ -187,7 +217,15 @@ def plan(
     spec = parse_batch(batch)
     resolved = resolve_target(target, device_type=device_type)
     work = _with_amp(_check_workload(workload), parse_amp(amp))
-    device = FakeDevice(work, target=resolved)
+    world_size = checks.integer("world_size", world_size)
+    if not fsdp and (fsdp_options or shard is not None):
+        raise ValueError("fsdp_options and shard describe FSDP sharding: pass fsdp=True with them")
+    if fsdp:
+        device: FakeDevice = ShardedFakeDevice(
+            work, world_size=world_size, target=resolved, shard=shard, fsdp_options=fsdp_options
+        )
+    else:
+        device = FakeDevice(work, target=resolved)
     line = _line(device, LINE_SIZES)
     result = find_batch_size(
         StepFunction(lambda batch_size: None, name=work.name),  # the fake device runs its own fake copy
@@ -230,6 +268,8 @@ def plan(
         probes=result.probes,
         seconds=time.perf_counter() - started,
         notes=notes,
+        world_size=world_size,
+        fsdp=fsdp,
     )
 
 

@@ -60,9 +60,18 @@ Accelerate's ``accelerator.backward``), ``scaler`` is a GradScaler, ``before_opt
 last backward (gradient clipping: unscale first when a scaler is used), and ``no_sync`` -- e.g.
 ``ddp_model.no_sync`` -- skips DDP's all-reduce on all but the last micro-batch.
 
-Limits: an out-of-memory error in ``before_optimizer_step`` propagates. Under DDP an OOM on one rank is not
-communicated to the others, whose all-reduce would wait: use the guard per process without DDP's gradient
-hooks, or agree on the micro-batch up front (:func:`batchlab.integrations.ddp.find_batch_size_distributed`).
+Limits: an out-of-memory error in ``before_optimizer_step`` propagates.
+
+**Under torchrun (DDP, FSDP2).** With a process group of more than one rank initialised, an out-of-memory
+error on one rank is every rank's news: the ranks exchange a status after each try of the step's micro-batches
+and after the optimizer step (:mod:`batchlab.devices.agreement`), and with ``model=`` also at sync points before
+the forward and backward of the model and of each FSDP-sharded module in it, so a rank still inside the step
+leaves it at its next sync point instead of waiting in a collective the failed rank never reaches. Then every
+rank discards the step's gradients, halves the micro-batch and retries the same batch together, in the same
+collective order; an error that is not an out-of-memory on any rank (or an out-of-memory at
+``min_micro_batch``) makes every rank raise -- its own error on that rank, :class:`~batchlab.BatchlabError`
+naming it on the others. Every rank keeps the same micro-batch and accumulation (gradient averaging assumes
+it). Without a process group nothing of this runs: no collective, the single-process path as it was.
 """
 
 from __future__ import annotations
@@ -78,8 +87,20 @@ import torch
 
 from batchlab import checks
 from batchlab.advice.scaling import plan_batch
+from batchlab.devices.agreement import (
+    DONE,
+    ERROR,
+    OUT_OF_MEMORY,
+    PEER,
+    StepAgreement,
+    Verdict,
+    reset_after_failure,
+    sync_points,
+)
 from batchlab.devices.oom import is_out_of_memory
+from batchlab.devices.ranks import Ranks, current_ranks
 from batchlab.devices.release import devices_of, release_after_oom
+from batchlab.errors import BatchlabError, PeerFailureError
 from batchlab.training.batches import batch_len, concat, evaluate_chunks, slice_batch
 from batchlab.training.optimizer_step import StepRecord
 
@@ -156,6 +177,9 @@ class OOMGuard:
         reduction: ``"mean"`` (``loss_fn`` returns a mean over its micro-batch) or ``"sum"``.
         scaler, backward, before_optimizer_step, no_sync: see the module docstring.
         on_event: called with each :class:`GuardEvent` (after it is logged).
+        model: under torchrun, the model (DDP- or FSDP-wrapped) whose forward and backward get sync points
+            (module docstring); without it the ranks agree only at the end of each try.
+        group: the process group the ranks agree in (default: the world, when one is initialised).
 
     ``micro_batch`` x ``accumulation`` is the current training split; ``eval_micro_batch`` the evaluation
     chunk (None until an evaluation ran out of memory: whole batches); ``events`` every recovery.
@@ -174,6 +198,8 @@ class OOMGuard:
         before_optimizer_step: Callable[[], Any] | None = None,
         no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
         on_event: Callable[[GuardEvent], Any] | None = None,
+        model: torch.nn.Module | None = None,
+        group: Any = None,
     ):
         if not (
             callable(getattr(optimizer, "step", None)) and callable(getattr(optimizer, "zero_grad", None))
@@ -198,6 +224,9 @@ class OOMGuard:
         self.before_optimizer_step = before_optimizer_step
         self.no_sync = no_sync
         self.on_event = on_event
+        self.model = model
+        ranks = current_ranks(group)
+        self.ranks: Ranks | None = ranks if ranks is not None and ranks.world_size > 1 else None
         self.steps = 0  # optimizer steps taken
         self.events: list[GuardEvent] = []
 
@@ -307,6 +336,8 @@ class OOMGuard:
         The returned loss is the batch's (mean-reduced: the mean over the batch), detached. An out-of-memory
         error in ``optimizer.step()`` itself is retried only as the module docstring says.
         """
+        if self.ranks is not None:
+            return self._step_together(batch, loss_fn)
         while True:
             self.optimizer.zero_grad(set_to_none=True)
             error = None
@@ -323,6 +354,10 @@ class OOMGuard:
             self.optimizer.zero_grad(set_to_none=True)
             self._release()
             self._shrink(error)
+        self._finish_step()
+        return loss
+
+    def _finish_step(self) -> None:
         if self.before_optimizer_step is not None:
             self.before_optimizer_step()
         self._optimizer_step()
@@ -330,6 +365,54 @@ class OOMGuard:
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1
+
+    def _agree(
+        self, run: Callable[[], Any], *, can_shrink: bool, sync: bool
+    ) -> tuple[Any, Verdict, str | None]:
+        """Run ``run()`` as one try every rank settles together; return its value, the shared verdict and this
+        rank's own out-of-memory message (``sync``: with sync points in the model). This rank's own non-OOM error (or an OOM it cannot step back from) is
+        re-raised once every rank knows; another rank's error raises :class:`BatchlabError` naming it."""
+        agreement = StepAgreement(self.ranks.all_gather_ints)
+        value, own_error, message = None, None, None
+        with sync_points([self.model] if sync and self.model is not None else [], agreement):
+            try:
+                value = run()
+                code = DONE
+            except PeerFailureError:
+                code = PEER
+            except Exception as exc:  # settled below, with every rank
+                if is_out_of_memory(exc) and can_shrink:
+                    code, message = OUT_OF_MEMORY, _first_line(exc)
+                else:
+                    code, own_error = ERROR, exc
+        verdict = agreement.finish(code)
+        if verdict.error_ranks:
+            if own_error is not None:
+                raise own_error
+            raise BatchlabError(
+                f"OOMGuard step {self.steps}: rank(s) {verdict.error_ranks} raised; every rank stops (see that "
+                "rank's log for its error)"
+            )
+        return value, verdict, message
+
+    def _step_together(self, batch: Any, loss_fn: Callable[[Any], torch.Tensor]) -> torch.Tensor:
+        """:meth:`step` on every rank at once: every try's outcome is settled with all ranks (module docstring)."""
+        while True:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss, verdict, message = self._agree(
+                lambda: self._accumulate(batch, loss_fn),
+                can_shrink=self.micro_batch > self.min_micro_batch,
+                sync=True,
+            )
+            if verdict.ok:
+                break
+            # Outside any except block; every rank is here, with the same verdict, and retries together.
+            if self.model is not None:
+                reset_after_failure([self.model])
+            self.optimizer.zero_grad(set_to_none=True)
+            self._release()
+            self._shrink(message or f"out of memory on rank(s) {verdict.oom_ranks}")
+        self._agree(self._finish_step, can_shrink=False, sync=False)
         return loss
 
     def evaluate(self, batch: Any, fn: Callable[[Any], Any]) -> Any:

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from batchlab.errors import BatchlabError
+from batchlab.memory import held_bytes
 from batchlab.units import format_bytes
 
 # A copy in RAM may take at most this share of the host's free memory: the rest is the probes' (CPU) or the
@@ -44,7 +45,7 @@ _TMPFS_TYPES = {"tmpfs", "ramfs"}  # a "disk" copy there would sit in RAM after 
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
+    return held_bytes(tensor)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import torch
 
 from batchlab import checks
 from batchlab.errors import WorkloadError
-from batchlab.memory import MemoryBreakdown
+from batchlab.memory import MemoryBreakdown, held_bytes
 from batchlab.spec import parse_amp
 from batchlab.workload.state import StateSnapshot, is_grad_scaler, is_lr_scheduler
 
@@ -42,7 +42,7 @@ def _tensor_nbytes(tensors: Iterable[torch.Tensor]) -> int:
     for tensor in tensors:
         if isinstance(tensor, torch.Tensor) and id(tensor) not in seen:
             seen.add(id(tensor))
-            total += tensor.numel() * tensor.element_size()
+            total += held_bytes(tensor)
     return total
 
 

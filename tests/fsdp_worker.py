@@ -1,0 +1,181 @@
+"""One rank of the torchrun + gloo + FSDP2 runs in tests/test_fsdp.py (issue 14).
+
+Usage: torchrun --nproc-per-node N fsdp_worker.py MODE OUT_DIR. Every mode builds the same 4-layer MLP, shards
+it with ``fully_shard`` (each layer, then the root), trains it with Adam, and writes OUT_DIR/rank{RANK}.json:
+
+- ``fit``: find_batch_size_distributed under a per-rank memory budget (``BUDGETS_MIB``: extra MiB over the
+  process's resident memory, by rank; mixed when they differ), then 20 steps at the agreed batch, their peak
+  read as the search reads it; with ``TARGET`` set, the plan for that global batch.
+- ``oom-search`` / ``error-search``: rank 1 alone raises an out-of-memory error (or a ValueError) in layer 2's
+  forward once the batch reaches ``INJECT_AT``, during the search.
+- ``oom-guard`` / ``error-guard``: OOMGuard steps of batch 64; rank 1 alone raises in layer 2's forward
+  (``oom-guard``: while the micro-batch exceeds 16; ``error-guard``: at step 1); ``oom-guard-loss``: the
+  out-of-memory error in the loss, after the forward -- the other rank learns of it at the backward's first
+  sync point, before FSDP's backward all-gathers.
+- ``failures``: the four above in turn, in one process group -- which also shows that every rank is still in
+  step with the others after each failure. Results are keyed by mode.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn import functional as F
+
+MIB = 2**20
+WIDTH_IN, WIDTH = 2048, 64
+INJECT_AT = 24
+FAILURES = ("oom-search", "error-search", "oom-guard", "error-guard", "oom-guard-loss")
+
+
+class Injected(nn.Module):
+    """A layer that raises on ``rank`` when ``when(batch)`` -- the failure of one rank only."""
+
+    def __init__(self, inner: nn.Module, rank: int, error: BaseException | None, when):
+        super().__init__()
+        self.inner, self.rank, self.error, self.when = inner, rank, error, when
+
+    def forward(self, x):
+        if self.error is not None and dist.get_rank() == self.rank and self.when(len(x)):
+            raise self.error
+        return self.inner(x)
+
+
+def build(error: BaseException | None = None, when=lambda b: False):
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    layers = [nn.Sequential(nn.Linear(WIDTH_IN, WIDTH), nn.ReLU())]
+    layers += [nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.ReLU()) for _ in range(3)]
+    layers[2] = Injected(layers[2], 1, error, when)
+    model = nn.Sequential(*layers)
+    for layer in model:
+        fully_shard(layer)
+    fully_shard(model)
+    return model, torch.optim.Adam(model.parameters(), lr=1e-3)
+
+
+def make_batch(b: int):
+    gen = torch.Generator().manual_seed(b)
+    return torch.randn(b, WIDTH_IN, generator=gen), torch.randn(b, WIDTH, generator=gen)
+
+
+def workload(model, optimizer):
+    from batchlab import Workload
+
+    return Workload(model, make_batch, F.mse_loss, optimizer, name="fsdp-mlp")
+
+
+def rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def fit(rank: int) -> dict:
+    from batchlab.devices import CPUDevice
+    from batchlab.integrations.distributed import find_batch_size_distributed
+
+    model, optimizer = build()
+    work = workload(model, optimizer)
+    extra = [int(v) for v in os.environ["BUDGETS_MIB"].split(",")][rank]
+    budget = rss() + extra * MIB
+    target = int(os.environ["TARGET"]) if os.environ.get("TARGET") else None
+    before = {k: v.to_local().clone() for k, v in model.state_dict().items()}
+    result = find_batch_size_distributed(
+        work, device="cpu", memory_budget=budget, max_batch_size=4096, target_global_batch=target
+    )
+    unchanged = all(torch.equal(before[k], v.to_local()) for k, v in model.state_dict().items())
+    later = CPUDevice().run(work.step, result.batch_size, steps=20)  # the user's own steps, measured alike
+    return {
+        "result": result.to_dict(),
+        "probes": [p["batch_size"] for p in result.local.to_dict()["probes"]],
+        "budget": budget,
+        "later_peak": later.peak_bytes,
+        "later_ok": later.ok,
+        "unchanged": unchanged,
+    }
+
+
+def search_failure(rank: int, error: BaseException) -> dict:
+    from batchlab.integrations.distributed import find_batch_size_distributed
+
+    model, optimizer = build(error, lambda b: b >= INJECT_AT)
+    try:
+        result = find_batch_size_distributed(
+            workload(model, optimizer), device="cpu", memory_budget=rss() + 256 * MIB, max_batch_size=256
+        )
+    except Exception as exc:
+        return {"raised": type(exc).__name__, "message": str(exc)}
+    return {
+        "batch_size": result.batch_size,
+        "probes": [(p["batch_size"], p["outcome"]) for p in result.local.to_dict()["probes"]],
+    }
+
+
+def guard(rank: int, error: BaseException, when, in_loss: bool = False) -> dict:
+    from batchlab.training import OOMGuard
+
+    state = {"step": 0}
+    model, optimizer = build(None if in_loss else error, lambda b: when(b, state["step"]))
+
+    def loss_fn(batch):
+        out = model(batch[0])
+        if in_loss and rank == 1 and when(len(out), state["step"]):  # after the forward, before the backward
+            raise error
+        return F.mse_loss(out, batch[1])
+
+    guard = OOMGuard(optimizer, 64, model=model)
+    losses = []
+    try:
+        for step in range(3):
+            state["step"] = step
+            x, y = make_batch(64)
+            losses.append(float(guard.step((x, y), loss_fn)))
+    except Exception as exc:
+        return {"raised": type(exc).__name__, "message": str(exc), "losses": losses}
+    return {
+        "losses": losses,
+        "micro": [guard.micro_batch, guard.accumulation],
+        "events": [e.to_dict() for e in guard.events],
+        "local_weights": [float(p.to_local().sum()) for p in model.parameters()],
+    }
+
+
+def main(mode: str, out_dir: str) -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    oom = torch.OutOfMemoryError("injected: out of memory on this rank only")
+    modes = {
+        "fit": lambda: fit(rank),
+        "oom-search": lambda: search_failure(rank, oom),
+        "error-search": lambda: search_failure(rank, ValueError("injected shape bug")),
+        "oom-guard": lambda: guard(rank, oom, lambda b, step: b > 16),
+        "error-guard": lambda: guard(rank, ValueError("injected shape bug"), lambda b, step: step == 1),
+        "oom-guard-loss": lambda: guard(rank, oom, lambda b, step: b > 16, in_loss=True),
+    }
+    result = {}
+    # "failures": every failure mode in turn, in one process group (one torchrun start instead of four)
+    for name in FAILURES if mode == "failures" else [mode]:
+        try:
+            result[name] = modes[name]()
+        except Exception:
+            result[name] = {"crashed": traceback.format_exc()}
+    result["rank"], result["world"] = rank, dist.get_world_size()
+    path = os.path.join(out_dir, f"rank{rank}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f)
+    os.replace(path + ".tmp", path)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
+    sys.stdout.flush()
+    os._exit(0)  # gloo sometimes aborts (SIGABRT) at interpreter teardown; the results are written already

@@ -62,7 +62,9 @@ def test_a_precise_noise_scale_and_tight_timings_still_switch():
     rec = recommend(ISSUE, _estimate(29.0, 2.0), current_batch=32, lr=1e-3, throughput_spread=tight)
     assert rec.switched and rec.batch_size == 4
     assert rec.gain_range[0] > 0.05
-    assert re.search(r"switch from 32 to 4: \+\d+% goodput \(\+\d+%\.\.\+\d+% across the spread", rec.summary())
+    assert re.search(
+        r"switch from 32 to 4: \+\d+% goodput \(\+\d+%\.\.\+\d+% across the spread", rec.summary()
+    )
 
 
 def test_gain_range_is_the_extremes_across_both():
@@ -78,7 +80,9 @@ def test_parse_spread_checks_its_input():
     assert parse_spread(None, curve) is None
     with pytest.raises(ValueError, match=re.escape("does not contain the reading 20 samples/s")):
         parse_spread({4: (21.0, 25.0)}, curve)
-    with pytest.raises(ValueError, match="throughput_spread has batch size 8, which the throughput curve does not"):
+    with pytest.raises(
+        ValueError, match="throughput_spread has batch size 8, which the throughput curve does not"
+    ):
         parse_spread({8: (1.0, 2.0)}, curve)
     with pytest.raises(ValueError, match=re.escape("throughput_spread[4] must be (low, high) samples/s")):
         parse_spread({4: 20.0}, curve)
@@ -88,5 +92,7 @@ def test_throughput_spread_is_the_range_of_the_timed_steps():
     point = SimpleNamespace(
         batch_size=8, fits=True, step_times=(0.1, 0.2, 0.125), step_seconds=0.125, samples_per_second=128.0
     )  # 8 samples x 2 accumulation steps per step
-    other = SimpleNamespace(batch_size=16, fits=False, step_times=(), step_seconds=None, samples_per_second=None)
+    other = SimpleNamespace(
+        batch_size=16, fits=False, step_times=(), step_seconds=None, samples_per_second=None
+    )
     assert throughput_spread([point, other]) == {8: pytest.approx((80.0, 160.0))}

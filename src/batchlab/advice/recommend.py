@@ -290,7 +290,9 @@ def _gain_range(req: _Request, best: Candidate, current: Candidate) -> tuple[flo
         micro = row.micro_batch
         return req.world * interpolate_throughput(low, micro), req.world * interpolate_throughput(high, micro)
 
-    noise = (max(0.0, req.noise - req.noise_se), req.noise + req.noise_se) if has_se else (req.noise, req.noise)
+    noise = (
+        (max(0.0, req.noise - req.noise_se), req.noise + req.noise_se) if has_se else (req.noise, req.noise)
+    )
     lo, hi = goodput_ratio_range(
         (speeds(best), speeds(current)), (best.batch_size, current.batch_size), noise, req.base
     )

@@ -138,7 +138,9 @@ class BackwardNorms:
             raise ValueError("params has no tensor that requires grad; pass model.parameters()")
         self._queue, self._task_id = engine_hooks()
         self._bytes = [p.numel() * p.element_size() for p in self.params]
-        self._mixed = any(p.dtype in _LOW_PRECISION for p in self.params)  # a gradient has its parameter's dtype
+        self._mixed = any(
+            p.dtype in _LOW_PRECISION for p in self.params
+        )  # a gradient has its parameter's dtype
         self.bucket_bytes = bucket_bytes
         self.active = True
         self._expected = 1  # passes per window, learned from the last one: |.grad|² is read from this pass on

@@ -226,18 +226,25 @@ def markdown(results: list[dict], command: str, seconds: float, load: str) -> st
         "{0.5, 1, 2} x sqrt(B/32) x base, weights and Adam state from the checkpoint; B_simple and B_noise "
         "measured at the checkpoint from the same 24 nested pairs of batches 32/256 (Hessian on a batch of 512).",
         "",
-        "| dataset | checkpoint -> target loss | steps to target at 8 / 16 / 32 / 64 / 128 / 256 / 512 | swept B_crit "
+        "| dataset | checkpoint -> target loss | steps to target at 8 / 16 / 32 / 64 / 128 / 256 / 512 "
+        "| best LR multiplier (* = grid edge) | swept B_crit "
         "| B_simple (± s.e.) | B_simple / B_crit | B_noise (± s.e.) | B_noise / B_crit |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "|---|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         fit, n = r["fit"], r["noise"]
         steps = " / ".join("–" if row["steps"] is None else f"{row['steps']:.0f}" for row in r["rows"])
+        mults = " / ".join(
+            "–"
+            if row["lr_multiplier"] is None
+            else f"{row['lr_multiplier']:g}" + ("*" if row["lr_multiplier"] in (min(GRID), max(GRID)) else "")
+            for row in r["rows"]
+        )
         crit = "–" if fit is None else f"{fit['b_crit']:.0f}" + ("" if fit["bounded"] else " (bound)")
         fmt = lambda v, se: "–" if v is None else f"{v:.0f}" + (f" ± {se:.0f}" if se else "")  # noqa: E731
         ratio = lambda v: "–" if v is None else f"{v:.2f}" + (" ✓" if _within(v) else " ✗")  # noqa: E731
         lines.append(
-            f"| {r['dataset']} | {r['checkpoint_loss']:.3f} -> {r['target_loss']:.3f} | {steps} | {crit} | "
+            f"| {r['dataset']} | {r['checkpoint_loss']:.3f} -> {r['target_loss']:.3f} | {steps} | {mults} | {crit} | "
             f"{fmt(n['b_simple'], n['b_simple_stderr'])} | {ratio(r['ratio_simple'])} | "
             f"{fmt(n['b_noise'], n['b_noise_stderr'])} | {ratio(r['ratio_noise'])} |"
         )
@@ -251,7 +258,13 @@ def main(argv=None) -> None:
     parser.add_argument("--datasets", default="digits,mnist1d,charlm")
     parser.add_argument("--max-files", type=int, default=400, help="stdlib files for the char-LM corpus")
     parser.add_argument("--out", default=str(HERE / "results" / "critical_branch.json"))
+    parser.add_argument(
+        "--grid",
+        default=",".join(f"{g:g}" for g in GRID),
+        help="branch LR multipliers (the checkpoint is the same)",
+    )
     args = parser.parse_args(argv)
+    GRID[:] = [float(g) for g in args.grid.split(",")]
     torch.set_num_threads(1)
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     started = time.time()
@@ -261,6 +274,7 @@ def main(argv=None) -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=2))
     command = "python benchmarks/critical_batch.py --branch " + " ".join(argv or [])
+    print(f"LR grid {GRID}")
     print()
     print(markdown(results, command.strip(), time.time() - started, load))
 

@@ -37,6 +37,7 @@ import argparse
 import contextlib
 import copy
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -320,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="steps per variant per repetition")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--append-results", action="store_true", help=f"append a section to {RESULTS.name}")
+    parser.add_argument("--json", default=None, help="also write the rows as JSON to this path")
     args = parser.parse_args(argv)
     if args.reps < 2 or args.steps < 1:
         parser.error("--reps must be >= 2 (the first is warm-up) and --steps >= 1")
@@ -338,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - started
     out = table(rows)
     text = verdict(rows)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"machine": about, "seconds": seconds, "rows": rows}, indent=2))
     print(out)
     print(text)
     if args.append_results:

@@ -7,7 +7,7 @@ Usage (from the repository root, with the project's virtualenv):
     python benchmarks/noise_overhead.py --append-results             # also append a section to RESULTS.md
     python benchmarks/noise_overhead.py --device cuda                # on a GPU
 
-Per built-in workload, five variants of one optimizer step over the same ``accum x micro`` samples:
+Per built-in workload, six variants of one optimizer step over the same ``accum x micro`` samples:
 
 - ``a plain``:     gradient accumulation, ``accum`` micro-batches (loss / accum), then ``optimizer.step()``;
 - ``a tracked``:   the same with :class:`~batchlab.noise.AccumulationCollector` -- one fused norm per
@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         section = (
             f"\n## Noise-scale tracker overhead ({started_at:%Y-%m-%d %H:%M %Z})\n\n"
             f"- Machine: {about}\n- Command: `{command.strip()}` ({seconds:.0f} s)\n"
-            f"- Method: per workload, five step variants over the same samples, each with its own model copy; "
+            f"- Method: per workload, {len(VARIANTS)} step variants over the same samples, each with its own model copy; "
             f"{args.reps} interleaved repetitions x {args.steps} steps (rotated order, the first repetition "
             f"dropped as warm-up); medians of per-step {rows[0]['clock']} (ms columns; on the CPU with one "
             f"torch thread it is less sensitive to the neighbours' load than wall time, not immune: shared caches "

@@ -18,6 +18,8 @@ datasets with batchlab.sweep:
 
 Runs on the CPU with one torch thread (tiny models; more threads only contend on a shared 2-core machine).
 ``--quick`` runs one seed (about 4 minutes here); the default, two seeds (~7 minutes on a loaded 2-core VM).
+``--branch`` runs the other experiment instead: B_crit swept from one checkpoint, against B_simple and the
+curvature-aware B_noise measured there, on digits, MNIST-1D and a char-level LM (benchmarks/critical_branch.py).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -208,6 +211,13 @@ def markdown(summaries: list[dict], command: str, seconds: float, load: str) -> 
 
 
 def main() -> None:
+    if (
+        "--branch" in sys.argv[1:]
+    ):  # issue 13 item 4: B_crit branched from one checkpoint (critical_branch.py)
+        from critical_branch import main as branch
+
+        branch([a for a in sys.argv[1:] if a != "--branch"])
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 seed (~4 min)")
     parser.add_argument(

@@ -7,11 +7,14 @@ Usage (from the repository root, with the project's virtualenv):
     python benchmarks/noise_overhead.py --append-results             # also append a section to RESULTS.md
     python benchmarks/noise_overhead.py --device cuda                # on a GPU
 
-Per built-in workload, five variants of one optimizer step over the same ``accum x micro`` samples:
+Per built-in workload, six variants of one optimizer step over the same ``accum x micro`` samples:
 
 - ``a plain``:     gradient accumulation, ``accum`` micro-batches (loss / accum), then ``optimizer.step()``;
-- ``a tracked``:   the same with :class:`~batchlab.noise.AccumulationCollector` -- its tensor hooks in every
-                   backward plus ``gns.step()`` (one device sync) per optimizer step. Target: <= 3% over plain;
+- ``a tracked``:   the same with :class:`~batchlab.noise.AccumulationCollector` -- one fused norm per
+                   backward (batchlab.noise.backward_norms) plus ``gns.step()`` (one device sync) per optimizer
+                   step. Target: <= 3% over plain (issue 13, item 5);
+- ``a before``:    the collector before issue 13 (a norm and a dot product per tensor in each tensor hook,
+                   :class:`_HooksBefore` below): the same run's before/after;
 - ``c plain``:     one batch of ``accum x micro`` samples, one forward/backward (no accumulation);
 - ``c halves``:    the same batch as two plain half micro-batches (what the split costs without the tracker);
 - ``c tracked``:   :class:`~batchlab.noise.SplitBatchCollector` -- the batch as two halves with the hooks.
@@ -34,6 +37,7 @@ import argparse
 import contextlib
 import copy
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -52,13 +56,43 @@ ACCUM = 4  # micro-batches per optimizer step for collector (a): a common accumu
 TARGET_A = 0.03  # the issue's target: collector (a) costs at most 3% of a step
 # micro-batch per workload: a CPU step of tens to hundreds of milliseconds (the GPU gets 8x larger micro-batches)
 MICRO_CPU = {"mlp-digits": 64, "cnn": 4, "resnet": 4, "gpt": 2}
-VARIANTS = ("a plain", "a tracked", "c plain", "c halves", "c tracked")
+VARIANTS = ("a plain", "a tracked", "a before", "c plain", "c halves", "c tracked")
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # sync point: the step's kernels must finish before the clock is read
+
+
+class _HooksBefore:
+    """The accumulation collector's norms as they were before issue 13 (git b9bfe84): per tensor per backward,
+    |Δ|² and ⟨Δ, .grad⟩ in the tensor hook, summed at step(). Kept here only as the benchmark's reference."""
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        self.params = [p for p in params if p.requires_grad]
+        self.sq: list[torch.Tensor] = []
+        self.cross: list[torch.Tensor] = []
+        self.handles = [p.register_hook(self._hook(i)) for i, p in enumerate(self.params)]
+
+    def _hook(self, i: int) -> Callable[[torch.Tensor], None]:
+        def hook(grad: torch.Tensor) -> None:
+            g = grad.detach()
+            self.sq.append(torch.linalg.vector_norm(g, dtype=torch.float32).square())
+            acc = self.params[i].grad
+            if acc is not None:
+                self.cross.append(torch.dot(g.reshape(-1).float(), acc.detach().reshape(-1).float()))
+
+        return hook
+
+    def step(self) -> list[float]:
+        totals = [torch.stack(v).sum() if v else torch.zeros(()) for v in (self.sq, self.cross)]
+        self.sq, self.cross = [], []
+        return torch.stack(totals).tolist()  # the one sync
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 class Variant:
@@ -80,6 +114,8 @@ class Variant:
         params = list(self.model.parameters())
         if name == "a tracked":
             self.gns = AccumulationCollector(params, micro)
+        elif name == "a before":
+            self.gns = _HooksBefore(params)
         elif name == "c tracked":
             self.gns = SplitBatchCollector(params)
         self._next = 0
@@ -92,7 +128,7 @@ class Variant:
         self._next += 1
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.name in ("a plain", "a tracked"):
+        if self.name in ("a plain", "a tracked", "a before"):
             for i in range(ACCUM):
                 s = slice(i * self.micro, (i + 1) * self.micro)
                 (self._loss(x[s], y[s]) / ACCUM).backward()
@@ -157,6 +193,7 @@ def measure(
         return sorted(statistics.median(x) / statistics.median(y) - 1 for x, y in zip(a, b))
 
     a_pairs, a_wall = paired("a tracked", "a plain"), paired("a tracked", "a plain", "wall")
+    before_pairs = paired("a before", "a plain")
     added = med["a tracked"] - med["a plain"]
     hook_calls = by["a tracked"].tensors * ACCUM  # hook firings per optimizer step
     return {
@@ -171,6 +208,8 @@ def measure(
         "overhead_a": statistics.median(a_pairs),
         "overhead_a_iqr": _quartiles(a_pairs),
         "overhead_a_wall": statistics.median(a_wall),
+        "overhead_before": statistics.median(before_pairs),
+        "overhead_before_iqr": _quartiles(before_pairs),
         "added_a_s": added,
         "per_hook_s": added / hook_calls,
         "overhead_c": statistics.median(paired("c tracked", "c plain")),
@@ -200,9 +239,10 @@ def table(rows: list[dict]) -> str:
     per_hook, _ = _hook_cost(rows)
     head = (
         "| workload | step samples | param tensors | (a) plain ms | (a) tracked ms | (a) overhead [IQR] "
+        "| (a) before issue 13 [IQR] "
         "| (a) wall-time overhead | (a) per hook call | (a) predicted | (c) plain ms | (c) halves ms "
         "| (c) tracked ms | (c) vs plain | (c) vs halves |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     lines = []
     for r in rows:
@@ -210,7 +250,8 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['workload']} | {r['samples']} ({ACCUM}x{r['micro']}) | {r['tensors']} | "
             f"{m['a plain'] * 1e3:.2f} | {m['a tracked'] * 1e3:.2f} | {r['overhead_a']:+.1%} "
-            f"[{r['overhead_a_iqr'][0]:+.1%}, {r['overhead_a_iqr'][1]:+.1%}] | {r['overhead_a_wall']:+.1%} | "
+            f"[{r['overhead_a_iqr'][0]:+.1%}, {r['overhead_a_iqr'][1]:+.1%}] | {r['overhead_before']:+.1%} "
+            f"[{r['overhead_before_iqr'][0]:+.1%}, {r['overhead_before_iqr'][1]:+.1%}] | {r['overhead_a_wall']:+.1%} | "
             f"{r['per_hook_s'] * 1e6:.0f} us | {_predicted(r, per_hook):+.1%} | {m['c plain'] * 1e3:.2f} | "
             f"{m['c halves'] * 1e3:.2f} | {m['c tracked'] * 1e3:.2f} | {r['overhead_c']:+.1%} | "
             f"{r['overhead_c_vs_halves']:+.1%} |"
@@ -280,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="steps per variant per repetition")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--append-results", action="store_true", help=f"append a section to {RESULTS.name}")
+    parser.add_argument("--json", default=None, help="also write the rows as JSON to this path")
     args = parser.parse_args(argv)
     if args.reps < 2 or args.steps < 1:
         parser.error("--reps must be >= 2 (the first is warm-up) and --steps >= 1")
@@ -298,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - started
     out = table(rows)
     text = verdict(rows)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"machine": about, "seconds": seconds, "rows": rows}, indent=2))
     print(out)
     print(text)
     if args.append_results:
@@ -307,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         section = (
             f"\n## Noise-scale tracker overhead ({started_at:%Y-%m-%d %H:%M %Z})\n\n"
             f"- Machine: {about}\n- Command: `{command.strip()}` ({seconds:.0f} s)\n"
-            f"- Method: per workload, five step variants over the same samples, each with its own model copy; "
+            f"- Method: per workload, {len(VARIANTS)} step variants over the same samples, each with its own model copy; "
             f"{args.reps} interleaved repetitions x {args.steps} steps (rotated order, the first repetition "
             f"dropped as warm-up); medians of per-step {rows[0]['clock']} (ms columns; on the CPU with one "
             f"torch thread it is less sensitive to the neighbours' load than wall time, not immune: shared caches "

@@ -24,6 +24,13 @@ def _range_text(best_range: tuple[int, int] | None) -> str:
     return f" (with B_noise ± 1 standard error the peak lies at {best_range[0]}..{best_range[1]})"
 
 
+ACROSS = "across the spread of the timed steps and B_noise ± 1 standard error"
+
+
+def _gain_text(gain_range: tuple[float, float]) -> str:
+    return f"{gain_range[0]:+.0%}..{gain_range[1]:+.0%}"
+
+
 def explain(rec: Recommendation, curve: Curve, current: Candidate) -> list[str]:
     """The reasoning behind ``rec``, one plain-words line per finding.
 
@@ -33,7 +40,7 @@ def explain(rec: Recommendation, curve: Curve, current: Candidate) -> list[str]:
     noise, noise_se, base = rec.noise_scale, rec.noise_scale_stderr, rec.base_batch
     knee, fastest, max_step = rec.knee_batch, rec.max_throughput_batch, rec.max_micro_batch
     best, chosen = rec.candidate(rec.best_batch), rec.candidate(rec.batch_size)
-    gain, gain_threshold, switched = rec.gain, rec.gain_threshold, rec.switched
+    gain, gain_threshold, switched, gain_range = rec.gain, rec.gain_threshold, rec.switched, rec.gain_range
     plan, lr_scaling, warmup_steps = rec.plan, rec.lr, rec.warmup_steps
     sched, current_sched, best_range = rec.schedule, rec.current_schedule, rec.best_batch_range
     lines = []
@@ -85,10 +92,17 @@ def explain(rec: Recommendation, curve: Curve, current: Candidate) -> list[str]:
                 if ratio >= 1
                 else f"; {1 / ratio:.2f}x more steps, each cheaper"
             )
+        across = f" ({_gain_text(gain_range)} {ACROSS})" if gain_range else ""
         lines.append(
-            f"switch from {current.batch_size} to {chosen.batch_size}: {gain:+.0%} goodput, above the "
+            f"switch from {current.batch_size} to {chosen.batch_size}: {gain:+.0%} goodput{across}, above the "
             f"{gain_threshold:.0%} threshold (Pollux switches only for more); reaches the same result in "
             f"~{1 / (1 + gain):.2f}x the time{steps}"
+        )
+    elif gain > gain_threshold and gain_range is not None:
+        lines.append(
+            f"keep batch {current.batch_size}: the best, {best.batch_size}, gains {gain:+.0%} goodput at the "
+            f"measured values, but {_gain_text(gain_range)} {ACROSS}: the gain does not hold above the "
+            f"{gain_threshold:.0%} threshold, so the difference is inside the measurements' noise"
         )
     else:
         lines.append(

@@ -32,6 +32,8 @@ __all__ = [
     "doubling_step_reduction",
     "interpolate_throughput",
     "candidate_batch_sizes",
+    "parse_spread",
+    "goodput_ratio_range",
     "CANDIDATES",
 ]
 
@@ -69,6 +71,60 @@ def parse_curve(throughput: Any) -> Curve:
             raise ValueError(f"throughput lists batch size {b} twice")
         curve[size] = checks.number(f"throughput[{size}]", speed, what="samples/s")
     return tuple(sorted(curve.items()))
+
+
+def parse_spread(spread: Any, curve: Curve) -> tuple[Curve, Curve] | None:
+    """``{b: (low, high)}`` samples/s at measured sizes -> (low curve, high curve) over every size of ``curve``.
+
+    The spread of a measured size is the range its timed steps span (e.g. ``batch / max(step times)`` ..
+    ``batch / min(step times)``); it must contain the size's own reading. A size without one is taken as
+    exact (low = high = its reading). None in, None out.
+    """
+    if spread is None:
+        return None
+    if not isinstance(spread, Mapping):
+        raise ValueError(
+            f"throughput_spread must be {{batch_size: (low, high) samples/s}}, got {type(spread).__name__}"
+        )
+    speeds = dict(curve)
+    bounds = {b: (v, v) for b, v in curve}
+    for b, pair in spread.items():
+        if b not in speeds:
+            raise ValueError(f"throughput_spread has batch size {b!r}, which the throughput curve does not")
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ValueError(f"throughput_spread[{b}] must be (low, high) samples/s, got {pair!r}")
+        low = checks.number(f"throughput_spread[{b}] low", pair[0], what="samples/s")
+        high = checks.number(f"throughput_spread[{b}] high", pair[1], what="samples/s")
+        if not low <= speeds[b] <= high:
+            raise ValueError(
+                f"throughput_spread[{b}] = ({low:g}, {high:g}) does not contain the reading {speeds[b]:g} samples/s"
+            )
+        bounds[b] = (low, high)
+    return tuple((b, lo) for b, (lo, _) in sorted(bounds.items())), tuple(
+        (b, hi) for b, (_, hi) in sorted(bounds.items())
+    )
+
+
+def goodput_ratio_range(
+    speeds: tuple[tuple[float, float], tuple[float, float]],
+    batches: tuple[float, float],
+    noise_range: tuple[float, float],
+    base_batch: float,
+) -> tuple[float, float]:
+    """(lowest, highest) goodput ratio of batch ``batches[0]`` over ``batches[1]``.
+
+    ``speeds`` holds each batch's (low, high) samples/s; ``noise_range`` B_noise's (low, high) (e.g. ± 1
+    standard error). The efficiency ratio (B_noise + B1)/(B_noise + B0) is monotone in B_noise, so its extremes
+    lie at the ends of ``noise_range``; the throughput ratio's at opposite ends of the two spreads. Issue 13,
+    item 6: a switch is advised only when even the lowest ratio clears the threshold.
+    """
+    (lo_a, hi_a), (lo_b, hi_b) = speeds
+    a, b = batches
+    ratios = [
+        statistical_efficiency(a, noise, base_batch) / statistical_efficiency(b, noise, base_batch)
+        for noise in noise_range
+    ]
+    return lo_a / hi_b * min(ratios), hi_a / lo_b * max(ratios)
 
 
 def statistical_efficiency(batch_size: float, noise_scale: float, base_batch: float) -> float:

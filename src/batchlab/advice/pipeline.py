@@ -48,6 +48,7 @@ __all__ = [
     "DEFAULT_CURRENT_BATCH",
     "ADVISE_SECONDS_PER_POINT",
     "THROUGHPUT_SOURCES",
+    "throughput_spread",
 ]
 
 # 32: the batch most example scripts and tutorials start from (PyTorch examples, Keras' fit default), used
@@ -94,7 +95,8 @@ class _Silent:
 class Advice:
     """What :func:`advise` measured and recommends: the :class:`Recommendation` and every input behind it.
 
-    ``throughput`` is the curve the recommendation used (``{micro batch: samples/s}``), timed as
+    ``throughput`` is the curve the recommendation used (``{micro batch: samples/s}``) and
+    ``throughput_spread`` the range of its timed steps (None from the fit probes, which time no single step), timed as
     ``throughput_source`` says (``"profile"`` or ``"fit probes"``; ``throughput_detail`` in words). ``noise``
     is the estimate, measured with ``noise_collector`` over ``noise_steps`` steps at ``noise_batch`` in
     ``noise_seconds``. ``lr_from`` and ``rule_reason`` say where the learning rate and its rule came from;
@@ -104,6 +106,7 @@ class Advice:
     recommendation: Recommendation
     fit: FitResult
     throughput: dict[int, float]
+    throughput_spread: dict[int, tuple[float, float]] | None
     throughput_source: str
     throughput_detail: str
     noise: NoiseScaleEstimate
@@ -124,6 +127,11 @@ class Advice:
             "throughput_source": self.throughput_source,
             "throughput_detail": self.throughput_detail,
             "throughput": {str(b): s for b, s in sorted(self.throughput.items())},
+            "throughput_spread": (
+                {str(b): list(r) for b, r in sorted(self.throughput_spread.items())}
+                if self.throughput_spread
+                else None
+            ),
             "fit": {
                 "batch_size": fit.batch_size,
                 "limited_by": fit.limited_by,
@@ -252,7 +260,7 @@ def advise(
     caps = [c for c in (max_batch_size, dataset_size) if c]
     kind = collector_for(work, noise_collector)  # fails now for an impossible collector
 
-    fit, curve, source, detail = _measure_throughput(
+    fit, curve, spread, source, detail = _measure_throughput(
         work,
         throughput,
         device=device,
@@ -291,11 +299,13 @@ def advise(
         gain_threshold=gain_threshold,
         betas=betas,
         eps=eps,
+        throughput_spread=spread,
     )
     return Advice(
         recommendation=rec,
         fit=fit,
         throughput=curve,
+        throughput_spread=spread,
         throughput_source=source,
         throughput_detail=detail,
         noise=estimate,
@@ -309,6 +319,21 @@ def advise(
     )
 
 
+def throughput_spread(points: Any) -> dict[int, tuple[float, float]]:
+    """``{batch: (low, high)}`` samples/s: the range the timed steps of each fitting profile point span.
+
+    Every timed step counts (the profile already dropped its warm-up steps): with the minimum of 3 timed steps
+    a quartile means little, and a step slowed by a busy neighbour is exactly the noise a recommendation must
+    not mistake for a difference between batch sizes (issue 13, item 6).
+    """
+    spread = {}
+    for p in points:
+        if p.fits and p.samples_per_second and p.step_times:
+            per_step = p.samples_per_second * p.step_seconds  # samples in one step (batch x accumulation)
+            spread[p.batch_size] = (per_step / max(p.step_times), per_step / min(p.step_times))
+    return spread
+
+
 def _measure_throughput(
     work: Workload,
     source: str,
@@ -318,8 +343,9 @@ def _measure_throughput(
     max_batch_size: int | None,
     seconds_per_point: float,
     progress: Progress,
-) -> tuple[FitResult, dict[int, float], str, str]:
-    """(fit, {batch: samples/s}, source, detail): profile when importable (and asked), else the fit probes."""
+) -> tuple[FitResult, dict[int, float], dict[int, tuple[float, float]] | None, str, str]:
+    """(fit, {batch: samples/s}, its spread, source, detail): profile when importable (and asked), else the fit
+    probes (no spread: a probe's time covers its steps together)."""
     limits = {"device": device, "memory_budget": memory_budget, "max_batch_size": max_batch_size}
     profile = None
     if source in ("auto", "profile"):
@@ -348,16 +374,13 @@ def _measure_throughput(
                 budget_bytes=result.budget_bytes,
             )
         variant, fit = fits[0]
-        curve = {
-            p.batch_size: p.samples_per_second
-            for p in result.points
-            if p.variant == variant and p.fits and p.samples_per_second
-        }
+        points = [p for p in result.points if p.variant == variant and p.fits and p.samples_per_second]
+        curve = {p.batch_size: p.samples_per_second for p in points}
         detail = (
             f"batchlab.profile ({variant}): median of timed steps after warm-up at {len(curve)} sizes, "
             f"{result.seconds:.1f} s"
         )
-        return fit, curve, "profile", detail
+        return fit, curve, throughput_spread(points), "profile", detail
     progress.phase("what fits and throughput (fit search probes)")
     fit = find_batch_size(work, **limits, on_probe=progress.probe)
     per_step = getattr(work, "grad_accum", 1)
@@ -371,4 +394,4 @@ def _measure_throughput(
         f"creates optimizer state) -- rough, small sizes look slow; install/enable batchlab.profile for "
         f"steady-state timing"
     )
-    return fit, curve, "fit probes", detail
+    return fit, curve, None, "fit probes", detail

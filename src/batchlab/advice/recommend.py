@@ -34,8 +34,10 @@ from batchlab.advice.explain import explain
 from batchlab.advice.goodput import (
     Curve,
     candidate_batch_sizes,
+    goodput_ratio_range,
     interpolate_throughput,
     parse_curve,
+    parse_spread,
     statistical_efficiency,
     steps_factor,
 )
@@ -72,6 +74,7 @@ class _Request:
     """The checked arguments of :func:`recommend` (defaults filled in)."""
 
     curve: Curve
+    spread: tuple[Curve, Curve] | None  # (low, high) samples/s at every measured size
     noise: float
     noise_se: float | None
     current: int
@@ -126,9 +129,11 @@ def _check_request(
     betas: Any,
     eps: Any,
     drop_last: bool,
+    throughput_spread: Any = None,
 ) -> _Request:
     """Every argument of :func:`recommend` checked before any work (``drop_last`` by :func:`schedule`)."""
     curve = parse_curve(throughput)
+    spread = parse_spread(throughput_spread, curve)
     noise, noise_se = _unwrap_noise(noise_scale)
     current = checks.integer("current_batch", current_batch)
     base = checks.integer("base_batch", base_batch, none=True) or current
@@ -144,6 +149,7 @@ def _check_request(
     scale_lr(lr, base, base, rule, noise_scale=noise if rule == "adascale" else None, betas=betas, eps=eps)
     return _Request(
         curve=curve,
+        spread=spread,
         noise=noise,
         noise_se=noise_se,
         current=current,
@@ -269,14 +275,41 @@ def _goodput_rows(req: _Request, table: _Table, current_batch: int) -> tuple[lis
     return rows, next(r for r in rows if r.batch_size == current_batch)
 
 
+def _gain_range(req: _Request, best: Candidate, current: Candidate) -> tuple[float, float] | None:
+    """The best batch's goodput gain over the current one at its extremes: across the throughput's spread
+    (the timed steps' range at each size, interpolated between sizes) and B_noise ± 1 standard error.
+    None when neither is known (a plain curve and a bare number)."""
+    has_se = req.noise_se is not None and req.noise_se > 0 and math.isfinite(req.noise)
+    if req.spread is None and not has_se:
+        return None
+
+    def speeds(row: Candidate) -> tuple[float, float]:
+        if req.spread is None:
+            return row.samples_per_second, row.samples_per_second
+        low, high = req.spread
+        micro = row.micro_batch
+        return req.world * interpolate_throughput(low, micro), req.world * interpolate_throughput(high, micro)
+
+    noise = (
+        (max(0.0, req.noise - req.noise_se), req.noise + req.noise_se) if has_se else (req.noise, req.noise)
+    )
+    lo, hi = goodput_ratio_range(
+        (speeds(best), speeds(current)), (best.batch_size, current.batch_size), noise, req.base
+    )
+    return lo - 1.0, hi - 1.0
+
+
 def _choose(
-    rows: list[Candidate], current: Candidate, gain_threshold: float
-) -> tuple[Candidate, Candidate, float, bool]:
-    """(best, chosen, gain, switched): Pollux's rule -- move only for more than ``gain_threshold`` goodput."""
+    rows: list[Candidate], current: Candidate, req: _Request
+) -> tuple[Candidate, Candidate, float, tuple[float, float] | None, bool]:
+    """(best, chosen, gain, gain range, switched): Pollux's rule -- move only for more than the threshold's
+    goodput gain -- made honest about the measurements: the gain must clear it across the whole range too."""
     best = _best(rows)
     gain = best.goodput / current.goodput - 1.0
-    switched = best.batch_size != current.batch_size and gain > gain_threshold
-    return best, best if switched else current, gain, switched
+    spread = _gain_range(req, best, current) if best.batch_size != current.batch_size else None
+    holds = spread is None or spread[0] > req.gain_threshold
+    switched = best.batch_size != current.batch_size and gain > req.gain_threshold and holds
+    return best, best if switched else current, gain, spread, switched
 
 
 def _best_batch_range(req: _Request, table: _Table) -> tuple[int, int] | None:
@@ -349,6 +382,7 @@ def recommend(
     betas: tuple[float, float] | None = None,
     eps: float | None = None,
     drop_last: bool = False,
+    throughput_spread: Mapping[int, tuple[float, float]] | None = None,
 ) -> Recommendation:
     """Recommend the global batch size with the most goodput, its learning rate and how to run it.
 
@@ -372,6 +406,10 @@ def recommend(
             (:data:`batchlab.defaults.GAIN_THRESHOLD`, Pollux's 5%).
         betas, eps: Adam's, mapped by the ``sqrt`` rule (Malladi et al. 2022) and passed through otherwise.
         drop_last: passed to :func:`schedule`.
+        throughput_spread: ``{b: (low, high)}`` samples/s at measured sizes -- the range the timed steps span
+            (:func:`batchlab.advice.pipeline.throughput_spread` from a profile). With it, or with B_noise's
+            standard error, a switch needs the gain above ``gain_threshold`` at the low end of
+            ``gain_range`` as well (issue 13: readings inside a loaded machine's noise advised batch 4 over 32).
 
     Raises ``ValueError`` naming the argument for invalid input, for a current batch whose micro batch lies
     below the smallest measured size, and for an estimate without a B_simple.
@@ -391,13 +429,14 @@ def recommend(
         betas=betas,
         eps=eps,
         drop_last=drop_last,
+        throughput_spread=throughput_spread,
     )
     notes: list[str] = []
     max_step = _largest_step(req, notes)
     current_plan = _current_plan(req, max_step, notes)
     table = _table(req.curve, _candidate_sizes(req, max_step), max_step, req.world)
     rows, current_row = _goodput_rows(req, table, current_plan.effective_batch)
-    best, chosen, gain, switched = _choose(rows, current_row, req.gain_threshold)
+    best, chosen, gain, gain_range, switched = _choose(rows, current_row, req)
     best_range = _best_batch_range(req, table)
     lr_scaling = scale_lr(
         req.lr,
@@ -423,6 +462,7 @@ def recommend(
         warmup_steps=warmup_steps,
         switched=switched,
         gain=gain,
+        gain_range=gain_range,
         gain_threshold=req.gain_threshold,
         current_batch=req.current,
         best_batch=best.batch_size,

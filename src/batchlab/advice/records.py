@@ -47,7 +47,9 @@ class Recommendation:
     The global batch ``batch_size`` runs as ``micro_batch`` x ``accumulation_steps`` x ``world_size``
     (``plan``), with the learning rate ``lr.lr`` (``lr`` is the full :class:`~batchlab.advice.scaling.LRScaling`:
     rule, factor, Adam betas/eps, warmup). ``switched`` says whether it differs from ``current_batch``: only
-    when ``best_batch`` beats it by more than ``gain_threshold`` in goodput (``gain``). ``schedule`` /
+    when ``best_batch`` beats it by more than ``gain_threshold`` in goodput (``gain``), and -- when the
+    throughput's spread or B_noise's standard error is known -- by more than that at the low end of
+    ``gain_range`` too (the gain's extremes across the spread of the timed steps and B_noise ± 1 s.e.). ``schedule`` /
     ``current_schedule`` are the epoch arithmetic at the recommended and the current batch (when the dataset
     size is known); ``warmup_steps`` converts the rule's warmup epochs into optimizer steps. ``candidates`` is
     the goodput table, ``explanation`` the reasoning in plain words, one finding per line.
@@ -62,6 +64,7 @@ class Recommendation:
     warmup_steps: int | None
     switched: bool
     gain: float
+    gain_range: tuple[float, float] | None
     gain_threshold: float
     current_batch: int
     best_batch: int
@@ -106,6 +109,7 @@ class Recommendation:
         d["current_schedule"] = self.current_schedule.to_dict() if self.current_schedule else None
         d["candidates"] = [c.to_dict() for c in self.candidates]
         d["best_batch_range"] = list(self.best_batch_range) if self.best_batch_range else None
+        d["gain_range"] = list(self.gain_range) if self.gain_range else None
         d["explanation"] = list(self.explanation)
         d["notes"] = list(self.notes)
         if math.isinf(self.noise_scale):

@@ -2,7 +2,10 @@
 
 - :mod:`~batchlab.noise.estimator`: eq. A.2 and the bias-corrected EMA tracker (plain numbers, no torch);
 - :mod:`~batchlab.noise.collectors`: torch hooks that get the two squared gradient norms from a training loop
-  (accumulation micro-batches, DDP local vs all-reduced gradients, a split batch);
+  (accumulation micro-batches, DDP local vs all-reduced gradients, a split batch), reading them through
+  :mod:`~batchlab.noise.backward_norms` (one fused norm per backward);
+- :mod:`~batchlab.noise.curvature`: the curvature-aware B_noise = tr(HΣ)/GᵀHG beside B_simple at a checkpoint
+  (Hessian-vector products; small models);
 - :mod:`~batchlab.noise.measure`: :func:`measure_noise_scale` over a :class:`~batchlab.Workload`, state restored;
 - :mod:`~batchlab.noise.critical`: steps-to-target curves and the critical batch fitted to them (pure).
 

@@ -8,19 +8,20 @@ a :class:`~batchlab.noise.estimator.GradientNoiseScale` (the math, McCandlish et
 - :class:`SplitBatchCollector` (c): one batch run as two halves, a second, smaller forward/backward.
 
 Each accepts an optional ``torch.amp.GradScaler`` and divides its scale out before the norms reach the
-tracker; steps whose norms are not finite (AMP overflow) are skipped and counted.
+tracker; steps whose norms are not finite (AMP overflow) are skipped and counted. (a) and (c) read the norms
+with :class:`~batchlab.noise.backward_norms.BackwardNorms`: one fused norm per backward pass, at its end.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
-from functools import partial
 from typing import Any
 
 import torch
 
 from batchlab import checks
+from batchlab.noise.backward_norms import BackwardNorms, squared_sums
 from batchlab.noise.estimator import GradientNoiseScale, NoiseScaleEstimate
 
 __all__ = ["NormPair", "AccumulationCollector", "DDPCollector", "SplitBatchCollector"]
@@ -46,70 +47,6 @@ def _grad_scale(scaler: Any) -> float:
     if scaler is None or not scaler.is_enabled():
         return 1.0
     return float(scaler.get_scale())  # a device sync, once per optimizer step
-
-
-class _GradHooks:
-    """Tensor hooks on each parameter that see every backward's gradient *before* it is added into ``.grad``.
-
-    Per firing they record |Δ|² of the incoming contribution Δ and ⟨Δ, .grad⟩ with what has accumulated so
-    far, so |Σ Δ_i|² = Σ |Δ_i|² + 2 Σ ⟨Δ_i, Σ_{j<i} Δ_j⟩ comes out without copying any gradient and without
-    reading ``.grad`` at step time (which may already be unscaled or clipped). Values stay on the device as
-    0-d tensors until :meth:`take`, the one sync. Assumes ``.grad`` is zero or None at the start of a window.
-    """
-
-    def __init__(self, params: Iterable[torch.Tensor]) -> None:
-        if isinstance(params, torch.Tensor):
-            params = [params]
-        self.params = [p for p in params if p.requires_grad]
-        if not self.params:
-            raise ValueError("params has no tensor that requires grad; pass model.parameters()")
-        self.active = True
-        self.clear()
-        self._handles = [p.register_hook(partial(self._hook, i)) for i, p in enumerate(self.params)]
-
-    def clear(self) -> None:
-        self._sq: list[torch.Tensor] = []
-        self._cross: list[torch.Tensor] = []
-        self._fires = [0] * len(self.params)
-
-    def _hook(self, i: int, grad: torch.Tensor) -> None:
-        if not self.active:
-            return
-        g = grad.detach()
-        if g.is_sparse:
-            g = g.to_dense()  # rare (sparse embeddings); correctness over speed
-        self._sq.append(torch.linalg.vector_norm(g, dtype=torch.float32).square())
-        acc = self.params[i].grad
-        if acc is not None:
-            if acc.is_sparse:
-                acc = acc.to_dense()
-            self._cross.append(torch.dot(g.reshape(-1).float(), acc.detach().reshape(-1).float()))
-        self._fires[i] += 1
-
-    def take(self) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(Σ|Δ|², Σ⟨Δ, accumulated⟩ as 0-d tensors, number of backward passes) since the last take; clear."""
-        n = max(self._fires)
-        sq, cross = _total(self._sq), _total(self._cross)
-        self.clear()
-        return sq, cross, n
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-
-def _total(values: list[torch.Tensor]) -> torch.Tensor:
-    if not values:
-        return torch.zeros((), dtype=torch.float32)
-    dev = values[0].device
-    return torch.stack([v.to(dev) for v in values]).sum()
-
-
-def _floats(*values: torch.Tensor) -> list[float]:
-    """0-d tensors to floats in float64, with one device sync."""
-    dev = values[0].device
-    return torch.stack([v.to(dev, torch.float64) for v in values]).tolist()
 
 
 class _Collector:
@@ -168,10 +105,15 @@ class AccumulationCollector(_Collector):
     The loss itself must be a mean over the micro-batch (``reduction="mean"``), as usual.
 
     Call :meth:`step` once per optimizer step: after its last backward, before the next step's first
-    backward and (with a ``scaler``) before ``scaler.update()``, which may change the scale. It never reads
-    ``.grad``, so it may go before or after ``optimizer.step()``/``zero_grad()``, and ``scaler.unscale_`` or
-    gradient clipping in between does not matter. Micro-batches are counted from the hooks; a step with a single micro-batch (e.g. the
+    backward and (with a ``scaler``) before ``scaler.update()``, which may change the scale. ``.grad`` is
+    read only at the end of each backward (never at :meth:`step`, never written), so it may go before or after
+    ``optimizer.step()``/``zero_grad()``, and ``scaler.unscale_`` or gradient clipping in between does not
+    matter. Cost: one fused norm over the gradients per micro-batch and one device sync per step
+    (:mod:`~batchlab.noise.backward_norms`; ≤ 3% of a step on the built-in workloads, benchmarks/RESULTS.md).
+    Micro-batches are counted from the hooks; a step with a single micro-batch (e.g. the
     last, partial group of an epoch) has no pair of sizes and is counted in ``single_micro_batch_steps``.
+    A step with fewer micro-batches than the step before returns None and is counted in ``unmeasured_steps``
+    (the accumulated norm is read after the micro-batch count learned from the previous step).
     Gradients must be zeroed between steps. Any other backward (or ``torch.autograd.grad`` on the parameters)
     inside a window would be counted too. Not for DDP models: use :class:`DDPCollector`.
     """
@@ -190,7 +132,8 @@ class AccumulationCollector(_Collector):
         super().__init__(tracker, scaler)
         self.micro_batch_size = micro
         self.single_micro_batch_steps = 0
-        self._hooks = _GradHooks(params)
+        self.unmeasured_steps = 0
+        self._norms = BackwardNorms(params)
 
     def step(self, micro_batch_size: int | None = None) -> NormPair | None:
         """Turn the micro-batches since the last call into one tracker update; return the pair (or None).
@@ -203,15 +146,18 @@ class AccumulationCollector(_Collector):
             if micro_batch_size is None
             else checks.integer("micro_batch_size", micro_batch_size)
         )
-        sq_t, cross_t, n = self._hooks.take()
+        window = self._norms.take()
+        n = window.passes
         if n < 2:
             if n == 1:
                 self.single_micro_batch_steps += 1
             return None
-        sq, cross = _floats(sq_t, cross_t)  # the one device sync of a step
+        if not window.accumulated:  # fewer micro-batches than the step before: |.grad|² was not read
+            self.unmeasured_steps += 1
+            return None
         s2 = _grad_scale(self.scaler) ** 2
-        sum_sq = sq / s2  # Σ_i |Δ_i|², Δ_i = one micro-batch's contribution to .grad
-        acc_sq = (sq + 2.0 * cross) / s2  # |Σ_i Δ_i|² = |.grad|²
+        sum_sq, acc_sq = squared_sums(window.deltas, window.accumulated)  # the one device sync of a step
+        sum_sq, acc_sq = sum_sq / s2, acc_sq / s2  # Σ_i |Δ_i|² (Δ_i: micro-batch i's part of .grad), |.grad|²
         if self.loss_divided_by_steps:  # Δ_i = g_i / n, .grad = mean g
             small, big = n * sum_sq, acc_sq
         else:  # Δ_i = g_i, .grad = Σ g
@@ -220,7 +166,7 @@ class AccumulationCollector(_Collector):
 
     def close(self) -> None:
         """Remove the parameter hooks."""
-        self._hooks.remove()
+        self._norms.remove()
 
 
 class SplitBatchCollector(_Collector):
@@ -251,8 +197,8 @@ class SplitBatchCollector(_Collector):
         scaler: Any = None,
     ) -> None:
         super().__init__(tracker, scaler)
-        self._hooks = _GradHooks(params)
-        self._hooks.active = False
+        self._norms = BackwardNorms(params)
+        self._norms.active = False
 
     def backward(self, loss_fn: Callable[..., torch.Tensor], *batch: Any) -> torch.Tensor:
         """Backpropagate ``loss_fn(*batch)`` as two halves, update the tracker, return the detached full loss."""
@@ -267,35 +213,35 @@ class SplitBatchCollector(_Collector):
             raise ValueError(f"the batch must hold at least 2 samples to split in two, got batch size {size}")
         b1 = (size + 1) // 2
         halves = ((0, b1), (b1, size))
-        sq_parts = []
+        windows = []
         total = None
-        hooks = self._hooks
-        hooks.clear()
-        hooks.active = True
+        norms = self._norms
+        norms.clear()
+        norms.active = True
         try:
             for lo, hi in halves:
                 w = (hi - lo) / size
                 loss = loss_fn(*_slice(batch, lo, hi)) * w
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-                sq, cross, _ = hooks.take()
-                sq_parts.append((sq, cross, w))
+                windows.append((norms.take(), w))
                 total = loss.detach() if total is None else total + loss.detach()
         finally:
-            hooks.active = False
-            hooks.clear()
+            norms.active = False
+            norms.clear()
         s2 = _grad_scale(self.scaler) ** 2
-        (sq1_t, _, w1), (sq2_t, cross2_t, w2) = sq_parts  # the first half's cross term is with zero grads
-        sq1, sq2, cross2 = _floats(sq1_t, sq2_t, cross2_t)  # the one device sync of a step
+        (first, w1), (second, w2) = windows
+        # |Δ_1|², |Δ_2|² (each half's weighted part of .grad) and |.grad|² after both: the one device sync
+        sq1, sq2, big = squared_sums(first.deltas, second.deltas, second.accumulated)
         g1, g2 = sq1 / s2 / (w1 * w1), sq2 / s2 / (w2 * w2)  # |g_i|² of each half's mean gradient
         n1, n2 = b1, size - b1
         b_small = 2.0 * n1 * n2 / (n1 + n2)  # E mean|g_i|² = |G|² + tr(Σ)·(1/n1 + 1/n2)/2
-        big = (sq1 + sq2 + 2.0 * cross2) / s2
+        big /= s2
         self._record(0.5 * (g1 + g2), big, b_small, float(size))
         return total
 
     def close(self) -> None:
         """Remove the parameter hooks."""
-        self._hooks.remove()
+        self._norms.remove()
 
 
 def _leading_size(batch: Any) -> int | None:

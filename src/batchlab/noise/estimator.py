@@ -18,7 +18,14 @@ from dataclasses import asdict, dataclass
 
 from batchlab import checks
 
-__all__ = ["estimate_components", "GradientNoiseScale", "NoiseScaleEstimate", "DEFAULT_BETA", "check_beta"]
+__all__ = [
+    "estimate_components",
+    "curvature_components",
+    "GradientNoiseScale",
+    "NoiseScaleEstimate",
+    "DEFAULT_BETA",
+    "check_beta",
+]
 
 # EMA decay of the tracker: a ~100-update window. Per-update estimates are noisy (their spread is often larger
 # than their mean), while |G|² drifts as training goes on; k-diffusion uses 0.9998 for runs of 100k+ steps.
@@ -64,9 +71,32 @@ def estimate_components(
     """
     bs, bb = _check_sizes(b_small, b_big)
     s, b = _check_sq_norm("sq_norm_small", sq_norm_small), _check_sq_norm("sq_norm_big", sq_norm_big)
-    g2 = (bb * b - bs * s) / (bb - bs)
-    trace_sigma = (s - b) / (1.0 / bs - 1.0 / bb)
-    return g2, trace_sigma
+    return _two_batch(s, b, bs, bb)
+
+
+def _two_batch(small: float, big: float, bs: float, bb: float) -> tuple[float, float]:
+    """Eq. A.2 for any quadratic form q with E q(G_B) = q(G) + tr(QΣ)/B: (q(G), tr(QΣ))."""
+    return (bb * big - bs * small) / (bb - bs), (small - big) / (1.0 / bs - 1.0 / bb)
+
+
+def curvature_components(
+    quad_small: float, quad_big: float, b_small: float, b_big: float
+) -> tuple[float, float]:
+    """Unbiased estimates ``(g_h_g, trace_h_sigma)`` of GᵀHG and tr(HΣ) from g_Bᵀ H g_B at two batch sizes.
+
+    McCandlish et al. 2018, section 2.2 and App. A: the critical batch of SGD at the optimal step size is
+    B_noise = tr(HΣ)/GᵀHG, which equals B_simple = tr(Σ)/|G|² only when the Hessian H is a multiple of the
+    identity. For a batch-B mean gradient g_B (and H independent of it), E[g_Bᵀ H g_B] = GᵀHG + tr(HΣ)/B --
+    the same form as E|g_B|² -- so eq. A.2 applies with H-weighted norms (``quad_*`` = g_Bᵀ H g_B, from
+    Hessian-vector products). Unlike squared norms these may be negative (H is indefinite away from a
+    minimum), so they are only checked to be real and finite-or-NaN; the sizes as for
+    :func:`estimate_components`.
+    """
+    bs, bb = _check_sizes(b_small, b_big)
+    for name, value in (("quad_small", quad_small), ("quad_big", quad_big)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValueError(f"{name} must be a real number (g_Bᵀ H g_B), got {value!r}")
+    return _two_batch(float(quad_small), float(quad_big), bs, bb)
 
 
 # --------------------------------------------------------------------------------------------------- tracker

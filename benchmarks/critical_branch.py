@@ -1,0 +1,283 @@
+"""B_crit swept directly from one checkpoint, against B_simple and the curvature-aware B_noise measured there.
+
+Issue 13, item 4. Merrill et al. 2025 ("Critical batch size revisited") measure the critical batch *locally*:
+branch short runs at several batch sizes from one checkpoint and see how the steps to a small further loss
+drop scale with the batch. Here, per dataset:
+
+1. Train a fresh model at batch 32 (Adam, the base LR) for ``warm`` steps: the checkpoint (weights and Adam
+   state). The target is the validation loss the same run reaches ``ref`` steps later.
+2. At the checkpoint measure B_simple = tr(Σ)/|G|² and B_noise = tr(HΣ)/GᵀHG from the same gradient samples
+   (:func:`batchlab.noise.curvature.measure_curvature_noise_scale`: nested batches of 32 and 256, the Hessian
+   on an independent batch of 512, 24 repeats).
+3. Branch from the checkpoint at every batch 8..512 and each LR of base × sqrt(B/32) × {0.5, 1, 2} (weights
+   and Adam moments restored, the LR set), until the validation loss reaches the target (evaluated every
+   ``ref/20`` steps, interpolated between evaluations) or ``6 ref`` steps. Steps-to-target per batch = the
+   best LR's; S = S_min(1 + B_crit/B) fitted in log space (batchlab.noise.critical.fit_critical_batch).
+4. Which estimate lands nearer B_crit, as a ratio; goal: within 1.5x.
+
+Datasets: sklearn digits and MNIST-1D (MLPs as the sweep tasks), and a character-level LM on the Python
+standard library's own source (batchlab.workloads.corpus: bytes; an MLP over a 32-byte context, embedding 16,
+two hidden layers of 256). CPU, one torch thread.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from batchlab.noise.critical import crossing, fit_critical_batch
+from batchlab.noise.curvature import measure_curvature_noise_scale
+
+HERE = Path(__file__).resolve().parent
+BATCHES = [8, 16, 32, 64, 128, 256, 512]
+GRID = [0.5, 1.0, 2.0]
+BASE_BATCH = 32
+CONTEXT = 32  # bytes of context of the char-level LM
+
+
+@dataclass
+class Problem:
+    name: str
+    make_model: Callable[[], nn.Module]
+    sample: Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+    val: tuple[torch.Tensor, torch.Tensor]
+    lr: float  # at BASE_BATCH
+    warm: int
+    ref: int
+
+
+def _mlp(sizes):
+    layers = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def _tabular(name: str, split, sizes, lr, warm, ref) -> Problem:
+    (x, y), val = split
+
+    def sample(b, gen):
+        index = torch.randint(0, len(y), (b,), generator=gen)
+        return x[index], y[index]
+
+    return Problem(name, lambda: _mlp(sizes), sample, val, lr, warm, ref)
+
+
+def _charlm(max_files: int) -> Problem:
+    from batchlab.workloads.corpus import VOCAB_SIZE, stdlib_corpus
+
+    corpus = stdlib_corpus(max_files=max_files)
+    train, val = corpus.stream("train"), corpus.stream("val")
+
+    def windows(stream, index):
+        ctx = torch.stack([stream[i : i + CONTEXT] for i in index.tolist()])
+        return ctx, stream[index + CONTEXT]
+
+    def sample(b, gen):
+        return windows(train, torch.randint(0, len(train) - CONTEXT - 1, (b,), generator=gen))
+
+    val_batch = windows(
+        val, torch.randint(0, len(val) - CONTEXT - 1, (4096,), generator=torch.Generator().manual_seed(0))
+    )
+
+    def model():
+        return nn.Sequential(
+            nn.Embedding(VOCAB_SIZE, 16), nn.Flatten(), _mlp((16 * CONTEXT, 256, 256, VOCAB_SIZE))
+        )
+
+    return Problem(f"char-lm (stdlib, {corpus.files} files)", model, sample, val_batch, 2e-3, 200, 200)
+
+
+def problems(names: list[str], max_files: int) -> list[Problem]:
+    from batchlab.workloads.tasks import _digits, _mnist1d
+
+    made = {
+        "digits": lambda: _tabular("mlp-digits", _digits(), (64, 256, 256, 10), 2e-3, 20, 80),
+        "mnist1d": lambda: _tabular("mnist1d", _mnist1d(), (40, 256, 256, 10), 2e-3, 100, 150),
+        "charlm": lambda: _charlm(max_files),
+    }
+    return [made[n]() for n in names]
+
+
+def _loss(model, batch):
+    return F.cross_entropy(model(batch[0]), batch[1])
+
+
+@torch.no_grad()
+def _val_loss(model, val) -> float:
+    return float(_loss(model, val))
+
+
+def _train(model, opt, problem, batch, steps, gen, every=None, target=None):
+    """Train ``steps`` steps; with ``target``, stop once the validation loss reaches it (evaluated every
+    ``every`` steps) and return steps-to-target interpolated between evaluations (None if never)."""
+    xs, losses = [0], [_val_loss(model, problem.val)] if target is not None else [math.inf]
+    for step in range(1, steps + 1):
+        opt.zero_grad(set_to_none=True)
+        loss = _loss(model, problem.sample(batch, gen))
+        if not torch.isfinite(loss):
+            return None
+        loss.backward()
+        opt.step()
+        if target is not None and step % every == 0:
+            xs.append(step)
+            losses.append(_val_loss(model, problem.val))
+            if losses[-1] <= target:
+                return crossing(xs, losses, target)[0]
+    return None if target is not None else _val_loss(model, problem.val)
+
+
+def branch_experiment(problem: Problem, log=print) -> dict:
+    torch.manual_seed(0)
+    model = problem.make_model()
+    opt = torch.optim.Adam(model.parameters(), lr=problem.lr)
+    gen = torch.Generator().manual_seed(1)
+    _train(model, opt, problem, BASE_BATCH, problem.warm, gen)
+    ckpt_model, ckpt_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    start_loss = _val_loss(model, problem.val)
+    target = _train(model, opt, problem, BASE_BATCH, problem.ref, torch.Generator().manual_seed(2))
+    model.load_state_dict(ckpt_model)
+    noise_gen = torch.Generator().manual_seed(3)
+    t0 = time.time()
+    noise = measure_curvature_noise_scale(
+        model,
+        _loss,
+        lambda b: problem.sample(b, noise_gen),
+        b_small=32,
+        b_big=256,
+        hessian_batch=512,
+        repeats=24,
+    )
+    log(
+        f"{problem.name}: checkpoint val loss {start_loss:.4f} -> target {target:.4f}; "
+        f"B_simple {noise.b_simple}, B_noise {noise.b_noise} ({time.time() - t0:.0f} s)"
+    )
+    every = max(1, problem.ref // 20)
+    rows = []
+    for b in BATCHES:
+        best = None
+        for mult in GRID:
+            lr = problem.lr * math.sqrt(b / BASE_BATCH) * mult
+            model.load_state_dict(ckpt_model)
+            opt = torch.optim.Adam(model.parameters(), lr=lr)
+            opt.load_state_dict(ckpt_opt)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            steps = _train(
+                model, opt, problem, b, 6 * problem.ref, torch.Generator().manual_seed(10 + b), every, target
+            )
+            log(f"  b={b} lr={lr:.3g}: {steps}")
+            if steps is not None and (best is None or steps < best[0]):
+                best = (steps, lr, mult)
+        rows.append(
+            {
+                "batch_size": b,
+                "steps": best[0] if best else None,
+                "lr": best[1] if best else None,
+                "lr_multiplier": best[2] if best else None,
+            }
+        )
+    reached = [r for r in rows if r["steps"]]
+    fit = (
+        fit_critical_batch([r["batch_size"] for r in reached], [r["steps"] for r in reached])
+        if len(reached) >= 3
+        else None
+    )
+    b_crit = fit.b_crit if fit else None
+    return {
+        "dataset": problem.name,
+        "warm_steps": problem.warm,
+        "ref_steps": problem.ref,
+        "checkpoint_loss": start_loss,
+        "target_loss": target,
+        "rows": rows,
+        "fit": fit.to_dict() if fit else None,
+        "noise": noise.to_dict(),
+        "ratio_simple": noise.b_simple / b_crit if b_crit and noise.b_simple else None,
+        "ratio_noise": noise.b_noise / b_crit if b_crit and noise.b_noise else None,
+    }
+
+
+def _within(r):
+    return r is not None and 1 / 1.5 <= r <= 1.5
+
+
+def markdown(results: list[dict], command: str, seconds: float, load: str) -> str:
+    lines = [
+        f"## Critical batch from one checkpoint vs B_simple and the curvature-aware B_noise (issue 13 item 4, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
+        "",
+        f"- Machine: 2-core shared CPU, no GPU, torch {torch.__version__} (1 thread); load average at start {load}",
+        f"- Command: `{command}` ({seconds:.0f} s)",
+        "- Method: benchmarks/critical_branch.py's docstring: a checkpoint after `warm` steps at batch 32; target ="
+        " the validation loss batch 32 reaches `ref` steps later; branches at batches 8..512 x LR grid "
+        "{0.5, 1, 2} x sqrt(B/32) x base, weights and Adam state from the checkpoint; B_simple and B_noise "
+        "measured at the checkpoint from the same 24 nested pairs of batches 32/256 (Hessian on a batch of 512).",
+        "",
+        "| dataset | checkpoint -> target loss | steps to target at 8 / 16 / 32 / 64 / 128 / 256 / 512 "
+        "| best LR multiplier (* = grid edge) | swept B_crit "
+        "| B_simple (± s.e.) | B_simple / B_crit | B_noise (± s.e.) | B_noise / B_crit |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        fit, n = r["fit"], r["noise"]
+        steps = " / ".join("–" if row["steps"] is None else f"{row['steps']:.0f}" for row in r["rows"])
+        mults = " / ".join(
+            "–"
+            if row["lr_multiplier"] is None
+            else f"{row['lr_multiplier']:g}" + ("*" if row["lr_multiplier"] in (min(GRID), max(GRID)) else "")
+            for row in r["rows"]
+        )
+        crit = "–" if fit is None else f"{fit['b_crit']:.0f}" + ("" if fit["bounded"] else " (bound)")
+        fmt = lambda v, se: "–" if v is None else f"{v:.0f}" + (f" ± {se:.0f}" if se else "")  # noqa: E731
+        ratio = lambda v: "–" if v is None else f"{v:.2f}" + (" ✓" if _within(v) else " ✗")  # noqa: E731
+        lines.append(
+            f"| {r['dataset']} | {r['checkpoint_loss']:.3f} -> {r['target_loss']:.3f} | {steps} | {mults} | {crit} | "
+            f"{fmt(n['b_simple'], n['b_simple_stderr'])} | {ratio(r['ratio_simple'])} | "
+            f"{fmt(n['b_noise'], n['b_noise_stderr'])} | {ratio(r['ratio_noise'])} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", default="digits,mnist1d,charlm")
+    parser.add_argument("--max-files", type=int, default=400, help="stdlib files for the char-LM corpus")
+    parser.add_argument("--out", default=str(HERE / "results" / "critical_branch.json"))
+    parser.add_argument(
+        "--grid",
+        default=",".join(f"{g:g}" for g in GRID),
+        help="branch LR multipliers (the checkpoint is the same)",
+    )
+    args = parser.parse_args(argv)
+    GRID[:] = [float(g) for g in args.grid.split(",")]
+    torch.set_num_threads(1)
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    started = time.time()
+    results = []
+    for problem in problems(args.datasets.split(","), args.max_files):
+        results.append(branch_experiment(problem, log=lambda m: print(m, flush=True)))
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2))
+    command = "python benchmarks/critical_batch.py --branch " + " ".join(argv or [])
+    print(f"LR grid {GRID}")
+    print()
+    print(markdown(results, command.strip(), time.time() - started, load))
+
+
+if __name__ == "__main__":
+    main()

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from batchlab import Workload, find_batch_size
+from batchlab import DoesNotFitError, Workload, find_batch_size
 from batchlab.checks import shapes as check_shapes
 from batchlab.devices import CPUDevice, SimulatedDevice
 from batchlab.fit import MemoryLine, Probe, next_candidate
@@ -173,31 +173,40 @@ def test_with_shape_passes_the_shape_and_other_commands_keep_the_default():
 # ------------------------------------------------------------------------------------- a real step on the CPU
 
 
-def test_a_real_cpu_table_is_verified_and_leaves_the_state_as_it_was():
+WIDTH, VOCAB = 32, 64
+
+
+class TinyAttention(nn.Module):
+    """Embedding, one attention layer (its L^2 scores), a head over the vocabulary: a language model in small."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, WIDTH)
+        self.attention = nn.MultiheadAttention(WIDTH, 2, batch_first=True)
+        self.head = nn.Linear(WIDTH, VOCAB)
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        return self.head(x + self.attention(x, x, x, need_weights=False)[0])
+
+
+def tiny_attention_workload() -> Workload:
+    """The shape-aware workload of these tests (and of the CLI's and plan's: ``tests/test_shapes.py:...``)."""
     torch.manual_seed(0)
-    width, vocab = 32, 64
-
-    class Tiny(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed = nn.Embedding(vocab, width)
-            self.attention = nn.MultiheadAttention(width, 2, batch_first=True)
-            self.head = nn.Linear(width, vocab)
-
-        def forward(self, tokens):
-            x = self.embed(tokens)
-            return self.head(x + self.attention(x, x, x, need_weights=False)[0])
-
-    model = Tiny()
 
     def make_batch(batch_size: int, shape: int = 32):
-        tokens = torch.randint(0, vocab, (batch_size, shape))
+        tokens = torch.randint(0, VOCAB, (batch_size, shape))
         return tokens, tokens
 
     def loss_fn(logits, targets):
-        return nn.functional.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1))
+        return nn.functional.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
 
-    workload = Workload(model, make_batch, loss_fn, lambda p: torch.optim.Adam(p), name="tiny-attention")
+    return Workload(TinyAttention(), make_batch, loss_fn, lambda p: torch.optim.Adam(p), name="tiny-attention")
+
+
+def test_a_real_cpu_table_is_verified_and_leaves_the_state_as_it_was():
+    workload = tiny_attention_workload()
+    model = workload.model
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
     budget = int((CPUDevice().in_use_bytes() + 40 * MiB) / 0.9)
@@ -210,7 +219,7 @@ def test_a_real_cpu_table_is_verified_and_leaves_the_state_as_it_was():
             p.verified and p.batch_size == entry.batch_size for p in entry.result.probes
         )
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert torch.equal(torch.get_rng_state(), rng) and not model.embed.weight.grad
+    assert torch.equal(torch.get_rng_state(), rng) and model.embed.weight.grad is None
     assert workload.optimizer.state == {}
 
 
@@ -251,3 +260,9 @@ def test_the_prior_opens_at_its_prediction_in_full_and_steps_down_from_a_failure
     capped = next_candidate([], 2000, prior=prior, cap=40, hard_limit_bytes=1500)
     assert capped.batch_size == 40
     assert next_candidate([], 2000, prior=prior, hard_limit_bytes=1300).batch_size == 30
+
+
+def test_a_shape_where_nothing_fits_is_named_in_the_error():
+    step, memory, _ = shaped_memory(GiB, 1e6, 0.0)
+    with pytest.raises(DoesNotFitError, match=r"^at shape 8192: batch 1 does not fit"):
+        find_batch_size(step, device=SimulatedDevice(memory, 8 * GiB), shapes=[128, 8192])

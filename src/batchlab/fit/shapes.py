@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from batchlab.checks import shape_size
+from batchlab.errors import DoesNotFitError
 from batchlab.fit.peak_model import PeakModel, fit_peak_model
 from batchlab.fit.records import FitResult, MemoryLine, Outcome
 from batchlab.units import format_bytes
@@ -159,7 +160,8 @@ def search_shapes(
     """Search every shape through ``fit_at(shape, prior)`` -- the single-shape search -- in :func:`search_order`.
 
     ``prior`` is the predicted memory line at that shape (None for the first); it reaches the search's
-    decision as :func:`~batchlab.fit.decision.next_candidate`'s ``prior``. ``seconds``: the clock to report
+    decision as :func:`~batchlab.fit.decision.next_candidate`'s ``prior``. A shape where not even the smallest
+    batch fits raises :class:`~batchlab.errors.DoesNotFitError` naming it. ``seconds``: the clock to report
     the search's time with (the caller's; None reports 0).
     """
     started = seconds() if seconds else 0.0
@@ -171,7 +173,11 @@ def search_shapes(
         length = shape_size(shape)
         raw = _prior_line(model, length)
         prior = None if raw is None else MemoryLine(raw.fixed_bytes + under_stated, raw.bytes_per_sample)
-        result = fit_at(shape, prior)
+        try:
+            result = fit_at(shape, prior)
+        except DoesNotFitError as exc:  # name the shape: the longest is searched first, and fails first
+            raise DoesNotFitError(f"at shape {shape!r}: {exc}", batch_size=exc.batch_size,
+                                  needed_bytes=exc.needed_bytes, budget_bytes=exc.budget_bytes) from exc  # fmt: skip
         results[shape] = result
         predicted[shape] = _predicted_size(prior, result.budget_bytes)
         if raw is not None and len(model.lengths) >= 2:  # a bound from one length over-states on purpose

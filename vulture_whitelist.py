@@ -30,3 +30,7 @@ types  # TorchDispatchMode.__torch_dispatch__(func, types, args, kwargs)
 
 # GradScaler's lazily created growth tracker, reset with its scale (workload/state.py, _GradScalerCopy).
 _._growth_tracker
+
+# The shape table's public mapping (issue 12): what a token budget is computed from, by the user or batchlab.
+_.max_batch_by_shape
+_.batchlab_shape_table  # set on the Ultralytics trainer for the user to read after training

@@ -144,7 +144,9 @@ def main() -> None:
         started = time.perf_counter()
         single = find_batch_size(work.with_shape(entry.shape), device="cpu", memory_budget=memory_budget)
         single_seconds = time.perf_counter() - started
-        true_max, checks = truth(work.with_shape(entry.shape), max(entry.batch_size, single.batch_size), budget)
+        true_max, checks = truth(
+            work.with_shape(entry.shape), max(entry.batch_size, single.batch_size), budget
+        )
         rows.append(
             {
                 "shape": entry.shape,
@@ -186,7 +188,9 @@ def main() -> None:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(summary, indent=2))
     print()
-    print("| shape | table batch | predicted | table probes | single batch | single probes | truth | table/truth |")
+    print(
+        "| shape | table batch | predicted | table probes | single batch | single probes | truth | table/truth |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         print(

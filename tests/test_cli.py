@@ -144,7 +144,17 @@ def test_fit_shapes_prints_the_table_and_its_plot(capsys, tmp_path):
     load_workload(SHAPED)  # loading the file once pages in what it imports (~150 MiB), before the reading
     budget = str(int((CPUDevice().in_use_bytes() + 30 * 2**20) / 0.9))
     png = tmp_path / "shapes.png"
-    args = ["fit", "--workload", SHAPED, "--device", "cpu", "--memory-budget", budget, "--shapes", "32,64,128"]
+    args = [
+        "fit",
+        "--workload",
+        SHAPED,
+        "--device",
+        "cpu",
+        "--memory-budget",
+        budget,
+        "--shapes",
+        "32,64,128",
+    ]
     assert main([*args, "--json", "--plot", str(png)]) == 0
     data = json.loads(capsys.readouterr().out)
     assert [e["shape"] for e in data["entries"]] == [32, 64, 128]

@@ -75,3 +75,40 @@ def test_options_are_validated_before_training():
         trainer_class(object())
     cls = trainer_class(FakeTrainer, memory_budget="1GiB")
     assert issubclass(cls, FakeTrainer) and cls.__name__ == "BatchlabFakeTrainer"
+
+
+def test_multi_scale_sizes_span_what_training_draws_stride_aligned():
+    from batchlab.integrations.ultralytics import multi_scale_sizes
+
+    assert multi_scale_sizes(640, 0.5, 32) == [320, 480, 640, 800, 960]
+    assert multi_scale_sizes(64, 0.5, 32) == [32, 64, 96]  # fewer stride multiples than 5: each once
+    assert multi_scale_sizes(640, 0.0, 32) == [640]
+
+
+def test_multi_scale_trains_at_the_largest_sizes_batch_and_reports_the_per_size_table(tmp_path):
+    # imgsz 64 with multi_scale 0.5 draws 32..96 (stride 32): the search runs at 96 first -- the worst case, the
+    # batch training uses -- then 32 and 64, each verified; ~100 MiB of headroom keeps the answers small.
+    out = tmp_path / "result.json"
+    src = str(Path(batchlab.__file__).resolve().parents[1])
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p),
+        "OMP_NUM_THREADS": "2",
+    }
+    command = [sys.executable, str(DEMO), "--workdir", str(tmp_path / "work"), "--n-train", "256",
+               "--headroom-mib", "420", "--multi-scale", "0.5", "--shape-table", "--json", str(out)]  # fmt: skip
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    table = result["shape_table"]
+    assert [e["shape"] for e in table["entries"]] == [[32, 32], [64, 64], [96, 96]]
+    assert table["order"][0] == [96, 96]  # the largest size training draws, searched first
+    sizes = [e["batch_size"] for e in table["entries"]]
+    assert sizes[0] > sizes[1] > sizes[2] and all(e["fits"] for e in table["entries"])
+    assert result["trained_batch"] == result["batchlab_batch"] == sizes[2]
+    for entry in table["entries"]:
+        verified = [
+            p for p in entry["result"]["probes"] if p["state_step"] is None and p["outcome"] == "fits"
+        ]
+        assert entry["batch_size"] in [p["batch_size"] for p in verified]
+        assert all(p["peak_bytes"] <= table["budget_bytes"] for p in verified)

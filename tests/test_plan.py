@@ -182,9 +182,8 @@ def test_public_names():
 
 
 def test_plan_shapes_gives_the_measured_table_within_the_plans_accuracy():
-    from test_shapes import tiny_attention_workload
-
     from batchlab.planning import plan_shapes
+    from test_shapes import tiny_attention_workload
 
     workload = tiny_attention_workload()
     shapes = [64, 256]

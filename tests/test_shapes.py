@@ -75,7 +75,9 @@ def test_every_shape_gets_its_true_maximum_for_fewer_probes_than_one_search_per_
     predicted = [e for e in table.entries if e.shape not in table.order[:2]]  # interpolated by the model
     assert all(len(e.result.probes) <= 2 for e in predicted)
     # fitted over the shapes that gave a line of their own (two sizes run); a one-probe shape gives none
-    assert table.model is not None and len(table.model.lengths) >= 2 and set(table.model.lengths) <= set(shapes)
+    assert (
+        table.model is not None and len(table.model.lengths) >= 2 and set(table.model.lengths) <= set(shapes)
+    )
 
 
 def test_the_table_is_searched_longest_first_then_shortest_then_inwards():
@@ -143,7 +145,9 @@ def tiny_sequence_workload(max_length: int = 64) -> Workload:
 def test_a_shape_the_workload_cannot_build_is_one_line_naming_it_and_keeps_the_rng():
     workload = tiny_sequence_workload(max_length=64)
     rng = torch.get_rng_state()
-    with pytest.raises(ValueError, match=r"cannot build shape 128: .* ValueError: no sequence longer than 64"):
+    with pytest.raises(
+        ValueError, match=r"cannot build shape 128: .* ValueError: no sequence longer than 64"
+    ):
         find_batch_size(workload, device="cpu", shapes=[32, 128])
     assert torch.equal(torch.get_rng_state(), rng)  # the trial batch's draws were given back
 
@@ -201,7 +205,9 @@ def tiny_attention_workload() -> Workload:
     def loss_fn(logits, targets):
         return nn.functional.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
 
-    return Workload(TinyAttention(), make_batch, loss_fn, lambda p: torch.optim.Adam(p), name="tiny-attention")
+    return Workload(
+        TinyAttention(), make_batch, loss_fn, lambda p: torch.optim.Adam(p), name="tiny-attention"
+    )
 
 
 def test_a_real_cpu_table_is_verified_and_leaves_the_state_as_it_was():
@@ -255,8 +261,12 @@ def test_the_prior_opens_at_its_prediction_in_full_and_steps_down_from_a_failure
     assert oom.batch_size == int(100 * PRIOR_BACKOFF)
     # one fit: the prior's slope anchored on it predicts; two sizes: the probes' own line takes over
     anchored = next_candidate([probe(80, "fits", 1850, 1800)], 2000, prior=prior)
-    assert anchored.batch_size == 96 and not anchored.scout  # 80 + 150 / 10 = 95 by the line; the step past first
-    assert next_candidate([probe(2, "fits", 1020), probe(2, "oom", None)], 2000, prior=prior).batch_size != 100
+    assert (
+        anchored.batch_size == 96 and not anchored.scout
+    )  # 80 + 150 / 10 = 95 by the line; the step past first
+    assert (
+        next_candidate([probe(2, "fits", 1020), probe(2, "oom", None)], 2000, prior=prior).batch_size != 100
+    )
     capped = next_candidate([], 2000, prior=prior, cap=40, hard_limit_bytes=1500)
     assert capped.batch_size == 40
     assert next_candidate([], 2000, prior=prior, hard_limit_bytes=1300).batch_size == 30

@@ -99,7 +99,9 @@ def shapes(name: str, values: Any) -> list[int | tuple[int, ...]]:
     """``values`` as a list of batch shapes (:func:`shape`), one kind, sorted by :func:`shape_size` from the
     smallest up, each once: a table read from the top down is read from the shortest sample to the longest."""
     if isinstance(values, (str, bytes)) or not isinstance(values, Collection) or not values:
-        raise _fail(name, values, "a non-empty list of shapes such as [128, 256, 512] or [(320, 320), (640, 640)]")
+        raise _fail(
+            name, values, "a non-empty list of shapes such as [128, 256, 512] or [(320, 320), (640, 640)]"
+        )
     checked = [shape(f"shape in {name}", value) for value in values]
     kinds = {len(s) if isinstance(s, tuple) else 0 for s in checked}
     if len(kinds) > 1:

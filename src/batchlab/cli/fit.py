@@ -42,7 +42,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "workload's make_batch takes shape=)",
     )
     parser.add_argument(
-        "--plot", default=None, metavar="PNG", help="with --shapes: plot largest batch and tokens per batch here"
+        "--plot",
+        default=None,
+        metavar="PNG",
+        help="with --shapes: plot largest batch and tokens per batch here",
     )
     parser.set_defaults(run=run)
 
@@ -60,7 +63,9 @@ def run(args: argparse.Namespace) -> int:
         require("matplotlib.figure", extra="plot", purpose="plots")  # fails now, not after the search
     workload = build_workload(args)
     with Display(f"fit {args.workload}", enabled=not args.json) as display:
-        display.phase("probing batch sizes" if shapes is None else f"probing batch sizes at {len(shapes)} shapes")
+        display.phase(
+            "probing batch sizes" if shapes is None else f"probing batch sizes at {len(shapes)} shapes"
+        )
         result = find_batch_size(
             workload,
             device=args.device,

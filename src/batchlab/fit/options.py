@@ -20,6 +20,7 @@ from batchlab.devices.base import Device
 from batchlab.devices.cpu import fast_allocator
 from batchlab.fit.records import FitResult, Probe
 from batchlab.fit.search import find_batch_size
+from batchlab.fit.shapes import ShapeTable
 from batchlab.spec import parse_batch
 from batchlab.units import parse_bytes
 from batchlab.workload.state import STORAGES
@@ -63,12 +64,14 @@ class SearchOptions:
         dataset_size: int | None = None,
         max_batch_size: int | None = None,
         training_follows: bool = False,
-    ) -> FitResult:
+        shapes: Sequence[Any] | None = None,
+    ) -> FitResult | ShapeTable:
         """:func:`batchlab.find_batch_size` with these options; ``max_batch_size`` here is a further cap (the
         smaller of it and the option's applies), ``default_device`` stands in for ``device=None``.
 
         ``training_follows``: the caller trains in this process next (a framework's fit after its search); on
         the CPU the allocator then gets its speed back (:func:`batchlab.devices.cpu.fast_allocator`).
+        ``shapes``: search each batch shape (a :class:`~batchlab.fit.shapes.ShapeTable` comes back).
         """
         caps = [cap for cap in (self.max_batch_size, max_batch_size) if cap]
         result = find_batch_size(
@@ -82,6 +85,7 @@ class SearchOptions:
             preserve=preserve,
             on_probe=self.on_probe,
             state_copy=self.state_copy,
+            shapes=shapes,
         )
         if training_follows and result.device == "cpu":
             fast_allocator()

@@ -137,8 +137,12 @@ def find_batch_size(
     capacity = budget_override or dev.capacity_bytes()
     budget = capacity if spec.is_fixed else int(capacity * spec.fraction)
 
-    def fit(work: Workload | StepFunction, estimate: MemoryLine | None, prior: MemoryLine | None) -> FitResult:
-        return _fit(work, dev, spec, capacity, budget, multiple_of, caps, estimate, prior, state_copy, on_probe)
+    def fit(
+        work: Workload | StepFunction, estimate: MemoryLine | None, prior: MemoryLine | None
+    ) -> FitResult:
+        return _fit(
+            work, dev, spec, capacity, budget, multiple_of, caps, estimate, prior, state_copy, on_probe
+        )
 
     if shapes is None:
         return fit(work, estimate, None)

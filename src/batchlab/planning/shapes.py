@@ -92,7 +92,9 @@ class PlanShapeTable:
         ]
         for entry in self.entries:
             verdict = "fits" if entry.fits else "does NOT fit"
-            lines.append(f"  shape {entry.shape}: batch {entry.batch_size} {verdict} ({entry.tokens_per_batch} per batch)")
+            lines.append(
+                f"  shape {entry.shape}: batch {entry.batch_size} {verdict} ({entry.tokens_per_batch} per batch)"
+            )
         return "\n".join(lines)
 
 

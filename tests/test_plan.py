@@ -214,6 +214,6 @@ def test_plan_cli_shapes_prints_the_estimated_table(capsys):
     args = ["plan", "--workload", workload, "--target", "1GiB", "--device-type", "cpu", "--shapes", "64,128"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "estimated from fake tensors" in out and "tokens/batch" in out and "peak(b, L)" in out
+    assert "largest batch per shape on 1GiB" in out and "tokens/batch" in out and "peak(b, L)" in out
     assert main([*args[:-1], "128,64"]) == 1
     assert "invalid --shapes [128, 64]" in capsys.readouterr().err

@@ -4,7 +4,8 @@ batch batchlab chose -- not AutoBatch's CPU fallback of 16 -- and a fixed batch=
 The run is examples/ultralytics_demo.py in a fresh process: Ultralytics reads its offline settings
 (YOLO_OFFLINE, YOLO_CONFIG_DIR) once, at import, so they must be set before anything imports it. The
 training set has 24 images and the budget 2 GiB of headroom: the answer is the dataset size (24), exactly,
-whatever the machine's memory noise; the demo's defaults show a memory-limited answer instead.
+whatever the machine's memory noise; the demo's defaults show a memory-limited answer instead. Training runs with
+``multi_scale=0.5`` and ``shape_table=True``: the batch is searched at the largest size first, then per size.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ def test_batch_minus_one_on_cpu_trains_at_batchlabs_answer_and_a_fixed_batch_is_
         "2048",
         "--check-fixed",
         "16",
+        "--multi-scale",
+        "0.5",
+        "--shape-table",
         "--json",
         str(out),
     ]
@@ -58,6 +62,16 @@ def test_batch_minus_one_on_cpu_trains_at_batchlabs_answer_and_a_fixed_batch_is_
     assert all(p["peak_bytes"] <= result["budget_bytes"] for p in probes if p["outcome"] == "fits")
     assert result["epochs_done"] == 1 and result["results_csv"]  # the epoch ran and Ultralytics logged it
     assert "batch=16 does not fit" in result["fixed_check"]
+    # multi_scale 0.5 at imgsz 64 trains on 32..96 (stride 32): the search ran at 96 first -- the worst case, whose
+    # batch trained -- then at 32 and 64, each size's answer verified there (all at the dataset's 24 here; the
+    # memory-limited table is in benchmarks/RESULTS.md)
+    table = result["shape_table"]
+    assert [e["shape"] for e in table["entries"]] == [[32, 32], [64, 64], [96, 96]]
+    assert table["order"][0] == [96, 96] and table["entries"][-1]["result"]["probes"] == probes
+    for entry in table["entries"]:
+        assert entry["fits"] and entry["batch_size"] == N_TRAIN
+        last = entry["result"]["probes"][-1]
+        assert last["batch_size"] == N_TRAIN and last["state_step"] is None and last["outcome"] == "fits"
     assert (
         "batchlab chose batch 24" in run.stdout and "Ultralytics AutoBatch alone would use: 16" in run.stdout
     )
@@ -83,32 +97,3 @@ def test_multi_scale_sizes_span_what_training_draws_stride_aligned():
     assert multi_scale_sizes(640, 0.5, 32) == [320, 480, 640, 800, 960]
     assert multi_scale_sizes(64, 0.5, 32) == [32, 64, 96]  # fewer stride multiples than 5: each once
     assert multi_scale_sizes(640, 0.0, 32) == [640]
-
-
-def test_multi_scale_trains_at_the_largest_sizes_batch_and_reports_the_per_size_table(tmp_path):
-    # imgsz 64 with multi_scale 0.5 draws 32..96 (stride 32): the search runs at 96 first -- the worst case, the
-    # batch training uses -- then 32 and 64, each verified; ~100 MiB of headroom keeps the answers small.
-    out = tmp_path / "result.json"
-    src = str(Path(batchlab.__file__).resolve().parents[1])
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p),
-        "OMP_NUM_THREADS": "2",
-    }
-    command = [sys.executable, str(DEMO), "--workdir", str(tmp_path / "work"), "--n-train", "256",
-               "--headroom-mib", "420", "--multi-scale", "0.5", "--shape-table", "--json", str(out)]  # fmt: skip
-    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    result = json.loads(out.read_text())
-    table = result["shape_table"]
-    assert [e["shape"] for e in table["entries"]] == [[32, 32], [64, 64], [96, 96]]
-    assert table["order"][0] == [96, 96]  # the largest size training draws, searched first
-    sizes = [e["batch_size"] for e in table["entries"]]
-    assert sizes[0] > sizes[1] > sizes[2] and all(e["fits"] for e in table["entries"])
-    assert result["trained_batch"] == result["batchlab_batch"] == sizes[2]
-    for entry in table["entries"]:
-        verified = [
-            p for p in entry["result"]["probes"] if p["state_step"] is None and p["outcome"] == "fits"
-        ]
-        assert entry["batch_size"] in [p["batch_size"] for p in verified]
-        assert all(p["peak_bytes"] <= table["budget_bytes"] for p in verified)

@@ -257,8 +257,12 @@ def test_the_prior_opens_at_its_prediction_in_full_and_steps_down_from_a_failure
     assert (first.batch_size, first.reason, first.scout) == (100, PRIOR_PREDICTION, False)
     over = next_candidate([probe(100, "over budget", 2100)], 2000, prior=prior)
     assert over.batch_size == 90 and over.reason == PRIOR_PREDICTION  # 100 sizes of slope 10 over by 100
+    off = next_candidate([probe(100, "over budget", 2100, 2000)], 2000, prior=prior)
+    assert off.batch_size == 80  # and below by what the prior was off there: 100 bytes, 10 samples more
     oom = next_candidate([probe(100, "oom", None)], 2000, prior=prior)
     assert oom.batch_size == int(100 * PRIOR_BACKOFF)
+    again = next_candidate([probe(100, "over budget", 2100), probe(90, "over budget", 2010)], 2000, prior=prior)
+    assert again.batch_size == int(90 * PRIOR_BACKOFF)  # a second failure: geometric, whatever the peaks say
     # one fit: the prior's slope anchored on it predicts; two sizes: the probes' own line takes over
     anchored = next_candidate([probe(80, "fits", 1850, 1800)], 2000, prior=prior)
     assert (
@@ -276,3 +280,18 @@ def test_a_shape_where_nothing_fits_is_named_in_the_error():
     step, memory, _ = shaped_memory(GiB, 1e6, 0.0)
     with pytest.raises(DoesNotFitError, match=r"^at shape 8192: batch 1 does not fit"):
         find_batch_size(step, device=SimulatedDevice(memory, 8 * GiB), shapes=[128, 8192])
+
+
+def test_a_generic_image_workload_gets_its_table_over_image_sizes():
+    from batchlab.workloads import load_workload
+
+    workload = load_workload("cnn")  # make_batch(b, shape=(h, w)): 3 x h x w images
+    budget = int((CPUDevice().in_use_bytes() + 40 * MiB) / 0.9)
+    shapes = [(16, 16), (24, 32), (32, 32)]
+    table = find_batch_size(workload, device="cpu", memory_budget=budget, shapes=shapes)
+    assert table.order[0] == (32, 32)  # the largest image first, as Ultralytics' multi-scale worst case
+    sizes = table.max_batch_by_shape()
+    assert sizes[(16, 16)] > sizes[(24, 32)] >= sizes[(32, 32)] >= 2  # (the process creeps up per probe on the CPU)
+    assert [e.length for e in table.entries] == [16 * 16, 24 * 32, 32 * 32]  # pixels are the length
+    for entry in table.entries:
+        assert entry.fits and entry.result.peak_bytes <= table.budget_bytes

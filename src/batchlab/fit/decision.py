@@ -20,9 +20,11 @@ LINE_WINDOW = 8  # the memory line uses probes with b >= largest_fit / 8: small 
 # the measured line then extrapolates 4x (8x without an estimate) and a slope off even by 2x lands inside. On
 # the CPU, where a step's time grows with the batch, nearer the edge cost more time (benchmarks/RESULTS.md).
 ESTIMATE_JUMP = 0.25
-# After an out-of-memory error at a shape's predicted size, with no fit and no peak to aim by, the next try is a
-# quarter lower: past the 1-3% a prediction from other shapes is off by (benchmarks/RESULTS.md, issue 12),
-# and far above the first size a plain search would climb from again.
+# While nothing fits at a shape started from a prediction, after an out-of-memory error with no peak to aim by,
+# or after a second failure, the next try is a quarter lower: past the 1-3% a prediction from other shapes is
+# off by (benchmarks/RESULTS.md, issue 12), far above the first size a plain search would climb from again, and
+# geometric, so that a process whose baseline creeps up per probe (oneDNN caches a primitive per new batch
+# shape: +0.45 MiB a probe measured on cnn, issue 12) cannot keep every try just over the budget.
 PRIOR_BACKOFF = 0.75
 
 # Reasons a decision gives that are not a Limit of the answer.
@@ -195,8 +197,9 @@ def next_candidate(
     ``prior`` (optional) is the memory line this batch shape is predicted to have from the probes at *other*
     shapes (:mod:`batchlab.fit.shapes`): measured, not estimated, so it is trusted as a measured line is. With
     no probe yet, the first size is the prior's size for the budget, run in full (it may be the answer);
-    while nothing has fit, the next size is the prior's slope anchored on the smallest failure's peak, or
-    ``PRIOR_BACKOFF`` of it when that failure left no peak; once one size fits, the prior's slope anchored on
+    after it fails, the next size is the prior's slope anchored on its peak, below the budget by what the prior
+    was off there -- or ``PRIOR_BACKOFF`` of it when it left no peak, and of the smallest failure after any
+    further failure; once one size fits, the prior's slope anchored on
     it stands in for the line until the probes give one of their own (two sizes). Every answer still ran.
     """
     if prior is not None and prior.bytes_per_sample > 0:
@@ -236,11 +239,12 @@ def _prior_opening(
         failed = min(probes, key=lambda p: p.batch_size)
         if failed.batch_size <= smallest:
             return None
-        if failed.peak_bytes is not None:  # over the budget by a measured amount: aim below it by the slope
+        if len(probes) == 1 and failed.peak_bytes is not None:  # over by a measured amount: aim below it
             line = MemoryLine(
                 failed.peak_bytes - prior.bytes_per_sample * failed.batch_size, prior.bytes_per_sample
             )
-            target = min(line.largest_under(budget_bytes), failed.batch_size - multiple_of)
+            off = abs(failed.peak_bytes - (failed.predicted_peak_bytes or failed.peak_bytes))
+            target = min(line.largest_under(budget_bytes - off), failed.batch_size - multiple_of)
         else:
             line, target = prior, failed.batch_size * PRIOR_BACKOFF
     if cap is not None:

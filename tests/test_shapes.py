@@ -261,7 +261,9 @@ def test_the_prior_opens_at_its_prediction_in_full_and_steps_down_from_a_failure
     assert off.batch_size == 80  # and below by what the prior was off there: 100 bytes, 10 samples more
     oom = next_candidate([probe(100, "oom", None)], 2000, prior=prior)
     assert oom.batch_size == int(100 * PRIOR_BACKOFF)
-    again = next_candidate([probe(100, "over budget", 2100), probe(90, "over budget", 2010)], 2000, prior=prior)
+    again = next_candidate(
+        [probe(100, "over budget", 2100), probe(90, "over budget", 2010)], 2000, prior=prior
+    )
     assert again.batch_size == int(90 * PRIOR_BACKOFF)  # a second failure: geometric, whatever the peaks say
     # one fit: the prior's slope anchored on it predicts; two sizes: the probes' own line takes over
     anchored = next_candidate([probe(80, "fits", 1850, 1800)], 2000, prior=prior)
@@ -291,7 +293,9 @@ def test_a_generic_image_workload_gets_its_table_over_image_sizes():
     table = find_batch_size(workload, device="cpu", memory_budget=budget, shapes=shapes)
     assert table.order[0] == (32, 32)  # the largest image first, as Ultralytics' multi-scale worst case
     sizes = table.max_batch_by_shape()
-    assert sizes[(16, 16)] > sizes[(24, 32)] >= sizes[(32, 32)] >= 2  # (the process creeps up per probe on the CPU)
+    assert (
+        sizes[(16, 16)] > sizes[(24, 32)] >= sizes[(32, 32)] >= 2
+    )  # (the process creeps up per probe on the CPU)
     assert [e.length for e in table.entries] == [16 * 16, 24 * 32, 32 * 32]  # pixels are the length
     for entry in table.entries:
         assert entry.fits and entry.result.peak_bytes <= table.budget_bytes

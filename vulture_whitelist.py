@@ -41,3 +41,6 @@ token_budget, _.batch_size_at, _.lhotse_buckets, limiting_length  # batchlab.fit
 _.from_budget, _.set_epoch, PadCollator  # batchlab.training.sampler (set_epoch: as DistributedSampler's)
 DocumentDataset  # batchlab.workloads.text
 _.eval_batch_size  # BatchlabFinder, with eval_batch_arg_name
+# The shape table's public mapping (issue 12): what a token budget is computed from, by the user or batchlab.
+_.max_batch_by_shape
+_.batchlab_shape_table  # set on the Ultralytics trainer for the user to read after training

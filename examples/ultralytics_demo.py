@@ -33,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--check-fixed", type=int, default=None, help="then check this fixed batch on a tiny budget"
     )
+    parser.add_argument("--multi-scale", type=float, default=0.0, help="Ultralytics' multi_scale (e.g. 0.5)")
+    parser.add_argument(
+        "--shape-table", action="store_true", help="with --multi-scale: the largest batch at each size too"
+    )
     args = parser.parse_args(argv)
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="batchlab-yolo-"))
@@ -79,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         batch=batch_value,
         name="auto",
         compare=True,
+        multi_scale=args.multi_scale,
+        shape_table=args.shape_table,
         on_probe=lambda p: print(
             f"  probe b={p.batch_size:<5} {p.outcome:<12} peak {format_bytes(p.peak_bytes):>11}  {p.seconds:5.1f} s"
         ),
@@ -102,7 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         "probes": [p.to_dict() for p in result.probes],
         "epochs_done": trainer.epoch + 1,
         "results_csv": str(trainer.csv) if Path(trainer.csv).exists() else None,
+        "shape_table": trainer.batchlab_shape_table.to_dict() if trainer.batchlab_shape_table else None,
     }
+    if trainer.batchlab_shape_table is not None:
+        print(trainer.batchlab_shape_table.summary())
 
     if args.check_fixed is not None:
         # 32 MiB over what the process held before the first search's first step: too small for batch 16. (Not

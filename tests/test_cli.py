@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -139,3 +140,62 @@ def test_fit_eval_searches_the_evaluation_step(capsys):
     assert {p["optimizer_steps"] for p in data["probes"]} == {None}  # no probe ran an optimizer step
     code, out, _ = run_cli(capsys, "fit", "--workload", "cnn", "--device", "cpu", "--batch", "8", "--eval")
     assert code == 0 and "evaluation batch 8 fits" in out
+
+
+SHAPED = f"{Path(__file__).resolve().parent / 'test_shapes.py'}:tiny_attention_workload"
+
+
+def test_fit_shapes_prints_the_table_and_its_plot(capsys, tmp_path):
+    import matplotlib.figure  # noqa: F401 -- in the process before its memory is read, as the plot will be
+    from matplotlib.backends import backend_agg  # noqa: F401
+
+    from batchlab.devices import CPUDevice
+    from batchlab.workloads import load_workload
+
+    load_workload(SHAPED)  # loading the file once pages in what it imports (~150 MiB), before the reading
+    budget = str(int((CPUDevice().in_use_bytes() + 30 * 2**20) / 0.9))
+    png = tmp_path / "shapes.png"
+    args = [
+        "fit",
+        "--workload",
+        SHAPED,
+        "--device",
+        "cpu",
+        "--memory-budget",
+        budget,
+        "--shapes",
+        "32,64,128",
+    ]
+    assert main([*args, "--json", "--plot", str(png)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [e["shape"] for e in data["entries"]] == [32, 64, 128]
+    sizes = [e["batch_size"] for e in data["entries"]]
+    assert sizes[0] > sizes[1] > sizes[2] >= 2 and all(e["fits"] for e in data["entries"])
+    assert [e["tokens_per_batch"] for e in data["entries"]] == [b * n for b, n in zip(sizes, (32, 64, 128))]
+    assert data["probes"] == sum(e["probes"] for e in data["entries"]) and data["model"]["lengths"]
+    assert data["plot"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the readable form: one row per shape, the model
+    assert main(args[:-1] + ["32,64"]) == 0
+    out = capsys.readouterr().out
+    assert "largest batch per shape" in out and "peak(b, L)" in out
+    assert "tokens/batch" in out and "\n│ 32 " in out.replace("┃", "│")
+
+
+@pytest.mark.parametrize(
+    ("shapes", "message"),
+    [
+        ("256,128", r"invalid --shapes \[256, 128\]: expected shapes sorted from the smallest up, each once"),
+        ("0,128", "invalid shape in --shapes 0"),
+        ("128,abc", "invalid --shapes '128,abc': expected lengths like 128,256,512"),
+        (",", r"invalid --shapes \[\]: expected a non-empty list"),
+    ],
+)
+def test_fit_shapes_bad_input_is_one_line(capsys, shapes, message):
+    assert main(["fit", "--workload", SHAPED, "--shapes", shapes]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(message, err)
+
+
+def test_fit_plot_needs_shapes(capsys):
+    assert main(["fit", "--workload", "cnn", "--plot", "x.png"]) == 1
+    assert "--plot draws the shape table: give --shapes too" in capsys.readouterr().err

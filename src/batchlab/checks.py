@@ -75,3 +75,40 @@ def choice(name: str, value: Any, choices: Collection[str]) -> str:
     if value not in choices:
         raise _fail(name, value, "one of " + ", ".join(map(repr, choices)))
     return value
+
+
+def shape_size(shape: int | tuple[int, ...]) -> int:
+    """How much one sample of ``shape`` holds: the length of a sequence, the pixels ``h * w`` of an image."""
+    return shape if isinstance(shape, int) else math.prod(shape)
+
+
+def shape(name: str, value: Any) -> int | tuple[int, ...]:
+    """``value`` as a batch shape: an int >= 1 (a sequence length) or a tuple of them (``(h, w)`` of an image);
+    a list is taken as a tuple."""
+    expected = "an int >= 1 (a length) or a tuple of ints >= 1 such as (640, 480)"
+    if isinstance(value, (tuple, list)) and value:
+        if all(not isinstance(v, bool) and isinstance(v, numbers.Integral) and v >= 1 for v in value):
+            return tuple(int(v) for v in value)
+        raise _fail(name, value, expected)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise _fail(name, value, expected)
+    return int(value)
+
+
+def shapes(name: str, values: Any) -> list[int | tuple[int, ...]]:
+    """``values`` as a list of batch shapes (:func:`shape`), one kind, sorted by :func:`shape_size` from the
+    smallest up, each once: a table read from the top down is read from the shortest sample to the longest."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Collection) or not values:
+        raise _fail(
+            name, values, "a non-empty list of shapes such as [128, 256, 512] or [(320, 320), (640, 640)]"
+        )
+    checked = [shape(f"shape in {name}", value) for value in values]
+    kinds = {len(s) if isinstance(s, tuple) else 0 for s in checked}
+    if len(kinds) > 1:
+        raise _fail(name, values, "shapes of one kind: all ints, or all tuples of the same length")
+    for before, after in zip(checked, checked[1:]):
+        if after == before or shape_size(after) < shape_size(before):
+            raise _fail(
+                name, values, f"shapes sorted from the smallest up, each once ({after!r} after {before!r})"
+            )
+    return checked

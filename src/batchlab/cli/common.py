@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from batchlab import checks
 from batchlab.devices import parse_device, resolve_device
 from batchlab.fit import Probe
 from batchlab.memory import MemoryBreakdown
@@ -174,3 +175,18 @@ def comma_ints(flag: str, text: str, *, example: str = "8,16,32") -> list[int]:
     if not values or min(values) < 1:
         raise ValueError(f"invalid {flag} {text!r}: expected positive ints like {example}")
     return values
+
+
+def comma_shapes(flag: str, text: str) -> list[int | tuple[int, ...]]:
+    """A comma-separated flag of batch shapes: lengths ``128,256,512`` or image sizes ``320x320,640x480``
+    (height x width), checked by :func:`batchlab.checks.shapes` (sorted, each once), or one line naming the flag."""
+    try:
+        values = [
+            tuple(int(part) for part in item.lower().split("x")) if "x" in item.lower() else int(item)
+            for item in comma_list(text)
+        ]
+    except ValueError:
+        raise ValueError(
+            f"invalid {flag} {text!r}: expected lengths like 128,256,512 or image sizes like 320x320,640x640"
+        ) from None
+    return checks.shapes(flag, values)

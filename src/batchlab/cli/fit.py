@@ -1,14 +1,18 @@
-"""``batchlab fit``: the largest batch that fits (``--batch -1``/``0.8``) or a check of a fixed one (``64``)."""
+"""``batchlab fit``: the largest batch that fits (``--batch -1``/``0.8``) or a check of a fixed one (``64``);
+with ``--shapes 128,256,512`` the largest batch of each sequence length (or image size), as a table."""
 
 from __future__ import annotations
 
 import argparse
+import json
 
 from rich.console import Console
 from rich.table import Table
 
-from batchlab.cli.common import Display, add_workload_options, build_workload, print_breakdown
+from batchlab.cli.common import Display, add_workload_options, build_workload, comma_shapes, print_breakdown
 from batchlab.fit import FitResult, find_batch_size
+from batchlab.fit.shapes import ShapeTable
+from batchlab.optional import require
 from batchlab.spec import parse_amp, parse_batch
 from batchlab.units import format_bytes, parse_bytes
 
@@ -36,6 +40,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="the largest evaluation batch: forward and loss under no_grad, the model in eval mode",
     )
+    parser.add_argument(
+        "--shapes",
+        default=None,
+        help="the largest batch per batch shape: lengths 128,256,512 or image sizes 320x320,640x640 (the "
+        "workload's make_batch takes shape=)",
+    )
+    parser.add_argument(
+        "--plot",
+        default=None,
+        metavar="PNG",
+        help="with --shapes: plot largest batch and tokens per batch here",
+    )
     parser.set_defaults(run=run)
 
 
@@ -45,9 +61,16 @@ def run(args: argparse.Namespace) -> int:
     if args.memory_budget is not None:
         parse_bytes(args.memory_budget)
     parse_amp(args.amp)
+    shapes = comma_shapes("--shapes", args.shapes) if args.shapes is not None else None
+    if args.plot is not None:
+        if shapes is None:
+            raise ValueError("--plot draws the shape table: give --shapes too")
+        require("matplotlib.figure", extra="plot", purpose="plots")  # fails now, not after the search
     workload = build_workload(args)
     with Display(f"fit {args.workload}", enabled=not args.json) as display:
-        display.phase("probing batch sizes")
+        display.phase(
+            "probing batch sizes" if shapes is None else f"probing batch sizes at {len(shapes)} shapes"
+        )
         result = find_batch_size(
             workload,
             device=args.device,
@@ -58,12 +81,65 @@ def run(args: argparse.Namespace) -> int:
             multiple_of=args.multiple_of,
             on_probe=display.probe,
             mode="eval" if args.eval else "train",
+            shapes=shapes,
         )
+    if isinstance(result, ShapeTable):
+        return _report_table(args, result)
     if args.json:
         print(result.to_json(indent=2))
     else:
         print_summary(Console(), result)
     return 0 if result.fits else 1
+
+
+def _report_table(args: argparse.Namespace, table: ShapeTable) -> int:
+    plot = None
+    if args.plot is not None:
+        from batchlab.profiling.plots import plot_shapes
+
+        plot = str(plot_shapes(table, args.plot, title=f"{args.workload}: largest batch per length"))
+    if args.json:
+        data = table.to_dict()
+        data["plot"] = plot
+        print(json.dumps(data, indent=2))
+    else:
+        console = Console()
+        print_shape_table(console, table)
+        if plot is not None:
+            console.print(f"plot: {plot}")
+    return 0 if all(entry.fits for entry in table.entries) else 1
+
+
+def print_shape_table(console: Console, table: ShapeTable) -> None:
+    """The table: per shape the largest batch, tokens per batch, the prediction, its probes and peak."""
+    console.print()
+    console.print(
+        f"[bold green]largest batch per shape[/] on {table.device}, budget {format_bytes(table.budget_bytes)}; "
+        f"every entry verified with real steps; {table.probes} probes in {table.search_seconds:.1f} s"
+    )
+    rows = Table(show_header=True)
+    for column in ("shape", "batch", "tokens/batch", "predicted", "probes", "peak", "limited by"):
+        rows.add_column(column, justify="left" if column in ("shape", "limited by") else "right")
+    for entry in table.entries:
+        shape = "x".join(map(str, entry.shape)) if isinstance(entry.shape, tuple) else str(entry.shape)
+        rows.add_row(
+            shape,
+            str(entry.batch_size) if entry.fits else f"[red]{entry.batch_size} (does not fit)[/]",
+            str(entry.tokens_per_batch),
+            "-" if entry.predicted_batch_size is None else str(entry.predicted_batch_size),
+            str(len(entry.result.probes)),
+            format_bytes(entry.result.peak_bytes),
+            str(entry.result.limited_by),
+        )
+    console.print(rows)
+    if table.model is not None:
+        model = table.model
+        console.print(
+            f"peak(b, L) = {format_bytes(model.fixed_bytes)} + b x ({model.alpha:.4g} L + {model.beta:.4g} L^2) "
+            f"bytes, fitted over L = {', '.join(map(str, model.lengths))}"
+        )
+    for note in sorted({note for entry in table.entries for note in entry.result.notes}):
+        console.print(f"[dim]note: {note}[/]")
 
 
 def print_summary(console: Console, result: FitResult) -> None:

@@ -1,15 +1,18 @@
-"""``batchlab plan``: the largest batch that fits a card you do not have, estimated from fake tensors."""
+"""``batchlab plan``: the largest batch that fits a card you do not have, estimated from fake tensors; with
+``--shapes 128,256,512`` the largest batch per sequence length (or image size), as ``batchlab fit --shapes`` gives."""
 
 from __future__ import annotations
 
 import argparse
 
 from rich.console import Console
+from rich.table import Table
 
 from batchlab import checks
-from batchlab.cli.common import Display, print_breakdown
+from batchlab.cli.common import Display, comma_shapes, print_breakdown
 from batchlab.planning.cards import CARDS, DEVICE_TYPES, resolve_target
 from batchlab.planning.plan import PlanResult, plan
+from batchlab.planning.shapes import PlanShapeTable, plan_shapes
 from batchlab.spec import parse_amp, parse_batch
 from batchlab.units import format_bytes
 from batchlab.workloads import BUILTIN, load_workload
@@ -55,6 +58,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="shard the model with FSDP2 over --world-size ranks (fake process group)",
     )
+    parser.add_argument(
+        "--shapes",
+        default=None,
+        help="the largest batch per batch shape: lengths 128,256,512 or image sizes 320x320,640x640 (the "
+        "workload's make_batch takes shape=)",
+    )
     parser.add_argument("--json", action="store_true", help="print only JSON on stdout")
     parser.set_defaults(run=run)
 
@@ -65,26 +74,52 @@ def run(args: argparse.Namespace) -> int:
     parse_batch(args.batch)
     parse_amp(args.amp)
     checks.integer("--world-size", args.world_size)
+    shapes = comma_shapes("--shapes", args.shapes) if args.shapes is not None else None
     workload = load_workload(
         args.workload, device="cpu"
     )  # fake copies go to the target; CPU builds are enough
     with Display(f"plan {args.workload}", enabled=not args.json) as display:
         display.phase(f"training steps on fake tensors for {target.name}")
-        result = plan(
-            workload,
-            target,
-            batch=args.batch,
-            amp=args.amp,
-            max_batch_size=args.max_batch_size,
-            multiple_of=args.multiple_of,
-            world_size=args.world_size,
-            fsdp=args.fsdp,
-        )
+        options = {"batch": args.batch, "amp": args.amp, "max_batch_size": args.max_batch_size,
+                   "multiple_of": args.multiple_of, "world_size": args.world_size, "fsdp": args.fsdp}  # fmt: skip
+        if shapes is None:
+            result = plan(workload, target, **options)
+        else:
+            result = plan_shapes(workload, target, shapes, **options)
     if args.json:
         print(result.to_json(indent=2))
+    elif isinstance(result, PlanShapeTable):
+        print_shape_table(Console(), result)
     else:
         print_summary(Console(), result)
-    return 0 if result.fits else 1
+    fits = all(e.fits for e in result.entries) if isinstance(result, PlanShapeTable) else result.fits
+    return 0 if fits else 1
+
+
+def print_shape_table(console: Console, table: PlanShapeTable) -> None:
+    """The estimated table: per shape the largest batch, tokens per batch, peak and per-sample memory."""
+    console.print(f"[bold green]{table.summary().splitlines()[0]}[/]")
+    rows = Table(show_header=True)
+    for column in ("shape", "batch", "tokens/batch", "est. peak", "per sample"):
+        rows.add_column(column, justify="left" if column == "shape" else "right")
+    for entry in table.entries:
+        shape = "x".join(map(str, entry.shape)) if isinstance(entry.shape, tuple) else str(entry.shape)
+        rows.add_row(
+            shape,
+            str(entry.batch_size) if entry.fits else f"[red]{entry.batch_size} (does not fit)[/]",
+            str(entry.tokens_per_batch),
+            format_bytes(entry.result.peak_bytes),
+            format_bytes(entry.result.bytes_per_sample),
+        )
+    console.print(rows)
+    if table.model is not None:
+        model = table.model
+        console.print(
+            f"peak(b, L) = {format_bytes(model.fixed_bytes)} + b x ({model.alpha:.4g} L + {model.beta:.4g} L^2) "
+            f"bytes (estimated), fitted over L = {', '.join(map(str, model.lengths))}"
+        )
+    for note in sorted({note for entry in table.entries for note in entry.result.notes}):
+        console.print(f"[dim]note: {note}[/]")
 
 
 def print_summary(console: Console, result: PlanResult) -> None:

@@ -1,6 +1,7 @@
 """A simulated device: memory as a function of the batch size, for deterministic tests of every search.
 
-``memory(b)`` gives the peak bytes of a step at batch ``b``. A step whose memory exceeds the capacity raises
+``memory(b)`` gives the peak bytes of a step at batch ``b`` (read after the step's first call, so it may
+depend on what the step set, such as the shape of its batch). A step whose memory exceeds the capacity raises
 ``torch.OutOfMemoryError`` inside :meth:`run` exactly as a real card does (the hard edge), and the memory it
 grabbed stays "cached" until :meth:`release` -- so a test can prove that a search gives memory back after
 every failure. Time comes from ``seconds(b)``, a fake clock, so searches can be compared by cost without
@@ -88,12 +89,14 @@ class SimulatedDevice(Device):
 
     def run(self, step: Callable[[int], Any], batch_size: int, steps: int = 2) -> Measurement:
         self.runs.append(batch_size)
-        peak = self.baseline + int(self.memory(batch_size))
+        peak = None  # read after the first step: memory(b) may depend on what the step set (a batch's shape)
         elapsed = self.seconds(batch_size) * steps
         oom = None
         try:
             for _ in range(steps):
                 step(batch_size)
+                if peak is None:
+                    peak = self.baseline + int(self.memory(batch_size))
                 if peak > self._capacity:
                     self.cached_bytes = peak - self.baseline
                     raise torch.OutOfMemoryError(

@@ -21,6 +21,7 @@ from batchlab.devices.base import Device
 from batchlab.devices.cpu import fast_allocator
 from batchlab.fit.records import FitResult, Probe
 from batchlab.fit.search import find_batch_size
+from batchlab.fit.shapes import ShapeTable
 from batchlab.memory import MemoryBreakdown
 from batchlab.spec import parse_batch
 from batchlab.units import format_bytes, parse_bytes
@@ -69,7 +70,8 @@ class SearchOptions:
         max_batch_size: int | None = None,
         training_follows: bool = False,
         beside: FitResult | None = None,
-    ) -> FitResult:
+        shapes: Sequence[Any] | None = None,
+    ) -> FitResult | ShapeTable:
         """:func:`batchlab.find_batch_size` with these options; ``max_batch_size`` here is a further cap (the
         smaller of it and the option's applies), ``default_device`` stands in for ``device=None``.
 
@@ -80,7 +82,11 @@ class SearchOptions:
         steps -- as the Trainer's and Lightning's do -- and so beside the gradients and optimizer state the
         training search measured: the evaluation's budget leaves room for them
         (:func:`eval_memory_budget`).
+
+        ``shapes``: search each batch shape (a :class:`~batchlab.fit.shapes.ShapeTable` comes back).
         """
+        if beside is not None and shapes is not None:
+            raise ValueError("beside= (an evaluation beside the training state) takes one shape, not shapes=")
         caps = [cap for cap in (self.max_batch_size, max_batch_size) if cap]
         memory_budget = self.memory_budget
         if beside is not None:
@@ -98,6 +104,7 @@ class SearchOptions:
             on_probe=self.on_probe,
             state_copy=self.state_copy,
             mode=self.mode,
+            shapes=shapes,
         )
         if beside is not None:
             result.notes.append(_room_note(beside, now))

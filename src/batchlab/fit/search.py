@@ -42,6 +42,7 @@ from batchlab.fit.decision import (
 )
 from batchlab.fit.probe import breakdown_of, run_probe
 from batchlab.fit.records import FitResult, Limit, MemoryLine, Outcome, Probe
+from batchlab.fit.shapes import Shape, ShapeTable, search_shapes
 from batchlab.spec import parse_amp, parse_batch
 from batchlab.units import format_bytes, parse_bytes
 from batchlab.workload.evaluation import EvalStep, StepMode, for_mode
@@ -74,7 +75,8 @@ def find_batch_size(
     estimate: MemoryLine | None = None,
     state_copy: str = "auto",
     mode: str = "train",
-) -> FitResult:
+    shapes: Sequence[Shape] | None = None,
+) -> FitResult | ShapeTable:
     """Find the largest batch size whose full training step fits in memory -- or check a fixed one.
 
     Args:
@@ -104,6 +106,11 @@ def find_batch_size(
             alone: an evaluation between training steps also holds the gradients and optimizer state, for
             which :meth:`batchlab.fit.SearchOptions.run` (``beside=``) leaves room. A plain step callable is
             refused: batchlab cannot make it evaluate.
+        shapes: batch shapes to answer for -- sequence lengths ``[128, 256, 512]`` or image sizes
+            ``[(320, 320), (640, 640)]``, sorted, each once -- for a workload whose ``make_batch`` (or step)
+            takes a ``shape`` keyword: returns a :class:`~batchlab.fit.shapes.ShapeTable` with the largest
+            batch of each shape, each verified by real steps, the later shapes started from a peak model fitted
+            over the earlier ones (:mod:`batchlab.fit.shapes`). Not with ``estimate``.
 
     Raises:
         DoesNotFitError: when even the smallest allowed size does not fit; it says what that size needs.
@@ -114,7 +121,6 @@ def find_batch_size(
     emptied before each probe (``torch.cuda.reset_peak_memory_stats`` / ``empty_cache``), so peaks you read
     yourself afterwards start from the search.
     """
-    started = time.perf_counter()
     spec = parse_batch(batch)
     budget_override = parse_bytes(memory_budget) if memory_budget is not None else None
     max_batch_size = checks.integer("max_batch_size", max_batch_size, none=True)
@@ -125,6 +131,12 @@ def find_batch_size(
     mode = checks.choice("mode", mode, [m.value for m in StepMode])
     work = _with_amp(as_workload(workload, preserve=preserve), parse_amp(amp))
     home = work.device if isinstance(work, Workload) else None
+    if shapes is not None:
+        if estimate is not None:
+            raise ValueError(
+                "estimate= is a line for one shape; with shapes= each shape is predicted from the ones searched"
+            )
+        shaped = {shape: for_mode(work.with_shape(shape), mode) for shape in checks.shapes("shapes", shapes)}
     work = for_mode(work, mode)
     caps = _caps(max_batch_size, dataset_size or work.dataset_size)
     cap = min(caps.values()) if caps else None
@@ -136,12 +148,40 @@ def find_batch_size(
     capacity = budget_override or dev.capacity_bytes()
     budget = capacity if spec.is_fixed else int(capacity * spec.fraction)
 
+    def fit(
+        work: Workload | StepFunction, estimate: MemoryLine | None, prior: MemoryLine | None
+    ) -> FitResult:
+        return _fit(
+            work, dev, spec, capacity, budget, multiple_of, caps, estimate, prior, state_copy, on_probe
+        )
+
+    if shapes is None:
+        return fit(work, estimate, None)
+    return search_shapes(list(shaped), lambda shape, prior: fit(shaped[shape], None, prior),
+                         seconds=time.perf_counter)  # fmt: skip
+
+
+def _fit(
+    work: Workload | StepFunction,
+    dev: Device,
+    spec: Any,
+    capacity: int,
+    budget: int,
+    multiple_of: int,
+    caps: dict[Limit, int],
+    estimate: MemoryLine | None,
+    prior: MemoryLine | None,
+    state_copy: str,
+    on_probe: Callable[[Probe], None] | None,
+) -> FitResult:
+    """One search (or fixed check) of ``work`` on ``dev``, its arguments checked by :func:`find_batch_size`."""
+    started = time.perf_counter()
     search = _Search(work, dev, budget, state_copy, on_probe)
     try:
         if spec.is_fixed:
             answer, limited_by = _check_fixed(search, spec.size, multiple_of), Limit.FIXED
         else:
-            answer, limited_by = _search(search, budget, capacity, multiple_of, caps, estimate)
+            answer, limited_by = _search(search, budget, capacity, multiple_of, caps, estimate, prior)
     finally:
         search.close()
 
@@ -198,6 +238,7 @@ def _search(
     multiple_of: int,
     caps: dict[Limit, int],
     estimate: MemoryLine | None,
+    prior: MemoryLine | None = None,
 ) -> tuple[Probe, Limit]:
     """The largest verified fit and what limited it: :func:`next_candidate` until it says stop."""
     cap = min(caps.values()) if caps else None
@@ -211,6 +252,7 @@ def _search(
             hard_limit_bytes=search.hard_limit,
             estimate=estimate,
             created_bytes=search.optimizer_state_created(),
+            prior=prior,
         )
         if decision.batch_size is None:
             stop_reason = decision.reason

@@ -25,6 +25,11 @@ What changes against Ultralytics alone (``ultralytics/utils/autobatch.py``):
 - ``-1`` means 0.90 of memory (:data:`batchlab.spec.DEFAULT_FRACTION`, verified with real steps), not 0.60.
 - A fixed ``batch=16`` is checked against memory once the trainer is set up (the real model, optimizer, EMA and
   GradScaler), and ``on_misfit`` says whether a misfit warns or raises :class:`~batchlab.DoesNotFitError`.
+- ``multi_scale``: the batch is searched at the largest size training will draw (as AutoBatch does since
+  ultralytics#24051: ``imgsz * (1 + multi_scale)`` rounded up to the stride) -- the worst case, which every
+  step of the epoch fits. With ``shape_table=True`` the search runs over the multi-scale sizes
+  (:func:`multi_scale_sizes`; ``find_batch_size(..., shapes=...)``), the largest first, and
+  ``trainer.batchlab_shape_table`` keeps the largest batch of each size; training still uses the largest size's.
 
 How it hooks in (public mechanisms only): Ultralytics' documented way to customise training is a trainer
 subclass passed as ``model.train(trainer=...)``. :func:`trainer_class` subclasses the task's trainer
@@ -51,15 +56,24 @@ from typing import Any
 
 import torch
 
+from batchlab import checks
 from batchlab.devices import Device
 from batchlab.errors import DoesNotFitError
 from batchlab.fit import FitResult, Probe, SearchOptions
+from batchlab.fit.shapes import ShapeTable
 from batchlab.spec import parse_batch
 from batchlab.units import format_bytes
 
 log = logging.getLogger("batchlab")
 
-__all__ = ["prepare_offline", "make_synthetic_dataset", "trainer_class", "train", "ULTRALYTICS_CPU_DEFAULT"]
+__all__ = [
+    "prepare_offline",
+    "make_synthetic_dataset",
+    "multi_scale_sizes",
+    "trainer_class",
+    "train",
+    "ULTRALYTICS_CPU_DEFAULT",
+]
 
 # AutoBatch returns DEFAULT_CFG.batch (16) on the CPU or on any error (ultralytics/utils/autobatch.py).
 ULTRALYTICS_CPU_DEFAULT = 16
@@ -70,6 +84,9 @@ MOSAIC_OBJECTS = 4
 # Tasks whose validation loader uses the training batch, not twice it (BaseTrainer._build_train_pipeline).
 _SAME_VAL_BATCH_TASKS = {"obb", "semantic", "depth"}
 _MISFIT = ("warn", "raise")
+SHAPE_TABLE_SIZES = (
+    5  # sizes in a multi-scale table: the smallest, the largest and three between (stride-aligned)
+)
 _SETTINGS_OFF = (
     "sync",
     "mlflow",
@@ -209,9 +226,9 @@ class _YoloStep:
             self.device_type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
         )
 
-    def __call__(self, batch_size: int) -> None:
+    def __call__(self, batch_size: int, shape: tuple[int, int] | None = None) -> None:
         self.model.train()
-        batch = self.make_batch(batch_size)
+        batch = self.make_batch(batch_size, shape)
         with self._autocast():
             loss, _ = self.model(batch)
             loss = loss.sum()
@@ -225,7 +242,7 @@ class _YoloStep:
         if self.ema is not None:
             self.ema.update(self.model)
         if self.val_factor:
-            images = self.make_batch(batch_size * self.val_factor)["img"]
+            images = self.make_batch(batch_size * self.val_factor, shape)["img"]
             evaluated = self.ema.ema if self.ema is not None else self.model
             was_training = evaluated.training
             evaluated.eval()
@@ -238,18 +255,42 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
+def multi_scale_sizes(
+    imgsz: int, multi_scale: float, stride: int, count: int = SHAPE_TABLE_SIZES
+) -> list[int]:
+    """The image sizes of a multi-scale table: ``count`` stride multiples from the smallest size training draws
+    (``max(stride, imgsz * (1 - multi_scale))`` rounded down, ``DetectionTrainer.preprocess_batch``) to the
+    largest (``imgsz * (1 + multi_scale)`` rounded up, ``BaseTrainer.auto_batch``), evenly spaced."""
+    low = max(stride, int(imgsz * (1 - multi_scale))) // stride * stride
+    high = -(-imgsz * (1 + multi_scale) // stride) * stride
+    steps = int((high - low) // stride)
+    picks = sorted({round(i * steps / max(count - 1, 1)) for i in range(count)})
+    return [int(low + stride * k) for k in picks]
+
+
+def _resized(batch: dict, shape: tuple[int, int] | None) -> dict:
+    """The batch with its images resized to ``shape`` (h, w), as multi-scale training resizes them."""
+    if shape is not None and tuple(batch["img"].shape[2:]) != tuple(shape):
+        batch["img"] = torch.nn.functional.interpolate(
+            batch["img"], size=shape, mode="bilinear", align_corners=False
+        )
+    return batch
+
+
 def _detection_batches(model: torch.nn.Module, imgsz: int, max_num_obj: int, device: torch.device):
-    """Synthetic worst-case detection batches: ``max_num_obj`` boxes in every image, random pixels."""
+    """Synthetic worst-case detection batches: ``max_num_obj`` boxes in every image, random pixels; at
+    ``imgsz`` square unless ``make(b, shape)`` asks for another ``(h, w)``."""
     channels = int(getattr(model, "yaml", {}).get("channels", 3))
     nc = int(getattr(model, "nc", 1))
     objects = max(int(max_num_obj), 1)
 
-    def make(batch_size: int) -> dict:
+    def make(batch_size: int, shape: tuple[int, int] | None = None) -> dict:
+        height, width = shape or (imgsz, imgsz)
         n = batch_size * objects
         xy = torch.rand(n, 2, device=device) * 0.6 + 0.2
         wh = torch.rand(n, 2, device=device) * 0.2 + 0.05
         return {
-            "img": torch.rand(batch_size, channels, imgsz, imgsz, device=device),
+            "img": torch.rand(batch_size, channels, height, width, device=device),
             "batch_idx": torch.arange(batch_size, device=device).repeat_interleave(objects).float(),
             "cls": torch.randint(0, nc, (n, 1), device=device).float(),
             "bboxes": torch.cat([xy, wh], 1),
@@ -262,11 +303,11 @@ def _dataset_batches(trainer: Any, dataset: Any):
     """Real training samples (augmented as in training), cycled through the dataset, collated, preprocessed."""
     position = 0
 
-    def make(batch_size: int) -> dict:
+    def make(batch_size: int, shape: tuple[int, int] | None = None) -> dict:
         nonlocal position
         samples = [dataset[(position + i) % len(dataset)] for i in range(batch_size)]
         position += batch_size
-        return trainer.preprocess_batch(dataset.collate_fn(samples))
+        return _resized(trainer.preprocess_batch(dataset.collate_fn(samples)), shape)
 
     return make
 
@@ -304,6 +345,7 @@ class _Options:
         on_misfit: str,
         compare: bool,
         on_probe: Callable[[Probe], None] | None,
+        shape_table: bool = False,
     ):
         if on_misfit not in _MISFIT:
             raise ValueError(
@@ -314,13 +356,16 @@ class _Options:
         self.validate = validate
         self.on_misfit = on_misfit
         self.compare = compare
+        self.shape_table = checks.flag("shape_table", shape_table)
 
 
 class _BatchlabTrainerMixin:
     """Mixed in before an Ultralytics task trainer by :func:`trainer_class`; see the module docstring.
 
     After training, ``batchlab_result`` holds the :class:`~batchlab.FitResult` (None when no search or check
-    ran) and ``ultralytics_batch`` what Ultralytics' AutoBatch alone chose (only with ``compare=True``).
+    ran), ``batchlab_shape_table`` the multi-scale :class:`~batchlab.fit.shapes.ShapeTable` (``shape_table=True``
+    with ``multi_scale > 0``; else None) and ``ultralytics_batch`` what Ultralytics' AutoBatch alone chose (only
+    with ``compare=True``).
     """
 
     batchlab_options: _Options
@@ -329,6 +374,7 @@ class _BatchlabTrainerMixin:
         super().__init__(*args, **kwargs)
         self.batchlab_requested = self.args.batch
         self.batchlab_result: FitResult | None = None
+        self.batchlab_shape_table: ShapeTable | None = None
         self.ultralytics_batch: int | None = None
         parse_batch(self.batchlab_requested)  # Ultralytics' -1 / 0.7 / 16 are batchlab's forms: fail early
         self.add_callback("on_pretrain_routine_end", _check_fixed_batch)
@@ -363,9 +409,16 @@ class _BatchlabTrainerMixin:
             ema=ema,
             val_factor=self._batchlab_val_factor(),
         )
+        sizes = None
+        if self.batchlab_options.shape_table and self.args.multi_scale > 0:
+            stride = int(getattr(self, "stride", 32))
+            sizes = [(s, s) for s in multi_scale_sizes(self.args.imgsz, self.args.multi_scale, stride)]
         result = self._batchlab_search(  # the scaler too: a step it skips must still create Adam's state
-            step, (model, optimizer, scaler), self.batchlab_requested, dataset_size or None
+            step, (model, optimizer, scaler), self.batchlab_requested, dataset_size or None, sizes
         )
+        if isinstance(result, ShapeTable):  # training draws every size: the largest one's batch fits them all
+            self.batchlab_shape_table = result
+            result = result.entries[-1].result
         del step, ema, optimizer, scaler, dataset
         self.batchlab_result = result
         log.info("batchlab: %s", result.summary())
@@ -408,8 +461,13 @@ class _BatchlabTrainerMixin:
             vars(self.args).update(saved)
 
     def _batchlab_search(
-        self, step: Callable[[int], Any], preserve: Sequence[Any], batch: Any, dataset_size: int | None
-    ) -> FitResult:
+        self,
+        step: Callable[[int], Any],
+        preserve: Sequence[Any],
+        batch: Any,
+        dataset_size: int | None,
+        shapes: list[tuple[int, int]] | None = None,
+    ) -> FitResult | ShapeTable:
         options = self.batchlab_options
         model = _unwrap(self.model)
         criterion = getattr(model, "criterion", None)
@@ -420,6 +478,7 @@ class _BatchlabTrainerMixin:
                 dataset_size=dataset_size,
                 preserve=preserve,
                 training_follows=True,
+                shapes=shapes,
             )
         finally:
             model.criterion = criterion  # the loss builds it lazily on the first step: leave it as it was
@@ -485,6 +544,7 @@ def trainer_class(
     on_misfit: str = "warn",
     compare: bool = False,
     on_probe: Callable[[Probe], None] | None = None,
+    shape_table: bool = False,
 ) -> type:
     """A subclass of the model's Ultralytics trainer whose batch size batchlab decides; pass it as ``trainer=``.
 
@@ -498,6 +558,8 @@ def trainer_class(
         on_misfit: what a fixed ``batch=N`` that does not fit does: ``"warn"`` (log) or ``"raise"``.
         compare: also run Ultralytics' own AutoBatch and keep its answer in ``trainer.ultralytics_batch``.
         on_probe: called with each :class:`~batchlab.Probe` as it completes.
+        shape_table: with ``multi_scale > 0``, also find the largest batch at each multi-scale size
+            (:func:`multi_scale_sizes`) into ``trainer.batchlab_shape_table``; training uses the largest size's.
     """
     options = _Options(
         memory_budget=memory_budget,
@@ -508,6 +570,7 @@ def trainer_class(
         on_misfit=on_misfit,
         compare=compare,
         on_probe=on_probe,
+        shape_table=shape_table,
     )
     if isinstance(model_or_trainer, type):
         base = model_or_trainer
@@ -529,7 +592,7 @@ def train(model: Any, *, memory_budget: int | str | None = None, **kwargs: Any) 
     ``kwargs``; everything else goes to ``model.train``. Returns what ``model.train`` returns; the search is in
     ``model.trainer.batchlab_result``; see :func:`trainer_class` for the options.
     """
-    names = ("max_batch_size", "multiple_of", "validate", "on_misfit", "compare", "on_probe")
+    names = ("max_batch_size", "multiple_of", "validate", "on_misfit", "compare", "on_probe", "shape_table")
     ours = {name: kwargs.pop(name) for name in names if name in kwargs}
     if "batchlab_device" in kwargs:  # ``device`` itself is Ultralytics' own argument
         ours["device"] = kwargs.pop("batchlab_device")

@@ -5,11 +5,13 @@
 - :mod:`~batchlab.planning.kernels`: kernels whose fake versions leave memory out (oneDNN's LSTM workspace).
 - :mod:`~batchlab.planning.cards`: the card table and the one target parser.
 - :mod:`~batchlab.planning.plan`: :func:`plan`, the largest batch on a target, searched on the fake device.
+- :mod:`~batchlab.planning.shapes`: :func:`plan_shapes`, the largest batch per sequence length or image size.
 """
 
 from batchlab.planning.cards import CARDS, Card, PlanTarget, resolve_target
 from batchlab.planning.fake import FakeDevice, FakeEstimate
 from batchlab.planning.plan import PlanResult, estimate_memory_line, plan
+from batchlab.planning.shapes import PlanShapeTable, plan_shapes
 
 __all__ = [
     "CARDS",
@@ -17,8 +19,10 @@ __all__ = [
     "FakeDevice",
     "FakeEstimate",
     "PlanResult",
+    "PlanShapeTable",
     "PlanTarget",
     "estimate_memory_line",
     "plan",
+    "plan_shapes",
     "resolve_target",
 ]

@@ -136,7 +136,7 @@ def _with_amp(workload: Workload, amp: str | None) -> Workload:
     )
 
 
-def _check_workload(workload: Any) -> Workload:
+def check_workload(workload: Any) -> Workload:
     if not isinstance(workload, Workload):
         raise TypeError(
             "planning needs a batchlab.Workload (model, make_batch, loss_fn, optimizer) to copy to fake "
@@ -169,7 +169,7 @@ def estimate_memory_line(
 
     Raises :class:`~batchlab.errors.FakeTensorError` when the step cannot run on fake tensors.
     """
-    work = _with_amp(_check_workload(workload), parse_amp(amp))
+    work = _with_amp(check_workload(workload), parse_amp(amp))
     return _line(FakeDevice(work, device_type=device_type), batch_sizes)
 
 
@@ -216,7 +216,7 @@ def plan(
     started = time.perf_counter()
     spec = parse_batch(batch)
     resolved = resolve_target(target, device_type=device_type)
-    work = _with_amp(_check_workload(workload), parse_amp(amp))
+    work = _with_amp(check_workload(workload), parse_amp(amp))
     world_size = checks.integer("world_size", world_size)
     if not fsdp and (fsdp_options or shard is not None):
         raise ValueError("fsdp_options and shard describe FSDP sharding: pass fsdp=True with them")

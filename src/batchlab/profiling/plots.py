@@ -11,6 +11,9 @@ Two plots per profile, one line per variant, batch size on a log2 axis:
   crosses; with an input pipeline, its throughput dashed in the same colour.
 - ``<name>-memory.png``: peak memory vs batch size with the budget line; sizes that did not fit as crosses
   (at their peak, or on the top edge when they had none: out of memory or not run).
+
+And one plot of a shape table (``find_batch_size(..., shapes=...)`` or ``plan(..., shapes=...)``): the largest
+batch and the tokens (pixels) per batch against the sample's length, both on log2 axes (:func:`plot_shapes`).
 """
 
 from __future__ import annotations
@@ -197,3 +200,31 @@ def plot_profile(profile: Profile, directory: str | Path, *, name: str | None = 
         "throughput": plot_throughput(profile, directory / f"{stem}-throughput.png"),
         "memory": plot_memory(profile, directory / f"{stem}-memory.png"),
     }
+
+
+def plot_shapes(table: Any, path: str | Path, *, title: str = "") -> Path:
+    """Largest batch (left axis) and tokens per batch (right axis) vs length; returns the PNG's path.
+
+    ``table`` is a :class:`~batchlab.fit.shapes.ShapeTable` or a plan's shape table: anything whose
+    ``entries`` have ``length``, ``batch_size``, ``tokens_per_batch`` and ``fits``. A flat token line means
+    memory grows linearly with length; one that falls shows the ``L^2`` term (attention) taking over.
+    """
+    fig, ax = _axes()
+    rows = [e for e in table.entries if e.fits]
+    lengths = [e.length for e in rows] or [1, 2]
+    ax.plot(lengths, [e.batch_size for e in rows], "o-", color="C0", label="largest batch")
+    ax.set_yscale("log", base=2)
+    ax.set_ylabel("largest batch that fits (samples, log2)", color="C0")
+    _log2_batch_axis(ax, lengths)
+    ax.set_xlabel("length per sample (tokens; pixels h x w for images), log2 scale")
+    tokens = ax.twinx()
+    tokens.plot(lengths, [e.tokens_per_batch for e in rows], "s--", color="C1", label="tokens per batch")
+    tokens.set_ylim(bottom=0, top=max([e.tokens_per_batch for e in rows], default=1) * 1.15)
+    tokens.set_ylabel("tokens (pixels) per batch", color="C1")
+    for e in table.entries:
+        if not e.fits:
+            ax.plot([e.length], [1], "x", color="red", **CROSS)
+    handles = ax.get_legend_handles_labels()[0] + tokens.get_legend_handles_labels()[0]
+    ax.legend(handles, [h.get_label() for h in handles], fontsize=8, loc="lower left")
+    ax.set_title(title or "largest batch and tokens per batch vs length", fontsize=11)
+    return _save(fig, path)

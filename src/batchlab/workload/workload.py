@@ -12,6 +12,8 @@ have its state restored too.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -21,9 +23,28 @@ from batchlab import checks
 from batchlab.errors import WorkloadError
 from batchlab.memory import MemoryBreakdown, held_bytes
 from batchlab.spec import parse_amp
-from batchlab.workload.state import StateSnapshot, is_grad_scaler, is_lr_scheduler
+from batchlab.workload.state import RNGState, StateSnapshot, is_grad_scaler, is_lr_scheduler
 
 Batch = Any  # (inputs, targets) or a dict of model keyword arguments
+Shape = int | tuple[int, ...]  # a sequence length, or (h, w) of an image: what varies between batches
+
+
+def _takes_shape(function: Callable[..., Any]) -> bool:
+    """Whether ``function`` accepts a ``shape=`` keyword (by name, or through ``**kwargs``)."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: let the call itself tell
+        return True
+    return any(
+        p.kind == p.VAR_KEYWORD or (p.name == "shape" and p.kind != p.POSITIONAL_ONLY) for p in parameters
+    )
+
+
+def _check_takes_shape(function: Callable[..., Any], what: str, shape: Shape) -> None:
+    if not _takes_shape(function):
+        raise TypeError(
+            f"shape {shape!r} needs {what}(batch_size, shape=...): this {what} takes no shape parameter"
+        )
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:
@@ -130,14 +151,46 @@ class Workload:
         self.name = name or type(model).__name__
         self.validation = validation
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp == "fp16" else None
+        self.shape: Shape | None = None  # set on the copies with_shape makes
+
+    def with_shape(self, shape: Shape) -> Workload:
+        """The same step on batches of one ``shape``: ``make_batch(b)`` calls ``make_batch(b, shape=shape)``.
+
+        A workload says how its batches' shape varies by giving ``make_batch`` a ``shape`` keyword -- a sequence
+        length (int) or an image's ``(h, w)`` -- which the shape search (``find_batch_size(..., shapes=...)``)
+        passes and every other command leaves at its default. The copy shares this workload's model,
+        optimizer and data. One batch of one sample is built here (the random state restored after it), so a
+        shape the workload cannot build fails now, in one line naming it, rather than in the middle of a search.
+        """
+        shape = checks.shape("shape", shape)
+        _check_takes_shape(self.make_batch, "make_batch", shape)
+        rng = RNGState.capture()  # building the trial batch must not move the user's random streams
+        try:
+            self.make_batch(1, shape=shape)
+        except Exception as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise ValueError(
+                f"the workload cannot build shape {shape!r}: make_batch(1, shape={shape!r}) raised "
+                f"{type(exc).__name__}{': ' + reason if reason else ''}"
+            ) from exc
+        finally:
+            rng.restore()
+        shaped = Workload(self.model, functools.partial(self.make_batch, shape=shape), self.loss_fn,
+                          self.optimizer, amp=self.amp, grad_accum=self.grad_accum,
+                          dataset_size=self.dataset_size, name=f"{self.name} shape={shape}",
+                          validation=self.validation)  # fmt: skip
+        shaped.shape = shape
+        return shaped
 
     def with_amp(self, amp: str | None) -> Workload:
         """The same step under another precision, sharing this workload's model, optimizer and data."""
         if parse_amp(amp) == self.amp:
             return self
-        return Workload(self.model, self.make_batch, self.loss_fn, self.optimizer, amp=amp,
+        copy = Workload(self.model, self.make_batch, self.loss_fn, self.optimizer, amp=amp,
                         grad_accum=self.grad_accum, dataset_size=self.dataset_size, name=self.name,
                         validation=self.validation)  # fmt: skip
+        copy.shape = self.shape
+        return copy
 
     @property
     def device(self) -> torch.device:
@@ -273,6 +326,19 @@ class StepFunction:
         self.dataset_size = dataset_size
         self.name = name or getattr(step, "__name__", type(step).__name__)
         self._tensor_bytes = tensor_bytes
+        self.preserve = tuple(preserve)
+        self.shape: Shape | None = None  # set on the copies with_shape makes
+
+    def with_shape(self, shape: Shape) -> StepFunction:
+        """The same step on batches of one ``shape``: ``step(b)`` calls ``step(b, shape=shape)`` (see
+        :meth:`Workload.with_shape`); the copy restores the same ``preserve`` objects."""
+        shape = checks.shape("shape", shape)
+        _check_takes_shape(self._step, "step", shape)
+        shaped = StepFunction(functools.partial(self._step, shape=shape), preserve=self.preserve,
+                              dataset_size=self.dataset_size, name=f"{self.name} shape={shape}",
+                              tensor_bytes=self._tensor_bytes)  # fmt: skip
+        shaped.shape = shape
+        return shaped
 
     def step(self, batch_size: int) -> Any:
         return self._step(batch_size)

@@ -7,7 +7,9 @@
 - ``gpt``: a small GPT-style decoder on 128-token sequences with AdamW -- attention's per-sample memory.
 
 Images and tokens are synthetic (drawn from torch's global RNG, which batchlab restores after probing):
-memory and speed do not depend on what the pixels show.
+memory and speed do not depend on what the pixels show. ``cnn``, ``resnet`` and ``gpt`` take a batch ``shape``
+(``make_batch(b, shape=...)``: an image's ``(h, w)``, a sequence length up to gpt's context) for
+``find_batch_size(..., shapes=...)``; every other command leaves it at its default.
 """
 
 from __future__ import annotations
@@ -47,8 +49,9 @@ def mlp_digits(device: str = "cpu") -> Workload:
     )
 
 
-def _images(batch_size: int, device: str, size: int = 64, classes: int = 10):
-    return torch.randn(batch_size, 3, size, size, device=device), torch.randint(
+def _images(batch_size: int, device: str, shape: tuple[int, int] = (64, 64), classes: int = 10):
+    height, width = shape
+    return torch.randn(batch_size, 3, height, width, device=device), torch.randint(
         0, classes, (batch_size,), device=device
     )
 
@@ -63,7 +66,7 @@ def small_cnn(device: str = "cpu") -> Workload:
     ).to(device)  # fmt: skip
     return Workload(
         model,
-        lambda b: _images(b, device),
+        lambda b, shape=(64, 64): _images(b, device, shape),
         nn.functional.cross_entropy,
         lambda p: torch.optim.Adam(p, lr=1e-3),
         name="cnn",
@@ -106,7 +109,7 @@ def resnet(device: str = "cpu") -> Workload:
     model = nn.Sequential(*layers).to(device)
     return Workload(
         model,
-        lambda b: _images(b, device),
+        lambda b, shape=(64, 64): _images(b, device, shape),
         nn.functional.cross_entropy,
         lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
         name="resnet",
@@ -156,8 +159,10 @@ def gpt(device: str = "cpu") -> Workload:
     """Small GPT-style decoder (4 layers, width 256, 128 tokens, vocab 2048), AdamW, next-token loss."""
     model = TinyGPT().to(device)
 
-    def make_batch(batch_size: int):
-        tokens = torch.randint(0, 2048, (batch_size, model.context + 1), device=device)
+    def make_batch(batch_size: int, shape: int = model.context):
+        if shape > model.context:  # the position table has no row past the context
+            raise ValueError(f"gpt's context is {model.context} tokens, shorter than {shape}")
+        tokens = torch.randint(0, 2048, (batch_size, shape + 1), device=device)
         return tokens[:, :-1], tokens[:, 1:]
 
     def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,228 @@
+"""The largest batch for each of several batch shapes (sequence lengths, image sizes), each verified by real steps.
+
+``find_batch_size(workload, shapes=[128, 256, 512, 1024, 2048])`` runs :func:`search_shapes`: one search per
+shape, through the single-shape search itself (:func:`batchlab.find_batch_size` hands it a ``fit_at(shape,
+prior)`` that runs its verify-and-refine loop on ``workload.with_shape(shape)``), in an order chosen so that
+every shape after the first starts from a prediction:
+
+1. the longest shape first, with the plain search (its batches are the smallest: the cheapest to search);
+2. then the shortest, predicted from the longest alone, as a bound: memory per sample scaled linearly in
+   ``L`` down to a shorter shape (and as ``L^2`` up to a longer one, when the longest gave no line), which
+   over-states it whenever the truth lies between the two -- so the first try lands below the answer;
+3. then the shapes between, from the longest down, each predicted by :class:`~batchlab.fit.peak_model.PeakModel`
+   fitted over every shape searched so far -- an interpolation.
+
+The prediction is the search's first size at that shape (:func:`~batchlab.fit.decision.next_candidate`'s
+``prior``), lowered by the largest amount a fitted model (two lengths or more) has under-stated a measured
+peak, and its slope stands in for the shape's own line until two sizes there have run. When the model is right, a shape costs one
+or two probes instead of a full search; when it is wrong, the probes correct it, as any line is corrected.
+Every answer is a size that ran in full at its own shape.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from batchlab.checks import shape_size
+from batchlab.errors import DoesNotFitError
+from batchlab.fit.peak_model import PeakModel, fit_peak_model
+from batchlab.fit.records import FitResult, MemoryLine, Outcome
+from batchlab.units import format_bytes
+
+log = logging.getLogger("batchlab")
+
+Shape = int | tuple[int, ...]
+
+
+@dataclass
+class ShapeEntry:
+    """One shape's answer: the :class:`~batchlab.fit.records.FitResult` of its search, and what was predicted.
+
+    ``length`` is the shape's size (tokens; pixels ``h * w``); ``predicted_batch_size`` the size the peak model
+    put at the budget before this shape's first probe (None for the shapes searched before a prediction).
+    """
+
+    shape: Shape
+    length: int
+    result: FitResult
+    predicted_batch_size: int | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.result.batch_size
+
+    @property
+    def fits(self) -> bool:
+        return self.result.fits
+
+    @property
+    def tokens_per_batch(self) -> int:
+        """Batch x length: the tokens (pixels) one batch of this shape holds."""
+        return self.result.batch_size * self.length
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "shape": list(self.shape) if isinstance(self.shape, tuple) else self.shape,
+            "length": self.length,
+            "batch_size": self.batch_size,
+            "fits": self.fits,
+            "tokens_per_batch": self.tokens_per_batch,
+            "predicted_batch_size": self.predicted_batch_size,
+            "probes": len(self.result.probes),
+            "result": self.result.to_dict(),
+        }
+
+
+@dataclass
+class ShapeTable:
+    """The answer of ``find_batch_size(..., shapes=...)``: one :class:`ShapeEntry` per shape, in the given order.
+
+    ``model`` is the :class:`~batchlab.fit.peak_model.PeakModel` fitted over every shape at the end;
+    ``order`` the order the shapes were searched in; ``probes`` the probes of all the searches together.
+    """
+
+    entries: list[ShapeEntry]
+    model: PeakModel | None
+    order: list[Shape]
+    search_seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def probes(self) -> int:
+        return sum(len(entry.result.probes) for entry in self.entries)
+
+    @property
+    def steps_run(self) -> int:
+        return sum(entry.result.steps_run for entry in self.entries)
+
+    @property
+    def budget_bytes(self) -> int:
+        return self.entries[0].result.budget_bytes
+
+    @property
+    def device(self) -> str:
+        return self.entries[0].result.device
+
+    def max_batch_by_shape(self) -> dict[Shape, int]:
+        """``{shape: largest batch that fits}``, for the shapes where one fits (a token budget's input)."""
+        return {entry.shape: entry.batch_size for entry in self.entries if entry.fits}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "entries": [entry.to_dict() for entry in self.entries],
+            "model": self.model.to_dict() if self.model else None,
+            "order": [list(s) if isinstance(s, tuple) else s for s in self.order],
+            "probes": self.probes,
+            "steps_run": self.steps_run,
+            "budget_bytes": self.budget_bytes,
+            "device": self.device,
+            "search_seconds": self.search_seconds,
+            "notes": self.notes,
+        }
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def summary(self) -> str:
+        """One line per shape, in plain words."""
+        lines = [
+            f"largest batch per shape on {self.device} (budget {format_bytes(self.budget_bytes)}), each verified "
+            f"with real steps; {self.probes} probes in all"
+        ]
+        for entry in self.entries:
+            verdict = "fits" if entry.fits else "does NOT fit"
+            lines.append(
+                f"  shape {entry.shape}: batch {entry.batch_size} {verdict} ({entry.tokens_per_batch} per batch, "
+                f"limited by {entry.result.limited_by})"
+            )
+        return "\n".join(lines)
+
+
+def search_order(shapes: Sequence[Shape]) -> list[Shape]:
+    """The longest shape, the shortest, then the ones between from the longest down (see the module)."""
+    ordered = sorted(shapes, key=shape_size)
+    if len(ordered) < 2:
+        return list(ordered)
+    return [ordered[-1], ordered[0], *reversed(ordered[1:-1])]
+
+
+def search_shapes(
+    shapes: Sequence[Shape],
+    fit_at: Callable[[Shape, MemoryLine | None], FitResult],
+    *,
+    seconds: Callable[[], float] | None = None,
+) -> ShapeTable:
+    """Search every shape through ``fit_at(shape, prior)`` -- the single-shape search -- in :func:`search_order`.
+
+    ``prior`` is the predicted memory line at that shape (None for the first); it reaches the search's
+    decision as :func:`~batchlab.fit.decision.next_candidate`'s ``prior``. A shape where not even the smallest
+    batch fits raises :class:`~batchlab.errors.DoesNotFitError` naming it. ``seconds``: the clock to report
+    the search's time with (the caller's; None reports 0).
+    """
+    started = seconds() if seconds else 0.0
+    results: dict[Shape, FitResult] = {}
+    predicted: dict[Shape, int | None] = {}
+    under_stated = 0.0  # the most a prediction has put a measured peak below the truth, in bytes
+    for shape in search_order(shapes):
+        model = _model(results)
+        length = shape_size(shape)
+        raw = _prior_line(model, length)
+        prior = None if raw is None else MemoryLine(raw.fixed_bytes + under_stated, raw.bytes_per_sample)
+        try:
+            result = fit_at(shape, prior)
+        except DoesNotFitError as exc:  # name the shape: the longest is searched first, and fails first
+            raise DoesNotFitError(f"at shape {shape!r}: {exc}", batch_size=exc.batch_size,
+                                  needed_bytes=exc.needed_bytes, budget_bytes=exc.budget_bytes) from exc  # fmt: skip
+        results[shape] = result
+        predicted[shape] = _predicted_size(prior, result.budget_bytes)
+        if raw is not None and len(model.lengths) >= 2:  # a bound from one length over-states on purpose
+            under_stated = max(under_stated, _under_statement(result, raw))
+        log.info("shape %s: batch %d (%d probes)", shape, result.batch_size, len(result.probes))
+    entries = [ShapeEntry(s, shape_size(s), results[s], predicted[s]) for s in shapes]
+    return ShapeTable(
+        entries=entries,
+        model=_model(results),
+        order=search_order(shapes),
+        search_seconds=(seconds() - started) if seconds else 0.0,
+    )
+
+
+def _model(results: dict[Shape, FitResult]) -> PeakModel | None:
+    lines = [
+        (shape_size(shape), MemoryLine(r.fixed_bytes, r.bytes_per_sample))
+        for shape, r in results.items()
+        if r.bytes_per_sample is not None and r.fixed_bytes is not None
+    ]
+    return fit_peak_model(lines)
+
+
+def _prior_line(model: PeakModel | None, length: int) -> MemoryLine | None:
+    """The model's line at ``length``; from one length alone the bound of step 2 (see the module)."""
+    if model is None:
+        return None
+    if len(model.lengths) == 1 and length > model.lengths[0]:
+        known = model.lengths[0]
+        return MemoryLine(model.fixed_bytes, model.per_sample(known) * (length / known) ** 2)
+    return model.line(length)
+
+
+def _predicted_size(prior: MemoryLine | None, budget: int) -> int | None:
+    if prior is None or prior.bytes_per_sample <= 0:
+        return None
+    size = prior.largest_under(budget)
+    return int(size) if math.isfinite(size) and size >= 1 else None
+
+
+def _under_statement(result: FitResult, predicted: MemoryLine) -> float:
+    """How far the model put this shape's measured peaks below the readings (0 if it never did)."""
+    errors = [
+        probe.peak_bytes - predicted.peak(probe.batch_size)
+        for probe in result.probes
+        if probe.peak_bytes is not None and probe.outcome in (Outcome.FITS, Outcome.OVER_BUDGET)
+    ]
+    return max([0.0, *errors])

@@ -1,0 +1,119 @@
+"""Plan the shape table without the device: the largest batch per sequence length or image size, from fake tensors.
+
+``plan_shapes(workload, target, [128, 256, 512])`` answers what ``find_batch_size(..., shapes=...)`` measures
+(:mod:`batchlab.fit.shapes`), for a card you do not have: one :func:`~batchlab.planning.plan.plan` per shape on
+``workload.with_shape(shape)`` (``batchlab plan --shapes``). A fake probe costs the same at any size, so every shape gets its own plan --
+no prediction between shapes is needed to save probes -- and the peak model
+(:class:`~batchlab.fit.peak_model.PeakModel`) is fitted over the plans' lines afterwards, to show how memory
+grows with length. Each entry carries the plan's accuracy and its notes: an estimate, never a measurement.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from batchlab import checks
+from batchlab.checks import shape_size
+from batchlab.fit.peak_model import PeakModel, fit_peak_model
+from batchlab.fit.records import MemoryLine
+from batchlab.planning.cards import PlanTarget
+from batchlab.planning.plan import PlanResult, check_workload, plan
+from batchlab.units import format_bytes
+from batchlab.workload.workload import Workload
+
+Shape = int | tuple[int, ...]
+
+
+@dataclass
+class PlanShapeEntry:
+    """One shape's plan (:class:`~batchlab.planning.plan.PlanResult`); ``length`` as in the measured table."""
+
+    shape: Shape
+    length: int
+    result: PlanResult
+
+    @property
+    def batch_size(self) -> int:
+        return self.result.batch_size
+
+    @property
+    def fits(self) -> bool:
+        return self.result.fits
+
+    @property
+    def tokens_per_batch(self) -> int:
+        return self.result.batch_size * self.length
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "shape": list(self.shape) if isinstance(self.shape, tuple) else self.shape,
+            "length": self.length,
+            "batch_size": self.batch_size,
+            "fits": self.fits,
+            "tokens_per_batch": self.tokens_per_batch,
+            "result": self.result.to_dict(),
+        }
+
+
+@dataclass
+class PlanShapeTable:
+    """The answer of ``plan(..., shapes=...)``: one estimated entry per shape, and the peak model over them."""
+
+    entries: list[PlanShapeEntry]
+    model: PeakModel | None
+
+    @property
+    def budget_bytes(self) -> int:
+        return self.entries[0].result.budget_bytes
+
+    def max_batch_by_shape(self) -> dict[Shape, int]:
+        """``{shape: largest batch estimated to fit}`` -- the same mapping the measured table gives."""
+        return {entry.shape: entry.batch_size for entry in self.entries if entry.fits}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "entries": [entry.to_dict() for entry in self.entries],
+            "model": self.model.to_dict() if self.model else None,
+            "budget_bytes": self.budget_bytes,
+            "estimated": True,  # from fake tensors, never measured
+        }
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def summary(self) -> str:
+        first = self.entries[0].result
+        lines = [
+            f"largest batch per shape on {first.target.name} (budget {format_bytes(self.budget_bytes)}), estimated "
+            "from fake tensors, not measured -- verify with `batchlab fit --shapes`"
+        ]
+        for entry in self.entries:
+            verdict = "fits" if entry.fits else "does NOT fit"
+            lines.append(
+                f"  shape {entry.shape}: batch {entry.batch_size} {verdict} ({entry.tokens_per_batch} per batch)"
+            )
+        return "\n".join(lines)
+
+
+def plan_shapes(
+    workload: Workload, target: str | int | PlanTarget, shapes: Sequence[Shape], **options: Any
+) -> PlanShapeTable:
+    """The largest batch per shape on ``target``, each from :func:`~batchlab.planning.plan.plan` on fake tensors.
+
+    ``shapes`` as for ``find_batch_size(..., shapes=...)`` (sorted, each once; the workload's ``make_batch``
+    takes ``shape=``); ``options`` are :func:`~batchlab.planning.plan.plan`'s (``device_type``, ``batch``,
+    ``amp``, ``max_batch_size``, ``dataset_size``, ``multiple_of``). Every shape is checked -- built once --
+    before the first plan runs.
+    """
+    work = check_workload(workload)
+    shaped = {shape: work.with_shape(shape) for shape in checks.shapes("shapes", shapes)}
+    entries = [PlanShapeEntry(s, shape_size(s), plan(w, target, **options)) for s, w in shaped.items()]
+    lines = [
+        (entry.length, MemoryLine(entry.result.fixed_bytes, entry.result.bytes_per_sample))
+        for entry in entries
+        if entry.result.bytes_per_sample is not None and entry.result.fixed_bytes is not None
+    ]
+    return PlanShapeTable(entries, fit_peak_model(lines))

@@ -1,0 +1,301 @@
+"""The search over batch shapes (issue 12): one verified answer per length or image size, fewer probes than
+one search per shape, bad shape lists refused in one line, and the pure pieces (the peak model, the prior)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from batchlab import DoesNotFitError, Workload, find_batch_size
+from batchlab.checks import shapes as check_shapes
+from batchlab.devices import CPUDevice, SimulatedDevice
+from batchlab.fit import MemoryLine, Probe, next_candidate
+from batchlab.fit.decision import PRIOR_BACKOFF, PRIOR_PREDICTION
+from batchlab.fit.peak_model import fit_peak_model
+from batchlab.fit.records import Outcome
+from batchlab.fit.shapes import ShapeTable, search_order
+
+MiB = 2**20
+GiB = 2**30
+
+
+# ------------------------------------------------------------------------------------------ simulated memory
+
+
+def shaped_memory(fixed: float, alpha: float, beta: float, block: int = 2 * MiB):
+    """``memory(b)`` of a step whose batch shape the step itself sets: fixed + b (alpha L + beta L^2)."""
+    current: dict[str, object] = {}
+
+    def step(batch_size: int, shape=None) -> None:
+        current["shape"] = shape
+
+    def memory(batch_size: int) -> int:
+        shape = current["shape"]
+        length = shape if isinstance(shape, int) else math.prod(shape)
+        value = fixed + batch_size * (alpha * length + beta * length**2)
+        return int(math.ceil(value / block) * block)
+
+    def truth(shape, budget: int) -> int:
+        current["shape"] = shape
+        return max(b for b in range(1, 100_000) if memory(b) <= budget)
+
+    return step, memory, truth
+
+
+@pytest.mark.parametrize(
+    ("fixed", "alpha", "beta", "capacity"),
+    [
+        (2 * GiB, 400_000.0, 0.0, 16 * GiB),  # linear in L: an MLP over tokens
+        (4 * GiB, 300_000.0, 300.0, 40 * GiB),  # attention's L^2 about as large as the rest at L = 1000
+        (10 * GiB, 50_000.0, 2_000.0, 80 * GiB),  # L^2 dominant
+    ],
+)
+def test_every_shape_gets_its_true_maximum_for_fewer_probes_than_one_search_per_shape(
+    fixed, alpha, beta, capacity
+):
+    step, memory, truth = shaped_memory(fixed, alpha, beta)
+    device = SimulatedDevice(memory, capacity)
+    shapes = [128, 256, 512, 1024, 2048]
+    table = find_batch_size(step, device=device, shapes=shapes)
+    assert isinstance(table, ShapeTable)
+    assert [entry.shape for entry in table.entries] == shapes
+    assert table.max_batch_by_shape() == {s: truth(s, table.budget_bytes) for s in shapes}
+    for entry in table.entries:  # each answer ran in full at its own shape, within the budget
+        answer = [p for p in entry.result.probes if p.batch_size == entry.batch_size][-1]
+        assert answer.verified and answer.fits and answer.peak_bytes <= table.budget_bytes
+    singles = []
+    for shape in shapes:
+        single = find_batch_size(lambda b, s=shape: step(b, shape=s), device=device)
+        assert single.batch_size == table.max_batch_by_shape()[shape]
+        singles.append(len(single.probes))
+    assert table.probes < sum(singles)
+    predicted = [e for e in table.entries if e.shape not in table.order[:2]]  # interpolated by the model
+    assert all(len(e.result.probes) <= 2 for e in predicted)
+    # fitted over the shapes that gave a line of their own (two sizes run); a one-probe shape gives none
+    assert (
+        table.model is not None and len(table.model.lengths) >= 2 and set(table.model.lengths) <= set(shapes)
+    )
+
+
+def test_the_table_is_searched_longest_first_then_shortest_then_inwards():
+    assert search_order([128, 256, 512, 1024, 2048]) == [2048, 128, 1024, 512, 256]
+    assert search_order([(320, 320), (640, 480), (640, 640)]) == [(640, 640), (320, 320), (640, 480)]
+    assert search_order([64]) == [64]
+
+
+def test_the_table_says_what_it_measured_as_plain_data():
+    step, memory, _ = shaped_memory(2 * GiB, 20_000.0, 0.0)
+    table = find_batch_size(step, device=SimulatedDevice(memory, 16 * GiB), shapes=[(64, 64), (128, 128)])
+    data = table.to_dict()
+    assert [e["shape"] for e in data["entries"]] == [[64, 64], [128, 128]]
+    assert data["entries"][0]["length"] == 64 * 64
+    assert data["entries"][0]["tokens_per_batch"] == data["entries"][0]["batch_size"] * 64 * 64
+    assert data["entries"][0]["predicted_batch_size"] is not None  # the shorter one came second, predicted
+    assert data["probes"] == sum(len(e["result"]["probes"]) for e in data["entries"])
+    assert set(data["model"]) == {"fixed_bytes", "alpha", "beta", "lengths"}
+    assert table.to_json() and "shape (64, 64): batch" in table.summary()
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(
+    ("shapes", "match"),
+    [
+        ([], r"invalid shapes \[\]: expected a non-empty list"),
+        ([256, 128], r"\(128 after 256\)"),
+        ([128, 128], r"\(128 after 128\)"),
+        ([128, 0], r"invalid shape in shapes 0"),
+        ([-5], r"invalid shape in shapes -5"),
+        ([True], r"invalid shape in shapes True"),
+        ([128, (16, 16)], r"shapes of one kind"),
+        ([(16, 0)], r"invalid shape in shapes \(16, 0\)"),
+        ("128", r"invalid shapes '128'"),
+    ],
+)
+def test_a_bad_shape_list_is_one_line_naming_the_value(shapes, match):
+    with pytest.raises(ValueError, match=match):
+        check_shapes("shapes", shapes)
+    step, memory, _ = shaped_memory(GiB, 1e5, 0.0)
+    device = SimulatedDevice(memory, 8 * GiB)
+    with pytest.raises(ValueError, match=match):
+        find_batch_size(step, device=device, shapes=shapes)
+    assert device.runs == []  # refused before anything ran
+
+
+def tiny_sequence_workload(max_length: int = 64) -> Workload:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(50, 8), nn.Linear(8, 50))
+
+    def make_batch(batch_size: int, shape: int = 16):
+        if shape > max_length:
+            raise ValueError(f"no sequence longer than {max_length} tokens")
+        tokens = torch.randint(0, 50, (batch_size, shape))
+        return tokens, tokens
+
+    def loss_fn(logits, targets):
+        return nn.functional.cross_entropy(logits.reshape(-1, 50), targets.reshape(-1))
+
+    return Workload(model, make_batch, loss_fn, lambda p: torch.optim.Adam(p), name="tiny-seq")
+
+
+def test_a_shape_the_workload_cannot_build_is_one_line_naming_it_and_keeps_the_rng():
+    workload = tiny_sequence_workload(max_length=64)
+    rng = torch.get_rng_state()
+    with pytest.raises(
+        ValueError, match=r"cannot build shape 128: .* ValueError: no sequence longer than 64"
+    ):
+        find_batch_size(workload, device="cpu", shapes=[32, 128])
+    assert torch.equal(torch.get_rng_state(), rng)  # the trial batch's draws were given back
+
+
+def test_a_make_batch_without_a_shape_parameter_is_one_line():
+    workload = Workload(nn.Linear(4, 2), lambda b: (torch.randn(b, 4), torch.randn(b, 2)), nn.functional.mse_loss,
+                        lambda p: torch.optim.SGD(p, lr=0.1))  # fmt: skip
+    with pytest.raises(TypeError, match=r"shape 128 needs make_batch\(batch_size, shape=...\)"):
+        workload.with_shape(128)
+    with pytest.raises(TypeError, match=r"shape 128 needs step\(batch_size, shape=...\)"):
+        find_batch_size(lambda b: None, device=SimulatedDevice(lambda b: b, 100), shapes=[128])
+    with pytest.raises(ValueError, match="estimate= is a line for one shape"):
+        find_batch_size(lambda b, shape=1: None, device=SimulatedDevice(lambda b: b, 100), shapes=[8],
+                        estimate=MemoryLine(0, 1))  # fmt: skip
+
+
+def test_with_shape_passes_the_shape_and_other_commands_keep_the_default():
+    workload = tiny_sequence_workload()
+    inputs, _ = workload.next_batch(3)
+    assert inputs.shape == (3, 16)  # the default: what profile, noise and sweep see
+    shaped = workload.with_shape(40)
+    assert shaped.next_batch(3)[0].shape == (3, 40) and shaped.shape == 40
+    assert shaped.model is workload.model and shaped.optimizer is workload.optimizer
+    assert shaped.with_amp("bf16").shape == 40
+
+
+# ------------------------------------------------------------------------------------- a real step on the CPU
+
+
+WIDTH, VOCAB = 32, 64
+
+
+class TinyAttention(nn.Module):
+    """Embedding, one attention layer (its L^2 scores), a head over the vocabulary: a language model in small."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, WIDTH)
+        self.attention = nn.MultiheadAttention(WIDTH, 2, batch_first=True)
+        self.head = nn.Linear(WIDTH, VOCAB)
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        return self.head(x + self.attention(x, x, x, need_weights=False)[0])
+
+
+def tiny_attention_workload() -> Workload:
+    """The shape-aware workload of these tests (and of the CLI's and plan's: ``tests/test_shapes.py:...``)."""
+    torch.manual_seed(0)
+
+    def make_batch(batch_size: int, shape: int = 32):
+        tokens = torch.randint(0, VOCAB, (batch_size, shape))
+        return tokens, tokens
+
+    def loss_fn(logits, targets):
+        return nn.functional.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
+
+    return Workload(
+        TinyAttention(), make_batch, loss_fn, lambda p: torch.optim.Adam(p), name="tiny-attention"
+    )
+
+
+def test_a_real_cpu_table_is_verified_and_leaves_the_state_as_it_was():
+    workload = tiny_attention_workload()
+    model = workload.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    budget = int((CPUDevice().in_use_bytes() + 40 * MiB) / 0.9)
+    table = find_batch_size(workload, device="cpu", memory_budget=budget, shapes=[64, 128, 256])
+    sizes = table.max_batch_by_shape()
+    assert sizes[64] > sizes[128] > sizes[256] >= 2
+    for entry in table.entries:
+        assert entry.fits and entry.result.peak_bytes <= table.budget_bytes
+        assert entry.result.probes[-1].verified or any(
+            p.verified and p.batch_size == entry.batch_size for p in entry.result.probes
+        )
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), rng) and model.embed.weight.grad is None
+    assert workload.optimizer.state == {}
+
+
+# ------------------------------------------------------------------------------------------- the pure pieces
+
+
+def test_the_peak_model_recovers_both_coefficients_from_two_lengths():
+    def line(length, alpha=1000.0, beta=3.0):
+        return length, MemoryLine(5e8, alpha * length + beta * length**2)
+
+    model = fit_peak_model([line(128), line(2048)])
+    assert model.alpha == pytest.approx(1000.0) and model.beta == pytest.approx(3.0)
+    assert model.peak(10, 512) == pytest.approx(5e8 + 10 * (1000 * 512 + 3 * 512**2))
+    assert fit_peak_model([line(128), line(512), line(2048)]).beta == pytest.approx(3.0)
+    one = fit_peak_model([line(256)])
+    assert one.beta == 0 and one.alpha == pytest.approx(1000 + 3 * 256)  # one length: linear
+    shrinking = fit_peak_model([(128, MemoryLine(0, 2000.0 * 128)), (1024, MemoryLine(0, 1000.0 * 1024))])
+    assert shrinking.beta == 0 and shrinking.alpha > 0  # never a negative coefficient
+    assert fit_peak_model([(128, MemoryLine(0, 0.0))]) is None
+
+
+def probe(batch_size, outcome, peak, predicted=None):
+    return Probe(batch_size, Outcome(outcome), peak, 0, predicted, 0.1, 2)
+
+
+def test_the_prior_opens_at_its_prediction_in_full_and_steps_down_from_a_failure():
+    prior = MemoryLine(1000, 10)  # the budget 2000 holds 100 samples by it
+    first = next_candidate([], 2000, prior=prior)
+    assert (first.batch_size, first.reason, first.scout) == (100, PRIOR_PREDICTION, False)
+    over = next_candidate([probe(100, "over budget", 2100)], 2000, prior=prior)
+    assert over.batch_size == 90 and over.reason == PRIOR_PREDICTION  # 100 sizes of slope 10 over by 100
+    off = next_candidate([probe(100, "over budget", 2100, 2000)], 2000, prior=prior)
+    assert off.batch_size == 80  # and below by what the prior was off there: 100 bytes, 10 samples more
+    oom = next_candidate([probe(100, "oom", None)], 2000, prior=prior)
+    assert oom.batch_size == int(100 * PRIOR_BACKOFF)
+    again = next_candidate(
+        [probe(100, "over budget", 2100), probe(90, "over budget", 2010)], 2000, prior=prior
+    )
+    assert again.batch_size == int(90 * PRIOR_BACKOFF)  # a second failure: geometric, whatever the peaks say
+    # one fit: the prior's slope anchored on it predicts; two sizes: the probes' own line takes over
+    anchored = next_candidate([probe(80, "fits", 1850, 1800)], 2000, prior=prior)
+    assert (
+        anchored.batch_size == 96 and not anchored.scout
+    )  # 80 + 150 / 10 = 95 by the line; the step past first
+    assert (
+        next_candidate([probe(2, "fits", 1020), probe(2, "oom", None)], 2000, prior=prior).batch_size != 100
+    )
+    capped = next_candidate([], 2000, prior=prior, cap=40, hard_limit_bytes=1500)
+    assert capped.batch_size == 40
+    assert next_candidate([], 2000, prior=prior, hard_limit_bytes=1300).batch_size == 30
+
+
+def test_a_shape_where_nothing_fits_is_named_in_the_error():
+    step, memory, _ = shaped_memory(GiB, 1e6, 0.0)
+    with pytest.raises(DoesNotFitError, match=r"^at shape 8192: batch 1 does not fit"):
+        find_batch_size(step, device=SimulatedDevice(memory, 8 * GiB), shapes=[128, 8192])
+
+
+def test_a_generic_image_workload_gets_its_table_over_image_sizes():
+    from batchlab.workloads import load_workload
+
+    workload = load_workload("cnn")  # make_batch(b, shape=(h, w)): 3 x h x w images
+    budget = int((CPUDevice().in_use_bytes() + 40 * MiB) / 0.9)
+    shapes = [(16, 16), (24, 32), (32, 32)]
+    table = find_batch_size(workload, device="cpu", memory_budget=budget, shapes=shapes)
+    assert table.order[0] == (32, 32)  # the largest image first, as Ultralytics' multi-scale worst case
+    sizes = table.max_batch_by_shape()
+    assert (
+        sizes[(16, 16)] > sizes[(24, 32)] >= sizes[(32, 32)] >= 2
+    )  # (the process creeps up per probe on the CPU)
+    assert [e.length for e in table.entries] == [16 * 16, 24 * 32, 32 * 32]  # pixels are the length
+    for entry in table.entries:
+        assert entry.fits and entry.result.peak_bytes <= table.budget_bytes

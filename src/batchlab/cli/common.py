@@ -190,3 +190,16 @@ def comma_shapes(flag: str, text: str) -> list[int | tuple[int, ...]]:
             f"invalid {flag} {text!r}: expected lengths like 128,256,512 or image sizes like 320x320,640x640"
         ) from None
     return checks.shapes(flag, values)
+
+
+def print_table_footer(console: Any, table: Any, *, estimated: bool) -> None:
+    """Below a shape table (measured by ``fit --shapes`` or planned by ``plan --shapes``): the fitted peak model
+    and every note of the entries, once each."""
+    if table.model is not None:
+        model = table.model
+        console.print(
+            f"peak(b, L) = {format_bytes(model.fixed_bytes)} + b x ({model.alpha:.4g} L + {model.beta:.4g} L^2) "
+            f"bytes{' (estimated)' if estimated else ''}, fitted over L = {', '.join(map(str, model.lengths))}"
+        )
+    for note in sorted({note for entry in table.entries for note in entry.result.notes}):
+        console.print(f"[dim]note: {note}[/]")

@@ -9,7 +9,14 @@ import json
 from rich.console import Console
 from rich.table import Table
 
-from batchlab.cli.common import Display, add_workload_options, build_workload, comma_shapes, print_breakdown
+from batchlab.cli.common import (
+    Display,
+    add_workload_options,
+    build_workload,
+    comma_shapes,
+    print_breakdown,
+    print_table_footer,
+)
 from batchlab.fit import FitResult, find_batch_size
 from batchlab.fit.shapes import ShapeTable
 from batchlab.optional import require
@@ -132,14 +139,7 @@ def print_shape_table(console: Console, table: ShapeTable) -> None:
             str(entry.result.limited_by),
         )
     console.print(rows)
-    if table.model is not None:
-        model = table.model
-        console.print(
-            f"peak(b, L) = {format_bytes(model.fixed_bytes)} + b x ({model.alpha:.4g} L + {model.beta:.4g} L^2) "
-            f"bytes, fitted over L = {', '.join(map(str, model.lengths))}"
-        )
-    for note in sorted({note for entry in table.entries for note in entry.result.notes}):
-        console.print(f"[dim]note: {note}[/]")
+    print_table_footer(console, table, estimated=False)
 
 
 def print_summary(console: Console, result: FitResult) -> None:

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from batchlab import checks
-from batchlab.cli.common import Display, comma_shapes, print_breakdown
+from batchlab.cli.common import Display, comma_shapes, print_breakdown, print_table_footer
 from batchlab.planning.cards import CARDS, DEVICE_TYPES, resolve_target
 from batchlab.planning.plan import PlanResult, plan
 from batchlab.planning.shapes import PlanShapeTable, plan_shapes
@@ -112,14 +112,7 @@ def print_shape_table(console: Console, table: PlanShapeTable) -> None:
             format_bytes(entry.result.bytes_per_sample),
         )
     console.print(rows)
-    if table.model is not None:
-        model = table.model
-        console.print(
-            f"peak(b, L) = {format_bytes(model.fixed_bytes)} + b x ({model.alpha:.4g} L + {model.beta:.4g} L^2) "
-            f"bytes (estimated), fitted over L = {', '.join(map(str, model.lengths))}"
-        )
-    for note in sorted({note for entry in table.entries for note in entry.result.notes}):
-        console.print(f"[dim]note: {note}[/]")
+    print_table_footer(console, table, estimated=True)
 
 
 def print_summary(console: Console, result: PlanResult) -> None:

@@ -40,17 +40,16 @@ Shape = int | tuple[int, ...]
 
 
 @dataclass
-class ShapeEntry:
-    """One shape's answer: the :class:`~batchlab.fit.records.FitResult` of its search, and what was predicted.
+class ShapeRow:
+    """What every row of a shape table says, measured (:class:`ShapeEntry`) or planned
+    (:class:`~batchlab.planning.shapes.PlanShapeEntry`): the shape, its size and the answer there.
 
-    ``length`` is the shape's size (tokens; pixels ``h * w``); ``predicted_batch_size`` the size the peak model
-    put at the budget before this shape's first probe (None for the shapes searched before a prediction).
+    ``length`` is the shape's size (tokens; pixels ``h * w``); ``result`` the search's or the plan's result.
     """
 
     shape: Shape
     length: int
-    result: FitResult
-    predicted_batch_size: int | None = None
+    result: Any
 
     @property
     def batch_size(self) -> int:
@@ -72,9 +71,26 @@ class ShapeEntry:
             "batch_size": self.batch_size,
             "fits": self.fits,
             "tokens_per_batch": self.tokens_per_batch,
+            "result": self.result.to_dict(),
+        }
+
+
+@dataclass
+class ShapeEntry(ShapeRow):
+    """One shape's answer: the :class:`~batchlab.fit.records.FitResult` of its search, and what was predicted.
+
+    ``predicted_batch_size`` is the size the peak model put at the budget before this shape's first probe
+    (None for the shapes searched before a prediction).
+    """
+
+    result: FitResult
+    predicted_batch_size: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **super().to_dict(),
             "predicted_batch_size": self.predicted_batch_size,
             "probes": len(self.result.probes),
-            "result": self.result.to_dict(),
         }
 
 

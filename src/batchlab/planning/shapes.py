@@ -19,43 +19,18 @@ from batchlab import checks
 from batchlab.checks import shape_size
 from batchlab.fit.peak_model import PeakModel, fit_peak_model
 from batchlab.fit.records import MemoryLine
+from batchlab.fit.shapes import Shape, ShapeRow
 from batchlab.planning.cards import PlanTarget
 from batchlab.planning.plan import PlanResult, check_workload, plan
 from batchlab.units import format_bytes
 from batchlab.workload.workload import Workload
 
-Shape = int | tuple[int, ...]
-
 
 @dataclass
-class PlanShapeEntry:
+class PlanShapeEntry(ShapeRow):
     """One shape's plan (:class:`~batchlab.planning.plan.PlanResult`); ``length`` as in the measured table."""
 
-    shape: Shape
-    length: int
     result: PlanResult
-
-    @property
-    def batch_size(self) -> int:
-        return self.result.batch_size
-
-    @property
-    def fits(self) -> bool:
-        return self.result.fits
-
-    @property
-    def tokens_per_batch(self) -> int:
-        return self.result.batch_size * self.length
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "shape": list(self.shape) if isinstance(self.shape, tuple) else self.shape,
-            "length": self.length,
-            "batch_size": self.batch_size,
-            "fits": self.fits,
-            "tokens_per_batch": self.tokens_per_batch,
-            "result": self.result.to_dict(),
-        }
 
 
 @dataclass

@@ -11,7 +11,7 @@ its own mapping, returned to the kernel on free: then the peak grows exactly lin
 (3.55 MiB per 64x64 image, repeatable to 0.1 MiB; see DESIGN.md). :func:`exact_allocator` sets it when a CPU device is made, through ``mallopt``: process-wide, and it stays
 -- switching back and forth is not an option, because the large free chunks a fast heap keeps would serve a
 later measured step's tensors without new resident pages and read as nothing (measured: 0.0 MiB for a CNN
-step at batch 2 after fast-mode steps). Its cost, measured: a training step is 35-45% slower (every large
+step at batch 2 after fast-mode steps). Its cost, measured: a training step is 17-45% slower (every large
 tensor a fresh mapping, page faults and all; benchmarks/RESULTS.md, "glibc's mmap threshold"), in batchlab's
 own timings too (profile, advise: their throughput is under the exact allocator, the same for every batch
 size they compare). A user who trains on the CPU in the same process after a search calls
@@ -77,7 +77,7 @@ def fast_allocator() -> bool:
     """Give training its speed back after measuring on the CPU: the static thresholds glibc's dynamic ones
     settle at for large tensors (mmap 32 MiB, its 64-bit maximum; trim twice that); True where it applies.
 
-    The 64 KiB threshold batchlab measures with makes a training step 35-45% slower (benchmarks/RESULTS.md,
+    The 64 KiB threshold batchlab measures with makes a training step 17-45% slower (benchmarks/RESULTS.md,
     "glibc's mmap threshold"); glibc cannot return to its dynamic threshold, and with these a step runs as
     fast as in a process batchlab never touched (measured, same page). Call it once your searches are done
     and training follows in the same process (the Lightning, Ultralytics and Hugging Face integrations do).

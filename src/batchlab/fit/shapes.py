@@ -95,15 +95,42 @@ class ShapeEntry(ShapeRow):
 
 
 @dataclass
-class ShapeTable:
+class ShapeRows:
+    """What every shape table holds, measured (:class:`ShapeTable`) or planned
+    (:class:`~batchlab.planning.shapes.PlanShapeTable`): its rows, in the given order, and the
+    :class:`~batchlab.fit.peak_model.PeakModel` fitted over them."""
+
+    entries: list[Any]
+    model: PeakModel | None
+
+    @property
+    def budget_bytes(self) -> int:
+        return self.entries[0].result.budget_bytes
+
+    def max_batch_by_shape(self) -> dict[Shape, int]:
+        """``{shape: largest batch that fits}``, for the shapes where one fits (a token budget's input)."""
+        return {entry.shape: entry.batch_size for entry in self.entries if entry.fits}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "entries": [entry.to_dict() for entry in self.entries],
+            "model": self.model.to_dict() if self.model else None,
+            "budget_bytes": self.budget_bytes,
+        }
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+
+@dataclass
+class ShapeTable(ShapeRows):
     """The answer of ``find_batch_size(..., shapes=...)``: one :class:`ShapeEntry` per shape, in the given order.
 
-    ``model`` is the :class:`~batchlab.fit.peak_model.PeakModel` fitted over every shape at the end;
-    ``order`` the order the shapes were searched in; ``probes`` the probes of all the searches together.
+    ``model`` is fitted over every shape at the end; ``order`` is the order the shapes were searched in;
+    ``probes`` the probes of all the searches together.
     """
 
     entries: list[ShapeEntry]
-    model: PeakModel | None
     order: list[Shape]
     search_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -117,32 +144,19 @@ class ShapeTable:
         return sum(entry.result.steps_run for entry in self.entries)
 
     @property
-    def budget_bytes(self) -> int:
-        return self.entries[0].result.budget_bytes
-
-    @property
     def device(self) -> str:
         return self.entries[0].result.device
 
-    def max_batch_by_shape(self) -> dict[Shape, int]:
-        """``{shape: largest batch that fits}``, for the shapes where one fits (a token budget's input)."""
-        return {entry.shape: entry.batch_size for entry in self.entries if entry.fits}
-
     def to_dict(self) -> dict[str, Any]:
         return {
-            "entries": [entry.to_dict() for entry in self.entries],
-            "model": self.model.to_dict() if self.model else None,
+            **super().to_dict(),
             "order": [list(s) if isinstance(s, tuple) else s for s in self.order],
             "probes": self.probes,
             "steps_run": self.steps_run,
-            "budget_bytes": self.budget_bytes,
             "device": self.device,
             "search_seconds": self.search_seconds,
             "notes": self.notes,
         }
-
-    def to_json(self, **kwargs: Any) -> str:
-        return json.dumps(self.to_dict(), **kwargs)
 
     def summary(self) -> str:
         """One line per shape, in plain words."""

@@ -10,16 +10,15 @@ grows with length. Each entry carries the plan's accuracy and its notes: an esti
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from batchlab import checks
 from batchlab.checks import shape_size
-from batchlab.fit.peak_model import PeakModel, fit_peak_model
+from batchlab.fit.peak_model import fit_peak_model
 from batchlab.fit.records import MemoryLine
-from batchlab.fit.shapes import Shape, ShapeRow
+from batchlab.fit.shapes import Shape, ShapeRow, ShapeRows
 from batchlab.planning.cards import PlanTarget
 from batchlab.planning.plan import PlanResult, check_workload, plan
 from batchlab.units import format_bytes
@@ -34,30 +33,13 @@ class PlanShapeEntry(ShapeRow):
 
 
 @dataclass
-class PlanShapeTable:
+class PlanShapeTable(ShapeRows):
     """The answer of ``plan(..., shapes=...)``: one estimated entry per shape, and the peak model over them."""
 
     entries: list[PlanShapeEntry]
-    model: PeakModel | None
-
-    @property
-    def budget_bytes(self) -> int:
-        return self.entries[0].result.budget_bytes
-
-    def max_batch_by_shape(self) -> dict[Shape, int]:
-        """``{shape: largest batch estimated to fit}`` -- the same mapping the measured table gives."""
-        return {entry.shape: entry.batch_size for entry in self.entries if entry.fits}
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "entries": [entry.to_dict() for entry in self.entries],
-            "model": self.model.to_dict() if self.model else None,
-            "budget_bytes": self.budget_bytes,
-            "estimated": True,  # from fake tensors, never measured
-        }
-
-    def to_json(self, **kwargs: Any) -> str:
-        return json.dumps(self.to_dict(), **kwargs)
+        return {**super().to_dict(), "estimated": True}  # from fake tensors, never measured
 
     def summary(self) -> str:
         first = self.entries[0].result

@@ -25,3 +25,13 @@ def tiny_bn_workload(seed: int = 0) -> Workload:
 @pytest.fixture
 def bn_workload() -> Workload:
     return tiny_bn_workload()
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for a test of tiny models: on a shared 2-core machine more threads only oversubscribe
+    it (a tiny step is ~20x faster on one). Modules opt in with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

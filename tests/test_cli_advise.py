@@ -7,7 +7,6 @@ import re
 import sys
 
 import pytest
-import torch
 
 from batchlab.cli import main
 
@@ -16,13 +15,7 @@ QUICK = ["--workload", "mlp-digits", "--device", "cpu"]
 QUICK_ADVISE = [*QUICK, "--noise-steps", "15", "--noise-batch", "64"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; on a shared 2-core machine more threads oversubscribe it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one torch thread
 
 
 def run_cli(capsys, *args):

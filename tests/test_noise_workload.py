@@ -13,14 +13,7 @@ from batchlab import Workload
 from batchlab.noise.measure import measure_noise_scale, noise_collector
 from conftest import tiny_bn_workload
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; on a shared 2-core machine more threads oversubscribe it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one torch thread
 
 
 def _state(workload: Workload) -> dict:

@@ -83,13 +83,7 @@ def test_rule_refuses_a_non_positive_target(target):
 # -------------------------------------------------------------------------------------- BatchRamp (torch)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny steps: one torch thread is ~20x faster than several contending on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one torch thread
 
 
 def _noisy_problem(seed: int = 0):

@@ -6,19 +6,12 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from batchlab.sweeps import RampedRun, RampFactory, sweep
 from batchlab.workloads.tasks import Task
 from sweep_helpers import fresh_store
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one torch thread
 
 
 def _factory():

@@ -128,9 +128,8 @@ def print_shape_table(console: Console, table: ShapeTable) -> None:
     for column in ("shape", "batch", "tokens/batch", "predicted", "probes", "peak", "limited by"):
         rows.add_column(column, justify="left" if column in ("shape", "limited by") else "right")
     for entry in table.entries:
-        shape = "x".join(map(str, entry.shape)) if isinstance(entry.shape, tuple) else str(entry.shape)
         rows.add_row(
-            shape,
+            entry.label,
             str(entry.batch_size) if entry.fits else f"[red]{entry.batch_size} (does not fit)[/]",
             str(entry.tokens_per_batch),
             "-" if entry.predicted_batch_size is None else str(entry.predicted_batch_size),

@@ -103,9 +103,8 @@ def print_shape_table(console: Console, table: PlanShapeTable) -> None:
     for column in ("shape", "batch", "tokens/batch", "est. peak", "per sample"):
         rows.add_column(column, justify="left" if column == "shape" else "right")
     for entry in table.entries:
-        shape = "x".join(map(str, entry.shape)) if isinstance(entry.shape, tuple) else str(entry.shape)
         rows.add_row(
-            shape,
+            entry.label,
             str(entry.batch_size) if entry.fits else f"[red]{entry.batch_size} (does not fit)[/]",
             str(entry.tokens_per_batch),
             format_bytes(entry.result.peak_bytes),

@@ -60,6 +60,11 @@ class ShapeRow:
         return self.result.fits
 
     @property
+    def label(self) -> str:
+        """The shape as the CLI writes it: ``512``, or ``320x320`` for an image size."""
+        return "x".join(map(str, self.shape)) if isinstance(self.shape, tuple) else str(self.shape)
+
+    @property
     def tokens_per_batch(self) -> int:
         """Batch x length: the tokens (pixels) one batch of this shape holds."""
         return self.result.batch_size * self.length

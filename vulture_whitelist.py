@@ -19,6 +19,7 @@ MAX  # TargetMode.MAX, chosen by value from a user's target
 _.memory_line  # PlanResult.memory_line, passed to find_batch_size(estimate=...)
 _.single_micro_batch_steps  # the accumulation collector's count, read by users and tests
 _.unmeasured_steps  # the accumulation collector's count of steps shorter than the one before
+_.skipped_steps  # the accumulation collector's count of steps left out by every=k
 b_noise_stderr, g_h_g, trace_h_sigma  # CurvatureNoiseScale fields, read by benchmarks/critical_branch.py
 
 # What an integration leaves on the framework's object for the user (documented in each integration).

@@ -125,6 +125,41 @@ def test_step_after_zero_grad_set_to_none_is_still_exact():
         assert pair.sq_norm_big == pytest.approx(want_big, rel=1e-5)
 
 
+def test_every_k_measures_one_step_in_k_exactly_with_no_hooks_in_between():
+    """every=3: steps 1, 4, 7 match the per-sample reference; the others return None, are counted, and run
+    with no hook on any parameter (the point: they cost nothing); .grad is bitwise what the plain loop gives."""
+    model, twin = _model(), _model()
+    x, y = _data(MICRO * ACCUM)
+    want_small, want_big = _per_sample_reference(model, x, y)
+    gns = AccumulationCollector(model.parameters(), MICRO, every=3)
+    measured = []
+    for step in range(1, 8):
+        hooked = all(p._backward_hooks for p in model.parameters())
+        bare = not any(p._backward_hooks for p in model.parameters())
+        for net in (model, twin):
+            net.zero_grad(set_to_none=True)
+            _accumulate(net, x, y)
+        for mine, theirs in zip(_grads(model), _grads(twin), strict=True):
+            assert torch.equal(mine, theirs)
+        pair = gns.step()
+        assert hooked if pair is not None else bare, f"step {step}: hooks present on a skipped step"
+        if pair is not None:
+            measured.append(step)
+            assert pair.sq_norm_small == pytest.approx(want_small, rel=1e-5)
+            assert pair.sq_norm_big == pytest.approx(want_big, rel=1e-5)
+    assert measured == [1, 4, 7]
+    assert gns.skipped_steps == 4 and gns.tracker.updates == 3
+    gns.close()
+    assert not any(p._backward_hooks for p in model.parameters())
+    _accumulate(model, x, y)
+    assert gns.step() is None and not any(p._backward_hooks for p in model.parameters())  # closed for good
+
+
+def test_every_must_be_a_positive_integer():
+    with pytest.raises(ValueError, match="every"):
+        AccumulationCollector(_model().parameters(), MICRO, every=0)
+
+
 def test_reentrant_checkpointing_counts_each_backward_once():
     """A reentrant checkpoint runs a backward inside the backward: one micro-batch still counts once."""
     torch.manual_seed(0)

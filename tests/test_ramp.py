@@ -132,6 +132,21 @@ def test_plain_loop_ramp_grows_toward_the_noise_scale_with_lr_carried_and_whole_
     assert optimizer.param_groups[0]["betas"][1] < 0.999  # betas carried too
 
 
+def test_measure_every_reads_one_step_in_k_and_grows_only_on_measured_steps():
+    """measure_every=3: 60 of 180 steps measured; each growth follows a measured step (the 1st, 4th, ...), and
+    the unmeasured steps in between never count toward the patience."""
+    model, x, y = _noisy_problem()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-2)
+    with BatchRamp(
+        optimizer, batch_size=8, max_batch=128, max_micro_batch=8, patience=2, min_updates=5, measure_every=3
+    ) as ramp:
+        history = _train(model, optimizer, ramp, x, y, 180)
+    assert ramp.estimate().updates == 60 and ramp.collector.skipped_steps == 120
+    assert ramp.events and all(event.step % 3 == 1 for event in ramp.events)
+    assert ramp.events[0].step >= 3 * (5 - 1) + 1 + 3  # min_updates 5, then a streak of 2 measured readings
+    assert [h[0] for h in history][-1] >= 32
+
+
 def test_bad_input_is_refused_before_training():
     model, _, _ = _noisy_problem()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)

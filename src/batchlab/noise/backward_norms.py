@@ -146,7 +146,8 @@ class BackwardNorms:
         self._expected = 1  # passes per window, learned from the last one: |.grad|² is read from this pass on
         self._queued_for: int | None = None  # the backward (graph task) whose end callback is queued
         self.clear()
-        self._handles = [p.register_hook(partial(self._hook, i)) for i, p in enumerate(self.params)]
+        self._handles: list = []
+        self.install()
 
     def clear(self) -> None:
         """Forget the current window and anything held from an unfinished backward."""
@@ -207,8 +208,22 @@ class BackwardNorms:
         self.clear()
         return window
 
+    @property
+    def installed(self) -> bool:
+        """Whether the parameter hooks are in place (backward passes are recorded)."""
+        return bool(self._handles)
+
+    def install(self) -> None:
+        """Put the parameter hooks in place (again, after :meth:`remove`); nothing happens if they are.
+
+        Between windows only: the window starts empty. What was learned (the passes per window) is kept."""
+        if not self._handles:
+            self.clear()
+            self._handles = [p.register_hook(partial(self._hook, i)) for i, p in enumerate(self.params)]
+
     def remove(self) -> None:
-        """Remove the parameter hooks (safe to call twice)."""
+        """Remove the parameter hooks (safe to call twice): backward passes then cost nothing here."""
         for h in self._handles:
             h.remove()
         self._handles = []
+        self.clear()

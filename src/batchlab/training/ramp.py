@@ -106,6 +106,8 @@ class BatchRamp:
         beta: the noise tracker's EMA decay (:data:`RAMP_BETA`); ``tracker`` replaces the tracker.
         schedulers: LR schedulers whose ``base_lrs`` follow the LR.
         scaler: a GradScaler whose scale the collector divides out.
+        measure_every: measure the noise scale on one optimizer step in this many (the collector's ``every``:
+            the steps in between carry no hooks and cost nothing; patience counts measured steps only).
         keep: hyper-parameters each change leaves as they are (e.g. ``("betas",)``), see ``carry_over``.
         on_change: called with each :class:`RampEvent` inside the change (an error there undoes it).
 
@@ -135,6 +137,7 @@ class BatchRamp:
         scaler: Any = None,
         keep: Sequence[str] = (),
         on_change: Callable[[RampEvent], Any] | None = None,
+        measure_every: int = 1,
     ) -> None:
         opt = unwrap_optimizer(optimizer)
         if not isinstance(opt, torch.optim.Optimizer):
@@ -165,7 +168,9 @@ class BatchRamp:
         self.plan = self._plan(start)
         self.tracker = tracker if tracker is not None else GradientNoiseScale(beta)
         params = list(params) if params is not None else [p for g in opt.param_groups for p in g["params"]]
-        self.collector = AccumulationCollector(params, self.plan.micro_batch, self.tracker, scaler=scaler)
+        self.collector = AccumulationCollector(
+            params, self.plan.micro_batch, self.tracker, scaler=scaler, every=measure_every
+        )
         self.events: list[RampEvent] = []
         self.reading: RampReading | None = None
         self.last_pair: NormPair | None = (
@@ -206,9 +211,13 @@ class BatchRamp:
 
     def observe(self) -> int | None:
         """Take the step's gradients (the micro-batches since the last call) into the estimate; return the batch
-        to grow to now, or None. Call once per optimizer step, after its last backward."""
+        to grow to now, or None. Call once per optimizer step, after its last backward. A step that brought no
+        new measurement (left out by ``measure_every``, one micro-batch, or non-finite norms) is not a reading:
+        the same estimate folded in twice would count toward the patience without new evidence."""
         self.last_pair = self.collector.step(self.micro_batch)
         self.steps += 1
+        if self.last_pair is None or not self.last_pair.accepted:
+            return None
         est = self.tracker.result()
         self.reading = self.rule.observe(est.b_simple, est.b_simple_stderr, est.updates)
         return self.reading.grow_to

@@ -194,11 +194,17 @@ def test_split_batch_noise_measurement_does_not_change_training():
     assert plain.noise_scale() is None
 
 
-def test_accumulation_measures_noise_on_every_step():
-    run = Task("teacher-student", accumulation=4)(64, 1e-3, 0)
-    run.train_step()
-    run.train_step()
-    assert run.noise_scale().updates == 2 and run.micro_batch == 16 and run.accumulation == 4
+def test_accumulation_measures_noise_on_every_nth_step_as_asked():
+    """noise_every holds with accumulation too: the micro-batches measure steps 1, 4, 7 of 7 with noise_every=3,
+    every step with 1; the measured steps are flagged (left out of the throughput)."""
+    for every, want in ((1, [True] * 7), (3, [True, False, False] * 2 + [True])):
+        run = Task("teacher-student", accumulation=4, noise_every=every)(64, 1e-3, 0)
+        flags = []
+        for _ in range(7):
+            run.train_step()
+            flags.append(run.last_step_measured_noise)
+        assert flags == want
+        assert run.noise_scale().updates == sum(want) and run.micro_batch == 16 and run.accumulation == 4
 
 
 def test_tasks_split_and_seed():

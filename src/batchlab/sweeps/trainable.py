@@ -54,7 +54,8 @@ __all__ = [
 
 # Every 4th step runs its backward as two halves for the gradient noise scale (same gradient, one more
 # forward/backward at half the batch): a quarter of the steps pay that, and those steps are left out of the
-# throughput. With gradient accumulation the measurement is free and runs on every step.
+# throughput. With gradient accumulation the micro-batches measure it on the same steps, with no extra pass (the
+# collector's hooks are in place on those steps only, AccumulationCollector(every=)); those steps are left out too.
 NOISE_EVERY = 4
 OPTIONS = (
     "device",
@@ -97,9 +98,10 @@ def _largest_divisor_at_most(n: int, k: int) -> int:
 class StepRun:
     """One optimizer step of ``batch_size`` samples in ``accumulation`` micro-batches, the noise scale measured.
 
-    The gradient noise scale comes free from the micro-batches when ``accumulation >= 2``
-    (:class:`~batchlab.noise.AccumulationCollector`, every step), else from every ``noise_every``-th step run
-    as two halves (:class:`~batchlab.noise.SplitBatchCollector`; same gradient, one more forward/backward).
+    The gradient noise scale is measured on every ``noise_every``-th step: from the micro-batches when
+    ``accumulation >= 2`` (:class:`~batchlab.noise.AccumulationCollector` with ``every=noise_every``: no extra
+    pass, its hooks only on those steps), else by running the step as two halves
+    (:class:`~batchlab.noise.SplitBatchCollector`; same gradient, one more forward/backward).
     A subclass supplies the data and the pieces of a step: ``_batch()`` (a whole batch), ``_micro_batches()``
     (``accumulation`` of ``batch_size // accumulation``), ``_loss(batch)``, ``_begin()`` (train mode, zero
     gradients), ``_backward(loss)`` and ``_update()`` (the optimizer step, through the GradScaler under fp16).
@@ -130,11 +132,11 @@ class StepRun:
         self._split_collector: SplitBatchCollector | None = None
         params = [p for p in self.model.parameters() if p.requires_grad]
         if accumulation >= 2:
-            if noise_every:
+            self.noise_every = int(noise_every or 0)
+            if self.noise_every:
                 self._accum_collector = AccumulationCollector(
-                    params, self.micro_batch, self._tracker, scaler=scaler
+                    params, self.micro_batch, self._tracker, scaler=scaler, every=self.noise_every
                 )
-            self.noise_every = 1 if noise_every else 0
         else:
             self.noise_every = int(noise_every or 0) if batch_size >= 2 else 0  # one sample cannot be halved
             if self.noise_every:
@@ -181,7 +183,7 @@ class StepRun:
             total = total.detach()
         self._update()
         self.steps_done += 1
-        self.last_step_measured_noise = measure and self._split_collector is not None
+        self.last_step_measured_noise = measure
         self.last_noise = (
             estimate_components(pair.sq_norm_small, pair.sq_norm_big, pair.b_small, pair.b_big)
             if pair is not None and pair.accepted
@@ -244,8 +246,8 @@ class SupervisedRun(StepRun):
         accumulation: micro-batches per step; must divide ``batch_size``.
         amp: None, ``"bf16"`` or ``"fp16"`` autocast (fp16 with a GradScaler).
         metrics: extra validation metrics ``name -> f(outputs, targets)``; ``"loss"`` is always computed.
-        noise_every: measure the gradient noise scale on every n-th step (split-batch); 0 or None: never.
-            Ignored with ``accumulation >= 2``, where accumulation measures it on every step for free.
+        noise_every: measure the gradient noise scale on every n-th step (from the micro-batches with
+            ``accumulation >= 2``, else as a split batch); 0 or None: never.
         name: a label for reports.
     """
 

@@ -8,12 +8,17 @@ drop scale with the batch. Here, per dataset:
    state). The target is the validation loss the same run reaches ``ref`` steps later.
 2. At the checkpoint measure B_simple = tr(Σ)/|G|² and B_noise = tr(HΣ)/GᵀHG from the same gradient samples
    (:func:`batchlab.noise.curvature.measure_curvature_noise_scale`: nested batches of 32 and 256, the Hessian
-   on an independent batch of 512, 24 repeats).
+   on an independent batch of 512, 24 repeats), and B_P = tr(PΣ)/GᵀPG in Adam's metric, P = 1/(√v̂ + ε) from
+   the checkpoint's optimizer state (the same gradients; the curvature module's docstring says why).
 3. Branch from the checkpoint at every batch 8..512 and each LR of base × sqrt(B/32) × {0.5, 1, 2} (weights
    and Adam moments restored, the LR set), until the validation loss reaches the target (evaluated every
    ``ref/20`` steps, interpolated between evaluations) or ``6 ref`` steps. Steps-to-target per batch = the
    best LR's; S = S_min(1 + B_crit/B) fitted in log space (batchlab.noise.critical.fit_critical_batch).
 4. Which estimate lands nearer B_crit, as a ratio; goal: within 1.5x.
+
+``--noise-only FROM.json`` redoes steps 1-2 only and takes the branches of step 3 from an earlier run's JSON:
+the checkpoint is deterministic (fixed seeds, one thread), which the run checks by requiring the recomputed
+B_simple and B_noise to equal the stored ones; a new estimate is then compared without re-running the sweep.
 
 Datasets: sklearn digits and MNIST-1D (MLPs as the sweep tasks), and a character-level LM on the Python
 standard library's own source (batchlab.workloads.corpus: bytes; an MLP over a 32-byte context, embedding 16,
@@ -36,7 +41,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from batchlab.noise.critical import crossing, fit_critical_batch
-from batchlab.noise.curvature import measure_curvature_noise_scale
+from batchlab.noise.curvature import adam_preconditioner, measure_curvature_noise_scale
 
 HERE = Path(__file__).resolve().parent
 BATCHES = [8, 16, 32, 64, 128, 256, 512]
@@ -139,13 +144,16 @@ def _train(model, opt, problem, batch, steps, gen, every=None, target=None):
     return None if target is not None else _val_loss(model, problem.val)
 
 
-def branch_experiment(problem: Problem, log=print) -> dict:
+def branch_experiment(problem: Problem, log=print, swept: dict | None = None) -> dict:
+    """Steps 1-4 of the module docstring for one problem; with ``swept`` (an earlier result for the same
+    problem) the branches and the fit are taken from it after checking the checkpoint reproduces it."""
     torch.manual_seed(0)
     model = problem.make_model()
     opt = torch.optim.Adam(model.parameters(), lr=problem.lr)
     gen = torch.Generator().manual_seed(1)
     _train(model, opt, problem, BASE_BATCH, problem.warm, gen)
     ckpt_model, ckpt_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    adam_metric = adam_preconditioner(opt, [p for p in model.parameters() if p.requires_grad])
     start_loss = _val_loss(model, problem.val)
     target = _train(model, opt, problem, BASE_BATCH, problem.ref, torch.Generator().manual_seed(2))
     model.load_state_dict(ckpt_model)
@@ -159,11 +167,15 @@ def branch_experiment(problem: Problem, log=print) -> dict:
         b_big=256,
         hessian_batch=512,
         repeats=24,
+        preconditioner=adam_metric,
     )
     log(
         f"{problem.name}: checkpoint val loss {start_loss:.4f} -> target {target:.4f}; "
-        f"B_simple {noise.b_simple}, B_noise {noise.b_noise} ({time.time() - t0:.0f} s)"
+        f"B_simple {noise.b_simple}, B_noise {noise.b_noise}, B_P {noise.b_preconditioned} "
+        f"({time.time() - t0:.0f} s)"
     )
+    if swept is not None:
+        return _with_swept(problem, noise, start_loss, target, swept)
     every = max(1, problem.ref // 20)
     rows = []
     for b in BATCHES:
@@ -195,7 +207,15 @@ def branch_experiment(problem: Problem, log=print) -> dict:
         if len(reached) >= 3
         else None
     )
-    b_crit = fit.b_crit if fit else None
+    return _result(problem, noise, start_loss, target, rows, fit.to_dict() if fit else None)
+
+
+def _result(problem, noise, start_loss, target, rows, fit) -> dict:
+    b_crit = fit["b_crit"] if fit else None
+
+    def ratio(estimate):
+        return estimate / b_crit if b_crit and estimate else None
+
     return {
         "dataset": problem.name,
         "warm_steps": problem.warm,
@@ -203,11 +223,24 @@ def branch_experiment(problem: Problem, log=print) -> dict:
         "checkpoint_loss": start_loss,
         "target_loss": target,
         "rows": rows,
-        "fit": fit.to_dict() if fit else None,
+        "fit": fit,
         "noise": noise.to_dict(),
-        "ratio_simple": noise.b_simple / b_crit if b_crit and noise.b_simple else None,
-        "ratio_noise": noise.b_noise / b_crit if b_crit and noise.b_noise else None,
+        "ratio_simple": ratio(noise.b_simple),
+        "ratio_noise": ratio(noise.b_noise),
+        "ratio_preconditioned": ratio(noise.b_preconditioned),
     }
+
+
+def _with_swept(problem, noise, start_loss, target, swept: dict) -> dict:
+    """The result with ``swept``'s branches and fit, once the checkpoint is shown to be the same one."""
+    old = swept["noise"]
+    for key in ("b_simple", "b_noise"):
+        if not math.isclose(old[key], getattr(noise, key), rel_tol=1e-6):
+            raise SystemExit(
+                f"{problem.name}: the checkpoint does not reproduce the stored run ({key} {getattr(noise, key)} "
+                f"here, {old[key]} stored): run the branches again instead of --noise-only"
+            )
+    return _result(problem, noise, start_loss, target, swept["rows"], swept["fit"])
 
 
 def _within(r):
@@ -228,8 +261,9 @@ def markdown(results: list[dict], command: str, seconds: float, load: str) -> st
         "",
         "| dataset | checkpoint -> target loss | steps to target at 8 / 16 / 32 / 64 / 128 / 256 / 512 "
         "| best LR multiplier (* = grid edge) | swept B_crit "
-        "| B_simple (± s.e.) | B_simple / B_crit | B_noise (± s.e.) | B_noise / B_crit |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|",
+        "| B_simple (± s.e.) | B_simple / B_crit | B_noise (± s.e.) | B_noise / B_crit "
+        "| B_P, Adam's metric (± s.e.) | B_P / B_crit |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         fit, n = r["fit"], r["noise"]
@@ -246,7 +280,9 @@ def markdown(results: list[dict], command: str, seconds: float, load: str) -> st
         lines.append(
             f"| {r['dataset']} | {r['checkpoint_loss']:.3f} -> {r['target_loss']:.3f} | {steps} | {mults} | {crit} | "
             f"{fmt(n['b_simple'], n['b_simple_stderr'])} | {ratio(r['ratio_simple'])} | "
-            f"{fmt(n['b_noise'], n['b_noise_stderr'])} | {ratio(r['ratio_noise'])} |"
+            f"{fmt(n['b_noise'], n['b_noise_stderr'])} | {ratio(r['ratio_noise'])} | "
+            f"{fmt(n.get('b_preconditioned'), n.get('b_preconditioned_stderr'))} | "
+            f"{ratio(r.get('ratio_preconditioned'))} |"
         )
     return "\n".join(lines)
 
@@ -263,14 +299,26 @@ def main(argv=None) -> None:
         default=",".join(f"{g:g}" for g in GRID),
         help="branch LR multipliers (the checkpoint is the same)",
     )
+    parser.add_argument(
+        "--noise-only",
+        metavar="FROM_JSON",
+        default=None,
+        help="measure at the checkpoints only; take the branches from this earlier run (module docstring)",
+    )
     args = parser.parse_args(argv)
     GRID[:] = [float(g) for g in args.grid.split(",")]
+    earlier = (
+        {r["dataset"]: r for r in json.loads(Path(args.noise_only).read_text())} if args.noise_only else {}
+    )
     torch.set_num_threads(1)
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     started = time.time()
     results = []
     for problem in problems(args.datasets.split(","), args.max_files):
-        results.append(branch_experiment(problem, log=lambda m: print(m, flush=True)))
+        if args.noise_only and problem.name not in earlier:
+            parser.error(f"--noise-only: {args.noise_only} has no run of {problem.name!r}")
+        swept = earlier.get(problem.name) if args.noise_only else None
+        results.append(branch_experiment(problem, log=lambda m: print(m, flush=True), swept=swept))
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=2))
     command = "python benchmarks/critical_batch.py --branch " + " ".join(argv or [])

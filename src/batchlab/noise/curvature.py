@@ -13,6 +13,14 @@ Hessian, independent of g: E[gᵀĤg] = E[gᵀHg]) -- one double backward per pa
 turns the means into GᵀHG, tr(HΣ), |G|² and tr(Σ). It costs two backwards and two Hessian-vector products
 per pair: a measurement to run at a checkpoint, not every step.
 
+With ``preconditioner=`` (a diagonal P, e.g. :func:`adam_preconditioner`'s 1/(√v̂ + ε) from an Adam state) it
+also gives the noise scale *in the optimizer's metric*, B_P = tr(PΣ)/GᵀPG, from the same gradients. Why: for the
+update θ ← θ − εPg the second-order loss change is −εGᵀPG + ε²/2·(GᵀPHPG + tr(PHPΣ)/B), so McCandlish's
+derivation (section 2.2, g → Pg) gives the critical batch tr(PHPΣ)/GᵀPHPG. Assuming the preconditioned
+curvature PH is a multiple of the identity -- what a preconditioner aims at, and the assumption B_simple makes
+of H itself -- PHP ∝ P and that is B_P. Issue 13 item 4 found both SGD formulas far below critical batches swept
+with Adam (benchmarks/RESULTS.md); B_P is the estimate for the optimizer actually used.
+
 The model's parameters, buffers and ``.grad`` are untouched (``torch.autograd.grad`` never writes ``.grad``),
 and ``sample`` runs inside ``torch.random.fork_rng`` so the caller's RNG is as before.
 """
@@ -29,14 +37,15 @@ import torch
 from batchlab import checks
 from batchlab.noise.estimator import curvature_components, estimate_components
 
-__all__ = ["CurvatureNoiseScale", "measure_curvature_noise_scale"]
+__all__ = ["CurvatureNoiseScale", "adam_preconditioner", "measure_curvature_noise_scale"]
 
 
 @dataclass(frozen=True)
 class CurvatureNoiseScale:
     """B_noise = tr(HΣ)/GᵀHG and B_simple = tr(Σ)/|G|² from the same gradient samples (None where undefined).
 
-    ``*_stderr`` are delta-method standard errors over the ``repeats`` independent pairs.
+    ``*_stderr`` are delta-method standard errors over the ``repeats`` independent pairs. ``b_preconditioned``
+    is tr(PΣ)/GᵀPG in the given preconditioner's metric (None without one; the module docstring says why).
     """
 
     b_noise: float | None
@@ -51,6 +60,8 @@ class CurvatureNoiseScale:
     b_small: int
     b_big: int
     hessian_batch: int
+    b_preconditioned: float | None = None
+    b_preconditioned_stderr: float | None = None
 
     def to_dict(self) -> dict:
         """Plain, JSON-ready dict of every field."""
@@ -75,6 +86,28 @@ def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return float(sum((u.double() * v.double()).sum() for u, v in zip(a, b)))
 
 
+def adam_preconditioner(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Adam's (or AdamW's) diagonal preconditioner 1/(√v̂ + ε) for each of ``params``, from its current state.
+
+    v̂ = exp_avg_sq / (1 − β₂^step) is the bias-corrected second moment that scales each coordinate of the
+    update (Kingma & Ba 2015, algorithm 1); ε and β₂ are the parameter's group's. A copy: the state is not changed.
+    """
+    groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    out = []
+    for p in params:
+        state = optimizer.state.get(p, {})
+        if id(p) not in groups or "exp_avg_sq" not in state or "step" not in state:
+            raise ValueError(
+                f"adam_preconditioner needs an Adam/AdamW optimizer that has taken a step for every parameter; "
+                f"{type(optimizer).__name__} has no second moment for a parameter of shape {tuple(p.shape)}"
+            )
+        group = groups[id(p)]
+        beta2, eps = group["betas"][1], group["eps"]
+        v_hat = state["exp_avg_sq"].detach() / (1.0 - beta2 ** float(state["step"]))
+        out.append(1.0 / (v_hat.sqrt() + eps))
+    return out
+
+
 def measure_curvature_noise_scale(
     model: torch.nn.Module,
     loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
@@ -84,13 +117,15 @@ def measure_curvature_noise_scale(
     b_big: int,
     hessian_batch: int,
     repeats: int = 16,
+    preconditioner: list[torch.Tensor] | None = None,
 ) -> CurvatureNoiseScale:
     """B_noise and B_simple at the model's current weights (see the module docstring for the method).
 
     ``loss_fn(model, batch)`` returns the batch's *mean* loss; ``sample(n)`` draws a batch of ``n``
     independent samples (a tensor or a tuple/list of tensors along dim 0); the small batch is the big one's
     first ``b_small`` samples. Needs a loss autograd can differentiate twice (``nn.ReLU`` and cross-entropy
-    are fine; the Hessian of a piecewise-linear net is its Gauss-Newton part).
+    are fine; the Hessian of a piecewise-linear net is its Gauss-Newton part). ``preconditioner``: one
+    non-negative tensor per parameter that requires grad, its shape (a diagonal P), for ``b_preconditioned``.
     """
     small = checks.integer("b_small", b_small)
     big = checks.integer("b_big", b_big)
@@ -101,6 +136,15 @@ def measure_curvature_noise_scale(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no parameter that requires grad")
+    if preconditioner is not None:
+        preconditioner = list(preconditioner)
+        shapes = [tuple(p.shape) for p in params]
+        if [tuple(t.shape) for t in preconditioner] != shapes:
+            raise ValueError(
+                f"preconditioner must hold one tensor per parameter that requires grad, of its shape {shapes}; "
+                f"got shapes {[tuple(t.shape) for t in preconditioner]}"
+            )
+    weighted: list[tuple[float, float]] = []
     quads: list[tuple[float, float]] = []
     norms: list[tuple[float, float]] = []
     with torch.random.fork_rng(devices=[]):
@@ -115,11 +159,19 @@ def measure_curvature_noise_scale(
                 hv.append(torch.autograd.grad(inner, params, retain_graph=True))
             quads.append((_dot(g_small, hv[0]), _dot(g_big, hv[1])))
             norms.append((_dot(g_small, g_small), _dot(g_big, g_big)))
+            if preconditioner is not None:
+                weighted.append(
+                    tuple(_dot(g, [w * u for w, u in zip(preconditioner, g)]) for g in (g_small, g_big))
+                )
             del grads_h, hv
     curv = [curvature_components(qs, qb, small, big) for qs, qb in quads]
     plain = [estimate_components(ns, nb, small, big) for ns, nb in norms]
     b_noise, b_noise_se = _ratio([c[1] for c in curv], [c[0] for c in curv])
     b_simple, b_simple_se = _ratio([c[1] for c in plain], [c[0] for c in plain])
+    b_pre = b_pre_se = None
+    if weighted:
+        pre = [estimate_components(ws, wb, small, big) for ws, wb in weighted]
+        b_pre, b_pre_se = _ratio([c[1] for c in pre], [c[0] for c in pre])
     return CurvatureNoiseScale(
         b_noise=b_noise,
         b_noise_stderr=b_noise_se,
@@ -133,6 +185,8 @@ def measure_curvature_noise_scale(
         b_small=small,
         b_big=big,
         hessian_batch=hessian,
+        b_preconditioned=b_pre,
+        b_preconditioned_stderr=b_pre_se,
     )
 
 

@@ -187,6 +187,19 @@ def test_oomguard_an_error_in_rank_1s_backward_makes_every_rank_raise(backward_f
     assert len(results[0]["losses"]) == len(results[1]["losses"]) == 1
 
 
+@pytest.mark.parametrize("mode", ["stalled-search", "stalled-guard"])
+def test_a_failure_no_sync_point_reaches_makes_every_rank_raise_within_the_collective_timeout(tmp_path, mode):
+    # rank 0 waits in the layer's own all_reduce, which rank 1 never reaches; the group's own timeout (PG_TIMEOUT_S)
+    # is past the hang detector, so only batchlab's collective_timeout of 5 s can end the wait in time
+    results = [r[mode] for r in torchrun(mode, 2, tmp_path, COLLECTIVE_TIMEOUT_S="5", PG_TIMEOUT_S="1800")]
+    for result in results:
+        assert result["raised"] == "ProcessGroupFailedError"
+        assert "the process group failed mid-step" in result["message"]
+        assert result["reports"][1] == "ran out of memory (injected: out of memory on this rank only)"
+        assert result["reports"][0].startswith("raised RuntimeError: ")  # what rank 0 met: gloo's timeout
+    assert results[0]["reports"] == results[1]["reports"]  # every rank names the same failures
+
+
 EXAMPLE = Path(__file__).parents[1] / "examples" / "fsdp_torchrun.py"
 DOCS = Path(__file__).parents[1] / "docs" / "integrations.md"
 

@@ -33,10 +33,15 @@ every rank step back (or raise) together, and the process group stays in step fo
 What it cannot cover: a failure *inside* one of those collectives' own work on one rank -- the all-gather's
 output or the reduce-scatter's input buffer that this rank cannot allocate while the others already wait in
 the collective -- or inside a collective the model issues itself (tensor parallelism, a custom all-reduce).
-There the peers wait in that collective until the process group's timeout; gloo then closes the connections
-("Application timeout caused pair closure" on the waiting rank, "Connection closed by peer" on the others),
-the process group is unusable afterwards and every rank raises (:func:`collective_timeout` bounds that wait
-during a probe; :mod:`batchlab.devices.lockstep`).
+There the peers wait in that collective until its timeout -- no rank can step back then: gloo closes the
+group's connections at the timeout ("Application timeout caused pair closure" on the waiting rank,
+"Connection closed by peer" on the others; measured, torch 2.14.1) and every later collective fails at once.
+What is guaranteed instead: the wait is bounded -- the search and ``OOMGuard`` run each try under
+:func:`batchlab.devices.ranks.collective_timeout` (``collective_timeout=``, default
+:data:`batchlab.defaults.COLLECTIVE_TIMEOUT_S`, not the group's 30 min) -- and every rank then raises
+:class:`~batchlab.errors.ProcessGroupFailedError`, which names what each rank raised: the accounts go
+through the group's c10d store (:meth:`~batchlab.devices.ranks.Ranks.tell_everyone`), which outlives the
+group. On nccl the watchdog aborts the processes at that timeout instead.
 
 Not distributed (no process group), nothing here runs: the caller never builds a :class:`StepAgreement`.
 """
@@ -51,7 +56,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from batchlab.errors import PeerFailureError
+from batchlab.errors import PeerFailureError, ProcessGroupFailedError
 
 # The codes on the wire, one int per rank per exchange.
 RUNNING = 0  # inside the step, at a sync point
@@ -61,6 +66,21 @@ ERROR = 3  # raised something else (or ran out of memory where it cannot step ba
 PEER = 4  # left the step because another rank failed
 
 Exchange = Callable[[int], Sequence[int]]  # this rank's code -> every rank's, in rank order
+Tell = Callable[[str], Sequence[str | None]]  # this rank's account -> every rank's, not through the group
+
+
+def account(code: int, detail: BaseException | str | None = None) -> str:
+    """A rank's own words for its final ``code`` (``detail``: its error, or its out-of-memory message)."""
+    if code == OUT_OF_MEMORY:
+        return f"ran out of memory ({detail})" if detail else "ran out of memory"
+    if code == ERROR:
+        if isinstance(detail, BaseException):
+            lines = str(detail).strip().splitlines()
+            return f"raised {type(detail).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+        return f"raised {detail}" if detail else "raised an error"
+    if code == PEER:
+        return "left the step for another rank's failure"
+    return "finished its part of the step"
 
 
 @dataclass(frozen=True)
@@ -83,10 +103,15 @@ class Verdict:
 
 
 class StepAgreement:
-    """One step's status exchanges (module docstring): :meth:`checkpoint` at sync points, :meth:`finish` once."""
+    """One step's status exchanges (module docstring): :meth:`checkpoint` at sync points, :meth:`finish` once.
 
-    def __init__(self, exchange: Exchange):
-        self.exchange = exchange
+    ``tell`` (:meth:`batchlab.devices.ranks.Ranks.tell_everyone`) is the way round a failed group: when the
+    final exchange itself raises, every rank sends its account through it and raises
+    :class:`~batchlab.errors.ProcessGroupFailedError` with all of them; ``where`` starts that message.
+    """
+
+    def __init__(self, exchange: Exchange, tell: Tell | None = None, where: str = "this step"):
+        self.exchange, self.tell, self.where = exchange, tell, where
 
     def _run(self, code: int) -> tuple[int, ...]:
         return tuple(int(value) for value in self.exchange(code))
@@ -104,14 +129,35 @@ class StepAgreement:
                 out_of_memory=out_of_memory,
             )
 
-    def finish(self, code: int) -> Verdict:
+    def finish(self, code: int, own: str = "") -> Verdict:
         """This rank's end of the step (``DONE``, ``OUT_OF_MEMORY``, ``ERROR`` or ``PEER``): exchange until no
-        rank is still running, and return the verdict every rank shares."""
+        rank is still running, and return the verdict every rank shares.
+
+        If the exchange raises, the group has failed (a collective of the step timed out and gloo closed its
+        connections, or a peer did): with ``tell``, every rank's account (``own``: this rank's, default
+        :func:`account` of ``code``) goes round the group and :class:`~batchlab.errors.ProcessGroupFailedError`
+        names them all; without it the exchange's own error propagates.
+        """
         if code not in (DONE, OUT_OF_MEMORY, ERROR, PEER):
             raise ValueError(f"invalid final status {code!r}: expected DONE, OUT_OF_MEMORY, ERROR or PEER")
-        codes = self._run(code)
-        while RUNNING in codes:  # a rank still in the step meets this at its next sync point
+        try:
             codes = self._run(code)
+            while RUNNING in codes:  # a rank still in the step meets this at its next sync point
+                codes = self._run(code)
+        except Exception as exc:
+            if self.tell is None:
+                raise
+            reports = list(self.tell(own or account(code)))
+            said = "; ".join(
+                f"rank {rank} {report if report is not None else 'sent no word'}"
+                for rank, report in enumerate(reports)
+            )
+            raise ProcessGroupFailedError(
+                f"{self.where}: the process group failed mid-step (its last exchange raised {type(exc).__name__}) "
+                f"and cannot be used any more: {said}. A rank failed inside a collective the others already waited in, where no sync point "
+                "reaches them (batchlab.devices.agreement); restart the job",
+                reports=reports,
+            ) from exc
         return Verdict(codes)
 
 
@@ -260,6 +306,7 @@ __all__ = [
     "RUNNING",
     "StepAgreement",
     "Verdict",
+    "account",
     "reset_after_failure",
     "sync_points",
 ]

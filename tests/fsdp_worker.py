@@ -16,6 +16,7 @@ it with ``fully_shard`` (each layer, then the root), trains it with Adam, and wr
   *backward* -- after FSDP's all-gather of its parameters, before its reduce-scatter (the other rank would
   wait in that reduce-scatter); ``oom-backward-guard`` / ``error-backward-guard``: as the guard modes, with
   layer 0 raising in its backward (its reduce-scatter runs in FSDP's final backward callback).
+- ``backward-ooms``: the two out-of-memory modes of the backward (run on 4 ranks).
 - ``failures`` / ``backward-failures``: the forward (and loss) modes above, or the backward ones, in turn, in
   one process group -- which also shows that every rank is still in step with the others after each failure.
   Results are keyed by mode. ``PG_TIMEOUT_S`` sets the process group's timeout (default: torch's, 30 min).
@@ -235,7 +236,11 @@ def main(mode: str, out_dir: str) -> None:
     }
     result = {}
     # "failures": every failure mode in turn, in one process group (one torchrun start instead of four)
-    groups = {"failures": FAILURES, "backward-failures": BACKWARD_FAILURES}
+    groups = {
+        "failures": FAILURES,
+        "backward-failures": BACKWARD_FAILURES,
+        "backward-ooms": ("oom-backward-search", "oom-backward-guard"),
+    }
     for name in groups.get(mode, [mode]):
         try:
             result[name] = modes[name]()

@@ -187,6 +187,25 @@ def test_oomguard_an_error_in_rank_1s_backward_makes_every_rank_raise(backward_f
     assert len(results[0]["losses"]) == len(results[1]["losses"]) == 1
 
 
+def test_on_4_ranks_an_oom_in_rank_1s_sharded_backward_makes_all_step_back_together(
+    tmp_path, backward_failures
+):
+    results = torchrun("backward-ooms", 4, tmp_path)
+    for result in results:  # the same probes and answer, and the same recovery, as on 2 ranks
+        assert (
+            result["oom-backward-search"]["probes"] == backward_failures[0]["oom-backward-search"]["probes"]
+        )
+        assert result["oom-backward-search"]["batch_size"] == 23
+        guard = result["oom-backward-guard"]
+        assert guard["micro"] == [16, 4] and len(guard["events"]) == 2 and len(guard["losses"]) == 3
+    assert [r["oom-backward-guard"]["events"][0]["error"] for r in results] == [
+        "out of memory on rank(s) [1]",
+        "injected: out of memory on this rank only",
+        "out of memory on rank(s) [1]",
+        "out of memory on rank(s) [1]",
+    ]
+
+
 @pytest.mark.parametrize("mode", ["stalled-search", "stalled-guard"])
 def test_a_failure_no_sync_point_reaches_makes_every_rank_raise_within_the_collective_timeout(tmp_path, mode):
     # rank 0 waits in the layer's own all_reduce, which rank 1 never reaches; the group's own timeout (PG_TIMEOUT_S)

@@ -137,8 +137,8 @@ def test_collective_timeout_bounds_the_group_inside_and_restores_it(one_rank_gro
     with collective_timeout(5, one_rank_group):
         assert options._timeout == datetime.timedelta(seconds=5)
     assert options._timeout == datetime.timedelta(seconds=77)
-    with collective_timeout(None, one_rank_group):
-        assert options._timeout == datetime.timedelta(seconds=77)
+    with collective_timeout(None, one_rank_group), collective_timeout(100, one_rank_group):
+        assert options._timeout == datetime.timedelta(seconds=77)  # never a longer wait than the group's
     with pytest.raises(KeyError), collective_timeout(5, one_rank_group):
         raise KeyError("a failed try")
     assert options._timeout == datetime.timedelta(seconds=77)

@@ -91,7 +91,8 @@ def all_gather_ints(value: int, group: Any = None) -> list[int]:
 @contextlib.contextmanager
 def collective_timeout(seconds: float | None, group: Any = None) -> Iterator[None]:
     """Bound every collective issued on ``group`` inside the block to ``seconds``; the group's own timeout
-    (``init_process_group(timeout=...)``: 30 min for gloo, 10 min for nccl by default) is back on exit.
+    (``init_process_group(timeout=...)``: 30 min for gloo, 10 min for nccl by default) is back on exit. A
+    group whose own timeout is already shorter keeps it.
 
     ``torch.distributed.set_timeout`` (torch >= 2.8) changes the timeout of the group's later work; the one in
     force is read from the backend's options (``options._timeout``, as ``init_process_group`` stores it) to
@@ -108,10 +109,11 @@ def collective_timeout(seconds: float | None, group: Any = None) -> Iterator[Non
     device = torch.device("cuda") if dist.get_backend(pg) == "nccl" else torch.device("cpu")
     get_backend = getattr(pg, "_get_backend", None)
     before = getattr(getattr(get_backend(device), "options", None), "_timeout", None) if get_backend else None
-    if not isinstance(before, datetime.timedelta):
+    bound = datetime.timedelta(seconds=seconds)
+    if not isinstance(before, datetime.timedelta) or before <= bound:  # a bound, never a longer wait
         yield
         return
-    dist.set_timeout(datetime.timedelta(seconds=seconds), pg)
+    dist.set_timeout(bound, pg)
     try:
         yield
     finally:

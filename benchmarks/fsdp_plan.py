@@ -16,13 +16,26 @@ For each world size (2 and 4) and batch size, one rank's step under FSDP2 -- a 4
 The target (issue 14): planned within +-10% of measured, per rank. Each rank warms up first (one step at the
 size, then a fresh optimizer), so lazily created kernels and gloo's buffers are not counted once only.
 
-Run: ``python benchmarks/fsdp_plan.py [--quick]`` (writes benchmarks/results/fsdp_plan.json).
+What the measurement must leave out, because it is not the step's memory (measured, RESULTS.md "Where the
+4-rank miss came from"): the first FSDP2 step in a process raises its resident memory once, by ~19 MiB
+whatever the model's size or the world size -- 16.5 MiB of it file-backed (``RssFile``: the code pages of
+libtorch and gloo that the step's code paths fault in the first time they run; shared by every rank on the
+host, dropped under memory pressure) and ~2.5 MiB anonymous (Python objects and caches of lazily set-up
+state). So each rank first runs one throwaway round of the same model structure at width 64 (a few KiB of
+tensors) and records what it added (``process_warmup`` in the JSON); ``--no-process-warmup`` measures as
+before, with it in the first size's reading. And FSDP2 modules sit in reference cycles: each round's model
+is collected (``gc.collect()``) before the next baseline is read, or its garbage, freed during a later step,
+would read as memory that step did not need.
+
+Run: ``python benchmarks/fsdp_plan.py [--quick] [--no-process-warmup]`` (writes
+benchmarks/results/fsdp_plan.json).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import json
 import os
 import socket
@@ -30,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,14 +55,56 @@ SIZES = (64, 256, 1024)
 WORLDS = (2, 4)
 
 
-def make_model() -> nn.Module:
+WARMUP_WIDTH = 64  # the process warm-up's model: the same code paths, a few KiB of tensors
+
+
+def make_model(width: int = WIDTH) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(*[nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.ReLU()) for _ in range(LAYERS)])
+    return nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.ReLU()) for _ in range(LAYERS)])
 
 
-def make_batch(b: int):
+def make_batch(b: int, width: int = WIDTH):
     gen = torch.Generator().manual_seed(b)
-    return torch.randn(b, WIDTH, generator=gen), torch.randn(b, WIDTH, generator=gen)
+    return torch.randn(b, width, generator=gen), torch.randn(b, width, generator=gen)
+
+
+def resident_split() -> dict[str, int]:
+    """This process's resident memory by kind (Linux /proc/self/status): anonymous and file-backed bytes."""
+    fields = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(("RssAnon:", "RssFile:")):
+            fields[line.split(":")[0]] = int(line.split()[1]) * 1024
+    return fields
+
+
+def sharded_model(width: int = WIDTH) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model(width)
+    for layer in model:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def warm_up_process(device) -> dict[str, int]:
+    """One throwaway FSDP2 round at width 64 (two steps, Adam): what the process's first step adds once."""
+    import torch.distributed as dist
+
+    before, split = device.in_use_bytes(), resident_split()
+    model = sharded_model(WARMUP_WIDTH)
+    optimizer = adam(model.parameters())
+    x, y = make_batch(8, WARMUP_WIDTH)
+    for _ in range(2):
+        train_step(model, optimizer, x, y)
+    del model, optimizer
+    gc.collect()
+    dist.barrier()
+    after = resident_split()
+    return {
+        "resident_bytes": device.in_use_bytes() - before,
+        **{f"{k}_bytes": after[k] - split[k] for k in after},
+    }
 
 
 def adam(params):
@@ -69,26 +125,24 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x, y, _batch_
     optimizer.zero_grad(set_to_none=True)
 
 
-def rank_main(out_dir: str, sizes: list[int]) -> None:
+def rank_main(out_dir: str, sizes: list[int], process_warmup: bool) -> None:
     """One real rank: for each size, a fresh sharded model and optimizer, a warm-up, two measured steps."""
     import torch.distributed as dist
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-    from torch.distributed.fsdp import fully_shard
 
     from batchlab.devices import CPUDevice
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     device = CPUDevice()  # sets glibc's exact mmap threshold before anything is built
-    results = {}
+    results: dict[Any, Any] = {}
+    if process_warmup:
+        results["process_warmup"] = warm_up_process(device)
     for b in sizes:
         for tracked in (False, True):
             x, y = make_batch(b)
             before = device.in_use_bytes()
-            model = make_model()
-            for layer in model:
-                fully_shard(layer)
-            fully_shard(model)
+            model = sharded_model()
             optimizer = adam(model.parameters())
 
             if not tracked:
@@ -105,12 +159,13 @@ def rank_main(out_dir: str, sizes: list[int]) -> None:
                 peak = tracker.get_tracker_snapshot("peak")
                 results[b]["tracked"] = int(sum(v.get("Total", 0) for v in peak.values()))
             del model, optimizer
+            gc.collect()  # FSDP2's modules sit in reference cycles: their memory goes before the next baseline
             dist.barrier()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
 
 
-def measure(world: int, sizes: list[int]) -> list[dict]:
+def measure(world: int, sizes: list[int], process_warmup: bool = True) -> list[dict]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -118,6 +173,7 @@ def measure(world: int, sizes: list[int]) -> list[dict]:
     command = [
         "timeout", "600", sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}",
         "--master-addr=127.0.0.1", f"--master-port={port}", __file__, "--rank", out, ",".join(map(str, sizes)),
+        *([] if process_warmup else ["--no-process-warmup"]),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -126,22 +182,30 @@ def measure(world: int, sizes: list[int]) -> list[dict]:
         path = Path(out, f"rank{rank}.json")
         if not path.exists():
             raise SystemExit(f"rank {rank} wrote nothing (exit {done.returncode}):\n{done.stderr[-3000:]}")
-        ranks.append({int(k): v for k, v in json.loads(path.read_text()).items()})
+        ranks.append({int(k) if k.isdigit() else k: v for k, v in json.loads(path.read_text()).items()})
     return ranks
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one batch size")
+    parser.add_argument(
+        "--no-process-warmup",
+        action="store_true",
+        help="leave out the throwaway first round: the first size then reads the process's one-time memory",
+    )
     parser.add_argument("--rank", nargs=2, metavar=("OUT", "SIZES"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rank:
-        rank_main(args.rank[0], [int(v) for v in args.rank[1].split(",")])
+        rank_main(args.rank[0], [int(v) for v in args.rank[1].split(",")], not args.no_process_warmup)
         os._exit(0)  # gloo sometimes aborts at interpreter teardown; the results are written
     sizes = [256] if args.quick else list(SIZES)
     rows = []
+    warmups = {}
     for world in WORLDS:
-        ranks = measure(world, sizes)
+        ranks = measure(world, sizes, not args.no_process_warmup)
+        if "process_warmup" in ranks[0]:
+            warmups[world] = [r["process_warmup"] for r in ranks]
         for b in sizes:
             plan = planned(world, b)
             measured = [r[b]["measured"] for r in ranks]
@@ -169,7 +233,14 @@ def main() -> None:
             f"{r['error_vs_measured']:+.1%} | {r['error_vs_tracked']:+.1%} |"
         )
     path = Path(__file__).with_name("results") / "fsdp_plan.json"
-    path.write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=2))
+    for world, by_rank in warmups.items():
+        mib = {k: max(r[k] for r in by_rank) / MIB for k in by_rank[0]}
+        print(
+            f"process warm-up, {world} ranks (largest over ranks): resident +{mib['resident_bytes']:.1f} MiB, "
+            f"of it file-backed +{mib['RssFile_bytes']:.1f} MiB, anonymous +{mib['RssAnon_bytes']:.1f} MiB"
+        )
+    data = {"torch": torch.__version__, "process_warmup": not args.no_process_warmup, "rows": rows}
+    path.write_text(json.dumps({**data, "process_warmup_by_world": warmups}, indent=2))
     print(f"wrote {path}")
 
 

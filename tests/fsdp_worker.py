@@ -12,12 +12,23 @@ it with ``fully_shard`` (each layer, then the root), trains it with Adam, and wr
   (``oom-guard``: while the micro-batch exceeds 16; ``error-guard``: at step 1); ``oom-guard-loss``: the
   out-of-memory error in the loss, after the forward -- the other rank learns of it at the backward's first
   sync point, before FSDP's backward all-gathers.
-- ``failures``: the four above in turn, in one process group -- which also shows that every rank is still in
-  step with the others after each failure. Results are keyed by mode.
+- ``oom-backward-search`` / ``error-backward-search``: as the search modes, but layer 2 raises in its
+  *backward* -- after FSDP's all-gather of its parameters, before its reduce-scatter (the other rank would
+  wait in that reduce-scatter); ``oom-backward-guard`` / ``error-backward-guard``: as the guard modes, with
+  layer 0 raising in its backward (its reduce-scatter runs in FSDP's final backward callback).
+- ``backward-ooms``: the two out-of-memory modes of the backward (run on 4 ranks).
+- ``failures`` / ``backward-failures``: the forward (and loss) modes above, or the backward ones, in turn, in
+  one process group -- which also shows that every rank is still in step with the others after each failure.
+  Results are keyed by mode. ``PG_TIMEOUT_S`` sets the process group's timeout (default: torch's, 30 min).
+- ``stalled-search`` / ``stalled-guard``: rank 1 alone runs out of memory in layer 2's forward just before
+  a collective of the layer's own (the search: from ``INJECT_AT`` on; the guard: at step 1), where rank 0
+  already waits: no sync point reaches it, the group times out after ``COLLECTIVE_TIMEOUT_S`` (batchlab's
+  ``collective_timeout``) and cannot be used again -- one mode per torchrun.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import sys
@@ -31,29 +42,73 @@ from torch.nn import functional as F
 MIB = 2**20
 WIDTH_IN, WIDTH = 2048, 64
 INJECT_AT = 24
+COLLECTIVE_TIMEOUT_S = float(os.environ.get("COLLECTIVE_TIMEOUT_S", 300))
 FAILURES = ("oom-search", "error-search", "oom-guard", "error-guard", "oom-guard-loss")
+BACKWARD_FAILURES = (
+    "oom-backward-search",
+    "error-backward-search",
+    "oom-backward-guard",
+    "error-backward-guard",
+)
+
+
+class RaiseInBackward(torch.autograd.Function):
+    """Identity forward; the backward raises ``error`` -- inside the sharded module's backward, after FSDP's
+    all-gather of its parameters and before its reduce-scatter of their gradients."""
+
+    @staticmethod
+    def forward(ctx, x, error):
+        ctx.error = error
+        return x.clone()  # not a view: FSDP warns about a sharded module returning one
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.error is not None:
+            raise ctx.error
+        return grad, None
 
 
 class Injected(nn.Module):
-    """A layer that raises on ``rank`` when ``when(batch)`` -- the failure of one rank only."""
+    """A layer that raises on ``rank`` when ``when(batch)`` -- the failure of one rank only -- in its forward,
+    or (``in_backward``) in its backward."""
 
-    def __init__(self, inner: nn.Module, rank: int, error: BaseException | None, when):
+    def __init__(
+        self,
+        inner: nn.Module,
+        rank: int,
+        error: BaseException | None,
+        when,
+        in_backward=False,
+        collective=False,
+    ):
         super().__init__()
         self.inner, self.rank, self.error, self.when = inner, rank, error, when
+        self.in_backward, self.collective = in_backward, collective
 
     def forward(self, x):
-        if self.error is not None and dist.get_rank() == self.rank and self.when(len(x)):
+        fails = self.error is not None and dist.get_rank() == self.rank and self.when(len(x))
+        if fails and not self.in_backward:
             raise self.error
+        if self.collective:  # the model's own collective (as tensor parallelism has): no sync point before it
+            dist.all_reduce(torch.ones(1))
+        if self.in_backward:  # the output's backward is the first of this module's backward
+            return RaiseInBackward.apply(self.inner(x), self.error if fails else None)
         return self.inner(x)
 
 
-def build(error: BaseException | None = None, when=lambda b: False):
+def build(
+    error: BaseException | None = None,
+    when=lambda b: False,
+    layer: int = 2,
+    in_backward=False,
+    collective=False,
+):
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(0)
     layers = [nn.Sequential(nn.Linear(WIDTH_IN, WIDTH), nn.ReLU())]
     layers += [nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.ReLU()) for _ in range(3)]
-    layers[2] = Injected(layers[2], 1, error, when)
+    layers[layer] = Injected(layers[layer], 1, error, when, in_backward, collective)
     model = nn.Sequential(*layers)
     for layer in model:
         fully_shard(layer)
@@ -103,27 +158,31 @@ def fit(rank: int) -> dict:
     }
 
 
-def search_failure(rank: int, error: BaseException) -> dict:
+def search_failure(rank: int, error: BaseException, **where) -> dict:
     from batchlab.integrations.distributed import find_batch_size_distributed
 
-    model, optimizer = build(error, lambda b: b >= INJECT_AT)
+    model, optimizer = build(error, lambda b: b >= INJECT_AT, **where)
     try:
         result = find_batch_size_distributed(
-            workload(model, optimizer), device="cpu", memory_budget=rss() + 256 * MIB, max_batch_size=256
+            workload(model, optimizer),
+            device="cpu",
+            memory_budget=rss() + 256 * MIB,
+            max_batch_size=256,
+            collective_timeout=COLLECTIVE_TIMEOUT_S,
         )
     except Exception as exc:
-        return {"raised": type(exc).__name__, "message": str(exc)}
+        return {"raised": type(exc).__name__, "message": str(exc), "reports": getattr(exc, "reports", None)}
     return {
         "batch_size": result.batch_size,
         "probes": [(p["batch_size"], p["outcome"]) for p in result.local.to_dict()["probes"]],
     }
 
 
-def guard(rank: int, error: BaseException, when, in_loss: bool = False) -> dict:
+def guard(rank: int, error: BaseException, when, in_loss: bool = False, **where) -> dict:
     from batchlab.training import OOMGuard
 
     state = {"step": 0}
-    model, optimizer = build(None if in_loss else error, lambda b: when(b, state["step"]))
+    model, optimizer = build(None if in_loss else error, lambda b: when(b, state["step"]), **where)
 
     def loss_fn(batch):
         out = model(batch[0])
@@ -131,7 +190,7 @@ def guard(rank: int, error: BaseException, when, in_loss: bool = False) -> dict:
             raise error
         return F.mse_loss(out, batch[1])
 
-    guard = OOMGuard(optimizer, 64, model=model)
+    guard = OOMGuard(optimizer, 64, model=model, collective_timeout=COLLECTIVE_TIMEOUT_S)
     losses = []
     try:
         for step in range(3):
@@ -139,7 +198,8 @@ def guard(rank: int, error: BaseException, when, in_loss: bool = False) -> dict:
             x, y = make_batch(64)
             losses.append(float(guard.step((x, y), loss_fn)))
     except Exception as exc:
-        return {"raised": type(exc).__name__, "message": str(exc), "losses": losses}
+        reports = getattr(exc, "reports", None)
+        return {"raised": type(exc).__name__, "message": str(exc), "losses": losses, "reports": reports}
     return {
         "losses": losses,
         "micro": [guard.micro_batch, guard.accumulation],
@@ -149,7 +209,8 @@ def guard(rank: int, error: BaseException, when, in_loss: bool = False) -> dict:
 
 
 def main(mode: str, out_dir: str) -> None:
-    dist.init_process_group("gloo")
+    timeout = float(os.environ.get("PG_TIMEOUT_S", 1800))
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout))
     rank = dist.get_rank()
     oom = torch.OutOfMemoryError("injected: out of memory on this rank only")
     modes = {
@@ -159,10 +220,28 @@ def main(mode: str, out_dir: str) -> None:
         "oom-guard": lambda: guard(rank, oom, lambda b, step: b > 16),
         "error-guard": lambda: guard(rank, ValueError("injected shape bug"), lambda b, step: step == 1),
         "oom-guard-loss": lambda: guard(rank, oom, lambda b, step: b > 16, in_loss=True),
+        # in a sharded module's backward: layer 2's reduce-scatter runs in its own post-backward, layer 0's
+        # (whose input needs no gradient) in FSDP's final callback at the end of the backward
+        "oom-backward-search": lambda: search_failure(rank, oom, in_backward=True),
+        "error-backward-search": lambda: search_failure(
+            rank, ValueError("injected shape bug"), in_backward=True
+        ),
+        "oom-backward-guard": lambda: guard(rank, oom, lambda b, step: b > 16, layer=0, in_backward=True),
+        "error-backward-guard": lambda: guard(
+            rank, ValueError("injected shape bug"), lambda b, step: step == 1, layer=0, in_backward=True
+        ),
+        # just before the model's own collective, which rank 0 already waits in: the group times out
+        "stalled-search": lambda: search_failure(rank, oom, collective=True),
+        "stalled-guard": lambda: guard(rank, oom, lambda b, step: step == 1, collective=True),
     }
     result = {}
     # "failures": every failure mode in turn, in one process group (one torchrun start instead of four)
-    for name in FAILURES if mode == "failures" else [mode]:
+    groups = {
+        "failures": FAILURES,
+        "backward-failures": BACKWARD_FAILURES,
+        "backward-ooms": ("oom-backward-search", "oom-backward-guard"),
+    }
+    for name in groups.get(mode, [mode]):
         try:
             result[name] = modes[name]()
         except Exception:

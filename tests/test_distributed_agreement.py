@@ -11,10 +11,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from batchlab import Workload
-from batchlab.devices.agreement import DONE, ERROR, OUT_OF_MEMORY, PEER, RUNNING, StepAgreement
-from batchlab.devices.ranks import current_ranks
-from batchlab.errors import PeerFailureError, WorkloadError
-from batchlab.integrations.distributed.agreement import check_even_split, check_same_everywhere
+from batchlab.devices.agreement import DONE, ERROR, OUT_OF_MEMORY, PEER, RUNNING, StepAgreement, account
+from batchlab.devices.ranks import collective_timeout, current_ranks
+from batchlab.errors import PeerFailureError, ProcessGroupFailedError, WorkloadError
+from batchlab.integrations.distributed.agreement import (
+    agree_on_batch_size,
+    check_even_split,
+    check_same_everywhere,
+)
 from batchlab.integrations.distributed.fit import find_batch_size_distributed
 
 
@@ -62,6 +66,87 @@ def test_all_done_is_one_exchange_and_ok():
     assert StepAgreement(exchange).finish(DONE).ok and sent == [DONE]
     with pytest.raises(ValueError, match="invalid final status 0"):
         StepAgreement(exchange).finish(RUNNING)
+
+
+def broken(code):
+    raise RuntimeError("[gloo/transport/tcp/pair.cc:561] Connection closed by peer")
+
+
+def test_a_failed_group_makes_every_rank_raise_with_each_ranks_account():
+    told = []
+
+    def tell(text):
+        told.append(text)
+        return ["raised RuntimeError: Timed out waiting 5000ms", text, None]
+
+    agreement = StepAgreement(broken, tell, where="batch 128")
+    with pytest.raises(
+        ProcessGroupFailedError, match="batch 128: the process group failed mid-step"
+    ) as caught:
+        agreement.finish(OUT_OF_MEMORY, account(OUT_OF_MEMORY, "CUDA out of memory. Tried to allocate 2 GiB"))
+    assert told == ["ran out of memory (CUDA out of memory. Tried to allocate 2 GiB)"]
+    assert caught.value.reports == ["raised RuntimeError: Timed out waiting 5000ms", told[0], None]
+    assert "rank 1 ran out of memory (CUDA out of memory" in str(caught.value)
+    assert "rank 2 sent no word" in str(caught.value)
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):  # no way round the group: as it is
+        StepAgreement(broken).finish(DONE)
+
+
+def test_each_rank_accounts_for_its_end_of_the_step():
+    assert account(ERROR, ValueError("bad shape\nmore")) == "raised ValueError: bad shape"
+    assert account(OUT_OF_MEMORY) == "ran out of memory"
+    assert account(PEER) == "left the step for another rank's failure"
+    assert account(DONE) == "finished its part of the step"
+
+
+def test_the_answers_exchange_is_skipped_once_the_group_has_failed():
+    def search():
+        raise ProcessGroupFailedError("batch 8: the process group failed", reports=[None, None])
+
+    def gather(value):
+        raise AssertionError("no collective on a failed group")
+
+    with pytest.raises(ProcessGroupFailedError, match="batch 8"):
+        agree_on_batch_size(search, gather, rank=0)
+
+
+@pytest.fixture
+def one_rank_group(monkeypatch):
+    """A real gloo group of one rank in this process (timeout 77 s), destroyed after the test."""
+    import datetime
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1, timeout=datetime.timedelta(seconds=77))
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+def test_collective_timeout_bounds_the_group_inside_and_restores_it(one_rank_group):
+    import datetime
+
+    options = one_rank_group._get_backend(torch.device("cpu")).options
+    with collective_timeout(5, one_rank_group):
+        assert options._timeout == datetime.timedelta(seconds=5)
+    assert options._timeout == datetime.timedelta(seconds=77)
+    with collective_timeout(None, one_rank_group), collective_timeout(100, one_rank_group):
+        assert options._timeout == datetime.timedelta(seconds=77)  # never a longer wait than the group's
+    with pytest.raises(KeyError), collective_timeout(5, one_rank_group):
+        raise KeyError("a failed try")
+    assert options._timeout == datetime.timedelta(seconds=77)
+
+
+def test_tell_everyone_goes_through_the_store(one_rank_group):
+    ranks = current_ranks()
+    assert ranks.tell_everyone("ran out of memory", wait_s=1) == ["ran out of memory"]
 
 
 def test_gradient_averaging_refuses_unequal_shares_and_disagreeing_ranks():

@@ -142,6 +142,83 @@ def test_oomguard_an_error_on_rank_1_makes_every_rank_raise(failures):
     assert len(results[0]["losses"]) == len(results[1]["losses"]) == 1  # step 0 ran; step 1 stopped both
 
 
+@pytest.fixture(scope="module")
+def backward_failures(tmp_path_factory):
+    """Rank 1 raising inside a sharded module's backward (fsdp_worker.py), on 2 ranks in one torchrun."""
+    return torchrun("backward-failures", 2, tmp_path_factory.mktemp("backward-failures"))
+
+
+def test_an_oom_in_rank_1s_sharded_backward_makes_every_rank_step_back_and_the_search_go_on(
+    backward_failures,
+):
+    # the other rank would wait in layer 2's reduce-scatter: it meets rank 1 at a sync point ahead of it
+    results = [r["oom-backward-search"] for r in backward_failures]
+    inject_at = 24
+    assert results[0]["probes"] == results[1]["probes"]
+    assert results[0]["batch_size"] == results[1]["batch_size"] == inject_at - 1
+    assert all(outcome == "oom" for size, outcome in results[0]["probes"] if size >= inject_at)
+    assert any(outcome == "fits" for size, outcome in results[0]["probes"] if size < inject_at)
+
+
+def test_an_error_in_rank_1s_sharded_backward_makes_every_rank_raise(backward_failures):
+    results = [r["error-backward-search"] for r in backward_failures]
+    assert (results[1]["raised"], results[1]["message"]) == ("ValueError", "injected shape bug")
+    assert results[0]["raised"] == "BatchlabError"
+    assert "rank(s) [1] raised during the probe" in results[0]["message"]
+
+
+def test_oomguard_an_oom_in_rank_1s_first_layer_backward_shrinks_every_rank_together(
+    backward_failures, failures
+):
+    # layer 0's input needs no gradient: its reduce-scatter runs in FSDP's final callback of the backward
+    results = [r["oom-backward-guard"] for r in backward_failures]
+    for rank, result in enumerate(results):
+        assert result["micro"] == [16, 4]
+        assert [(e["micro_before"], e["micro_after"]) for e in result["events"]] == [(64, 32), (32, 16)]
+        assert result["losses"] == failures[rank]["oom-guard"]["losses"]  # the same run as a forward OOM
+    assert results[0]["events"][0]["error"] == "out of memory on rank(s) [1]"
+    assert results[1]["events"][0]["error"].startswith("injected: out of memory")
+
+
+def test_oomguard_an_error_in_rank_1s_backward_makes_every_rank_raise(backward_failures):
+    results = [r["error-backward-guard"] for r in backward_failures]
+    assert (results[1]["raised"], results[1]["message"]) == ("ValueError", "injected shape bug")
+    assert results[0]["raised"] == "BatchlabError" and "rank(s) [1] raised" in results[0]["message"]
+    assert len(results[0]["losses"]) == len(results[1]["losses"]) == 1
+
+
+def test_on_4_ranks_an_oom_in_rank_1s_sharded_backward_makes_all_step_back_together(
+    tmp_path, backward_failures
+):
+    results = torchrun("backward-ooms", 4, tmp_path)
+    for result in results:  # the same probes and answer, and the same recovery, as on 2 ranks
+        assert (
+            result["oom-backward-search"]["probes"] == backward_failures[0]["oom-backward-search"]["probes"]
+        )
+        assert result["oom-backward-search"]["batch_size"] == 23
+        guard = result["oom-backward-guard"]
+        assert guard["micro"] == [16, 4] and len(guard["events"]) == 2 and len(guard["losses"]) == 3
+    assert [r["oom-backward-guard"]["events"][0]["error"] for r in results] == [
+        "out of memory on rank(s) [1]",
+        "injected: out of memory on this rank only",
+        "out of memory on rank(s) [1]",
+        "out of memory on rank(s) [1]",
+    ]
+
+
+@pytest.mark.parametrize("mode", ["stalled-search", "stalled-guard"])
+def test_a_failure_no_sync_point_reaches_makes_every_rank_raise_within_the_collective_timeout(tmp_path, mode):
+    # rank 0 waits in the layer's own all_reduce, which rank 1 never reaches; the group's own timeout (PG_TIMEOUT_S)
+    # is past the hang detector, so only batchlab's collective_timeout of 5 s can end the wait in time
+    results = [r[mode] for r in torchrun(mode, 2, tmp_path, COLLECTIVE_TIMEOUT_S="5", PG_TIMEOUT_S="1800")]
+    for result in results:
+        assert result["raised"] == "ProcessGroupFailedError"
+        assert "the process group failed mid-step" in result["message"]
+        assert result["reports"][1] == "ran out of memory (injected: out of memory on this rank only)"
+        assert result["reports"][0].startswith("raised RuntimeError: ")  # what rank 0 met: gloo's timeout
+    assert results[0]["reports"] == results[1]["reports"]  # every rank names the same failures
+
+
 EXAMPLE = Path(__file__).parents[1] / "examples" / "fsdp_torchrun.py"
 DOCS = Path(__file__).parents[1] / "docs" / "integrations.md"
 

@@ -27,3 +27,10 @@ KNEE_THRESHOLD = 0.95
 # Pollux/AdaptDL re-configure a job only when the new configuration's goodput is > 5% better: smaller gains
 # are within the noise of the measurements and not worth a change (Qiao et al. 2021, section 4.2).
 GAIN_THRESHOLD = 0.05
+
+# Under torchrun, the bound on every collective of a probe (find_batch_size_distributed) or an OOMGuard step,
+# instead of the process group's own (30 min for gloo, 10 min for nccl): a rank that fails inside a collective
+# the others already wait in would otherwise hold them that long. 300 s is torchtitan's bound for the first
+# collectives, communicator set-up included (``comm.init_timeout_seconds``; ``train_timeout_seconds``, 100 s,
+# for later steps): long enough for a slow rank's step, short enough to fail a job in minutes.
+COLLECTIVE_TIMEOUT_S = 300.0

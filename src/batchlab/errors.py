@@ -3,6 +3,7 @@
     BatchlabError                 base class; catch this to handle anything batchlab decided
     ├── DoesNotFitError           even the smallest batch does not fit the memory budget
     ├── PeerFailureError          another rank failed mid-step; this one left the step with it (distributed)
+    ├── ProcessGroupFailedError   a rank failed where the others waited in a collective; the group timed out
     └── WorkloadError             a workload spec or object that cannot be used (bad name, bad callable)
         └── FakeTensorError       the workload cannot run on fake tensors (``batchlab plan``); names the op
 
@@ -44,6 +45,22 @@ class PeerFailureError(BatchlabError):
         super().__init__(message)
         self.ranks = ranks
         self.out_of_memory = out_of_memory
+
+
+class ProcessGroupFailedError(BatchlabError):
+    """The process group failed mid-step -- a collective waited past its timeout, or a peer closed its
+    connection -- and cannot be used any more; every rank raises it, within the collective timeout.
+
+    It follows a failure on one rank *inside* a collective's own work (a buffer it could not allocate) or a
+    collective the model issues itself, while the other ranks already waited in it: no sync point can reach
+    them there (:mod:`batchlab.devices.agreement`). Not a :class:`PeerFailureError`: no rank may step back and
+    retry on a group that is gone. ``reports`` holds what each rank said it raised, in rank order (None: no
+    word from that rank), sent through the group's store, which outlives the group.
+    """
+
+    def __init__(self, message: str, *, reports: list[str | None]):
+        super().__init__(message)
+        self.reports = reports
 
 
 class WorkloadError(BatchlabError):

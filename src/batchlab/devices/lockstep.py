@@ -16,30 +16,38 @@ runs the same probes in the same order:
 - the raw peak of every rank is kept per batch size (:attr:`rank_peaks`), so a result can name the rank that
   limited it.
 
+Every probe runs under :func:`~batchlab.devices.ranks.collective_timeout` (``collective_timeout``): a rank
+that fails where no sync point reaches the others (inside a collective they already wait in) makes every
+rank raise :class:`~batchlab.errors.ProcessGroupFailedError` within that time, naming what each raised,
+instead of holding them for the group's own timeout (:mod:`batchlab.devices.agreement`).
+
 Capacity and the hard limit (CPU RAM) are gathered once, when the device is made -- the search asks for them
 at times that need not line up across ranks -- scaled the same way, the tightest rank's taken.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
+from batchlab.defaults import COLLECTIVE_TIMEOUT_S
 from batchlab.devices.agreement import (
     DONE,
     ERROR,
     OUT_OF_MEMORY,
     PEER,
     StepAgreement,
+    account,
     reset_after_failure,
     sync_points,
 )
 from batchlab.devices.base import Device, Measurement
 from batchlab.devices.oom import is_out_of_memory
-from batchlab.devices.ranks import Ranks
+from batchlab.devices.ranks import Ranks, collective_timeout
 from batchlab.errors import BatchlabError, PeerFailureError
 
 _NONE = -1  # on the wire: no reading (an out-of-memory error left no peak, or the device has no hard limit)
@@ -53,12 +61,19 @@ class LockstepDevice(Device):
         ranks: this rank and the world (:func:`batchlab.devices.ranks.current_ranks`).
         budget_bytes: this rank's budget (its ``memory_budget``, else its device's capacity).
         models: the modules whose sharded parts get sync points (the workload's model).
+        collective_timeout: seconds any collective of a probe may wait (None: the group's own timeout).
     """
 
     def __init__(
-        self, inner: Device, ranks: Ranks, budget_bytes: int, models: Sequence[torch.nn.Module] = ()
+        self,
+        inner: Device,
+        ranks: Ranks,
+        budget_bytes: int,
+        models: Sequence[torch.nn.Module] = (),
+        collective_timeout: float | None = COLLECTIVE_TIMEOUT_S,
     ):
         self.inner, self.ranks, self.models = inner, ranks, list(models)
+        self.collective_timeout = collective_timeout
         self.name = f"{inner.name} x {ranks.world_size} ranks (lockstep)"
         self.rank_budgets = ranks.all_gather_ints(int(budget_bytes))
         if min(self.rank_budgets) <= 0:
@@ -113,9 +128,17 @@ class LockstepDevice(Device):
 
         Every rank returns the same :class:`Measurement`: ``ok`` only if it fitted everywhere. An error on any
         rank raises on every rank -- this rank's own error, or :class:`~batchlab.errors.BatchlabError` naming
-        the rank that raised.
+        the rank that raised; a failed process group raises
+        :class:`~batchlab.errors.ProcessGroupFailedError` on every rank (module docstring).
         """
-        agreement = StepAgreement(self.ranks.all_gather_ints)
+        with collective_timeout(self.collective_timeout, self.ranks.group):
+            return self._run_together(step, batch_size, steps)
+
+    def _run_together(self, step: Callable[[int], Any], batch_size: int, steps: int) -> Measurement:
+        tell = functools.partial(
+            self.ranks.tell_everyone, wait_s=self.collective_timeout or COLLECTIVE_TIMEOUT_S
+        )
+        agreement = StepAgreement(self.ranks.all_gather_ints, tell, where=f"batch {batch_size}")
         own: Measurement | None = None
         error: Exception | None = None
         peer = False
@@ -128,7 +151,7 @@ class LockstepDevice(Device):
             except Exception as exc:  # re-raised below, once every rank knows
                 # an OOM the inner device did not turn into a measurement cannot step back (a framework's own)
                 code, error = (OUT_OF_MEMORY if is_out_of_memory(exc) else ERROR), exc
-        verdict = agreement.finish(code)
+        verdict = agreement.finish(code, account(code, error or (own.error if own is not None else None)))
         if verdict.error_ranks:
             if error is not None:
                 raise error

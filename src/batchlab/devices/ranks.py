@@ -8,10 +8,16 @@ the single-process path stays as it was.
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+_REPORTS = "batchlab/failed-step/"  # the store's keys for :meth:`Ranks.tell_everyone`, + the global rank
 
 
 @dataclass(frozen=True)
@@ -25,6 +31,29 @@ class Ranks:
     def all_gather_ints(self, value: int) -> list[int]:
         """Every rank's ``value``, in rank order (see :func:`all_gather_ints`)."""
         return all_gather_ints(value, self.group)
+
+    def tell_everyone(self, text: str, wait_s: float) -> list[str | None]:
+        """Every rank's ``text``, in rank order, through the c10d store the process group was built from --
+        not through the group, so it works when the group itself has failed (a gloo timeout closes its
+        connections for good). Waits up to ``wait_s`` for the others' texts; a rank that sent none by then
+        (crashed, or still waiting in a collective) is None. Without a store only this rank's is known.
+
+        The store is the default group's (``torch.distributed.distributed_c10d._get_default_store``: no
+        public accessor; feature-checked), which torchrun's agent hosts outside the ranks' processes.
+        """
+        import torch.distributed as dist
+
+        get_store = getattr(dist.distributed_c10d, "_get_default_store", None)
+        store = get_store() if get_store is not None else None
+        if store is None:
+            return [text if rank == self.rank else None for rank in range(self.world_size)]
+        group = self.group if self.group is not None else dist.group.WORLD
+        keys = [_REPORTS + str(dist.get_global_rank(group, r)) for r in range(self.world_size)]
+        store.set(keys[self.rank], text)
+        deadline = time.monotonic() + wait_s
+        while not store.check(keys) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return [store.get(key).decode() if store.check([key]) else None for key in keys]
 
 
 def current_ranks(group: Any = None) -> Ranks | None:
@@ -59,4 +88,36 @@ def all_gather_ints(value: int, group: Any = None) -> list[int]:
     return [int(t.item()) for t in everyone]
 
 
-__all__ = ["Ranks", "all_gather_ints", "current_ranks", "require_ranks"]
+@contextlib.contextmanager
+def collective_timeout(seconds: float | None, group: Any = None) -> Iterator[None]:
+    """Bound every collective issued on ``group`` inside the block to ``seconds``; the group's own timeout
+    (``init_process_group(timeout=...)``: 30 min for gloo, 10 min for nccl by default) is back on exit. A
+    group whose own timeout is already shorter keeps it.
+
+    ``torch.distributed.set_timeout`` (torch >= 2.8) changes the timeout of the group's later work; the one in
+    force is read from the backend's options (``options._timeout``, as ``init_process_group`` stores it) to
+    restore it. ``seconds=None``, or a torch or backend without either, leaves the group as it is. Once a
+    gloo collective times out the group's connections are closed: it fails every later collective at once.
+    nccl's watchdog instead aborts the process at the timeout (``TORCH_NCCL_ASYNC_ERROR_HANDLING``).
+    """
+    import torch.distributed as dist
+
+    if seconds is None or not hasattr(dist, "set_timeout"):
+        yield
+        return
+    pg = group if group is not None else dist.group.WORLD
+    device = torch.device("cuda") if dist.get_backend(pg) == "nccl" else torch.device("cpu")
+    get_backend = getattr(pg, "_get_backend", None)
+    before = getattr(getattr(get_backend(device), "options", None), "_timeout", None) if get_backend else None
+    bound = datetime.timedelta(seconds=seconds)
+    if not isinstance(before, datetime.timedelta) or before <= bound:  # a bound, never a longer wait
+        yield
+        return
+    dist.set_timeout(bound, pg)
+    try:
+        yield
+    finally:
+        dist.set_timeout(before, pg)
+
+
+__all__ = ["Ranks", "all_gather_ints", "collective_timeout", "current_ranks", "require_ranks"]

@@ -14,6 +14,11 @@ itself, over a 1-D mesh, with ``reshard_after_forward`` (True or False). Mixed p
 parameters with its first param group's settings (FSDP replaces the parameters); several param groups are
 refused.
 
+Not counted, because it is not the step's memory: what a process's *first* FSDP2 step adds to its resident
+memory once -- ~19 MiB on the CPU whatever the model or world size, 16.5 MiB of it file-backed (the code
+pages of libtorch and gloo its code paths fault in, shared by every rank on a host) and ~2.5 MiB of Python
+objects and caches (measured, torch 2.14.1: benchmarks/RESULTS.md, "Where the 4-rank miss came from").
+
 torch's pieces here are private modules (``torch.testing._internal.distributed.fake_pg``,
 ``torch.distributed._tools.fsdp2_mem_tracker``): imported in :func:`_fsdp_internals` only, tested on their
 own. Validated against real 2- and 4-rank gloo runs on the CPU (benchmarks/fsdp_plan.py, RESULTS.md).

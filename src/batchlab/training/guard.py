@@ -71,12 +71,17 @@ rank discards the step's gradients, halves the micro-batch and retries the same 
 collective order; an error that is not an out-of-memory on any rank (or an out-of-memory at
 ``min_micro_batch``) makes every rank raise -- its own error on that rank, :class:`~batchlab.BatchlabError`
 naming it on the others. Every rank keeps the same micro-batch and accumulation (gradient averaging assumes
-it). Without a process group nothing of this runs: no collective, the single-process path as it was.
+it). Each try runs under ``collective_timeout`` (seconds; :data:`batchlab.defaults.COLLECTIVE_TIMEOUT_S`):
+a failure where no sync point reaches the other ranks -- inside a collective they already wait in -- makes
+every rank raise :class:`~batchlab.errors.ProcessGroupFailedError` within it, naming what each raised (the
+group is unusable after a timeout). Without a process group nothing of this runs: no collective, the
+single-process path as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 from collections.abc import Callable
@@ -87,6 +92,7 @@ import torch
 
 from batchlab import checks
 from batchlab.advice.scaling import plan_batch
+from batchlab.defaults import COLLECTIVE_TIMEOUT_S
 from batchlab.devices.agreement import (
     DONE,
     ERROR,
@@ -94,11 +100,12 @@ from batchlab.devices.agreement import (
     PEER,
     StepAgreement,
     Verdict,
+    account,
     reset_after_failure,
     sync_points,
 )
 from batchlab.devices.oom import is_out_of_memory
-from batchlab.devices.ranks import Ranks, current_ranks
+from batchlab.devices.ranks import Ranks, collective_timeout, current_ranks
 from batchlab.devices.release import devices_of, release_after_oom
 from batchlab.errors import BatchlabError, PeerFailureError
 from batchlab.training.batches import batch_len, concat, evaluate_chunks, slice_batch
@@ -180,6 +187,8 @@ class OOMGuard:
         model: under torchrun, the model (DDP- or FSDP-wrapped) whose forward and backward get sync points
             (module docstring); without it the ranks agree only at the end of each try.
         group: the process group the ranks agree in (default: the world, when one is initialised).
+        collective_timeout: under torchrun, the seconds any collective of a try may wait (None: the group's
+            own timeout, 30 min for gloo by default).
 
     ``micro_batch`` x ``accumulation`` is the current training split; ``eval_micro_batch`` the evaluation
     chunk (None until an evaluation ran out of memory: whole batches); ``events`` every recovery.
@@ -200,6 +209,7 @@ class OOMGuard:
         on_event: Callable[[GuardEvent], Any] | None = None,
         model: torch.nn.Module | None = None,
         group: Any = None,
+        collective_timeout: float | None = COLLECTIVE_TIMEOUT_S,
     ):
         if not (
             callable(getattr(optimizer, "step", None)) and callable(getattr(optimizer, "zero_grad", None))
@@ -225,6 +235,7 @@ class OOMGuard:
         self.no_sync = no_sync
         self.on_event = on_event
         self.model = model
+        self.collective_timeout = collective_timeout
         ranks = current_ranks(group)
         self.ranks: Ranks | None = ranks if ranks is not None and ranks.world_size > 1 else None
         self.steps = 0  # optimizer steps taken
@@ -372,20 +383,24 @@ class OOMGuard:
         """Run ``run()`` as one try every rank settles together; return its value, the shared verdict and this
         rank's own out-of-memory message (``sync``: with sync points in the model). This rank's own non-OOM error (or an OOM it cannot step back from) is
         re-raised once every rank knows; another rank's error raises :class:`BatchlabError` naming it."""
-        agreement = StepAgreement(self.ranks.all_gather_ints)
+        tell = functools.partial(
+            self.ranks.tell_everyone, wait_s=self.collective_timeout or COLLECTIVE_TIMEOUT_S
+        )
+        agreement = StepAgreement(self.ranks.all_gather_ints, tell, where=f"OOMGuard step {self.steps}")
         value, own_error, message = None, None, None
-        with sync_points([self.model] if sync and self.model is not None else [], agreement):
-            try:
-                value = run()
-                code = DONE
-            except PeerFailureError:
-                code = PEER
-            except Exception as exc:  # settled below, with every rank
-                if is_out_of_memory(exc) and can_shrink:
-                    code, message = OUT_OF_MEMORY, _first_line(exc)
-                else:
-                    code, own_error = ERROR, exc
-        verdict = agreement.finish(code)
+        with collective_timeout(self.collective_timeout, self.ranks.group):
+            with sync_points([self.model] if sync and self.model is not None else [], agreement):
+                try:
+                    value = run()
+                    code = DONE
+                except PeerFailureError:
+                    code = PEER
+                except Exception as exc:  # settled below, with every rank
+                    if is_out_of_memory(exc) and can_shrink:
+                        code, message = OUT_OF_MEMORY, _first_line(exc)
+                    else:
+                        code, own_error = ERROR, exc
+            verdict = agreement.finish(code, account(code, own_error or message))
         if verdict.error_ranks:
             if own_error is not None:
                 raise own_error

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 from batchlab import checks
-from batchlab.errors import BatchlabError, DoesNotFitError
+from batchlab.errors import BatchlabError, DoesNotFitError, ProcessGroupFailedError
 
 log = logging.getLogger("batchlab")
 
@@ -43,6 +43,8 @@ def agree_on_batch_size(
     error: BaseException | None = None
     try:
         value = int(local())
+    except ProcessGroupFailedError:
+        raise  # no exchange: every rank raises it, and the group is gone
     except DoesNotFitError as exc:
         value, error = _DOES_NOT_FIT, exc
     except Exception as exc:  # re-raised below, after the collective every rank must reach

@@ -14,7 +14,9 @@ Two ways to search, chosen by the model:
   buffers included -- and every rank's search sees the tightest rank's reading, scaled to a common budget,
   so every rank takes the same decisions. Ranks with different room (``memory_budget`` per rank, mixed
   cards) get the batch every rank can run; the result names the rank that limited it and each rank's peak.
-  An out-of-memory error on one rank ends the probe on every rank (:mod:`batchlab.devices.agreement`).
+  An out-of-memory error on one rank ends the probe on every rank (:mod:`batchlab.devices.agreement`); a
+  failure where no sync point reaches the other ranks (inside a collective they wait in) makes every rank
+  raise :class:`~batchlab.errors.ProcessGroupFailedError` within ``collective_timeout`` seconds.
 
 The global batch is ``micro x accumulation x world size``; with ``target_global_batch`` the accumulation
 comes from :func:`batchlab.advice.scaling.plan_batch` and is exact, or the call refuses (gradient averaging,
@@ -36,6 +38,7 @@ from typing import Any
 import torch
 
 from batchlab.advice.scaling import BatchPlan, plan_batch
+from batchlab.defaults import COLLECTIVE_TIMEOUT_S
 from batchlab.devices import resolve_device
 from batchlab.devices.lockstep import LockstepDevice
 from batchlab.devices.ranks import current_ranks, require_ranks
@@ -110,6 +113,7 @@ def find_batch_size_distributed(
     group: Any = None,
     gather: Callable[[int], Sequence[int]] | None = None,
     lockstep: bool | None = None,
+    collective_timeout: float | None = COLLECTIVE_TIMEOUT_S,
     **kwargs: Any,
 ) -> DistributedFitResult:
     """:func:`batchlab.find_batch_size` on every rank, then the same answer on all of them.
@@ -130,6 +134,9 @@ def find_batch_size_distributed(
             :func:`~batchlab.integrations.distributed.agreement.agree_on_batch_size`.
         lockstep: probe every rank together (module docstring); default: when the workload's model is sharded
             by FSDP2. Needs an initialised process group.
+        collective_timeout: in lockstep, the seconds any collective of a probe may wait before every rank
+            raises :class:`~batchlab.errors.ProcessGroupFailedError` (default
+            :data:`~batchlab.defaults.COLLECTIVE_TIMEOUT_S`; None: the group's own timeout, 30 min for gloo).
 
     Without an initialised process group it is :func:`~batchlab.find_batch_size` on one rank (world size 1),
     with no collective.
@@ -159,7 +166,13 @@ def find_batch_size_distributed(
         budget = kwargs.pop("memory_budget", None)
         own_budget = parse_bytes(budget) if budget is not None else inner.capacity_bytes()
         model = getattr(workload, "model", None)
-        device = LockstepDevice(inner, ranks, own_budget, models=[model] if model is not None else [])
+        device = LockstepDevice(
+            inner,
+            ranks,
+            own_budget,
+            models=[model] if model is not None else [],
+            collective_timeout=collective_timeout,
+        )
         kwargs.update(device=device, memory_budget=device.common_bytes)
 
     local_result: list[FitResult] = []

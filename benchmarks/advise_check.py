@@ -1,0 +1,338 @@
+"""advise checked end to end: does the batch and LR ``batchlab advise`` recommends reach the target as soon as
+the best fixed batch? (issue 13, item 6)
+
+For each data set of item 3 (sklearn's digits, MNIST-1D, the byte-level LM of the standard library's source:
+the built-in tasks of ``batchlab.workloads.tasks``), per seed:
+
+1. **advise** -- :func:`batchlab.advise`, the function ``batchlab advise`` calls, with the CLI's defaults, on the
+   task's model at the current batch (:data:`CURRENT_BATCH`, the issue's 32) and the LR tuned there
+   (:data:`CURRENT_MULTIPLIER`); its own wall time (fit, profile, noise scale) is recorded;
+2. **train** the batch it recommends, with its LR, Adam betas and eps and its accumulation plan, to the target
+   validation loss through :func:`batchlab.sweep` (as benchmarks/batch_ramp.py trains every run);
+3. in the same round, **every fixed batch** of ``batches`` at each LR multiplier of ``grid`` (the sqrt rule from
+   batch 16, batch_ramp.py's LRs and targets), to the same target -- the runs of a round in a shuffled order, so
+   the machine's load falls on advise's run and the fixed runs alike.
+
+Time to target is training time (the sweep's ``seconds_to_target``: each step timed alone, evaluation excluded,
+interpolated to the crossing). Per configuration the mean over seeds; the best fixed batch is the fixed
+(batch, multiplier) with the smallest mean time among those that reached the target on every seed (a minimum
+over noisy means: if anything, flattering the baseline). The goal: advise's mean time <= 1.1x the best fixed
+batch's, reported both without and with the seconds advise spent measuring.
+
+Writes the JSON (``--out``, default benchmarks/results/advise_check.json; rewritten after every data set, so a
+stopped run keeps what it finished) and prints a Markdown section for RESULTS.md. ``--quick`` is a tiny run (one
+data set, two batches, one seed, a short advise) that checks the plumbing in seconds. One torch thread; run with
+``nice -n 5``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is scripts, not a package
+from batch_ramp import BATCH_SIZES, EXPERIMENTS, GRID  # noqa: E402  (the item-3 LRs, targets and caps)
+from batchlab.advice.pipeline import advise, optimizer_hyperparameters  # noqa: E402  (what `batchlab advise` calls)
+from batchlab.advice.recommend import recommend  # noqa: E402
+from batchlab.sweeps import Budget, sweep  # noqa: E402
+from batchlab.workloads.tasks import Task  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+CURRENT_BATCH = 32  # the issue's: "advise recommended batch 4 over 32"
+GOAL = 1.1  # advise's time to target <= 1.1x the best fixed batch's (issue 13 item 6)
+LR_BATCH = BATCH_SIZES[0]  # batch_ramp.py's LRs are tuned at batch 16 and carried by the sqrt rule
+# The LR the run uses at batch 32: batch_ramp's x sqrt(32/16) x its best multiplier at 32 in the item-3 sweep
+# (RESULTS.md, "Batch ramp against every fixed batch": x1 on digits and MNIST-1D, x0.5 on char-lm).
+CURRENT_MULTIPLIER = {"mlp-digits": 1.0, "mnist1d": 1.0, "char-lm": 0.5}
+# What this check trains per data set (batch_ramp's otherwise). char-lm drops batch 16 (~4x slower to the target
+# than 128 in item 3, and the dearest run here) and gets x0.25: item 3's best multiplier was its grid's low edge.
+PLANS = {
+    "mlp-digits": {"batches": BATCH_SIZES, "grid": GRID},
+    "mnist1d": {"batches": BATCH_SIZES, "grid": GRID},
+    "char-lm": {"batches": BATCH_SIZES[1:], "grid": [0.25, 0.5, 1.0]},
+}
+QUICK = {
+    "datasets": ["mlp-digits"],
+    "plan": {"batches": [32, 128], "grid": [1.0]},
+    "samples": 6000,
+    "seeds": 1,
+    # the CLI's --max-batch-size 256 --seconds-per-point 0.02 --noise-steps 20: the same path, seconds not tens
+    "advise": {"max_batch_size": 256, "seconds_per_point": 0.02, "noise_steps": 20},
+}
+
+
+@dataclass(frozen=True)
+class Advised:
+    """A built-in task's run with advise's Adam betas and eps set on the optimizer (the sweep sets the LR):
+    the recommendation applied as a user would. Its fields join the sweep's fingerprint."""
+
+    task: Task
+    betas: tuple[float, float] | None
+    eps: float | None
+
+    @property
+    def name(self) -> str:
+        return f"{self.task.name}-advised"
+
+    @property
+    def dataset_size(self) -> int:
+        return self.task.dataset_size
+
+    def __call__(self, batch_size: int, lr: float, seed: int):
+        run = self.task(batch_size, lr, seed)
+        for group in run.optimizer.param_groups:
+            if self.betas is not None:
+                group["betas"] = tuple(self.betas)
+            if self.eps is not None:
+                group["eps"] = self.eps
+        return run
+
+
+def current_lr(name: str) -> float:
+    """The LR at :data:`CURRENT_BATCH`: batch_ramp's LR at batch 16, sqrt rule, the best multiplier at 32."""
+    return EXPERIMENTS[name]["lr"] * math.sqrt(CURRENT_BATCH / LR_BATCH) * CURRENT_MULTIPLIER[name]
+
+
+def _recommended(rec) -> dict:
+    """What a Recommendation asks a run to do: batch, micro-batch x accumulation, LR, Adam's betas and eps."""
+    return {
+        "batch": rec.batch_size, "micro_batch": rec.micro_batch, "accumulation": rec.accumulation_steps,
+        "lr": rec.lr.lr, "betas": list(rec.lr.betas) if rec.lr.betas else None, "eps": rec.lr.eps,
+        "switched": rec.switched, "gain": rec.gain, "gain_range": rec.gain_range, "b_noise": rec.noise_scale,
+        "b_noise_stderr": rec.noise_scale_stderr, "best_batch_range": rec.best_batch_range, "summary": rec.summary(),
+    }  # fmt: skip
+
+
+def measure_advice(name: str, seed: int, options: dict, noise_factor: float | None) -> dict:
+    """advise on the task's model (seed ``seed``) at the current batch and LR, as ``batchlab advise --batch 32
+    --lr <lr>`` does (``options``: the CLI flags a quick run adds); the recommendation and its own wall time.
+
+    With ``noise_factor``, also ``what_if``: the same measurements (curve, spread, fit) recommended on again
+    with B_noise and its standard error times the factor -- not what advise does, a labelled experiment on
+    item 4's finding that B_simple measured 0.3-0.5x the swept critical batch."""
+    lr = current_lr(name)
+    workload = Task(name, noise_every=0)(CURRENT_BATCH, lr, seed).workload()
+    started = time.perf_counter()
+    advice = advise(workload, current_batch=CURRENT_BATCH, lr=lr, **options)
+    seconds = time.perf_counter() - started
+    out = {"seed": seed, "seconds": seconds, "lr_current": lr, "fit_batch": advice.fit.batch_size,
+           "noise_seconds": advice.noise_seconds, "throughput": {str(b): s for b, s in sorted(advice.throughput.items())},
+           "throughput_spread": advice.to_dict()["throughput_spread"], **_recommended(advice.recommendation)}  # fmt: skip
+    if noise_factor:
+        noise = advice.noise
+        scaled = replace(noise, b_simple=noise.b_simple * noise_factor,
+                         b_simple_stderr=noise.b_simple_stderr * noise_factor if noise.b_simple_stderr else None)  # fmt: skip
+        _, betas, eps = optimizer_hyperparameters(workload.optimizer)
+        rec = recommend(advice.throughput, scaled, current_batch=CURRENT_BATCH, lr=lr, rule=advice.recommendation.lr.rule,
+                        max_micro_batch=advice.fit.batch_size, dataset_size=workload.dataset_size, betas=betas, eps=eps,
+                        throughput_spread=advice.throughput_spread)  # fmt: skip
+        out["what_if"] = {"noise_factor": noise_factor, **_recommended(rec)}
+    return out
+
+
+def _train(factory, batch: int, lr: float, base_batch: int, multiplier: float, seed: int, settings: dict,
+           directory: Path, uri: str | bool, name: str) -> dict:  # fmt: skip
+    """One run to the target through :func:`batchlab.sweep` (a one-run sweep, so the caller sets the order)."""
+    result = sweep(factory, [batch], lr=lr, base_batch=base_batch, rule="sqrt", lr_multipliers=[multiplier],
+                   seeds=[seed], budget=Budget(samples=settings["samples"]), target=settings["target"],
+                   stop_at_target=True, eval_every=settings["eval_every"], name=name, directory=directory,
+                   tracking_uri=uri, report=False)  # fmt: skip
+    run = result.runs[0]
+    return {
+        "batch": run.batch_size, "lr": run.lr, "lr_multiplier": multiplier, "seed": seed,
+        "accumulation": run.accumulation, "steps_to_target": run.steps_to_target,
+        "samples_to_target": run.samples_to_target, "seconds_to_target": run.seconds_to_target,
+        "train_seconds": run.train_seconds, "wall_seconds": run.wall_seconds, "throughput": run.throughput,
+        "stopped_by": str(run.stopped_by),
+    }  # fmt: skip
+
+
+def summarise(runs: list[dict], seeds: int) -> dict:
+    """Mean steps, samples and seconds to the target over one configuration's runs (None unless every seed got
+    there), the seconds' range over seeds, and how many reached."""
+    reached = [r for r in runs if r["seconds_to_target"] is not None]
+    out = {"reached": len(reached), "runs": len(runs)}
+    every = len(reached) == seeds == len(runs)
+    for key in ("steps_to_target", "samples_to_target", "seconds_to_target"):
+        out[key] = statistics.fmean(r[key] for r in reached) if every else None
+    seconds = [r["seconds_to_target"] for r in reached]
+    out["seconds_range"] = [min(seconds), max(seconds)] if seconds else None
+    return out
+
+
+def compare(fixed: dict[tuple[int, float], dict], advised: dict, advice_seconds: float,
+            current: tuple[int, float]) -> dict:  # fmt: skip
+    """advise's mean time to target against the best fixed (batch, multiplier) and the current one: the ratios
+    without and with advise's own measuring, and the goal (<= :data:`GOAL`)."""
+    done = {key: s for key, s in fixed.items() if s["seconds_to_target"] is not None}
+    best = min(done, key=lambda key: done[key]["seconds_to_target"]) if done else None
+    ratio = ratio_with = vs_current = None
+    if best is not None and advised["seconds_to_target"] is not None:
+        base = done[best]["seconds_to_target"]
+        ratio = advised["seconds_to_target"] / base
+        ratio_with = (advised["seconds_to_target"] + advice_seconds) / base
+        if current in done:
+            vs_current = advised["seconds_to_target"] / done[current]["seconds_to_target"]
+    return {
+        "best_fixed": list(best) if best else None, "ratio": ratio, "ratio_with_advise": ratio_with,
+        "vs_current": vs_current, "goal": ratio is not None and ratio <= GOAL,
+        "goal_with_advise": ratio_with is not None and ratio_with <= GOAL,
+    }  # fmt: skip
+
+
+def _advised_job(kind: str, name: str, rec: dict) -> tuple:
+    """A round's job for a recommendation: its batch at its LR (base batch = its own: the sqrt rule leaves it)."""
+    factory = Advised(Task(name, noise_every=0, accumulation=rec["accumulation"]),
+                      tuple(rec["betas"]) if rec["betas"] else None, rec["eps"])  # fmt: skip
+    return kind, factory, rec["batch"], rec["lr"], rec["batch"], 1.0
+
+
+def check(name: str, plan: dict, settings: dict, seeds: int, advise_options: dict, directory: Path,
+          uri: str | bool, noise_factor: float | None) -> dict:  # fmt: skip
+    """One data set: per seed, advise then a shuffled round of its recommendation (and the what-if's) and every
+    fixed configuration."""
+    task = Task(name, noise_every=0)
+    advices, runs = [], []
+    for seed in range(seeds):
+        advice = measure_advice(name, seed, advise_options, noise_factor)
+        advices.append(advice)
+        print(json.dumps({k: advice[k] for k in ("seed", "seconds", "batch", "lr", "b_noise", "gain", "gain_range")}
+                         | {"what_if": advice.get("what_if", {}).get("batch")}), flush=True)  # fmt: skip
+        jobs = [_advised_job("advised", name, advice)]
+        if "what_if" in advice:
+            jobs.append(_advised_job("what-if", name, advice["what_if"]))
+        jobs += [
+            ("fixed", task, b, settings["lr"], LR_BATCH, m) for b in plan["batches"] for m in plan["grid"]
+        ]
+        random.Random(f"{name}-{seed}").shuffle(jobs)  # the order of a round: load hits every kind alike
+        for kind, make, batch, lr, base, m in jobs:
+            tag = f"{name}-{kind}-b{batch}-lr{lr * m * math.sqrt(batch / base):.3g}-s{seed}"
+            run = _train(make, batch, lr, base, m, seed, settings, directory, uri, tag)
+            runs.append({"kind": kind, **run})
+            print(json.dumps({"kind": kind, **{k: run[k] for k in ("batch", "lr_multiplier", "seed",
+                              "steps_to_target", "seconds_to_target")}}), flush=True)  # fmt: skip
+    fixed = {
+        (b, m): summarise([r for r in runs if r["kind"] == "fixed" and r["batch"] == b and r["lr_multiplier"] == m], seeds)
+        for b in plan["batches"] for m in plan["grid"]
+    }  # fmt: skip
+    advice_seconds = statistics.fmean(a["seconds"] for a in advices)
+    current = (CURRENT_BATCH, CURRENT_MULTIPLIER[name])
+    variants = {}
+    for kind in ("advised", "what-if"):
+        mine = [r for r in runs if r["kind"] == kind]
+        if mine:
+            summary = summarise(mine, seeds)
+            variants[kind] = {**summary, **compare(fixed, summary, advice_seconds, current)}
+    return {
+        "dataset": name, "target": settings["target"], "samples_cap": settings["samples"], "plan": plan,
+        "advice": advices, "advice_seconds": advice_seconds, **variants["advised"], "variants": variants,
+        "fixed": [{"batch": b, "lr_multiplier": m, **s} for (b, m), s in fixed.items()], "runs": runs,
+    }  # fmt: skip
+
+
+def _cell(value: float | None, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(results: list[dict], command: str, seconds: float, seeds: int) -> str:
+    """The RESULTS.md section: per data set a table (per batch its fastest multiplier, then advise) and the goal."""
+    stamp = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
+    lines = [f"## advise end to end: its batch and LR against the best fixed batch's wall time (issue 13 item 6, "
+             f"{stamp} UTC)", "",
+             f"- Machine: 2-core shared CPU, no GPU, torch {torch.__version__.split('+')[0]}, Python "
+             f"{platform.python_version()}, 1 torch thread", f"- Command: `{command}` ({seconds / 60:.1f} min)",
+             f"- {seeds} seeds; time = training seconds to the target (evaluation excluded), mean over seeds", ""]  # fmt: skip
+    for r in results:
+        lines += [f"**{r['dataset']}** (target val loss {r['target']}, at most {r['samples_cap']} samples a run)", "",
+                  "| run | lr x | steps | samples | seconds to target (range over seeds) | reached |",
+                  "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for batch in r["plan"]["batches"]:
+            rows = [f for f in r["fixed"] if f["batch"] == batch]
+            row = min(
+                rows, key=lambda f: f["seconds_to_target"] if f["seconds_to_target"] is not None else math.inf
+            )
+            lines.append(_row(f"fixed {batch}", f"{row['lr_multiplier']:g}", row))
+        factor = r["advice"][0].get("what_if", {}).get("noise_factor")
+        labels = {"advised": ("advise", lambda a: a), "what-if": (f"what-if B_noise x{factor:g}" if factor else "",
+                                                                   lambda a: a["what_if"])}  # fmt: skip
+        for kind, v in r["variants"].items():
+            label, pick = labels[kind]
+            batches = "/".join(str(pick(a)["batch"]) for a in r["advice"])
+            lines.append(_row(f"**{label}: {batches}**", "-", v))
+        lines += ["", "- advise per seed (batch, LR, B_noise ± s.e., gain and its range, its own seconds): " + "; ".join(
+            f"{a['batch']} @ {a['lr']:.3g}, {a['b_noise']:.0f} ± {a['b_noise_stderr'] or 0:.0f}, {a['gain']:+.0%}"
+            f"{' (' + ', '.join(f'{g:+.0%}' for g in a['gain_range']) + ')' if a['gain_range'] else ''}, {a['seconds']:.1f} s"
+            for a in r["advice"])]  # fmt: skip
+        for kind, v in r["variants"].items():
+            if v["best_fixed"] is None:
+                lines.append(f"- {labels[kind][0]}: no fixed configuration reached the target on every seed")
+                continue
+            ratio = "-" if v["ratio"] is None else f"{v['ratio']:.2f}x"
+            with_ = "-" if v["ratio_with_advise"] is None else f"{v['ratio_with_advise']:.2f}x"
+            lines.append(
+                f"- {labels[kind][0]} / best fixed (batch {v['best_fixed'][0]} x{v['best_fixed'][1]:g}): **{ratio}** "
+                f"without advise's measuring (goal <= {GOAL}: **{'met' if v['goal'] else 'MISSED'}**), {with_} with "
+                f"it (**{'met' if v['goal_with_advise'] else 'MISSED'}**); vs the current batch {CURRENT_BATCH}: "
+                f"{_cell(v['vs_current'], 2)}x"
+            )  # fmt: skip
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _row(label: str, multiplier: str, s: dict) -> str:
+    spread = s["seconds_range"]
+    seconds = f"{_cell(s['seconds_to_target'], 2)} ({spread[0]:.2f}-{spread[1]:.2f})" if spread else "-"
+    return (f"| {label} | {multiplier} | {_cell(s['steps_to_target'])} | {_cell(s['samples_to_target'])} | {seconds} | "
+            f"{s['reached']}/{s['runs']} |")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", default=",".join(PLANS))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="a tiny run that checks the plumbing in seconds")
+    parser.add_argument("--directory", default=None, help="sweeps and the MLflow store (default: a temp dir)")
+    parser.add_argument("--no-mlflow", action="store_true", help="do not track the runs in MLflow")
+    parser.add_argument(
+        "--what-if",
+        type=float,
+        default=2.0,
+        help="also train the recommendation with B_noise "
+        "times this (item 4: B_simple measured 0.3-0.5x the swept critical batch); 0: not",
+    )
+    parser.add_argument("--out", default=str(HERE / "results" / "advise_check.json"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    datasets, seeds, options = args.datasets.split(","), args.seeds, {}
+    if args.quick:
+        datasets, seeds, options = QUICK["datasets"], QUICK["seeds"], QUICK["advise"]
+    directory = Path(args.directory or tempfile.mkdtemp(prefix="batchlab-advise-check-"))
+    uri = False if args.no_mlflow or args.quick else f"sqlite:///{(directory / 'mlflow.db').resolve()}"
+    started = time.time()
+    results = []
+    for name in datasets:
+        settings = dict(EXPERIMENTS[name], **({"samples": QUICK["samples"]} if args.quick else {}))
+        plan = QUICK["plan"] if args.quick else PLANS[name]
+        results.append(check(name, plan, settings, seeds, options, directory, uri, args.what_if or None))
+        payload = {"results": results, "seeds": seeds, "quick": args.quick, "current_batch": CURRENT_BATCH,
+                   "current_multiplier": CURRENT_MULTIPLIER, "goal": GOAL, "seconds": time.time() - started,
+                   "mlflow": uri or None, "datasets_asked": datasets}  # fmt: skip
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(payload, indent=2, default=str))
+    command = "nice -n 5 python benchmarks/advise_check.py" + (" --quick" if args.quick else "")
+    print(markdown(results, command, time.time() - started, seeds))
+
+
+if __name__ == "__main__":
+    main()

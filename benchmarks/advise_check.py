@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import random
 import statistics
@@ -43,6 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is scripts, not a package
 from batch_ramp import BATCH_SIZES, EXPERIMENTS, GRID  # noqa: E402  (the item-3 LRs, targets and caps)
+from batchlab.advice.goodput import interpolate_throughput  # noqa: E402
 from batchlab.advice.pipeline import advise, optimizer_hyperparameters  # noqa: E402  (what `batchlab advise` calls)
 from batchlab.advice.recommend import recommend  # noqa: E402
 from batchlab.sweeps import Budget, sweep  # noqa: E402
@@ -99,6 +101,37 @@ class Advised:
         return run
 
 
+class _Points:
+    """advise's ``progress``: keeps the profile points it timed (their steps), shows nothing."""
+
+    def __init__(self):
+        self.points = []
+
+    def point(self, point) -> None:
+        self.points.append(point)
+
+    def full_range(self, curve: dict[int, float]) -> dict[int, tuple[float, float]]:
+        """Each reading's spread as advise took it before the fix: the timed steps' whole range."""
+        out = {}
+        for p in self.points:
+            if p.step_times and p.samples_per_second == curve.get(p.batch_size):  # the variant advise read
+                per_step = p.samples_per_second * p.step_seconds
+                out[p.batch_size] = (per_step / max(p.step_times), per_step / min(p.step_times))
+        return out
+
+    def phase(self, text: str) -> None:
+        pass
+
+    def probe(self, probe) -> None:
+        pass
+
+    def variant_probe(self, variant: str, probe) -> None:
+        pass
+
+    def count(self, label: str, done: int, total: int) -> None:
+        pass
+
+
 def current_lr(name: str) -> float:
     """The LR at :data:`CURRENT_BATCH`: batch_ramp's LR at batch 16, sqrt rule, the best multiplier at 32."""
     return EXPERIMENTS[name]["lr"] * math.sqrt(CURRENT_BATCH / LR_BATCH) * CURRENT_MULTIPLIER[name]
@@ -123,20 +156,31 @@ def measure_advice(name: str, seed: int, options: dict, noise_factor: float | No
     item 4's finding that B_simple measured 0.3-0.5x the swept critical batch."""
     lr = current_lr(name)
     workload = Task(name, noise_every=0)(CURRENT_BATCH, lr, seed).workload()
+    load = os.getloadavg()[0]  # the machine's 1-minute load as advise starts: the readings' noise follows it
+    points = _Points()
     started = time.perf_counter()
-    advice = advise(workload, current_batch=CURRENT_BATCH, lr=lr, **options)
+    advice = advise(workload, current_batch=CURRENT_BATCH, lr=lr, progress=points, **options)
     seconds = time.perf_counter() - started
-    out = {"seed": seed, "seconds": seconds, "lr_current": lr, "fit_batch": advice.fit.batch_size,
+    _, betas, eps = optimizer_hyperparameters(workload.optimizer)
+    again = {"current_batch": CURRENT_BATCH, "lr": lr, "rule": advice.recommendation.lr.rule, "betas": betas,
+             "eps": eps, "max_micro_batch": advice.fit.batch_size, "dataset_size": workload.dataset_size}  # fmt: skip
+    out = {"seed": seed, "seconds": seconds, "load_average": load, "lr_current": lr, "fit_batch": advice.fit.batch_size,
            "noise_seconds": advice.noise_seconds, "throughput": {str(b): s for b, s in sorted(advice.throughput.items())},
            "throughput_spread": advice.to_dict()["throughput_spread"], **_recommended(advice.recommendation)}  # fmt: skip
+    if (
+        advice.throughput_spread
+    ):  # the same readings with the spread advise used before: the steps' full range
+        full = points.full_range(advice.throughput)
+        rec = recommend(advice.throughput, advice.noise, throughput_spread=full, **again)
+        out["full_range"] = {
+            "spread": {str(b): list(r) for b, r in sorted(full.items())},
+            **_recommended(rec),
+        }
     if noise_factor:
         noise = advice.noise
         scaled = replace(noise, b_simple=noise.b_simple * noise_factor,
                          b_simple_stderr=noise.b_simple_stderr * noise_factor if noise.b_simple_stderr else None)  # fmt: skip
-        _, betas, eps = optimizer_hyperparameters(workload.optimizer)
-        rec = recommend(advice.throughput, scaled, current_batch=CURRENT_BATCH, lr=lr, rule=advice.recommendation.lr.rule,
-                        max_micro_batch=advice.fit.batch_size, dataset_size=workload.dataset_size, betas=betas, eps=eps,
-                        throughput_spread=advice.throughput_spread)  # fmt: skip
+        rec = recommend(advice.throughput, scaled, throughput_spread=advice.throughput_spread, **again)
         out["what_if"] = {"noise_factor": noise_factor, **_recommended(rec)}
     return out
 
@@ -158,36 +202,99 @@ def _train(factory, batch: int, lr: float, base_batch: int, multiplier: float, s
     }  # fmt: skip
 
 
+def pooled_speeds(runs: list[dict]) -> dict[int, float]:
+    """Per fixed batch, the median over its runs (every multiplier and seed) of a run's samples/s -- the sweep's
+    ``throughput``, timed steps after warm-up. A step's cost depends on the batch, not on the LR or the betas,
+    so pooling 6-9 runs per batch prices a step far more steadily than one run's time on a loaded machine."""
+    speeds: dict[int, list[float]] = {}
+    for r in runs:
+        if r["kind"] == "fixed" and r["throughput"] and r["accumulation"] == 1:
+            speeds.setdefault(r["batch"], []).append(r["throughput"])
+    return {b: statistics.median(v) for b, v in sorted(speeds.items())}
+
+
+def modelled_seconds(run: dict, speeds: dict[int, float]) -> float | None:
+    """Samples to the target at the pooled samples/s of the run's batch (log-log between fixed batches); a run
+    outside their range or with accumulation keeps its own samples/s."""
+    if run["samples_to_target"] is None:
+        return None
+    try:
+        speed = (
+            interpolate_throughput(speeds, run["batch"]) if run["accumulation"] == 1 else run["throughput"]
+        )
+    except ValueError:  # outside the fixed batches: not extrapolated
+        speed = run["throughput"]
+    return run["samples_to_target"] / speed
+
+
 def summarise(runs: list[dict], seeds: int) -> dict:
-    """Mean steps, samples and seconds to the target over one configuration's runs (None unless every seed got
-    there), the seconds' range over seeds, and how many reached."""
+    """Mean steps, samples, seconds and modelled seconds to the target over one configuration's runs (None
+    unless every seed got there), the seconds' range over seeds, and how many reached."""
     reached = [r for r in runs if r["seconds_to_target"] is not None]
     out = {"reached": len(reached), "runs": len(runs)}
     every = len(reached) == seeds == len(runs)
-    for key in ("steps_to_target", "samples_to_target", "seconds_to_target"):
-        out[key] = statistics.fmean(r[key] for r in reached) if every else None
+    for key in ("steps_to_target", "samples_to_target", "seconds_to_target", "modelled_seconds"):
+        out[key] = (
+            statistics.fmean(r[key] for r in reached) if every and all(key in r for r in reached) else None
+        )
     seconds = [r["seconds_to_target"] for r in reached]
     out["seconds_range"] = [min(seconds), max(seconds)] if seconds else None
     return out
 
 
 def compare(fixed: dict[tuple[int, float], dict], advised: dict, advice_seconds: float,
-            current: tuple[int, float]) -> dict:  # fmt: skip
-    """advise's mean time to target against the best fixed (batch, multiplier) and the current one: the ratios
-    without and with advise's own measuring, and the goal (<= :data:`GOAL`)."""
-    done = {key: s for key, s in fixed.items() if s["seconds_to_target"] is not None}
-    best = min(done, key=lambda key: done[key]["seconds_to_target"]) if done else None
+            current: tuple[int, float], key: str = "seconds_to_target") -> dict:  # fmt: skip
+    """advise's mean time to target (``key``) against the best fixed (batch, multiplier) and the current one: the
+    ratios without and with advise's own measuring, and the goal (<= :data:`GOAL`)."""
+    done = {k: s for k, s in fixed.items() if s[key] is not None}
+    best = min(done, key=lambda k: done[k][key]) if done else None
     ratio = ratio_with = vs_current = None
-    if best is not None and advised["seconds_to_target"] is not None:
-        base = done[best]["seconds_to_target"]
-        ratio = advised["seconds_to_target"] / base
-        ratio_with = (advised["seconds_to_target"] + advice_seconds) / base
+    if best is not None and advised[key] is not None:
+        base = done[best][key]
+        ratio = advised[key] / base
+        ratio_with = (advised[key] + advice_seconds) / base
         if current in done:
-            vs_current = advised["seconds_to_target"] / done[current]["seconds_to_target"]
+            vs_current = advised[key] / done[current][key]
     return {
         "best_fixed": list(best) if best else None, "ratio": ratio, "ratio_with_advise": ratio_with,
         "vs_current": vs_current, "goal": ratio is not None and ratio <= GOAL,
         "goal_with_advise": ratio_with is not None and ratio_with <= GOAL,
+    }  # fmt: skip
+
+
+def evaluate(
+    name: str, plan: dict, settings: dict, seeds: int, advices: list[dict], runs: list[dict]
+) -> dict:
+    """The comparison of one data set from its runs: per configuration the means, per advise variant the ratios
+    by measured and by modelled seconds."""
+    speeds = pooled_speeds(runs)
+    runs = [{**r, "modelled_seconds": modelled_seconds(r, speeds)} for r in runs]
+    fixed = {
+        (b, m): summarise([r for r in runs if r["kind"] == "fixed" and r["batch"] == b and r["lr_multiplier"] == m], seeds)
+        for b in plan["batches"] for m in plan["grid"]
+    }  # fmt: skip
+    advice_seconds = statistics.fmean(a["seconds"] for a in advices)
+    current = (CURRENT_BATCH, CURRENT_MULTIPLIER[name])
+    variants = {}
+    for kind in ("advised", "what-if"):
+        mine = [r for r in runs if r["kind"] == kind]
+        if mine:
+            summary = summarise(mine, seeds)
+            modelled = compare(fixed, summary, advice_seconds, current, "modelled_seconds")
+            base = (
+                fixed[tuple(modelled["best_fixed"])]["modelled_seconds"] if modelled["best_fixed"] else None
+            )
+            per_seed = [  # each seed's run against the best fixed mean: which recommendations cost the time
+                {"seed": r["seed"], "batch": r["batch"], "ratio": r["modelled_seconds"] / base}
+                for r in sorted(mine, key=lambda r: r["seed"]) if base and r["modelled_seconds"]
+            ]  # fmt: skip
+            variants[kind] = {**summary, **compare(fixed, summary, advice_seconds, current), "modelled": modelled,
+                              "per_seed": per_seed}  # fmt: skip
+    return {
+        "dataset": name, "target": settings["target"], "samples_cap": settings["samples"], "plan": plan,
+        "advice": advices, "advice_seconds": advice_seconds, **variants["advised"], "variants": variants,
+        "pooled_speeds": {str(b): v for b, v in speeds.items()},
+        "fixed": [{"batch": b, "lr_multiplier": m, **s} for (b, m), s in fixed.items()], "runs": runs,
     }  # fmt: skip
 
 
@@ -222,23 +329,7 @@ def check(name: str, plan: dict, settings: dict, seeds: int, advise_options: dic
             runs.append({"kind": kind, **run})
             print(json.dumps({"kind": kind, **{k: run[k] for k in ("batch", "lr_multiplier", "seed",
                               "steps_to_target", "seconds_to_target")}}), flush=True)  # fmt: skip
-    fixed = {
-        (b, m): summarise([r for r in runs if r["kind"] == "fixed" and r["batch"] == b and r["lr_multiplier"] == m], seeds)
-        for b in plan["batches"] for m in plan["grid"]
-    }  # fmt: skip
-    advice_seconds = statistics.fmean(a["seconds"] for a in advices)
-    current = (CURRENT_BATCH, CURRENT_MULTIPLIER[name])
-    variants = {}
-    for kind in ("advised", "what-if"):
-        mine = [r for r in runs if r["kind"] == kind]
-        if mine:
-            summary = summarise(mine, seeds)
-            variants[kind] = {**summary, **compare(fixed, summary, advice_seconds, current)}
-    return {
-        "dataset": name, "target": settings["target"], "samples_cap": settings["samples"], "plan": plan,
-        "advice": advices, "advice_seconds": advice_seconds, **variants["advised"], "variants": variants,
-        "fixed": [{"batch": b, "lr_multiplier": m, **s} for (b, m), s in fixed.items()], "runs": runs,
-    }  # fmt: skip
+    return evaluate(name, plan, settings, seeds, advices, runs)
 
 
 def _cell(value: float | None, digits: int = 0) -> str:
@@ -252,15 +343,17 @@ def markdown(results: list[dict], command: str, seconds: float, seeds: int) -> s
              f"{stamp} UTC)", "",
              f"- Machine: 2-core shared CPU, no GPU, torch {torch.__version__.split('+')[0]}, Python "
              f"{platform.python_version()}, 1 torch thread", f"- Command: `{command}` ({seconds / 60:.1f} min)",
-             f"- {seeds} seeds; time = training seconds to the target (evaluation excluded), mean over seeds", ""]  # fmt: skip
+             f"- {seeds} seeds; seconds = training seconds to the target (evaluation excluded), mean over seeds; "
+             "modelled s = samples to the target / the median samples/s of every fixed run at that batch; per "
+             "fixed batch the multiplier with the fewest modelled seconds", ""]  # fmt: skip
     for r in results:
         lines += [f"**{r['dataset']}** (target val loss {r['target']}, at most {r['samples_cap']} samples a run)", "",
-                  "| run | lr x | steps | samples | seconds to target (range over seeds) | reached |",
-                  "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+                  "| run | lr x | steps | samples | seconds to target (range over seeds) | modelled s | reached |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
         for batch in r["plan"]["batches"]:
             rows = [f for f in r["fixed"] if f["batch"] == batch]
             row = min(
-                rows, key=lambda f: f["seconds_to_target"] if f["seconds_to_target"] is not None else math.inf
+                rows, key=lambda f: math.inf if f["modelled_seconds"] is None else f["modelled_seconds"]
             )
             lines.append(_row(f"fixed {batch}", f"{row['lr_multiplier']:g}", row))
         factor = r["advice"][0].get("what_if", {}).get("noise_factor")
@@ -270,31 +363,56 @@ def markdown(results: list[dict], command: str, seconds: float, seeds: int) -> s
             label, pick = labels[kind]
             batches = "/".join(str(pick(a)["batch"]) for a in r["advice"])
             lines.append(_row(f"**{label}: {batches}**", "-", v))
-        lines += ["", "- advise per seed (batch, LR, B_noise ± s.e., gain and its range, its own seconds): " + "; ".join(
-            f"{a['batch']} @ {a['lr']:.3g}, {a['b_noise']:.0f} ± {a['b_noise_stderr'] or 0:.0f}, {a['gain']:+.0%}"
-            f"{' (' + ', '.join(f'{g:+.0%}' for g in a['gain_range']) + ')' if a['gain_range'] else ''}, {a['seconds']:.1f} s"
-            for a in r["advice"])]  # fmt: skip
+        lines += ["", "- advise per seed (batch @ LR, B_noise ± s.e., goodput gain (its range), advise's own seconds, "
+                  "load average; what the timed steps' full range as the spread would have advised): "
+                  + "; ".join(_seed(a) for a in r["advice"])]  # fmt: skip
         for kind, v in r["variants"].items():
             if v["best_fixed"] is None:
                 lines.append(f"- {labels[kind][0]}: no fixed configuration reached the target on every seed")
                 continue
-            ratio = "-" if v["ratio"] is None else f"{v['ratio']:.2f}x"
-            with_ = "-" if v["ratio_with_advise"] is None else f"{v['ratio_with_advise']:.2f}x"
+            m = v["modelled"]
             lines.append(
-                f"- {labels[kind][0]} / best fixed (batch {v['best_fixed'][0]} x{v['best_fixed'][1]:g}): **{ratio}** "
-                f"without advise's measuring (goal <= {GOAL}: **{'met' if v['goal'] else 'MISSED'}**), {with_} with "
-                f"it (**{'met' if v['goal_with_advise'] else 'MISSED'}**); vs the current batch {CURRENT_BATCH}: "
-                f"{_cell(v['vs_current'], 2)}x"
-            )  # fmt: skip
+                f"- {labels[kind][0]} / best fixed: measured **{_ratio(v)}** (batch {v['best_fixed'][0]} "
+                f"x{v['best_fixed'][1]:g}; with advise's measuring {_ratio(v, 'ratio_with_advise')}), modelled "
+                f"**{_ratio(m)}** (batch {m['best_fixed'][0]} x{m['best_fixed'][1]:g}; with advise's measuring "
+                f"{_ratio(m, 'ratio_with_advise')}); vs the current batch {CURRENT_BATCH}: measured "
+                f"{_cell(v['vs_current'], 2)}x, modelled {_cell(m['vs_current'], 2)}x; per seed (batch: modelled "
+                f"ratio) " + ", ".join(f"{p['batch']}: {p['ratio']:.2f}x" for p in v["per_seed"])
+            )
         lines.append("")
     return "\n".join(lines)
+
+
+def _seed(a: dict) -> str:
+    """One seed's advice in a line: batch @ LR, B_noise ± s.e., gain (range), seconds, load, full-range batch."""
+    gain = f"{a['gain']:+.0%}" + (
+        " (" + ", ".join(f"{g:+.0%}" for g in a["gain_range"]) + ")" if a["gain_range"] else ""
+    )
+    parts = [
+        f"{a['batch']} @ {a['lr']:.3g}",
+        f"{a['b_noise']:.0f} ± {a['b_noise_stderr'] or 0:.0f}",
+        gain,
+        f"{a['seconds']:.1f} s",
+    ]
+    if "load_average" in a:
+        parts.append(f"load {a['load_average']:.1f}")
+    if "full_range" in a:
+        parts.append(f"full range: {a['full_range']['batch']}")
+    return ", ".join(parts)
+
+
+def _ratio(v: dict, key: str = "ratio") -> str:
+    """``1.23x (met)`` against :data:`GOAL`; ``-`` without a ratio."""
+    if v[key] is None:
+        return "-"
+    return f"{v[key]:.2f}x ({'met' if v[key] <= GOAL else 'MISSED'})"
 
 
 def _row(label: str, multiplier: str, s: dict) -> str:
     spread = s["seconds_range"]
     seconds = f"{_cell(s['seconds_to_target'], 2)} ({spread[0]:.2f}-{spread[1]:.2f})" if spread else "-"
     return (f"| {label} | {multiplier} | {_cell(s['steps_to_target'])} | {_cell(s['samples_to_target'])} | {seconds} | "
-            f"{s['reached']}/{s['runs']} |")  # fmt: skip
+            f"{_cell(s['modelled_seconds'], 2)} | {s['reached']}/{s['runs']} |")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -312,7 +430,17 @@ def main(argv: list[str] | None = None) -> None:
         "times this (item 4: B_simple measured 0.3-0.5x the swept critical batch); 0: not",
     )
     parser.add_argument("--out", default=str(HERE / "results" / "advise_check.json"))
+    parser.add_argument(
+        "--report", default=None, help="print the section of a saved JSON (re-evaluated) and stop"
+    )
     args = parser.parse_args(argv)
+    if args.report:
+        saved = json.loads(Path(args.report).read_text())
+        results = [evaluate(r["dataset"], r["plan"], {"target": r["target"], "samples": r["samples_cap"]},
+                            saved["seeds"], r["advice"], r["runs"]) for r in saved["results"]]  # fmt: skip
+        print(markdown(results, f"python benchmarks/advise_check.py --report {args.report}", saved["seconds"],
+                       saved["seeds"]))  # fmt: skip
+        return
     torch.set_num_threads(1)
     datasets, seeds, options = args.datasets.split(","), args.seeds, {}
     if args.quick:

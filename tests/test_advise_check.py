@@ -54,6 +54,28 @@ def test_compare_against_the_fastest_fixed_configuration_with_and_without_advise
     assert never["ratio"] is None and not never["goal"] and not never["goal_with_advise"]
 
 
+def test_modelled_seconds_price_samples_at_the_pooled_samples_per_second_of_the_batch():
+    """A step costs what its batch costs: the median samples/s of every fixed run at that batch (advise's own
+    runs excluded), log-log between fixed batches; outside them, or with accumulation, the run's own."""
+
+    def run(kind, batch, speed, samples=None, accumulation=1):
+        return {"kind": kind, "batch": batch, "throughput": speed, "accumulation": accumulation,
+                "samples_to_target": samples}  # fmt: skip
+
+    runs = [run("fixed", 32, s) for s in (1000.0, 4000.0, 1100.0)] + [run("fixed", 128, 4000.0)]
+    runs.append(run("advised", 32, 1.0))  # never pooled
+    speeds = advise_check.pooled_speeds(runs)
+    assert speeds == {32: 1100.0, 128: 4000.0}
+    assert advise_check.modelled_seconds(run("advised", 32, 50.0, samples=2200), speeds) == pytest.approx(2.0)
+    between = 1100.0 * (4000.0 / 1100.0) ** 0.5  # 64 lies halfway between 32 and 128 in log(batch)
+    assert advise_check.modelled_seconds(run("fixed", 64, 1.0, samples=between), speeds) == pytest.approx(1.0)
+    assert advise_check.modelled_seconds(run("advised", 512, 800.0, samples=1600), speeds) == pytest.approx(
+        2.0
+    )
+    assert advise_check.modelled_seconds(run("advised", 64, 500.0, 1000, accumulation=2), speeds) == 2.0
+    assert advise_check.modelled_seconds(run("fixed", 32, 1000.0), speeds) is None  # never reached
+
+
 def test_the_advised_run_carries_advise_s_betas_and_eps():
     run = advise_check.Advised(Task("teacher-student", noise_every=0), (0.6, 0.996), 5e-9)(32, 2e-3, 0)
     group = run.optimizer.param_groups[0]
@@ -71,4 +93,7 @@ def test_quick_run_end_to_end(tmp_path, capsys):
     assert [(r["batch"], r["lr"]) for r in advised] == [(advice["batch"], pytest.approx(advice["lr"]))]
     assert sorted(r["batch"] for r in result["runs"] if r["kind"] == "fixed") == [32, 128]
     assert advice["seconds"] > 0 and result["best_fixed"] is not None and result["ratio"] is not None
+    assert (
+        result["modelled"]["ratio"] is not None and "full_range" in advice and "what-if" in result["variants"]
+    )
     assert "advise / best fixed" in capsys.readouterr().out

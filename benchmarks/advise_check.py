@@ -16,12 +16,20 @@ the built-in tasks of ``batchlab.workloads.tasks``), per seed:
 Time to target is training time (the sweep's ``seconds_to_target``: each step timed alone, evaluation excluded,
 interpolated to the crossing). Per configuration the mean over seeds; the best fixed batch is the fixed
 (batch, multiplier) with the smallest mean time among those that reached the target on every seed (a minimum
-over noisy means: if anything, flattering the baseline). The goal: advise's mean time <= 1.1x the best fixed
-batch's, reported both without and with the seconds advise spent measuring.
+over noisy means: if anything, flattering the baseline). On a loaded machine one run's time is mostly load, so
+each is also **modelled**: samples to the target at the median samples/s of every fixed run at its batch
+(:func:`pooled_speeds`, :func:`modelled_seconds`). The goal: advise's mean time <= 1.1x the best fixed batch's,
+reported both without and with the seconds advise spent measuring.
+
+Beside advise's own recommendation, on the same readings (labelled what-ifs, not what advise does): B_noise and
+its standard error times ``--what-if`` (item 4: B_simple measured 0.3-0.5x the swept critical batch); each size
+read at its fastest timed step (interference only adds time: Python's ``timeit`` docs; Chen & Revels 2016); and,
+recorded but not trained, the batch the timed steps' full range as the spread (advise before the fix) gives.
 
 Writes the JSON (``--out``, default benchmarks/results/advise_check.json; rewritten after every data set, so a
-stopped run keeps what it finished) and prints a Markdown section for RESULTS.md. ``--quick`` is a tiny run (one
-data set, two batches, one seed, a short advise) that checks the plumbing in seconds. One torch thread; run with
+stopped run keeps what it finished) and prints a Markdown section for RESULTS.md (``--report <json>`` prints a saved
+run's). ``--quick`` is a tiny run (one data set, two batches, one seed, a short advise) that checks the plumbing in
+seconds. One torch thread; run with
 ``nice -n 5``.
 """
 
@@ -119,6 +127,10 @@ class _Points:
                 out[p.batch_size] = (per_step / max(p.step_times), per_step / min(p.step_times))
         return out
 
+    def fastest(self, curve: dict[int, float]) -> dict[int, float]:
+        """Each size's samples/s at its fastest timed step."""
+        return {b: hi for b, (_, hi) in self.full_range(curve).items()}
+
     def phase(self, text: str) -> None:
         pass
 
@@ -175,6 +187,13 @@ def measure_advice(name: str, seed: int, options: dict, noise_factor: float | No
         out["full_range"] = {
             "spread": {str(b): list(r) for b, r in sorted(full.items())},
             **_recommended(rec),
+        }
+        # a what-if: each size read at its fastest timed step (interference only adds time: Python's timeit docs,
+        # Chen & Revels 2016), B_noise ± 1 s.e. as advise has it, no throughput spread
+        fastest = points.fastest(advice.throughput)
+        out["fastest"] = {
+            "curve": {str(b): v for b, v in sorted(fastest.items())},
+            **_recommended(recommend(fastest, advice.noise, **again)),
         }
     if noise_factor:
         noise = advice.noise
@@ -276,7 +295,7 @@ def evaluate(
     advice_seconds = statistics.fmean(a["seconds"] for a in advices)
     current = (CURRENT_BATCH, CURRENT_MULTIPLIER[name])
     variants = {}
-    for kind in ("advised", "what-if"):
+    for kind in ("advised", "what-if", "fastest"):
         mine = [r for r in runs if r["kind"] == kind]
         if mine:
             summary = summarise(mine, seeds)
@@ -319,6 +338,8 @@ def check(name: str, plan: dict, settings: dict, seeds: int, advise_options: dic
         jobs = [_advised_job("advised", name, advice)]
         if "what_if" in advice:
             jobs.append(_advised_job("what-if", name, advice["what_if"]))
+        if "fastest" in advice:
+            jobs.append(_advised_job("fastest", name, advice["fastest"]))
         jobs += [
             ("fixed", task, b, settings["lr"], LR_BATCH, m) for b in plan["batches"] for m in plan["grid"]
         ]
@@ -358,7 +379,8 @@ def markdown(results: list[dict], command: str, seconds: float, seeds: int) -> s
             lines.append(_row(f"fixed {batch}", f"{row['lr_multiplier']:g}", row))
         factor = r["advice"][0].get("what_if", {}).get("noise_factor")
         labels = {"advised": ("advise", lambda a: a), "what-if": (f"what-if B_noise x{factor:g}" if factor else "",
-                                                                   lambda a: a["what_if"])}  # fmt: skip
+                                                                   lambda a: a["what_if"]),
+                  "fastest": ("what-if fastest step", lambda a: a["fastest"])}  # fmt: skip
         for kind, v in r["variants"].items():
             label, pick = labels[kind]
             batches = "/".join(str(pick(a)["batch"]) for a in r["advice"])

@@ -3,6 +3,7 @@ timed steps and B_noise ± 1 standard error, and a switch needs the gain above t
 
 from __future__ import annotations
 
+import math
 import re
 from types import SimpleNamespace
 
@@ -12,6 +13,7 @@ from batchlab.advice.goodput import goodput_ratio_range, parse_spread, statistic
 from batchlab.advice.pipeline import throughput_spread
 from batchlab.advice.recommend import recommend
 from batchlab.noise import NoiseScaleEstimate
+from batchlab.profiling.analysis import MEDIAN_COVERAGE, median_interval
 
 INF = float("inf")
 # The issue's readings: a 4-layer transformer encoder on this shared 2-core CPU, samples/s at batches 2..128.
@@ -96,3 +98,54 @@ def test_throughput_spread_is_the_range_of_the_timed_steps():
         batch_size=16, fits=False, step_times=(), step_seconds=None, samples_per_second=None
     )
     assert throughput_spread([point, other]) == {8: pytest.approx((80.0, 160.0))}
+
+
+@pytest.mark.parametrize(
+    ("n", "ends"),
+    [(1, (1, 1)), (3, (1, 3)), (5, (1, 5)), (6, (2, 5)), (10, (3, 8)), (30, (12, 19))],
+)
+def test_median_interval_is_the_order_statistics_that_cover_68_percent(n, ends):
+    """(x_(k), x_(n+1-k)) with k the largest whose coverage 1 - 2 P(Binomial(n, 1/2) <= k - 1) is >= 68.27%:
+    the full range up to 5 values (3: 75%, 5: 94%), 30 values (profile's most) -> the 12th..19th (80%)."""
+    values = [float(v) for v in range(n, 0, -1)]  # unsorted on purpose
+    assert median_interval(values) == ends
+    k = ends[0]
+    coverage = [1 - 2 * sum(math.comb(n, i) for i in range(j)) / 2**n for j in (k, k + 1)]
+    assert coverage[1] < MEDIAN_COVERAGE  # one step narrower would cover too little
+    assert coverage[0] >= MEDIAN_COVERAGE or k == 1  # below 3 values not even the full range covers 68%
+
+
+def test_median_interval_rejects_bad_input():
+    with pytest.raises(ValueError, match="median_interval needs at least one value"):
+        median_interval([])
+    with pytest.raises(ValueError, match="coverage"):
+        median_interval([1.0, 2.0], coverage=1.0)
+    with pytest.raises(ValueError, match="step time"):
+        median_interval([1.0, float("nan")])
+
+
+def _point(batch: int, median: float, slow: float, n: int = 30) -> SimpleNamespace:
+    """A profile point of ``n`` timed steps within ±2% of ``median`` seconds, one of them at ``slow``."""
+    times = tuple(median * (1 + 0.02 * (i - n // 2) / (n // 2)) for i in range(n - 1)) + (slow,)
+    return SimpleNamespace(
+        batch_size=batch, fits=True, step_times=times, step_seconds=median, samples_per_second=batch / median
+    )
+
+
+def test_one_slow_step_among_30_does_not_hide_a_real_difference():
+    """Digits in benchmarks/advise_check.py: 30 timed steps per size, 128 three times the samples/s of 32, and a
+    step a busy neighbour slowed 10x. The median's interval stays within ~2% and the switch to 128 holds; the
+    timed steps' full range (what the spread was before) reached 10x and kept 32."""
+    points = [_point(32, 0.002, 0.02), _point(128, 0.0026, 0.026)]
+    spread = throughput_spread(points)
+    for p in points:
+        low, high = spread[p.batch_size]
+        assert p.samples_per_second / 1.03 < low < p.samples_per_second < high < p.samples_per_second * 1.03
+    curve = {p.batch_size: p.samples_per_second for p in points}
+    noise = _estimate(61.0, 11.0)
+    rec = recommend(curve, noise, current_batch=32, lr=1e-3, throughput_spread=spread)
+    assert rec.switched and rec.batch_size == 128 and rec.gain_range[0] > 0.05
+    full = {
+        p.batch_size: (p.batch_size / max(p.step_times), p.batch_size / min(p.step_times)) for p in points
+    }
+    assert not recommend(curve, noise, current_batch=32, lr=1e-3, throughput_spread=full).switched

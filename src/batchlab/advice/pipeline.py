@@ -37,6 +37,7 @@ from batchlab.noise.measure import (
     require_workload,
 )
 from batchlab.noise.measure import noise_collector as collector_for
+from batchlab.profiling.analysis import median_interval
 from batchlab.workload.workload import Workload
 
 __all__ = [
@@ -96,7 +97,7 @@ class Advice:
     """What :func:`advise` measured and recommends: the :class:`Recommendation` and every input behind it.
 
     ``throughput`` is the curve the recommendation used (``{micro batch: samples/s}``) and
-    ``throughput_spread`` the range of its timed steps (None from the fit probes, which time no single step), timed as
+    ``throughput_spread`` the ~68% interval of each size's median step (None from the fit probes, which time no single step), timed as
     ``throughput_source`` says (``"profile"`` or ``"fit probes"``; ``throughput_detail`` in words). ``noise``
     is the estimate, measured with ``noise_collector`` over ``noise_steps`` steps at ``noise_batch`` in
     ``noise_seconds``. ``lr_from`` and ``rule_reason`` say where the learning rate and its rule came from;
@@ -320,17 +321,22 @@ def advise(
 
 
 def throughput_spread(points: Any) -> dict[int, tuple[float, float]]:
-    """``{batch: (low, high)}`` samples/s: the range the timed steps of each fitting profile point span.
+    """``{batch: (low, high)}`` samples/s: the samples of a step over the ~68% confidence interval of each fitting
+    profile point's median step time (:func:`~batchlab.profiling.analysis.median_interval`).
 
-    Every timed step counts (the profile already dropped its warm-up steps): with the minimum of 3 timed steps
-    a quartile means little, and a step slowed by a busy neighbour is exactly the noise a recommendation must
-    not mistake for a difference between batch sizes (issue 13, item 6).
+    The profile reads a point's speed from its median step (warm-up steps already dropped), so the spread is how
+    far that median may be off: the full range of the timed steps with 3-5 of them, narrower with more. A
+    median's interval, not the steps' full range: one step slowed by a busy neighbour must not make a real
+    difference between batch sizes look like noise, any more than noise may pass for a difference (issue 13,
+    item 6; the full range kept batch 32 on digits in benchmarks/advise_check.py, where 128 reached the
+    target three times sooner).
     """
     spread = {}
     for p in points:
         if p.fits and p.samples_per_second and p.step_times:
             per_step = p.samples_per_second * p.step_seconds  # samples in one step (batch x accumulation)
-            spread[p.batch_size] = (per_step / max(p.step_times), per_step / min(p.step_times))
+            fast, slow = median_interval(p.step_times)
+            spread[p.batch_size] = (per_step / slow, per_step / fast)
     return spread
 
 

@@ -277,7 +277,7 @@ def _goodput_rows(req: _Request, table: _Table, current_batch: int) -> tuple[lis
 
 def _gain_range(req: _Request, best: Candidate, current: Candidate) -> tuple[float, float] | None:
     """The best batch's goodput gain over the current one at its extremes: across the throughput's spread
-    (the timed steps' range at each size, interpolated between sizes) and B_noise ± 1 standard error.
+    (each size's reading's interval, interpolated between sizes) and B_noise ± 1 standard error.
     None when neither is known (a plain curve and a bare number)."""
     has_se = req.noise_se is not None and req.noise_se > 0 and math.isfinite(req.noise)
     if req.spread is None and not has_se:
@@ -406,8 +406,8 @@ def recommend(
             (:data:`batchlab.defaults.GAIN_THRESHOLD`, Pollux's 5%).
         betas, eps: Adam's, mapped by the ``sqrt`` rule (Malladi et al. 2022) and passed through otherwise.
         drop_last: passed to :func:`schedule`.
-        throughput_spread: ``{b: (low, high)}`` samples/s at measured sizes -- the range the timed steps span
-            (:func:`batchlab.advice.pipeline.throughput_spread` from a profile). With it, or with B_noise's
+        throughput_spread: ``{b: (low, high)}`` samples/s at measured sizes -- how far each reading may be off
+            (:func:`batchlab.advice.pipeline.throughput_spread`: a profile's median step's ~68% interval). With it, or with B_noise's
             standard error, a switch needs the gain above ``gain_threshold`` at the low end of
             ``gain_range`` as well (issue 13: readings inside a loaded machine's noise advised batch 4 over 32).
 

@@ -21,6 +21,9 @@ SECONDS_PER_POINT = 1.0  # timed seconds aimed for per (variant, batch size): a 
 # a large one MIN_TIMED_STEPS -- a profile of ~10 sizes x 2 variants stays around a minute plus warm-up
 LINE_WINDOW = 8  # memory per sample: sizes >= largest / 8, like the search's line (small b is not affine)
 SCALING_SPAN = 4  # small-batch scaling compares the smallest size with the first size >= 4x it
+# The coverage of the median step's interval: 68.27%, the mass within one standard deviation of a normal -- the
+# footing B_noise ± 1 standard error stands on, which the advice carries beside it (issue 13, item 6).
+MEDIAN_COVERAGE = 0.6827
 
 
 def knee_batch_size(
@@ -55,6 +58,29 @@ def timed_steps_for(step_seconds: float, seconds_per_point: float) -> int:
     if step_seconds <= 0 or not math.isfinite(step_seconds):
         return MAX_TIMED_STEPS
     return int(min(MAX_TIMED_STEPS, max(MIN_TIMED_STEPS, round(seconds_per_point / step_seconds))))
+
+
+def median_interval(values: Sequence[float], coverage: float = MEDIAN_COVERAGE) -> tuple[float, float]:
+    """The distribution-free confidence interval of the median of ``values``: ``(x_(k), x_(n+1-k))``.
+
+    For any continuous distribution the population median lies between the k-th smallest and the k-th largest
+    of n samples with probability ``1 - 2 P(Binomial(n, 1/2) <= k - 1)`` (Conover 1999, *Practical
+    Nonparametric Statistics*, 3rd ed., sec. 3.2); k is the largest whose interval still covers ``coverage``,
+    and never below 1 (the full range: what 3-5 steps can say, ~75-94%). Why not the full range of many
+    steps: one step slowed by a busy neighbour would stretch it however many steps were timed, while the
+    median the throughput is read from moves little (measured in benchmarks/advise_check.py: the full range
+    of 30 steps kept batch 32 on digits against a 128 three times faster to the target).
+    """
+    xs = sorted(checks.number("step time", v, inclusive=True) for v in values)
+    if not xs:
+        raise ValueError("median_interval needs at least one value")
+    checks.fraction("coverage", coverage)
+    n = len(xs)
+    k, below = 1, 1 + n  # below = 2^n P(Binomial(n, 1/2) <= k)
+    while 2 * (k + 1) <= n + 1 and 1.0 - 2.0 * below / 2**n >= coverage:  # (x_(k+1), x_(n-k)) still covers
+        k += 1
+        below += math.comb(n, k)
+    return xs[k - 1], xs[n - k]
 
 
 def memory_per_sample(

@@ -1,0 +1,99 @@
+"""benchmarks/advise_check.py (issue 13 item 6): advise's batch and LR trained against every fixed batch.
+
+The comparison's arithmetic on made-up numbers (no timing), the recommendation applied to the optimizer, and
+the script's ``--quick`` run end to end (~5 s: advise on digits, three short runs through batchlab.sweep)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # benchmarks/ is scripts, not a package
+
+import advise_check  # noqa: E402
+from batchlab.workloads.tasks import Task  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _run(seconds: float | None, steps: float = 10.0, samples: float = 320.0) -> dict:
+    return {"seconds_to_target": seconds, "steps_to_target": steps, "samples_to_target": samples}
+
+
+def test_summarise_means_over_seeds_only_when_every_seed_reached():
+    s = advise_check.summarise([_run(1.0, 10, 320), _run(3.0, 20, 640)], seeds=2)
+    assert (s["seconds_to_target"], s["steps_to_target"], s["samples_to_target"]) == (2.0, 15.0, 480.0)
+    assert s["seconds_range"] == [1.0, 3.0] and s["reached"] == 2
+    missed = advise_check.summarise([_run(1.0), _run(None)], seeds=2)
+    assert (
+        missed["seconds_to_target"] is None
+        and missed["reached"] == 1
+        and missed["seconds_range"] == [1.0, 1.0]
+    )
+
+
+def test_compare_against_the_fastest_fixed_configuration_with_and_without_advise_s_measuring():
+    fixed = {
+        (32, 1.0): {"seconds_to_target": 4.0},
+        (128, 1.0): {"seconds_to_target": 2.0},
+        (128, 0.5): {"seconds_to_target": 2.5},
+        (256, 1.0): {"seconds_to_target": None},  # a seed missed the target: never the best
+    }
+    out = advise_check.compare(fixed, {"seconds_to_target": 2.1}, advice_seconds=3.0, current=(32, 1.0))
+    assert out["best_fixed"] == [128, 1.0]
+    assert out["ratio"] == pytest.approx(1.05) and out["goal"]
+    assert out["ratio_with_advise"] == pytest.approx(5.1 / 2.0) and not out["goal_with_advise"]
+    assert out["vs_current"] == pytest.approx(2.1 / 4.0)
+    slow = advise_check.compare(fixed, {"seconds_to_target": 2.3}, advice_seconds=0.0, current=(32, 1.0))
+    assert slow["ratio"] == pytest.approx(1.15) and not slow["goal"]
+    never = advise_check.compare(fixed, {"seconds_to_target": None}, advice_seconds=0.0, current=(32, 1.0))
+    assert never["ratio"] is None and not never["goal"] and not never["goal_with_advise"]
+
+
+def test_modelled_seconds_price_samples_at_the_pooled_samples_per_second_of_the_batch():
+    """A step costs what its batch costs: the median samples/s of every fixed run at that batch (advise's own
+    runs excluded), log-log between fixed batches; outside them, or with accumulation, the run's own."""
+
+    def run(kind, batch, speed, samples=None, accumulation=1):
+        return {"kind": kind, "batch": batch, "throughput": speed, "accumulation": accumulation,
+                "samples_to_target": samples}  # fmt: skip
+
+    runs = [run("fixed", 32, s) for s in (1000.0, 4000.0, 1100.0)] + [run("fixed", 128, 4000.0)]
+    runs.append(run("advised", 32, 1.0))  # never pooled
+    speeds = advise_check.pooled_speeds(runs)
+    assert speeds == {32: 1100.0, 128: 4000.0}
+    assert advise_check.modelled_seconds(run("advised", 32, 50.0, samples=2200), speeds) == pytest.approx(2.0)
+    between = 1100.0 * (4000.0 / 1100.0) ** 0.5  # 64 lies halfway between 32 and 128 in log(batch)
+    assert advise_check.modelled_seconds(run("fixed", 64, 1.0, samples=between), speeds) == pytest.approx(1.0)
+    assert advise_check.modelled_seconds(run("advised", 512, 800.0, samples=1600), speeds) == pytest.approx(
+        2.0
+    )
+    assert advise_check.modelled_seconds(run("advised", 64, 500.0, 1000, accumulation=2), speeds) == 2.0
+    assert advise_check.modelled_seconds(run("fixed", 32, 1000.0), speeds) is None  # never reached
+
+
+def test_the_advised_run_carries_advise_s_betas_and_eps():
+    run = advise_check.Advised(Task("teacher-student", noise_every=0), (0.6, 0.996), 5e-9)(32, 2e-3, 0)
+    group = run.optimizer.param_groups[0]
+    assert (group["lr"], group["betas"], group["eps"]) == (2e-3, (0.6, 0.996), 5e-9)
+
+
+def test_quick_run_end_to_end(tmp_path, capsys):
+    """advise on digits, then its recommendation and two fixed batches trained to the target, one JSON."""
+    out = tmp_path / "advise_check.json"
+    advise_check.main(["--quick", "--directory", str(tmp_path / "store"), "--out", str(out)])
+    payload = json.loads(out.read_text())
+    (result,) = payload["results"]
+    (advice,) = result["advice"]
+    advised = [r for r in result["runs"] if r["kind"] == "advised"]
+    assert [(r["batch"], r["lr"]) for r in advised] == [(advice["batch"], pytest.approx(advice["lr"]))]
+    assert sorted(r["batch"] for r in result["runs"] if r["kind"] == "fixed") == [32, 128]
+    assert advice["seconds"] > 0 and result["best_fixed"] is not None and result["ratio"] is not None
+    assert (
+        result["modelled"]["ratio"] is not None and "full_range" in advice and "what-if" in result["variants"]
+    )
+    assert "advise / best fixed" in capsys.readouterr().out

@@ -13,7 +13,7 @@ from batchlab import DoesNotFitError, Workload, find_batch_size
 from batchlab.checks import shapes as check_shapes
 from batchlab.devices import CPUDevice, SimulatedDevice
 from batchlab.fit import MemoryLine, Probe, next_candidate
-from batchlab.fit.decision import PRIOR_BACKOFF, PRIOR_PREDICTION
+from batchlab.fit.shape_decision import PRIOR_BACKOFF, PRIOR_PREDICTION
 from batchlab.fit.peak_model import fit_peak_model
 from batchlab.fit.records import Outcome
 from batchlab.fit.shapes import ShapeTable, search_order

@@ -32,6 +32,7 @@ from batchlab.checks import shape_size
 from batchlab.errors import DoesNotFitError
 from batchlab.fit.peak_model import PeakModel, fit_peak_model
 from batchlab.fit.records import FitResult, MemoryLine, Outcome
+from batchlab.fit.shape_decision import ShapeGuide
 from batchlab.units import format_bytes
 
 log = logging.getLogger("batchlab")
@@ -188,7 +189,7 @@ def search_order(shapes: Sequence[Shape]) -> list[Shape]:
 
 def search_shapes(
     shapes: Sequence[Shape],
-    fit_at: Callable[[Shape, MemoryLine | None], FitResult],
+    fit_at: Callable[[Shape, ShapeGuide], FitResult],
     *,
     seconds: Callable[[], float] | None = None,
 ) -> ShapeTable:
@@ -206,17 +207,17 @@ def search_shapes(
     for shape in search_order(shapes):
         model = _model(results)
         length = shape_size(shape)
-        raw = _prior_line(model, length)
-        prior = None if raw is None else MemoryLine(raw.fixed_bytes + under_stated, raw.bytes_per_sample)
+        prior = _prior_line(model, length)
+        guide = ShapeGuide(prior, model.fixed_bytes if model else None, under_stated)
         try:
-            result = fit_at(shape, prior)
+            result = fit_at(shape, guide)
         except DoesNotFitError as exc:  # name the shape: the longest is searched first, and fails first
             raise DoesNotFitError(f"at shape {shape!r}: {exc}", batch_size=exc.batch_size,
                                   needed_bytes=exc.needed_bytes, budget_bytes=exc.budget_bytes) from exc  # fmt: skip
         results[shape] = result
-        predicted[shape] = _predicted_size(prior, result.budget_bytes)
-        if raw is not None and len(model.lengths) >= 2:  # a bound from one length over-states on purpose
-            under_stated = max(under_stated, _under_statement(result, raw))
+        predicted[shape] = _predicted_size(prior, result.budget_bytes - under_stated)
+        if prior is not None and len(model.lengths) >= 2:  # a bound from one length over-states on purpose
+            under_stated = max(under_stated, _under_statement(result, prior))
         log.info("shape %s: batch %d (%d probes)", shape, result.batch_size, len(result.probes))
     entries = [ShapeEntry(s, shape_size(s), results[s], predicted[s]) for s in shapes]
     return ShapeTable(
@@ -228,12 +229,31 @@ def search_shapes(
 
 
 def _model(results: dict[Shape, FitResult]) -> PeakModel | None:
+    """The peak model over the shapes searched so far.
+
+    Its fixed part comes from the shapes whose own line is measured over a wide span of sizes (the largest at
+    least twice the smallest: the first shape's, from batch 2 up); each shape's slope is then the one through
+    that fixed part and its answer's measured peak. A table's later shapes run one or two sizes close to their
+    answer, and a line through two neighbouring sizes (6090 and 6091) is rounding, not a slope.
+    """
+    fixed = [r.fixed_bytes for r in results.values() if r.fixed_bytes is not None and _span(r) >= 2]
+    if not fixed:
+        lines = [(shape_size(s), MemoryLine(r.fixed_bytes, r.bytes_per_sample)) for s, r in results.items()
+                 if r.bytes_per_sample is not None and r.fixed_bytes is not None]  # fmt: skip
+        return fit_peak_model(lines)
+    base = sum(fixed) / len(fixed)
     lines = [
-        (shape_size(shape), MemoryLine(r.fixed_bytes, r.bytes_per_sample))
+        (shape_size(shape), MemoryLine(base, (r.peak_bytes - base) / r.batch_size))
         for shape, r in results.items()
-        if r.bytes_per_sample is not None and r.fixed_bytes is not None
+        if r.fits and r.peak_bytes is not None
     ]
     return fit_peak_model(lines)
+
+
+def _span(result: FitResult) -> float:
+    """The largest measured size over the smallest, at one shape."""
+    sizes = [p.batch_size for p in result.probes if p.measured]
+    return max(sizes) / min(sizes) if sizes else 0.0
 
 
 def _prior_line(model: PeakModel | None, length: int) -> MemoryLine | None:
@@ -246,7 +266,7 @@ def _prior_line(model: PeakModel | None, length: int) -> MemoryLine | None:
     return model.line(length)
 
 
-def _predicted_size(prior: MemoryLine | None, budget: int) -> int | None:
+def _predicted_size(prior: MemoryLine | None, budget: float) -> int | None:
     if prior is None or prior.bytes_per_sample <= 0:
         return None
     size = prior.largest_under(budget)

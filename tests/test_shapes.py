@@ -15,6 +15,8 @@ from batchlab import DoesNotFitError, Workload, find_batch_size
 from batchlab.checks import shapes as check_shapes
 from batchlab.devices import CPUDevice, SimulatedDevice
 from batchlab.fit import MemoryLine, Probe
+from batchlab.fit.peak_model import fit_peak_model
+from batchlab.fit.records import Outcome
 from batchlab.fit.shape_decision import (
     PRIOR_BACKOFF,
     PRIOR_PREDICTION,
@@ -24,8 +26,6 @@ from batchlab.fit.shape_decision import (
     conservative,
     next_shape_candidate,
 )
-from batchlab.fit.peak_model import fit_peak_model
-from batchlab.fit.records import Outcome
 from batchlab.fit.shapes import ShapeTable, search_order
 
 MiB = 2**20
@@ -275,11 +275,15 @@ def test_a_predicted_shape_opens_at_a_conservative_size_in_full_and_steps_down_f
     assert next_shape_candidate([], 2000, ShapeGuide(prior, slack_bytes=100)).batch_size == 88  # 90 - 1.5%
     over = next_shape_candidate([probe(100, "over budget", 2100)], 2000, guide)
     assert over.batch_size == 90 and over.reason == PRIOR_PREDICTION  # 100 sizes of slope 10 over by 100
-    measured = next_shape_candidate([probe(100, "over budget", 2100)], 2000, ShapeGuide(prior, fixed_bytes=1100))
+    measured = next_shape_candidate(
+        [probe(100, "over budget", 2100)], 2000, ShapeGuide(prior, fixed_bytes=1100)
+    )
     assert measured.batch_size == 90  # slope (2100 - 1100) / 100 = 10 measured here: 100 - 100 / 10
     oom = next_shape_candidate([probe(100, "oom", None)], 2000, guide)
     assert oom.batch_size == int(100 * PRIOR_BACKOFF)
-    again = next_shape_candidate([probe(100, "over budget", 2100), probe(90, "over budget", 2010)], 2000, guide)
+    again = next_shape_candidate(
+        [probe(100, "over budget", 2100), probe(90, "over budget", 2010)], 2000, guide
+    )
     assert again.batch_size == int(90 * PRIOR_BACKOFF)  # a second failure: geometric, whatever the peaks say
     capped = next_shape_candidate([], 2000, guide, cap=40, hard_limit_bytes=1500)
     assert capped.batch_size == 40

@@ -42,8 +42,8 @@ from batchlab.fit.decision import (
     VERIFY_LARGEST,
     Decision,
     _align,
-    fit_memory_line,
     first_size,
+    fit_memory_line,
     largest_fit,
     latest_probes,
     next_candidate,
@@ -61,7 +61,6 @@ TABLE_TOLERANCE = 0.03
 # shape: +0.45 MiB a probe measured on cnn, issue 12) cannot keep every try just over the budget.
 PRIOR_BACKOFF = 0.75
 PRIOR_PREDICTION = "prediction from other shapes"
-WITHIN_TOLERANCE = "within the table's tolerance"
 
 
 @dataclass(frozen=True)
@@ -98,7 +97,12 @@ def slopes_at(probes: Sequence[Probe], lo_probe: Probe, guide: ShapeGuide) -> li
 
 
 def accepts(
-    lo_probe: Probe, slopes: Sequence[float], hi: int | None, budget_bytes: int, slack: float, tolerance: float
+    lo_probe: Probe,
+    slopes: Sequence[float],
+    hi: int | None,
+    budget_bytes: int,
+    slack: float,
+    tolerance: float,
 ) -> bool:
     """Whether the largest verified fit ``lo_probe`` is provably >= ``1 - tolerance`` of the true maximum.
 
@@ -171,7 +175,7 @@ def next_shape_candidate(
     else:
         best = lo + (budget_bytes - lo_probe.peak_bytes - slack) / slopes[0]
         target, how = conservative(best, guide.tolerance), "line prediction"
-        if guide.fixed_bytes is None and best > lo * MAX_GROWTH:  # a line from small probes: 8x, as the search
+        if guide.fixed_bytes is None and best > lo * MAX_GROWTH:  # a line from small probes: 8x at most
             target, how = float(lo * MAX_GROWTH), "growth"
     target = max(target, closing)
     if hi is not None:
@@ -192,9 +196,14 @@ def next_shape_candidate(
     elif candidate in failed and slopes and lo_probe.peak_bytes is not None:
         # nothing left below it: try where the line puts a size clear of the noise (it fits, or it settles lo)
         past = lo + (budget_bytes + 2 * slack - lo_probe.peak_bytes) / min(slopes)
-        candidate, how = max(_align(past, multiple_of) + multiple_of, max(failed) + multiple_of), "past the noise"
+        candidate, how = (
+            max(_align(past, multiple_of) + multiple_of, max(failed) + multiple_of),
+            "past the noise",
+        )
     if candidate <= lo or candidate in failed:
-        return _stop_after_verified(probes, lo_probe, Limit.HARD_LIMIT if how == "hard-limit guard" else Limit.MEMORY)
+        return _stop_after_verified(
+            probes, lo_probe, Limit.HARD_LIMIT if how == "hard-limit guard" else Limit.MEMORY
+        )
     return Decision(candidate, _predicted(lo_probe, slopes, candidate), how)
 
 

@@ -1,22 +1,25 @@
 """The largest batch for each of several batch shapes (sequence lengths, image sizes), each verified by real steps.
 
 ``find_batch_size(workload, shapes=[128, 256, 512, 1024, 2048])`` runs :func:`search_shapes`: one search per
-shape, through the single-shape search itself (:func:`batchlab.find_batch_size` hands it a ``fit_at(shape,
-prior)`` that runs its verify-and-refine loop on ``workload.with_shape(shape)``), in an order chosen so that
-every shape after the first starts from a prediction:
+shape, through the single-shape search's probe-and-verify loop (:func:`batchlab.find_batch_size` hands it a
+``fit_at(shape, guide)`` that runs it on ``workload.with_shape(shape)``), in an order chosen so that every shape
+after the first starts from a prediction:
 
-1. the longest shape first, with the plain search (its batches are the smallest: the cheapest to search);
+1. the longest shape first, from batch 2 up as the single search does (its batches are the smallest: the
+   cheapest to search);
 2. then the shortest, predicted from the longest alone, as a bound: memory per sample scaled linearly in
    ``L`` down to a shorter shape (and as ``L^2`` up to a longer one, when the longest gave no line), which
    over-states it whenever the truth lies between the two -- so the first try lands below the answer;
 3. then the shapes between, from the longest down, each predicted by :class:`~batchlab.fit.peak_model.PeakModel`
    fitted over every shape searched so far -- an interpolation.
 
-The prediction is the search's first size at that shape (:func:`~batchlab.fit.decision.next_candidate`'s
-``prior``), lowered by the largest amount a fitted model (two lengths or more) has under-stated a measured
-peak, and its slope stands in for the shape's own line until two sizes there have run. When the model is right, a shape costs one
-or two probes instead of a full search; when it is wrong, the probes correct it, as any line is corrected.
-Every answer is a size that ran in full at its own shape.
+Within each shape the table decides by :func:`~batchlab.fit.shape_decision.next_shape_candidate`, to the
+issue's tolerance (every entry >= 0.97 of its true maximum, issue 12 item 1) rather than the single search's
+exact edge: the first size is the model's prediction half that tolerance below the budget, one size that ran
+there gives the shape's own slope through the model's fixed part, and an entry is accepted once the
+measurements bound the true maximum within 3%. When the model is right a shape costs one probe; when it is
+wrong, the probes correct it. Every answer is a size that ran its full verification at its own shape, within
+the budget. Measured in benchmarks/RESULTS.md ("The shape table at the issue's tolerance").
 """
 
 from __future__ import annotations
@@ -85,7 +88,8 @@ class ShapeRow:
 class ShapeEntry(ShapeRow):
     """One shape's answer: the :class:`~batchlab.fit.records.FitResult` of its search, and what was predicted.
 
-    ``predicted_batch_size`` is the size the peak model put at the budget before this shape's first probe
+    ``predicted_batch_size`` is the size the peak model put at the budget (less the noise allowance) before this
+    shape's first probe
     (None for the shapes searched before a prediction).
     """
 
@@ -193,10 +197,12 @@ def search_shapes(
     *,
     seconds: Callable[[], float] | None = None,
 ) -> ShapeTable:
-    """Search every shape through ``fit_at(shape, prior)`` -- the single-shape search -- in :func:`search_order`.
+    """Search every shape through ``fit_at(shape, guide)`` -- the probe-and-verify loop -- in :func:`search_order`.
 
-    ``prior`` is the predicted memory line at that shape (None for the first); it reaches the search's
-    decision as :func:`~batchlab.fit.decision.next_candidate`'s ``prior``. A shape where not even the smallest
+    The :class:`~batchlab.fit.shape_decision.ShapeGuide` holds the predicted memory line at that shape (None
+    for the first), the model's fixed part and the noise allowance: the most a prediction from two lengths or
+    more has put a measured peak below its reading; it reaches the search's decision,
+    :func:`~batchlab.fit.shape_decision.next_shape_candidate`. A shape where not even the smallest
     batch fits raises :class:`~batchlab.errors.DoesNotFitError` naming it. ``seconds``: the clock to report
     the search's time with (the caller's; None reports 0).
     """

@@ -190,16 +190,16 @@ def next_shape_candidate(
             target, how = lo + (hard_limit_bytes - lo_probe.peak_bytes) / slope, "hard-limit guard"
     candidate = _align(target, multiple_of)
     tried = {p.batch_size for p in probes}
-    if candidate in failed and hi - multiple_of > lo and _align(hi - 1, multiple_of) not in tried:
-        # a failure inside the noise cannot settle lo: the size just below it can raise lo instead
-        candidate, how = _align(hi - 1, multiple_of), "below a failure in the noise"
+    middle = _align(math.sqrt(lo * hi), multiple_of) if hi is not None else lo
+    if candidate in failed and lo < middle < hi and middle not in tried:
+        # a failure inside the noise cannot settle lo: a size between them can raise lo instead (halving the
+        # gap by ratio each time, never creeping a sample at a time)
+        candidate, how = middle, "below a failure in the noise"
     elif candidate in failed and slopes and lo_probe.peak_bytes is not None:
-        # nothing left below it: try where the line puts a size clear of the noise (it fits, or it settles lo)
-        past = lo + (budget_bytes + 2 * slack - lo_probe.peak_bytes) / min(slopes)
-        candidate, how = (
-            max(_align(past, multiple_of) + multiple_of, max(failed) + multiple_of),
-            "past the noise",
-        )
+        # nothing left below it: once, where the line puts a size clear of the noise (it fits, or settles lo);
+        # a failure already past that point ends the search at lo
+        past = _align(lo + (budget_bytes + 2 * slack - lo_probe.peak_bytes) / min(slopes), multiple_of)
+        candidate, how = past + multiple_of, "past the noise"
     if candidate <= lo or candidate in failed:
         return _stop_after_verified(
             probes, lo_probe, Limit.HARD_LIMIT if how == "hard-limit guard" else Limit.MEMORY

@@ -313,6 +313,16 @@ def test_an_entry_is_accepted_only_when_the_measurements_bound_the_truth_within_
     assert accepts(small, [9.0], 7, 2000, 0.0, TABLE_TOLERANCE)
 
 
+def test_a_failure_inside_the_noise_does_not_settle_an_entry_a_clear_one_does():
+    guide = ShapeGuide(MemoryLine(990, 10), slack_bytes=20)  # readings within 20 bytes of the line
+    fit = probe(97, "fits", 1960)
+    noisy = next_shape_candidate([fit, probe(101, "over budget", 2010)], 2000, guide)
+    # 2010 is within twice the noise of the budget: 102..105 may still read under it; 97 is not proven
+    assert (noisy.batch_size, noisy.reason) == (98, "below a failure in the noise")  # the gap split by ratio
+    clear = next_shape_candidate([fit, probe(101, "over budget", 2100)], 2000, guide)
+    assert clear.batch_size is None  # 101 is over by more than the noise: the truth <= 100, 97 >= 0.97 of it
+
+
 def test_a_conservative_size_is_half_the_tolerance_below_unless_that_leaves_it():
     assert conservative(1000.0, 0.03) == 985
     assert conservative(61.5, 0.03) == 60

@@ -8,9 +8,9 @@ Pure functions over numbers, like :mod:`batchlab.fit.decision`, whose single-sha
   answers below 100, probes the step past its prediction to find the exact edge; over five shapes that edge
   hunt (and the CPU's noise at the edge) cost 19 probes, 4.1x one search (benchmarks/RESULTS.md). Here an
   entry ``b`` that ran in full is accepted as soon as the measurements *bound* the true maximum ``T`` by
-  ``b / (1 - TABLE_TOLERANCE)``: ``T`` is below the smallest size that failed, and below
-  ``b + (budget - peak(b) + slack) / slope_low`` -- the room left at ``b`` at the lowest per-sample slope the
-  measurements allow (see :func:`accepts`). Nothing is accepted on a prediction alone: an entry is a size
+  ``b / (1 - TABLE_TOLERANCE)``: ``T`` is below the smallest size that failed clear of the readings' noise
+  (:func:`clear_failure`), and below ``b + (budget - peak(b) + 2 slack) / slope_low`` -- the room left at
+  ``b`` at the lowest per-sample slope the measurements allow (see :func:`accepts`). Nothing is accepted on a prediction alone: an entry is a size
   that ran its full verification within the budget, as in the single search.
 - **The slope at a shape is measured with one probe.** The fixed part of ``peak(b, L) = fixed + b s(L)`` is
   the same at every length (:mod:`batchlab.fit.peak_model`) and known from the shapes searched before, so
@@ -20,12 +20,14 @@ Pure functions over numbers, like :mod:`batchlab.fit.decision`, whose single-sha
 - **Every size that may be the answer runs in full** (no scouts): a scout that ends a single search costs a
   second probe for its verification, and the table counts probes.
 
-The shape's first size is the prior's prediction ``slack`` below the budget (``slack``: the most any prior
-has under-stated a measured peak at the shapes before, the readings' noise). After a failure with nothing
+The shape's first size is the prior's prediction ``slack`` below the budget, less half the tolerance
+(:func:`conservative`; ``slack``: the most any prior has under-stated a measured peak at the shapes before,
+or this shape's own line's largest residual -- the readings' noise). After a failure with nothing
 fitting, the line through the failure (the measured slope, or the prior's) aims ``slack`` below the budget;
 after a second failure, or an out-of-memory error without a peak, the next try is ``PRIOR_BACKOFF`` of the
 smallest failure (geometric: a process whose baseline creeps up per probe cannot keep every try just over).
-The first shape of a table, with no prior, starts like the single search (2, then up to 8x) and stops at the
+Once a size fits, a bracket with nothing to aim by is split by ratio (``sqrt(lo hi)``: 2..16 -> 5), never
+below the size whose failure would settle the entry. The first shape of a table, with no prior, starts like the single search (2, then up to 8x) and stops at the
 same 3%.
 """
 

@@ -4,10 +4,9 @@ The data: the standard library's own source cut into documents (batchlab.workloa
 ``--max-length`` bytes (2048 by default: a context limit; about one document in five is longer). The model: a
 byte-level TinyGPT with AdamW (batchlab.workloads.text). Side by side, in one process:
 
-1. The shape table: the largest batch per padded length (``--lengths``), one real CPU search per length
-   against the same memory budget (``--headroom`` above the process's memory now, at 0.9). Until issue 12's
-   search over shapes lands (``find_batch_size(..., shapes=...)``) this is one search per length on a Workload
-   whose ``make_batch`` fixes the length.
+1. The shape table: the largest batch per padded length (``--lengths``), one real CPU search over shapes,
+   ``find_batch_size(workload, shapes=lengths)``, against one memory budget (``--headroom`` above the
+   process's memory now, at 0.9); each entry verified by real steps, within 3% of its length's own maximum.
 2. The token budget from the table (batchlab.fit.tokens.token_budget), and two loaders over the same documents:
    - ``sampler``: TokenBudgetBatchSampler (length buckets, padding counted) + PadCollator;
    - ``fixed``: the batch sized for the longest document (the table's entry at ``--max-length``), shuffled,
@@ -27,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import json
 import platform
 import statistics
@@ -49,24 +47,27 @@ MiB = 2**20
 
 
 def shape_table(workload: Workload, lengths: list[int], memory_budget: int) -> dict[int, dict]:
-    table = {}
-    for length in lengths:
-        fixed = Workload(workload.model, functools.partial(workload.make_batch, shape=length), workload.loss_fn,
-                         workload.optimizer, name=f"text-lm@{length}")  # fmt: skip
-        started = time.perf_counter()
-        result = find_batch_size(fixed, device="cpu", memory_budget=memory_budget)
-        table[length] = {
+    """The largest batch per padded length: one ``find_batch_size(..., shapes=lengths)`` (issue 12, item 1)."""
+    table = find_batch_size(workload, device="cpu", memory_budget=memory_budget, shapes=lengths)
+    rows = {}
+    for entry in table.entries:
+        result = entry.result
+        rows[entry.shape] = {
             "batch_size": result.batch_size,
+            "predicted": entry.predicted_batch_size,
             "peak_mib": result.peak_bytes / MiB,
             "budget_mib": result.budget_bytes / MiB,
             "budget_bytes": result.budget_bytes,
             "probes": len(result.probes),
-            "seconds": time.perf_counter() - started,
+            "sizes": [probe.batch_size for probe in result.probes],
+            "seconds": result.search_seconds,
         }
         print(
-            f"  length {length}: largest batch {result.batch_size} ({len(result.probes)} probes)", flush=True
+            f"  length {entry.shape}: largest batch {result.batch_size} ({len(result.probes)} probes)",
+            flush=True,
         )
-    return table
+    print(f"  {table.probes} probes in all, {table.search_seconds:.0f} s (order {table.order})", flush=True)
+    return rows
 
 
 def prepare_copy(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:

@@ -1,18 +1,16 @@
 """The token-budget batch sampler and the padding collator: within the budget, padding counted, seeded,
 usable with a DataLoader; a sample longer than the searched lengths is refused with its index. And issue 12
 item 3 on real text: one full epoch of a byte-level LM on the standard library's source, with the budget taken
-from measured per-length searches -- no step over the memory budget, batches filled to >= 85% of the budget."""
+from a measured shape table (``find_batch_size(..., shapes=...)``) -- no step over the memory budget, batches filled to >= 85% of the budget."""
 
 from __future__ import annotations
-
-import functools
 
 import psutil
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from batchlab import Workload, find_batch_size
+from batchlab import find_batch_size
 from batchlab.devices import CPUDevice
 from batchlab.fit.tokens import token_budget
 from batchlab.training.sampler import PadCollator, TokenBudgetBatchSampler
@@ -79,23 +77,13 @@ def test_a_sample_longer_than_the_searched_lengths_is_an_error_naming_it():
         TokenBudgetBatchSampler.from_budget(LENGTHS, 200)
 
 
-def _table(workload, lengths, budget):
-    """The largest batch per padded length, one search per length (issue 12 item 1 makes this one call)."""
-    table = {}
-    for length in lengths:
-        fixed = Workload(workload.model, functools.partial(workload.make_batch, shape=length), workload.loss_fn,
-                         workload.optimizer, name=f"text-lm@{length}")  # fmt: skip
-        table[length] = find_batch_size(fixed, device="cpu", memory_budget=budget)
-    return table
-
-
 def test_one_epoch_of_real_text_stays_within_the_measured_budget_and_fills_it():
     torch.manual_seed(0)
     workload = text_lm(max_length=512, max_files=12, width=16, depth=1, heads=1)
     budget = int((psutil.Process().memory_info().rss + 48 * MiB) / 0.9)  # 48 MiB above now, at 0.9
-    table = _table(workload, [256, 512], budget)
-    tokens = token_budget({length: result.batch_size for length, result in table.items()})
-    memory_budget = min(result.budget_bytes for result in table.values())
+    table = find_batch_size(workload, device="cpu", memory_budget=budget, shapes=[256, 512])
+    tokens = token_budget(table.max_batch_by_shape())
+    memory_budget = table.budget_bytes
     data = DocumentDataset(stdlib_corpus(max_files=12).train, max_length=512)
     sampler = TokenBudgetBatchSampler.from_budget(data.lengths, tokens, seed=0)
     loader = DataLoader(data, batch_sampler=sampler, collate_fn=PadCollator(pad_values={1: IGNORE_INDEX}))

@@ -20,12 +20,6 @@ LINE_WINDOW = 8  # the memory line uses probes with b >= largest_fit / 8: small 
 # the measured line then extrapolates 4x (8x without an estimate) and a slope off even by 2x lands inside. On
 # the CPU, where a step's time grows with the batch, nearer the edge cost more time (benchmarks/RESULTS.md).
 ESTIMATE_JUMP = 0.25
-# While nothing fits at a shape started from a prediction, after an out-of-memory error with no peak to aim by,
-# or after a second failure, the next try is a quarter lower: past the 1-3% a prediction from other shapes is
-# off by (benchmarks/RESULTS.md, issue 12), far above the first size a plain search would climb from again, and
-# geometric, so that a process whose baseline creeps up per probe (oneDNN caches a primitive per new batch
-# shape: +0.45 MiB a probe measured on cnn, issue 12) cannot keep every try just over the budget.
-PRIOR_BACKOFF = 0.75
 
 # Reasons a decision gives that are not a Limit of the answer.
 CAP = "cap"  # the largest size allowed (max_batch_size / dataset size) fits
@@ -56,7 +50,6 @@ def fit_memory_line(probes: Sequence[Probe]) -> MemoryLine | None:
 
 
 BATCH_ONE_FALLBACK = "batch 2 does not fit; try 1"
-PRIOR_PREDICTION = "prediction from other shapes"
 
 
 def first_size(multiple_of: int) -> int:
@@ -161,7 +154,6 @@ def next_candidate(
     hard_limit_bytes: int | None = None,
     estimate: MemoryLine | None = None,
     created_bytes: int = 0,
-    prior: MemoryLine | None = None,
 ) -> Decision:
     """Decide the next batch size to try from the probes so far (pure; no torch, no device).
 
@@ -193,66 +185,14 @@ def next_candidate(
 
     ``hard_limit_bytes`` bounds every candidate by :func:`upper_slope` (``created_bytes``: what a step creates
     once, whatever the batch -- gradients and optimizer state -- where the workload can tell).
-
-    ``prior`` (optional) is the memory line this batch shape is predicted to have from the probes at *other*
-    shapes (:mod:`batchlab.fit.shapes`): measured, not estimated, so it is trusted as a measured line is. With
-    no probe yet, the first size is the prior's size for the budget, run in full (it may be the answer);
-    after it fails, the next size is the prior's slope anchored on its peak, below the budget by what the prior
-    was off there -- or ``PRIOR_BACKOFF`` of it when it left no peak, and of the smallest failure after any
-    further failure; once one size fits, the prior's slope anchored on
-    it stands in for the line until the probes give one of their own (two sizes). Every answer still ran.
     """
-    if prior is not None and prior.bytes_per_sample > 0:
-        opening = _prior_opening(probes, prior, budget_bytes, multiple_of, cap, hard_limit_bytes)
-        if opening is not None:
-            return opening
-    else:
-        prior = None
-    decision = _next_size(
-        probes, budget_bytes, multiple_of, cap, hard_limit_bytes, estimate, created_bytes, prior
-    )
+    decision = _next_size(probes, budget_bytes, multiple_of, cap, hard_limit_bytes, estimate, created_bytes)
     largest = largest_fit(probes)
     if decision.batch_size is None and largest is not None:
         last_oom = max((i for i, p in enumerate(probes) if p.outcome == Outcome.OOM), default=-1)
         if not largest.verified or next(i for i, p in enumerate(probes) if p is largest) < last_oom:
             return Decision(largest.batch_size, largest.peak_bytes, VERIFY_LARGEST)
     return decision
-
-
-def _prior_opening(
-    probes: Sequence[Probe],
-    prior: MemoryLine,
-    budget_bytes: int,
-    multiple_of: int,
-    cap: int | None,
-    hard_limit_bytes: int | None,
-) -> Decision | None:
-    """The prior's sizes while nothing at this shape has fit (see :func:`next_candidate`); None once one has,
-    or when the smallest failure is already the first size (the plain search's fallbacks take over)."""
-    if largest_fit(probes) is not None:
-        return None
-    smallest = first_size(multiple_of)
-    if not probes:
-        target = prior.largest_under(budget_bytes)
-        line = prior
-    else:
-        failed = min(probes, key=lambda p: p.batch_size)
-        if failed.batch_size <= smallest:
-            return None
-        if len(probes) == 1 and failed.peak_bytes is not None:  # over by a measured amount: aim below it
-            line = MemoryLine(
-                failed.peak_bytes - prior.bytes_per_sample * failed.batch_size, prior.bytes_per_sample
-            )
-            off = abs(failed.peak_bytes - (failed.predicted_peak_bytes or failed.peak_bytes))
-            target = min(line.largest_under(budget_bytes - off), failed.batch_size - multiple_of)
-        else:
-            line, target = prior, failed.batch_size * PRIOR_BACKOFF
-    if cap is not None:
-        target = min(target, cap)
-    if hard_limit_bytes is not None:
-        target = min(target, line.largest_under(hard_limit_bytes))
-    candidate = max(_align(target, multiple_of), smallest)
-    return Decision(candidate, int(line.peak(candidate)), PRIOR_PREDICTION)
 
 
 def _next_size(
@@ -263,7 +203,6 @@ def _next_size(
     hard_limit_bytes: int | None,
     estimate: MemoryLine | None,
     created_bytes: int,
-    prior: MemoryLine | None = None,
 ) -> Decision:
     """:func:`next_candidate` before the verification of a scout it would stop on."""
     if not probes:
@@ -282,9 +221,6 @@ def _next_size(
         return Decision(None, reason=Limit.MEMORY)  # the bracket is closed to within 1% (or one step)
 
     line = fit_memory_line(probes)
-    if line is None and prior is not None and lo_probe.peak_bytes is not None:
-        # One size measured at this shape: the other shapes' slope, anchored on it, is the line for now.
-        line = MemoryLine(lo_probe.peak_bytes - prior.bytes_per_sample * lo, prior.bytes_per_sample)
     seeded = (
         line is None
         and estimate is not None

@@ -42,6 +42,7 @@ from batchlab.fit.decision import (
 )
 from batchlab.fit.probe import breakdown_of, run_probe
 from batchlab.fit.records import FitResult, Limit, MemoryLine, Outcome, Probe
+from batchlab.fit.shape_decision import ShapeGuide, next_shape_candidate
 from batchlab.fit.shapes import Shape, ShapeTable, search_shapes
 from batchlab.spec import parse_amp, parse_batch
 from batchlab.units import format_bytes, parse_bytes
@@ -149,15 +150,15 @@ def find_batch_size(
     budget = capacity if spec.is_fixed else int(capacity * spec.fraction)
 
     def fit(
-        work: Workload | StepFunction, estimate: MemoryLine | None, prior: MemoryLine | None
+        work: Workload | StepFunction, estimate: MemoryLine | None, guide: ShapeGuide | None
     ) -> FitResult:
         return _fit(
-            work, dev, spec, capacity, budget, multiple_of, caps, estimate, prior, state_copy, on_probe
+            work, dev, spec, capacity, budget, multiple_of, caps, estimate, guide, state_copy, on_probe
         )
 
     if shapes is None:
         return fit(work, estimate, None)
-    return search_shapes(list(shaped), lambda shape, prior: fit(shaped[shape], None, prior),
+    return search_shapes(list(shaped), lambda shape, guide: fit(shaped[shape], None, guide),
                          seconds=time.perf_counter)  # fmt: skip
 
 
@@ -170,7 +171,7 @@ def _fit(
     multiple_of: int,
     caps: dict[Limit, int],
     estimate: MemoryLine | None,
-    prior: MemoryLine | None,
+    guide: ShapeGuide | None,
     state_copy: str,
     on_probe: Callable[[Probe], None] | None,
 ) -> FitResult:
@@ -181,7 +182,7 @@ def _fit(
         if spec.is_fixed:
             answer, limited_by = _check_fixed(search, spec.size, multiple_of), Limit.FIXED
         else:
-            answer, limited_by = _search(search, budget, capacity, multiple_of, caps, estimate, prior)
+            answer, limited_by = _search(search, budget, capacity, multiple_of, caps, estimate, guide)
     finally:
         search.close()
 
@@ -238,22 +239,19 @@ def _search(
     multiple_of: int,
     caps: dict[Limit, int],
     estimate: MemoryLine | None,
-    prior: MemoryLine | None = None,
+    guide: ShapeGuide | None = None,
 ) -> tuple[Probe, Limit]:
-    """The largest verified fit and what limited it: :func:`next_candidate` until it says stop."""
+    """The largest verified fit and what limited it: :func:`next_candidate` until it says stop -- or, at one
+    shape of a table (``guide``), :func:`~batchlab.fit.shape_decision.next_shape_candidate`."""
     cap = min(caps.values()) if caps else None
     stop_reason: str = Limit.PROBE_LIMIT
     while len(search.probes) < MAX_PROBES:
-        decision = next_candidate(
-            search.probes,
-            budget,
-            multiple_of=multiple_of,
-            cap=cap,
-            hard_limit_bytes=search.hard_limit,
-            estimate=estimate,
-            created_bytes=search.optimizer_state_created(),
-            prior=prior,
-        )
+        limits = {"multiple_of": multiple_of, "cap": cap, "hard_limit_bytes": search.hard_limit,
+                  "created_bytes": search.optimizer_state_created()}  # fmt: skip
+        if guide is None:
+            decision = next_candidate(search.probes, budget, estimate=estimate, **limits)
+        else:
+            decision = next_shape_candidate(search.probes, budget, guide, **limits)
         if decision.batch_size is None:
             stop_reason = decision.reason
             break

@@ -144,7 +144,7 @@ def fit(rank: int) -> dict:
     target = int(os.environ["TARGET"]) if os.environ.get("TARGET") else None
     before = {k: v.to_local().clone() for k, v in model.state_dict().items()}
     result = find_batch_size_distributed(
-        work, device="cpu", memory_budget=budget, max_batch_size=4096, target_global_batch=target
+        work, device="cpu", memory_budget=budget, max_batch_size=16384, target_global_batch=target
     )
     unchanged = all(torch.equal(before[k], v.to_local()) for k, v in model.state_dict().items())
     later = CPUDevice().run(work.step, result.batch_size, steps=20)  # the user's own steps, measured alike

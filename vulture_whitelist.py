@@ -20,7 +20,8 @@ _.memory_line  # PlanResult.memory_line, passed to find_batch_size(estimate=...)
 _.single_micro_batch_steps  # the accumulation collector's count, read by users and tests
 _.unmeasured_steps  # the accumulation collector's count of steps shorter than the one before
 _.skipped_steps  # the accumulation collector's count of steps left out by every=k
-b_noise_stderr, g_h_g, trace_h_sigma, b_preconditioned, b_preconditioned_stderr  # CurvatureNoiseScale fields (critical_branch.py)
+b_noise_stderr, g_h_g, trace_h_sigma  # CurvatureNoiseScale fields, read by benchmarks/critical_branch.py
+b_preconditioned, b_preconditioned_stderr  # ditto
 
 # What an integration leaves on the framework's object for the user (documented in each integration).
 _.batchlab_result, _.ultralytics_batch, _.optimal_batch_size

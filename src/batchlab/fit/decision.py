@@ -116,7 +116,8 @@ def _prediction_error(probes: Sequence[Probe], recent: int = 3) -> float:
     return max(_prediction_errors(probes, recent), default=0.0)
 
 
-def _align(batch_size: float, multiple_of: int) -> int:
+def align_down(batch_size: float, multiple_of: int) -> int:
+    """``batch_size`` rounded down to a multiple of ``multiple_of`` (the search's and the tables' sizes)."""
     return int(batch_size // multiple_of) * multiple_of
 
 
@@ -255,7 +256,7 @@ def _next_size(
         no_peak = not last.fits and last.peak_bytes is None and not expected
         # A secant step that would not cut at least a quarter of the bracket is too timid (a stale margin after
         # a jump): bisect instead, so the bracket always shrinks geometrically.
-        bold = max(lo * (1 + TOLERANCE), lo + (hi - lo) / 4) <= _align(target, multiple_of) < hi
+        bold = max(lo * (1 + TOLERANCE), lo + (hi - lo) / 4) <= align_down(target, multiple_of) < hi
         if not bold or last_two_failed or no_peak:
             target, how = (lo + hi) / 2, "bisection"
     if cap is not None:
@@ -265,7 +266,7 @@ def _next_size(
         slope = upper_slope(probes, lo_probe, created_bytes)
         if slope > 0 and target > lo + (hard_limit_bytes - lo_probe.peak_bytes) / slope:
             target, how = lo + (hard_limit_bytes - lo_probe.peak_bytes) / slope, "hard-limit guard"
-    candidate = _align(target, multiple_of)
+    candidate = align_down(target, multiple_of)
     stop_reason = Limit.HARD_LIMIT if how == "hard-limit guard" else Limit.MEMORY
     settled = candidate <= lo or (
         hi is None and how == "line prediction" and (candidate - lo) / lo < TOLERANCE

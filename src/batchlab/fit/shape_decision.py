@@ -43,7 +43,7 @@ from batchlab.fit.decision import (
     MAX_GROWTH,
     VERIFY_LARGEST,
     Decision,
-    _align,
+    align_down,
     first_size,
     fit_memory_line,
     largest_fit,
@@ -190,9 +190,9 @@ def next_shape_candidate(
         slope = upper_slope(probes, lo_probe, created_bytes)
         if slope > 0 and target > lo + (hard_limit_bytes - lo_probe.peak_bytes) / slope:
             target, how = lo + (hard_limit_bytes - lo_probe.peak_bytes) / slope, "hard-limit guard"
-    candidate = _align(target, multiple_of)
+    candidate = align_down(target, multiple_of)
     tried = {p.batch_size for p in probes}
-    middle = _align(math.sqrt(lo * hi), multiple_of) if hi is not None else lo
+    middle = align_down(math.sqrt(lo * hi), multiple_of) if hi is not None else lo
     if candidate in failed and lo < middle < hi and middle not in tried:
         # a failure inside the noise cannot settle lo: a size between them can raise lo instead (halving the
         # gap by ratio each time, never creeping a sample at a time)
@@ -200,7 +200,7 @@ def next_shape_candidate(
     elif candidate in failed and slopes and lo_probe.peak_bytes is not None:
         # nothing left below it: once, where the line puts a size clear of the noise (it fits, or settles lo);
         # a failure already past that point ends the search at lo
-        past = _align(lo + (budget_bytes + 2 * slack - lo_probe.peak_bytes) / min(slopes), multiple_of)
+        past = align_down(lo + (budget_bytes + 2 * slack - lo_probe.peak_bytes) / min(slopes), multiple_of)
         candidate, how = past + multiple_of, "past the noise"
     if candidate <= lo or candidate in failed:
         return _stop_after_verified(
@@ -242,7 +242,7 @@ def _opening(
         target = min(target, cap)
     if hard_limit_bytes is not None:
         target = min(target, line.largest_under(hard_limit_bytes))
-    candidate = max(_align(target, multiple_of), smallest)
+    candidate = max(align_down(target, multiple_of), smallest)
     return Decision(candidate, int(line.peak(candidate)), PRIOR_PREDICTION)
 
 

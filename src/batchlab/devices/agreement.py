@@ -49,6 +49,7 @@ Not distributed (no process group), nothing here runs: the caller never builds a
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +57,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from batchlab.defaults import COLLECTIVE_TIMEOUT_S
 from batchlab.errors import PeerFailureError, ProcessGroupFailedError
 
 # The codes on the wire, one int per rank per exchange.
@@ -112,6 +114,14 @@ class StepAgreement:
 
     def __init__(self, exchange: Exchange, tell: Tell | None = None, where: str = "this step"):
         self.exchange, self.tell, self.where = exchange, tell, where
+
+    @classmethod
+    def among(cls, ranks: Any, where: str, collective_timeout: float | None) -> StepAgreement:
+        """The agreement of ``ranks`` (a :class:`~batchlab.devices.ranks.Ranks`): statuses through its group,
+        accounts through its store, waited for up to ``collective_timeout`` seconds (None:
+        :data:`~batchlab.defaults.COLLECTIVE_TIMEOUT_S`) -- what the search's lockstep and OOMGuard both use."""
+        wait_s = collective_timeout or COLLECTIVE_TIMEOUT_S
+        return cls(ranks.all_gather_ints, functools.partial(ranks.tell_everyone, wait_s=wait_s), where=where)
 
     def _run(self, code: int) -> tuple[int, ...]:
         return tuple(int(value) for value in self.exchange(code))

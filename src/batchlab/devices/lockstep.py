@@ -27,7 +27,6 @@ at times that need not line up across ranks -- scaled the same way, the tightest
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -135,10 +134,7 @@ class LockstepDevice(Device):
             return self._run_together(step, batch_size, steps)
 
     def _run_together(self, step: Callable[[int], Any], batch_size: int, steps: int) -> Measurement:
-        tell = functools.partial(
-            self.ranks.tell_everyone, wait_s=self.collective_timeout or COLLECTIVE_TIMEOUT_S
-        )
-        agreement = StepAgreement(self.ranks.all_gather_ints, tell, where=f"batch {batch_size}")
+        agreement = StepAgreement.among(self.ranks, f"batch {batch_size}", self.collective_timeout)
         own: Measurement | None = None
         error: Exception | None = None
         peer = False

@@ -81,7 +81,6 @@ single-process path as it was.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 from collections.abc import Callable
@@ -383,10 +382,7 @@ class OOMGuard:
         """Run ``run()`` as one try every rank settles together; return its value, the shared verdict and this
         rank's own out-of-memory message (``sync``: with sync points in the model). This rank's own non-OOM error (or an OOM it cannot step back from) is
         re-raised once every rank knows; another rank's error raises :class:`BatchlabError` naming it."""
-        tell = functools.partial(
-            self.ranks.tell_everyone, wait_s=self.collective_timeout or COLLECTIVE_TIMEOUT_S
-        )
-        agreement = StepAgreement(self.ranks.all_gather_ints, tell, where=f"OOMGuard step {self.steps}")
+        agreement = StepAgreement.among(self.ranks, f"OOMGuard step {self.steps}", self.collective_timeout)
         value, own_error, message = None, None, None
         with collective_timeout(self.collective_timeout, self.ranks.group):
             with sync_points([self.model] if sync and self.model is not None else [], agreement):

@@ -158,6 +158,8 @@ def test_bad_input_is_refused_before_training():
         BatchRamp(optimizer, batch_size=8, max_batch=64, max_micro_batch=32, target=0)
     with pytest.raises(ValueError, match=r"^invalid max_batch -4: expected an int >= 1$"):
         BatchRamp(optimizer, batch_size=8, max_batch=-4, max_micro_batch=32)
+    with pytest.raises(ValueError, match=r"^invalid measure_every 0: expected an int >= 1$"):
+        BatchRamp(optimizer, batch_size=8, max_batch=64, max_micro_batch=32, measure_every=0)
     adagrad = torch.optim.Adagrad(model.parameters())
     with pytest.raises(
         ValueError, match=r"^no batch-change rule for optimizer 'Adagrad': known ones are SGD"

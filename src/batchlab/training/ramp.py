@@ -169,7 +169,11 @@ class BatchRamp:
         self.tracker = tracker if tracker is not None else GradientNoiseScale(beta)
         params = list(params) if params is not None else [p for g in opt.param_groups for p in g["params"]]
         self.collector = AccumulationCollector(
-            params, self.plan.micro_batch, self.tracker, scaler=scaler, every=measure_every
+            params,
+            self.plan.micro_batch,
+            self.tracker,
+            scaler=scaler,
+            every=checks.integer("measure_every", measure_every),
         )
         self.events: list[RampEvent] = []
         self.reading: RampReading | None = None

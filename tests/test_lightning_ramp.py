@@ -130,3 +130,16 @@ def test_a_failed_change_keeps_the_last_good_accumulation_and_lr():
         trainer.fit(lt.Net())
     assert trainer.accumulate_grad_batches == 2 and ramp.ramp.batch_size == 16 and ramp.ramp.events == []
     assert trainer.optimizers[0].param_groups[0]["lr"] == 3e-2
+
+
+def test_measure_every_reads_one_optimizer_step_in_k_through_the_trainer():
+    """measure_every=3 under a real Trainer: 240 batches at accumulation 2 are 120 optimizer steps, of which the
+    1st, 4th, ... (40) are measured and 80 carry no hooks; a bad value is refused at construction, by its name."""
+    lt = _lightning()
+    ramp = lt.BatchRampCallback(max_batch=16, measure_every=3)  # 16 = 8 x 2: no growth, every window full
+    model = lt.Net(micro=8)
+    _trainer([ramp]).fit(model)
+    assert len(model.windows) == 120 and all(w == (2, 2) for w in model.windows)
+    assert ramp.ramp.estimate().updates == 40 and ramp.ramp.collector.skipped_steps == 80
+    with pytest.raises(ValueError, match=r"^invalid measure_every 0: expected an int >= 1$"):
+        lt.BatchRampCallback(max_batch=64, measure_every=0)

@@ -56,3 +56,16 @@ def test_ramped_run_refuses_a_trainable_it_cannot_resize_and_bad_ramp_options():
     bad = RampFactory(Task("teacher-student"), max_batch=4, max_micro_batch=16)
     with pytest.raises(ValueError, match=r"^invalid max_batch 4: below the current batch 8"):
         bad(8, 1e-3, 0)
+
+
+def test_ramp_factory_passes_measure_every_to_the_ramp():
+    """measure_every=3: 30 steps of the run measure 10 (the 1st, 4th, ...); 0 is refused by its name."""
+    run = RampFactory(Task("teacher-student"), max_batch=8, max_micro_batch=4, measure_every=3)(8, 1e-3, 0)
+    try:
+        for _ in range(30):
+            run.train_step()
+        assert run.ramp.estimate().updates == 10 and run.ramp.collector.skipped_steps == 20
+    finally:
+        run.close()
+    with pytest.raises(ValueError, match=r"^invalid measure_every 0: expected an int >= 1$"):
+        RampFactory(Task("teacher-student"), max_batch=8, max_micro_batch=4, measure_every=0)(8, 1e-3, 0)

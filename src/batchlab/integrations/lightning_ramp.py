@@ -54,6 +54,9 @@ class BatchRampCallback(Callback):
     Args:
         max_batch: the largest global batch (micro-batch x accumulation) to grow to.
         rule, target, growth, patience, z, min_updates, beta: as for :class:`batchlab.training.BatchRamp`.
+        measure_every: measure the noise scale on one optimizer step in this many, as for
+            :class:`~batchlab.training.BatchRamp` (the steps between carry no hooks; patience counts measured
+            steps only).
         on_change: called with each :class:`~batchlab.training.RampEvent` (an error there undoes the change).
 
     After ``trainer.fit``: ``ramp`` (the :class:`~batchlab.training.BatchRamp`, its ``events``).
@@ -70,14 +73,16 @@ class BatchRampCallback(Callback):
         z: float = DEFAULT_Z,
         min_updates: int = DEFAULT_MIN_UPDATES,
         beta: float = RAMP_BETA,
+        measure_every: int = 1,
         on_change: Callable[[RampEvent], Any] | None = None,
     ) -> None:
         # Validated here, before any training starts (the sizes themselves need the micro-batch, at train start).
         self.max_batch = checks.integer("max_batch", max_batch)
         RampRule((1,), target=target, patience=patience, z=z, min_updates=min_updates)
         checks.number("growth", growth, minimum=1.0)
+        checks.integer("measure_every", measure_every)
         self.options = dict(rule=rule, target=target, growth=growth, patience=patience, z=z,
-                            min_updates=min_updates, beta=beta)  # fmt: skip
+                            min_updates=min_updates, beta=beta, measure_every=measure_every)  # fmt: skip
         if on_change is not None and not callable(on_change):
             raise TypeError(f"on_change must be callable as on_change(event), got {on_change!r}")
         self.user_on_change = on_change

@@ -107,6 +107,7 @@ class RampFactory:
     beta: float = RAMP_BETA
     rule: str | None = None
     keep: tuple[str, ...] = ()
+    measure_every: int = 1
 
     @property
     def name(self) -> str:
@@ -119,5 +120,5 @@ class RampFactory:
 
     def __call__(self, batch_size: int, lr: float, seed: int) -> RampedRun:
         options = {k: getattr(self, k) for k in ("max_batch", "max_micro_batch", "target", "growth", "patience",
-                                                 "z", "min_updates", "beta", "rule", "keep")}  # fmt: skip
+                                                 "z", "min_updates", "beta", "rule", "keep", "measure_every")}  # fmt: skip
         return RampedRun(self.factory(batch_size, lr, seed), **options)

@@ -265,6 +265,23 @@ def test_sqrt_rule_maps_adam_betas_and_one_epoch_without_epochs():
     assert rec.schedule.epochs == 1 and rec.warmup_steps is None
 
 
+def test_advice_past_the_sde_bound_keeps_beta1_and_the_explanation_says_so():
+    """Throughput alone deciding (B_noise inf) on a curve rising to 1024: 32 -> 1024 is k = 32, where the SDE rule
+    would map beta1 0.9 to 0 (advise_check run 4: that run never reached the target). beta1 is kept, and the LR
+    line says so; a change to 128 (k = 4) maps both betas as before."""
+    curve = {b: float(b) for b in (32, 64, 128, 256, 512, 1024)}
+    rec = recommend(curve, INF, current_batch=32, lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
+    assert rec.batch_size == 1024 and rec.lr.betas == pytest.approx((0.9, 0.968))
+    assert (
+        "betas (0.9, 0.968) (beta1 kept: k(1 - beta1) = 3.2 is past 0.5, the bound of the SDE rule's "
+        "small-k(1 - beta) regime: re-tune it or cap the change)" in rec.summary()
+    )
+    small = recommend({b: v for b, v in curve.items() if b <= 128}, INF, current_batch=32, lr=1e-3,
+                      betas=(0.9, 0.999))  # fmt: skip
+    assert small.batch_size == 128 and small.lr.betas == pytest.approx((0.6, 0.996))
+    assert "kept" not in small.summary()
+
+
 def test_dataset_size_caps_the_candidates():
     rec = recommend(saturating(8), INF, current_batch=16, lr=1e-3, dataset_size=300)
     assert max(c.batch_size for c in rec.candidates) <= 300

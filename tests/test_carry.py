@@ -162,3 +162,25 @@ def test_keep_leaves_named_values_as_they_are_and_says_so():
         ValueError, match=r"^invalid keep entry 'lr': expected one of 'betas', 'alpha', 'eps'"
     ):
         carry_over(opt, 8, 64, keep=("lr",))
+
+
+def test_a_large_batch_change_keeps_beta1_past_the_sde_bound_and_the_audit_says_so():
+    """k = 32 (advise_check run 4, MNIST-1D): k(1 - beta1) = 3.2 is past 0.5, so beta1 stays 0.9 (it was clamped
+    to 0); beta2 (k(1 - beta2) = 0.032) and RMSprop's alpha inside the bound map as before."""
+    opt = torch.optim.Adam(_params(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
+    carry = carry_over(opt, 32, 1024)
+    assert opt.param_groups[0]["betas"] == pytest.approx((0.9, 0.968))
+    assert (
+        "group 0 betas: (0.9, 0.999) -> (0.9, 0.968)  [beta1 kept: k(1 - beta1) = 3.2 > 0.5, past the SDE "
+        "rule's bound; beta2: 1 - beta -> k(1 - beta); Malladi et al. 2022]" in carry.audit()
+    )
+    assert "note: group 0: beta1 0.9 kept: k(1 - beta1) = 32*(1 - 0.9) = 3.2 is past 0.5" in carry.audit()
+    small = carry_hyperparameters([{"lr": 1e-3, "betas": (0.9, 0.999)}], 32, 128, optimizer="Adam")
+    assert small.groups[0]["betas"] == pytest.approx((0.6, 0.996)) and not small.notes
+    assert "[1 - beta -> k(1 - beta); Malladi et al. 2022]" in small.audit()
+    rms = torch.optim.RMSprop(_params(), lr=0.01, alpha=0.99)
+    carry = carry_over(rms, 32, 2048)  # k(1 - alpha) = 0.64
+    assert rms.param_groups[0]["alpha"] == 0.99
+    assert (
+        "alpha kept: k(1 - alpha) = 0.64 > 0.5, past the SDE rule's bound (RMSprop's beta2)" in carry.audit()
+    )

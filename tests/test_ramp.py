@@ -132,6 +132,18 @@ def test_plain_loop_ramp_grows_toward_the_noise_scale_with_lr_carried_and_whole_
     assert optimizer.param_groups[0]["betas"][1] < 0.999  # betas carried too
 
 
+def test_each_doubling_maps_beta1_until_the_sde_bound_then_keeps_it():
+    """A ramp's change is a doubling (k = 2): beta1 0.9 -> 0.8 -> 0.6, then kept at 0.6 (2 x (1 - 0.6) = 0.8
+    passes the SDE bound 0.5; before the bound 0.2 and then 0, clamped); beta2 maps at every change."""
+    model, _, _ = _noisy_problem()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    with BatchRamp(optimizer, batch_size=8, max_batch=128, max_micro_batch=8) as ramp:
+        betas = [ramp.apply(b).carry["groups"][0]["betas"] for b in (16, 32, 64, 128)]
+    assert [b[0] for b in betas] == pytest.approx([0.8, 0.6, 0.6, 0.6])
+    assert [b[1] for b in betas] == pytest.approx([0.998, 0.996, 0.992, 0.984])
+    assert "beta1 kept" in ramp.events[-1].carry["changes"][1]["rule"]
+
+
 def test_measure_every_reads_one_step_in_k_and_grows_only_on_measured_steps():
     """measure_every=3: 60 of 180 steps measured; each growth follows a measured step (the 1st, 4th, ...), and
     the unmeasured steps in between never count toward the patience."""

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader, DistributedSampler
 
-from batchlab.advice.scaling import RULES, plan_batch, scale_lr, schedule
+from batchlab.advice.scaling import RULES, SDE_BETA_BOUND, plan_batch, scale_lr, schedule
 
 # ---------------------------------------------------------------------------------------------- scale_lr
 
@@ -26,7 +26,11 @@ SCALE_CASES = [
     ((1e-3, 32, 128, "sqrt", {}), (2e-3, None, None, 0.0)),
     ((1e-3, 32, 128, "sqrt", {"betas": (0.9, 0.999), "eps": 1e-8}), (2e-3, (0.6, 0.996), 5e-9, 0.0)),
     ((1e-3, 128, 32, "sqrt", {"betas": (0.9, 0.999), "eps": 1e-8}), (5e-4, (0.975, 0.99975), 2e-8, 0.0)),
-    ((1e-3, 32, 512, "sqrt", {"betas": (0.9, 0.999)}), (4e-3, (0.0, 0.984), None, 0.0)),  # β1 clamped at 0
+    (
+        (1e-3, 32, 160, "sqrt", {"betas": (0.9, 0.999)}),
+        (math.sqrt(5) * 1e-3, (0.5, 0.995), None, 0.0),
+    ),  # k(1-β1) = 0.5
+    ((1e-3, 32, 512, "sqrt", {"betas": (0.9, 0.999)}), (4e-3, (0.9, 0.984), None, 0.0)),  # β1 kept: 1.6 > 0.5
     ((1e-3, 32, 32, "sqrt", {"betas": (0.0, 0.5), "eps": 0.0}), (1e-3, (0.0, 0.5), 0.0, 0.0)),
     # adascale (Johnson et al. 2020): r = (1 + B_noise/B0)/(1 + B_noise/B)
     ((1e-3, 32, 128, "adascale", {"noise_scale": 64}), (2e-3, None, None, 0.0)),  # (1+2)/(1+0.5)
@@ -59,10 +63,30 @@ def test_scale_lr_default_rule_is_sqrt():
     assert scale_lr(1e-3, 32, 128).rule == "sqrt"
 
 
-def test_scale_lr_sqrt_clamp_is_stated():
-    out = scale_lr(1e-3, 32, 512, "sqrt", betas=(0.9, 0.999))
-    assert any("beta1" in n and "clamped to 0" in n for n in out.notes)
-    assert not any("beta2" in n for n in out.notes)
+@pytest.mark.parametrize(
+    ("k", "betas", "mapped", "kept"),
+    [
+        (4, (0.9, 0.999), (0.6, 0.996), ()),  # k(1 - beta1) = 0.4: mapped, as before the bound
+        (5, (0.9, 0.999), (0.5, 0.995), ()),  # 0.5: on the bound, still mapped
+        (1 / 4, (0.9, 0.999), (0.975, 0.99975), ()),  # a shrinking batch is always inside it
+        (6, (0.9, 0.999), (0.9, 0.994), ("beta1",)),  # 0.6 > 0.5: beta1 kept, beta2 (0.006) mapped
+        (32, (0.9, 0.999), (0.9, 0.968), ("beta1",)),  # advise_check run 4's k: beta1 was clamped to 0
+        (64, (0.9, 0.99), (0.9, 0.99), ("beta1", "beta2")),  # 6.4 and 0.64: both kept
+    ],
+)
+def test_sqrt_rule_keeps_a_beta_past_the_sde_bound_and_says_so(k, betas, mapped, kept):
+    """1 - beta -> k(1 - beta) while k(1 - beta) <= SDE_BETA_BOUND (0.5, scaling.py says why); past it the beta
+    is kept, named in kept_betas and in a note with its k(1 - beta) -- never clamped to 0 (issue 13)."""
+    out = scale_lr(1e-3, 32, round(32 * k), "sqrt", betas=betas)
+    assert SDE_BETA_BOUND == 0.5
+    assert out.betas == pytest.approx(mapped, rel=1e-12) and out.kept_betas == kept
+    assert out.lr == pytest.approx(1e-3 * math.sqrt(k))  # the LR follows the rule either way
+    for name, beta in zip(("beta1", "beta2"), betas):
+        said = [n for n in out.notes if n.startswith(f"{name} {beta:g} kept: k(1 - {name}) = ")]
+        assert len(said) == (name in kept)
+        if said:
+            assert f"= {k * (1 - beta):.3g} is past 0.5" in said[0]
+    assert out.to_dict()["kept_betas"] == list(kept)
 
 
 def test_scale_lr_linear_warmup_note_and_unused_noise_scale_note():

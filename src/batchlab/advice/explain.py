@@ -6,6 +6,7 @@ import math
 
 from batchlab.advice.goodput import Curve, doubling_step_reduction
 from batchlab.advice.records import Candidate, Recommendation
+from batchlab.advice.scaling import SDE_BETA_BOUND
 from batchlab.defaults import KNEE_THRESHOLD
 
 __all__ = ["explain"]
@@ -124,6 +125,13 @@ def explain(rec: Recommendation, curve: Curve, current: Candidate) -> list[str]:
     )
     if lr_scaling.betas is not None:
         lr_line += f", betas ({lr_scaling.betas[0]:.4g}, {lr_scaling.betas[1]:.4g})"
+        if lr_scaling.kept_betas:
+            kept = [f"{name} kept: k(1 - {name}) = {lr_scaling.k * (1 - beta):.3g}" for name, beta in
+                    zip(("beta1", "beta2"), lr_scaling.betas) if name in lr_scaling.kept_betas]  # fmt: skip
+            lr_line += (
+                f" ({', '.join(kept)} is past {SDE_BETA_BOUND:g}, the bound of the SDE rule's small-k(1 - beta) "
+                f"regime: re-tune it or cap the change)"
+            )
     if lr_scaling.eps is not None:
         lr_line += f", eps {lr_scaling.eps:.3g}"
     if lr_scaling.warmup_epochs:

@@ -22,12 +22,26 @@ __all__ = [
     "plan_batch",
     "schedule",
     "check_noise_scale",
+    "SDE_BETA_BOUND",
 ]
 
 RULES = ("linear", "sqrt", "adascale", "none")
 
 # Goyal et al. 2017, "Accurate, Large Minibatch SGD", §2.2: ramp the LR from lr to k·lr over the first 5 epochs.
 LINEAR_WARMUP_EPOCHS = 5.0
+
+# The square-root rule maps 1 - beta -> k(1 - beta) only while k(1 - beta) <= 0.5; past it the beta is kept.
+# Why: Malladi et al. 2022 derive the rule as an SDE limit in which 1 - beta shrinks with eta^2 (their
+# c = (1 - beta)/eta^2 held fixed), a first-order statement for small k(1 - beta) with no guarantee beyond. The
+# mapped beta' = 1 - k(1 - beta) is an EMA whose half-life is ln(1/2)/ln(beta') steps: at beta' = 0.5 it is
+# one step, below it the moment forgets half of itself within one step of the new batch -- the rule asks for less
+# averaging than a step can express, and at k(1 - beta) >= 1 for none at all (beta' <= 0). Beta1 = 0.9
+# passes the bound at k > 5 (beta2 = 0.999 at k > 500). Measured (benchmarks/RESULTS.md, "advise end to end"):
+# advised at k = 32, beta1 clamped to 0 and the run never reached the target in 60000 samples, where every fixed
+# batch with Adam's beta1 = 0.9 did; keeping beta is the fixed batches' setting. Batch changes with
+# k(1 - beta) <= 0.5 (every k <= 5 for Adam's defaults, every shrinking batch) map exactly as before. The bound
+# applies per change: a batch ramp's doublings (k = 2) take beta1 0.9 -> 0.8 -> 0.6 and then keep it there.
+SDE_BETA_BOUND = 0.5
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -64,7 +78,9 @@ class LRScaling:
 
     ``factor`` is ``lr / base_lr``; ``k`` is ``new_batch / base_batch``. ``betas``/``eps`` are the values to
     use at the new batch (mapped by the ``sqrt`` rule, passed through unchanged by the others; ``None`` when
-    not given). ``warmup_epochs`` is the suggested warmup length (0 when the rule suggests none).
+    not given); ``kept_betas`` names those the ``sqrt`` rule kept because k(1 - beta) passed
+    :data:`SDE_BETA_BOUND` (``notes`` say by how much). ``warmup_epochs`` is the suggested warmup length (0 when
+    the rule suggests none).
     """
 
     rule: str
@@ -79,26 +95,32 @@ class LRScaling:
     warmup_epochs: float
     noise_scale: float | None
     notes: tuple[str, ...]
+    kept_betas: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         """Plain, JSON-ready dict of every field (an infinite ``noise_scale`` becomes None; ``notes`` say so)."""
         d = asdict(self)
         d["betas"] = list(self.betas) if self.betas is not None else None
         d["notes"] = list(self.notes)
+        d["kept_betas"] = list(self.kept_betas)
         if self.noise_scale is not None and math.isinf(self.noise_scale):
             d["noise_scale"] = None
         return d
 
 
-def _map_beta(name: str, beta: float, k: float, notes: list[str]) -> float:
-    """Malladi et al. 2022 SDE rule: 1 - beta -> k (1 - beta), clamped into [0, 1)."""
-    mapped = 1.0 - k * (1.0 - beta)
-    if mapped < 0.0:
+def _map_beta(name: str, beta: float, k: float, notes: list[str], kept: list[str]) -> float:
+    """Malladi et al. 2022 SDE rule: 1 - beta -> k (1 - beta) while k (1 - beta) <= :data:`SDE_BETA_BOUND`;
+    past the bound ``beta`` is kept, ``name`` joins ``kept`` and ``notes`` say why."""
+    step = k * (1.0 - beta)  # the mapped 1 - beta: the weight the moment gives each new gradient
+    if step > SDE_BETA_BOUND:
+        kept.append(name)
         notes.append(
-            f"{name} {beta:g} maps to 1 - {k:g}*(1 - {beta:g}) = {mapped:.4g} < 0: clamped to 0 (no averaging); "
-            f"k = {k:g} is past the range where the square-root (SDE) rule holds, so re-tune {name}"
+            f"{name} {beta:g} kept: k(1 - {name}) = {k:g}*(1 - {beta:g}) = {step:.3g} is past "
+            f"{SDE_BETA_BOUND:g}, the bound of the square-root (SDE) rule, which would map it to "
+            f"{max(0.0, 1.0 - step):.3g} (a half-life under one step); re-tune {name} if it matters"
         )
-        return 0.0
+        return beta
+    mapped = 1.0 - step
     if mapped >= 1.0:  # only by rounding when k(1 - beta) is below float resolution
         clamped = math.nextafter(1.0, 0.0)
         notes.append(f"{name} {beta:g} maps to {mapped!r} >= 1 by rounding: clamped to {clamped!r}")
@@ -122,8 +144,9 @@ def scale_lr(
 
     - ``"linear"`` (Goyal et al. 2017, for SGD): lr·k, with a gradual warmup over ~5 epochs when k > 1.
     - ``"sqrt"`` (Malladi et al. 2022, "On the SDEs and Scaling Rules for Adaptive Gradient Algorithms", for
-      Adam-type optimizers): lr·√k, 1−β₁ → k(1−β₁), 1−β₂ → k(1−β₂), ε → ε/√k. Mapped betas are clamped into
-      [0, 1) and each clamp is stated in ``notes``.
+      Adam-type optimizers): lr·√k, 1−β₁ → k(1−β₁), 1−β₂ → k(1−β₂), ε → ε/√k. A beta whose k(1−β) passes
+      :data:`SDE_BETA_BOUND` (0.5: the rule is derived for small k(1−β)) is kept as it is, named in
+      ``kept_betas`` and stated in ``notes``.
     - ``"adascale"`` (Johnson et al. 2020, AdaScale; the gain Pollux uses): lr·r with
       r = (1 + B_noise/B0)/(1 + B_noise/B); needs ``noise_scale`` (a measured B_noise, e.g. B_simple).
       ``noise_scale=inf`` (noise dominates) gives r = k, the linear rule; 0 gives r = 1.
@@ -150,6 +173,7 @@ def scale_lr(
 
     k = b1 / b0
     notes: list[str] = []
+    kept: list[str] = []
     new_betas, new_eps, warmup = betas_, eps_, 0.0
     if rule == "linear":
         factor = k
@@ -162,7 +186,10 @@ def scale_lr(
     elif rule == "sqrt":
         factor = math.sqrt(k)
         if betas_ is not None:
-            new_betas = (_map_beta("beta1", betas_[0], k, notes), _map_beta("beta2", betas_[1], k, notes))
+            new_betas = (
+                _map_beta("beta1", betas_[0], k, notes, kept),
+                _map_beta("beta2", betas_[1], k, notes, kept),
+            )
         if eps_ is not None:
             new_eps = eps_ / math.sqrt(k)
     elif rule == "adascale":
@@ -192,6 +219,7 @@ def scale_lr(
         warmup_epochs=warmup,
         noise_scale=noise_,
         notes=tuple(notes),
+        kept_betas=tuple(kept),
     )
 
 

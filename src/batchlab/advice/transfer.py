@@ -27,9 +27,10 @@ source. :func:`batchlab.training.carry_over` applies it to a live optimizer. Rul
   the hyper-parameters are carried to.
 
 An optimizer this table does not know needs an explicit ``rule``; its weight decay is then left as it is (the
-audit says so), since how it decays is unknown. ``keep`` leaves named values as they are (e.g. ``("betas",)``:
-the SDE rule maps β₁ = 0.9 to 0.2 at k = 8, far from the small-k(1 − β) regime it is derived for); the audit
-lists them as kept on request.
+audit says so), since how it decays is unknown. The SDE rule is derived for small k(1 − β): a beta (or
+RMSprop's ``alpha``) whose k(1 − β) passes :data:`batchlab.advice.scaling.SDE_BETA_BOUND` (0.5; β₁ = 0.9 at
+k > 5) is kept, and the audit says so with the number. ``keep`` leaves named values as they are whatever k
+(e.g. ``("betas",)``); the audit lists them as kept on request.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from batchlab import checks
-from batchlab.advice.scaling import RULES, BatchPlan, plan_batch, scale_lr
+from batchlab.advice.scaling import RULES, SDE_BETA_BOUND, BatchPlan, plan_batch, scale_lr
 
 __all__ = ["OPTIMIZERS", "OptimizerRule", "Change", "CarryOver", "carry_hyperparameters", "optimizer_rule"]
 
@@ -180,6 +181,22 @@ def _number(value: Any) -> float:
     return float(value)  # a 0-d tensor (capturable optimizers) reads as its value
 
 
+def _kept_rule(name: str, beta: float, k: float) -> str:
+    return (
+        f"{name} kept: k(1 - {name}) = {k * (1.0 - beta):.3g} > {SDE_BETA_BOUND:g}, past the SDE rule's bound"
+    )
+
+
+def _beta_rule(rule: str, kept: tuple[str, ...], *, k: float, betas: tuple[float, ...]) -> str:
+    """The audit's rule for the betas: the mapping, or per beta that it was kept past the SDE rule's bound."""
+    if not kept:
+        return rule
+    return "; ".join(
+        _kept_rule(name, beta, k) if name in kept else f"{name}: {rule}"
+        for name, beta in zip(("beta1", "beta2"), betas)
+    )
+
+
 def _carry_group(
     index: int,
     values: Mapping[str, Any],
@@ -206,12 +223,22 @@ def _carry_group(
     beta_rule = "1 - beta -> k(1 - beta)" if spec.rule == "sqrt" else "kept"
     if betas is not None:
         out["betas"] = scaled.betas
-        changes.append(Change("betas", index, betas, scaled.betas, beta_rule, source))
+        changes.append(
+            Change(
+                "betas",
+                index,
+                betas,
+                scaled.betas,
+                _beta_rule(beta_rule, scaled.kept_betas, k=new / old, betas=betas),
+                source,
+            )
+        )
     if "alpha" in values and "betas" not in values:  # RMSprop: alpha is its beta2 (Malladi et al. 2022)
         alpha = _number(values["alpha"])
         mapped = scale_lr(1.0, old, new, spec.rule, noise_scale=noise_scale, betas=(alpha, alpha))
         out["alpha"] = mapped.betas[1]
-        changes.append(Change("alpha", index, alpha, out["alpha"], beta_rule + " (RMSprop's beta2)", source))
+        rule = beta_rule if "beta2" not in mapped.kept_betas else _kept_rule("alpha", alpha, new / old)
+        changes.append(Change("alpha", index, alpha, out["alpha"], rule + " (RMSprop's beta2)", source))
         notes += [
             f"group {index}: {n.replace('beta2', 'alpha')}" for n in mapped.notes if n.startswith("beta2")
         ]

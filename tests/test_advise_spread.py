@@ -13,7 +13,7 @@ from batchlab.advice.goodput import goodput_ratio_range, parse_spread, statistic
 from batchlab.advice.pipeline import throughput_spread
 from batchlab.advice.recommend import recommend
 from batchlab.noise import NoiseScaleEstimate
-from batchlab.profiling.analysis import MEDIAN_COVERAGE, median_interval
+from batchlab.profiling.analysis import INTERVAL_COVERAGE, median_interval
 
 INF = float("inf")
 # The readings: a 4-layer transformer encoder on this shared 2-core CPU, samples/s at batches 2..128.
@@ -111,8 +111,8 @@ def test_median_interval_is_the_order_statistics_that_cover_68_percent(n, ends):
     assert median_interval(values) == ends
     k = ends[0]
     coverage = [1 - 2 * sum(math.comb(n, i) for i in range(j)) / 2**n for j in (k, k + 1)]
-    assert coverage[1] < MEDIAN_COVERAGE  # one step narrower would cover too little
-    assert coverage[0] >= MEDIAN_COVERAGE or k == 1  # below 3 values not even the full range covers 68%
+    assert coverage[1] < INTERVAL_COVERAGE  # one step narrower would cover too little
+    assert coverage[0] >= INTERVAL_COVERAGE or k == 1  # below 3 values not even the full range covers 68%
 
 
 def test_median_interval_rejects_bad_input():

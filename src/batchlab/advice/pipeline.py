@@ -5,7 +5,9 @@ JSON (:meth:`Advice.to_dict`). Four measurements, each restoring the workload's 
 
 1. the largest batch that fits (:func:`~batchlab.find_batch_size`) -- the largest micro batch;
 2. throughput over batch sizes: :func:`batchlab.profile` when it is importable (its own fit search is step 1),
-   else the fit search's probes (two steps each, the first creating optimizer state: rough);
+   else the fit search's probes (two steps each, the first creating optimizer state: rough); each size read at
+   its median timed step, on the CPU at the 10th percentile (:data:`CPU_STEP_QUANTILE`: interference only adds
+   time), with that reading's order-statistic interval as its spread;
 3. the gradient noise scale (:func:`~batchlab.measure_noise_scale`);
 4. :func:`~batchlab.advice.recommend` combines them with the learning-rate rule and the epoch arithmetic.
 
@@ -37,7 +39,7 @@ from batchlab.noise.measure import (
     require_workload,
 )
 from batchlab.noise.measure import noise_collector as collector_for
-from batchlab.profiling.analysis import median_interval
+from batchlab.profiling.analysis import quantile_interval, sample_quantile
 from batchlab.workload.workload import Workload
 
 __all__ = [
@@ -50,6 +52,9 @@ __all__ = [
     "ADVISE_SECONDS_PER_POINT",
     "THROUGHPUT_SOURCES",
     "throughput_spread",
+    "throughput_curve",
+    "step_quantile",
+    "CPU_STEP_QUANTILE",
 ]
 
 # 32: the batch most example scripts and tutorials start from (PyTorch examples, Keras' fit default), used
@@ -59,6 +64,18 @@ DEFAULT_CURRENT_BATCH = 32
 # keeps the mlp-digits run well under half a minute on two CPU cores.
 ADVISE_SECONDS_PER_POINT = 0.2
 THROUGHPUT_SOURCES = ("auto", "profile", "probes")
+# On the CPU advise reads each size's step time at the 10th percentile of its timed steps, not their median.
+# Interference from other processes only ever adds time to a step (Python's timeit docs: the lowest of repeated
+# timings is the one that says how fast the code runs, higher ones come from other processes interfering; Chen &
+# Revels 2016, "Robust benchmarking in noisy environments": timing noise on a shared machine is non-negative and
+# heavy-tailed, and they read the minimum). A low quantile follows the compute time and leaves the load out; the
+# 10th percentile rather than the minimum so that the reading has a distribution-free confidence interval
+# (:func:`~batchlab.profiling.analysis.quantile_interval`, the spread) and does not rest on one step -- with up
+# to 10 timed steps it is the minimum. Measured (benchmarks/RESULTS.md, "advise end to end", run 4): read at the
+# fastest step, advise came to 1.11x / 1.12x / 0.94x of the best fixed batch's time, at the median 1.35-2.7x.
+# On CUDA the median stays: the evidence above is the CPU's, and a GPU's clock (boost, then throttling when hot)
+# moves step times both ways, so its fastest steps may be a speed the run does not keep.
+CPU_STEP_QUANTILE = 0.1
 
 
 class Progress(Protocol):
@@ -97,7 +114,9 @@ class Advice:
     """What :func:`advise` measured and recommends: the :class:`Recommendation` and every input behind it.
 
     ``throughput`` is the curve the recommendation used (``{micro batch: samples/s}``) and
-    ``throughput_spread`` the ~68% interval of each size's median step (None from the fit probes, which time no single step), timed as
+    ``throughput_spread`` the ~68% interval of each size's reading (None from the fit probes, which time no
+    single step); the reading is each size's median step, or on the CPU its :data:`CPU_STEP_QUANTILE` quantile
+    (:func:`step_quantile`; ``throughput_detail`` says which). Timed as
     ``throughput_source`` says (``"profile"`` or ``"fit probes"``; ``throughput_detail`` in words). ``noise``
     is the estimate, measured with ``noise_collector`` over ``noise_steps`` steps at ``noise_batch`` in
     ``noise_seconds``. ``lr_from`` and ``rule_reason`` say where the learning rate and its rule came from;
@@ -320,22 +339,44 @@ def advise(
     )
 
 
-def throughput_spread(points: Any) -> dict[int, tuple[float, float]]:
-    """``{batch: (low, high)}`` samples/s: the samples of a step over the ~68% confidence interval of each fitting
-    profile point's median step time (:func:`~batchlab.profiling.analysis.median_interval`).
+def step_quantile(device: str) -> float:
+    """The quantile of each size's timed steps that advise reads on ``device`` (a device name, e.g. ``"cpu"``):
+    :data:`CPU_STEP_QUANTILE` on the CPU, where interference from other work is the dominant noise and only adds
+    time; the median (0.5, profile's own reading) elsewhere."""
+    return CPU_STEP_QUANTILE if str(device).split(":")[0] == "cpu" else 0.5
 
-    The profile reads a point's speed from its median step (warm-up steps already dropped), so the spread is how
-    far that median may be off: the full range of the timed steps with 3-5 of them, narrower with more. A
-    median's interval, not the steps' full range: one step slowed by a busy neighbour must not make a real
-    difference between batch sizes look like noise, any more than noise may pass for a difference (issue 13,
-    item 6; the full range kept batch 32 on digits in benchmarks/advise_check.py, where 128 reached the
-    target three times sooner).
+
+def throughput_curve(points: Any, q: float = 0.5) -> dict[int, float]:
+    """``{batch: samples/s}`` of each fitting, timed profile point, its step read at quantile ``q`` of its timed
+    steps (:func:`~batchlab.profiling.analysis.sample_quantile`); ``q = 0.5`` is the profile's own reading (its
+    median step), unchanged."""
+    curve = {}
+    for p in points:
+        if p.fits and p.samples_per_second:
+            curve[p.batch_size] = p.samples_per_second
+            if q != 0.5 and p.step_times:
+                per_step = p.samples_per_second * p.step_seconds  # samples in one step (batch x accumulation)
+                curve[p.batch_size] = per_step / sample_quantile(p.step_times, q)
+    return curve
+
+
+def throughput_spread(points: Any, q: float = 0.5) -> dict[int, tuple[float, float]]:
+    """``{batch: (low, high)}`` samples/s: the samples of a step over the ~68% confidence interval of quantile
+    ``q`` of each fitting profile point's step times (:func:`~batchlab.profiling.analysis.quantile_interval`;
+    ``q = 0.5``: the median's, :func:`~batchlab.profiling.analysis.median_interval`).
+
+    The reading (:func:`throughput_curve`) is that quantile of the timed steps (warm-up steps already dropped),
+    so the spread is how far it may be off: for the median the full range of the timed steps with 3-5 of them,
+    narrower with more. A quantile's interval, not the steps' full range: one step slowed by a busy neighbour
+    must not make a real difference between batch sizes look like noise, any more than noise may pass for a
+    difference (issue 13, item 6; the full range kept batch 32 on digits in benchmarks/advise_check.py, where
+    128 reached the target three times sooner).
     """
     spread = {}
     for p in points:
         if p.fits and p.samples_per_second and p.step_times:
             per_step = p.samples_per_second * p.step_seconds  # samples in one step (batch x accumulation)
-            fast, slow = median_interval(p.step_times)
+            fast, slow = quantile_interval(p.step_times, q)
             spread[p.batch_size] = (per_step / slow, per_step / fast)
     return spread
 
@@ -381,12 +422,14 @@ def _measure_throughput(
             )
         variant, fit = fits[0]
         points = [p for p in result.points if p.variant == variant and p.fits and p.samples_per_second]
-        curve = {p.batch_size: p.samples_per_second for p in points}
+        q = step_quantile(result.device)
+        curve = throughput_curve(points, q)
+        reading = "median" if q == 0.5 else f"{q:.0%} quantile (CPU: interference only adds time)"
         detail = (
-            f"batchlab.profile ({variant}): median of timed steps after warm-up at {len(curve)} sizes, "
+            f"batchlab.profile ({variant}): {reading} of timed steps after warm-up at {len(curve)} sizes, "
             f"{result.seconds:.1f} s"
         )
-        return fit, curve, throughput_spread(points), "profile", detail
+        return fit, curve, throughput_spread(points, q), "profile", detail
     progress.phase("what fits and throughput (fit search probes)")
     fit = find_batch_size(work, **limits, on_probe=progress.probe)
     per_step = getattr(work, "grad_accum", 1)

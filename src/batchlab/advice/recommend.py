@@ -407,7 +407,8 @@ def recommend(
         betas, eps: Adam's, mapped by the ``sqrt`` rule (Malladi et al. 2022) and passed through otherwise.
         drop_last: passed to :func:`schedule`.
         throughput_spread: ``{b: (low, high)}`` samples/s at measured sizes -- how far each reading may be off
-            (:func:`batchlab.advice.pipeline.throughput_spread`: a profile's median step's ~68% interval). With it, or with B_noise's
+            (:func:`batchlab.advice.pipeline.throughput_spread`: the ~68% interval of a profile point's reading, its
+            median step or on the CPU its 10th percentile). With it, or with B_noise's
             standard error, a switch needs the gain above ``gain_threshold`` at the low end of
             ``gain_range`` as well (issue 13: readings inside a loaded machine's noise advised batch 4 over 32).
 

@@ -21,9 +21,10 @@ SECONDS_PER_POINT = 1.0  # timed seconds aimed for per (variant, batch size): a 
 # a large one MIN_TIMED_STEPS -- a profile of ~10 sizes x 2 variants stays around a minute plus warm-up
 LINE_WINDOW = 8  # memory per sample: sizes >= largest / 8, like the search's line (small b is not affine)
 SCALING_SPAN = 4  # small-batch scaling compares the smallest size with the first size >= 4x it
-# The coverage of the median step's interval: 68.27%, the mass within one standard deviation of a normal -- the
-# footing B_noise ± 1 standard error stands on, which the advice carries beside it (issue 13, item 6).
-MEDIAN_COVERAGE = 0.6827
+# The coverage of a step time's interval (the median's, a low quantile's): 68.27%, the mass within one standard
+# deviation of a normal -- the footing B_noise ± 1 standard error stands on, which the advice carries beside it
+# (issue 13, item 6).
+INTERVAL_COVERAGE = 0.6827
 
 
 def knee_batch_size(
@@ -60,27 +61,69 @@ def timed_steps_for(step_seconds: float, seconds_per_point: float) -> int:
     return int(min(MAX_TIMED_STEPS, max(MIN_TIMED_STEPS, round(seconds_per_point / step_seconds))))
 
 
-def median_interval(values: Sequence[float], coverage: float = MEDIAN_COVERAGE) -> tuple[float, float]:
+def sample_quantile(values: Sequence[float], q: float) -> float:
+    """The ``q``-quantile of ``values`` read as one of them: the ``ceil(n q)``-th smallest (at least the first).
+
+    The inverse of the empirical distribution function (Hyndman & Fan 1996, "Sample quantiles in statistical
+    packages", definition 1): an order statistic, so it always lies inside :func:`quantile_interval`'s ends and
+    is a time a step really took. 0.5 of an even count is the lower middle value.
+    """
+    xs = _sorted_times(values, "sample_quantile")
+    q = checks.fraction("q", q)
+    rank = max(1, math.ceil(round(len(xs) * q, 9)))  # round: 30 x 0.1 is 3.0000000000000004 in floats
+    return xs[rank - 1]
+
+
+def quantile_interval(
+    values: Sequence[float], q: float, coverage: float = INTERVAL_COVERAGE
+) -> tuple[float, float]:
+    """The distribution-free confidence interval of the population ``q``-quantile: ``(x_(r), x_(s))``.
+
+    For any continuous distribution, with Y ~ Binomial(n, q), ``P(x_(r) <= x_q < x_(s)) = P(r <= Y <= s - 1)``
+    (Conover 1999, *Practical Nonparametric Statistics*, 3rd ed., sec. 3.2, the interval for a quantile): r is
+    the largest with ``P(Y <= r - 1) <= (1 - coverage)/2`` and s the smallest with ``P(Y <= s - 1) >= (1 +
+    coverage)/2``, so each tail misses with at most half the rest and the interval covers at least
+    ``coverage``. Where n is too small for an end (the 10th percentile's lower one below 18 values, an end past
+    the n-th), that end is the sample's extreme: the most the sample can say, and less than ``coverage``.
+    ``q = 0.5`` is :func:`median_interval`. Only the order of the values matters, so one step slowed 10x moves
+    an end only if it is that end's order statistic.
+    """
+    return _order_interval(_sorted_times(values, "quantile_interval"), q, coverage)
+
+
+def _order_interval(xs: list[float], q: float, coverage: float) -> tuple[float, float]:
+    """:func:`quantile_interval` of the sorted ``xs``."""
+    q = checks.fraction("q", q)
+    checks.fraction("coverage", coverage)
+    n, tail = len(xs), (1.0 - coverage) / 2.0
+    cdf, total = [], 0.0  # cdf[j] = P(Y <= j)
+    for j in range(n + 1):
+        total += math.comb(n, j) * q**j * (1.0 - q) ** (n - j)
+        cdf.append(total)
+    r = max((j + 1 for j in range(n) if cdf[j] <= tail), default=1)  # r - 1: the largest j in the lower tail
+    s = 1 + next(j for j in range(n + 1) if cdf[j] >= 1.0 - tail - 1e-12)  # 1e-12: the sum's rounding
+    r, s = min(r, n), min(s, n)  # clamped to the sample's extremes
+    return xs[r - 1], xs[max(r, s) - 1]
+
+
+def median_interval(values: Sequence[float], coverage: float = INTERVAL_COVERAGE) -> tuple[float, float]:
     """The distribution-free confidence interval of the median of ``values``: ``(x_(k), x_(n+1-k))``.
 
-    For any continuous distribution the population median lies between the k-th smallest and the k-th largest
-    of n samples with probability ``1 - 2 P(Binomial(n, 1/2) <= k - 1)`` (Conover 1999, *Practical
-    Nonparametric Statistics*, 3rd ed., sec. 3.2); k is the largest whose interval still covers ``coverage``,
-    and never below 1 (the full range: what 3-5 steps can say, ~75-94%). Why not the full range of many
-    steps: one step slowed by a busy neighbour would stretch it however many steps were timed, while the
-    median the throughput is read from moves little (measured in benchmarks/advise_check.py: the full range
-    of 30 steps kept batch 32 on digits against a 128 three times faster to the target).
+    :func:`quantile_interval` at q = 1/2, where the binomial is symmetric: coverage
+    ``1 - 2 P(Binomial(n, 1/2) <= k - 1)`` (Conover 1999, sec. 3.2), k never below 1 (the full range: what 3-5
+    steps can say, ~75-94%). Why not the full range of many steps: one step slowed by a busy neighbour would
+    stretch it however many steps were timed, while the median the throughput is read from moves little
+    (measured in benchmarks/advise_check.py: the full range of 30 steps kept batch 32 on digits against a 128
+    three times faster to the target).
     """
+    return _order_interval(_sorted_times(values, "median_interval"), 0.5, coverage)
+
+
+def _sorted_times(values: Sequence[float], what: str) -> list[float]:
     xs = sorted(checks.number("step time", v, inclusive=True) for v in values)
     if not xs:
-        raise ValueError("median_interval needs at least one value")
-    checks.fraction("coverage", coverage)
-    n = len(xs)
-    k, below = 1, 1 + n  # below = 2^n P(Binomial(n, 1/2) <= k)
-    while 2 * (k + 1) <= n + 1 and 1.0 - 2.0 * below / 2**n >= coverage:  # (x_(k+1), x_(n-k)) still covers
-        k += 1
-        below += math.comb(n, k)
-    return xs[k - 1], xs[n - k]
+        raise ValueError(f"{what} needs at least one value")
+    return xs
 
 
 def memory_per_sample(

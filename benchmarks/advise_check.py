@@ -23,8 +23,10 @@ reported both without and with the seconds advise spent measuring.
 
 Beside advise's own recommendation, on the same readings (labelled what-ifs, not what advise does): B_noise and
 its standard error times ``--what-if`` (item 4: B_simple measured 0.3-0.5x the swept critical batch); each size
-read at its fastest timed step (interference only adds time: Python's ``timeit`` docs; Chen & Revels 2016); and,
-recorded but not trained, the batch the timed steps' full range as the spread (advise before the fix) gives.
+read at its fastest timed step, no throughput spread (interference only adds time: Python's ``timeit`` docs; Chen
+& Revels 2016); on the CPU, where advise reads the 10th percentile, the median reading and its interval (advise
+before that change); and, recorded but not trained, the batch the timed steps' full range as the spread (advise
+before the median's interval) gives.
 
 Writes the JSON (``--out``, default benchmarks/results/advise_check.json; rewritten after every data set, so a
 stopped run keeps what it finished) and prints a Markdown section for RESULTS.md (``--report <json>`` prints a saved
@@ -53,7 +55,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is scripts, not a package
 from batch_ramp import BATCH_SIZES, EXPERIMENTS, GRID  # noqa: E402  (the item-3 LRs, targets and caps)
 from batchlab.advice.goodput import interpolate_throughput  # noqa: E402
-from batchlab.advice.pipeline import advise, optimizer_hyperparameters  # noqa: E402  (what `batchlab advise` calls)
+from batchlab.advice.pipeline import (  # noqa: E402  (advise: what `batchlab advise` calls)
+    advise,
+    optimizer_hyperparameters,
+    step_quantile,
+    throughput_curve,
+    throughput_spread,
+)
 from batchlab.advice.recommend import recommend  # noqa: E402
 from batchlab.sweeps import Budget, sweep  # noqa: E402
 from batchlab.workloads.tasks import Task  # noqa: E402
@@ -118,18 +126,21 @@ class _Points:
     def point(self, point) -> None:
         self.points.append(point)
 
-    def full_range(self, curve: dict[int, float]) -> dict[int, tuple[float, float]]:
-        """Each reading's spread as advise took it before the fix: the timed steps' whole range."""
+    def read(self, curve: dict[int, float], q: float) -> list:
+        """The points of the variant advise read: each one's reading at quantile ``q`` is the curve's."""
+        return [p for p in self.points if p.step_times and throughput_curve([p], q).get(p.batch_size) == curve.get(p.batch_size)]  # fmt: skip
+
+    def full_range(self, curve: dict[int, float], q: float) -> dict[int, tuple[float, float]]:
+        """Each reading's spread as advise took it before the median's interval: the timed steps' whole range."""
         out = {}
-        for p in self.points:
-            if p.step_times and p.samples_per_second == curve.get(p.batch_size):  # the variant advise read
-                per_step = p.samples_per_second * p.step_seconds
-                out[p.batch_size] = (per_step / max(p.step_times), per_step / min(p.step_times))
+        for p in self.read(curve, q):
+            per_step = p.samples_per_second * p.step_seconds
+            out[p.batch_size] = (per_step / max(p.step_times), per_step / min(p.step_times))
         return out
 
-    def fastest(self, curve: dict[int, float]) -> dict[int, float]:
+    def fastest(self, curve: dict[int, float], q: float) -> dict[int, float]:
         """Each size's samples/s at its fastest timed step."""
-        return {b: hi for b, (_, hi) in self.full_range(curve).items()}
+        return {b: hi for b, (_, hi) in self.full_range(curve, q).items()}
 
     def phase(self, text: str) -> None:
         pass
@@ -179,10 +190,12 @@ def measure_advice(name: str, seed: int, options: dict, noise_factor: float | No
     out = {"seed": seed, "seconds": seconds, "load_average": load, "lr_current": lr, "fit_batch": advice.fit.batch_size,
            "noise_seconds": advice.noise_seconds, "throughput": {str(b): s for b, s in sorted(advice.throughput.items())},
            "throughput_spread": advice.to_dict()["throughput_spread"], **_recommended(advice.recommendation)}  # fmt: skip
+    q = step_quantile(advice.fit.device)
+    out["step_quantile"] = q
     if (
         advice.throughput_spread
     ):  # the same readings with the spread advise used before: the steps' full range
-        full = points.full_range(advice.throughput)
+        full = points.full_range(advice.throughput, q)
         rec = recommend(advice.throughput, advice.noise, throughput_spread=full, **again)
         out["full_range"] = {
             "spread": {str(b): list(r) for b, r in sorted(full.items())},
@@ -190,11 +203,18 @@ def measure_advice(name: str, seed: int, options: dict, noise_factor: float | No
         }
         # a what-if: each size read at its fastest timed step (interference only adds time: Python's timeit docs,
         # Chen & Revels 2016), B_noise ± 1 s.e. as advise has it, no throughput spread
-        fastest = points.fastest(advice.throughput)
+        fastest = points.fastest(advice.throughput, q)
         out["fastest"] = {
             "curve": {str(b): v for b, v in sorted(fastest.items())},
             **_recommended(recommend(fastest, advice.noise, **again)),
         }
+        if q != 0.5:  # what advise did before it read the CPU at a low quantile: the median and its interval
+            read = points.read(advice.throughput, q)
+            median, spread = throughput_curve(read), throughput_spread(read)
+            out["median"] = {
+                "curve": {str(b): v for b, v in sorted(median.items())},
+                **_recommended(recommend(median, advice.noise, throughput_spread=spread, **again)),
+            }
     if noise_factor:
         noise = advice.noise
         scaled = replace(noise, b_simple=noise.b_simple * noise_factor,
@@ -295,7 +315,7 @@ def evaluate(
     advice_seconds = statistics.fmean(a["seconds"] for a in advices)
     current = (CURRENT_BATCH, CURRENT_MULTIPLIER[name])
     variants = {}
-    for kind in ("advised", "what-if", "fastest"):
+    for kind in ("advised", "what-if", "fastest", "median"):
         mine = [r for r in runs if r["kind"] == kind]
         if mine:
             summary = summarise(mine, seeds)
@@ -340,6 +360,8 @@ def check(name: str, plan: dict, settings: dict, seeds: int, advise_options: dic
             jobs.append(_advised_job("what-if", name, advice["what_if"]))
         if "fastest" in advice:
             jobs.append(_advised_job("fastest", name, advice["fastest"]))
+        if "median" in advice:
+            jobs.append(_advised_job("median", name, advice["median"]))
         jobs += [
             ("fixed", task, b, settings["lr"], LR_BATCH, m) for b in plan["batches"] for m in plan["grid"]
         ]
@@ -380,7 +402,8 @@ def markdown(results: list[dict], command: str, seconds: float, seeds: int) -> s
         factor = r["advice"][0].get("what_if", {}).get("noise_factor")
         labels = {"advised": ("advise", lambda a: a), "what-if": (f"what-if B_noise x{factor:g}" if factor else "",
                                                                    lambda a: a["what_if"]),
-                  "fastest": ("what-if fastest step", lambda a: a["fastest"])}  # fmt: skip
+                  "fastest": ("what-if fastest step", lambda a: a["fastest"]),
+                  "median": ("what-if median reading (advise before)", lambda a: a["median"])}  # fmt: skip
         for kind, v in r["variants"].items():
             label, pick = labels[kind]
             batches = "/".join(str(pick(a)["batch"]) for a in r["advice"])

@@ -96,4 +96,6 @@ def test_quick_run_end_to_end(tmp_path, capsys):
     assert (
         result["modelled"]["ratio"] is not None and "full_range" in advice and "what-if" in result["variants"]
     )
+    # on the CPU advise reads the 10th percentile; the median reading (advise before) is trained beside it
+    assert advice["step_quantile"] == 0.1 and "median" in advice and "median" in result["variants"]
     assert "advise / best fixed" in capsys.readouterr().out

@@ -13,7 +13,7 @@ from batchlab.advice.goodput import goodput_ratio_range, parse_spread, statistic
 from batchlab.advice.pipeline import throughput_spread
 from batchlab.advice.recommend import recommend
 from batchlab.noise import NoiseScaleEstimate
-from batchlab.profiling.analysis import INTERVAL_COVERAGE, median_interval
+from batchlab.profiling.analysis import INTERVAL_COVERAGE, quantile_interval
 
 INF = float("inf")
 # The issue's readings: a 4-layer transformer encoder on this shared 2-core CPU, samples/s at batches 2..128.
@@ -104,24 +104,24 @@ def test_throughput_spread_is_the_range_of_the_timed_steps():
     ("n", "ends"),
     [(1, (1, 1)), (3, (1, 3)), (5, (1, 5)), (6, (2, 5)), (10, (3, 8)), (30, (12, 19))],
 )
-def test_median_interval_is_the_order_statistics_that_cover_68_percent(n, ends):
+def test_quantile_interval_of_the_median_is_the_order_statistics_that_cover_68_percent(n, ends):
     """(x_(k), x_(n+1-k)) with k the largest whose coverage 1 - 2 P(Binomial(n, 1/2) <= k - 1) is >= 68.27%:
     the full range up to 5 values (3: 75%, 5: 94%), 30 values (profile's most) -> the 12th..19th (80%)."""
     values = [float(v) for v in range(n, 0, -1)]  # unsorted on purpose
-    assert median_interval(values) == ends
+    assert quantile_interval(values, 0.5) == ends
     k = ends[0]
     coverage = [1 - 2 * sum(math.comb(n, i) for i in range(j)) / 2**n for j in (k, k + 1)]
     assert coverage[1] < INTERVAL_COVERAGE  # one step narrower would cover too little
     assert coverage[0] >= INTERVAL_COVERAGE or k == 1  # below 3 values not even the full range covers 68%
 
 
-def test_median_interval_rejects_bad_input():
-    with pytest.raises(ValueError, match="median_interval needs at least one value"):
-        median_interval([])
+def test_quantile_interval_of_the_median_rejects_bad_input():
+    with pytest.raises(ValueError, match="quantile_interval needs at least one value"):
+        quantile_interval([], 0.5)
     with pytest.raises(ValueError, match="coverage"):
-        median_interval([1.0, 2.0], coverage=1.0)
+        quantile_interval([1.0, 2.0], 0.5, coverage=1.0)
     with pytest.raises(ValueError, match="step time"):
-        median_interval([1.0, float("nan")])
+        quantile_interval([1.0, float("nan")], 0.5)
 
 
 def _point(batch: int, median: float, slow: float, n: int = 30) -> SimpleNamespace:

@@ -363,7 +363,7 @@ def throughput_curve(points: Any, q: float = 0.5) -> dict[int, float]:
 def throughput_spread(points: Any, q: float = 0.5) -> dict[int, tuple[float, float]]:
     """``{batch: (low, high)}`` samples/s: the samples of a step over the ~68% confidence interval of quantile
     ``q`` of each fitting profile point's step times (:func:`~batchlab.profiling.analysis.quantile_interval`;
-    ``q = 0.5``: the median's, :func:`~batchlab.profiling.analysis.median_interval`).
+    ``q = 0.5``: the median's).
 
     The reading (:func:`throughput_curve`) is that quantile of the timed steps (warm-up steps already dropped),
     so the spread is how far it may be off: for the median the full range of the timed steps with 3-5 of them,

@@ -85,14 +85,14 @@ def quantile_interval(
     coverage)/2``, so each tail misses with at most half the rest and the interval covers at least
     ``coverage``. Where n is too small for an end (the 10th percentile's lower one below 18 values, an end past
     the n-th), that end is the sample's extreme: the most the sample can say, and less than ``coverage``.
-    ``q = 0.5`` is :func:`median_interval`. Only the order of the values matters, so one step slowed 10x moves
-    an end only if it is that end's order statistic.
+    At ``q = 0.5`` the binomial is symmetric and the interval is the median's, ``(x_(k), x_(n+1-k))`` with
+    coverage ``1 - 2 P(Y <= k - 1)``: the full range for 3-5 values (~75-94%), the 12th..19th of 30. Only the
+    order of the values matters, so one step slowed 10x moves an end only if it is that end's order statistic --
+    why not the full range of many steps: one slowed step would stretch it however many were timed (measured in
+    benchmarks/advise_check.py: the full range of 30 steps kept batch 32 on digits against a 128 three times
+    faster to the target).
     """
-    return _order_interval(_sorted_times(values, "quantile_interval"), q, coverage)
-
-
-def _order_interval(xs: list[float], q: float, coverage: float) -> tuple[float, float]:
-    """:func:`quantile_interval` of the sorted ``xs``."""
+    xs = _sorted_times(values, "quantile_interval")
     q = checks.fraction("q", q)
     checks.fraction("coverage", coverage)
     n, tail = len(xs), (1.0 - coverage) / 2.0
@@ -104,19 +104,6 @@ def _order_interval(xs: list[float], q: float, coverage: float) -> tuple[float, 
     s = 1 + next(j for j in range(n + 1) if cdf[j] >= 1.0 - tail - 1e-12)  # 1e-12: the sum's rounding
     r, s = min(r, n), min(s, n)  # clamped to the sample's extremes
     return xs[r - 1], xs[max(r, s) - 1]
-
-
-def median_interval(values: Sequence[float], coverage: float = INTERVAL_COVERAGE) -> tuple[float, float]:
-    """The distribution-free confidence interval of the median of ``values``: ``(x_(k), x_(n+1-k))``.
-
-    :func:`quantile_interval` at q = 1/2, where the binomial is symmetric: coverage
-    ``1 - 2 P(Binomial(n, 1/2) <= k - 1)`` (Conover 1999, sec. 3.2), k never below 1 (the full range: what 3-5
-    steps can say, ~75-94%). Why not the full range of many steps: one step slowed by a busy neighbour would
-    stretch it however many steps were timed, while the median the throughput is read from moves little
-    (measured in benchmarks/advise_check.py: the full range of 30 steps kept batch 32 on digits against a 128
-    three times faster to the target).
-    """
-    return _order_interval(_sorted_times(values, "median_interval"), 0.5, coverage)
 
 
 def _sorted_times(values: Sequence[float], what: str) -> list[float]:

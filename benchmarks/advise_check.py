@@ -25,7 +25,8 @@ Beside advise's own recommendation, on the same readings (labelled what-ifs, not
 its standard error times ``--what-if`` (item 4: B_simple measured 0.3-0.5x the swept critical batch); each size
 read at its fastest timed step, no throughput spread (interference only adds time: Python's ``timeit`` docs; Chen
 & Revels 2016); on the CPU, where advise reads the 10th percentile, the median reading and its interval (advise
-before that change); and, recorded but not trained, the batch the timed steps' full range as the spread (advise
+before that change); advise's batch and LR with the workload's own Adam betas (what the SDE mapping of the
+betas costs); and, recorded but not trained, the batch the timed steps' full range as the spread (advise
 before the median's interval) gives.
 
 Writes the JSON (``--out``, default benchmarks/results/advise_check.json; rewritten after every data set, so a
@@ -215,6 +216,8 @@ def measure_advice(name: str, seed: int, options: dict, noise_factor: float | No
                 "curve": {str(b): v for b, v in sorted(median.items())},
                 **_recommended(recommend(median, advice.noise, throughput_spread=spread, **again)),
             }
+    if betas is not None:  # advise's batch and LR with the workload's own betas: what the SDE mapping costs
+        out["betas_kept"] = {**_recommended(advice.recommendation), "betas": list(betas)}
     if noise_factor:
         noise = advice.noise
         scaled = replace(noise, b_simple=noise.b_simple * noise_factor,
@@ -315,7 +318,7 @@ def evaluate(
     advice_seconds = statistics.fmean(a["seconds"] for a in advices)
     current = (CURRENT_BATCH, CURRENT_MULTIPLIER[name])
     variants = {}
-    for kind in ("advised", "what-if", "fastest", "median"):
+    for kind in ("advised", "what-if", "fastest", "median", "betas-kept"):
         mine = [r for r in runs if r["kind"] == kind]
         if mine:
             summary = summarise(mine, seeds)
@@ -362,6 +365,8 @@ def check(name: str, plan: dict, settings: dict, seeds: int, advise_options: dic
             jobs.append(_advised_job("fastest", name, advice["fastest"]))
         if "median" in advice:
             jobs.append(_advised_job("median", name, advice["median"]))
+        if "betas_kept" in advice:
+            jobs.append(_advised_job("betas-kept", name, advice["betas_kept"]))
         jobs += [
             ("fixed", task, b, settings["lr"], LR_BATCH, m) for b in plan["batches"] for m in plan["grid"]
         ]
@@ -403,7 +408,8 @@ def markdown(results: list[dict], command: str, seconds: float, seeds: int) -> s
         labels = {"advised": ("advise", lambda a: a), "what-if": (f"what-if B_noise x{factor:g}" if factor else "",
                                                                    lambda a: a["what_if"]),
                   "fastest": ("what-if fastest step", lambda a: a["fastest"]),
-                  "median": ("what-if median reading (advise before)", lambda a: a["median"])}  # fmt: skip
+                  "median": ("what-if median reading (advise before)", lambda a: a["median"]),
+                  "betas-kept": ("what-if advise's batch and LR, betas kept", lambda a: a["betas_kept"])}  # fmt: skip
         for kind, v in r["variants"].items():
             label, pick = labels[kind]
             batches = "/".join(str(pick(a)["batch"]) for a in r["advice"])

@@ -98,4 +98,5 @@ def test_quick_run_end_to_end(tmp_path, capsys):
     )
     # on the CPU advise reads the 10th percentile; the median reading (advise before) is trained beside it
     assert advice["step_quantile"] == 0.1 and "median" in advice and "median" in result["variants"]
+    assert advice["betas_kept"]["betas"] == [0.9, 0.999] and "betas-kept" in result["variants"]
     assert "advise / best fixed" in capsys.readouterr().out

@@ -344,6 +344,16 @@ def test_the_readings_noise_comes_from_every_size_and_lowers_the_slopes_an_entry
     assert next_shape_candidate(noisy, 2000, guide).batch_size is not None  # the noise leaves 101 possible
 
 
+def test_the_try_past_the_noise_is_made_once_even_where_the_readings_creep_up():
+    guide = ShapeGuide(MemoryLine(990, 10), slack_bytes=20)
+    fit, noisy = probe(97, "fits", 1960), probe(98, "over budget", 2005)  # 98: over, inside the noise
+    assert (
+        next_shape_candidate([fit, noisy], 2000, guide).batch_size == 106
+    )  # 97 + (2000 + 40 - 1960) / 10, + 1
+    # it failed at 107, where the point stood when the readings were higher: the same try, so lo stands
+    assert next_shape_candidate([fit, noisy, probe(107, "over budget", 2100)], 2000, guide).batch_size is None
+
+
 def test_a_conservative_size_is_half_the_tolerance_below_unless_that_leaves_it():
     assert conservative(1000.0, 0.03) == 985
     assert conservative(61.5, 0.03) == 60

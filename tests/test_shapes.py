@@ -346,12 +346,13 @@ def test_the_readings_noise_comes_from_every_size_and_lowers_the_slopes_an_entry
 
 def test_the_try_past_the_noise_is_made_once_even_where_the_readings_creep_up():
     guide = ShapeGuide(MemoryLine(990, 10), slack_bytes=20)
-    fit, noisy = probe(97, "fits", 1960), probe(98, "over budget", 2005)  # 98: over, inside the noise
-    assert (
-        next_shape_candidate([fit, noisy], 2000, guide).batch_size == 106
-    )  # 97 + (2000 + 40 - 1960) / 10, + 1
-    # it failed at 107, where the point stood when the readings were higher: the same try, so lo stands
-    assert next_shape_candidate([fit, noisy, probe(107, "over budget", 2100)], 2000, guide).batch_size is None
+    probes = [probe(97, "fits", 1960), probe(98, "over budget", 2005)]  # 98: over, inside the noise
+    assert next_shape_candidate(probes, 2000, guide).batch_size == 101  # the size whose failure settles 97
+    probes.append(probe(101, "over budget", 2008))  # inside the noise too (the readings creep, not grow)
+    past = next_shape_candidate(probes, 2000, guide)
+    assert (past.batch_size, past.reason) == (106, "past the noise")  # 97 + (2000 + 40 - 1960) / 10, + 1
+    probes.append(probe(106, "over budget", 2013))  # before: 118, 144, 173, 186, 191, 193, each over
+    assert next_shape_candidate(probes, 2000, guide).batch_size is None
 
 
 def test_a_conservative_size_is_half_the_tolerance_below_unless_that_leaves_it():

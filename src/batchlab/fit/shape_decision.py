@@ -235,13 +235,12 @@ def next_shape_candidate(
         candidate, how = middle, "below a failure in the noise"
     elif candidate in failed and slopes and lo_probe.peak_bytes is not None:
         # nothing left below it: once, where the line puts a size clear of the noise (it fits, or settles lo);
-        # a failure already at that point ends the search at lo -- also one within the tolerance above it, the
-        # same try where the point has moved up since (on the CPU each probe's readings creep up, and the point
-        # with them: cnn went on 78, 79, 81, 82, 83, 84, every one over, tests/test_shapes.py)
+        # a failure inside the noise already above the size that would settle lo ends the search at lo: that try
+        # was made (on the CPU each probe's readings creep up, and the point with them: cnn went on 78, 79, 81,
+        # 82, 83, 84, every one over, tests/test_shapes.py)
         past = align_down(lo + (budget_bytes + 2 * slack - lo_probe.peak_bytes) / min(slopes), multiple_of)
-        past += multiple_of
-        same = [b for b in failed if past <= b <= past * (1 + guide.tolerance)]
-        candidate, how = min(same, default=past), "past the noise"
+        made = [b for b, p in failed.items() if b > closing and not clear_failure(p, budget_bytes, slack)]
+        candidate, how = min(made, default=past + multiple_of), "past the noise"
     if candidate <= lo or candidate in failed:
         return _stop_after_verified(
             probes, lo_probe, Limit.HARD_LIMIT if how == "hard-limit guard" else Limit.MEMORY

@@ -35,3 +35,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def in_a_fresh_process(code: str, timeout: float = 300) -> object:
+    """Run ``code`` (Python source; ``sys.argv[1]`` is this folder, for importing test helpers) in a fresh
+    interpreter and return the JSON of its last line of output.
+
+    For checks of real CPU memory: a process that has run other tests holds a heap and oneDNN caches that
+    creep up per probe, so a shape searched late gets less room than one searched early (27 against 30 for
+    a smaller image, in one order of the tests), and one epoch's batches filled 84% of the token budget after
+    tests/test_shapes.py and tests/test_search.py (97% in a fresh process). The fresh process is what these checks are about: a user's run.
+    """
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], check=True,
+                         capture_output=True, text=True, timeout=timeout).stdout  # fmt: skip
+    return json.loads(out.strip().splitlines()[-1])

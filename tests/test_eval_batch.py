@@ -100,3 +100,45 @@ def test_eval_mode_refuses_a_plain_step_callable_and_bad_modes():
         find_batch_size(tiny_bn_workload(), device="cpu", mode="test")
     with pytest.raises(TypeError, match="EvalStep needs the nn.Module"):
         EvalStep(lambda b: None, [])
+
+
+@pytest.mark.parametrize("trained", ["one shape", "a table"])
+def test_an_evaluation_table_beside_the_training_state_on_the_cpu(trained):
+    """SearchOptions.run(beside=..., shapes=...): the evaluation budget is computed once from the training
+    result (one search, or a training table), every shape is searched under it in eval mode, and the table's
+    notes say what room it left."""
+    from batchlab.fit import SearchOptions
+    from batchlab.fit.options import eval_memory_budget, training_result
+    from batchlab.fit.shapes import ShapeTable
+    from test_shapes import tiny_attention_workload
+
+    workload = tiny_attention_workload()
+    budget = int((psutil.Process().memory_info().rss + 48 * MiB) / 0.9)  # 48 MiB of room at 0.9
+    options = SearchOptions(device="cpu", memory_budget=budget)
+    train = options.run(workload, shapes=[64] if trained == "one shape" else [64, 128])
+    if trained == "one shape":
+        train = train.entries[0].result
+    before = state_of(workload)
+    evaluation = options.with_changes(mode="eval").run(workload, beside=train, shapes=[64, 128])
+    assert_bitwise_equal(before, state_of(workload))
+    assert isinstance(evaluation, ShapeTable)
+    held = training_result(train).memory_breakdown
+    assert held.gradients > 0 and held.optimizer_state > 0  # the training state, measured
+    capacity = eval_memory_budget(training_result(train), workload.tensor_bytes())
+    assert capacity < budget  # room left for it
+    assert evaluation.budget_bytes == int(0.9 * capacity)
+    for entry in evaluation.entries:  # every shape under the one budget, as an evaluation, verified
+        assert entry.result.step_mode == "eval" and entry.result.budget_bytes == evaluation.budget_bytes
+        assert entry.fits and entry.result.peak_bytes <= evaluation.budget_bytes
+    train_64 = train.batch_size if trained == "one shape" else train.max_batch_by_shape()[64]
+    # no gradients, no optimizer step (at 128 not so: the eval-mode fast path of nn.MultiheadAttention keeps
+    # the 2 x 128^2 scores that training's scaled_dot_product_attention does not, about as much per sample)
+    assert evaluation.max_batch_by_shape()[64] > train_64
+    assert any("room for the training state" in note for note in evaluation.notes)
+
+
+def test_beside_names_what_it_cannot_use():
+    from batchlab.fit import SearchOptions
+
+    with pytest.raises(TypeError, match="beside must be a FitResult or a ShapeTable, got int"):
+        SearchOptions(device="cpu", mode="eval").run(tiny_bn_workload(), beside=3)

@@ -5,19 +5,15 @@ from a measured shape table (``find_batch_size(..., shapes=...)``) -- no step ov
 
 from __future__ import annotations
 
-import psutil
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from batchlab import find_batch_size
-from batchlab.devices import CPUDevice
 from batchlab.fit.tokens import token_budget
 from batchlab.training.sampler import PadCollator, TokenBudgetBatchSampler
-from batchlab.workloads.corpus import stdlib_corpus
-from batchlab.workloads.text import IGNORE_INDEX, DocumentDataset, text_lm
+from batchlab.workloads.text import IGNORE_INDEX
+from conftest import in_a_fresh_process
 
-MiB = 2**20
 LENGTHS = [5, 70, 12, 33, 100, 64, 7, 90, 41, 18, 55, 99, 3, 27, 80]
 
 
@@ -77,27 +73,48 @@ def test_a_sample_longer_than_the_searched_lengths_is_an_error_naming_it():
         TokenBudgetBatchSampler.from_budget(LENGTHS, 200)
 
 
+ONE_EPOCH = """
+import json
+
+import psutil
+import torch
+from torch.utils.data import DataLoader
+
+from batchlab import find_batch_size
+from batchlab.devices import CPUDevice
+from batchlab.fit.tokens import token_budget
+from batchlab.training.sampler import PadCollator, TokenBudgetBatchSampler
+from batchlab.workloads.corpus import stdlib_corpus
+from batchlab.workloads.text import IGNORE_INDEX, DocumentDataset, text_lm
+
+torch.manual_seed(0)
+workload = text_lm(max_length=512, max_files=12, width=16, depth=1, heads=1)
+budget = int((psutil.Process().memory_info().rss + 48 * 2**20) / 0.9)  # 48 MiB above now, at 0.9
+table = find_batch_size(workload, device="cpu", memory_budget=budget, shapes=[256, 512])
+tokens = token_budget(table.max_batch_by_shape())
+data = DocumentDataset(stdlib_corpus(max_files=12).train, max_length=512)
+sampler = TokenBudgetBatchSampler.from_budget(data.lengths, tokens, seed=0)
+loader = DataLoader(data, batch_sampler=sampler, collate_fn=PadCollator(pad_values={1: IGNORE_INDEX}))
+device, peaks, costs = CPUDevice(), [], []
+for inputs, targets in loader:  # one full epoch
+
+    def step(_, batch=(inputs, targets)):
+        workload.begin_step()
+        workload.backward(workload.loss(batch))
+        workload.finish_step()
+
+    peaks.append(device.run(step, len(inputs), 1).peak_bytes)
+    costs.append(inputs.numel())
+print(json.dumps({"max_tokens": tokens.max_tokens, "memory_budget": table.budget_bytes, "peaks": peaks,
+                  "costs": costs, "samples": len(data), "sampled": sum(len(b) for b in sampler.batches(0))}))
+"""
+
+
 def test_one_epoch_of_real_text_stays_within_the_measured_budget_and_fills_it():
-    torch.manual_seed(0)
-    workload = text_lm(max_length=512, max_files=12, width=16, depth=1, heads=1)
-    budget = int((psutil.Process().memory_info().rss + 48 * MiB) / 0.9)  # 48 MiB above now, at 0.9
-    table = find_batch_size(workload, device="cpu", memory_budget=budget, shapes=[256, 512])
-    tokens = token_budget(table.max_batch_by_shape())
-    memory_budget = table.budget_bytes
-    data = DocumentDataset(stdlib_corpus(max_files=12).train, max_length=512)
-    sampler = TokenBudgetBatchSampler.from_budget(data.lengths, tokens, seed=0)
-    loader = DataLoader(data, batch_sampler=sampler, collate_fn=PadCollator(pad_values={1: IGNORE_INDEX}))
-    device, peaks, costs = CPUDevice(), [], []
-    for inputs, targets in loader:  # one full epoch
-
-        def step(_, batch=(inputs, targets)):
-            workload.begin_step()
-            workload.backward(workload.loss(batch))
-            workload.finish_step()
-
-        peaks.append(device.run(step, len(inputs), 1).peak_bytes)
-        costs.append(inputs.numel())
-    assert sum(len(b) for b in sampler.batches(0)) == len(data)
-    assert max(costs) <= tokens.max_tokens
-    assert [p for p in peaks if p > memory_budget] == []  # no step over the memory budget
-    assert sum(costs) / len(costs) >= 0.85 * tokens.max_tokens  # the mean batch uses >= 85% of the budget
+    """In a fresh process (conftest.in_a_fresh_process): the table, the budget and the epoch as a user runs them."""
+    run = in_a_fresh_process(ONE_EPOCH)
+    assert run["sampled"] == run["samples"]  # every document once
+    assert max(run["costs"]) <= run["max_tokens"]
+    assert [p for p in run["peaks"] if p > run["memory_budget"]] == []  # no step over the memory budget
+    mean = sum(run["costs"]) / len(run["costs"])
+    assert mean >= 0.85 * run["max_tokens"]  # the mean batch uses >= 85% of the budget

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import random
 import statistics
 
 import pytest
@@ -24,9 +25,12 @@ from batchlab.fit.shape_decision import (
     ShapeGuide,
     accepts,
     conservative,
+    credible_slopes,
     next_shape_candidate,
+    reading_noise,
 )
 from batchlab.fit.shapes import ShapeTable, search_order
+from conftest import in_a_fresh_process
 
 MiB = 2**20
 GiB = 2**30
@@ -323,6 +327,34 @@ def test_a_failure_inside_the_noise_does_not_settle_an_entry_a_clear_one_does():
     assert clear.batch_size is None  # 101 is over by more than the noise: the truth <= 100, 97 >= 0.97 of it
 
 
+def test_the_readings_noise_comes_from_every_size_and_lowers_the_slopes_an_entry_is_accepted_by():
+    on_line = [probe(2, "fits", 1020), probe(16, "fits", 1160), probe(97, "fits", 1970)]  # 1000 + 10 b
+    assert reading_noise(on_line[1:]) == 0.0  # two sizes: a line through them says nothing of the noise
+    assert reading_noise(on_line) == pytest.approx(0.0, abs=1e-9)
+    noisy = [probe(2, "fits", 1032), *on_line[1:]]  # batch 2 reads 12 over the line through the others
+    assert 0 < reading_noise(noisy) < 12
+    guide = ShapeGuide()
+    assert credible_slopes(on_line, on_line[-1], guide, 0.0) == [pytest.approx(10.0)]
+    assert credible_slopes(on_line, on_line[-1], guide, 9.0) == [pytest.approx(10.0 - 18 / 81)]
+    fixed = ShapeGuide(fixed_bytes=1000)
+    assert credible_slopes(on_line[-1:], on_line[-1], fixed, 9.7) == [pytest.approx((970 - 19.4) / 97)]
+    assert (
+        next_shape_candidate(on_line, 2000, guide).batch_size is None
+    )  # room 30 = 3 samples: 97 >= 0.97 x 100
+    assert next_shape_candidate(noisy, 2000, guide).batch_size is not None  # the noise leaves 101 possible
+
+
+def test_the_try_past_the_noise_is_made_once_even_where_the_readings_creep_up():
+    guide = ShapeGuide(MemoryLine(990, 10), slack_bytes=20)
+    probes = [probe(97, "fits", 1960), probe(98, "over budget", 2005)]  # 98: over, inside the noise
+    assert next_shape_candidate(probes, 2000, guide).batch_size == 101  # the size whose failure settles 97
+    probes.append(probe(101, "over budget", 2008))  # inside the noise too (the readings creep, not grow)
+    past = next_shape_candidate(probes, 2000, guide)
+    assert (past.batch_size, past.reason) == (106, "past the noise")  # 97 + (2000 + 40 - 1960) / 10, + 1
+    probes.append(probe(106, "over budget", 2013))  # before: 118, 144, 173, 186, 191, 193, each over
+    assert next_shape_candidate(probes, 2000, guide).batch_size is None
+
+
 def test_a_conservative_size_is_half_the_tolerance_below_unless_that_leaves_it():
     assert conservative(1000.0, 0.03) == 985
     assert conservative(61.5, 0.03) == 60
@@ -363,24 +395,74 @@ def test_five_shapes_cost_at_most_twice_one_search_and_every_entry_is_within_thr
         assert entry.batch_size >= (1 - TABLE_TOLERANCE) * truth(entry.shape, table.budget_bytes)
 
 
+def random_truth(rng: random.Random, noise: float):
+    """A random shaped memory (as the sweep in benchmarks/RESULTS.md, "The shape table at the issue's
+    tolerance"): fixed 5-50% of a 16, 40 or 80 GiB card, alpha log-uniform in 3e3..1e6 bytes per token, beta 0
+    or alpha / (10..10^4), and ``truth(shape, budget)`` scanned near the noiseless answer (the noise moves it
+    by well under 5%)."""
+    capacity = rng.choice([16, 40, 80]) * GiB
+    fixed = rng.uniform(0.05, 0.5) * capacity
+    alpha = math.exp(rng.uniform(math.log(3e3), math.log(1e6)))
+    beta = 0.0 if rng.random() < 0.5 else alpha / math.exp(rng.uniform(math.log(10), math.log(1e4)))
+    step, memory, _ = shaped_memory(fixed, alpha, beta, noise=noise)
+
+    def truth(shape: int, budget: int) -> int:
+        step(1, shape=shape)
+        nominal = (budget - fixed) / (alpha * shape + beta * shape**2)
+        sizes = range(max(1, int(nominal * 0.95) - 2), int(nominal * 1.05) + 3)
+        return max([b for b in sizes if memory(b) <= budget], default=0)
+
+    return step, SimulatedDevice(memory, capacity), truth
+
+
+def test_at_three_tenths_of_a_percent_of_noise_every_entry_is_within_three_percent():
+    """The first shape's line runs through two sizes near its answer and says nothing of the readings' noise:
+    without an estimate of it (shape_decision.reading_noise) an entry was accepted on a room that the noise had
+    shrunk -- 5 of 730 entries under 0.97 at 0.3% repeatable noise, the worst 0.941 (benchmarks/RESULTS.md).
+    Over 200 random truths, every entry of every table >= 0.97 of its true maximum."""
+    rng = random.Random(12)
+    short = []
+    for _ in range(200):
+        step, device, truth = random_truth(rng, noise=0.003)
+        try:
+            table = find_batch_size(step, device=device, shapes=[128, 256, 512, 1024, 2048])
+        except DoesNotFitError:  # nothing fits at 2048 on this card
+            continue
+        for entry in table.entries:
+            true_max = truth(entry.shape, table.budget_bytes)
+            if entry.batch_size < (1 - TABLE_TOLERANCE) * true_max:
+                short.append((entry.shape, entry.batch_size, true_max))
+    assert short == []
+
+
 def test_a_shape_where_nothing_fits_is_named_in_the_error():
     step, memory, _ = shaped_memory(GiB, 1e6, 0.0)
     with pytest.raises(DoesNotFitError, match=r"^at shape 8192: batch 1 does not fit"):
         find_batch_size(step, device=SimulatedDevice(memory, 8 * GiB), shapes=[128, 8192])
 
 
-def test_a_generic_image_workload_gets_its_table_over_image_sizes():
-    from batchlab.workloads import load_workload
+IMAGE_TABLE = """
+import json
 
-    workload = load_workload("cnn")  # make_batch(b, shape=(h, w)): 3 x h x w images
-    budget = int((CPUDevice().in_use_bytes() + 40 * MiB) / 0.9)
-    shapes = [(16, 16), (24, 32), (32, 32)]
-    table = find_batch_size(workload, device="cpu", memory_budget=budget, shapes=shapes)
-    assert table.order[0] == (32, 32)  # the largest image first, as Ultralytics' multi-scale worst case
-    sizes = table.max_batch_by_shape()
-    assert (
-        sizes[(16, 16)] > sizes[(24, 32)] >= sizes[(32, 32)] >= 2
-    )  # (the process creeps up per probe on the CPU)
-    assert [e.length for e in table.entries] == [16 * 16, 24 * 32, 32 * 32]  # pixels are the length
-    for entry in table.entries:
-        assert entry.fits and entry.result.peak_bytes <= table.budget_bytes
+from batchlab import find_batch_size
+from batchlab.devices import CPUDevice
+from batchlab.workloads import load_workload
+
+workload = load_workload("cnn")  # make_batch(b, shape=(h, w)): 3 x h x w images
+budget = int((CPUDevice().in_use_bytes() + 40 * 2**20) / 0.9)
+table = find_batch_size(workload, device="cpu", memory_budget=budget, shapes=[(16, 16), (24, 32), (32, 32)])
+print(json.dumps({"order": table.order, "budget": table.budget_bytes, "entries": [
+    [e.shape, e.length, e.batch_size, e.fits, e.result.peak_bytes] for e in table.entries]}))
+"""
+
+
+def test_a_generic_image_workload_gets_its_table_over_image_sizes():
+    """In a fresh process (conftest.in_a_fresh_process): in one that ran other tests first the baseline crept
+    up between the shapes, and the last searched, (24, 32), got 27 against the first's 30 at (32, 32)."""
+    run = in_a_fresh_process(IMAGE_TABLE)
+    assert run["order"][0] == [32, 32]  # the largest image first, as Ultralytics' multi-scale worst case
+    sizes = {tuple(shape): batch for shape, _, batch, _, _ in run["entries"]}
+    assert sizes[(16, 16)] > sizes[(24, 32)] >= sizes[(32, 32)] >= 2
+    assert [length for _, length, _, _, _ in run["entries"]] == [16 * 16, 24 * 32, 32 * 32]  # pixels
+    for _, _, _, fits, peak in run["entries"]:
+        assert fits and peak <= run["budget"]

@@ -32,16 +32,25 @@ def fit_memory_line(probes: Sequence[Probe]) -> MemoryLine | None:
     Uses probes that ran (fits or over budget) with b >= largest-that-fit / LINE_WINDOW; batch 1 and other
     tiny sizes drop out once larger ones exist, as their kernels and overheads differ.
     """
+    points = line_points(probes)
+    return least_squares_line(points) if len(points) >= 2 else None
+
+
+def line_points(probes: Sequence[Probe]) -> dict[int, float]:
+    """``{batch size: peak}`` that :func:`fit_memory_line` fits its line on (see there; empty without a fit)."""
     measured = [p for p in latest_probes(probes).values() if p.measured]
     fitting = [p.batch_size for p in measured if p.fits]
     if not fitting:
-        return None
+        return {}
     floor = max(fitting) / LINE_WINDOW
     points = {p.batch_size: p.peak_bytes for p in measured if p.batch_size >= floor}
     if len(points) < 2:
         points = {p.batch_size: p.peak_bytes for p in sorted(measured, key=lambda p: -p.batch_size)[:2]}
-    if len(points) < 2:
-        return None
+    return points
+
+
+def least_squares_line(points: dict[int, float]) -> MemoryLine:
+    """The least-squares line through ``{batch size: peak}`` (two sizes or more)."""
     xs, ys = list(points), list(points.values())
     mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
     sxx = sum((x - mean_x) ** 2 for x in xs)

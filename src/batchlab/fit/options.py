@@ -69,7 +69,7 @@ class SearchOptions:
         dataset_size: int | None = None,
         max_batch_size: int | None = None,
         training_follows: bool = False,
-        beside: FitResult | None = None,
+        beside: FitResult | ShapeTable | None = None,
         shapes: Sequence[Any] | None = None,
     ) -> FitResult | ShapeTable:
         """:func:`batchlab.find_batch_size` with these options; ``max_batch_size`` here is a further cap (the
@@ -81,15 +81,17 @@ class SearchOptions:
         ``beside``: the training search's result, for an evaluation (``mode="eval"``) that runs between training
         steps -- as the Trainer's and Lightning's do -- and so beside the gradients and optimizer state the
         training search measured: the evaluation's budget leaves room for them
-        (:func:`eval_memory_budget`).
+        (:func:`eval_memory_budget`). A training :class:`~batchlab.fit.shapes.ShapeTable` works too: its
+        state is its largest entry's (:func:`training_result`).
 
-        ``shapes``: search each batch shape (a :class:`~batchlab.fit.shapes.ShapeTable` comes back).
+        ``shapes``: search each batch shape (a :class:`~batchlab.fit.shapes.ShapeTable` comes back). With
+        ``beside=``, an evaluation table: the budget is computed once, from ``beside``, and every shape is
+        searched under it; the table's notes carry the room it left.
         """
-        if beside is not None and shapes is not None:
-            raise ValueError("beside= (an evaluation beside the training state) takes one shape, not shapes=")
         caps = [cap for cap in (self.max_batch_size, max_batch_size) if cap]
         memory_budget = self.memory_budget
         if beside is not None:
+            beside = training_result(beside)
             now = workload.tensor_bytes() if hasattr(workload, "tensor_bytes") else None
             memory_budget = eval_memory_budget(beside, now)
         result = find_batch_size(
@@ -111,6 +113,23 @@ class SearchOptions:
         if training_follows and result.device == "cpu":
             fast_allocator()
         return result
+
+
+def training_result(train: FitResult | ShapeTable) -> FitResult:
+    """The training search's result an evaluation leaves room for: ``train`` itself, or a training table's
+    entry whose measured gradients and optimizer state are the largest (the same at every shape for one model
+    and optimizer; the largest, should readings differ) -- the entries share the capacity and the fraction."""
+    if isinstance(train, FitResult):
+        return train
+    if not isinstance(train, ShapeTable):
+        raise TypeError(f"beside must be a FitResult or a ShapeTable, got {type(train).__name__}")
+    results = [entry.result for entry in train.entries]
+    known = [r for r in results if r.memory_breakdown is not None]
+
+    def state(result: FitResult) -> int:
+        return result.memory_breakdown.gradients + result.memory_breakdown.optimizer_state
+
+    return max(known, key=state) if known else results[0]
 
 
 def training_state_bytes(train: FitResult, now: MemoryBreakdown | None) -> int | None:

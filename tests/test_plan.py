@@ -202,19 +202,14 @@ print(json.dumps({"budget": table.budget_bytes, "rows": rows}))
 
 
 def test_plan_shapes_gives_the_measured_table_within_the_plans_accuracy():
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from batchlab.planning import plan_shapes
+    from conftest import in_a_fresh_process
     from test_shapes import tiny_attention_workload
 
     shapes = [64, 256]
     # Measured in a fresh process, as the plan's accuracy was (RESULTS.md, issue 7): a process that has run
     # hundreds of tests reuses freed heap, and its readings drift by more than the 5% this test checks.
-    out = subprocess.run([sys.executable, "-c", MEASURE_SHAPES, str(Path(__file__).parent)], check=True,
-                         capture_output=True, text=True, timeout=300).stdout  # fmt: skip
-    measured = json.loads(out.strip().splitlines()[-1])
+    measured = in_a_fresh_process(MEASURE_SHAPES)
     answers = {int(shape): row for shape, row in measured["rows"].items()}
     workload = tiny_attention_workload()
     # The plan counts tensors only (its CPU note: the process comes on top), so its target is the model's own

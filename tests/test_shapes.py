@@ -6,17 +6,20 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import re
 import statistics
 
 import pytest
 import torch
+from rich.console import Console
 from torch import nn
 
 from batchlab import DoesNotFitError, Workload, find_batch_size
 from batchlab.checks import shapes as check_shapes
+from batchlab.cli.common import print_table_footer
 from batchlab.devices import CPUDevice, SimulatedDevice
 from batchlab.fit import MemoryLine, Probe
-from batchlab.fit.peak_model import fit_peak_model
+from batchlab.fit.peak_model import fit_fixed_part, fit_peak_model
 from batchlab.fit.records import Outcome
 from batchlab.fit.shape_decision import (
     PRIOR_BACKOFF,
@@ -39,8 +42,11 @@ GiB = 2**30
 # ------------------------------------------------------------------------------------------ simulated memory
 
 
-def shaped_memory(fixed: float, alpha: float, beta: float, block: int = 2 * MiB, noise: float = 0.0):
-    """``memory(b)`` of a step whose batch shape the step itself sets: fixed + b (alpha L + beta L^2), times
+def shaped_memory(
+    fixed: float, alpha: float, beta: float, block: int = 2 * MiB, noise: float = 0.0, shared: float = 0.0
+):
+    """``memory(b)`` of a step whose batch shape the step itself sets: fixed + shared L^2 + b (alpha L + beta L^2)
+    (``shared``: an ``L x L`` tensor the whole batch shares, as a float attention mask), times
     ``1 + noise * u`` with ``u`` in [-1, 1] repeatable per (shape, b) (as ``allocator_memory``'s), rounded up
     to ``block``. ``truth(shape, budget)``: the largest b that fits, by scanning every b (noise can make a
     size fit above one that does not)."""
@@ -52,7 +58,7 @@ def shaped_memory(fixed: float, alpha: float, beta: float, block: int = 2 * MiB,
     def memory(batch_size: int) -> int:
         shape = current["shape"]
         length = shape if isinstance(shape, int) else math.prod(shape)
-        value = fixed + batch_size * (alpha * length + beta * length**2)
+        value = fixed + shared * length**2 + batch_size * (alpha * length + beta * length**2)
         if noise:
             digest = hashlib.blake2b(f"{shape}:{batch_size}".encode(), digest_size=8).digest()
             value *= 1 + noise * (int.from_bytes(digest, "little") / 2**64 * 2 - 1)
@@ -114,8 +120,18 @@ def test_the_table_says_what_it_measured_as_plain_data():
     assert data["entries"][0]["tokens_per_batch"] == data["entries"][0]["batch_size"] * 64 * 64
     assert data["entries"][0]["predicted_batch_size"] is not None  # the shorter one came second, predicted
     assert data["probes"] == sum(len(e["result"]["probes"]) for e in data["entries"])
-    assert set(data["model"]) == {"fixed_bytes", "alpha", "beta", "lengths"}
+    assert set(data["model"]) == {"fixed_bytes", "alpha", "beta", "lengths", "fixed_per_length2"}
     assert table.to_json() and "shape (64, 64): batch" in table.summary()
+
+
+def test_the_table_footer_writes_the_fitted_model_with_its_shared_part():
+    step, memory, _ = shaped_memory(687 * MiB, 11_600.0, 2.0, block=64 * 1024, shared=8.0)
+    table = find_batch_size(step, device=SimulatedDevice(memory, 960 * MiB), shapes=[128, 512, 2048])
+    console = Console(record=True, width=200)
+    print_table_footer(console, table, estimated=False)
+    assert re.search(
+        r"peak\(b, L\) = \S+ MiB \+ (7\.9|8\.0)\d* L\^2 \+ b x \(1\.1\d+e\+04 L", console.export_text()
+    )
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -264,6 +280,33 @@ def test_the_peak_model_recovers_both_coefficients_from_two_lengths():
     shrinking = fit_peak_model([(128, MemoryLine(0, 2000.0 * 128)), (1024, MemoryLine(0, 1000.0 * 1024))])
     assert shrinking.beta == 0 and shrinking.alpha > 0  # never a negative coefficient
     assert fit_peak_model([(128, MemoryLine(0, 0.0))]) is None
+
+
+def test_the_fixed_part_grows_as_l_squared_only_where_the_intercepts_show_it_beyond_their_noise():
+    grown = fit_fixed_part([(2048, 719 * MiB, 0.1 * MiB), (128, 687 * MiB + 8 * 128**2, 0.7 * MiB)])
+    assert grown[1] == pytest.approx(8.0, rel=0.01) and grown[0] == pytest.approx(687 * MiB, rel=1e-4)
+    assert (
+        fit_fixed_part([(2048, 719 * MiB, 20 * MiB), (128, 687 * MiB, 20 * MiB)]) is None
+    )  # inside the noise
+    assert fit_fixed_part([(2048, 687 * MiB, 0.1 * MiB), (128, 719 * MiB, 0.1 * MiB)]) is None  # shrinking
+    assert fit_fixed_part([(512, 687 * MiB, 0.0), (512, 690 * MiB, 0.0)]) is None  # one length
+    model = fit_peak_model([(128, MemoryLine(0, 1000.0 * 128))], fixed=(5e8, 8.0))
+    assert model.line(1024).fixed_bytes == pytest.approx(5e8 + 8 * 1024**2)
+
+
+def test_a_fixed_part_that_grows_with_the_length_is_fitted_and_each_shape_between_costs_one_probe():
+    """A step that holds one ``L x L`` tensor for the whole batch (``nn.MultiheadAttention``'s float mask: 4 bytes
+    x L^2 per block, two blocks) -- benchmarks/shapes.py's byte LM, whose intercept at 2048 sat 32 MiB over the one
+    at 128. With one fixed part for every length the slopes through it ran 20% low at the shorter shapes, and
+    the shapes between took 1, 2 and 3 probes (14 in all); with the growth fitted, one each (11)."""
+    step, memory, truth = shaped_memory(687 * MiB, 11_600.0, 2.0, block=64 * 1024, shared=8.0)
+    device = SimulatedDevice(memory, 960 * MiB)
+    table = find_batch_size(step, device=device, shapes=[128, 256, 512, 1024, 2048])
+    assert table.model.fixed_per_length2 == pytest.approx(8.0, rel=0.05)
+    for entry in table.entries:
+        assert (1 - TABLE_TOLERANCE) * truth(entry.shape, table.budget_bytes) <= entry.batch_size
+    between = [e for e in table.entries if e.shape not in table.order[:2]]
+    assert [len(e.result.probes) for e in between] == [1, 1, 1]
 
 
 def probe(batch_size, outcome, peak, predicted=None):

@@ -197,9 +197,11 @@ def print_table_footer(console: Any, table: Any, *, estimated: bool) -> None:
     and every note of the entries, once each."""
     if table.model is not None:
         model = table.model
+        shared = f" + {model.fixed_per_length2:.4g} L^2" if model.fixed_per_length2 else ""
         console.print(
-            f"peak(b, L) = {format_bytes(model.fixed_bytes)} + b x ({model.alpha:.4g} L + {model.beta:.4g} L^2) "
-            f"bytes{' (estimated)' if estimated else ''}, fitted over L = {', '.join(map(str, model.lengths))}"
+            f"peak(b, L) = {format_bytes(model.fixed_bytes)}{shared} + b x ({model.alpha:.4g} L + "
+            f"{model.beta:.4g} L^2) bytes{' (estimated)' if estimated else ''}, fitted over L = "
+            f"{', '.join(map(str, model.lengths))}"
         )
     for note in sorted({note for entry in table.entries for note in entry.result.notes}):
         console.print(f"[dim]note: {note}[/]")

@@ -1,10 +1,15 @@
-"""The peak of a training step over batch size *and* sample length: ``peak(b, L) = fixed + b * (alpha*L + beta*L^2)``.
+"""The peak of a training step over batch size *and* sample length: ``peak(b, L) = fixed(L) + b * (alpha*L + beta*L^2)``.
 
 Pure math over numbers (no torch): what the shape search (:mod:`batchlab.fit.shapes`) predicts each next shape's
 answer with. Why this form:
 
 - ``fixed`` is what does not grow with the batch: parameters, gradients, optimizer state (Adam's two moments),
-  the runtime. It does not depend on the length either (a learned position table is a parameter).
+  the runtime. Mostly it does not depend on the length either (a learned position table is a parameter) -- but
+  a step may hold one ``L x L`` tensor shared by the whole batch: ``nn.MultiheadAttention`` turns a boolean
+  causal mask into a float one per block, 4 bytes x ``L^2`` each (32 MiB at L = 2048 in two blocks, measured on
+  benchmarks/shapes.py's byte LM: its line's intercept at L = 2048 sat 32 MiB above the one at L = 128). So
+  ``fixed(L) = fixed + fixed_per_length2 * L^2``, the growth fitted only where the shapes' own intercepts
+  differ by more than their readings' noise allows (:func:`fit_fixed_part`), else 0.
 - Per sample, a layer's activations grow with the tokens it holds: ``alpha * L`` -- embeddings, the MLP, the
   logits (``L x vocab``), a convolution's feature maps (``L`` = pixels ``h * w`` for images). Attention adds a
   score matrix per head of ``L x L`` that eager attention keeps for backward: ``beta * L^2`` (Vaswani et al.
@@ -23,6 +28,7 @@ length, can only over-state the slope when the truth has an ``L^2`` term -- a pr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -32,19 +38,27 @@ from batchlab.fit.records import MemoryLine
 
 @dataclass(frozen=True)
 class PeakModel:
-    """``peak(b, L) = fixed_bytes + b * (alpha * L + beta * L^2)``, fitted over ``lengths`` (see the module)."""
+    """``peak(b, L) = fixed_bytes + fixed_per_length2 * L^2 + b * (alpha * L + beta * L^2)``, fitted over
+    ``lengths`` (see the module)."""
 
     fixed_bytes: float
     alpha: float  # bytes per sample per unit of length (a token, a pixel)
     beta: float  # bytes per sample per unit of length squared (attention's score matrices)
     lengths: tuple[int, ...] = ()  # the lengths it was fitted on
+    fixed_per_length2: float = (
+        0.0  # bytes per step per unit of length squared (an L x L mask the batch shares)
+    )
+
+    def fixed_at(self, length: float) -> float:
+        """The part of the peak that does not grow with the batch, at one length."""
+        return self.fixed_bytes + self.fixed_per_length2 * length**2
 
     def per_sample(self, length: float) -> float:
         return self.alpha * length + self.beta * length**2
 
     def line(self, length: float) -> MemoryLine:
         """The memory line at one length: what the search predicts with inside that shape."""
-        return MemoryLine(self.fixed_bytes, self.per_sample(length))
+        return MemoryLine(self.fixed_at(length), self.per_sample(length))
 
     def peak(self, batch_size: float, length: float) -> float:
         return self.line(length).peak(batch_size)
@@ -53,18 +67,47 @@ class PeakModel:
         return asdict(self)
 
 
-def fit_peak_model(lines: Sequence[tuple[int, MemoryLine]]) -> PeakModel | None:
+def fit_peak_model(
+    lines: Sequence[tuple[int, MemoryLine]], fixed: tuple[float, float] | None = None
+) -> PeakModel | None:
     """Fit :class:`PeakModel` to ``(length, memory line)`` pairs, one per shape (None without a usable one).
 
-    Lines whose slope is not positive (memory per sample below the readings' noise) are left out.
+    Lines whose slope is not positive (memory per sample below the readings' noise) are left out. ``fixed``:
+    the fixed part as ``(fixed_bytes, fixed_per_length2)`` (:func:`fit_fixed_part`); by default the mean of the
+    lines' fixed parts, not growing with the length.
     """
     points = [(float(length), line) for length, line in lines if length > 0 and line.bytes_per_sample > 0]
     if not points:
         return None
-    fixed = sum(line.fixed_bytes for _, line in points) / len(points)
+    if fixed is None:
+        fixed = (sum(line.fixed_bytes for _, line in points) / len(points), 0.0)
     lengths = tuple(sorted({int(length) for length, _ in points}))
     alpha, beta = _fit_slopes([(length, line.bytes_per_sample) for length, line in points])
-    return PeakModel(fixed, alpha, beta, lengths)
+    return PeakModel(fixed[0], alpha, beta, lengths, fixed[1])
+
+
+def fit_fixed_part(intercepts: Sequence[tuple[int, float, float]]) -> tuple[float, float] | None:
+    """``(fixed_bytes, fixed_per_length2)`` of ``fixed(L) = fixed + g L^2`` from ``(length, intercept,
+    uncertainty)`` per shape (each shape's own line's fixed part, and how far the readings' noise can move it),
+    or None where the intercepts do not show a growth beyond their uncertainty.
+
+    Weighted least squares in ``L^2``, each intercept by ``1 / uncertainty^2``; the growth is kept only when it is
+    positive and more than twice its own standard error (a shrinking fixed part is noise, and one inside the
+    noise would move every later shape's slope for nothing). An uncertainty of 0 (readings on a line to the
+    byte) counts as one byte.
+    """
+    points = [(float(length) ** 2, value, max(uncertainty, 1.0)) for length, value, uncertainty in intercepts]
+    if len({x for x, _, _ in points}) < 2:
+        return None
+    weights = [1 / u**2 for _, _, u in points]
+    total = sum(weights)
+    mean_x = sum(w * x for w, (x, _, _) in zip(weights, points)) / total
+    mean_y = sum(w * y for w, (_, y, _) in zip(weights, points)) / total
+    sxx = sum(w * (x - mean_x) ** 2 for w, (x, _, _) in zip(weights, points))
+    growth = sum(w * (x - mean_x) * (y - mean_y) for w, (x, y, _) in zip(weights, points)) / sxx
+    if growth <= 2 / math.sqrt(sxx):  # the slope's standard error with known uncertainties: 1 / sqrt(sxx)
+        return None
+    return mean_y - growth * mean_x, growth
 
 
 def _fit_slopes(points: Sequence[tuple[float, float]]) -> tuple[float, float]:

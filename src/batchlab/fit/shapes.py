@@ -34,7 +34,7 @@ from typing import Any
 from batchlab.checks import shape_size
 from batchlab.errors import DoesNotFitError
 from batchlab.fit.decision import latest_probes, least_squares_line, line_points
-from batchlab.fit.peak_model import PeakModel, fit_peak_model
+from batchlab.fit.peak_model import PeakModel, fit_fixed_part, fit_peak_model
 from batchlab.fit.records import FitResult, MemoryLine, Outcome
 from batchlab.fit.shape_decision import ShapeGuide, reading_noise
 from batchlab.units import format_bytes
@@ -214,14 +214,14 @@ def search_shapes(
     under_stated = 0.0  # the most a prediction has put a measured peak below the truth, in bytes
     noise = 0.0  # the most a reading has sat off its own shape's line (reading_noise), in bytes
     for shape in search_order(shapes):
-        model = _model(results)
+        model = _model(results, noise)
         length = shape_size(shape)
         drift = _drift(results)
         prior = _prior_line(model, length)
         if prior is not None:
             prior = MemoryLine(prior.fixed_bytes + drift, prior.bytes_per_sample)
         slack = max(under_stated, noise)
-        guide = ShapeGuide(prior, model.fixed_bytes + drift if model else None, slack)
+        guide = ShapeGuide(prior, model.fixed_at(length) + drift if model else None, slack)
         try:
             result = fit_at(shape, guide)
         except DoesNotFitError as exc:  # name the shape: the longest is searched first, and fails first
@@ -236,44 +236,55 @@ def search_shapes(
     entries = [ShapeEntry(s, shape_size(s), results[s], predicted[s]) for s in shapes]
     return ShapeTable(
         entries=entries,
-        model=_model(results),
+        model=_model(results, noise),
         order=search_order(shapes),
         search_seconds=(seconds() - started) if seconds else 0.0,
     )
 
 
-def _model(results: dict[Shape, FitResult]) -> PeakModel | None:
-    """The peak model over the shapes searched so far.
+def _model(results: dict[Shape, FitResult], noise: float) -> PeakModel | None:
+    """The peak model over the shapes searched so far, ``noise`` the readings' (:func:`reading_noise`).
 
     Its fixed part comes from the shapes whose own line is measured over a wide span of sizes (the largest at
-    least twice the smallest: the first shape's, from batch 2 up); each shape's slope is then the one through
-    that fixed part and its answer's measured peak. A table's later shapes run one or two sizes close to their
-    answer, and a line through two neighbouring sizes (6090 and 6091) is rounding, not a slope.
+    least twice the smallest: the first shape's, from batch 2 up) -- growing as ``L^2`` where the shapes' own
+    intercepts show it beyond the noise (:func:`~batchlab.fit.peak_model.fit_fixed_part`); each shape's slope is
+    then the one through that fixed part and its answer's measured peak. A table's later shapes run one or two
+    sizes close to their answer, and a line through two neighbouring sizes (6090 and 6091) is rounding, not a
+    slope: their intercepts enter the fixed part's growth weighted by how far the noise can move them.
     """
-    fixed = [_wide_fixed(r) for r in results.values() if r.fixed_bytes is not None and _span(r) >= 2]
-    if not fixed:
+    wide = [_fixed_points(r) for r in results.values() if r.fixed_bytes is not None and _span(r) >= 2]
+    if not wide:
         lines = [(shape_size(s), MemoryLine(r.fixed_bytes, r.bytes_per_sample)) for s, r in results.items()
                  if r.bytes_per_sample is not None and r.fixed_bytes is not None]  # fmt: skip
         return fit_peak_model(lines)
-    base = sum(fixed) / len(fixed)
-    lines = [
-        (shape_size(shape), MemoryLine(base, (r.peak_bytes - base) / r.batch_size))
-        for shape, r in results.items()
-        if r.fits and r.peak_bytes is not None
-    ]
-    return fit_peak_model(lines)
+    intercepts = []
+    for shape, result in results.items():
+        if result.fixed_bytes is None:  # no line at this shape
+            continue
+        points = _fixed_points(result) if _span(result) >= 2 else line_points(result.probes)
+        if len(points) >= 2 and max(points) > min(points):
+            spread = noise * (max(points) + min(points)) / (max(points) - min(points))
+            intercepts.append((shape_size(shape), least_squares_line(points).fixed_bytes, spread))
+    wide_fixed = [least_squares_line(points).fixed_bytes for points in wide]
+    fixed = fit_fixed_part(intercepts) or (sum(wide_fixed) / len(wide_fixed), 0.0)
+    lines = []
+    for shape, r in results.items():
+        if r.fits and r.peak_bytes is not None:
+            at = fixed[0] + fixed[1] * shape_size(shape) ** 2
+            lines.append((shape_size(shape), MemoryLine(at, (r.peak_bytes - at) / r.batch_size)))
+    return fit_peak_model(lines, fixed)
 
 
-def _wide_fixed(result: FitResult) -> float:
-    """A shape's fixed part from a line over a wide span: its own line's (the larger sizes,
-    :func:`~batchlab.fit.decision.line_points`) where those span 2x or more, else the line through every size
-    it measured. A search that ended with three sizes within 3% of each other (1024, 1039, 1056) has a line
-    whose slope is the readings' noise: at 0.3% noise its fixed part came out 2.2 GiB low of 7.4, and the
-    slopes measured through it at later shapes 10% steep (tests/test_shapes.py)."""
+def _fixed_points(result: FitResult) -> dict[int, float]:
+    """The sizes a shape's fixed part is read from, over a wide span: its own line's (the larger sizes,
+    :func:`~batchlab.fit.decision.line_points`) where those span 2x or more, else every size it measured. A
+    search that ended with three sizes within 3% of each other (1024, 1039, 1056) has a line whose slope is the
+    readings' noise: at 0.3% noise its fixed part came out 2.2 GiB low of 7.4, and the slopes measured through
+    it at later shapes 10% steep (tests/test_shapes.py)."""
     points = line_points(result.probes)
     if max(points) < 2 * min(points):
         points = {p.batch_size: p.peak_bytes for p in latest_probes(result.probes).values() if p.measured}
-    return least_squares_line(points).fixed_bytes
+    return points
 
 
 def _drift(results: dict[Shape, FitResult]) -> float:
@@ -309,7 +320,7 @@ def _prior_line(model: PeakModel | None, length: int) -> MemoryLine | None:
         return None
     if len(model.lengths) == 1 and length > model.lengths[0]:
         known = model.lengths[0]
-        return MemoryLine(model.fixed_bytes, model.per_sample(known) * (length / known) ** 2)
+        return MemoryLine(model.fixed_at(length), model.per_sample(known) * (length / known) ** 2)
     return model.line(length)
 
 

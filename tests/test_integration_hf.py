@@ -264,3 +264,34 @@ def test_fit_training_args_with_an_eval_set_on_the_real_cpu(tmp_path):
     assert args.per_device_eval_batch_size == plan.per_device_eval_batch_size == 64  # the whole eval set
     assert args.per_device_train_batch_size == 8
     assert any("room for the training state" in note for note in evaluation.notes)
+
+
+@pytest.mark.parametrize(
+    ("compute_metrics", "accumulation", "noted"),
+    [(True, None, True), (False, None, False), (True, 1, False)],
+    ids=["metrics, predictions kept", "no metrics", "metrics, eval_accumulation_steps=1"],
+)
+def test_fit_trainer_says_when_the_evaluation_keeps_every_prediction_on_the_device(
+    tmp_path, caplog, compute_metrics, accumulation, noted
+):
+    """The Trainer's evaluation loop gathers every batch's logits on the device until eval_accumulation_steps
+    batches have run; with metrics computed from them and it unset, the eval batch found covers one batch's
+    forward, not the whole set's predictions -- the plan says so, and a warning is logged."""
+    from transformers import Trainer
+
+    from test_eval_batch import GradAwareDevice
+
+    model = _model()
+    args = _args(tmp_path, per_device=8)
+    args.eval_accumulation_steps = accumulation
+    metrics = (lambda prediction: {"n": float(len(prediction.predictions))}) if compute_metrics else None
+    trainer = Trainer(model=model, args=args, train_dataset=_dataset(), eval_dataset=_dataset(64),
+                      compute_metrics=metrics)  # fmt: skip
+    with caplog.at_level("WARNING", logger="batchlab"):
+        plan = fit_trainer(trainer, device=GradAwareDevice(model, 600 * MIB), evaluation=True)
+    assert (plan.notes == [hf.KEPT_PREDICTIONS]) is noted
+    assert ("eval_accumulation_steps" in caplog.text) is noted
+    assert ("note: the Trainer keeps every evaluation batch's predictions" in plan.summary()) is noted
+    assert trainer.args.eval_accumulation_steps == accumulation  # the user's setting is left as it is
+    if compute_metrics:
+        assert trainer.evaluate()["eval_n"] == 64.0

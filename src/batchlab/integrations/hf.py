@@ -44,7 +44,7 @@ import functools
 import inspect
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -86,6 +86,7 @@ class HFBatchPlan:
     result: FitResult
     per_device_eval_batch_size: int | None = None  # set when an evaluation set was searched too
     eval_result: FitResult | None = None
+    notes: list[str] = field(default_factory=list)  # what the batch sizes found do not cover
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -99,11 +100,32 @@ class HFBatchPlan:
             if self.per_device_eval_batch_size is not None
             else ""
         )
+        notes = "".join(f"\nnote: {note}" for note in self.notes)
         return (
             f"{self.per_device_train_batch_size} per device x {self.gradient_accumulation_steps} accumulation x "
             f"{self.devices} device(s) = {self.effective_batch} (asked {self.target_batch}; largest that fits "
-            f"per device: {self.largest_fitting}){evaluation}"
+            f"per device: {self.largest_fitting}){evaluation}{notes}"
         )
+
+
+# The Trainer's evaluation loop keeps every batch's predictions on the device until ``eval_accumulation_steps``
+# batches have run, and with it unset until the whole evaluation set has (transformers' TrainingArguments docs;
+# Trainer.evaluation_loop): the largest evaluation batch fits one batch's forward, not that growth.
+KEPT_PREDICTIONS = (
+    "the Trainer keeps every evaluation batch's predictions (logits) on the device until "
+    "eval_accumulation_steps batches have run, and it is unset: over the whole evaluation set they grow past "
+    "the room beside the evaluation batch found; set args.eval_accumulation_steps (1 moves them off after each "
+    "batch), or reduce them with preprocess_logits_for_metrics"
+)
+
+
+def _kept_predictions(args: Any, compute_metrics: Any) -> bool:
+    """Whether an evaluation will gather every batch's predictions on the device: metrics are computed from
+    them (``compute_metrics``; None where the caller cannot know, as :func:`fit_training_args`), and neither
+    ``prediction_loss_only``, ``batch_eval_metrics`` nor ``eval_accumulation_steps`` stops the growth."""
+    if getattr(args, "prediction_loss_only", False) or getattr(args, "batch_eval_metrics", False):
+        return False
+    return compute_metrics is not None and getattr(args, "eval_accumulation_steps", None) is None
 
 
 def _devices(args: Any) -> int:
@@ -151,6 +173,7 @@ def _fit(
     target_batch: int | None,
     options: SearchOptions,
     evaluation: tuple[Any, Callable[[list], Any]] | None = None,
+    compute_metrics: Any = None,
 ) -> HFBatchPlan:
     from transformers import Trainer
 
@@ -217,6 +240,7 @@ def _fit(
         eval_size, _ = agree_on_batch_size(search_eval, gather, rank=rank)
         eval_result = eval_results[0]
         args.per_device_eval_batch_size = eval_size
+    kept = eval_size is not None and _kept_predictions(args, compute_metrics)
     fitted = HFBatchPlan(
         per_device_train_batch_size=plan.micro_batch,
         gradient_accumulation_steps=plan.accumulation_steps,
@@ -228,8 +252,11 @@ def _fit(
         result=result,
         per_device_eval_batch_size=eval_size,
         eval_result=eval_result,
+        notes=[KEPT_PREDICTIONS] if kept else [],
     )
     log.info("batchlab: %s", fitted.summary())
+    for note in fitted.notes:
+        log.warning("batchlab: %s", note)
     return fitted
 
 
@@ -253,7 +280,9 @@ def fit_training_args(
     defaults to ``transformers.default_data_collator``. The model is measured where it is: move it to its
     training device first. The effective batch kept is ``target_batch``, or what ``args`` asks for now.
     With ``eval_dataset`` (map-style) ``args.per_device_eval_batch_size`` is set too: the largest evaluation
-    batch (forward under ``no_grad``, the model in eval mode) that fits beside the training state.
+    batch (forward under ``no_grad``, the model in eval mode) that fits beside the training state. That is one
+    batch's forward: a Trainer given ``compute_metrics`` also keeps every batch's predictions on the device
+    unless ``args.eval_accumulation_steps`` is set (:func:`fit_trainer`, which sees the trainer, says so).
     """
     if data_collator is None:
         from transformers import default_data_collator as data_collator
@@ -292,7 +321,9 @@ def fit_trainer(
     ``trainer.train()``; the model's state is left exactly as it was. ``evaluation=True`` also sets
     ``args.per_device_eval_batch_size`` from ``trainer.get_eval_dataloader()``: the largest evaluation batch
     that fits beside the training state (the Trainer reads it from ``args`` each time it evaluates), found
-    apart from the training batch, which it never changes.
+    apart from the training batch, which it never changes. Where the trainer computes metrics from predictions
+    it keeps on the device over the whole evaluation (``eval_accumulation_steps`` unset), the plan's ``notes``
+    say so and a warning is logged: that growth is not in the batch found.
     """
     loader = trainer.get_train_dataloader()
     eval_loader = trainer.get_eval_dataloader() if checks.flag("evaluation", evaluation) else None
@@ -303,6 +334,7 @@ def fit_trainer(
         loader.collate_fn,
         target_batch=target_batch,
         evaluation=(eval_loader.dataset, eval_loader.collate_fn) if eval_loader is not None else None,
+        compute_metrics=trainer.compute_metrics,
         options=SearchOptions(
             batch=batch,
             memory_budget=memory_budget,

@@ -492,7 +492,7 @@ from batchlab.devices import CPUDevice
 from batchlab.workloads import load_workload
 
 workload = load_workload("cnn")  # make_batch(b, shape=(h, w)): 3 x h x w images
-budget = int((CPUDevice().in_use_bytes() + 40 * 2**20) / 0.9)
+budget = int((CPUDevice().in_use_bytes() + 80 * 2**20) / 0.9)
 table = find_batch_size(workload, device="cpu", memory_budget=budget, shapes=[(16, 16), (24, 32), (32, 32)])
 print(json.dumps({"order": table.order, "budget": table.budget_bytes, "entries": [
     [e.shape, e.length, e.batch_size, e.fits, e.result.peak_bytes] for e in table.entries]}))
@@ -501,7 +501,10 @@ print(json.dumps({"order": table.order, "budget": table.budget_bytes, "entries":
 
 def test_a_generic_image_workload_gets_its_table_over_image_sizes():
     """In a fresh process (conftest.in_a_fresh_process): in one that ran other tests first the baseline crept
-    up between the shapes, and the last searched, (24, 32), got 27 against the first's 30 at (32, 32)."""
+    up between the shapes, and the last searched, (24, 32), got 27 against the first's 30 at (32, 32). With 40 MiB
+    of room (answers 19 at (32, 32), 24 at (24, 32)) a fresh process still crept 3-5 MiB when a shape's first
+    sizes read just over, and (24, 32) fell to 18 (1 of 8 runs; the same before and after the L^2 fixed part):
+    80 MiB (answers 60 and 78) keeps the order a statement about the shapes, not the creep."""
     run = in_a_fresh_process(IMAGE_TABLE)
     assert run["order"][0] == [32, 32]  # the largest image first, as Ultralytics' multi-scale worst case
     sizes = {tuple(shape): batch for shape, _, batch, _, _ in run["entries"]}

@@ -45,13 +45,12 @@ class PeakModel:
     alpha: float  # bytes per sample per unit of length (a token, a pixel)
     beta: float  # bytes per sample per unit of length squared (attention's score matrices)
     lengths: tuple[int, ...] = ()  # the lengths it was fitted on
-    fixed_per_length2: float = (
-        0.0  # bytes per step per unit of length squared (an L x L mask the batch shares)
-    )
+    # bytes per step per unit of length squared (an L x L mask the batch shares)
+    fixed_per_length2: float = 0.0
 
     def fixed_at(self, length: float) -> float:
         """The part of the peak that does not grow with the batch, at one length."""
-        return self.fixed_bytes + self.fixed_per_length2 * length**2
+        return fixed_at((self.fixed_bytes, self.fixed_per_length2), length)
 
     def per_sample(self, length: float) -> float:
         return self.alpha * length + self.beta * length**2
@@ -84,6 +83,11 @@ def fit_peak_model(
     lengths = tuple(sorted({int(length) for length, _ in points}))
     alpha, beta = _fit_slopes([(length, line.bytes_per_sample) for length, line in points])
     return PeakModel(fixed[0], alpha, beta, lengths, fixed[1])
+
+
+def fixed_at(fixed: tuple[float, float], length: float) -> float:
+    """``fixed + g L^2`` at ``length``, ``fixed`` as ``(fixed_bytes, fixed_per_length2)`` (:func:`fit_fixed_part`)."""
+    return fixed[0] + fixed[1] * length**2
 
 
 def fit_fixed_part(intercepts: Sequence[tuple[int, float, float]]) -> tuple[float, float] | None:

@@ -34,7 +34,7 @@ from typing import Any
 from batchlab.checks import shape_size
 from batchlab.errors import DoesNotFitError
 from batchlab.fit.decision import latest_probes, least_squares_line, line_points
-from batchlab.fit.peak_model import PeakModel, fit_fixed_part, fit_peak_model
+from batchlab.fit.peak_model import PeakModel, fit_fixed_part, fit_peak_model, fixed_at
 from batchlab.fit.records import FitResult, MemoryLine, Outcome
 from batchlab.fit.shape_decision import ShapeGuide, reading_noise
 from batchlab.units import format_bytes
@@ -252,25 +252,27 @@ def _model(results: dict[Shape, FitResult], noise: float) -> PeakModel | None:
     sizes close to their answer, and a line through two neighbouring sizes (6090 and 6091) is rounding, not a
     slope: their intercepts enter the fixed part's growth weighted by how far the noise can move them.
     """
-    wide = [_fixed_points(r) for r in results.values() if r.fixed_bytes is not None and _span(r) >= 2]
-    if not wide:
-        lines = [(shape_size(s), MemoryLine(r.fixed_bytes, r.bytes_per_sample)) for s, r in results.items()
-                 if r.bytes_per_sample is not None and r.fixed_bytes is not None]  # fmt: skip
-        return fit_peak_model(lines)
-    intercepts = []
+    intercepts, wide_fixed = [], []  # (length, intercept, how far the noise moves it) per shape with a line
     for shape, result in results.items():
         if result.fixed_bytes is None:  # no line at this shape
             continue
-        points = _fixed_points(result) if _span(result) >= 2 else line_points(result.probes)
+        wide = _span(result) >= 2  # then its points always span two sizes or more
+        points = _fixed_points(result) if wide else line_points(result.probes)
         if len(points) >= 2 and max(points) > min(points):
+            intercept = least_squares_line(points).fixed_bytes
             spread = noise * (max(points) + min(points)) / (max(points) - min(points))
-            intercepts.append((shape_size(shape), least_squares_line(points).fixed_bytes, spread))
-    wide_fixed = [least_squares_line(points).fixed_bytes for points in wide]
+            intercepts.append((shape_size(shape), intercept, spread))
+            if wide:
+                wide_fixed.append(intercept)
+    if not wide_fixed:
+        lines = [(shape_size(s), MemoryLine(r.fixed_bytes, r.bytes_per_sample)) for s, r in results.items()
+                 if r.bytes_per_sample is not None and r.fixed_bytes is not None]  # fmt: skip
+        return fit_peak_model(lines)
     fixed = fit_fixed_part(intercepts) or (sum(wide_fixed) / len(wide_fixed), 0.0)
     lines = []
     for shape, r in results.items():
         if r.fits and r.peak_bytes is not None:
-            at = fixed[0] + fixed[1] * shape_size(shape) ** 2
+            at = fixed_at(fixed, shape_size(shape))
             lines.append((shape_size(shape), MemoryLine(at, (r.peak_bytes - at) / r.batch_size)))
     return fit_peak_model(lines, fixed)
 

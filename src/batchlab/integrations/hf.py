@@ -254,9 +254,8 @@ def _fit(
         eval_result=eval_result,
         notes=[KEPT_PREDICTIONS] if kept else [],
     )
-    log.info("batchlab: %s", fitted.summary())
-    for note in fitted.notes:
-        log.warning("batchlab: %s", note)
+    # a warning when the summary carries a note (what the batch sizes found do not cover)
+    log.log(logging.WARNING if fitted.notes else logging.INFO, "batchlab: %s", fitted.summary())
     return fitted
 
 

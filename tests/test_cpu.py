@@ -17,7 +17,7 @@ from batchlab.devices import CPUDevice
 from batchlab.devices.base import Measurement
 from batchlab.workload.state import copy_storage
 from batchlab.workloads import load_workload
-from conftest import tiny_bn_workload
+from conftest import in_a_fresh_process, tiny_bn_workload
 
 MiB = 2**20
 
@@ -114,13 +114,26 @@ def _peaks(workload, device, sizes, repeats=1):
     return readings
 
 
+CNN_READINGS = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from batchlab.devices import CPUDevice
+from batchlab.workloads import load_workload
+from test_cpu import _peaks
+
+workload, device = load_workload("cnn"), CPUDevice()
+assert device.glibc  # the 64 KiB mmap threshold is in effect
+# Warm-up, excluded: a process's first step also creates oneDNN/OpenMP pools (~10 MiB here), which stay.
+_peaks(workload, device, [8])
+print(json.dumps(_peaks(workload, device, [8, 16, 32, 48], repeats=3)))
+"""
+
+
 def test_cpu_readings_repeat_within_two_percent_and_grow_linearly_on_the_cnn():
-    workload = load_workload("cnn")
-    device = CPUDevice()
-    assert device.glibc  # the 64 KiB mmap threshold is in effect
-    # Warm-up, excluded: a process's first step also creates oneDNN/OpenMP pools (~10 MiB here), which stay.
-    _peaks(workload, device, [8])
-    readings = _peaks(workload, device, [8, 16, 32, 48], repeats=3)
+    """In a fresh process (conftest.in_a_fresh_process): late in the full suite, on a loaded machine, one of
+    three step readings at batch 8 came out 7% under the other two (29.2 against 31.3 MB), while the test alone
+    passed 3 of 3 -- the heap the earlier tests left behind, not the device's reading."""
+    readings = {int(b): values for b, values in in_a_fresh_process(CNN_READINGS).items()}
     for b, values in readings.items():
         peaks = [peak for peak, _ in values]
         steps = [step for _, step in values]

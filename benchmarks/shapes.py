@@ -24,6 +24,12 @@ Three measurements, in this order, in one process:
    fit; the truth is the last size that fit (and if the larger answer itself does not fit again, the walk
    goes down instead).
 
+With ``--estimate`` both are also run seeded from fake tensors, like for like: first
+``batchlab.planning.estimate_memory_lines`` (its time and the resident memory it adds are recorded, and the budget
+is set after it, so every search and the truth see the same process), then the **seeded table**
+(``estimate=lines``) before the plain one, and per shape the **seeded single** search
+(``estimate=lines[L]``) after the plain one.
+
 Targets (issue 12): the table's probes <= 2x one single-shape search, every entry >= 0.97 of its truth.
 Writes ``benchmarks/results/shapes.json`` and prints the table for benchmarks/RESULTS.md.
 """
@@ -45,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from
 
 from batchlab import Workload, find_batch_size  # noqa: E402
 from batchlab.devices import CPUDevice  # noqa: E402
+from batchlab.planning import estimate_memory_lines  # noqa: E402
 
 MiB = 2**20
 FRACTION = 0.9  # find_batch_size's default: the budget is 0.9 x the memory_budget given
@@ -127,43 +134,73 @@ def main() -> None:
     parser.add_argument("--shapes", default=",".join(map(str, SHAPES)))
     parser.add_argument("--room-mib", type=float, default=400.0, help="step memory above the process (MiB)")
     parser.add_argument("--json", default=str(Path(__file__).parent / "results" / "shapes.json"))
+    parser.add_argument(
+        "--estimate", action="store_true", help="also run the table and singles seeded by a plan"
+    )
     args = parser.parse_args()
     shapes = [int(s) for s in args.shapes.split(",")]
     torch.set_num_threads(2)
     work = workload()
-    memory_budget = int((CPUDevice().in_use_bytes() + args.room_mib * MiB) / FRACTION)
+    cpu = CPUDevice()
+    lines, plan = None, {}
+    if args.estimate:
+        before, started = cpu.in_use_bytes(), time.perf_counter()
+        lines = estimate_memory_lines(work, shapes, device_type="cpu")
+        plan = {"seconds": time.perf_counter() - started, "resident_mib": (cpu.in_use_bytes() - before) / MiB}
+        print(f"plan: {plan['seconds']:.1f} s, +{plan['resident_mib']:.1f} MiB resident", flush=True)
+    memory_budget = int((cpu.in_use_bytes() + args.room_mib * MiB) / FRACTION)
 
-    started = time.perf_counter()
-    table = find_batch_size(work, device="cpu", memory_budget=memory_budget, shapes=shapes)
-    table_seconds = time.perf_counter() - started
+    def timed_table(estimate):
+        started = time.perf_counter()
+        table = find_batch_size(
+            work, device="cpu", memory_budget=memory_budget, shapes=shapes, estimate=estimate
+        )
+        print(table.summary(), flush=True)
+        return table, time.perf_counter() - started
+
+    seeded, seeded_seconds = timed_table(lines) if lines else (None, None)
+    table, table_seconds = timed_table(None)
     budget = table.budget_bytes
-    print(table.summary(), flush=True)
 
     rows = []
-    for entry in table.entries:
+    for index, entry in enumerate(table.entries):
+        shaped = work.with_shape(entry.shape)
         started = time.perf_counter()
-        single = find_batch_size(work.with_shape(entry.shape), device="cpu", memory_budget=memory_budget)
+        single = find_batch_size(shaped, device="cpu", memory_budget=memory_budget)
         single_seconds = time.perf_counter() - started
-        true_max, checks = truth(
-            work.with_shape(entry.shape), max(entry.batch_size, single.batch_size), budget
-        )
-        rows.append(
-            {
-                "shape": entry.shape,
-                "table_batch": entry.batch_size,
-                "predicted": entry.predicted_batch_size,
-                "table_probes": len(entry.result.probes),
-                "table_sizes": [p.batch_size for p in entry.result.probes],
-                "single_batch": single.batch_size,
-                "single_probes": len(single.probes),
-                "single_sizes": [p.batch_size for p in single.probes],
-                "single_seconds": single_seconds,
-                "truth": true_max,
-                "truth_checks": checks,
-                "table_vs_truth": entry.batch_size / true_max,
-                "single_vs_truth": single.batch_size / true_max,
-            }
-        )
+        row = {
+            "shape": entry.shape,
+            "table_batch": entry.batch_size,
+            "predicted": entry.predicted_batch_size,
+            "table_probes": len(entry.result.probes),
+            "table_sizes": [p.batch_size for p in entry.result.probes],
+            "single_batch": single.batch_size,
+            "single_probes": len(single.probes),
+            "single_sizes": [p.batch_size for p in single.probes],
+            "single_seconds": single_seconds,
+        }
+        answers = [entry.batch_size, single.batch_size]
+        if seeded is not None:
+            seeded_entry = seeded.entries[index]
+            single_seeded = find_batch_size(
+                shaped, device="cpu", memory_budget=memory_budget, estimate=lines[entry.shape]
+            )
+            row.update(
+                seeded_batch=seeded_entry.batch_size,
+                seeded_predicted=seeded_entry.predicted_batch_size,
+                seeded_probes=len(seeded_entry.result.probes),
+                seeded_sizes=[p.batch_size for p in seeded_entry.result.probes],
+                single_seeded_batch=single_seeded.batch_size,
+                single_seeded_probes=len(single_seeded.probes),
+                single_seeded_sizes=[p.batch_size for p in single_seeded.probes],
+            )
+            answers += [seeded_entry.batch_size, single_seeded.batch_size]
+        true_max, checks = truth(shaped, max(answers), budget)
+        row.update(truth=true_max, truth_checks=checks, table_vs_truth=entry.batch_size / true_max,
+                   single_vs_truth=single.batch_size / true_max)  # fmt: skip
+        if seeded is not None:
+            row.update(seeded_vs_truth=row["seeded_batch"] / true_max)
+        rows.append(row)
         print(json.dumps(rows[-1]), flush=True)
 
     singles = [row["single_probes"] for row in rows]
@@ -185,6 +222,19 @@ def main() -> None:
         "order": table.order,
         "rows": rows,
     }
+    if seeded is not None:
+        singles_seeded = [row["single_seeded_probes"] for row in rows]
+        summary.update(
+            plan=plan,
+            seeded_table_probes=seeded.probes,
+            seeded_table_seconds=seeded_seconds,
+            single_seeded_probes_mean=statistics.mean(singles_seeded),
+            single_seeded_probes_total=sum(singles_seeded),
+            seeded_ratio_to_mean_single=seeded.probes / statistics.mean(singles),
+            seeded_ratio_to_mean_single_seeded=seeded.probes / statistics.mean(singles_seeded),
+            worst_seeded_vs_truth=min(row["seeded_vs_truth"] for row in rows),
+            seeded_model=seeded.model.to_dict() if seeded.model else None,
+        )
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(summary, indent=2))
     print()
@@ -203,6 +253,14 @@ def main() -> None:
         f"(median {statistics.median(singles)} per shape); ratio to one search (mean) "
         f"{summary['ratio_to_mean_single']:.2f}; worst entry/truth {summary['worst_table_vs_truth']:.3f}"
     )
+    if seeded is not None:
+        print(
+            f"seeded table: {seeded.probes} probes in {seeded_seconds:.0f} s after a {plan['seconds']:.0f} s plan "
+            f"(+{plan['resident_mib']:.0f} MiB resident); seeded singles: {summary['single_seeded_probes_total']} "
+            f"probes; ratio to the mean single {summary['seeded_ratio_to_mean_single']:.2f}, to the mean seeded "
+            f"single {summary['seeded_ratio_to_mean_single_seeded']:.2f}; worst entry/truth "
+            f"{summary['worst_seeded_vs_truth']:.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -196,6 +196,37 @@ def test_fit_shapes_bad_input_is_one_line(capsys, shapes, message):
     assert err.count("\n") == 1 and re.search(message, err)
 
 
+def test_fit_shapes_from_plan_seeds_the_table_from_fake_tensors(capsys):
+    """``--from-plan``: each shape estimated from fake tensors first (a phase of its own), then the measured
+    table, whose first shape anchors at batch 2 and aims by the planned slope."""
+    from batchlab.devices import CPUDevice
+    from batchlab.workloads import load_workload
+
+    load_workload(SHAPED)  # page in what the file imports before the reading (as the test above)
+    budget = str(int((CPUDevice().in_use_bytes() + 30 * 2**20) / 0.9))
+    args = [
+        "fit",
+        "--workload",
+        SHAPED,
+        "--device",
+        "cpu",
+        "--memory-budget",
+        budget,
+        "--shapes",
+        "32,64,128",
+    ]
+    assert main([*args, "--from-plan"]) == 0
+    captured = capsys.readouterr()
+    assert "estimating 3 shapes from fake tensors" in captured.err
+    assert "largest batch per shape" in captured.out and "\n│ 128 " in captured.out.replace("┃", "│")
+
+
+def test_fit_from_plan_needs_shapes(capsys):
+    assert main(["fit", "--workload", "cnn", "--from-plan"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--from-plan seeds the shape table: give --shapes too" in err
+
+
 def test_fit_plot_needs_shapes(capsys):
     assert main(["fit", "--workload", "cnn", "--plot", "x.png"]) == 1
     assert "--plot draws the shape table: give --shapes too" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -17,11 +18,13 @@ from batchlab.cli.common import (
     print_breakdown,
     print_table_footer,
 )
-from batchlab.fit import FitResult, find_batch_size
-from batchlab.fit.shapes import ShapeTable
+from batchlab.fit import FitResult, MemoryLine, find_batch_size
+from batchlab.fit.shapes import Shape, ShapeTable
 from batchlab.optional import require
+from batchlab.planning import estimate_memory_lines
 from batchlab.spec import parse_amp, parse_batch
 from batchlab.units import format_bytes, parse_bytes
+from batchlab.workload.workload import Workload
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -54,6 +57,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "workload's make_batch takes shape=)",
     )
     parser.add_argument(
+        "--from-plan",
+        action="store_true",
+        help="with --shapes: first estimate each shape's memory from fake tensors (a few seconds per shape) "
+        "and start the measured table from that",
+    )
+    parser.add_argument(
         "--plot",
         default=None,
         metavar="PNG",
@@ -73,8 +82,14 @@ def run(args: argparse.Namespace) -> int:
         if shapes is None:
             raise ValueError("--plot draws the shape table: give --shapes too")
         require("matplotlib.figure", extra="plot", purpose="plots")  # fails now, not after the search
+    if args.from_plan and shapes is None:
+        raise ValueError("--from-plan seeds the shape table: give --shapes too")
     workload = build_workload(args)
     with Display(f"fit {args.workload}", enabled=not args.json) as display:
+        estimate = None
+        if args.from_plan:
+            display.phase(f"estimating {len(shapes)} shapes from fake tensors")
+            estimate = _planned_lines(workload, shapes, args.amp)
         display.phase(
             "probing batch sizes" if shapes is None else f"probing batch sizes at {len(shapes)} shapes"
         )
@@ -89,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
             on_probe=display.probe,
             mode="eval" if args.eval else "train",
             shapes=shapes,
+            estimate=estimate,
         )
     if isinstance(result, ShapeTable):
         return _report_table(args, result)
@@ -97,6 +113,15 @@ def run(args: argparse.Namespace) -> int:
     else:
         print_summary(Console(), result)
     return 0 if result.fits else 1
+
+
+def _planned_lines(workload: Any, shapes: list[Shape], amp: str | None) -> dict[Shape, MemoryLine]:
+    """Each shape's estimated memory line on the device type the model is on, the one searched (``--from-plan``)."""
+    if not isinstance(workload, Workload):
+        raise TypeError(
+            "--from-plan needs a workload with a model to copy to fake tensors, not a step callable"
+        )
+    return estimate_memory_lines(workload, shapes, device_type=workload.device.type, amp=amp)
 
 
 def _report_table(args: argparse.Namespace, table: ShapeTable) -> int:

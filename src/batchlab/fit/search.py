@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -73,7 +73,7 @@ def find_batch_size(
     multiple_of: int = 1,
     preserve: Sequence[Any] = (),
     on_probe: Callable[[Probe], None] | None = None,
-    estimate: MemoryLine | None = None,
+    estimate: MemoryLine | Mapping[Shape, MemoryLine] | None = None,
     state_copy: str = "auto",
     mode: str = "train",
     shapes: Sequence[Shape] | None = None,
@@ -96,7 +96,8 @@ def find_batch_size(
         estimate: a predicted memory line (``batchlab.planning.estimate_memory_line``, ``PlanResult.memory_line``): after
             the first probe the search jumps toward its predicted size instead of climbing 8x at a time; only
             its slope is used (see :func:`~batchlab.fit.decision.next_candidate`). The answer is still a size
-            that ran.
+            that ran. With ``shapes=``: one line per shape, ``{shape: line}``
+            (``batchlab.planning.estimate_memory_lines``), that seeds the table (:mod:`batchlab.fit.shapes`).
         state_copy: where the copy of the user's state lives between probes: ``"memory"`` (host RAM),
             ``"disk"`` (a temporary folder, ``BATCHLAB_STATE_DIR``), or ``"auto"``: RAM unless it would take
             more than half the host's free memory -- or, on the CPU, push the probes past the hard limit --
@@ -111,7 +112,7 @@ def find_batch_size(
             ``[(320, 320), (640, 640)]``, sorted, each once -- for a workload whose ``make_batch`` (or step)
             takes a ``shape`` keyword: returns a :class:`~batchlab.fit.shapes.ShapeTable` with the largest
             batch of each shape, each verified by real steps, the later shapes started from a peak model fitted
-            over the earlier ones (:mod:`batchlab.fit.shapes`). Not with ``estimate``.
+            over the earlier ones (:mod:`batchlab.fit.shapes`).
 
     Raises:
         DoesNotFitError: when even the smallest allowed size does not fit; it says what that size needs.
@@ -127,17 +128,15 @@ def find_batch_size(
     max_batch_size = checks.integer("max_batch_size", max_batch_size, none=True)
     dataset_size = checks.integer("dataset_size", dataset_size, none=True)
     multiple_of = checks.integer("multiple_of", multiple_of)
-    if estimate is not None and not isinstance(estimate, MemoryLine):
+    if shapes is None and estimate is not None and not isinstance(estimate, MemoryLine):
         raise TypeError(f"estimate must be a batchlab.fit.MemoryLine or None, got {type(estimate).__name__}")
     mode = checks.choice("mode", mode, [m.value for m in StepMode])
     work = _with_amp(as_workload(workload, preserve=preserve), parse_amp(amp))
     home = work.device if isinstance(work, Workload) else None
     if shapes is not None:
-        if estimate is not None:
-            raise ValueError(
-                "estimate= is a line for one shape; with shapes= each shape is predicted from the ones searched"
-            )
-        shaped = {shape: for_mode(work.with_shape(shape), mode) for shape in checks.shapes("shapes", shapes)}
+        checked = checks.shapes("shapes", shapes)
+        planned = None if estimate is None else _lines_per_shape(estimate, checked)
+        shaped = {shape: for_mode(work.with_shape(shape), mode) for shape in checked}
     work = for_mode(work, mode)
     caps = _caps(max_batch_size, dataset_size or work.dataset_size)
     cap = min(caps.values()) if caps else None
@@ -159,7 +158,28 @@ def find_batch_size(
     if shapes is None:
         return fit(work, estimate, None)
     return search_shapes(list(shaped), lambda shape, guide: fit(shaped[shape], None, guide),
-                         seconds=time.perf_counter)  # fmt: skip
+                         seconds=time.perf_counter, estimate=planned)  # fmt: skip
+
+
+def _lines_per_shape(estimate: Any, shapes: Sequence[Shape]) -> dict[Shape, MemoryLine]:
+    """``estimate`` with ``shapes=``: a planned :class:`MemoryLine` for every shape, each with a positive slope."""
+    if not isinstance(estimate, Mapping):
+        raise TypeError(
+            "with shapes=, estimate must map each shape to a batchlab.fit.MemoryLine "
+            f"(batchlab.planning.estimate_memory_lines), got {type(estimate).__name__}"
+        )
+    lines = {checks.shape("shape in estimate", shape): line for shape, line in estimate.items()}
+    missing = [shape for shape in shapes if shape not in lines]
+    if missing or len(lines) != len(shapes):
+        raise ValueError(
+            f"estimate has lines for {sorted(lines, key=checks.shape_size)}; expected one for each of the shapes {shapes}"
+        )
+    for shape, line in lines.items():
+        if not isinstance(line, MemoryLine) or not line.bytes_per_sample > 0:
+            raise ValueError(
+                f"estimate for shape {shape!r} is {line!r}; expected a MemoryLine with bytes_per_sample > 0"
+            )
+    return {shape: lines[shape] for shape in shapes}
 
 
 def _fit(

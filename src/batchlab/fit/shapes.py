@@ -20,6 +20,17 @@ there gives the shape's own slope through the model's fixed part, and an entry i
 measurements bound the true maximum within 3%. When the model is right a shape costs one probe; when it is
 wrong, the probes correct it. Every answer is a size that ran its full verification at its own shape, within
 the budget. Measured in benchmarks/RESULTS.md ("The shape table at the issue's tolerance").
+
+**Seeded from a plan** (``estimate=``: each shape's memory line from fake tensors,
+:func:`batchlab.planning.estimate_memory_lines`): the plan knows how memory changes *between* lengths -- the
+per-sample slope's ratio and the fixed part's difference (an ``L x L`` mask) -- but not the process or runtime
+the real fixed part holds. So the first shape runs batch 2 to anchor, then goes straight to where the planned
+slope puts the budget (:attr:`~batchlab.fit.shape_decision.ShapeGuide.estimated_slope`); every later shape's
+prior is the plan's line moved onto the nearest shape measured (:func:`_planned_line`) -- at the second shape a
+prediction rather than step 2's bound -- unless the shapes' own readings have shown the fixed part growing
+with the length: then the measured model predicts, as without a plan (a simulated plan that missed the
+mask's ``L^2`` cost the shapes between 3 probes more, tests/test_shapes.py). Acceptance rests on measured
+slopes only.
 """
 
 from __future__ import annotations
@@ -27,7 +38,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -197,6 +208,7 @@ def search_shapes(
     fit_at: Callable[[Shape, ShapeGuide], FitResult],
     *,
     seconds: Callable[[], float] | None = None,
+    estimate: Mapping[Shape, MemoryLine] | None = None,
 ) -> ShapeTable:
     """Search every shape through ``fit_at(shape, guide)`` -- the probe-and-verify loop -- in :func:`search_order`.
 
@@ -206,8 +218,10 @@ def search_shapes(
     (:func:`~batchlab.fit.shape_decision.reading_noise`); it reaches the search's decision,
     :func:`~batchlab.fit.shape_decision.next_shape_candidate`. A shape where not even the smallest
     batch fits raises :class:`~batchlab.errors.DoesNotFitError` naming it. ``seconds``: the clock to report
-    the search's time with (the caller's; None reports 0).
+    the search's time with (the caller's; None reports 0). ``estimate``: a planned memory line per shape (every
+    shape), to seed the searches from (see the module).
     """
+    planned = dict(estimate) if estimate else None
     started = seconds() if seconds else 0.0
     results: dict[Shape, FitResult] = {}
     predicted: dict[Shape, int | None] = {}
@@ -217,11 +231,19 @@ def search_shapes(
         model = _model(results, noise)
         length = shape_size(shape)
         drift = _drift(results)
-        prior = _prior_line(model, length)
+        if planned is not None and model is not None and not model.fixed_per_length2:
+            prior = _planned_line(model, shape, list(results), planned)
+        else:
+            prior = _prior_line(model, length)
         if prior is not None:
             prior = MemoryLine(prior.fixed_bytes + drift, prior.bytes_per_sample)
         slack = max(under_stated, noise)
-        guide = ShapeGuide(prior, model.fixed_at(length) + drift if model else None, slack)
+        guide = ShapeGuide(
+            prior,
+            prior.fixed_bytes if prior is not None else None,
+            slack,
+            estimated_slope=planned[shape].bytes_per_sample if planned and prior is None else None,
+        )
         try:
             result = fit_at(shape, guide)
         except DoesNotFitError as exc:  # name the shape: the longest is searched first, and fails first
@@ -229,7 +251,7 @@ def search_shapes(
                                   needed_bytes=exc.needed_bytes, budget_bytes=exc.budget_bytes) from exc  # fmt: skip
         results[shape] = result
         predicted[shape] = _predicted_size(prior, result.budget_bytes - slack)
-        if prior is not None and len(model.lengths) >= 2:  # a bound from one length over-states on purpose
+        if prior is not None and (planned or len(model.lengths) >= 2):  # one length's bound over-states
             under_stated = max(under_stated, _under_statement(result, prior))
         noise = max(noise, reading_noise(result.probes))
         log.info("shape %s: batch %d (%d probes)", shape, result.batch_size, len(result.probes))
@@ -324,6 +346,25 @@ def _prior_line(model: PeakModel | None, length: int) -> MemoryLine | None:
         known = model.lengths[0]
         return MemoryLine(model.fixed_at(length), model.per_sample(known) * (length / known) ** 2)
     return model.line(length)
+
+
+def _planned_line(
+    model: PeakModel | None, shape: Shape, searched: Sequence[Shape], planned: Mapping[Shape, MemoryLine]
+) -> MemoryLine | None:
+    """The plan's line at ``shape`` moved onto the measured model at the nearest shape searched (by the ratio
+    of their sizes): the fixed part by the plan's difference between the two, the slope by the plan's ratio.
+
+    A fake-tensor estimate misses what the process and runtime hold (the real fixed part) and, where a
+    backend keeps buffers no tensor shows, a share of each sample (resnet's oneDNN buffers: 8.6%, issue 7);
+    both cancel in a difference and a ratio between shapes of one workload. None before any shape is measured.
+    """
+    if model is None or not searched:
+        return None
+    size = shape_size(shape)
+    near = min(searched, key=lambda known: abs(math.log(size / shape_size(known))))
+    scale = planned[shape].bytes_per_sample / planned[near].bytes_per_sample
+    fixed = model.fixed_at(shape_size(near)) + planned[shape].fixed_bytes - planned[near].fixed_bytes
+    return MemoryLine(fixed, model.per_sample(shape_size(near)) * scale)
 
 
 def _predicted_size(prior: MemoryLine | None, budget: float) -> int | None:

@@ -20,7 +20,7 @@ from batchlab.fit.peak_model import fit_peak_model
 from batchlab.fit.records import MemoryLine
 from batchlab.fit.shapes import Shape, ShapeRow, ShapeRows
 from batchlab.planning.cards import PlanTarget
-from batchlab.planning.plan import PlanResult, check_workload, plan
+from batchlab.planning.plan import PlanResult, check_workload, estimate_memory_line, plan
 from batchlab.units import format_bytes
 from batchlab.workload.workload import Workload
 
@@ -74,3 +74,20 @@ def plan_shapes(
         if entry.result.bytes_per_sample is not None and entry.result.fixed_bytes is not None
     ]
     return PlanShapeTable(entries, fit_peak_model(lines))
+
+
+def estimate_memory_lines(
+    workload: Workload, shapes: Sequence[Shape], *, device_type: str = "cpu", amp: str | None = None
+) -> dict[Shape, MemoryLine]:
+    """``{shape: estimated memory line}``, one :func:`~batchlab.planning.plan.estimate_memory_line` per shape:
+    the seed of a measured shape table, ``find_batch_size(workload, shapes=shapes, estimate=lines)``.
+
+    What the table takes from it is how memory changes between shapes (:mod:`batchlab.fit.shapes`), so
+    ``device_type`` should be the device searched. A few seconds per shape on a CPU (two fake steps each: 12-14 s
+    for five shapes of benchmarks/shapes.py's byte LM). On the CPU, where the budget counts the whole process,
+    what the fake-tensor machinery pages in stays resident (22 MiB there), so the answers after it are that much
+    smaller. Raises :class:`~batchlab.errors.FakeTensorError` when the step cannot run on fake tensors.
+    """
+    work = check_workload(workload)
+    checked = checks.shapes("shapes", shapes)
+    return {s: estimate_memory_line(work.with_shape(s), device_type=device_type, amp=amp) for s in checked}

@@ -221,10 +221,20 @@ def test_fit_shapes_from_plan_seeds_the_table_from_fake_tensors(capsys):
     assert "largest batch per shape" in captured.out and "\n│ 128 " in captured.out.replace("┃", "│")
 
 
-def test_fit_from_plan_needs_shapes(capsys):
-    assert main(["fit", "--workload", "cnn", "--from-plan"]) == 1
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ([], "--from-plan seeds the shape table: give --shapes too"),
+        (
+            ["--shapes", "32,64", "--eval"],
+            "--from-plan plans the training step; the evaluation step (--eval) has no",
+        ),
+    ],
+)
+def test_fit_from_plan_without_a_table_to_seed_is_one_line(capsys, extra, message):
+    assert main(["fit", "--workload", "cnn", "--from-plan", *extra]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--from-plan seeds the shape table: give --shapes too" in err
+    assert err.count("\n") == 1 and message in err
 
 
 def test_fit_plot_needs_shapes(capsys):

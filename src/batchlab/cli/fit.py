@@ -84,6 +84,10 @@ def run(args: argparse.Namespace) -> int:
         require("matplotlib.figure", extra="plot", purpose="plots")  # fails now, not after the search
     if args.from_plan and shapes is None:
         raise ValueError("--from-plan seeds the shape table: give --shapes too")
+    if args.from_plan and args.eval:
+        raise ValueError(
+            "--from-plan plans the training step; the evaluation step (--eval) has no plan to seed from"
+        )
     workload = build_workload(args)
     with Display(f"fit {args.workload}", enabled=not args.json) as display:
         estimate = None

@@ -169,8 +169,7 @@ def _lines_per_shape(estimate: Any, shapes: Sequence[Shape]) -> dict[Shape, Memo
             f"(batchlab.planning.estimate_memory_lines), got {type(estimate).__name__}"
         )
     lines = {checks.shape("shape in estimate", shape): line for shape, line in estimate.items()}
-    missing = [shape for shape in shapes if shape not in lines]
-    if missing or len(lines) != len(shapes):
+    if set(lines) != set(shapes):
         raise ValueError(
             f"estimate has lines for {sorted(lines, key=checks.shape_size)}; expected one for each of the shapes {shapes}"
         )

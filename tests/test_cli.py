@@ -145,17 +145,14 @@ def test_fit_eval_searches_the_evaluation_step(capsys):
 SHAPED = f"{Path(__file__).resolve().parent / 'test_shapes.py'}:tiny_attention_workload"
 
 
-def test_fit_shapes_prints_the_table_and_its_plot(capsys, tmp_path):
-    import matplotlib.figure  # noqa: F401 -- in the process before its memory is read, as the plot will be
-    from matplotlib.backends import backend_agg  # noqa: F401
-
+def shaped_fit_args(room_mib: int = 30) -> list[str]:
+    """``batchlab fit`` of the shaped workload on the CPU at 32,64,128 with ``room_mib`` over the process."""
     from batchlab.devices import CPUDevice
     from batchlab.workloads import load_workload
 
     load_workload(SHAPED)  # loading the file once pages in what it imports (~150 MiB), before the reading
-    budget = str(int((CPUDevice().in_use_bytes() + 30 * 2**20) / 0.9))
-    png = tmp_path / "shapes.png"
-    args = [
+    budget = str(int((CPUDevice().in_use_bytes() + room_mib * 2**20) / 0.9))
+    return [
         "fit",
         "--workload",
         SHAPED,
@@ -166,6 +163,14 @@ def test_fit_shapes_prints_the_table_and_its_plot(capsys, tmp_path):
         "--shapes",
         "32,64,128",
     ]
+
+
+def test_fit_shapes_prints_the_table_and_its_plot(capsys, tmp_path):
+    import matplotlib.figure  # noqa: F401 -- in the process before its memory is read, as the plot will be
+    from matplotlib.backends import backend_agg  # noqa: F401
+
+    png = tmp_path / "shapes.png"
+    args = shaped_fit_args()
     assert main([*args, "--json", "--plot", str(png)]) == 0
     data = json.loads(capsys.readouterr().out)
     assert [e["shape"] for e in data["entries"]] == [32, 64, 128]
@@ -199,26 +204,15 @@ def test_fit_shapes_bad_input_is_one_line(capsys, shapes, message):
 def test_fit_shapes_from_plan_seeds_the_table_from_fake_tensors(capsys):
     """``--from-plan``: each shape estimated from fake tensors first (a phase of its own), then the measured
     table, whose first shape anchors at batch 2 and aims by the planned slope."""
-    from batchlab.devices import CPUDevice
-    from batchlab.workloads import load_workload
-
-    load_workload(SHAPED)  # page in what the file imports before the reading (as the test above)
-    budget = str(int((CPUDevice().in_use_bytes() + 30 * 2**20) / 0.9))
-    args = [
-        "fit",
-        "--workload",
-        SHAPED,
-        "--device",
-        "cpu",
-        "--memory-budget",
-        budget,
-        "--shapes",
-        "32,64,128",
-    ]
+    args = shaped_fit_args()
     assert main([*args, "--from-plan"]) == 0
     captured = capsys.readouterr()
     assert "estimating 3 shapes from fake tensors" in captured.err
     assert "largest batch per shape" in captured.out and "\n│ 128 " in captured.out.replace("┃", "│")
+    assert main([*args, "--from-plan", "--json"]) == 0
+    first = json.loads(capsys.readouterr().out)["entries"][-1]["result"]["probes"]  # 128, searched first
+    sizes = [p["batch_size"] for p in first]
+    assert sizes[0] == 2 and sizes[1] > 16  # the planned slope's aim (~120 here), not the plain table's 2 x 8
 
 
 @pytest.mark.parametrize(

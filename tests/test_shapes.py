@@ -30,6 +30,7 @@ from batchlab.fit.shape_decision import (
     conservative,
     credible_slopes,
     next_shape_candidate,
+    planned_noise,
     reading_noise,
 )
 from batchlab.fit.shapes import ShapeTable, search_order
@@ -316,7 +317,7 @@ def byte_lm_plan(shapes, slope_error: float = 1.0, mask: float = 8.0) -> dict[in
 
 @pytest.mark.parametrize(
     ("slope_error", "mask", "probes"),
-    [(1.0, 8.0, 8), (0.8, 8.0, 8), (1.25, 8.0, 8), (1.0, 0.0, 9)],
+    [(1.0, 8.0, 7), (0.8, 8.0, 8), (1.25, 8.0, 8), (1.0, 0.0, 8)],
     ids=["exact", "slopes 20% low", "slopes 25% high", "the mask left out"],
 )
 def test_a_table_seeded_from_a_plan_predicts_the_second_shape_and_every_entry_holds(
@@ -325,7 +326,9 @@ def test_a_table_seeded_from_a_plan_predicts_the_second_shape_and_every_entry_ho
     """``estimate={shape: line}``: the first shape goes from batch 2 straight to where the planned slope puts the
     budget (no 8x growth), the second is the plan's line moved onto the first -- one probe where the plan knows
     the mask -- and acceptance rests on measured slopes, so a plan off by a quarter, or one that misses the
-    ``L^2`` mask, still gives every entry within the tolerance. Without the plan this table takes 11 probes."""
+    ``L^2`` mask, still gives every entry within the tolerance. The first shape stops at 2 and the answer where
+    the plan's slope agrees with the line through them (``planned_noise``), and waits for a failure where it
+    does not (slopes off by a fifth or a quarter). Without the plan this table takes 11 probes."""
     step, memory, truth = shaped_memory(687 * MiB, 11_600.0, 2.0, block=64 * 1024, shared=8.0)
     device = SimulatedDevice(memory, 960 * MiB)
     shapes = [128, 256, 512, 1024, 2048]
@@ -336,6 +339,7 @@ def test_a_table_seeded_from_a_plan_predicts_the_second_shape_and_every_entry_ho
     assert (plain.probes, seeded.probes) == (11, probes)
     first = seeded.entries[-1].result.probes
     assert first[0].batch_size == 2 and first[1].batch_size <= 5  # the planned slope's aim, not 2 x 8
+    assert len(first) == (2 if slope_error == 1.0 else 3)
     second = seeded.entries[0]
     assert len(second.result.probes) == (1 if mask else 3)
     for entry in seeded.entries:
@@ -368,16 +372,19 @@ def test_a_seeded_table_at_three_tenths_of_a_percent_of_noise_holds_every_entry_
     assert statistics.mean(seeded_probes) < statistics.mean(plain_probes) - 0.4
 
 
-def test_a_line_through_two_sizes_alone_accepts_nothing_where_the_noise_is_not_yet_known():
-    """A seeded first shape runs batch 2 and the answer: a line passes through any two readings, so the room it
-    leaves says nothing of their noise, and the entry waits for a failure above it (``noise_known``). In a
-    scratch run of 381 seeded tables at 0.3% noise with plans off by up to 10%, accepting on that line put 4 of
-    1,905 entries under 0.97 of their truth (the worst 0.909), against 2 without it. Without a plan, or at a
-    later shape, the rule does not apply."""
+def test_a_line_through_two_sizes_is_trusted_only_as_far_as_the_planned_slope_agrees():
+    """A seeded first shape runs batch 2 and the answer: a line passes through any two readings, so on its own
+    the room it leaves says nothing of their noise (``noise_known``). The planned slope is a second estimate
+    without reading noise: where it agrees with the line the entry is accepted; where it is 10% off, that
+    disagreement times the span is taken as the noise, and the entry waits for a failure above it. Taking the
+    line as exact put 4 of 1,905 simulated entries under 0.97 of their truth (the worst 0.909)."""
     probes = [probe(2, "fits", 1000 + 2 * 100), probe(26, "fits", 1000 + 26 * 100)]  # room 50 = half a sample
-    first = ShapeGuide(estimated_slope=100.0)
-    assert next_shape_candidate(probes, 3650, first).batch_size == 27
-    assert next_shape_candidate([*probes, probe(27, "over budget", 3700)], 3650, first).batch_size is None
+    assert next_shape_candidate(probes, 3650, ShapeGuide(estimated_slope=100.0)).batch_size is None
+    assert planned_noise(probes, ShapeGuide(estimated_slope=110.0)) == pytest.approx(10.0 * 24)
+    off = ShapeGuide(estimated_slope=110.0)
+    assert next_shape_candidate(probes, 3650, off).batch_size == 27
+    assert next_shape_candidate([*probes, probe(27, "over budget", 3700)], 3650, off).batch_size is None
+    assert planned_noise(probes, ShapeGuide()) is None and planned_noise(probes[:1], off) is None
     later = ShapeGuide(MemoryLine(1000, 100), fixed_bytes=1000)  # a later shape
     assert next_shape_candidate(probes, 3650, later).batch_size is None
 

@@ -180,14 +180,32 @@ def reading_noise(probes: Sequence[Probe]) -> float:
 
 def noise_known(probes: Sequence[Probe], guide: ShapeGuide) -> bool:
     """Whether a seeded first shape knows its readings' noise: from three sizes or more (:func:`reading_noise`;
-    a line passes through two whatever their noise). Where it does not, its entry is accepted only below a
-    failure.
+    a line passes through two whatever their noise). Where it does not, its entry is accepted on the line only
+    with the noise the planned slope shows (:func:`planned_noise`), else below a failure.
 
-    A seeded first shape runs batch 2 and then the answer, and a line through those two alone put 4 of 1,905
-    entries under 0.97 of their truth, the worst 0.909 (tests/test_shapes.py). Every later shape has the
-    noise of the shapes before (``slack_bytes``); an unseeded first shape climbs through batch 16, three
-    sizes but after an out-of-memory error there, and is left as measured (benchmarks/RESULTS.md)."""
+    A seeded first shape runs batch 2 and then the answer, and a line through those two, taken as exact, put 4
+    of 1,905 simulated entries under 0.97 of their truth, the worst 0.909 (tests/test_shapes.py). Every later
+    shape has the noise of the shapes before (``slack_bytes``); an unseeded first shape climbs through batch
+    16, three sizes but after an out-of-memory error there, and is left as measured (benchmarks/RESULTS.md)."""
     return guide.estimated_slope is None or len({p.batch_size for p in probes if p.measured}) >= 3
+
+
+def planned_noise(probes: Sequence[Probe], guide: ShapeGuide) -> float | None:
+    """The readings' noise as a planned slope shows it at a shape with two measured sizes: how far the line
+    through them is from ``guide.estimated_slope``, times their span (None without both).
+
+    Two estimates of one slope: a reading off by ``e`` bytes moves a two-point line's slope by ``e / span``,
+    while the plan's slope comes from the tensors' own bytes and has no reading noise. A right plan then shows
+    the noise; a wrong one shows more, which only makes the acceptance stricter. What it cannot see is both
+    readings off by the same bytes (the line's level, not its slope). Over 378 simulated tables with exact plans
+    at 0.3% noise, 2 entries fell under 0.97 with it and 2 without, at 7.58 mean probes against 8.27; with
+    plans off by up to 10%, 1 against 2, at 8.46 against 8.59 (benchmarks/RESULTS.md).
+    """
+    points = line_points(probes)
+    if guide.estimated_slope is None or len(points) != 2:
+        return None
+    span = max(points) - min(points)
+    return abs(least_squares_line(points).bytes_per_sample - guide.estimated_slope) * span
 
 
 def slack_at(probes: Sequence[Probe], guide: ShapeGuide) -> float:
@@ -224,8 +242,13 @@ def next_shape_candidate(
     clear = min((b for b, p in failed.items() if clear_failure(p, budget_bytes, slack)), default=None)
     if cap is not None and lo >= cap:
         return _stop_after_verified(probes, lo_probe, CAP)
-    credible = credible_slopes(probes, lo_probe, guide, slack) if noise_known(probes, guide) else []
-    if accepts(lo_probe, credible, clear, budget_bytes, slack, guide.tolerance):
+    credible, accept_slack = [], slack
+    if noise_known(probes, guide):
+        credible = credible_slopes(probes, lo_probe, guide, slack)
+    elif (seen := planned_noise(probes, guide)) is not None:
+        accept_slack = max(slack, seen)
+        credible = credible_slopes(probes, lo_probe, guide, accept_slack)
+    if accepts(lo_probe, credible, clear, budget_bytes, accept_slack, guide.tolerance):
         return _stop_after_verified(probes, lo_probe, Limit.MEMORY)
     # The smallest size whose failure would prove lo within the tolerance: below it a try cannot settle lo.
     closing = math.ceil((math.floor(lo / (1 - guide.tolerance)) + 1) / multiple_of) * multiple_of

@@ -26,9 +26,13 @@ SECONDS_PER_POINT = 1.0  # timed seconds aimed for per (variant, batch size): a 
 # no per-size quantile recovered the curve. Spread over rounds, a burst falls on every size alike, and a size's
 # pooled 10th percentile (advise's reading) is a quiet step as soon as one round in four was quiet: a quarter of
 # its steps, above the 10% the reading needs. Why 4 and not more: each round repeats WARMUP_STEPS dropped steps
-# and a state restore per size (their cost: benchmarks/RESULTS.md, "interleaved rounds"), and with more rounds
-# than 1/0.1 = 10 one quiet round no longer holds the 10th percentile. On CUDA one window stays (the load
-# evidence is the CPU's; a GPU is rarely time-shared that way, and each extra warm-up re-runs its autotuning).
+# and a state restore per size, and with more rounds than 1/0.1 = 10 one quiet round no longer holds the 10th
+# percentile. On CUDA one window stays (the load evidence is the CPU's; a GPU is rarely time-shared that way,
+# and each extra warm-up re-runs its autotuning). Measured (benchmarks/RESULTS.md, "interleaved rounds"): the
+# cost is 23-39 ms per size and extra round at load ~3 (+0.8-1.4 s a profile), 97-137 ms under two busy loops,
+# advise 1.6-2x slower under load (char-lm 119-210 s against 59-97 s); the rounds made the inflation more even
+# across sizes (8 of 9 paired advise runs) but left every step 3-11x its quiet time and did not improve advise's
+# batch against the best fixed one (switched up on 3 of 9 seeds, one window on 4 of 9): not shown to pay.
 CPU_TIMING_ROUNDS = 4
 LINE_WINDOW = 8  # memory per sample: sizes >= largest / 8, like the search's line (small b is not affine)
 SCALING_SPAN = 4  # small-batch scaling compares the smallest size with the first size >= 4x it

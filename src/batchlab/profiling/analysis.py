@@ -30,7 +30,7 @@ SECONDS_PER_POINT = 1.0  # timed seconds aimed for per (variant, batch size): a 
 # percentile. On CUDA one window stays (the load evidence is the CPU's; a GPU is rarely time-shared that way,
 # and each extra warm-up re-runs its autotuning). Measured (benchmarks/RESULTS.md, "interleaved rounds"): the
 # cost is 23-39 ms per size and extra round at load ~3 (+0.8-1.4 s a profile), 97-137 ms under two busy loops,
-# advise 1.6-2x slower under load (char-lm 119-210 s against 59-97 s); the rounds made the inflation more even
+# advise 1.6-2.2x slower under load (char-lm 119-210 s against 59-97 s); the rounds made the inflation more even
 # across sizes (8 of 9 paired advise runs) but left every step 3-11x its quiet time and did not improve advise's
 # batch against the best fixed one (switched up on 3 of 9 seeds, one window on 4 of 9): not shown to pay.
 CPU_TIMING_ROUNDS = 4

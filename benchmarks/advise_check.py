@@ -27,7 +27,9 @@ read at its fastest timed step, no throughput spread (interference only adds tim
 & Revels 2016); on the CPU, where advise reads the 10th percentile, the median reading and its interval (advise
 before that change); advise's batch and LR with the workload's own Adam betas (what the SDE mapping of the
 betas costs); and, recorded but not trained, the batch the timed steps' full range as the spread (advise
-before the median's interval) gives.
+before the median's interval) gives. With ``--one-window``, also a paired measurement: advise once more on the same
+seed's model with ``rounds=1`` (the profile's one timing window per size, before the CPU's interleaved rounds),
+its recommendation trained in the same round; which of the two advise calls runs first alternates by seed.
 
 Writes the JSON (``--out``, default benchmarks/results/advise_check.json; rewritten after every data set, so a
 stopped run keeps what it finished) and prints a Markdown section for RESULTS.md (``--report <json>`` prints a saved
@@ -64,6 +66,7 @@ from batchlab.advice.pipeline import (  # noqa: E402  (advise: what `batchlab ad
     throughput_spread,
 )
 from batchlab.advice.recommend import recommend  # noqa: E402
+from batchlab.profiling.analysis import sample_quantile  # noqa: E402
 from batchlab.sweeps import Budget, sweep  # noqa: E402
 from batchlab.workloads.tasks import Task  # noqa: E402
 
@@ -171,6 +174,11 @@ def _recommended(rec) -> dict:
     }  # fmt: skip
 
 
+def _readings_ms(points: _Points, curve: dict[int, float], q: float) -> dict[str, float]:
+    """Each size's step time at advise's reading, ms (the quantile ``q`` of its timed steps)."""
+    return {str(p.batch_size): 1e3 * sample_quantile(p.step_times, q) for p in points.read(curve, q)}
+
+
 def measure_advice(name: str, seed: int, options: dict, noise_factor: float | None) -> dict:
     """advise on the task's model (seed ``seed``) at the current batch and LR, as ``batchlab advise --batch 32
     --lr <lr>`` does (``options``: the CLI flags a quick run adds); the recommendation and its own wall time.
@@ -193,6 +201,9 @@ def measure_advice(name: str, seed: int, options: dict, noise_factor: float | No
            "throughput_spread": advice.to_dict()["throughput_spread"], **_recommended(advice.recommendation)}  # fmt: skip
     q = step_quantile(advice.fit.device)
     out["step_quantile"] = q
+    out["rounds"] = max((p.rounds for p in points.read(advice.throughput, q)), default=1)
+    out["reading_ms"] = _readings_ms(points, advice.throughput, q)
+    out["throughput_detail"] = advice.throughput_detail
     if (
         advice.throughput_spread
     ):  # the same readings with the spread advise used before: the steps' full range
@@ -318,7 +329,7 @@ def evaluate(
     advice_seconds = statistics.fmean(a["seconds"] for a in advices)
     current = (CURRENT_BATCH, CURRENT_MULTIPLIER[name])
     variants = {}
-    for kind in ("advised", "what-if", "fastest", "median", "betas-kept"):
+    for kind in ("advised", "what-if", "fastest", "median", "betas-kept", "one-window"):
         mine = [r for r in runs if r["kind"] == kind]
         if mine:
             summary = summarise(mine, seeds)
@@ -348,13 +359,19 @@ def _advised_job(kind: str, name: str, rec: dict) -> tuple:
 
 
 def check(name: str, plan: dict, settings: dict, seeds: int, advise_options: dict, directory: Path,
-          uri: str | bool, noise_factor: float | None) -> dict:  # fmt: skip
+          uri: str | bool, noise_factor: float | None, one_window: bool = False) -> dict:  # fmt: skip
     """One data set: per seed, advise then a shuffled round of its recommendation (and the what-if's) and every
     fixed configuration."""
     task = Task(name, noise_every=0)
     advices, runs = [], []
     for seed in range(seeds):
+        if one_window and seed % 2:  # the paired one-window advise first on odd seeds: neither always first
+            single = measure_advice(name, seed, {**advise_options, "rounds": 1}, None)
         advice = measure_advice(name, seed, advise_options, noise_factor)
+        if one_window and not seed % 2:
+            single = measure_advice(name, seed, {**advise_options, "rounds": 1}, None)
+        if one_window:
+            advice["one_window"] = single
         advices.append(advice)
         print(json.dumps({k: advice[k] for k in ("seed", "seconds", "batch", "lr", "b_noise", "gain", "gain_range")}
                          | {"what_if": advice.get("what_if", {}).get("batch")}), flush=True)  # fmt: skip
@@ -367,6 +384,8 @@ def check(name: str, plan: dict, settings: dict, seeds: int, advise_options: dic
             jobs.append(_advised_job("median", name, advice["median"]))
         if "betas_kept" in advice:
             jobs.append(_advised_job("betas-kept", name, advice["betas_kept"]))
+        if "one_window" in advice:
+            jobs.append(_advised_job("one-window", name, advice["one_window"]))
         jobs += [
             ("fixed", task, b, settings["lr"], LR_BATCH, m) for b in plan["batches"] for m in plan["grid"]
         ]
@@ -409,7 +428,8 @@ def markdown(results: list[dict], command: str, seconds: float, seeds: int) -> s
                                                                    lambda a: a["what_if"]),
                   "fastest": ("what-if fastest step", lambda a: a["fastest"]),
                   "median": ("what-if median reading (advise before)", lambda a: a["median"]),
-                  "betas-kept": ("what-if advise's batch and LR, betas kept", lambda a: a["betas_kept"])}  # fmt: skip
+                  "betas-kept": ("what-if advise's batch and LR, betas kept", lambda a: a["betas_kept"]),
+                  "one-window": ("paired advise rounds=1 (one window a size)", lambda a: a["one_window"])}  # fmt: skip
         for kind, v in r["variants"].items():
             label, pick = labels[kind]
             batches = "/".join(str(pick(a)["batch"]) for a in r["advice"])
@@ -480,6 +500,11 @@ def main(argv: list[str] | None = None) -> None:
         help="also train the recommendation with B_noise "
         "times this (item 4: B_simple measured 0.3-0.5x the swept critical batch); 0: not",
     )
+    parser.add_argument(
+        "--one-window",
+        action="store_true",
+        help="also advise with rounds=1 (one timing window a size) on the same seed and train its recommendation",
+    )
     parser.add_argument("--out", default=str(HERE / "results" / "advise_check.json"))
     parser.add_argument(
         "--report", default=None, help="print the section of a saved JSON (re-evaluated) and stop"
@@ -503,13 +528,17 @@ def main(argv: list[str] | None = None) -> None:
     for name in datasets:
         settings = dict(EXPERIMENTS[name], **({"samples": QUICK["samples"]} if args.quick else {}))
         plan = QUICK["plan"] if args.quick else PLANS[name]
-        results.append(check(name, plan, settings, seeds, options, directory, uri, args.what_if or None))
+        results.append(
+            check(name, plan, settings, seeds, options, directory, uri, args.what_if or None, args.one_window)
+        )
         payload = {"results": results, "seeds": seeds, "quick": args.quick, "current_batch": CURRENT_BATCH,
                    "current_multiplier": CURRENT_MULTIPLIER, "goal": GOAL, "seconds": time.time() - started,
                    "mlflow": uri or None, "datasets_asked": datasets}  # fmt: skip
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(payload, indent=2, default=str))
-    command = "nice -n 5 python benchmarks/advise_check.py" + (" --quick" if args.quick else "")
+    command = "nice -n 5 python benchmarks/advise_check.py " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
     print(markdown(results, command, time.time() - started, seeds))
 
 

@@ -99,6 +99,12 @@ def test_noise_reports_b_simple_with_its_uncertainty(capsys):
         (["advise", "--memory-budget", "lots"], "invalid byte size 'lots'"),
         (["advise", "--batch", "5000"], "current_batch 5000 is larger than the dataset (1797 samples)"),
         (["advise", "--noise-collector", "accumulation"], "collector 'accumulation' needs a workload"),
+        (["advise", "--rounds", "0"], "invalid --rounds 0: expected an int >= 1 or None"),
+        (["advise", "--rounds", "31"], "invalid --rounds 31: expected an int from 1 to 30"),
+        (
+            ["advise", "--rounds", "2", "--throughput", "probes"],
+            "--rounds times batch sizes for --throughput profile",
+        ),
         (["noise", "--steps", "0"], "invalid steps 0"),
         (["noise", "--batch", "1"], "invalid noise batch 1"),
         (["noise", "--beta", "1.5"], "invalid beta 1.5"),

@@ -19,6 +19,7 @@ from batchlab import Workload
 from batchlab.cli import main
 from batchlab.defaults import WARMUP_STEPS
 from batchlab.devices import CPUDevice
+from batchlab.profiling.analysis import CPU_TIMING_ROUNDS
 from batchlab.profiling.api import profile
 from batchlab.profiling.plots import plot_profile
 from batchlab.workloads.examples import TinyGPT, small_cnn
@@ -109,7 +110,8 @@ def test_cnn_profile_reuses_the_fit_search(cnn_profile):
     ]  # a scout: 1 + 1
     after = device.runs[len(probes) :]
     # ... and never again: no size it found too big runs later, and every later run is a warm-up or a timed
-    # run of a profiled point (a size over the budget stops after its warm-up).
+    # run of a profiled point (a size over the budget stops after its warm-up) -- on the CPU in
+    # CPU_TIMING_ROUNDS interleaved rounds: the first over every profiled size, the rest over the timed ones.
     too_big = {p.batch_size for p in probes if not p.fits}
     assert not too_big & {b for b, _ in after}
     expected = []
@@ -118,7 +120,16 @@ def test_cnn_profile_reuses_the_fit_search(cnn_profile):
             continue  # not run by the profile
         expected.append((point.batch_size, WARMUP_STEPS))
         if point.step_times:
-            expected.append((point.batch_size, len(point.step_times)))
+            assert point.rounds == (CPU_TIMING_ROUNDS if point.fits else 1)
+            expected.append((point.batch_size, len(point.step_times) // point.rounds))
+    timed = [p for p in result.points if p.fits and p.step_times]
+    assert timed
+    for _ in range(CPU_TIMING_ROUNDS - 1):
+        for point in timed:
+            expected += [
+                (point.batch_size, WARMUP_STEPS),
+                (point.batch_size, len(point.step_times) // point.rounds),
+            ]
     assert after == expected
     # Sizes the search probed keep its measurement instead of a second one.
     by_size = {p.batch_size: p for p in probes}
@@ -235,6 +246,7 @@ def test_cli_profile_table(capsys):
         (["--checkpointing", "maybe"], "invalid --checkpointing"),
         (["--batch-sizes", "8,x"], "invalid --batch-sizes"),
         (["--precision", "fp64"], "invalid amp"),
+        (["--rounds", "0"], "invalid --rounds 0: expected an int >= 1 or None"),
     ],
 )
 def test_cli_profile_rejects_bad_arguments(argv, message, capsys):

@@ -7,7 +7,8 @@ JSON (:meth:`Advice.to_dict`). Four measurements, each restoring the workload's 
 2. throughput over batch sizes: :func:`batchlab.profile` when it is importable (its own fit search is step 1),
    else the fit search's probes (two steps each, the first creating optimizer state: rough); each size read at
    its median timed step, on the CPU at the 10th percentile (:data:`CPU_STEP_QUANTILE`: interference only adds
-   time), with that reading's order-statistic interval as its spread;
+   time) of its steps pooled over the profile's interleaved rounds (``rounds``; on the CPU 4 by default, so a
+   burst of load falls on every size alike), with that reading's order-statistic interval as its spread;
 3. the gradient noise scale (:func:`~batchlab.measure_noise_scale`);
 4. :func:`~batchlab.advice.recommend` combines them with the learning-rate rule and the epoch arithmetic.
 
@@ -39,7 +40,7 @@ from batchlab.noise.measure import (
     require_workload,
 )
 from batchlab.noise.measure import noise_collector as collector_for
-from batchlab.profiling.analysis import quantile_interval, sample_quantile
+from batchlab.profiling.analysis import check_rounds, quantile_interval, sample_quantile
 from batchlab.workload.workload import Workload
 
 __all__ = [
@@ -206,6 +207,7 @@ def advise(
     gain_threshold: float = GAIN_THRESHOLD,
     throughput: str = "auto",
     seconds_per_point: float | None = None,
+    rounds: int | None = None,
     device: Any = "auto",
     memory_budget: int | str | None = None,
     max_batch_size: int | None = None,
@@ -233,6 +235,8 @@ def advise(
         throughput: ``"profile"`` (steady-state timing), ``"probes"`` (the fit search's, rough) or ``"auto"``
             (profile when available).
         seconds_per_point: profile's timed seconds per size (default 0.2); not with ``throughput="probes"``.
+        rounds: profile's interleaved timing rounds (:func:`batchlab.profile`; default: 4 on the CPU, 1
+            elsewhere); not with ``throughput="probes"``.
         device, memory_budget, max_batch_size: as for :func:`~batchlab.find_batch_size`.
         noise_steps, noise_batch, noise_collector, noise_beta: as for :func:`~batchlab.measure_noise_scale`
             (default batch: 128, capped by the dataset and what fits).
@@ -266,6 +270,12 @@ def advise(
             f"seconds_per_point {seconds_per_point:g} times batch sizes for throughput 'profile'; throughput "
             "'probes' reads the fit search's probes and times nothing: drop one of them"
         )
+    check_rounds(rounds)
+    if rounds is not None and throughput == "probes":
+        raise ValueError(
+            f"rounds {rounds!r} times batch sizes for throughput 'profile'; throughput 'probes' reads the fit "
+            "search's probes and times nothing: drop one of them"
+        )
 
     opt_lr, betas, eps = optimizer_hyperparameters(work.optimizer)
     lr_from = "the given lr" if lr is not None else f"the workload's {type(work.optimizer).__name__}"
@@ -287,6 +297,7 @@ def advise(
         memory_budget=memory_budget,
         max_batch_size=min(caps) if caps else None,
         seconds_per_point=ADVISE_SECONDS_PER_POINT if seconds_per_point is None else seconds_per_point,
+        rounds=rounds,
         progress=shown,
     )
     batch = noise_batch_for(work, noise_batch, fit.batch_size)
@@ -390,6 +401,7 @@ def _measure_throughput(
     max_batch_size: int | None,
     seconds_per_point: float,
     progress: Progress,
+    rounds: int | None = None,
 ) -> tuple[FitResult, dict[int, float], dict[int, tuple[float, float]] | None, str, str]:
     """(fit, {batch: samples/s}, its spread, source, detail): profile when importable (and asked), else the fit
     probes (no spread: a probe's time covers its steps together)."""
@@ -399,16 +411,16 @@ def _measure_throughput(
         try:
             from batchlab.profiling.api import profile
         except ImportError as exc:
-            if source == "profile":
-                raise ImportError(
-                    f"throughput 'profile': batchlab.profile is not available ({exc})"
-                ) from None
+            if source == "profile" or rounds is not None:
+                asked = "throughput 'profile'" if source == "profile" else f"rounds {rounds!r}"
+                raise ImportError(f"{asked}: batchlab.profile is not available ({exc})") from None
     if profile is not None:
         progress.phase("what fits (fit search)")
         result = profile(
             work,
             **limits,
             seconds_per_point=seconds_per_point,
+            rounds=rounds,
             on_point=progress.point,
             on_probe=progress.variant_probe,
         )
@@ -425,9 +437,11 @@ def _measure_throughput(
         q = step_quantile(result.device)
         curve = throughput_curve(points, q)
         reading = "median" if q == 0.5 else f"{q:.0%} quantile (CPU: interference only adds time)"
+        windows = max((p.rounds for p in points), default=1)
+        pooled = f" pooled over {windows} interleaved rounds" if windows > 1 else ""
         detail = (
-            f"batchlab.profile ({variant}): {reading} of timed steps after warm-up at {len(curve)} sizes, "
-            f"{result.seconds:.1f} s"
+            f"batchlab.profile ({variant}): {reading} of timed steps after warm-up{pooled} at {len(curve)} "
+            f"sizes, {result.seconds:.1f} s"
         )
         return fit, curve, throughput_spread(points, q), "profile", detail
     progress.phase("what fits and throughput (fit search probes)")

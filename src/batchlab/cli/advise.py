@@ -26,6 +26,7 @@ from batchlab.advice.scaling import RULES
 from batchlab.cli.common import Display, add_workload_options, build_workload
 from batchlab.cli.noise import add_noise_options, check_noise_args, describe_noise
 from batchlab.defaults import GAIN_THRESHOLD
+from batchlab.profiling.analysis import check_rounds
 from batchlab.units import parse_bytes
 
 _SOURCE = {
@@ -89,6 +90,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--throughput probes, which times nothing apart)",
     )
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="profile: time the batch sizes in this many interleaved rounds, steps pooled per size (default 4 "
+        "on the CPU, where a burst of load can cover one size's window; 1 elsewhere); not with --throughput probes",
+    )
+    parser.add_argument(
         "--memory-budget", default=None, help='treat the device as having this much memory, e.g. "4GiB"'
     )
     parser.add_argument(
@@ -109,6 +117,9 @@ def _check_args(args: argparse.Namespace) -> None:
     checks.number("--gain-threshold", args.gain_threshold, inclusive=True, what="0.05 = 5%")
     if args.seconds_per_point is not None:
         checks.number("--seconds-per-point", args.seconds_per_point, inclusive=True)
+    check_rounds(args.rounds, "--rounds")
+    if args.rounds is not None and args.throughput == "probes":
+        raise ValueError("--rounds times batch sizes for --throughput profile; probes time nothing: drop one")
     if args.memory_budget is not None:
         parse_bytes(args.memory_budget)
     check_noise_args(args.noise_steps, args.noise_batch, args.noise_beta)
@@ -130,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
             gain_threshold=args.gain_threshold,
             throughput=args.throughput,
             seconds_per_point=args.seconds_per_point,
+            rounds=args.rounds,
             device=args.device,
             memory_budget=args.memory_budget,
             max_batch_size=args.max_batch_size,

@@ -11,7 +11,7 @@ from rich.table import Table
 from batchlab.cli.common import Display, add_workload_options, build_workload, comma_ints, comma_list
 from batchlab.defaults import KNEE_THRESHOLD, WARMUP_STEPS
 from batchlab.optional import require
-from batchlab.profiling.analysis import SECONDS_PER_POINT
+from batchlab.profiling.analysis import CPU_TIMING_ROUNDS, SECONDS_PER_POINT, check_rounds
 from batchlab.profiling.api import parse_precisions, profile
 from batchlab.profiling.records import MemorySource, Profile
 from batchlab.units import format_bytes, parse_bytes
@@ -58,6 +58,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=SECONDS_PER_POINT,
         help=f"timed seconds aimed for per batch size and variant (default {SECONDS_PER_POINT})",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help=f"time the fitting sizes in this many interleaved rounds, steps pooled per size (default "
+        f"{CPU_TIMING_ROUNDS} on the CPU, where a burst of load can cover one size's window; 1 elsewhere)",
+    )
     parser.add_argument("--plot", default=None, metavar="DIR", help="write throughput and memory PNGs here")
     parser.set_defaults(run=run)
 
@@ -79,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
     precisions = parse_precisions(args.precision)
     checkpointing = parse_switches(args.checkpointing)
     sizes = None if args.batch_sizes is None else comma_ints("--batch-sizes", args.batch_sizes)
+    check_rounds(args.rounds, "--rounds")
     if args.memory_budget is not None:
         parse_bytes(args.memory_budget)
     if args.plot is not None:
@@ -97,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
             max_batch_size=args.max_batch_size,
             knee_threshold=args.knee_threshold,
             seconds_per_point=args.seconds_per_point,
+            rounds=args.rounds,
             on_point=display.point,
             on_probe=display.variant_probe,
         )

@@ -19,6 +19,21 @@ MIN_TIMED_STEPS = 3  # the median of 3 already ignores one outlier (a GC pause, 
 MAX_TIMED_STEPS = 30  # enough for a stable median of a fast step; more only costs time
 SECONDS_PER_POINT = 1.0  # timed seconds aimed for per (variant, batch size): a small model gets many steps,
 # a large one MIN_TIMED_STEPS -- a profile of ~10 sizes x 2 variants stays around a minute plus warm-up
+# On the CPU the profile times the fitting sizes in this many interleaved (round-robin) rounds, each round
+# 1/CPU_TIMING_ROUNDS of a size's timed steps, the steps pooled per size. Why: on a shared CPU a burst of other
+# work can cover one size's whole window -- measured under two busy loops (benchmarks/RESULTS.md, "advise end to
+# end under a controlled load"), even the 10th-percentile step was 2-30x the quiet one, unevenly across sizes, so
+# no per-size quantile recovered the curve. Spread over rounds, a burst falls on every size alike, and a size's
+# pooled 10th percentile (advise's reading) is a quiet step as soon as one round in four was quiet: a quarter of
+# its steps, above the 10% the reading needs. Why 4 and not more: each round repeats WARMUP_STEPS dropped steps
+# and a state restore per size, and with more rounds than 1/0.1 = 10 one quiet round no longer holds the 10th
+# percentile. On CUDA one window stays (the load evidence is the CPU's; a GPU is rarely time-shared that way,
+# and each extra warm-up re-runs its autotuning). Measured (benchmarks/RESULTS.md, "interleaved rounds"): the
+# cost is 23-39 ms per size and extra round at load ~3 (+0.8-1.4 s a profile), 97-137 ms under two busy loops,
+# advise 1.6-2.2x slower under load (char-lm 119-210 s against 59-97 s); the rounds made the inflation more even
+# across sizes (8 of 9 paired advise runs) but left every step 3-11x its quiet time and did not improve advise's
+# batch against the best fixed one (switched up on 3 of 9 seeds, one window on 4 of 9): not shown to pay.
+CPU_TIMING_ROUNDS = 4
 LINE_WINDOW = 8  # memory per sample: sizes >= largest / 8, like the search's line (small b is not affine)
 SCALING_SPAN = 4  # small-batch scaling compares the smallest size with the first size >= 4x it
 # The coverage of a step time's interval (the median's, a low quantile's): 68.27%, the mass within one standard
@@ -59,6 +74,19 @@ def timed_steps_for(step_seconds: float, seconds_per_point: float) -> int:
     if step_seconds <= 0 or not math.isfinite(step_seconds):
         return MAX_TIMED_STEPS
     return int(min(MAX_TIMED_STEPS, max(MIN_TIMED_STEPS, round(seconds_per_point / step_seconds))))
+
+
+def check_rounds(rounds: object, name: str = "rounds") -> int | None:
+    """``rounds`` (the profile's interleaved timing rounds) as an int from 1 to MAX_TIMED_STEPS -- every round
+    times at least one step of a size's MAX_TIMED_STEPS at most -- or None (the device's default). ``name``
+    names it in the message (the CLI's ``--rounds``)."""
+    checked = checks.integer(name, rounds, none=True)
+    if checked is not None and checked > MAX_TIMED_STEPS:
+        raise ValueError(
+            f"invalid {name} {rounds!r}: expected an int from 1 to {MAX_TIMED_STEPS} (every round times at least "
+            "one of a size's at most MAX_TIMED_STEPS steps) or None"
+        )
+    return checked
 
 
 def sample_quantile(values: Sequence[float], q: float) -> float:

@@ -23,7 +23,10 @@ How, per variant:
    from the workload's own starting state (one device run), then -- in a second run -- enough steps for about
    ``seconds_per_point`` (``MIN_TIMED_STEPS``..``MAX_TIMED_STEPS``, estimated from the last warm-up step);
    each step is timed between device synchronisations and the median of the timed steps is the step time.
-   The peak is the higher of the two runs'. State is restored afterwards, as after every probe.
+   The peak is the higher of the two runs'. State is restored afterwards, as after every probe. On the CPU
+   (``rounds``, default :data:`~.analysis.CPU_TIMING_ROUNDS`) the fitting sizes are then timed again in
+   round-robin rounds -- every size once per round, smallest first -- each window a ``1/rounds`` share of the
+   steps, which are pooled per size: a burst of other work falls on every size alike instead of on one.
 3. **Summary.** The knee (the smallest size reaching ``knee_threshold`` of the best throughput), the largest
    fitting size and its throughput, memory per sample (a line through the peaks), and findings such as
    "checkpointing lets batch 512 fit at 1.3x the step time".
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -51,7 +55,9 @@ from batchlab.devices import Device, resolve_device
 from batchlab.errors import DoesNotFitError
 from batchlab.fit import FitResult, Probe, find_batch_size
 from batchlab.profiling.analysis import (
+    CPU_TIMING_ROUNDS,
     SECONDS_PER_POINT,
+    check_rounds,
     default_batch_sizes,
     memory_per_sample,
     summarize_variant,
@@ -142,6 +148,7 @@ def profile(
     max_batch_size: int | None = None,
     knee_threshold: float = KNEE_THRESHOLD,
     seconds_per_point: float = SECONDS_PER_POINT,
+    rounds: int | None = None,
     loader: Any = None,
     on_point: Callable[[ProfilePoint], None] | None = None,
     on_probe: Callable[[str, Probe], None] | None = None,
@@ -163,6 +170,13 @@ def profile(
         max_batch_size: never profile above this.
         knee_threshold: the knee is the smallest batch reaching this share of the best throughput.
         seconds_per_point: timed seconds aimed for per point (between MIN_ and MAX_TIMED_STEPS steps).
+        rounds: time each variant's fitting sizes in this many interleaved round-robin windows, each with
+            ``1/rounds`` of the point's timed steps (at least one) after its own ``WARMUP_STEPS`` dropped ones
+            and followed by a state restore; a point's ``step_times`` pools them round by round. The first round
+            is the pass that also decides what fits (smallest size first); later rounds time only what fitted,
+            and their memory is not read again. An int from 1 to MAX_TIMED_STEPS; default (None):
+            :data:`~.analysis.CPU_TIMING_ROUNDS` on the CPU, where a burst of load can cover one size's whole
+            window, 1 elsewhere. The loader's pass (``loader=``) is one window per size either way.
         loader: a DataLoader (rebuilt at each batch size) or ``make_loader(batch_size)``: each fitting point is
             timed again with batches drawn from it, to show what the input pipeline costs.
         on_point: called with each :class:`ProfilePoint` as it is measured (progress displays).
@@ -181,6 +195,7 @@ def profile(
     knee_threshold = checks.fraction("knee_threshold", knee_threshold, include_one=True)
     seconds_per_point = checks.number("seconds_per_point", seconds_per_point, inclusive=True, what="seconds")
     max_batch_size = checks.integer("max_batch_size", max_batch_size, none=True)
+    rounds = check_rounds(rounds)
     if isinstance(work, StepFunction):
         unsupported = [p for p, c in variants if p != "fp32" or c]
         if unsupported or loader is not None:
@@ -203,6 +218,8 @@ def profile(
     budget = int(capacity * fraction)
     hard_limit = dev.hard_limit_bytes()
     samples_per_step = work.grad_accum
+    if rounds is None:
+        rounds = CPU_TIMING_ROUNDS if _device_type(dev) == "cpu" else 1
 
     points: list[ProfilePoint] = []
     summaries: list[VariantSummary] = []
@@ -230,7 +247,7 @@ def profile(
                 loaded = with_loader(variant, make_loader) if make_loader else None
                 variant_points = _profile_variant(
                     variant, dev, name, precision, ckpt, planned, known, fit, budget, hard_limit,
-                    samples_per_step, seconds_per_point, snapshot, emit, loaded,
+                    samples_per_step, seconds_per_point, snapshot, emit, loaded, rounds,
                 )  # fmt: skip
             summaries.append(
                 summarize_variant(
@@ -337,12 +354,13 @@ def _search(
 
 def _profile_variant(
     variant, dev, name, precision, ckpt, planned, known, fit, budget, hard_limit,
-    samples_per_step, seconds_per_point, snapshot, emit, loaded=None,
+    samples_per_step, seconds_per_point, snapshot, emit, loaded=None, rounds=1,
 ) -> list[ProfilePoint]:  # fmt: skip
     """Time every planned size of one variant, smallest first; reuse what the search knows.
 
     With ``loaded`` (the variant drawing its batches from the user's loader), each fitting point is
-    timed a second time through it.
+    timed a second time through it. With ``rounds`` > 1 this pass is the first round, and
+    :func:`_more_rounds` times the fitting sizes in the rest; the points are emitted once pooled.
     """
     out: list[ProfilePoint] = []
     failed_at: int | None = None
@@ -366,7 +384,7 @@ def _profile_variant(
             try:
                 timing = time_steps(
                     dev, variant.step, b, seconds_per_point=seconds_per_point,
-                    stop_above=None if verified else budget,
+                    stop_above=None if verified else budget, rounds=rounds,
                 )  # fmt: skip
             finally:
                 snapshot.restore()
@@ -380,7 +398,67 @@ def _profile_variant(
         if not point.fits and failed_at is None and point.outcome is not PointOutcome.SKIPPED:
             failed_at = b
         out.append(point)
-        emit(point)
+        if rounds == 1:
+            emit(point)
+    if rounds > 1:
+        out = _more_rounds(out, variant, dev, rounds, seconds_per_point, samples_per_step, snapshot)
+        for point in out:
+            emit(point)
+    return out
+
+
+def _more_rounds(
+    points: list[ProfilePoint],
+    variant: Workload | StepFunction,
+    dev: Device,
+    rounds: int,
+    seconds_per_point: float,
+    samples_per_step: int,
+    snapshot: Any,
+) -> list[ProfilePoint]:
+    """Rounds 2..``rounds``: every size the first round timed (it fits and has timed steps), once per round,
+    smallest first, as many steps as its first window; the steps pooled and the point's reading redone on them.
+
+    Pooled rather than read per round (say, the fastest round's quantile): a reading of the pooled steps is still
+    one order statistic of all of them, with :func:`~.analysis.quantile_interval`'s interval, and a low quantile of
+    the pool is a quiet step once one round in ``1/q`` was quiet, where the fastest of several rounds' readings
+    would pick the luckiest and carry no interval. What pooling does to that interval: it assumes independent
+    steps from one distribution; a burst makes steps within a round alike, and rounds differ. Pooled over rounds,
+    the steps are closer to independent draws of the run's whole mix of load (bursts fall on every size alike),
+    and for independent steps that are not identically distributed the count below a point is Poisson-binomial,
+    never more spread than the binomial the interval takes (Hoeffding 1956): the interval is then for the quantile
+    of that mix, at least as sure as it says. Steps within one round stay correlated; fewer, longer bursts than
+    rounds still leave the interval narrower than it should be.
+    """
+    timed = [i for i, p in enumerate(points) if p.fits and p.step_times]
+    steps = {i: [points[i].step_times] for i in timed}
+    stopped: dict[int, str] = {}
+    for _ in range(rounds - 1):
+        for i in timed:
+            if i in stopped:
+                continue
+            b = points[i].batch_size
+            try:
+                timing = time_steps(
+                    dev, variant.step, b, seconds_per_point=seconds_per_point,
+                    steps=len(points[i].step_times),
+                )  # fmt: skip
+            finally:
+                snapshot.restore()
+            if timing.ok and timing.step_times:
+                steps[i].append(timing.step_times)
+            else:
+                stopped[i] = f"round {len(steps[i]) + 1} of {rounds}: {timing.error or 'no timed step'}"
+    out = list(points)
+    for i in timed:
+        pooled = tuple(t for window in steps[i] for t in window)
+        median = statistics.median(pooled)
+        b = points[i].batch_size
+        note = "; ".join(n for n in (points[i].note, stopped.get(i)) if n) or None
+        out[i] = replace(
+            points[i], step_times=pooled, step_seconds=median, rounds=len(steps[i]), note=note,
+            samples_per_second=b * samples_per_step / median if median else None,
+        )  # fmt: skip
     return out
 
 

@@ -48,7 +48,8 @@ class ProfilePoint:
     :class:`MemorySource` ("fit search" or "timed run"); plain strings are accepted and converted.
     ``step_seconds`` is the median of ``step_times``, the timed steps after ``warmup_steps`` dropped ones;
     ``samples_per_second`` counts ``batch_size * grad_accum`` samples per step. ``loader_*`` are the same
-    with the user's input pipeline in the step.
+    with the user's input pipeline in the step. ``rounds``: how many interleaved windows the timed steps come
+    from (:func:`batchlab.profile`'s ``rounds``); ``step_times`` holds them round by round, equally many each.
     """
 
     variant: str
@@ -68,6 +69,7 @@ class ProfilePoint:
     fit_answer: bool = False
     error: str | None = None  # why it failed or was not run
     note: str | None = None
+    rounds: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "outcome", PointOutcome(self.outcome))

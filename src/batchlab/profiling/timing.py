@@ -8,6 +8,7 @@ the step time (robust to one GC pause or a noisy neighbour).
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -46,12 +47,18 @@ def time_steps(
     *,
     seconds_per_point: float,
     stop_above: int | None = None,
+    rounds: int = 1,
+    steps: int | None = None,
 ) -> Timing:
     """Run ``WARMUP_STEPS`` dropped steps, then enough timed steps for ~``seconds_per_point``; peak over both.
 
     Two device runs: the warm-up, then the timed steps (how many: :func:`~.analysis.timed_steps_for`, from
     the last warm-up step's time). When the warm-up already peaks above ``stop_above`` bytes, no step is
     timed (the size does not fit; its speed is not worth the time). The caller restores the state afterwards.
+
+    One window of ``rounds`` (the profile's interleaved rounds): ``1/rounds`` of that count, rounded up (at
+    least one step); ``steps`` fixes the count instead (the later rounds repeat the first one's, so every round
+    weighs the same in the pooled steps).
     """
     times: list[float] = []
 
@@ -66,7 +73,8 @@ def time_steps(
         return Timing(False, warm.peak_bytes, warm.allocated_bytes, (), warm.error)
     if stop_above is not None and warm.peak_bytes is not None and warm.peak_bytes > stop_above:
         return Timing(True, warm.peak_bytes, warm.allocated_bytes, ())
-    steps = timed_steps_for(times[-1], seconds_per_point)  # the last warm-up step estimates a steady step
+    if steps is None:  # the last warm-up step estimates a steady step
+        steps = math.ceil(timed_steps_for(times[-1], seconds_per_point) / rounds)
     times.clear()  # the warm-up steps are dropped here
     timed = device.run(timed_step, batch_size, steps)
     peak = _max_or_none(warm.peak_bytes, timed.peak_bytes)

@@ -19,12 +19,12 @@ from batchlab import Workload
 from batchlab.cli import main
 from batchlab.defaults import WARMUP_STEPS
 from batchlab.devices import CPUDevice
-from batchlab.profiling.analysis import CPU_TIMING_ROUNDS
 from batchlab.profiling.api import profile
 from batchlab.profiling.plots import plot_profile
 from batchlab.workloads.examples import TinyGPT, small_cnn
 
 MiB = 2**20
+ROUNDS = 4  # the cnn profile times its sizes in interleaved rounds: the option, on a real CPU
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -78,7 +78,9 @@ def cnn_profile():
     work = small_cnn()
     saved = state_of(work)
     device = CountingCPU()
-    result = profile(work, device=device, memory_budget=budget_with_headroom(64 * MiB), seconds_per_point=0)
+    result = profile(
+        work, device=device, memory_budget=budget_with_headroom(64 * MiB), seconds_per_point=0, rounds=ROUNDS
+    )
     return work, saved, device, result
 
 
@@ -111,7 +113,7 @@ def test_cnn_profile_reuses_the_fit_search(cnn_profile):
     after = device.runs[len(probes) :]
     # ... and never again: no size it found too big runs later, and every later run is a warm-up or a timed
     # run of a profiled point (a size over the budget stops after its warm-up) -- on the CPU in
-    # CPU_TIMING_ROUNDS interleaved rounds: the first over every profiled size, the rest over the timed ones.
+    # ROUNDS interleaved rounds: the first over every profiled size, the rest over the timed ones.
     too_big = {p.batch_size for p in probes if not p.fits}
     assert not too_big & {b for b, _ in after}
     expected = []
@@ -120,11 +122,11 @@ def test_cnn_profile_reuses_the_fit_search(cnn_profile):
             continue  # not run by the profile
         expected.append((point.batch_size, WARMUP_STEPS))
         if point.step_times:
-            assert point.rounds == (CPU_TIMING_ROUNDS if point.fits else 1)
+            assert point.rounds == (ROUNDS if point.fits else 1)
             expected.append((point.batch_size, len(point.step_times) // point.rounds))
     timed = [p for p in result.points if p.fits and p.step_times]
     assert timed
-    for _ in range(CPU_TIMING_ROUNDS - 1):
+    for _ in range(ROUNDS - 1):
         for point in timed:
             expected += [
                 (point.batch_size, WARMUP_STEPS),

@@ -1,6 +1,7 @@
-"""The profile times a CPU's sizes in interleaved rounds (issue 13, item 6): a burst of load that covers one size's
-whole window under one-window timing falls on every size alike, and the pooled 10th percentile (advise's CPU
-reading) is a quiet step again. Timings here come from a scripted clock, so nothing is timed for real."""
+"""The profile can time sizes in interleaved rounds (issue 13, item 6; ``rounds=``, one window by default): a
+burst of load that covers one size's whole window under one-window timing falls on every size alike, and the
+pooled 10th percentile (advise's CPU reading) is a quiet step again. Timings here come from a scripted clock, so
+nothing is timed for real."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from batchlab import find_batch_size
 from batchlab.advice.pipeline import CPU_STEP_QUANTILE, throughput_curve, throughput_spread
 from batchlab.devices import SimulatedDevice, allocator_memory
 from batchlab.profiling import api as profiling_api
-from batchlab.profiling.analysis import CPU_TIMING_ROUNDS, MAX_TIMED_STEPS
+from batchlab.profiling.analysis import DEFAULT_TIMING_ROUNDS, MAX_TIMED_STEPS
 from batchlab.profiling.api import profile
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one torch thread
@@ -140,7 +141,7 @@ def test_later_rounds_time_only_what_fitted_and_keep_the_fit_search(monkeypatch)
             q.batch_size, q.outcome, q.peak_bytes, q.memory_source,
         )  # fmt: skip
         assert p.rounds == (3 if p.fits else 1) and len(p.step_times) == (3 if p.fits else 0)
-    assert one.points and all(p.rounds == 1 for p in one.points)  # not the CPU: one window by default
+    assert one.points and all(p.rounds == 1 for p in one.points)  # one window by default
 
 
 @pytest.mark.parametrize(
@@ -190,7 +191,7 @@ def test_state_is_restored_bitwise_after_interleaved_rounds():
     assert torch.equal(rng, torch.get_rng_state())
 
 
-@pytest.mark.parametrize(("rounds", "expected"), [(None, CPU_TIMING_ROUNDS), (2, 2), (1, 1)])
+@pytest.mark.parametrize(("rounds", "expected"), [(None, DEFAULT_TIMING_ROUNDS), (2, 2), (1, 1)])
 def test_advise_passes_rounds_to_the_profile_it_reads(monkeypatch, rounds, expected):
     real, seen = profiling_api.profile, []
 

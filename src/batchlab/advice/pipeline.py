@@ -7,8 +7,8 @@ JSON (:meth:`Advice.to_dict`). Four measurements, each restoring the workload's 
 2. throughput over batch sizes: :func:`batchlab.profile` when it is importable (its own fit search is step 1),
    else the fit search's probes (two steps each, the first creating optimizer state: rough); each size read at
    its median timed step, on the CPU at the 10th percentile (:data:`CPU_STEP_QUANTILE`: interference only adds
-   time) of its steps pooled over the profile's interleaved rounds (``rounds``; on the CPU 4 by default, so a
-   burst of load falls on every size alike), with that reading's order-statistic interval as its spread;
+   time) of its steps (pooled over the profile's interleaved rounds where ``rounds`` asks for them), with that
+   reading's order-statistic interval as its spread;
 3. the gradient noise scale (:func:`~batchlab.measure_noise_scale`);
 4. :func:`~batchlab.advice.recommend` combines them with the learning-rate rule and the epoch arithmetic.
 
@@ -235,8 +235,8 @@ def advise(
         throughput: ``"profile"`` (steady-state timing), ``"probes"`` (the fit search's, rough) or ``"auto"``
             (profile when available).
         seconds_per_point: profile's timed seconds per size (default 0.2); not with ``throughput="probes"``.
-        rounds: profile's interleaved timing rounds (:func:`batchlab.profile`; default: 4 on the CPU, 1
-            elsewhere); not with ``throughput="probes"``.
+        rounds: profile's interleaved timing rounds (:func:`batchlab.profile`; default one window); not with
+            ``throughput="probes"``.
         device, memory_budget, max_batch_size: as for :func:`~batchlab.find_batch_size`.
         noise_steps, noise_batch, noise_collector, noise_beta: as for :func:`~batchlab.measure_noise_scale`
             (default batch: 128, capped by the dataset and what fits).

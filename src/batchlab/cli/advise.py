@@ -93,8 +93,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--rounds",
         type=int,
         default=None,
-        help="profile: time the batch sizes in this many interleaved rounds, steps pooled per size (default 4 "
-        "on the CPU, where a burst of load can cover one size's window; 1 elsewhere); not with --throughput probes",
+        help="profile: time the batch sizes in this many interleaved rounds, steps pooled per size (default 1; "
+        "more for a machine whose load comes in bursts that cover one size's window); not with --throughput probes",
     )
     parser.add_argument(
         "--memory-budget", default=None, help='treat the device as having this much memory, e.g. "4GiB"'

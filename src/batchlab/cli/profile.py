@@ -11,7 +11,7 @@ from rich.table import Table
 from batchlab.cli.common import Display, add_workload_options, build_workload, comma_ints, comma_list
 from batchlab.defaults import KNEE_THRESHOLD, WARMUP_STEPS
 from batchlab.optional import require
-from batchlab.profiling.analysis import CPU_TIMING_ROUNDS, SECONDS_PER_POINT, check_rounds
+from batchlab.profiling.analysis import DEFAULT_TIMING_ROUNDS, SECONDS_PER_POINT, check_rounds
 from batchlab.profiling.api import parse_precisions, profile
 from batchlab.profiling.records import MemorySource, Profile
 from batchlab.units import format_bytes, parse_bytes
@@ -63,7 +63,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         help=f"time the fitting sizes in this many interleaved rounds, steps pooled per size (default "
-        f"{CPU_TIMING_ROUNDS} on the CPU, where a burst of load can cover one size's window; 1 elsewhere)",
+        f"{DEFAULT_TIMING_ROUNDS}; more for a machine whose load comes in bursts that cover one size's window)",
     )
     parser.add_argument("--plot", default=None, metavar="DIR", help="write throughput and memory PNGs here")
     parser.set_defaults(run=run)

@@ -19,21 +19,16 @@ MIN_TIMED_STEPS = 3  # the median of 3 already ignores one outlier (a GC pause, 
 MAX_TIMED_STEPS = 30  # enough for a stable median of a fast step; more only costs time
 SECONDS_PER_POINT = 1.0  # timed seconds aimed for per (variant, batch size): a small model gets many steps,
 # a large one MIN_TIMED_STEPS -- a profile of ~10 sizes x 2 variants stays around a minute plus warm-up
-# On the CPU the profile times the fitting sizes in this many interleaved (round-robin) rounds, each round
-# 1/CPU_TIMING_ROUNDS of a size's timed steps, the steps pooled per size. Why: on a shared CPU a burst of other
-# work can cover one size's whole window -- measured under two busy loops (benchmarks/RESULTS.md, "advise end to
-# end under a controlled load"), even the 10th-percentile step was 2-30x the quiet one, unevenly across sizes, so
-# no per-size quantile recovered the curve. Spread over rounds, a burst falls on every size alike, and a size's
-# pooled 10th percentile (advise's reading) is a quiet step as soon as one round in four was quiet: a quarter of
-# its steps, above the 10% the reading needs. Why 4 and not more: each round repeats WARMUP_STEPS dropped steps
-# and a state restore per size, and with more rounds than 1/0.1 = 10 one quiet round no longer holds the 10th
-# percentile. On CUDA one window stays (the load evidence is the CPU's; a GPU is rarely time-shared that way,
-# and each extra warm-up re-runs its autotuning). Measured (benchmarks/RESULTS.md, "interleaved rounds"): the
-# cost is 23-39 ms per size and extra round at load ~3 (+0.8-1.4 s a profile), 97-137 ms under two busy loops,
-# advise 1.6-2.2x slower under load (char-lm 119-210 s against 59-97 s); the rounds made the inflation more even
-# across sizes (8 of 9 paired advise runs) but left every step 3-11x its quiet time and did not improve advise's
-# batch against the best fixed one (switched up on 3 of 9 seeds, one window on 4 of 9): not shown to pay.
-CPU_TIMING_ROUNDS = 4
+# The profile times each size in one window by default. ``rounds=R`` times the fitting sizes in R interleaved
+# (round-robin) rounds instead, each 1/R of a size's timed steps, pooled per size: a burst of other work that
+# covers one size's whole window then falls on every size alike. It was built for a loaded shared CPU -- under
+# two busy loops even the 10th-percentile step was 2-30x the quiet one, unevenly across sizes (benchmarks/RESULTS.md,
+# "advise end to end under a controlled load") -- and measured there ("interleaved rounds"): four rounds made the
+# inflation more even across sizes (8 of 9 paired advise runs) but left every step 3-11x its quiet time, did not
+# improve advise's batch against the best fixed one (switched up on 3 of 9 seeds, one window on 4 of 9; char-lm
+# 3.24x against 1.91x), and cost 23-137 ms per size and extra round (advise 1.6-2.2x slower under load). Not shown
+# to pay, so it is an option for a machine whose load comes in short bursts, not the default.
+DEFAULT_TIMING_ROUNDS = 1
 LINE_WINDOW = 8  # memory per sample: sizes >= largest / 8, like the search's line (small b is not affine)
 SCALING_SPAN = 4  # small-batch scaling compares the smallest size with the first size >= 4x it
 # The coverage of a step time's interval (the median's, a low quantile's): 68.27%, the mass within one standard

@@ -23,8 +23,8 @@ How, per variant:
    from the workload's own starting state (one device run), then -- in a second run -- enough steps for about
    ``seconds_per_point`` (``MIN_TIMED_STEPS``..``MAX_TIMED_STEPS``, estimated from the last warm-up step);
    each step is timed between device synchronisations and the median of the timed steps is the step time.
-   The peak is the higher of the two runs'. State is restored afterwards, as after every probe. On the CPU
-   (``rounds``, default :data:`~.analysis.CPU_TIMING_ROUNDS`) the fitting sizes are then timed again in
+   The peak is the higher of the two runs'. State is restored afterwards, as after every probe. With
+   ``rounds`` > 1 (default 1, :data:`~.analysis.DEFAULT_TIMING_ROUNDS`) the fitting sizes are then timed again in
    round-robin rounds -- every size once per round, smallest first -- each window a ``1/rounds`` share of the
    steps, which are pooled per size: a burst of other work falls on every size alike instead of on one.
 3. **Summary.** The knee (the smallest size reaching ``knee_threshold`` of the best throughput), the largest
@@ -55,7 +55,7 @@ from batchlab.devices import Device, resolve_device
 from batchlab.errors import DoesNotFitError
 from batchlab.fit import FitResult, Probe, find_batch_size
 from batchlab.profiling.analysis import (
-    CPU_TIMING_ROUNDS,
+    DEFAULT_TIMING_ROUNDS,
     SECONDS_PER_POINT,
     check_rounds,
     default_batch_sizes,
@@ -174,9 +174,9 @@ def profile(
             ``1/rounds`` of the point's timed steps (at least one) after its own ``WARMUP_STEPS`` dropped ones
             and followed by a state restore; a point's ``step_times`` pools them round by round. The first round
             is the pass that also decides what fits (smallest size first); later rounds time only what fitted,
-            and their memory is not read again. An int from 1 to MAX_TIMED_STEPS; default (None):
-            :data:`~.analysis.CPU_TIMING_ROUNDS` on the CPU, where a burst of load can cover one size's whole
-            window, 1 elsewhere. The loader's pass (``loader=``) is one window per size either way.
+            and their memory is not read again. An int from 1 to MAX_TIMED_STEPS; default (None): one window
+            (:data:`~.analysis.DEFAULT_TIMING_ROUNDS`: rounds were measured not to pay under steady load). The
+            loader's pass (``loader=``) is one window per size either way.
         loader: a DataLoader (rebuilt at each batch size) or ``make_loader(batch_size)``: each fitting point is
             timed again with batches drawn from it, to show what the input pipeline costs.
         on_point: called with each :class:`ProfilePoint` as it is measured (progress displays).
@@ -219,7 +219,7 @@ def profile(
     hard_limit = dev.hard_limit_bytes()
     samples_per_step = work.grad_accum
     if rounds is None:
-        rounds = CPU_TIMING_ROUNDS if _device_type(dev) == "cpu" else 1
+        rounds = DEFAULT_TIMING_ROUNDS
 
     points: list[ProfilePoint] = []
     summaries: list[VariantSummary] = []

@@ -28,8 +28,9 @@ read at its fastest timed step, no throughput spread (interference only adds tim
 before that change); advise's batch and LR with the workload's own Adam betas (what the SDE mapping of the
 betas costs); and, recorded but not trained, the batch the timed steps' full range as the spread (advise
 before the median's interval) gives. With ``--one-window``, also a paired measurement: advise once more on the same
-seed's model with ``rounds=1`` (the profile's one timing window per size, before the CPU's interleaved rounds),
-its recommendation trained in the same round; which of the two advise calls runs first alternates by seed.
+seed's model with ``rounds=1`` (the profile's one timing window per size), its recommendation trained in the
+same round; which of the two advise calls runs first alternates by seed. It pairs with ``--rounds 4`` (advise's
+own default is one window, so without it the two calls time alike).
 
 Writes the JSON (``--out``, default benchmarks/results/advise_check.json; rewritten after every data set, so a
 stopped run keeps what it finished) and prints a Markdown section for RESULTS.md (``--report <json>`` prints a saved
@@ -501,6 +502,13 @@ def main(argv: list[str] | None = None) -> None:
         "times this (item 4: B_simple measured 0.3-0.5x the swept critical batch); 0: not",
     )
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="advise's profile timing rounds (default advise's own: one window); 4 reruns the rounds comparison "
+        "of RESULTS 'interleaved rounds' with --one-window",
+    )
+    parser.add_argument(
         "--one-window",
         action="store_true",
         help="also advise with rounds=1 (one timing window a size) on the same seed and train its recommendation",
@@ -520,7 +528,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     datasets, seeds, options = args.datasets.split(","), args.seeds, {}
     if args.quick:
-        datasets, seeds, options = QUICK["datasets"], QUICK["seeds"], QUICK["advise"]
+        datasets, seeds, options = QUICK["datasets"], QUICK["seeds"], dict(QUICK["advise"])
+    if args.rounds is not None:
+        options["rounds"] = args.rounds
     directory = Path(args.directory or tempfile.mkdtemp(prefix="batchlab-advise-check-"))
     uri = False if args.no_mlflow or args.quick else f"sqlite:///{(directory / 'mlflow.db').resolve()}"
     started = time.time()

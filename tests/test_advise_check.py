@@ -85,7 +85,8 @@ def test_the_advised_run_carries_advise_s_betas_and_eps():
 def test_quick_run_end_to_end(tmp_path, capsys):
     """advise on digits, then its recommendation and two fixed batches trained to the target, one JSON."""
     out = tmp_path / "advise_check.json"
-    advise_check.main(["--quick", "--one-window", "--directory", str(tmp_path / "store"), "--out", str(out)])
+    advise_check.main(["--quick", "--rounds", "4", "--one-window", "--directory", str(tmp_path / "store"),
+                       "--out", str(out)])  # fmt: skip
     payload = json.loads(out.read_text())
     (result,) = payload["results"]
     (advice,) = result["advice"]
@@ -99,7 +100,7 @@ def test_quick_run_end_to_end(tmp_path, capsys):
     # on the CPU advise reads the 10th percentile; the median reading (advise before) is trained beside it
     assert advice["step_quantile"] == 0.1 and "median" in advice and "median" in result["variants"]
     assert advice["betas_kept"]["betas"] == [0.9, 0.999] and "betas-kept" in result["variants"]
-    # on the CPU the profile times the sizes in 4 interleaved rounds; --one-window adds advise with rounds=1
+    # --rounds 4: the profile times the sizes in 4 interleaved rounds; --one-window adds advise with rounds=1
     assert advice["rounds"] == 4 and "pooled over 4 interleaved rounds" in advice["throughput_detail"]
     assert advice["one_window"]["rounds"] == 1 and "one-window" in result["variants"]
     assert set(advice["reading_ms"]) == set(advice["throughput"])

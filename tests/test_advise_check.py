@@ -54,6 +54,41 @@ def test_compare_against_the_fastest_fixed_configuration_with_and_without_advise
     assert never["ratio"] is None and not never["goal"] and not never["goal_with_advise"]
 
 
+def _fixed(batch: int, seed: int, seconds: float | None) -> dict:
+    return {"kind": "fixed", "batch": batch, "lr_multiplier": 1.0, "seed": seed, "seconds_to_target": seconds}
+
+
+def test_the_held_out_best_is_tuned_on_the_other_seeds_and_scored_on_the_one_left_out():
+    """Batch 64 wins in sample on seed 2's lucky 0.4; held out, each seed is scored with the other seeds' pick."""
+    runs = [_fixed(32, s, t) for s, t in enumerate((3.0, 3.0, 3.0))]
+    runs += [_fixed(64, s, t) for s, t in enumerate((4.0, 4.0, 0.4))]
+    fixed = {(b, 1.0): advise_check.summarise([r for r in runs if r["batch"] == b], 3) for b in (32, 64)}
+    assert advise_check.compare(fixed, {"seconds_to_target": 3.0}, 0.0, (32, 1.0))["best_fixed"] == [64, 1.0]
+    held = advise_check.held_out_best(runs, "seconds_to_target", seeds=3)
+    # seed 0: 64 has 2.2 on seeds 1-2 against 32's 3.0, so 64, scored 4.0; seed 1 likewise 4.0; seed 2: 32, 3.0
+    assert held["picks"] == [[64, 1.0], [64, 1.0], [32, 1.0]]
+    assert held["seconds"] == pytest.approx((4.0 + 4.0 + 3.0) / 3)
+    assert advise_check.held_out_best(runs, "seconds_to_target", seeds=1) is None
+    # a pick that missed the target on the seed left out: the tuned batch would not have got there
+    missed = [_fixed(32, 0, 3.0), _fixed(32, 1, None), _fixed(64, 0, 5.0), _fixed(64, 1, 5.0)]
+    assert advise_check.held_out_best(missed, "seconds_to_target", seeds=2) is None
+
+
+def test_advise_measures_the_noise_scale_on_the_same_batches_whatever_the_global_rng():
+    """The tasks' make_batch draws from the global RNG, which torch seeds at random per process: the check seeds
+    it per seed, so B_noise repeats between runs, and leaves the caller's stream as it was."""
+    import torch
+
+    readings = []
+    for state in (1, 2):
+        torch.manual_seed(state)
+        before = torch.get_rng_state()
+        out = advise_check.measure_advice("mlp-digits", 0, dict(advise_check.QUICK["advise"]), None)
+        assert torch.equal(torch.get_rng_state(), before)
+        readings.append((out["b_noise"], out["b_noise_stderr"]))
+    assert readings[0] == readings[1]
+
+
 def test_modelled_seconds_price_samples_at_the_pooled_samples_per_second_of_the_batch():
     """A step costs what its batch costs: the median samples/s of every fixed run at that batch (advise's own
     runs excluded), log-log between fixed batches; outside them, or with accumulation, the run's own."""
@@ -105,3 +140,4 @@ def test_quick_run_end_to_end(tmp_path, capsys):
     assert advice["one_window"]["rounds"] == 1 and "one-window" in result["variants"]
     assert set(advice["reading_ms"]) == set(advice["throughput"])
     assert "advise / best fixed" in capsys.readouterr().out
+    assert result["held_out"]["modelled_seconds"]["picks"] is None  # one seed: nothing to hold out

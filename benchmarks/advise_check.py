@@ -364,6 +364,10 @@ def evaluate(
     }  # fmt: skip
     advice_seconds = statistics.fmean(a["seconds"] for a in advices)
     current = (CURRENT_BATCH, CURRENT_MULTIPLIER[name])
+    held_out_bests = {  # of the fixed runs alone: one per time, shared by every advise variant
+        key: held_out_best(runs, key, seeds) or {"seconds": None, "picks": None}
+        for key in ("seconds_to_target", "modelled_seconds")
+    }
     variants = {}
     for kind in ("advised", "what-if", "fastest", "median", "betas-kept", "one-window"):
         mine = [r for r in runs if r["kind"] == kind]
@@ -377,11 +381,13 @@ def evaluate(
                 {"seed": r["seed"], "batch": r["batch"], "ratio": r["modelled_seconds"] / base}
                 for r in sorted(mine, key=lambda r: r["seed"]) if base and r["modelled_seconds"]
             ]  # fmt: skip
-            held_out = {}  # per time: the held-out best and advise's ratio to it (ratio None if either is missing)
-            for key in ("seconds_to_target", "modelled_seconds"):
-                best = held_out_best(runs, key, seeds) or {"seconds": None, "picks": None}
-                ratio = summary[key] / best["seconds"] if summary[key] and best["seconds"] else None
-                held_out[key] = {**best, "ratio": ratio}
+            held_out = {  # per time: the held-out best and advise's ratio to it (None if either is missing)
+                key: {
+                    **best,
+                    "ratio": summary[key] / best["seconds"] if summary[key] and best["seconds"] else None,
+                }
+                for key, best in held_out_bests.items()
+            }
             variants[kind] = {**summary, **compare(fixed, summary, advice_seconds, current), "modelled": modelled,
                               "per_seed": per_seed, "held_out": held_out}  # fmt: skip
     return {

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))  # benchmarks/ is scripts, not a package
@@ -77,8 +78,6 @@ def test_the_held_out_best_is_tuned_on_the_other_seeds_and_scored_on_the_one_lef
 def test_advise_measures_the_noise_scale_on_the_same_batches_whatever_the_global_rng():
     """The tasks' make_batch draws from the global RNG, which torch seeds at random per process: the check seeds
     it per seed, so B_noise repeats between runs, and leaves the caller's stream as it was."""
-    import torch
-
     readings = []
     for state in (1, 2):
         torch.manual_seed(state)

@@ -16,6 +16,12 @@ drop scale with the batch. Here, per dataset:
    best LR's; S = S_min(1 + B_crit/B) fitted in log space (batchlab.noise.critical.fit_critical_batch).
 4. Which estimate lands nearer B_crit, as a ratio; goal: within 1.5x.
 
+``--optimizer sgd`` runs the same protocol with plain SGD (no momentum) in place of Adam: the checkpoint, the
+target and every branch. McCandlish et al. derive B_noise = tr(HΣ)/GᵀHG for SGD at its optimal step, so this is
+the theory in its own setting; the LR is not rescaled with the batch but searched over base × ``--grid`` (SGD's
+best LR grows linearly with B below B_crit and flattens above it, so a fixed wide grid brackets both ends), and
+B_P is not measured (P = I makes it B_simple).
+
 ``--noise-only FROM.json`` redoes steps 1-2 only and takes the branches of step 3 from an earlier run's JSON:
 the checkpoint is deterministic (fixed seeds, one thread), which the run checks by requiring the recomputed
 B_simple and B_noise to equal the stored ones; a new estimate is then compared without re-running the sweep.
@@ -33,7 +39,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -56,7 +62,8 @@ class Problem:
     make_model: Callable[[], nn.Module]
     sample: Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
     val: tuple[torch.Tensor, torch.Tensor]
-    lr: float  # at BASE_BATCH
+    lr: float  # Adam's, at BASE_BATCH
+    sgd_lr: float  # plain SGD's centre of the grid
     warm: int
     ref: int
 
@@ -70,14 +77,14 @@ def _mlp(sizes):
     return nn.Sequential(*layers)
 
 
-def _tabular(name: str, split, sizes, lr, warm, ref) -> Problem:
+def _tabular(name: str, split, sizes, lr, sgd_lr, warm, ref) -> Problem:
     (x, y), val = split
 
     def sample(b, gen):
         index = torch.randint(0, len(y), (b,), generator=gen)
         return x[index], y[index]
 
-    return Problem(name, lambda: _mlp(sizes), sample, val, lr, warm, ref)
+    return Problem(name, lambda: _mlp(sizes), sample, val, lr, sgd_lr, warm, ref)
 
 
 def _charlm(max_files: int) -> Problem:
@@ -102,15 +109,15 @@ def _charlm(max_files: int) -> Problem:
             nn.Embedding(VOCAB_SIZE, 16), nn.Flatten(), _mlp((16 * CONTEXT, 256, 256, VOCAB_SIZE))
         )
 
-    return Problem(f"char-lm (stdlib, {corpus.files} files)", model, sample, val_batch, 2e-3, 200, 200)
+    return Problem(f"char-lm (stdlib, {corpus.files} files)", model, sample, val_batch, 2e-3, 0.2, 200, 200)
 
 
 def problems(names: list[str], max_files: int) -> list[Problem]:
     from batchlab.workloads.tasks import _digits, _mnist1d
 
     made = {
-        "digits": lambda: _tabular("mlp-digits", _digits(), (64, 256, 256, 10), 2e-3, 20, 80),
-        "mnist1d": lambda: _tabular("mnist1d", _mnist1d(), (40, 256, 256, 10), 2e-3, 100, 150),
+        "digits": lambda: _tabular("mlp-digits", _digits(), (64, 256, 256, 10), 2e-3, 0.4, 20, 80),
+        "mnist1d": lambda: _tabular("mnist1d", _mnist1d(), (40, 256, 256, 10), 2e-3, 0.2, 100, 150),
         "charlm": lambda: _charlm(max_files),
     }
     return [made[n]() for n in names]
@@ -144,16 +151,53 @@ def _train(model, opt, problem, batch, steps, gen, every=None, target=None):
     return None if target is not None else _val_loss(model, problem.val)
 
 
-def branch_experiment(problem: Problem, log=print, swept: dict | None = None) -> dict:
+def _optimizer(kind: str, params, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=lr) if kind == "adam" else torch.optim.SGD(params, lr=lr)
+
+
+def _branch_lr(kind: str, problem: Problem, batch: int, multiplier: float) -> float:
+    """Adam: the square-root rule from the base batch times the grid; SGD: the base times the grid (docstring)."""
+    if kind == "adam":
+        return problem.lr * math.sqrt(batch / BASE_BATCH) * multiplier
+    return problem.sgd_lr * multiplier
+
+
+def local_window(problem: Problem) -> Problem:
+    """``--local``: the checkpoint moved to the old target and the window cut to a quarter, so the loss moves
+    less inside it and the critical batch, which grows with training, stays nearer its value at the checkpoint
+    (Merrill et al. measure it over a small local window for this reason)."""
+    return replace(problem, warm=problem.warm + problem.ref, ref=max(problem.ref // 4, 10))
+
+
+def _mean_steps_to_target(model, ckpt_model, opt, ckpt_opt, lr, problem, batch, every, target, seeds):
+    """Steps to the target from the checkpoint, averaged over ``seeds`` data orders; None if any never gets there."""
+    runs = []
+    for seed in range(seeds):
+        model.load_state_dict(ckpt_model)
+        opt.load_state_dict(ckpt_opt)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        gen = torch.Generator().manual_seed(10 + batch + 1000 * seed)
+        steps = _train(model, opt, problem, batch, 6 * problem.ref, gen, every, target)
+        if steps is None:
+            return None
+        runs.append(steps)
+    return sum(runs) / len(runs)
+
+
+def branch_experiment(
+    problem: Problem, log=print, swept: dict | None = None, optimizer: str = "adam", seeds: int = 1
+) -> dict:
     """Steps 1-4 of the module docstring for one problem; with ``swept`` (an earlier result for the same
     problem) the branches and the fit are taken from it after checking the checkpoint reproduces it."""
     torch.manual_seed(0)
     model = problem.make_model()
-    opt = torch.optim.Adam(model.parameters(), lr=problem.lr)
+    opt = _optimizer(optimizer, model.parameters(), problem.lr if optimizer == "adam" else problem.sgd_lr)
     gen = torch.Generator().manual_seed(1)
     _train(model, opt, problem, BASE_BATCH, problem.warm, gen)
     ckpt_model, ckpt_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
-    adam_metric = adam_preconditioner(opt, [p for p in model.parameters() if p.requires_grad])
+    params = [p for p in model.parameters() if p.requires_grad]
+    adam_metric = adam_preconditioner(opt, params) if optimizer == "adam" else None
     start_loss = _val_loss(model, problem.val)
     target = _train(model, opt, problem, BASE_BATCH, problem.ref, torch.Generator().manual_seed(2))
     model.load_state_dict(ckpt_model)
@@ -175,20 +219,16 @@ def branch_experiment(problem: Problem, log=print, swept: dict | None = None) ->
         f"({time.time() - t0:.0f} s)"
     )
     if swept is not None:
-        return _with_swept(problem, noise, start_loss, target, swept)
+        return _with_swept(problem, noise, start_loss, target, swept, optimizer)
     every = max(1, problem.ref // 20)
     rows = []
     for b in BATCHES:
         best = None
         for mult in GRID:
-            lr = problem.lr * math.sqrt(b / BASE_BATCH) * mult
-            model.load_state_dict(ckpt_model)
-            opt = torch.optim.Adam(model.parameters(), lr=lr)
-            opt.load_state_dict(ckpt_opt)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            steps = _train(
-                model, opt, problem, b, 6 * problem.ref, torch.Generator().manual_seed(10 + b), every, target
+            lr = _branch_lr(optimizer, problem, b, mult)
+            opt = _optimizer(optimizer, model.parameters(), lr)
+            steps = _mean_steps_to_target(
+                model, ckpt_model, opt, ckpt_opt, lr, problem, b, every, target, seeds
             )
             log(f"  b={b} lr={lr:.3g}: {steps}")
             if steps is not None and (best is None or steps < best[0]):
@@ -207,10 +247,10 @@ def branch_experiment(problem: Problem, log=print, swept: dict | None = None) ->
         if len(reached) >= 3
         else None
     )
-    return _result(problem, noise, start_loss, target, rows, fit.to_dict() if fit else None)
+    return _result(problem, noise, start_loss, target, rows, fit.to_dict() if fit else None, optimizer, seeds)
 
 
-def _result(problem, noise, start_loss, target, rows, fit) -> dict:
+def _result(problem, noise, start_loss, target, rows, fit, optimizer="adam", seeds=1) -> dict:
     b_crit = fit["b_crit"] if fit else None
 
     def ratio(estimate):
@@ -218,6 +258,8 @@ def _result(problem, noise, start_loss, target, rows, fit) -> dict:
 
     return {
         "dataset": problem.name,
+        "optimizer": optimizer,
+        "seeds": seeds,
         "warm_steps": problem.warm,
         "ref_steps": problem.ref,
         "checkpoint_loss": start_loss,
@@ -231,8 +273,12 @@ def _result(problem, noise, start_loss, target, rows, fit) -> dict:
     }
 
 
-def _with_swept(problem, noise, start_loss, target, swept: dict) -> dict:
+def _with_swept(problem, noise, start_loss, target, swept: dict, optimizer: str) -> dict:
     """The result with ``swept``'s branches and fit, once the checkpoint is shown to be the same one."""
+    if swept.get("optimizer", "adam") != optimizer:
+        raise SystemExit(
+            f"{problem.name}: the stored run used {swept.get('optimizer', 'adam')}, not {optimizer}"
+        )
     old = swept["noise"]
     for key in ("b_simple", "b_noise"):
         if not math.isclose(old[key], getattr(noise, key), rel_tol=1e-6):
@@ -240,24 +286,30 @@ def _with_swept(problem, noise, start_loss, target, swept: dict) -> dict:
                 f"{problem.name}: the checkpoint does not reproduce the stored run ({key} {getattr(noise, key)} "
                 f"here, {old[key]} stored): run the branches again instead of --noise-only"
             )
-    return _result(problem, noise, start_loss, target, swept["rows"], swept["fit"])
+    return _result(problem, noise, start_loss, target, swept["rows"], swept["fit"], optimizer)
 
 
 def _within(r):
     return r is not None and 1 / 1.5 <= r <= 1.5
 
 
-def markdown(results: list[dict], command: str, seconds: float, load: str) -> str:
+def markdown(results: list[dict], command: str, seconds: float, load: str, optimizer: str = "adam") -> str:
     lines = [
         f"## Critical batch from one checkpoint vs B_simple and the curvature-aware B_noise (issue 13 item 4, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
         "",
         f"- Machine: 2-core shared CPU, no GPU, torch {torch.__version__} (1 thread); load average at start {load}",
         f"- Command: `{command}` ({seconds:.0f} s)",
-        "- Method: benchmarks/critical_branch.py's docstring: a checkpoint after `warm` steps at batch 32; target ="
-        " the validation loss batch 32 reaches `ref` steps later; branches at batches 8..512 x LR grid "
-        "{0.5, 1, 2} x sqrt(B/32) x base, weights and Adam state from the checkpoint; B_simple and B_noise "
-        "measured at the checkpoint from the same 24 nested pairs of batches 32/256 (Hessian on a batch of 512).",
+        f"- Method: benchmarks/critical_branch.py's docstring, optimizer {optimizer}: a checkpoint after `warm` steps"
+        " at batch 32; target = the validation loss batch 32 reaches `ref` steps later; branches at batches 8..512"
+        f" x LR grid {{{', '.join(f'{g:g}' for g in GRID)}}} x "
+        + (
+            "sqrt(B/32) x base, weights and Adam state"
+            if optimizer == "adam"
+            else "base (not rescaled), weights"
+        )
+        + " from the checkpoint; B_simple and B_noise measured at the checkpoint from the same 24 nested pairs of"
+        " batches 32/256 (Hessian on a batch of 512).",
         "",
         "| dataset | checkpoint -> target loss | steps to target at 8 / 16 / 32 / 64 / 128 / 256 / 512 "
         "| best LR multiplier (* = grid edge) | swept B_crit "
@@ -278,7 +330,8 @@ def markdown(results: list[dict], command: str, seconds: float, load: str) -> st
         fmt = lambda v, se: "–" if v is None else f"{v:.0f}" + (f" ± {se:.0f}" if se else "")  # noqa: E731
         ratio = lambda v: "–" if v is None else f"{v:.2f}" + (" ✓" if _within(v) else " ✗")  # noqa: E731
         lines.append(
-            f"| {r['dataset']} | {r['checkpoint_loss']:.3f} -> {r['target_loss']:.3f} | {steps} | {mults} | {crit} | "
+            f"| {r['dataset']}, steps {r['warm_steps']} + {r['ref_steps']}, {r.get('seeds', 1)} seed(s) "
+            f"| {r['checkpoint_loss']:.3f} -> {r['target_loss']:.3f} | {steps} | {mults} | {crit} | "
             f"{fmt(n['b_simple'], n['b_simple_stderr'])} | {ratio(r['ratio_simple'])} | "
             f"{fmt(n['b_noise'], n['b_noise_stderr'])} | {ratio(r['ratio_noise'])} | "
             f"{fmt(n.get('b_preconditioned'), n.get('b_preconditioned_stderr'))} | "
@@ -300,12 +353,24 @@ def main(argv=None) -> None:
         help="branch LR multipliers (the checkpoint is the same)",
     )
     parser.add_argument(
+        "--optimizer",
+        choices=("adam", "sgd"),
+        default="adam",
+        help="the optimizer of the checkpoint and the branches (module docstring)",
+    )
+    parser.add_argument(
+        "--local", action="store_true", help="a later checkpoint and a quarter window (local_window)"
+    )
+    parser.add_argument("--seeds", type=int, default=1, help="data orders per branch, steps averaged")
+    parser.add_argument(
         "--noise-only",
         metavar="FROM_JSON",
         default=None,
         help="measure at the checkpoints only; take the branches from this earlier run (module docstring)",
     )
     args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error(f"--seeds must be a positive integer, got {args.seeds}")
     GRID[:] = [float(g) for g in args.grid.split(",")]
     earlier = (
         {r["dataset"]: r for r in json.loads(Path(args.noise_only).read_text())} if args.noise_only else {}
@@ -315,16 +380,25 @@ def main(argv=None) -> None:
     started = time.time()
     results = []
     for problem in problems(args.datasets.split(","), args.max_files):
+        problem = local_window(problem) if args.local else problem
         if args.noise_only and problem.name not in earlier:
             parser.error(f"--noise-only: {args.noise_only} has no run of {problem.name!r}")
         swept = earlier.get(problem.name) if args.noise_only else None
-        results.append(branch_experiment(problem, log=lambda m: print(m, flush=True), swept=swept))
+        results.append(
+            branch_experiment(
+                problem,
+                log=lambda m: print(m, flush=True),
+                swept=swept,
+                optimizer=args.optimizer,
+                seeds=args.seeds,
+            )
+        )
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=2))
     command = "python benchmarks/critical_batch.py --branch " + " ".join(argv or [])
     print(f"LR grid {GRID}")
     print()
-    print(markdown(results, command.strip(), time.time() - started, load))
+    print(markdown(results, command.strip(), time.time() - started, load, args.optimizer))
 
 
 if __name__ == "__main__":

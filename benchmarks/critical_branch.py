@@ -192,7 +192,7 @@ def branch_experiment(
     problem) the branches and the fit are taken from it after checking the checkpoint reproduces it."""
     torch.manual_seed(0)
     model = problem.make_model()
-    opt = _optimizer(optimizer, model.parameters(), problem.lr if optimizer == "adam" else problem.sgd_lr)
+    opt = _optimizer(optimizer, model.parameters(), _branch_lr(optimizer, problem, BASE_BATCH, 1.0))
     gen = torch.Generator().manual_seed(1)
     _train(model, opt, problem, BASE_BATCH, problem.warm, gen)
     ckpt_model, ckpt_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
@@ -286,7 +286,8 @@ def _with_swept(problem, noise, start_loss, target, swept: dict, optimizer: str)
                 f"{problem.name}: the checkpoint does not reproduce the stored run ({key} {getattr(noise, key)} "
                 f"here, {old[key]} stored): run the branches again instead of --noise-only"
             )
-    return _result(problem, noise, start_loss, target, swept["rows"], swept["fit"], optimizer)
+    rows, fit, seeds = swept["rows"], swept["fit"], swept.get("seeds", 1)
+    return _result(problem, noise, start_loss, target, rows, fit, optimizer, seeds)
 
 
 def _within(r):
@@ -371,6 +372,10 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error(f"--seeds must be a positive integer, got {args.seeds}")
+    if args.noise_only and args.seeds != 1:
+        parser.error(
+            f"--seeds {args.seeds}: --noise-only runs no branches; the stored run's seeds are reported"
+        )
     GRID[:] = [float(g) for g in args.grid.split(",")]
     earlier = (
         {r["dataset"]: r for r in json.loads(Path(args.noise_only).read_text())} if args.noise_only else {}

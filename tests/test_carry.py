@@ -184,3 +184,90 @@ def test_a_large_batch_change_keeps_beta1_past_the_sde_bound_and_the_audit_says_
     assert (
         "alpha kept: k(1 - alpha) = 0.64 > 0.5, past the SDE rule's bound (RMSprop's beta2)" in carry.audit()
     )
+
+
+def _trained(optimizer_class, steps=34, **options):
+    """A parameter after ``steps`` Adam-type steps under a constant gradient (so every update reads exactly lr)."""
+    param = nn.Parameter(torch.zeros(4))
+    opt = optimizer_class([param], lr=1e-3, **options)
+    grad = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    for _ in range(steps):
+        param.grad = grad.clone()
+        opt.step()
+    return param, opt, grad
+
+
+def _updates_over_lr(param, opt, grad, steps=5):
+    out = []
+    for _ in range(steps):
+        before = param.detach().clone()
+        param.grad = grad.clone()
+        opt.step()
+        out.append(((param.detach() - before).abs() / opt.param_groups[0]["lr"]).max().item())
+    return out
+
+
+@pytest.mark.parametrize("optimizer_class, options", [(torch.optim.Adam, {}), (torch.optim.AdamW, {"weight_decay": 0.0}),
+                                                      (torch.optim.Adam, {"amsgrad": True})])  # fmt: skip
+def test_a_change_of_the_betas_early_in_training_keeps_adams_bias_corrected_moments(optimizer_class, options):
+    """torch divides Adam's moments by 1 - beta^t with the group's current beta: after beta2 0.999 -> 0.992 at
+    step 34 the same v would read 6x too small and the next update would be 2.44x lr. Rescaled, the update under a
+    constant gradient stays lr, at the new lr, from the first step after the change."""
+    param, opt, grad = _trained(optimizer_class, **options)
+    carry = carry_over(opt, 16, 128)
+    assert opt.param_groups[0]["betas"] == pytest.approx((0.9, 0.992))
+    assert _updates_over_lr(param, opt, grad) == pytest.approx([1.0] * 5, rel=1e-5)
+    factor = (1 - 0.992**34) / (1 - 0.999**34)
+    shown = f"exp_avg_sq x{factor:.4g}" + (f", max_exp_avg_sq x{factor:.4g}" if "amsgrad" in options else "")
+    assert (
+        f"note: group 0: {shown}, so the bias-corrected moments read as before the betas changed"
+        in carry.audit()
+    )
+    param, opt, grad = _trained(optimizer_class, **options)
+    carry_over(opt, 16, 128, keep=("betas",))  # nothing to rescale: the moments are left bitwise
+    assert _updates_over_lr(param, opt, grad, 1) == pytest.approx([1.0], rel=1e-5)
+
+
+def test_a_doubling_rescales_both_moments_and_nadam_only_its_second():
+    param, opt, grad = _trained(torch.optim.Adam, steps=10)
+    carry = carry_over(opt, 16, 32)  # beta1 0.9 -> 0.8, beta2 0.999 -> 0.998
+    m = f"{(1 - 0.8**10) / (1 - 0.9**10):.4g}"
+    assert f"group 0: exp_avg x{m}, exp_avg_sq x{(1 - 0.998**10) / (1 - 0.999**10):.4g}," in carry.audit()
+    assert _updates_over_lr(param, opt, grad) == pytest.approx([1.0] * 5, rel=1e-5)
+    param, opt, grad = _trained(torch.optim.NAdam, steps=10)
+    exp_avg = opt.state[param]["exp_avg"].clone()
+    carry = carry_over(opt, 16, 32)
+    assert torch.equal(opt.state[param]["exp_avg"], exp_avg)  # corrected by mu_product, fixed step by step
+    assert "group 0: exp_avg_sq x" in carry.audit() and "exp_avg x" not in carry.audit()
+
+
+def test_undoing_a_carry_puts_the_moments_back_and_an_unknown_optimizer_keeps_its_state():
+    from batchlab.training.carry import hyperparameter_snapshot
+
+    param, opt, _ = _trained(torch.optim.Adam, steps=20)
+    state = {key: value.clone() for key, value in opt.state[param].items()}
+    restore = hyperparameter_snapshot(opt)
+    carry_over(opt, 16, 64)
+    assert not torch.allclose(opt.state[param]["exp_avg_sq"], state["exp_avg_sq"])
+    restore()
+    assert opt.param_groups[0]["betas"] == (0.9, 0.999) and opt.param_groups[0]["lr"] == 1e-3
+    for key, value in state.items():
+        torch.testing.assert_close(opt.state[param][key], value, rtol=1e-6, atol=0)
+    param, opt, _ = _trained(torch.optim.Adamax, steps=5)
+    state = {key: value.clone() for key, value in opt.state[param].items()}
+    carry = carry_over(opt, 16, 32, rule="sqrt")
+    assert (
+        "note: group 0: Adamax's state is kept as it is: how it bias-corrects its moments is unknown"
+        in carry.audit()
+    )
+    assert all(torch.equal(opt.state[param][key], value) for key, value in state.items())
+
+
+def test_bias_correction_rescale_is_one_before_the_first_step_and_late_in_training():
+    from batchlab.advice.transfer import bias_correction_rescale
+
+    assert bias_correction_rescale(0.999, 0.992, 34) == pytest.approx(7.145, rel=1e-3)
+    assert bias_correction_rescale(0.999, 0.992, 0) == 1.0
+    assert bias_correction_rescale(0.9, 0.8, 10_000) == 1.0
+    with pytest.raises(ValueError, match="invalid step -1"):
+        bias_correction_rescale(0.9, 0.8, -1)

@@ -21,6 +21,9 @@ source. :func:`batchlab.training.carry_over` applies it to a live optimizer. Rul
 - **Adam's coupled L2** (``weight_decay`` with ``decoupled_weight_decay=False``): the term is part of the
   objective and passes through Adam's preconditioner, so it is not a decay with a timescale (Loshchilov &
   Hutter 2019); λ is kept.
+- **Adam's moments** are divided by 1 − β^t with the current β, so a change of the betas at step t rescales
+  them by :func:`bias_correction_rescale` (applied per parameter by ``carry_over``); the bias-corrected
+  estimates, and so the next update, carry over unchanged.
 - **Warm-up** is counted in samples: the remaining warm-up steps scale by B/B' (rounded up).
 - **Accumulation**: :func:`batchlab.advice.scaling.plan_batch` splits the new batch into micro-batches of at
   most the fitted maximum; when it cannot hit the batch exactly (world size), the batch that runs is the one
@@ -43,7 +46,15 @@ from typing import Any
 from batchlab import checks
 from batchlab.advice.scaling import RULES, SDE_BETA_BOUND, BatchPlan, plan_batch, scale_lr
 
-__all__ = ["OPTIMIZERS", "OptimizerRule", "Change", "CarryOver", "carry_hyperparameters", "optimizer_rule"]
+__all__ = [
+    "OPTIMIZERS",
+    "OptimizerRule",
+    "Change",
+    "CarryOver",
+    "bias_correction_rescale",
+    "carry_hyperparameters",
+    "optimizer_rule",
+]
 
 # The audit's sources, short (the module docstring has the titles).
 GOYAL = "Goyal et al. 2017"
@@ -60,22 +71,29 @@ _RULE_SOURCE = {"linear": GOYAL, "sqrt": MALLADI, "adascale": ADASCALE, "none": 
 class OptimizerRule:
     """How an optimizer's hyper-parameters follow the batch: the LR ``rule`` (a :data:`RULES` name), whether
     its weight decay keeps a timescale (``decay``: ``"timescale"``, ``"objective"`` = kept as part of the
-    loss, or ``"unknown"``), and the keys kept unchanged as ``(key, why, source)``."""
+    loss, or ``"unknown"``), the keys kept unchanged as ``(key, why, source)``, and ``moments``: the state
+    tensors torch divides by a bias correction 1 − β^t, as ``(state key, index of their beta)``, which a change
+    of the betas rescales (:func:`bias_correction_rescale`)."""
 
     name: str
     rule: str
     decay: str
     kept: tuple[tuple[str, str, str], ...] = ()
+    moments: tuple[tuple[str, int], ...] = ()
 
 
 _NO_RULE = "kept: no rule known", "none"
+# Adam's and RAdam's m and v are divided by 1 - beta1^t and 1 - beta2^t (AMSGrad's running maximum of v too);
+# NAdam corrects m by the running product of its momentum schedule, fixed step by step, and v by 1 - beta2^t.
+_ADAM_MOMENTS = (("exp_avg", 0), ("exp_avg_sq", 1), ("max_exp_avg_sq", 1))
 OPTIMIZERS: dict[str, OptimizerRule] = {
     "SGD": OptimizerRule("SGD", "linear", "timescale",
                          (("momentum", "kept: torch's form needs no momentum correction", GOYAL),)),
-    "Adam": OptimizerRule("Adam", "sqrt", "objective"),
-    "AdamW": OptimizerRule("AdamW", "sqrt", "timescale"),
-    "NAdam": OptimizerRule("NAdam", "sqrt", "objective", (("momentum_decay", *_NO_RULE),)),
-    "RAdam": OptimizerRule("RAdam", "sqrt", "objective"),
+    "Adam": OptimizerRule("Adam", "sqrt", "objective", moments=_ADAM_MOMENTS),
+    "AdamW": OptimizerRule("AdamW", "sqrt", "timescale", moments=_ADAM_MOMENTS),
+    "NAdam": OptimizerRule("NAdam", "sqrt", "objective", (("momentum_decay", *_NO_RULE),),
+                           moments=(("exp_avg_sq", 1),)),
+    "RAdam": OptimizerRule("RAdam", "sqrt", "objective", moments=_ADAM_MOMENTS[:2]),
     "RMSprop": OptimizerRule("RMSprop", "sqrt", "objective", (("momentum", *_NO_RULE),)),
 }  # fmt: skip
 """The optimizers whose rules are known, by their torch.optim class name."""
@@ -93,7 +111,22 @@ def optimizer_rule(name: str, rule: str | None = None) -> OptimizerRule:
                 f"pass rule= (one of {', '.join(RULES)}) to carry its lr (and betas/eps) by that rule"
             )
         return OptimizerRule(name, rule, "unknown")
-    return known if rule is None else OptimizerRule(known.name, rule, known.decay, known.kept)
+    return known if rule is None else OptimizerRule(known.name, rule, known.decay, known.kept, known.moments)
+
+
+def bias_correction_rescale(beta_before: float, beta_after: float, step: float) -> float:
+    """The factor that keeps a bias-corrected moment estimate as it was when its decay rate changes at ``step``.
+
+    Adam divides its moments by 1 − β^t (Kingma & Ba 2015, Algorithm 1) and torch reads β from the param group
+    at every step, so after β changes at step t the same moment reads as m/(1 − β'^t): another estimate, far
+    off early in training (β₂ 0.999 -> 0.992 at t = 34 reads v 6x too small; the next update is 2.44x lr
+    under a constant gradient, and still 1.9x five steps later). Scaled by (1 − β'^t)/(1 − β^t) the estimate is
+    kept and the update under a constant gradient stays exactly lr. Late in training (β^t ≈ 0) the factor is 1.
+    """
+    checks.number("step", step, inclusive=True)
+    if step == 0 or beta_before == beta_after:
+        return 1.0
+    return (1.0 - beta_after**step) / (1.0 - beta_before**step)
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,11 @@ drop scale with the batch. Here, per dataset:
    (:func:`batchlab.noise.curvature.measure_curvature_noise_scale`: nested batches of 32 and 256, the Hessian
    on an independent batch of 512, 24 repeats), and B_P = tr(PΣ)/GᵀPG in Adam's metric, P = 1/(√v̂ + ε) from
    the checkpoint's optimizer state (the same gradients; the curvature module's docstring says why).
-3. Branch from the checkpoint at every batch 8..512 and each LR of base × sqrt(B/32) × {0.5, 1, 2} (weights
-   and Adam moments restored, the LR set), until the validation loss reaches the target (evaluated every
-   ``ref/20`` steps, interpolated between evaluations) or ``6 ref`` steps. Steps-to-target per batch = the
-   best LR's; S = S_min(1 + B_crit/B) fitted in log space (batchlab.noise.critical.fit_critical_batch).
+3. Branch from the checkpoint at every batch 8..512 (``--batches``) and each LR of base × sqrt(B/32) ×
+   {0.5, 1, 2} (weights and Adam moments restored, the LR set), until the validation loss reaches the target
+   (evaluated every ``ref/20`` steps, every step past batch 512; interpolated between evaluations) or
+   ``6 ref`` steps. Steps-to-target per batch = the best LR's; S = S_min(1 + B_crit/B) fitted in log space
+   (batchlab.noise.critical.fit_critical_batch).
 4. Which estimate lands nearer B_crit, as a ratio; goal: within 1.5x.
 
 ``--optimizer sgd`` runs the same protocol with plain SGD (no momentum) in place of Adam: the checkpoint, the
@@ -169,6 +170,12 @@ def local_window(problem: Problem) -> Problem:
     return replace(problem, warm=problem.warm + problem.ref, ref=max(problem.ref // 4, 10))
 
 
+def _every(problem: Problem, batch: int) -> int:
+    """Evaluate every ``ref/20`` steps; past batch 512, where the target is a handful of steps away and would
+    fall inside the first interval, every step."""
+    return 1 if batch > 512 else max(1, problem.ref // 20)
+
+
 def _mean_steps_to_target(model, ckpt_model, opt, ckpt_opt, lr, problem, batch, every, target, seeds):
     """Steps to the target from the checkpoint, averaged over ``seeds`` data orders; None if any never gets there."""
     runs = []
@@ -220,7 +227,6 @@ def branch_experiment(
     )
     if swept is not None:
         return _with_swept(problem, noise, start_loss, target, swept, optimizer)
-    every = max(1, problem.ref // 20)
     rows = []
     for b in BATCHES:
         best = None
@@ -228,7 +234,7 @@ def branch_experiment(
             lr = _branch_lr(optimizer, problem, b, mult)
             opt = _optimizer(optimizer, model.parameters(), lr)
             steps = _mean_steps_to_target(
-                model, ckpt_model, opt, ckpt_opt, lr, problem, b, every, target, seeds
+                model, ckpt_model, opt, ckpt_opt, lr, problem, b, _every(problem, b), target, seeds
             )
             log(f"  b={b} lr={lr:.3g}: {steps}")
             if steps is not None and (best is None or steps < best[0]):
@@ -302,7 +308,8 @@ def markdown(results: list[dict], command: str, seconds: float, load: str, optim
         f"- Machine: 2-core shared CPU, no GPU, torch {torch.__version__} (1 thread); load average at start {load}",
         f"- Command: `{command}` ({seconds:.0f} s)",
         f"- Method: benchmarks/critical_branch.py's docstring, optimizer {optimizer}: a checkpoint after `warm` steps"
-        " at batch 32; target = the validation loss batch 32 reaches `ref` steps later; branches at batches 8..512"
+        " at batch 32; target = the validation loss batch 32 reaches `ref` steps later; branches at batches"
+        f" {BATCHES[0]}..{BATCHES[-1]}"
         f" x LR grid {{{', '.join(f'{g:g}' for g in GRID)}}} x "
         + (
             "sqrt(B/32) x base, weights and Adam state"
@@ -312,7 +319,7 @@ def markdown(results: list[dict], command: str, seconds: float, load: str, optim
         + " from the checkpoint; B_simple and B_noise measured at the checkpoint from the same 24 nested pairs of"
         " batches 32/256 (Hessian on a batch of 512).",
         "",
-        "| dataset | checkpoint -> target loss | steps to target at 8 / 16 / 32 / 64 / 128 / 256 / 512 "
+        f"| dataset | checkpoint -> target loss | steps to target at {' / '.join(str(b) for b in BATCHES)} "
         "| best LR multiplier (* = grid edge) | swept B_crit "
         "| B_simple (± s.e.) | B_simple / B_crit | B_noise (± s.e.) | B_noise / B_crit "
         "| B_P, Adam's metric (± s.e.) | B_P / B_crit |",
@@ -364,6 +371,11 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--seeds", type=int, default=1, help="data orders per branch, steps averaged")
     parser.add_argument(
+        "--batches",
+        default=",".join(str(b) for b in BATCHES),
+        help="the branches' batch sizes, ascending (to bound a critical batch beyond 512)",
+    )
+    parser.add_argument(
         "--noise-only",
         metavar="FROM_JSON",
         default=None,
@@ -377,6 +389,13 @@ def main(argv=None) -> None:
             f"--seeds {args.seeds}: --noise-only runs no branches; the stored run's seeds are reported"
         )
     GRID[:] = [float(g) for g in args.grid.split(",")]
+    try:
+        batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        parser.error(f"--batches {args.batches!r}: expected comma-separated integers, e.g. 8,16,32")
+    if len(batches) < 3 or batches != sorted(set(batches)) or batches[0] < 1:
+        parser.error(f"--batches {args.batches!r}: expected at least 3 distinct positive sizes, ascending")
+    BATCHES[:] = batches
     earlier = (
         {r["dataset"]: r for r in json.loads(Path(args.noise_only).read_text())} if args.noise_only else {}
     )

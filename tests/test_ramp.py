@@ -206,3 +206,31 @@ def test_a_failure_mid_ramp_leaves_the_last_good_batch_and_lr_and_training_goes_
     assert ramp.lr == pytest.approx(3e-2 * math.sqrt(ramp.batch_size / 8))
     assert scheduler.base_lrs == [pytest.approx(ramp.lr)]
     ramp.close()
+
+
+def test_a_failed_change_puts_adams_rescaled_moments_back():
+    """A change rescales Adam's moments with its betas (carry_over); the undo of a failed change scales them back,
+    so the state is the one the last good step left (to float rounding)."""
+    model, x, y = _noisy_problem()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-2)
+
+    def on_change(event):
+        raise RuntimeError("tracking server unreachable")
+
+    ramp = BatchRamp(optimizer, batch_size=8, max_batch=64, max_micro_batch=32, patience=2, min_updates=5,
+                     on_change=on_change)  # fmt: skip
+    gen = torch.Generator().manual_seed(1)
+    with pytest.raises(RuntimeError, match="tracking server unreachable"):
+        for _ in range(60):
+            for _ in range(ramp.accumulation):
+                index = torch.randint(0, len(x), (ramp.micro_batch,), generator=gen)
+                (nn.functional.cross_entropy(model(x[index]), y[index]) / ramp.accumulation).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            last_good = {p: {k: v.clone() for k, v in optimizer.state[p].items()} for p in model.parameters()}
+            ramp.step()
+    assert optimizer.param_groups[0]["betas"] == (0.9, 0.999)
+    for param, state in last_good.items():
+        for key, value in state.items():
+            torch.testing.assert_close(optimizer.state[param][key], value, rtol=1e-6, atol=0)
+    ramp.close()

@@ -271,3 +271,5 @@ def test_bias_correction_rescale_is_one_before_the_first_step_and_late_in_traini
     assert bias_correction_rescale(0.9, 0.8, 10_000) == 1.0
     with pytest.raises(ValueError, match="invalid step -1"):
         bias_correction_rescale(0.9, 0.8, -1)
+    with pytest.raises(ValueError, match=r"invalid beta_before 1.0: expected a decay rate in \[0, 1\)"):
+        bias_correction_rescale(1.0, 0.8, 5)

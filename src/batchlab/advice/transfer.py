@@ -124,6 +124,9 @@ def bias_correction_rescale(beta_before: float, beta_after: float, step: float) 
     kept and the update under a constant gradient stays exactly lr. Late in training (β^t ≈ 0) the factor is 1.
     """
     checks.number("step", step, inclusive=True)
+    for name, beta in (("beta_before", beta_before), ("beta_after", beta_after)):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"invalid {name} {beta!r}: expected a decay rate in [0, 1)")
     if step == 0 or beta_before == beta_after:
         return 1.0
     return (1.0 - beta_after**step) / (1.0 - beta_before**step)

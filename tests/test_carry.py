@@ -208,7 +208,9 @@ def _updates_over_lr(param, opt, grad, steps=5):
 
 
 @pytest.mark.parametrize("optimizer_class, options", [(torch.optim.Adam, {}), (torch.optim.AdamW, {"weight_decay": 0.0}),
-                                                      (torch.optim.Adam, {"amsgrad": True})])  # fmt: skip
+                                                      (torch.optim.Adam, {"amsgrad": True}),
+                                                      (torch.optim.Adam, {"foreach": True}),
+                                                      (torch.optim.Adam, {"fused": True})])  # fmt: skip
 def test_a_change_of_the_betas_early_in_training_keeps_adams_bias_corrected_moments(optimizer_class, options):
     """torch divides Adam's moments by 1 - beta^t with the group's current beta: after beta2 0.999 -> 0.992 at
     step 34 the same v would read 6x too small and the next update would be 2.44x lr. Rescaled, the update under a

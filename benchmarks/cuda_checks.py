@@ -1,4 +1,4 @@
-"""Correctness on a real card (issue 10 item 10): the three CUDA paths the CPU tests can only script.
+"""Correctness on a real card (issue 10 item 10, issue 13 item 1): the CUDA paths the CPU tests can only script.
 
 Usage (phase 2 of benchmarks/gpu_check.sh; ``--device cpu`` is its dry run, to check the script here):
 
@@ -16,6 +16,8 @@ Usage (phase 2 of benchmarks/gpu_check.sh; ``--device cpu`` is its dry run, to c
 3. **The fake device against the allocator**: ``FakeDevice(...).estimate(b).allocated_bytes`` -- tensors in
    512-byte blocks plus torch's cuBLAS workspace -- against ``torch.cuda.max_memory_allocated`` over the
    same two steps, for the built-in cnn and gpt workloads at three batch sizes each.
+4. **A batch change keeps Adam's bias-corrected moments** in the foreach, fused and capturable kernels
+   (``carry_over``; the CPU dry run has no capturable kernel).
 
 Writes ``cuda_checks.md`` (a table per check) and ``cuda_checks.json`` under ``--out``; exits 1 when a
 check fails, so the calling script logs it.
@@ -149,6 +151,33 @@ def check_fake_estimate(device: torch.device, sizes: dict[str, list[int]]) -> di
     return {"rows": rows, "ok": ok}
 
 
+def check_carry_moments(device: torch.device) -> dict:
+    """Check 4: a batch change on a live Adam keeps its bias-corrected moments in torch's device implementations.
+
+    Under a constant gradient every Adam update is exactly lr; after ``carry_over`` 16 -> 128 at step 34 (beta2
+    0.999 -> 0.992) the next one must still be (it was 2.44x lr before the moments were rescaled). On a card:
+    the capturable (step counts on the device, a tensor LR) and fused kernels besides foreach."""
+    from batchlab.training import carry_over
+
+    variants = {"foreach": {"foreach": True}, "fused": {"fused": True}}
+    if device.type == "cuda":
+        variants["capturable, tensor lr"] = {"capturable": True, "lr": torch.tensor(1e-3, device=device)}
+    rows = {}
+    for name, options in variants.items():
+        param = nn.Parameter(torch.zeros(4, device=device))
+        opt = torch.optim.Adam([param], **{"lr": 1e-3, **options})
+        grad = torch.tensor([1.0, -2.0, 0.5, 3.0], device=device)
+        for _ in range(34):
+            param.grad = grad.clone()
+            opt.step()
+        carry_over(opt, 16, 128)
+        before = param.detach().clone()
+        param.grad = grad.clone()
+        opt.step()
+        rows[name] = float(((param.detach() - before).abs() / float(opt.param_groups[0]["lr"])).max())
+    return {"rows": rows, "ok": all(abs(r - 1.0) < 1e-4 for r in rows.values())}
+
+
 def _markdown(results: dict, device: torch.device) -> str:
     lines = [f"# CUDA correctness checks ({device}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", ""]  # fmt: skip
     fp16 = results["fp16_state"]
@@ -168,6 +197,10 @@ def _markdown(results: dict, device: torch.device) -> str:
         ratio = f"{row['ratio']:.3f}" if row["ratio"] else "n/a"
         lines.append(f"| {row['workload']} | {row['batch']} | {format_bytes(row['fake_allocated'])} | {measured} | {ratio} |")  # fmt: skip
     lines += ["", f"**{'pass' if fake['ok'] else 'FAIL'}** (tolerance ±{FAKE_TOLERANCE:.0%})", ""]
+    carry = results["carry_moments"]
+    lines += ["## 4. Adam's update after carry_over 16 -> 128 at step 34 (constant gradient)", "", "| implementation | update / lr |", "|---|---:|"]  # fmt: skip
+    lines += [f"| {name} | {ratio:.6f} |" for name, ratio in carry["rows"].items()]
+    lines += ["", f"**{'pass' if carry['ok'] else 'FAIL'}** (1 within 1e-4)", ""]
     return "\n".join(lines)
 
 
@@ -186,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         "fake_estimate": check_fake_estimate(
             device, {"cnn": [2, 4], "gpt": [2]} if small else {"cnn": [32, 128, 512], "gpt": [8, 32, 64]}
         ),
+        "carry_moments": check_carry_moments(device),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "cuda_checks.json").write_text(json.dumps(results, indent=2, default=str))

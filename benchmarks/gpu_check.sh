@@ -7,7 +7,8 @@
 #
 # Phases, each under `timeout` so a slow one cannot take the others' time (TOTAL_S in all):
 #   1. environment: GPU, driver, torch -> $OUT/env.txt; then benchmarks/cuda_checks.py (issue 10 item 10: fp16
-#      optimizer state, a failed backward's release, the fake device against max_memory_allocated) ->
+#      optimizer state, a failed backward's release, the fake device against max_memory_allocated;
+#      issue 13: Adam's moments across carry_over in the device kernels) ->
 #      $OUT/cuda_checks.md
 #   2. benchmarks/autobatch.py --cuda (another engineer's; emulated 16/24/40/80 GiB cards): absence or failure
 #      is logged and tolerated -> $OUT/autobatch.txt

@@ -65,4 +65,9 @@ def test_cuda_checks_dry_run_on_the_cpu_passes_and_writes_its_tables(tmp_path):
 
     assert cuda_checks.main(["--device", "cpu", "--out", str(tmp_path)]) == 0
     text = (tmp_path / "cuda_checks.md").read_text()
-    assert text.count("**pass**") == 3 and "fp16 | " in text and "release_after_oom | 0 B" in text
+    assert (
+        text.count("**pass**") == 4
+        and "| fused | 1.000000 |" in text
+        and "fp16 | " in text
+        and "release_after_oom | 0 B" in text
+    )

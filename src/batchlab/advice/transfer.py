@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from batchlab import checks
@@ -111,7 +111,7 @@ def optimizer_rule(name: str, rule: str | None = None) -> OptimizerRule:
                 f"pass rule= (one of {', '.join(RULES)}) to carry its lr (and betas/eps) by that rule"
             )
         return OptimizerRule(name, rule, "unknown")
-    return known if rule is None else OptimizerRule(known.name, rule, known.decay, known.kept, known.moments)
+    return known if rule is None else replace(known, rule=rule)
 
 
 def bias_correction_rescale(beta_before: float, beta_after: float, step: float) -> float:

@@ -301,6 +301,8 @@ def _within(r):
 
 
 def markdown(results: list[dict], command: str, seconds: float, load: str, optimizer: str = "adam") -> str:
+    # The batches of the rows shown (under --noise-only the stored run's, whatever --batches says).
+    sizes = [row["batch_size"] for row in results[0]["rows"]] if results else BATCHES
     lines = [
         f"## Critical batch from one checkpoint vs B_simple and the curvature-aware B_noise (issue 13 item 4, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
@@ -309,7 +311,7 @@ def markdown(results: list[dict], command: str, seconds: float, load: str, optim
         f"- Command: `{command}` ({seconds:.0f} s)",
         f"- Method: benchmarks/critical_branch.py's docstring, optimizer {optimizer}: a checkpoint after `warm` steps"
         " at batch 32; target = the validation loss batch 32 reaches `ref` steps later; branches at batches"
-        f" {BATCHES[0]}..{BATCHES[-1]}"
+        f" {sizes[0]}..{sizes[-1]}"
         f" x LR grid {{{', '.join(f'{g:g}' for g in GRID)}}} x "
         + (
             "sqrt(B/32) x base, weights and Adam state"
@@ -319,7 +321,7 @@ def markdown(results: list[dict], command: str, seconds: float, load: str, optim
         + " from the checkpoint; B_simple and B_noise measured at the checkpoint from the same 24 nested pairs of"
         " batches 32/256 (Hessian on a batch of 512).",
         "",
-        f"| dataset | checkpoint -> target loss | steps to target at {' / '.join(str(b) for b in BATCHES)} "
+        f"| dataset | checkpoint -> target loss | steps to target at {' / '.join(str(b) for b in sizes)} "
         "| best LR multiplier (* = grid edge) | swept B_crit "
         "| B_simple (± s.e.) | B_simple / B_crit | B_noise (± s.e.) | B_noise / B_crit "
         "| B_P, Adam's metric (± s.e.) | B_P / B_crit |",

@@ -23,9 +23,17 @@ the theory in its own setting; the LR is not rescaled with the batch but searche
 best LR grows linearly with B below B_crit and flattens above it, so a fixed wide grid brackets both ends), and
 B_P is not measured (P = I makes it B_simple).
 
+``--along K`` also reads the three estimates at K evenly spaced points of the batch-32 run from the checkpoint to
+the target (its weights and Adam state there, fresh gradient samples at each). The noise scale grows as the loss
+falls, and the critical batch over a window is the noise scale averaged along it with the minimal steps as the
+weight (batchlab.noise.critical.critical_batch_along, from S = S_min(1 + B_noise/B) applied to each piece), not its
+value at the checkpoint alone; McCandlish et al.'s own comparisons read B_simple along the run (fig. 8), and
+issue 5's sweeps read it near the target. Each estimate is scored at the checkpoint, at the target and over the
+window.
+
 ``--noise-only FROM.json`` redoes steps 1-2 only and takes the branches of step 3 from an earlier run's JSON:
 the checkpoint is deterministic (fixed seeds, one thread), which the run checks by requiring the recomputed
-B_simple and B_noise to equal the stored ones; a new estimate is then compared without re-running the sweep.
+B_simple, B_noise and target loss to equal the stored ones; a new estimate is then compared without re-running the sweep.
 
 Datasets: sklearn digits and MNIST-1D (MLPs as the sweep tasks), and a character-level LM on the Python
 standard library's own source (batchlab.workloads.corpus: bytes; an MLP over a 32-byte context, embedding 16,
@@ -47,7 +55,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from batchlab.noise.critical import crossing, fit_critical_batch
+from batchlab.noise.critical import critical_batch_along, crossing, fit_critical_batch
 from batchlab.noise.curvature import adam_preconditioner, measure_curvature_noise_scale
 
 HERE = Path(__file__).resolve().parent
@@ -192,41 +200,100 @@ def _mean_steps_to_target(model, ckpt_model, opt, ckpt_opt, lr, problem, batch, 
     return sum(runs) / len(runs)
 
 
+def _estimates(model, opt, problem: Problem, optimizer: str, seed: int, repeats: int = 24):
+    """B_simple, B_noise and (under Adam) B_P at the model's current weights: step 2 of the module docstring."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    adam_metric = adam_preconditioner(opt, params) if optimizer == "adam" else None
+    gen = torch.Generator().manual_seed(seed)
+    return measure_curvature_noise_scale(
+        model,
+        _loss,
+        lambda b: problem.sample(b, gen),
+        b_small=32,
+        b_big=256,
+        hessian_batch=512,
+        repeats=repeats,
+        preconditioner=adam_metric,
+    )
+
+
+# --along reads with 4x the checkpoint's pairs: one reading's B_P had a standard error near 80% from 24 (digits).
+ALONG_REPEATS = 96
+
+
+def _reference_run(model, opt, problem: Problem, optimizer: str, points: int) -> tuple[float, list[dict]]:
+    """Train ``ref`` steps at batch 32 from the checkpoint; return the validation loss it ends at (the target)
+    and, for ``points`` >= 2, the estimates read at ``points`` evenly spaced steps from the checkpoint (step 0)
+    to the target (``--along``; ALONG_REPEATS pairs each, fresh samples)."""
+    gen = torch.Generator().manual_seed(2)
+    marks = [round(problem.ref * i / (points - 1)) for i in range(points)] if points >= 2 else [problem.ref]
+    done, readings, loss = 0, [], _val_loss(model, problem.val)
+    for i, mark in enumerate(marks):
+        if mark > done:
+            loss = _train(model, opt, problem, BASE_BATCH, mark - done, gen)
+            done = mark
+        if points >= 2:
+            noise = _estimates(model, opt, problem, optimizer, seed=4 + i, repeats=ALONG_REPEATS)
+            readings.append({"step": mark, "val_loss": loss, "noise": noise.to_dict()})
+    return loss, readings
+
+
+ESTIMATES = {"b_simple": "B_simple", "b_noise": "B_noise", "b_preconditioned": "B_P"}  # key: name shown
+
+
+def along_window(readings: list[dict]) -> dict:
+    """Per estimate: its readings, its value at the target and its critical batch over the window
+    (batchlab.noise.critical.critical_batch_along over the readings; None where any reading is undefined)."""
+    out = {}
+    for key in ESTIMATES:
+        values = [r["noise"][key] for r in readings]
+        steps = [r["step"] for r in readings]
+        defined = all(v is not None and v > 0 for v in values)
+        out[key] = {
+            "at_target": values[-1],
+            "window": critical_batch_along(steps, values, BASE_BATCH) if defined else None,
+            "readings": values,
+        }
+    return out
+
+
 def branch_experiment(
-    problem: Problem, log=print, swept: dict | None = None, optimizer: str = "adam", seeds: int = 1
+    problem: Problem,
+    log=print,
+    swept: dict | None = None,
+    optimizer: str = "adam",
+    seeds: int = 1,
+    along: int = 0,
 ) -> dict:
     """Steps 1-4 of the module docstring for one problem; with ``swept`` (an earlier result for the same
-    problem) the branches and the fit are taken from it after checking the checkpoint reproduces it."""
+    problem) the branches and the fit are taken from it after checking the checkpoint reproduces it; with
+    ``along`` >= 2 the estimates are also read at that many points from the checkpoint to the target."""
     torch.manual_seed(0)
     model = problem.make_model()
     opt = _optimizer(optimizer, model.parameters(), _branch_lr(optimizer, problem, BASE_BATCH, 1.0))
     gen = torch.Generator().manual_seed(1)
     _train(model, opt, problem, BASE_BATCH, problem.warm, gen)
     ckpt_model, ckpt_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
-    params = [p for p in model.parameters() if p.requires_grad]
-    adam_metric = adam_preconditioner(opt, params) if optimizer == "adam" else None
     start_loss = _val_loss(model, problem.val)
-    target = _train(model, opt, problem, BASE_BATCH, problem.ref, torch.Generator().manual_seed(2))
-    model.load_state_dict(ckpt_model)
-    noise_gen = torch.Generator().manual_seed(3)
     t0 = time.time()
-    noise = measure_curvature_noise_scale(
-        model,
-        _loss,
-        lambda b: problem.sample(b, noise_gen),
-        b_small=32,
-        b_big=256,
-        hessian_batch=512,
-        repeats=24,
-        preconditioner=adam_metric,
-    )
+    noise = _estimates(model, opt, problem, optimizer, seed=3)
     log(
-        f"{problem.name}: checkpoint val loss {start_loss:.4f} -> target {target:.4f}; "
+        f"{problem.name}: checkpoint val loss {start_loss:.4f}; "
         f"B_simple {noise.b_simple}, B_noise {noise.b_noise}, B_P {noise.b_preconditioned} "
         f"({time.time() - t0:.0f} s)"
     )
+    target, readings = _reference_run(model, opt, problem, optimizer, along)
+    model.load_state_dict(ckpt_model)
+    log(
+        f"  target {target:.4f}"
+        + "".join(
+            f"; step {r['step']}: val {r['val_loss']:.4f}, B_simple {r['noise']['b_simple']}, "
+            f"B_P {r['noise']['b_preconditioned']}"
+            for r in readings
+        )
+    )
     if swept is not None:
-        return _with_swept(problem, noise, start_loss, target, swept, optimizer)
+        return _with_swept(problem, noise, start_loss, target, swept, optimizer, readings)
     rows = []
     for b in BATCHES:
         best = None
@@ -253,10 +320,12 @@ def branch_experiment(
         if len(reached) >= 3
         else None
     )
-    return _result(problem, noise, start_loss, target, rows, fit.to_dict() if fit else None, optimizer, seeds)
+    return _result(
+        problem, noise, start_loss, target, rows, fit.to_dict() if fit else None, optimizer, seeds, readings
+    )
 
 
-def _result(problem, noise, start_loss, target, rows, fit, optimizer="adam", seeds=1) -> dict:
+def _result(problem, noise, start_loss, target, rows, fit, optimizer="adam", seeds=1, readings=()) -> dict:
     b_crit = fit["b_crit"] if fit else None
 
     def ratio(estimate):
@@ -276,10 +345,22 @@ def _result(problem, noise, start_loss, target, rows, fit, optimizer="adam", see
         "ratio_simple": ratio(noise.b_simple),
         "ratio_noise": ratio(noise.b_noise),
         "ratio_preconditioned": ratio(noise.b_preconditioned),
+        "along_readings": list(readings),
+        "along": None
+        if not readings
+        else {
+            key: {
+                **w,
+                "ratio_start": ratio(w["readings"][0]),
+                "ratio_at_target": ratio(w["at_target"]),
+                "ratio_window": ratio(w["window"]),
+            }
+            for key, w in along_window(readings).items()
+        },
     }
 
 
-def _with_swept(problem, noise, start_loss, target, swept: dict, optimizer: str) -> dict:
+def _with_swept(problem, noise, start_loss, target, swept: dict, optimizer: str, readings=()) -> dict:
     """The result with ``swept``'s branches and fit, once the checkpoint is shown to be the same one."""
     if swept.get("optimizer", "adam") != optimizer:
         raise SystemExit(
@@ -292,8 +373,13 @@ def _with_swept(problem, noise, start_loss, target, swept: dict, optimizer: str)
                 f"{problem.name}: the checkpoint does not reproduce the stored run ({key} {getattr(noise, key)} "
                 f"here, {old[key]} stored): run the branches again instead of --noise-only"
             )
+    if not math.isclose(swept["target_loss"], target, rel_tol=1e-6):
+        raise SystemExit(
+            f"{problem.name}: the target does not reproduce the stored run ({target} here, "
+            f"{swept['target_loss']} stored): run the branches again instead of --noise-only"
+        )
     rows, fit, seeds = swept["rows"], swept["fit"], swept.get("seeds", 1)
-    return _result(problem, noise, start_loss, target, rows, fit, optimizer, seeds)
+    return _result(problem, noise, start_loss, target, rows, fit, optimizer, seeds, readings)
 
 
 def _within(r):
@@ -347,7 +433,38 @@ def markdown(results: list[dict], command: str, seconds: float, load: str, optim
             f"{fmt(n.get('b_preconditioned'), n.get('b_preconditioned_stderr'))} | "
             f"{ratio(r.get('ratio_preconditioned'))} |"
         )
+    if any(r.get("along") for r in results):
+        lines += _along_table(results, ratio)
     return "\n".join(lines)
+
+
+def _along_table(results: list[dict], ratio) -> list[str]:
+    """``--along``: each estimate / B_crit at the checkpoint, at the target, and over the window."""
+    lines = [
+        "",
+        "Read along the window (estimate / swept B_crit at the checkpoint, at the target, and over the window: "
+        "the readings averaged with dS_min = dS/(1 + B/32), `critical_batch_along`):",
+        "",
+        "| dataset | swept B_crit | "
+        + " | ".join(
+            f"{n}: readings checkpoint -> target | {n} / B_crit (start / target / window)"
+            for n in ESTIMATES.values()
+        )
+        + " |",
+        "|---|---:|" + "---|---|" * len(ESTIMATES),
+    ]
+    for r in results:
+        along = r.get("along")
+        if not along:
+            continue
+        cells = []
+        for key in ESTIMATES:
+            a = along[key]
+            cells.append(" / ".join("–" if v is None else f"{v:.0f}" for v in a["readings"]))
+            cells.append(" / ".join(ratio(a[k]) for k in ("ratio_start", "ratio_at_target", "ratio_window")))
+        crit = "–" if r["fit"] is None else f"{r['fit']['b_crit']:.0f}"
+        lines.append(f"| {r['dataset']} | {crit} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main(argv=None) -> None:
@@ -383,7 +500,18 @@ def main(argv=None) -> None:
         default=None,
         help="measure at the checkpoints only; take the branches from this earlier run (module docstring)",
     )
+    parser.add_argument(
+        "--along",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also read the estimates at K evenly spaced points from the checkpoint to the target (module docstring)",
+    )
     args = parser.parse_args(argv)
+    if args.along == 1 or args.along < 0:
+        parser.error(
+            f"--along {args.along}: expected 0 (off) or at least 2 points, the checkpoint and the target"
+        )
     if args.seeds < 1:
         parser.error(f"--seeds must be a positive integer, got {args.seeds}")
     if args.noise_only and args.seeds != 1:
@@ -417,6 +545,7 @@ def main(argv=None) -> None:
                 swept=swept,
                 optimizer=args.optimizer,
                 seeds=args.seeds,
+                along=args.along,
             )
         )
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

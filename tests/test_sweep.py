@@ -8,7 +8,13 @@ import math
 import pytest
 import torch
 
-from batchlab.noise.critical import crossing, fit_critical_batch, noise_window, pooled_noise_scale
+from batchlab.noise.critical import (
+    critical_batch_along,
+    crossing,
+    fit_critical_batch,
+    noise_window,
+    pooled_noise_scale,
+)
 from batchlab.sweeps import (
     Budget,
     Curve,
@@ -96,6 +102,42 @@ def test_fit_rejects_too_few_points():
         fit_critical_batch([8, 16], [10.0, 5.0])
     with pytest.raises(ValueError, match="> 0"):
         fit_critical_batch([8, 16, 32], [10.0, 0.0, 5.0])
+
+
+def test_critical_batch_along_a_run_is_what_the_steps_at_every_batch_fit_to():
+    # A noise scale growing 20 -> ~150 along 100 steps of a run at batch 32. Each piece of the run at batch b
+    # takes dS_min (1 + B_noise/b) steps, dS_min = ds / (1 + B_noise/32): the steps at every b then follow
+    # S_min (1 + B_crit/b) exactly, and their fit must find the B_crit the function predicts.
+    steps = [i / 2 for i in range(201)]
+    scales = [20.0 * math.exp(s / 50) for s in steps]
+    minimal = [1 / (1 + n / 32) for n in scales]
+
+    def steps_at(b):
+        per_step = [m * (1 + n / b) for m, n in zip(minimal, scales)]
+        return sum((per_step[i] + per_step[i + 1]) / 4 for i in range(len(steps) - 1))  # trapezoid, ds = 1/2
+
+    sizes = [8, 32, 128, 512, 2048]
+    fit = fit_critical_batch(sizes, [steps_at(b) for b in sizes])
+    predicted = critical_batch_along(steps, scales, 32)
+    assert fit.b_crit == pytest.approx(predicted, rel=1e-6)
+    # Nearer the start than the plain mean: where the run at 32 crawls (B_noise >> 32) weighs less.
+    assert scales[0] < predicted < sum(scales) / len(scales)
+    assert critical_batch_along([0, 5, 10], [64.0, 64.0, 64.0], 32) == pytest.approx(64.0)
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (([0], [10.0], 32), "at least two readings"),
+        (([0, 1], [10.0], 32), "differ in length"),
+        (([0, 1], [10.0, 0.0], 32), "noise scales finite and > 0"),
+        (([1, 1], [10.0, 20.0], 32), "strictly ascending"),
+        (([0, 1], [10.0, 20.0], 0), "batch_size must be finite and > 0, got 0"),
+    ],
+)
+def test_critical_batch_along_rejects_bad_readings(args, match):
+    with pytest.raises(ValueError, match=match):
+        critical_batch_along(*args)
 
 
 def test_crossing_interpolates_between_the_bracketing_points():

@@ -7,7 +7,8 @@ training samples E = S·B needed to reach a given loss at batch size B trade off
 
 so below B_crit doubling the batch nearly halves the steps (perfect scaling), and above it extra samples buy
 few steps. :func:`fit_critical_batch` fits S_min and B_crit to measured steps-to-target; :func:`crossing`
-finds where a sampled curve first reaches a target, interpolated between the two points that bracket it.
+finds where a sampled curve first reaches a target, interpolated between the two points that bracket it;
+:func:`critical_batch_along` predicts B_crit over a stretch of training from the noise scale read along it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import asdict, dataclass
 __all__ = [
     "CriticalBatchFit",
     "NoiseWindow",
+    "critical_batch_along",
     "crossing",
     "fit_critical_batch",
     "noise_window",
@@ -227,3 +229,33 @@ def pooled_noise_scale(windows: Sequence[NoiseWindow]) -> float | None:
     g2 = sum(w.g2 for w in windows) / len(windows)
     trace = sum(w.trace for w in windows) / len(windows)
     return trace / g2 if g2 > 0 and trace > 0 else None
+
+
+def critical_batch_along(steps: Sequence[float], noise_scales: Sequence[float], batch_size: float) -> float:
+    """The critical batch of a stretch of training, from the noise scale read along a run at ``batch_size``.
+
+    The noise scale grows as the loss falls, so B_crit for going from one loss to another is not the noise
+    scale at either end. Applying S = S_min(1 + B_noise/B) to each small piece of the run, a run at batch B
+    that takes dS steps makes the progress of dS_min = dS / (1 + B_noise/B) steps of an infinitely large
+    batch, and B_crit = E_min/S_min = ∫B_noise dS_min / ∫dS_min: the noise scale averaged over the stretch,
+    weighted by the minimal steps, so where a run at B crawls (noise scale far above B) counts for less.
+    ``noise_scales[i]`` is read at ``steps[i]`` of that run (ascending, at least two points; trapezoid rule).
+    """
+    if len(steps) != len(noise_scales):
+        raise ValueError(f"steps and noise_scales differ in length: {len(steps)} vs {len(noise_scales)}")
+    if len(steps) < 2:
+        raise ValueError(f"the stretch needs at least two readings, got {len(steps)}")
+    if not (math.isfinite(batch_size) and batch_size > 0):
+        raise ValueError(f"batch_size must be finite and > 0, got {batch_size!r}")
+    for s, b in zip(steps, noise_scales):
+        if not (math.isfinite(s) and math.isfinite(b) and b > 0):
+            raise ValueError(f"steps must be finite and noise scales finite and > 0, got ({s!r}, {b!r})")
+    if any(b <= a for a, b in zip(steps, steps[1:])):
+        raise ValueError(f"steps must be strictly ascending, got {list(steps)}")
+    weights = [1.0 / (1.0 + b / batch_size) for b in noise_scales]  # dS_min per step of the run at B
+    s_min = e_min = 0.0
+    for i in range(len(steps) - 1):
+        width = steps[i + 1] - steps[i]
+        s_min += width * (weights[i] + weights[i + 1]) / 2
+        e_min += width * (weights[i] * noise_scales[i] + weights[i + 1] * noise_scales[i + 1]) / 2
+    return e_min / s_min

@@ -1,0 +1,66 @@
+"""benchmarks/critical_branch.py's ``--along`` (issue 13 item 4): the estimates read along the reference run.
+
+The readings must not change the run they are read on (the target every branch aims at is that run's end), and
+the window's critical batch is :func:`~batchlab.noise.critical.critical_batch_along` over them."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # benchmarks/ is scripts, not a package
+
+import critical_branch  # noqa: E402
+from batchlab.noise.critical import critical_batch_along  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _tiny_problem() -> critical_branch.Problem:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 8, generator=gen)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
+    split = ((x[:500], y[:500]), (x[500:], y[500:]))
+    return critical_branch._tabular("tiny", split, (8, 16, 2), 1e-2, 0.1, warm=3, ref=6)
+
+
+def _checkpoint(problem):
+    torch.manual_seed(0)
+    model = problem.make_model()
+    opt = torch.optim.Adam(model.parameters(), lr=problem.lr)
+    critical_branch._train(model, opt, problem, 32, problem.warm, torch.Generator().manual_seed(1))
+    return model, opt
+
+
+def test_reading_along_the_reference_run_leaves_its_target_bitwise():
+    problem = _tiny_problem()
+    model, opt = _checkpoint(problem)
+    plain_target, none = critical_branch._reference_run(model, opt, problem, "adam", points=0)
+    model, opt = _checkpoint(problem)
+    target, readings = critical_branch._reference_run(model, opt, problem, "adam", points=4)
+    assert none == [] and target == plain_target
+    assert [r["step"] for r in readings] == [0, 2, 4, 6]
+    assert readings[-1]["val_loss"] == target and all(r["noise"]["repeats"] == 96 for r in readings)
+
+
+def test_along_window_averages_each_estimate_and_leaves_an_undefined_one_out():
+    steps, simple, precond = [0, 5, 10], [40.0, 80.0, 120.0], [60.0, None, 90.0]
+    readings = [
+        {"step": s, "noise": {"b_simple": a, "b_noise": 2 * a, "b_preconditioned": p}}
+        for s, a, p in zip(steps, simple, precond)
+    ]
+    window = critical_branch.along_window(readings)
+    assert window["b_simple"]["window"] == pytest.approx(critical_batch_along(steps, simple, 32))
+    assert window["b_simple"]["at_target"] == 120.0 and window["b_simple"]["readings"] == simple
+    assert window["b_preconditioned"] == {"at_target": 90.0, "window": None, "readings": precond}
+
+
+@pytest.mark.parametrize("value", ["1", "-2"])
+def test_along_needs_two_points_or_none(value, capsys):
+    with pytest.raises(SystemExit):
+        critical_branch.main(["--along", value])
+    assert f"--along {value}: expected 0 (off) or at least 2 points" in capsys.readouterr().err

@@ -31,6 +31,10 @@ value at the checkpoint alone; McCandlish et al.'s own comparisons read B_simple
 issue 5's sweeps read it near the target. Each estimate is scored at the checkpoint, at the target and over the
 window.
 
+``--from-init`` moves the checkpoint back to the first step (``from_init``): every branch is then a whole run
+to the target, and the sweep is an exhaustive sweep of fixed batches, the kind of B_crit issue 5 compared
+B_simple with; with ``--along`` the estimates are read along the whole batch-32 run.
+
 ``--noise-only FROM.json`` redoes steps 1-2 only and takes the branches of step 3 from an earlier run's JSON:
 the checkpoint is deterministic (fixed seeds, one thread), which the run checks by requiring the recomputed
 B_simple, B_noise and target loss to equal the stored ones; a new estimate is then compared without re-running the sweep.
@@ -178,22 +182,41 @@ def local_window(problem: Problem) -> Problem:
     return replace(problem, warm=problem.warm + problem.ref, ref=max(problem.ref // 4, 10))
 
 
+def from_init(problem: Problem) -> Problem:
+    """``--from-init``: the checkpoint moved back to the first step, so every branch trains (almost) the whole run
+    to the target, as an exhaustive sweep of fixed batches does (issue 5's B_crit is of that kind). One step at
+    batch 32 rather than none, because B_P needs Adam's second moment; the window keeps its end step, so the
+    target is the loss the batch-32 run reaches at the same step (its data order differs from the default's)."""
+    return replace(problem, warm=1, ref=problem.warm + problem.ref - 1)
+
+
 def _every(problem: Problem, batch: int) -> int:
     """Evaluate every ``ref/20`` steps; past batch 512, where the target is a handful of steps away and would
     fall inside the first interval, every step."""
     return 1 if batch > 512 else max(1, problem.ref // 20)
 
 
-def _mean_steps_to_target(model, ckpt_model, opt, ckpt_opt, lr, problem, batch, every, target, seeds):
-    """Steps to the target from the checkpoint, averaged over ``seeds`` data orders; None if any never gets there."""
+def _cap(problem: Problem, best: tuple | None, seeds: int, every: int) -> int:
+    """The most steps a branch may run: 6 ref, or fewer once a best is known. A run past best x seeds steps
+    makes its LR's mean over the seeds exceed the best, so it cannot be the best and is stopped there (plus one
+    evaluation interval, since steps are interpolated between evaluations); the best found is the same."""
+    limit = 6 * problem.ref
+    return limit if best is None else min(limit, math.ceil(best[0] * seeds) + every)
+
+
+def _mean_steps_to_target(model, ckpt_model, opt, ckpt_opt, lr, problem, batch, every, target, seeds, cap):
+    """Steps to the target from the checkpoint, averaged over ``seeds`` data orders; None if any run does not
+    get there within ``cap`` steps."""
     runs = []
     for seed in range(seeds):
-        model.load_state_dict(ckpt_model)
-        opt.load_state_dict(ckpt_opt)
+        model.load_state_dict(ckpt_model)  # copies into the parameters
+        # A deep copy: Optimizer.load_state_dict keeps the given state tensors when their dtype and device already
+        # match, so Adam's in-place updates would write the branch's moments and step count into the checkpoint.
+        opt.load_state_dict(copy.deepcopy(ckpt_opt))
         for group in opt.param_groups:
             group["lr"] = lr
         gen = torch.Generator().manual_seed(10 + batch + 1000 * seed)
-        steps = _train(model, opt, problem, batch, 6 * problem.ref, gen, every, target)
+        steps = _train(model, opt, problem, batch, cap, gen, every, target)
         if steps is None:
             return None
         runs.append(steps)
@@ -297,11 +320,22 @@ def branch_experiment(
     rows = []
     for b in BATCHES:
         best = None
-        for mult in GRID:
+        for mult in sorted(GRID, key=lambda m: abs(math.log(m))):  # the rule's own LR first, then outwards
             lr = _branch_lr(optimizer, problem, b, mult)
             opt = _optimizer(optimizer, model.parameters(), lr)
+            every = _every(problem, b)
             steps = _mean_steps_to_target(
-                model, ckpt_model, opt, ckpt_opt, lr, problem, b, _every(problem, b), target, seeds
+                model,
+                ckpt_model,
+                opt,
+                ckpt_opt,
+                lr,
+                problem,
+                b,
+                every,
+                target,
+                seeds,
+                _cap(problem, best, seeds, every),
             )
             log(f"  b={b} lr={lr:.3g}: {steps}")
             if steps is not None and (best is None or steps < best[0]):
@@ -488,6 +522,11 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--local", action="store_true", help="a later checkpoint and a quarter window (local_window)"
     )
+    parser.add_argument(
+        "--from-init",
+        action="store_true",
+        help="branch from the first step: whole runs to the target, an exhaustive sweep (from_init)",
+    )
     parser.add_argument("--seeds", type=int, default=1, help="data orders per branch, steps averaged")
     parser.add_argument(
         "--batches",
@@ -508,6 +547,8 @@ def main(argv=None) -> None:
         help="also read the estimates at K evenly spaced points from the checkpoint to the target (module docstring)",
     )
     args = parser.parse_args(argv)
+    if args.local and args.from_init:
+        parser.error("--local and --from-init move the checkpoint opposite ways: give one")
     if args.along == 1 or args.along < 0:
         parser.error(
             f"--along {args.along}: expected 0 (off) or at least 2 points, the checkpoint and the target"
@@ -534,7 +575,7 @@ def main(argv=None) -> None:
     started = time.time()
     results = []
     for problem in problems(args.datasets.split(","), args.max_files):
-        problem = local_window(problem) if args.local else problem
+        problem = local_window(problem) if args.local else from_init(problem) if args.from_init else problem
         if args.noise_only and problem.name not in earlier:
             parser.error(f"--noise-only: {args.noise_only} has no run of {problem.name!r}")
         swept = earlier.get(problem.name) if args.noise_only else None

@@ -5,6 +5,7 @@ the window's critical batch is :func:`~batchlab.noise.critical.critical_batch_al
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
@@ -64,3 +65,41 @@ def test_along_needs_two_points_or_none(value, capsys):
     with pytest.raises(SystemExit):
         critical_branch.main(["--along", value])
     assert f"--along {value}: expected 0 (off) or at least 2 points" in capsys.readouterr().err
+
+
+def test_from_init_branches_from_the_first_step_to_the_same_end_step():
+    problem = critical_branch.from_init(_tiny_problem())
+    assert (problem.warm, problem.ref) == (1, 8)
+
+
+def test_local_and_from_init_are_refused_together(capsys):
+    with pytest.raises(SystemExit):
+        critical_branch.main(["--local", "--from-init"])
+    assert "--local and --from-init move the checkpoint opposite ways" in capsys.readouterr().err
+
+
+def test_a_branch_leaves_the_checkpoint_s_adam_state_so_the_next_branch_starts_where_it_did():
+    problem = _tiny_problem()
+    model, opt = _checkpoint(problem)
+    ckpt_model = {k: v.clone() for k, v in model.state_dict().items()}
+    ckpt_opt = copy.deepcopy(opt.state_dict())
+    kept = copy.deepcopy(ckpt_opt)
+    target = critical_branch._val_loss(model, problem.val) * 0.9
+
+    def branch():
+        branch_opt = torch.optim.Adam(model.parameters(), lr=problem.lr)
+        args = (problem.lr, problem, 16, 1, target, 2, 40)
+        return critical_branch._mean_steps_to_target(model, ckpt_model, branch_opt, ckpt_opt, *args)
+
+    first = branch()
+    assert first is not None and branch() == first
+    for index, state in kept["state"].items():
+        for key, value in state.items():
+            assert torch.equal(ckpt_opt["state"][index][key], value), key
+
+
+def test_the_cap_stops_only_runs_that_cannot_be_the_best():
+    problem = _tiny_problem()  # ref 6: 36 steps at most
+    assert critical_branch._cap(problem, None, seeds=3, every=1) == 36
+    assert critical_branch._cap(problem, (4.2, 1e-3, 1.0), seeds=3, every=2) == 13 + 2
+    assert critical_branch._cap(problem, (20.0, 1e-3, 1.0), seeds=3, every=1) == 36

@@ -24,8 +24,8 @@ best LR grows linearly with B below B_crit and flattens above it, so a fixed wid
 B_P is not measured (P = I makes it B_simple).
 
 ``--along K`` also reads the three estimates at K evenly spaced points of the batch-32 run from the checkpoint to
-the target (its weights and Adam state there, fresh gradient samples at each). The noise scale grows as the loss
-falls, and the critical batch over a window is the noise scale averaged along it with the minimal steps as the
+the target (its weights and Adam state there, fresh gradient samples at each). The noise scale changes as the loss
+falls (McCandlish et al.: it grows), and the critical batch over a window is the noise scale averaged along it with the minimal steps as the
 weight (batchlab.noise.critical.critical_batch_along, from S = S_min(1 + B_noise/B) applied to each piece), not its
 value at the checkpoint alone; McCandlish et al.'s own comparisons read B_simple along the run (fig. 8), and
 issue 5's sweeps read it near the target. Each estimate is scored at the checkpoint, at the target and over the

@@ -394,24 +394,31 @@ def _result(problem, noise, start_loss, target, rows, fit, optimizer="adam", see
     }
 
 
+def _reproduces(stored: float | None, measured: float | None) -> bool:
+    """Equal to float rounding, or both undefined (B_noise is None where tr(HΣ) read negative)."""
+    if stored is None or measured is None:
+        return stored is None and measured is None
+    return math.isclose(stored, measured, rel_tol=1e-6)
+
+
 def _with_swept(problem, noise, start_loss, target, swept: dict, optimizer: str, readings=()) -> dict:
     """The result with ``swept``'s branches and fit, once the checkpoint is shown to be the same one."""
     if swept.get("optimizer", "adam") != optimizer:
         raise SystemExit(
             f"{problem.name}: the stored run used {swept.get('optimizer', 'adam')}, not {optimizer}"
         )
-    old = swept["noise"]
-    for key in ("b_simple", "b_noise"):
-        if not math.isclose(old[key], getattr(noise, key), rel_tol=1e-6):
+    stored = {
+        "b_simple": swept["noise"]["b_simple"],
+        "b_noise": swept["noise"]["b_noise"],
+        "target loss": swept["target_loss"],
+    }
+    measured = {"b_simple": noise.b_simple, "b_noise": noise.b_noise, "target loss": target}
+    for key, value in stored.items():
+        if not _reproduces(value, measured[key]):
             raise SystemExit(
-                f"{problem.name}: the checkpoint does not reproduce the stored run ({key} {getattr(noise, key)} "
-                f"here, {old[key]} stored): run the branches again instead of --noise-only"
+                f"{problem.name}: the checkpoint does not reproduce the stored run ({key} {measured[key]} here, "
+                f"{value} stored): run the branches again instead of --noise-only"
             )
-    if not math.isclose(swept["target_loss"], target, rel_tol=1e-6):
-        raise SystemExit(
-            f"{problem.name}: the target does not reproduce the stored run ({target} here, "
-            f"{swept['target_loss']} stored): run the branches again instead of --noise-only"
-        )
     rows, fit, seeds = swept["rows"], swept["fit"], swept.get("seeds", 1)
     return _result(problem, noise, start_loss, target, rows, fit, optimizer, seeds, readings)
 

@@ -103,3 +103,9 @@ def test_the_cap_stops_only_runs_that_cannot_be_the_best():
     assert critical_branch._cap(problem, None, seeds=3, every=1) == 36
     assert critical_branch._cap(problem, (4.2, 1e-3, 1.0), seeds=3, every=2) == 13 + 2
     assert critical_branch._cap(problem, (20.0, 1e-3, 1.0), seeds=3, every=1) == 36
+
+
+def test_a_stored_run_reproduces_to_rounding_or_where_both_are_undefined():
+    assert critical_branch._reproduces(1.0, 1.0 + 1e-9) and critical_branch._reproduces(None, None)
+    assert not critical_branch._reproduces(1.0, 1.01)
+    assert not critical_branch._reproduces(None, 1.0) and not critical_branch._reproduces(1.0, None)

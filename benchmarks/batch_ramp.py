@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -104,15 +105,30 @@ def _goals(ramp_row: dict, reached: list[dict], seeds: int) -> dict:
             "goal_not_dominated": not dominated, "goal_steps_samples": steps_ratio <= 0.7 and samples_ratio <= 1.1}  # fmt: skip
 
 
-def compare(name: str, fixed: SweepResult, ramps: dict[float, SweepResult], seeds: int) -> dict:
+def _per_multiplier(result: SweepResult) -> list[dict]:
+    """Mean steps and samples to the target at every multiplier (None where a seed missed): the table keeps only
+    the step-optimal one, and a ramp's multipliers can straddle the goals."""
+    out = []
+    for m in sorted({run.lr_multiplier for run in result.runs}):
+        runs = [run for run in result.runs if run.lr_multiplier == m]
+        reached = all(run.target_reached for run in runs)
+        out.append({"lr_multiplier": m} | {key: statistics.fmean(getattr(run, key) for run in runs) if reached else None
+                                           for key in ("steps_to_target", "samples_to_target")})  # fmt: skip
+    return out
+
+
+def compare(
+    name: str, settings: dict, fixed: SweepResult, ramps: dict[float, SweepResult], seeds: int
+) -> dict:
     rows = [s.to_dict() for s in fixed.by_batch_size()]
     reached = [r for r in rows if r["samples_to_target"] is not None and r["reached"] == seeds]
     efficient = min(reached, key=lambda r: r["samples_to_target"])["batch_size"] if reached else None
-    out = {"dataset": name, "seeds": seeds, "fixed": rows, "efficient": efficient, "ramps": []}
+    out = {"dataset": name, "settings": settings, "seeds": seeds, "fixed": rows, "efficient": efficient,
+           "ramps": []}  # fmt: skip
     for target, result in ramps.items():
         row = result.by_batch_size()[0].to_dict()
         out["ramps"].append({"target": target, **row, "batches": _trajectory(result, row["lr_multiplier"]),
-                             **_goals(row, reached, seeds)})  # fmt: skip
+                             "per_multiplier": _per_multiplier(result), **_goals(row, reached, seeds)})  # fmt: skip
     return out
 
 
@@ -133,7 +149,7 @@ def markdown(results: list[dict], command: str, seconds: float) -> str:
         "",
     ]
     for r in results:
-        settings = EXPERIMENTS[r["dataset"]]
+        settings = r["settings"]
         grid = settings.get("grid", GRID)
         lines += [f"**{r['dataset']}** (target val loss {settings['target']}, LR grid x{grid})", "",
                   "| run | best lr x | steps to target | samples to target | seeds reached |", "|---|---:|---:|---:|---:|"]  # fmt: skip
@@ -154,8 +170,11 @@ def markdown(results: list[dict], command: str, seconds: float) -> str:
             dominated = (
                 "met" if row["goal_not_dominated"] else f"MISSED (fixed {row['dominated_by']} has both fewer)"
             )
+            every = ", ".join(f"x{m['lr_multiplier']:g} {_cell(m['steps_to_target'])} / "
+                              f"{_cell(m['samples_to_target'])}" for m in row["per_multiplier"])  # fmt: skip
             lines.append(
-                f"- target {row['target']:g}: batches per seed (step, batch) {row['batches']}; against fixed "
+                f"- target {row['target']:g}: steps / samples at each multiplier: {every}; batches per seed (step, "
+                f"batch) {row['batches']}; against fixed "
                 f"{r['efficient']} (the most sample-efficient): steps x{row['steps_ratio']:.2f}, samples "
                 f"x{row['samples_ratio']:.2f}. Not dominated: **{dominated}**; >= 30% fewer steps at <= 1.1x "
                 f"samples: **{'met' if row['goal_steps_samples'] else 'MISSED'}**."
@@ -170,6 +189,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--directory", default=None, help="sweeps and the MLflow store (default: a temp dir)")
     parser.add_argument("--targets", default="1,2", help="ramps toward target x B_simple, one per value")
+    parser.add_argument(
+        "--grid", default=None, help="LR multipliers for every data set (default: each one's)"
+    )
     parser.add_argument("--out", default=str(HERE / "results" / "batch_ramp.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -179,7 +201,9 @@ def main() -> None:
     started = time.time()
     results = []
     for name in args.datasets.split(","):
-        settings = EXPERIMENTS[name]
+        settings = dict(EXPERIMENTS[name])
+        if args.grid:
+            settings["grid"] = [float(m) for m in args.grid.split(",")]
         t0 = time.time()
         task = Task(name, noise_every=0)
         grid = settings.get("grid", GRID)
@@ -192,7 +216,7 @@ def main() -> None:
             factory = RampFactory(task, max_batch=BATCH_SIZES[-1], max_micro_batch=MAX_MICRO, target=target)
             ramps[target] = _sweep(factory, [BATCH_SIZES[0]], settings, args.seeds, directory, uri,
                                    f"{name}-ramp-t{target:g}{tag}")  # fmt: skip
-        result = compare(name, fixed, ramps, args.seeds)
+        result = compare(name, settings, fixed, ramps, args.seeds)
         result["seconds"] = time.time() - t0
         results.append(result)
         print(json.dumps({"dataset": name, "seconds": result["seconds"], "efficient": result["efficient"],
@@ -201,7 +225,7 @@ def main() -> None:
                                     for row in result["ramps"]]}), flush=True)  # fmt: skip
     seconds = time.time() - started
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    payload = {"results": results, "settings": EXPERIMENTS, "batch_sizes": BATCH_SIZES, "grid": GRID,
+    payload = {"results": results, "batch_sizes": BATCH_SIZES, "grid": GRID,
                "max_micro": MAX_MICRO, "ramp_targets": targets, "seeds": args.seeds, "seconds": seconds,
                "mlflow": uri}  # fmt: skip
     Path(args.out).write_text(json.dumps(payload, indent=2))

@@ -100,7 +100,9 @@ class BatchRamp:
         max_batch: never grow past this (rounded down to whole micro-batches); below ``batch_size`` is an error.
         max_micro_batch: the largest micro-batch that fits (e.g. :func:`batchlab.find_batch_size`'s answer).
         rule: the LR rule, overriding the optimizer's (required for an optimizer the rules do not know).
-        target: grow toward ``target x B_simple`` (a positive number; 1.0 is B_simple).
+        target: grow toward ``target x B_simple`` (a positive number; 1.0 is B_simple). The value that paid
+            off differed tenfold between data sets (benchmarks/RESULTS.md, "The ramp's target swept ..."):
+            1.5-2 on digits, 0.2 on a char-LM, none of 0.1-2 on MNIST-1D; sweep it as you would a batch.
         growth, patience, z, min_updates: the sizes and the hysteresis (:mod:`batchlab.advice.ramp`).
         min_accumulation: micro-batches per step, at least 2 so every step measures the noise scale.
         beta: the noise tracker's EMA decay (:data:`RAMP_BETA`); ``tracker`` replaces the tracker.

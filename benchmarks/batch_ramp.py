@@ -207,9 +207,9 @@ def main() -> None:
         t0 = time.time()
         task = Task(name, noise_every=0)
         grid = settings.get("grid", GRID)
-        tag = (
-            "" if grid == GRID else "-grid" + "-".join(f"{m:g}" for m in grid)
-        )  # another sweep, another name
+        # another grid or seed count is another sweep, so another name (the store refuses a changed config)
+        tag = "" if grid == GRID else "-grid" + "-".join(f"{m:g}" for m in grid)
+        tag += "" if args.seeds == 2 else f"-{args.seeds}seeds"
         fixed = _sweep(task, BATCH_SIZES, settings, args.seeds, directory, uri, f"{name}-fixed{tag}")
         ramps = {}
         for target in targets:

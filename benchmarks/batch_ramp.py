@@ -28,6 +28,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,6 +41,7 @@ from batchlab.workloads.tasks import Task
 HERE = Path(__file__).resolve().parent
 BATCH_SIZES = [16, 32, 64, 128, 256]
 GRID = [0.5, 1.0, 2.0]
+SEEDS = 2  # data orders per row, the issue's minimum
 MAX_MICRO = 64  # the micro-batch cap: 256 runs as 4 x 64
 # Per data set: the LR at batch 16 (critical_batch.py's calibrated LRs at batch 8, x sqrt(2)), the target
 # validation loss (reached by every batch size before it overfits: digits bottoms out near 0.07, MNIST-1D's MLP
@@ -136,16 +138,16 @@ def _cell(value: float | None) -> str:
     return f"{value:.0f}" if value is not None else "-"
 
 
-def markdown(results: list[dict], command: str, seconds: float) -> str:
+def markdown(results: list[dict], command: str, seconds: float, out: str) -> str:
     lines = [
         f"## Batch ramp against every fixed batch ({time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC)",
         "",
         f"Issue 13 item 3. Machine: 2-core shared CPU, no GPU, torch {torch.__version__.split('+')[0]}, "
         f"Python {platform.python_version()}, 1 torch thread. Command: `{command}` ({seconds / 60:.1f} min).",
-        f"Fixed batches {BATCH_SIZES}; LR grid x{GRID} on the sqrt rule from batch {BATCH_SIZES[0]}; the ramp from "
-        f"{BATCH_SIZES[0]} to {BATCH_SIZES[-1]}, micro-batches <= {MAX_MICRO}, growing toward target x B_simple; "
-        "means over seeds at each row's best multiplier (fewest steps). Raw: benchmarks/results/batch_ramp.json; "
-        "the runs in MLflow (SQLite under the run's temporary directory, not committed).",
+        f"Fixed batches {BATCH_SIZES}; each data set's LR grid (below) on the sqrt rule from batch {BATCH_SIZES[0]}; "
+        f"the ramp from {BATCH_SIZES[0]} to {BATCH_SIZES[-1]}, micro-batches <= {MAX_MICRO}, growing toward target x "
+        f"B_simple; means over seeds at each row's best multiplier (fewest steps). Raw: {out}; the runs in MLflow "
+        "(SQLite in the sweeps' directory, not committed).",
         "",
     ]
     for r in results:
@@ -186,7 +188,7 @@ def markdown(results: list[dict], command: str, seconds: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", default=",".join(EXPERIMENTS))
-    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--seeds", type=int, default=SEEDS)
     parser.add_argument("--directory", default=None, help="sweeps and the MLflow store (default: a temp dir)")
     parser.add_argument("--targets", default="1,2", help="ramps toward target x B_simple, one per value")
     parser.add_argument(
@@ -209,7 +211,7 @@ def main() -> None:
         grid = settings.get("grid", GRID)
         # another grid or seed count is another sweep, so another name (the store refuses a changed config)
         tag = "" if grid == GRID else "-grid" + "-".join(f"{m:g}" for m in grid)
-        tag += "" if args.seeds == 2 else f"-{args.seeds}seeds"
+        tag += "" if args.seeds == SEEDS else f"-{args.seeds}seeds"
         fixed = _sweep(task, BATCH_SIZES, settings, args.seeds, directory, uri, f"{name}-fixed{tag}")
         ramps = {}
         for target in targets:
@@ -229,7 +231,8 @@ def main() -> None:
                "max_micro": MAX_MICRO, "ramp_targets": targets, "seeds": args.seeds, "seconds": seconds,
                "mlflow": uri}  # fmt: skip
     Path(args.out).write_text(json.dumps(payload, indent=2))
-    print(markdown(results, "nice -n 5 python benchmarks/batch_ramp.py", seconds))
+    command = " ".join(["nice -n 5 python benchmarks/batch_ramp.py", *sys.argv[1:]])
+    print(markdown(results, command, seconds, args.out))
 
 
 if __name__ == "__main__":

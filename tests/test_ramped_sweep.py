@@ -69,3 +69,19 @@ def test_ramp_factory_passes_measure_every_to_the_ramp():
         run.close()
     with pytest.raises(ValueError, match=r"^invalid measure_every 0: expected an int >= 1$"):
         RampFactory(Task("teacher-student"), max_batch=8, max_micro_batch=4, measure_every=0)(8, 1e-3, 0)
+
+
+def test_ramp_factory_passes_min_accumulation_to_the_ramp():
+    """min_accumulation=4 at batch 16: the run trains 4 micro-batches of 4 and the collector measures from them;
+    1 is refused by its name."""
+    run = RampFactory(Task("teacher-student"), max_batch=16, max_micro_batch=8, min_accumulation=4)(
+        16, 1e-3, 0
+    )
+    try:
+        assert (run.ramp.micro_batch, run.ramp.accumulation) == (4, 4)
+        run.train_step()
+        assert (run.ramp.last_pair.b_small, run.ramp.last_pair.b_big) == (4, 16)
+    finally:
+        run.close()
+    with pytest.raises(ValueError, match=r"^invalid min_accumulation 1: expected an int >= 2$"):
+        RampFactory(Task("teacher-student"), max_batch=8, max_micro_batch=4, min_accumulation=1)(8, 1e-3, 0)

@@ -19,7 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from batchlab.advice.ramp import DEFAULT_GROWTH, DEFAULT_MIN_UPDATES, DEFAULT_PATIENCE, DEFAULT_Z
+from batchlab.advice.ramp import (
+    DEFAULT_GROWTH,
+    DEFAULT_MIN_UPDATES,
+    DEFAULT_PATIENCE,
+    DEFAULT_Z,
+    MIN_ACCUMULATION,
+)
 from batchlab.noise import NoiseScaleEstimate, estimate_components
 from batchlab.sweeps.trainable import SupervisedRun, close_run
 from batchlab.training.ramp import RAMP_BETA, BatchRamp
@@ -104,6 +110,7 @@ class RampFactory:
     patience: int = DEFAULT_PATIENCE
     z: float = DEFAULT_Z
     min_updates: int = DEFAULT_MIN_UPDATES
+    min_accumulation: int = MIN_ACCUMULATION
     beta: float = RAMP_BETA
     rule: str | None = None
     keep: tuple[str, ...] = ()
@@ -120,5 +127,6 @@ class RampFactory:
 
     def __call__(self, batch_size: int, lr: float, seed: int) -> RampedRun:
         options = {k: getattr(self, k) for k in ("max_batch", "max_micro_batch", "target", "growth", "patience",
-                                                 "z", "min_updates", "beta", "rule", "keep", "measure_every")}  # fmt: skip
+                                                 "z", "min_updates", "min_accumulation", "beta", "rule", "keep",
+                                                 "measure_every")}  # fmt: skip
         return RampedRun(self.factory(batch_size, lr, seed), **options)

@@ -103,8 +103,8 @@ class RampReading:
 class RampRule:
     """The ramp's decision (module docstring): feed it each step's estimate, it says when and where to grow.
 
-    ``target`` scales the estimate: the batch grows toward ``target x B_simple`` (1.0: B_simple itself, which
-    measured 0.46-0.52 of the swept critical batch here, DESIGN.md). Plain numbers; no torch.
+    ``target`` scales the estimate: the batch grows toward ``target x B_simple`` (1.0: B_simple itself; the
+    value that paid off differed tenfold between data sets, benchmarks/RESULTS.md). Plain numbers; no torch.
     """
 
     def __init__(

@@ -2,8 +2,9 @@
 
 McCandlish et al. 2018 (section 2.2): with the optimal step size, SGD's critical batch is
 B_noise = tr(HΣ)/(GᵀHG); B_simple = tr(Σ)/|G|² is the cheap stand-in, equal to it only when the Hessian H is
-isotropic. Issue 13, item 4 asks which of the two lands nearer a directly swept B_crit (measured B_simple was
-0.46-0.52x of it on digits and MNIST-1D).
+isotropic. Issue 13, item 4 asks which of the two lands nearer a directly swept B_crit (B_simple averaged along
+a run measured 0.56-1.29x of it on digits, MNIST-1D and a char-LM, B_noise farther in most cases:
+benchmarks/RESULTS.md, "The critical batch swept again after a fix").
 
 :func:`measure_curvature_noise_scale` draws ``repeats`` pairs of nested batches (``b_small`` of ``b_big``
 samples) and, per pair, the two mean gradients g and their H-weighted squared norms gᵀHg, with H the Hessian

@@ -9,13 +9,16 @@ and seeds, every run stopping at the target validation loss:
 2. **Ramp**: :class:`batchlab.sweeps.RampFactory` from the smallest batch, up to the largest, micro-batches of at
    most ``MAX_MICRO`` (standing in for the fitted maximum): the noise scale is measured from the accumulation
    micro-batches and each change carries the LR (and Adam's betas and eps) by the same square-root rule. One
-   ramp per ``--targets`` value: 1 grows toward B_simple (the default), 2 toward 2 x B_simple, about the swept
-   critical batch here (B_simple measured 0.46-0.52 of it, DESIGN.md).
+   ramp per ``--targets`` value: 1 grows toward B_simple (the default), 2 toward 2 x B_simple.
+   ``--min-accumulation`` sets the micro-batches per step, the pairs the ramp reads the noise scale from.
 
 Per batch size (and for the ramp) the best multiplier's mean steps and samples to the target over the seeds
 (:meth:`batchlab.sweeps.SweepResult.by_batch_size`). The issue's goals: no fixed batch reaches the target with
 both fewer steps and fewer samples than the ramp; against the most sample-efficient fixed batch, the ramp takes
->= 30% fewer steps at <= 1.1x its samples.
+>= 30% fewer steps at <= 1.1x its samples. The verdict is the step-optimal multiplier's; each ramp line also
+marks every multiplier that meets both goals by itself (a ramp's steps and samples are not proportional, so the
+step-optimal multiplier need not be the one that meets them). ``--seeds 3,4,5`` runs seeds held out from a
+choice made on 0 and 1.
 
 Every run is logged to MLflow in a SQLite store under ``--directory`` (a temporary directory by default; never
 committed). Writes benchmarks/results/batch_ramp.json and prints a Markdown section for RESULTS.md. One torch
@@ -35,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from batchlab.advice.ramp import MIN_ACCUMULATION
 from batchlab.sweeps import Budget, RampFactory, SweepResult, sweep
 from batchlab.workloads.tasks import Task
 
@@ -129,24 +133,35 @@ def compare(
            "ramps": []}  # fmt: skip
     for target, result in ramps.items():
         row = result.by_batch_size()[0].to_dict()
+        every = [m | {"both_goals": _both_goals(m, reached, seeds)} for m in _per_multiplier(result)]
         out["ramps"].append({"target": target, **row, "batches": _trajectory(result, row["lr_multiplier"]),
-                             "per_multiplier": _per_multiplier(result), **_goals(row, reached, seeds)})  # fmt: skip
+                             "per_multiplier": every, **_goals(row, reached, seeds)})  # fmt: skip
     return out
+
+
+def _both_goals(multiplier_row: dict, reached: list[dict], seeds: int) -> bool:
+    """Both goals for the ramp at one multiplier (a row of ``_per_multiplier``; None steps: a seed missed). The
+    verdict of the table is the step-optimal multiplier's; a ramp's steps and samples are not proportional, so
+    another multiplier can meet both where that one does not."""
+    reached_all = seeds if multiplier_row["steps_to_target"] is not None else 0
+    goals = _goals(multiplier_row | {"reached": reached_all}, reached, seeds)
+    return goals["goal_not_dominated"] and goals["goal_steps_samples"]
 
 
 def _cell(value: float | None) -> str:
     return f"{value:.0f}" if value is not None else "-"
 
 
-def markdown(results: list[dict], command: str, seconds: float, out: str) -> str:
+def markdown(results: list[dict], command: str, seconds: float, out: str, min_accumulation: int) -> str:
     lines = [
         f"## Batch ramp against every fixed batch ({time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC)",
         "",
         f"Issue 13 item 3. Machine: 2-core shared CPU, no GPU, torch {torch.__version__.split('+')[0]}, "
         f"Python {platform.python_version()}, 1 torch thread. Command: `{command}` ({seconds / 60:.1f} min).",
         f"Fixed batches {BATCH_SIZES}; each data set's LR grid (below) on the sqrt rule from batch {BATCH_SIZES[0]}; "
-        f"the ramp from {BATCH_SIZES[0]} to {BATCH_SIZES[-1]}, micro-batches <= {MAX_MICRO}, growing toward target x "
-        f"B_simple; means over seeds at each row's best multiplier (fewest steps). Raw: {out}; the runs in MLflow "
+        f"the ramp from {BATCH_SIZES[0]} to {BATCH_SIZES[-1]}, micro-batches of at most {MAX_MICRO} "
+        f"samples and at least {min_accumulation} per step, growing toward target x B_simple; "
+        f"means over seeds at each row's best multiplier (fewest steps). Raw: {out}; the runs in MLflow "
         "(SQLite in the sweeps' directory, not committed).",
         "",
     ]
@@ -173,7 +188,8 @@ def markdown(results: list[dict], command: str, seconds: float, out: str) -> str
                 "met" if row["goal_not_dominated"] else f"MISSED (fixed {row['dominated_by']} has both fewer)"
             )
             every = ", ".join(f"x{m['lr_multiplier']:g} {_cell(m['steps_to_target'])} / "
-                              f"{_cell(m['samples_to_target'])}" for m in row["per_multiplier"])  # fmt: skip
+                              f"{_cell(m['samples_to_target'])}{' (both goals)' if m['both_goals'] else ''}"
+                              for m in row["per_multiplier"])  # fmt: skip
             lines.append(
                 f"- target {row['target']:g}: steps / samples at each multiplier: {every}; batches per seed (step, "
                 f"batch) {row['batches']}; against fixed "
@@ -185,15 +201,45 @@ def markdown(results: list[dict], command: str, seconds: float, out: str) -> str
     return "\n".join(lines)
 
 
+def _seed_list(text: str) -> list[int]:
+    """``--seeds``: a count N (seeds 0..N-1) or a comma list of distinct seeds."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid --seeds {text!r}: expected a count or a comma list of ints"
+        ) from None
+    seeds = list(range(values[0])) if len(values) == 1 else values
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(
+            f"invalid --seeds {text!r}: expected a count >= 1 or distinct seeds >= 0"
+        )
+    return seeds
+
+
+def _seeds_tag(seeds: list[int]) -> str:
+    """The sweep-name part for the seeds (another seed set is another sweep: the store refuses a changed config)."""
+    if seeds == list(range(SEEDS)):
+        return ""
+    return f"-{len(seeds)}seeds" if seeds == list(range(len(seeds))) else "-seeds" + "-".join(map(str, seeds))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", default=",".join(EXPERIMENTS))
-    parser.add_argument("--seeds", type=int, default=SEEDS)
+    parser.add_argument(
+        "--seeds", type=_seed_list, default=list(range(SEEDS)),
+        help=f"a count N (seeds 0..N-1, default {SEEDS}) or a comma list, e.g. 3,4,5 for seeds held out",
+    )  # fmt: skip
     parser.add_argument("--directory", default=None, help="sweeps and the MLflow store (default: a temp dir)")
     parser.add_argument("--targets", default="1,2", help="ramps toward target x B_simple, one per value")
     parser.add_argument(
         "--grid", default=None, help="LR multipliers for every data set (default: each one's)"
     )
+    parser.add_argument(
+        "--min-accumulation", type=int, default=MIN_ACCUMULATION,
+        help="the ramp's micro-batches per step, the pairs its noise scale is read from (default: the library's)",
+    )  # fmt: skip
     parser.add_argument("--out", default=str(HERE / "results" / "batch_ramp.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -211,14 +257,16 @@ def main() -> None:
         grid = settings.get("grid", GRID)
         # another grid or seed count is another sweep, so another name (the store refuses a changed config)
         tag = "" if grid == GRID else "-grid" + "-".join(f"{m:g}" for m in grid)
-        tag += "" if args.seeds == SEEDS else f"-{args.seeds}seeds"
+        tag += _seeds_tag(args.seeds)
         fixed = _sweep(task, BATCH_SIZES, settings, args.seeds, directory, uri, f"{name}-fixed{tag}")
         ramps = {}
         for target in targets:
-            factory = RampFactory(task, max_batch=BATCH_SIZES[-1], max_micro_batch=MAX_MICRO, target=target)
+            factory = RampFactory(task, max_batch=BATCH_SIZES[-1], max_micro_batch=MAX_MICRO, target=target,
+                                  min_accumulation=args.min_accumulation)  # fmt: skip
+            accumulation = "" if args.min_accumulation == MIN_ACCUMULATION else f"-acc{args.min_accumulation}"
             ramps[target] = _sweep(factory, [BATCH_SIZES[0]], settings, args.seeds, directory, uri,
-                                   f"{name}-ramp-t{target:g}{tag}")  # fmt: skip
-        result = compare(name, settings, fixed, ramps, args.seeds)
+                                   f"{name}-ramp-t{target:g}{accumulation}{tag}")  # fmt: skip
+        result = compare(name, settings, fixed, ramps, len(args.seeds))
         result["seconds"] = time.time() - t0
         results.append(result)
         print(json.dumps({"dataset": name, "seconds": result["seconds"], "efficient": result["efficient"],
@@ -228,11 +276,11 @@ def main() -> None:
     seconds = time.time() - started
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     payload = {"results": results, "batch_sizes": BATCH_SIZES, "grid": GRID,
-               "max_micro": MAX_MICRO, "ramp_targets": targets, "seeds": args.seeds, "seconds": seconds,
+               "max_micro": MAX_MICRO, "min_accumulation": args.min_accumulation, "ramp_targets": targets, "seeds": args.seeds, "seconds": seconds,
                "mlflow": uri}  # fmt: skip
     Path(args.out).write_text(json.dumps(payload, indent=2))
     command = " ".join(["nice -n 5 python benchmarks/batch_ramp.py", *sys.argv[1:]])
-    print(markdown(results, command, seconds, args.out))
+    print(markdown(results, command, seconds, args.out, args.min_accumulation))
 
 
 if __name__ == "__main__":

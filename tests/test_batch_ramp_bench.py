@@ -5,6 +5,7 @@ seed missed the target has no mean (an average over the seeds that reached would
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -67,3 +68,28 @@ def test_goals_missed_when_a_ramp_seed_does_not_reach():
     assert goals["goal_not_dominated"] is False
     assert goals["goal_steps_samples"] is False
     assert goals["steps_ratio"] is None
+
+
+def test_both_goals_per_multiplier():
+    """A multiplier meets both goals only when it is undominated and has >= 30% fewer steps at <= 1.1x the
+    samples; one where a seed missed (None) meets neither."""
+    assert batch_ramp._both_goals({"steps_to_target": 600.0, "samples_to_target": 17_000.0}, FIXED, 2) is True
+    assert (
+        batch_ramp._both_goals({"steps_to_target": 600.0, "samples_to_target": 18_000.0}, FIXED, 2) is False
+    )
+    assert batch_ramp._both_goals({"steps_to_target": None, "samples_to_target": None}, FIXED, 2) is False
+
+
+@pytest.mark.parametrize(
+    ("text", "seeds", "tag"),
+    [("2", [0, 1], ""), ("3", [0, 1, 2], "-3seeds"), ("2,3,4", [2, 3, 4], "-seeds2-3-4")],
+)
+def test_seeds_as_a_count_or_a_list(text, seeds, tag):
+    assert batch_ramp._seed_list(text) == seeds
+    assert batch_ramp._seeds_tag(seeds) == tag
+
+
+@pytest.mark.parametrize("text", ["0", "1,1", "-1,2", "two"])
+def test_bad_seeds_are_refused_by_value(text):
+    with pytest.raises(argparse.ArgumentTypeError, match=rf"^invalid --seeds '{text}': expected a count"):
+        batch_ramp._seed_list(text)

@@ -48,6 +48,8 @@ FIXED = [
         (600.0, 18_000.0, [32], False),  # fixed 32 has fewer of both
         (800.0, 16_500.0, [], False),  # not dominated, but only 0.8x the steps
         (500.0, 18_000.0, [], False),  # fewer steps than fixed 32, but 1.125x the samples
+        (1000.000005, 16_000.00008, [], False),  # fixed 16 itself, up to micro-batch rounding: not dominated
+        (1000.01, 16_000.2, [16], False),  # 1e-5 more of both: dominated by fixed 16
     ],
 )
 def test_goals_against_the_fixed_rows(steps, samples, dominated, both_goals):

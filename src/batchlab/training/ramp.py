@@ -105,9 +105,10 @@ class BatchRamp:
             1.5-2 on digits, 0.2 on a char-LM, none of 0.1-2 on MNIST-1D; sweep it as you would a batch.
         growth, patience, z, min_updates: the sizes and the hysteresis (:mod:`batchlab.advice.ramp`).
         min_accumulation: micro-batches per step, at least 2 so every step measures the noise scale. 4 read it
-            sharply enough to narrow the working targets to 1.5-2 on digits (1-2 on held-out seeds) and 0.2-0.5
-            on the char-LM; 8 did worse on both, and none rescued MNIST-1D (benchmarks/RESULTS.md, "The ramp's
-            reading from more micro-batches"). More micro-batches are smaller ones, which cost GPU wall time.
+            sharply enough to narrow the working targets to 1.5-2 on digits (1-2 on held-out seeds) and 0.2 on
+            the char-LM (0.5 on two seeds of four); 8 did worse on both, and none rescued MNIST-1D
+            (benchmarks/RESULTS.md, "The ramp's reading from more micro-batches"). More micro-batches are
+            smaller ones, which cost GPU wall time.
         beta: the noise tracker's EMA decay (:data:`RAMP_BETA`); ``tracker`` replaces the tracker.
         schedulers: LR schedulers whose ``base_lrs`` follow the LR.
         scaler: a GradScaler whose scale the collector divides out.

@@ -288,8 +288,8 @@ def main() -> None:
     seconds = time.time() - started
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     payload = {"results": results, "batch_sizes": BATCH_SIZES, "grid": GRID,
-               "max_micro": MAX_MICRO, "min_accumulation": args.min_accumulation, "ramp_targets": targets, "seeds": args.seeds, "seconds": seconds,
-               "mlflow": uri}  # fmt: skip
+               "max_micro": MAX_MICRO, "min_accumulation": args.min_accumulation, "ramp_targets": targets,
+               "seeds": args.seeds, "seconds": seconds, "mlflow": uri}  # fmt: skip
     Path(args.out).write_text(json.dumps(payload, indent=2))
     command = " ".join(["nice -n 5 python benchmarks/batch_ramp.py", *sys.argv[1:]])
     print(markdown(results, command, seconds, args.out, args.min_accumulation))

@@ -258,9 +258,24 @@ def main() -> None:
     targets = [float(t) for t in args.targets.split(",")]
     directory = Path(args.directory or tempfile.mkdtemp(prefix="batchlab-batch-ramp-"))
     uri = f"sqlite:///{(directory / 'mlflow.db').resolve()}"
+    names = args.datasets.split(",")
+    unknown = [name for name in names if name not in EXPERIMENTS]
+    if unknown:
+        parser.error(
+            f"invalid --datasets {','.join(unknown)}: expected a comma list of {', '.join(EXPERIMENTS)}"
+        )
+    try:  # every ramp's settings are checked here, before the first sweep trains
+        factories = {
+            name: {target: RampFactory(Task(name, noise_every=0), max_batch=BATCH_SIZES[-1], max_micro_batch=MAX_MICRO,
+                                       target=target, min_accumulation=args.min_accumulation)
+                   for target in targets}
+            for name in names
+        }  # fmt: skip
+    except (TypeError, ValueError) as error:
+        parser.error(str(error))
     started = time.time()
     results = []
-    for name in args.datasets.split(","):
+    for name, ramp_factories in factories.items():
         settings = dict(EXPERIMENTS[name])
         if args.grid:
             settings["grid"] = [float(m) for m in args.grid.split(",")]
@@ -272,9 +287,7 @@ def main() -> None:
         tag += _seeds_tag(args.seeds)
         fixed = _sweep(task, BATCH_SIZES, settings, args.seeds, directory, uri, f"{name}-fixed{tag}")
         ramps = {}
-        for target in targets:
-            factory = RampFactory(task, max_batch=BATCH_SIZES[-1], max_micro_batch=MAX_MICRO, target=target,
-                                  min_accumulation=args.min_accumulation)  # fmt: skip
+        for target, factory in ramp_factories.items():
             accumulation = "" if args.min_accumulation == MIN_ACCUMULATION else f"-acc{args.min_accumulation}"
             ramps[target] = _sweep(factory, [BATCH_SIZES[0]], settings, args.seeds, directory, uri,
                                    f"{name}-ramp-t{target:g}{accumulation}{tag}")  # fmt: skip

@@ -95,3 +95,27 @@ def test_seeds_as_a_count_or_a_list(text, seeds, tag):
 def test_bad_seeds_are_refused_by_value(text):
     with pytest.raises(argparse.ArgumentTypeError, match=rf"^invalid --seeds '{text}': expected a count"):
         batch_ramp._seed_list(text)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--min-accumulation", "1"], "invalid min_accumulation 1: expected an int >= 2"),
+        (["--targets", "0"], "invalid target 0.0: expected a number > 0"),
+        (["--datasets", "mnist1d,digits"], "invalid --datasets digits: expected a comma list of mlp-digits"),
+    ],
+)
+def test_main_refuses_bad_ramp_settings_in_one_line_before_any_sweep(
+    monkeypatch, capsys, tmp_path, argv, message
+):
+    """A bad setting is an argparse error (exit 2, one line naming the value) before the fixed sweeps train."""
+
+    def no_sweep(*args, **kwargs):
+        raise AssertionError("a sweep ran before the settings were checked")
+
+    monkeypatch.setattr(batch_ramp, "_sweep", no_sweep)
+    monkeypatch.setattr(sys, "argv", ["batch_ramp.py", "--out", str(tmp_path / "out.json"), *argv])
+    with pytest.raises(SystemExit, match="^2$"):
+        batch_ramp.main()
+    last_line = capsys.readouterr().err.splitlines()[-1]
+    assert last_line.startswith(f"batch_ramp.py: error: {message}")

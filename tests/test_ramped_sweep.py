@@ -68,7 +68,7 @@ def test_ramp_factory_passes_measure_every_to_the_ramp():
     finally:
         run.close()
     with pytest.raises(ValueError, match=r"^invalid measure_every 0: expected an int >= 1$"):
-        RampFactory(Task("teacher-student"), max_batch=8, max_micro_batch=4, measure_every=0)(8, 1e-3, 0)
+        RampFactory(Task("teacher-student"), max_batch=8, max_micro_batch=4, measure_every=0)
 
 
 def test_ramp_factory_passes_min_accumulation_to_the_ramp():
@@ -84,4 +84,40 @@ def test_ramp_factory_passes_min_accumulation_to_the_ramp():
     finally:
         run.close()
     with pytest.raises(ValueError, match=r"^invalid min_accumulation 1: expected an int >= 2$"):
-        RampFactory(Task("teacher-student"), max_batch=8, max_micro_batch=4, min_accumulation=1)(8, 1e-3, 0)
+        RampFactory(Task("teacher-student"), max_batch=8, max_micro_batch=4, min_accumulation=1)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"max_batch": 0}, r"^invalid max_batch 0: expected an int >= 1$"),
+        ({"max_micro_batch": 2.5}, r"^invalid max_micro_batch 2.5: expected an int >= 1$"),
+        ({"target": 0.0}, r"^invalid target 0.0: expected a number > 0 \(the multiple of B_simple"),
+        ({"growth": 1.0}, r"^invalid growth 1.0: expected a number > 1"),
+        ({"patience": 0}, r"^invalid patience 0: expected an int >= 1$"),
+        ({"z": -1.0}, r"^invalid z -1.0: expected a number >= 0"),
+        ({"min_updates": 0}, r"^invalid min_updates 0: expected an int >= 1$"),
+        ({"beta": 1.0}, r"^invalid beta 1.0: expected a number in \[0, 1\)"),
+        ({"rule": "cubic"}, r"^invalid rule 'cubic': expected one of 'linear', 'sqrt'"),
+        ({"keep": ("lr",)}, r"^invalid keep entry 'lr': expected one of 'betas'"),
+    ],
+)
+def test_ramp_factory_refuses_a_bad_setting_when_made_before_any_run_trains(setting, message):
+    """A sweep of ramps fails at RampFactory(...), not after the fixed batches it is compared with have run:
+    the factory is never called, so no run is built."""
+    calls = []
+
+    def factory(batch_size, lr, seed):
+        calls.append(batch_size)
+        return Task("teacher-student")(batch_size, lr, seed)
+
+    with pytest.raises(ValueError, match=message):
+        RampFactory(factory, **{"max_batch": 8, "max_micro_batch": 4, **setting})
+    assert calls == []
+
+
+def test_ramp_factory_refuses_a_factory_it_cannot_call():
+    with pytest.raises(
+        TypeError, match=r"^RampFactory needs a run factory \(batch_size, lr, seed\) -> run, got 'mnist1d'$"
+    ):
+        RampFactory("mnist1d", max_batch=8, max_micro_batch=4)

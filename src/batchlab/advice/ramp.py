@@ -121,12 +121,23 @@ class RampRule:
                 f"sizes must be a non-empty, strictly increasing tuple of batches, got {sizes!r}"
             )
         self.sizes = tuple(checks.integer("size", s) for s in sizes)
-        self.target = checks.number("target", target, what="the multiple of B_simple the batch grows toward")
-        self.patience = checks.integer("patience", patience)
-        self.z = checks.number("z", z, inclusive=True)
-        self.min_updates = checks.integer("min_updates", min_updates)
+        self.target, self.patience, self.z, self.min_updates = self.check_settings(
+            target=target, patience=patience, z=z, min_updates=min_updates
+        )
         self.current = self.sizes[0]
         self._lows: list[float] = []
+
+    @staticmethod
+    def check_settings(
+        *, target: float, patience: int, z: float, min_updates: int
+    ) -> tuple[float, int, float, int]:
+        """``(target, patience, z, min_updates)`` checked, each with a one-line error naming the value."""
+        return (
+            checks.number("target", target, what="the multiple of B_simple the batch grows toward"),
+            checks.integer("patience", patience),
+            checks.number("z", z, inclusive=True),
+            checks.integer("min_updates", min_updates),
+        )
 
     @property
     def next_size(self) -> int | None:

@@ -16,7 +16,7 @@ micro-batches, so the wrapped run is rebuilt with ``noise_every=0``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from batchlab.advice.ramp import (
@@ -28,7 +28,7 @@ from batchlab.advice.ramp import (
 )
 from batchlab.noise import NoiseScaleEstimate, estimate_components
 from batchlab.sweeps.trainable import SupervisedRun, close_run
-from batchlab.training.ramp import RAMP_BETA, BatchRamp
+from batchlab.training.ramp import RAMP_BETA, BatchRamp, check_ramp_settings
 
 __all__ = ["RampedRun", "RampFactory"]
 
@@ -116,6 +116,18 @@ class RampFactory:
     keep: tuple[str, ...] = ()
     measure_every: int = 1
 
+    def __post_init__(self) -> None:
+        """The ramp's settings are checked here, so a sweep with a bad one fails before any run trains."""
+        if not callable(self.factory):
+            raise TypeError(
+                f"RampFactory needs a run factory (batch_size, lr, seed) -> run, got {self.factory!r}"
+            )
+        check_ramp_settings(**self._ramp_options())
+
+    def _ramp_options(self) -> dict[str, Any]:
+        """Every field but ``factory``: BatchRamp's keyword arguments."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "factory"}
+
     @property
     def name(self) -> str:
         base = getattr(self.factory, "name", None) or getattr(self.factory, "__name__", "run")
@@ -126,7 +138,4 @@ class RampFactory:
         return getattr(self.factory, "dataset_size", None)
 
     def __call__(self, batch_size: int, lr: float, seed: int) -> RampedRun:
-        options = {k: getattr(self, k) for k in ("max_batch", "max_micro_batch", "target", "growth", "patience",
-                                                 "z", "min_updates", "min_accumulation", "beta", "rule", "keep",
-                                                 "measure_every")}  # fmt: skip
-        return RampedRun(self.factory(batch_size, lr, seed), **options)
+        return RampedRun(self.factory(batch_size, lr, seed), **self._ramp_options())

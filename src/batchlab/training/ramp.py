@@ -42,15 +42,15 @@ from batchlab.advice.ramp import (
     RampRule,
     ramp_sizes,
 )
-from batchlab.advice.scaling import BatchPlan, plan_batch
+from batchlab.advice.scaling import RULES, BatchPlan, plan_batch
 from batchlab.advice.transfer import KEEPABLE, optimizer_rule
 from batchlab.noise.collectors import AccumulationCollector, NormPair
-from batchlab.noise.estimator import GradientNoiseScale, NoiseScaleEstimate
+from batchlab.noise.estimator import GradientNoiseScale, NoiseScaleEstimate, check_beta
 from batchlab.training.carry import carry_over, hyperparameter_snapshot, optimizer_name, unwrap_optimizer
 
 log = logging.getLogger("batchlab")
 
-__all__ = ["BatchRamp", "RampEvent", "RAMP_BETA"]
+__all__ = ["BatchRamp", "RampEvent", "RAMP_BETA", "check_ramp_settings"]
 
 # The ramp's EMA decay: a ~20-update window. B_simple rises as training goes on and the default 0.99 (~100
 # updates) lags a short run's rise by its whole window; the lower bound (mean - 1 s.e.) pays for the noise.
@@ -84,6 +84,38 @@ class RampEvent:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def check_ramp_settings(
+    *,
+    max_batch: int,
+    max_micro_batch: int,
+    rule: str | None = None,
+    target: float = 1.0,
+    growth: float = DEFAULT_GROWTH,
+    patience: int = DEFAULT_PATIENCE,
+    z: float = DEFAULT_Z,
+    min_updates: int = DEFAULT_MIN_UPDATES,
+    min_accumulation: int = MIN_ACCUMULATION,
+    beta: float = RAMP_BETA,
+    keep: Sequence[str] = (),
+    measure_every: int = 1,
+) -> None:
+    """Check a ramp's settings that do not depend on its run (the start batch, the optimizer), each with a
+    one-line error naming the value. :class:`BatchRamp` runs it on construction, and
+    :class:`batchlab.sweeps.RampFactory` when it is made, so a sweep with a bad ramp fails before its first run
+    rather than after the fixed batches it is compared with."""
+    checks.integer("max_batch", max_batch)
+    checks.integer("max_micro_batch", max_micro_batch)
+    checks.integer("min_accumulation", min_accumulation, minimum=2)
+    checks.number("growth", growth, minimum=1.0)
+    RampRule.check_settings(target=target, patience=patience, z=z, min_updates=min_updates)
+    if rule is not None:
+        checks.choice("rule", rule, RULES)
+    check_beta(beta)
+    for key in keep:
+        checks.choice("keep entry", key, KEEPABLE)
+    checks.integer("measure_every", measure_every)
 
 
 def _lr(optimizer: Any) -> float:
@@ -149,13 +181,14 @@ class BatchRamp:
         if not isinstance(opt, torch.optim.Optimizer):
             raise TypeError(f"BatchRamp needs a torch optimizer, got {type(optimizer).__name__}")
         optimizer_rule(optimizer_name(opt), rule)  # an unknown optimizer fails here, before training
+        check_ramp_settings(max_batch=max_batch, max_micro_batch=max_micro_batch, rule=rule, target=target,
+                            growth=growth, patience=patience, z=z, min_updates=min_updates,
+                            min_accumulation=min_accumulation, beta=beta, keep=keep,
+                            measure_every=measure_every)  # fmt: skip
         self.keep = tuple(keep)
-        for key in self.keep:
-            checks.choice("keep entry", key, KEEPABLE)
         start = checks.integer("batch_size", batch_size)
-        top = checks.integer("max_batch", max_batch)
-        self.max_micro_batch = checks.integer("max_micro_batch", max_micro_batch)
-        self.min_accumulation = checks.integer("min_accumulation", min_accumulation, minimum=2)
+        self.max_micro_batch = max_micro_batch
+        self.min_accumulation = min_accumulation
         if start < self.min_accumulation:
             raise ValueError(
                 f"invalid batch_size {start}: a step needs at least {self.min_accumulation} micro-batches of "
@@ -164,7 +197,7 @@ class BatchRamp:
         if on_change is not None and not callable(on_change):
             raise TypeError(f"on_change must be callable as on_change(event), got {on_change!r}")
         sizes = ramp_sizes(
-            start, top, self.max_micro_batch, growth=growth, min_accumulation=self.min_accumulation
+            start, max_batch, self.max_micro_batch, growth=growth, min_accumulation=self.min_accumulation
         )
         self.rule = RampRule(sizes, target=target, patience=patience, z=z, min_updates=min_updates)
         self.optimizer = opt
@@ -179,7 +212,7 @@ class BatchRamp:
             self.plan.micro_batch,
             self.tracker,
             scaler=scaler,
-            every=checks.integer("measure_every", measure_every),
+            every=measure_every,
         )
         self.events: list[RampEvent] = []
         self.reading: RampReading | None = None

@@ -143,3 +143,12 @@ def test_measure_every_reads_one_optimizer_step_in_k_through_the_trainer():
     assert ramp.ramp.estimate().updates == 40 and ramp.ramp.collector.skipped_steps == 80
     with pytest.raises(ValueError, match=r"^invalid measure_every 0: expected an int >= 1$"):
         lt.BatchRampCallback(max_batch=64, measure_every=0)
+
+
+def test_callback_refuses_a_bad_rule_or_beta_when_made():
+    """The callback runs the ramp's shared settings check on construction, so rule and beta fail before fit."""
+    lt = _lightning()
+    with pytest.raises(ValueError, match=r"^invalid rule 'cubic': expected one of 'linear', 'sqrt'"):
+        lt.BatchRampCallback(max_batch=64, rule="cubic")
+    with pytest.raises(ValueError, match=r"^invalid beta 1.0: expected a number in \[0, 1\)"):
+        lt.BatchRampCallback(max_batch=64, beta=1.0)

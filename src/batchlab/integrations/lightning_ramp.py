@@ -34,9 +34,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from batchlab import checks
-from batchlab.advice.ramp import DEFAULT_GROWTH, DEFAULT_MIN_UPDATES, DEFAULT_PATIENCE, DEFAULT_Z, RampRule
-from batchlab.training.ramp import RAMP_BETA, BatchRamp, RampEvent
+from batchlab.advice.ramp import DEFAULT_GROWTH, DEFAULT_MIN_UPDATES, DEFAULT_PATIENCE, DEFAULT_Z
+from batchlab.training.ramp import RAMP_BETA, BatchRamp, RampEvent, check_ramp_settings
 
 try:  # the callback must subclass Lightning's; batchlab's core never imports this module
     from lightning.pytorch.callbacks import Callback, GradientAccumulationScheduler
@@ -77,10 +76,9 @@ class BatchRampCallback(Callback):
         on_change: Callable[[RampEvent], Any] | None = None,
     ) -> None:
         # Validated here, before any training starts (the sizes themselves need the micro-batch, at train start).
-        self.max_batch = checks.integer("max_batch", max_batch)
-        RampRule((1,), target=target, patience=patience, z=z, min_updates=min_updates)
-        checks.number("growth", growth, minimum=1.0)
-        checks.integer("measure_every", measure_every)
+        check_ramp_settings(max_batch=max_batch, rule=rule, target=target, growth=growth, patience=patience, z=z,
+                            min_updates=min_updates, beta=beta, measure_every=measure_every)  # fmt: skip
+        self.max_batch = max_batch
         self.options = dict(rule=rule, target=target, growth=growth, patience=patience, z=z,
                             min_updates=min_updates, beta=beta, measure_every=measure_every)  # fmt: skip
         if on_change is not None and not callable(on_change):

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
+from batchlab import checks
 from batchlab.advice.ramp import (
     DEFAULT_GROWTH,
     DEFAULT_MIN_UPDATES,
@@ -122,7 +123,9 @@ class RampFactory:
             raise TypeError(
                 f"RampFactory needs a run factory (batch_size, lr, seed) -> run, got {self.factory!r}"
             )
-        check_ramp_settings(**self._ramp_options())
+        options = self._ramp_options()
+        checks.integer("max_micro_batch", options.pop("max_micro_batch"))
+        check_ramp_settings(**options)
 
     def _ramp_options(self) -> dict[str, Any]:
         """Every field but ``factory``: BatchRamp's keyword arguments."""

@@ -89,7 +89,6 @@ class RampEvent:
 def check_ramp_settings(
     *,
     max_batch: int,
-    max_micro_batch: int,
     rule: str | None = None,
     target: float = 1.0,
     growth: float = DEFAULT_GROWTH,
@@ -101,12 +100,12 @@ def check_ramp_settings(
     keep: Sequence[str] = (),
     measure_every: int = 1,
 ) -> None:
-    """Check a ramp's settings that do not depend on its run (the start batch, the optimizer), each with a
-    one-line error naming the value. :class:`BatchRamp` runs it on construction, and
-    :class:`batchlab.sweeps.RampFactory` when it is made, so a sweep with a bad ramp fails before its first run
-    rather than after the fixed batches it is compared with."""
+    """Check a ramp's settings that do not depend on its run (the start batch, the optimizer) or its micro-batch
+    (the Lightning callback reads that from the dataloader at train start), each with a one-line error naming
+    the value. :class:`BatchRamp` runs it on construction, and :class:`batchlab.sweeps.RampFactory` and the
+    Lightning callback when they are made, so a bad ramp fails before any training (a sweep's: before the fixed
+    batches it is compared with)."""
     checks.integer("max_batch", max_batch)
-    checks.integer("max_micro_batch", max_micro_batch)
     checks.integer("min_accumulation", min_accumulation, minimum=2)
     checks.number("growth", growth, minimum=1.0)
     RampRule.check_settings(target=target, patience=patience, z=z, min_updates=min_updates)
@@ -181,13 +180,12 @@ class BatchRamp:
         if not isinstance(opt, torch.optim.Optimizer):
             raise TypeError(f"BatchRamp needs a torch optimizer, got {type(optimizer).__name__}")
         optimizer_rule(optimizer_name(opt), rule)  # an unknown optimizer fails here, before training
-        check_ramp_settings(max_batch=max_batch, max_micro_batch=max_micro_batch, rule=rule, target=target,
-                            growth=growth, patience=patience, z=z, min_updates=min_updates,
-                            min_accumulation=min_accumulation, beta=beta, keep=keep,
+        check_ramp_settings(max_batch=max_batch, rule=rule, target=target, growth=growth, patience=patience, z=z,
+                            min_updates=min_updates, min_accumulation=min_accumulation, beta=beta, keep=keep,
                             measure_every=measure_every)  # fmt: skip
         self.keep = tuple(keep)
         start = checks.integer("batch_size", batch_size)
-        self.max_micro_batch = max_micro_batch
+        self.max_micro_batch = checks.integer("max_micro_batch", max_micro_batch)
         self.min_accumulation = min_accumulation
         if start < self.min_accumulation:
             raise ValueError(

@@ -46,3 +46,5 @@ _.eval_batch_size  # BatchlabFinder, with eval_batch_arg_name
 # The shape table's public mapping (issue 12): what a token budget is computed from, by the user or batchlab.
 _.max_batch_by_shape
 _.batchlab_shape_table  # set on the Ultralytics trainer for the user to read after training
+# The fixed batches' trade-off curve read at given steps (issue 13 item 3): benchmarks/batch_ramp.py's --curve.
+_.samples_at_steps  # batchlab.noise.critical.CriticalBatchFit

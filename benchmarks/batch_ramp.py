@@ -4,7 +4,7 @@ For each data set -- sklearn's digits, MNIST-1D (generated offline), and a byte-
 Python standard library's own source (``char-lm``) -- two sweeps through :func:`batchlab.sweep`, the same LR grid
 and seeds, every run stopping at the target validation loss:
 
-1. **Fixed**: every batch size of ``BATCH_SIZES``, the LR scaled from ``base_batch`` by the square-root rule
+1. **Fixed**: every batch size of ``BATCH_SIZES`` (``--batches`` adds sizes between its ends), the LR scaled from ``base_batch`` by the square-root rule
    times each multiplier of ``GRID`` (the built-in tasks: MLPs with Adam).
 2. **Ramp**: :class:`batchlab.sweeps.RampFactory` from the smallest batch, up to the largest, micro-batches of at
    most ``MAX_MICRO`` (standing in for the fitted maximum): the noise scale is measured from the accumulation
@@ -19,6 +19,12 @@ both fewer steps and fewer samples than the ramp; against the most sample-effici
 marks every multiplier that meets both goals by itself (a ramp's steps and samples are not proportional, so the
 step-optimal multiplier need not be the one that meets them). ``--seeds 3,4,5`` runs seeds held out from a
 choice made on 0 and 1.
+
+**The fixed curve.** S = S_min (1 + B_crit/B) fitted to the fixed rows (McCandlish et al. 2018) stands for
+every fixed batch, between the swept ones too. Each row's samples over the curve's at its steps say whether the
+ramp beats the fixed batches or only slips between the swept ones: while the critical batch stays constant no
+schedule gets under 1, so a ramp under 1 (beyond the fixed rows' own scatter about the curve) is one a growing
+critical batch paid for. ``--curve results/*.json`` scores stored results this way without training.
 
 Every run is logged to MLflow in a SQLite store under ``--directory`` (a temporary directory by default; never
 committed). Writes benchmarks/results/batch_ramp.json and prints a Markdown section for RESULTS.md. One torch
@@ -39,6 +45,7 @@ from pathlib import Path
 import torch
 
 from batchlab.advice.ramp import MIN_ACCUMULATION
+from batchlab.noise.critical import CriticalBatchFit, fit_critical_batch
 from batchlab.sweeps import Budget, RampFactory, SweepResult, sweep
 from batchlab.workloads.tasks import Task
 
@@ -135,19 +142,47 @@ def _per_multiplier(result: SweepResult) -> list[dict]:
     return out
 
 
+def _reached(rows: list[dict], seeds: int) -> list[dict]:
+    """The rows (fixed or ramp) whose every seed reached the target."""
+    return [r for r in rows if r["samples_to_target"] is not None and r["reached"] == seeds]
+
+
+def fixed_curve(reached: list[dict]) -> CriticalBatchFit | None:
+    """S = S_min (1 + B_crit/B) fitted to the fixed rows that reached the target (None under 3 of them)."""
+    if len(reached) < 3:
+        return None
+    return fit_critical_batch([r["batch_size"] for r in reached], [r["steps_to_target"] for r in reached])
+
+
+def over_curve(curve: CriticalBatchFit | None, row: dict) -> float | None:
+    """A row's samples over the fixed curve's samples at the row's steps (None without a curve or a mean).
+
+    Under 1 the row beats every fixed batch, between the swept ones too; at or over 1 some fixed batch reaches
+    the target in as many steps for no more samples. No schedule gets under 1 while the critical batch stays
+    constant (:meth:`CriticalBatchFit.samples_at_steps`), so a ramp under 1 is one the critical batch's growth
+    paid for; 0 where the ramp needs fewer steps than any fixed batch can (S_min)."""
+    if curve is None or row["steps_to_target"] is None:
+        return None
+    return row["samples_to_target"] / curve.samples_at_steps(row["steps_to_target"])
+
+
 def compare(
     name: str, settings: dict, fixed: SweepResult, ramps: dict[float, SweepResult], seeds: int
 ) -> dict:
     rows = [s.to_dict() for s in fixed.by_batch_size()]
-    reached = [r for r in rows if r["samples_to_target"] is not None and r["reached"] == seeds]
+    reached = _reached(rows, seeds)
     efficient = min(reached, key=lambda r: r["samples_to_target"])["batch_size"] if reached else None
+    curve = fixed_curve(reached)
     out = {"dataset": name, "settings": settings, "seeds": seeds, "fixed": rows, "efficient": efficient,
-           "ramps": []}  # fmt: skip
+           "curve": curve.to_dict() if curve else None, "ramps": []}  # fmt: skip
+    for row in rows:
+        row["over_curve"] = over_curve(curve, row) if row in reached else None  # the curve's own scatter
     for target, result in ramps.items():
         row = result.by_batch_size()[0].to_dict()
         every = [m | {"both_goals": _both_goals(m, reached, seeds)} for m in _per_multiplier(result)]
         out["ramps"].append({"target": target, **row, "batches": _trajectory(result, row["lr_multiplier"]),
-                             "per_multiplier": every, **_goals(row, reached, seeds)})  # fmt: skip
+                             "per_multiplier": every, **_goals(row, reached, seeds),
+                             "over_curve": over_curve(curve, row) if _reached([row], seeds) else None})  # fmt: skip
     return out
 
 
@@ -164,13 +199,15 @@ def _cell(value: float | None) -> str:
     return f"{value:.0f}" if value is not None else "-"
 
 
-def markdown(results: list[dict], command: str, seconds: float, out: str, min_accumulation: int) -> str:
+def markdown(
+    results: list[dict], command: str, seconds: float, out: str, min_accumulation: int, batches: list[int]
+) -> str:
     lines = [
         f"## Batch ramp against every fixed batch ({time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC)",
         "",
         f"Issue 13 item 3. Machine: 2-core shared CPU, no GPU, torch {torch.__version__.split('+')[0]}, "
         f"Python {platform.python_version()}, 1 torch thread. Command: `{command}` ({seconds / 60:.1f} min).",
-        f"Fixed batches {BATCH_SIZES}; each data set's LR grid (below) on the sqrt rule from batch {BATCH_SIZES[0]}; "
+        f"Fixed batches {batches}; each data set's LR grid (below) on the sqrt rule from batch {BATCH_SIZES[0]}; "
         f"the ramp from {BATCH_SIZES[0]} to {BATCH_SIZES[-1]}, micro-batches of at most {MAX_MICRO} "
         f"samples and at least {min_accumulation} per step, growing toward target x B_simple; "
         f"means over seeds at each row's best multiplier (fewest steps). Raw: {out}; the runs in MLflow "
@@ -189,7 +226,7 @@ def markdown(results: list[dict], command: str, seconds: float, out: str, min_ac
             lines.append(f"| ramp, target {row['target']:g} x B_simple | {row['lr_multiplier']:g} | "
                          f"{_cell(row['steps_to_target'])} | {_cell(row['samples_to_target'])} | "
                          f"{row['reached']}/{r['seeds']} |")  # fmt: skip
-        lines.append("")
+        lines += ["", _curve_line(r), ""]
         for row in r["ramps"]:
             if row["steps_ratio"] is None:
                 lines.append(
@@ -207,10 +244,72 @@ def markdown(results: list[dict], command: str, seconds: float, out: str, min_ac
                 f"batch) {row['batches']}; against fixed "
                 f"{r['efficient']} (the most sample-efficient): steps x{row['steps_ratio']:.2f}, samples "
                 f"x{row['samples_ratio']:.2f}. Not dominated: **{dominated}**; >= 30% fewer steps at <= 1.1x "
-                f"samples: **{'met' if row['goal_steps_samples'] else 'MISSED'}**."
+                f"samples: **{'met' if row['goal_steps_samples'] else 'MISSED'}**. Samples over the fixed curve "
+                f"at its steps: {_ratio(row.get('over_curve'))}."
             )
         lines.append("")
     return "\n".join(lines)
+
+
+def _ratio(value: float | None) -> str:
+    return f"x{value:.2f}" if value is not None else "-"
+
+
+def _curve_line(result: dict) -> str:
+    """One line on the fixed rows' curve: its fit and how far each fixed row lies from it (its own scatter)."""
+    curve = result.get("curve")
+    if curve is None:
+        return "- Fixed curve: fewer than 3 fixed batches reached the target on every seed; no curve."
+    scatter = ", ".join(f"{row['batch_size']} {_ratio(row.get('over_curve'))}" for row in result["fixed"])
+    return (f"- Fixed curve S = S_min (1 + B_crit/B): B_crit {curve['b_crit']:.0f}, S_min {curve['s_min']:.0f}, "
+            f"rms log error {curve['rms_log_error']:.3f}{'' if curve['bounded'] else ' (' + curve['note'] + ')'}; "
+            f"each fixed row's samples over it: {scatter}.")  # fmt: skip
+
+
+def rescore(result: dict) -> dict:
+    """A stored result (one data set of a results JSON, any version) with its fixed curve and every row's
+    samples over it recomputed by the current code: the runs of earlier sessions, scored without training."""
+    seeds = result["seeds"]
+    reached = _reached(result["fixed"], seeds)
+    curve = fixed_curve(reached)
+    fixed = [
+        row | {"over_curve": over_curve(curve, row) if row in reached else None} for row in result["fixed"]
+    ]
+    ramps = [row | {"over_curve": over_curve(curve, row) if _reached([row], seeds) else None}
+             for row in result["ramps"]]  # fmt: skip
+    return result | {"curve": curve.to_dict() if curve else None, "fixed": fixed, "ramps": ramps}
+
+
+def curve_table(paths: list[str]) -> str:
+    """Markdown: per results file and data set, the fixed curve and each ramp target's samples over it."""
+    lines = ["| results | data set | seeds | min acc | B_crit (rms) | fixed rows over the curve | ramp target: over the curve |",
+             "|---|---|---:|---:|---:|---|---|"]  # fmt: skip
+    for path in paths:
+        payload = json.loads(Path(path).read_text())
+        for result in map(rescore, payload["results"]):
+            curve = result["curve"]
+            fit = f"{curve['b_crit']:.0f} ({curve['rms_log_error']:.3f})" if curve else "-"
+            fixed = " / ".join(_ratio(row["over_curve"]) for row in result["fixed"])
+            ramps = ", ".join(f"{row['target']:g}: {_ratio(row['over_curve'])}" for row in result["ramps"])
+            lines.append(f"| {Path(path).stem} | {result['dataset']} | {result['seeds']} | "
+                         f"{payload.get('min_accumulation', MIN_ACCUMULATION)} | {fit} | {fixed} | {ramps} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _batch_list(text: str) -> list[int]:
+    """``--batches``: the fixed batch sizes, distinct ints that keep BATCH_SIZES's ends (the ramp's start and
+    maximum, and the batch the LRs are given at), so that only the fixed sweep gets finer."""
+    try:
+        sizes = sorted({int(v) for v in text.split(",")})
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid --batches {text!r}: expected a comma list of ints"
+        ) from None
+    if sizes[0] != BATCH_SIZES[0] or sizes[-1] != BATCH_SIZES[-1]:
+        raise argparse.ArgumentTypeError(
+            f"invalid --batches {text!r}: expected ints from {BATCH_SIZES[0]} to {BATCH_SIZES[-1]} with both ends"
+        )
+    return sizes
 
 
 def _seed_list(text: str) -> list[int]:
@@ -253,7 +352,17 @@ def main() -> None:
         help="the ramp's micro-batches per step, the pairs its noise scale is read from (default: the library's)",
     )  # fmt: skip
     parser.add_argument("--out", default=str(HERE / "results" / "batch_ramp.json"))
+    parser.add_argument("--batches", type=_batch_list, default=BATCH_SIZES,
+                        help=f"fixed batch sizes, a comma list from {BATCH_SIZES[0]} to {BATCH_SIZES[-1]}")  # fmt: skip
+    parser.add_argument("--curve", nargs="+", metavar="JSON", default=None,
+                        help="train nothing: score stored results against each data set's fixed curve")  # fmt: skip
     args = parser.parse_args()
+    if args.curve:
+        missing = [path for path in args.curve if not Path(path).is_file()]
+        if missing:
+            parser.error(f"invalid --curve {', '.join(missing)}: expected results JSON files of this script")
+        print(curve_table(args.curve))
+        return
     torch.set_num_threads(1)
     targets = [float(t) for t in args.targets.split(",")]
     directory = Path(args.directory or tempfile.mkdtemp(prefix="batchlab-batch-ramp-"))
@@ -285,7 +394,10 @@ def main() -> None:
         # another grid or seed count is another sweep, so another name (the store refuses a changed config)
         tag = "" if grid == GRID else "-grid" + "-".join(f"{m:g}" for m in grid)
         tag += _seeds_tag(args.seeds)
-        fixed = _sweep(task, BATCH_SIZES, settings, args.seeds, directory, uri, f"{name}-fixed{tag}")
+        batches = "" if args.batches == BATCH_SIZES else "-b" + "-".join(map(str, args.batches))
+        fixed = _sweep(
+            task, args.batches, settings, args.seeds, directory, uri, f"{name}-fixed{batches}{tag}"
+        )
         ramps = {}
         for target, factory in ramp_factories.items():
             accumulation = "" if args.min_accumulation == MIN_ACCUMULATION else f"-acc{args.min_accumulation}"
@@ -300,12 +412,12 @@ def main() -> None:
                                     for row in result["ramps"]]}), flush=True)  # fmt: skip
     seconds = time.time() - started
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    payload = {"results": results, "batch_sizes": BATCH_SIZES, "grid": GRID,
+    payload = {"results": results, "batch_sizes": args.batches, "grid": GRID,
                "max_micro": MAX_MICRO, "min_accumulation": args.min_accumulation, "ramp_targets": targets,
                "seeds": args.seeds, "seconds": seconds, "mlflow": uri}  # fmt: skip
     Path(args.out).write_text(json.dumps(payload, indent=2))
     command = " ".join(["nice -n 5 python benchmarks/batch_ramp.py", *sys.argv[1:]])
-    print(markdown(results, command, seconds, args.out, args.min_accumulation))
+    print(markdown(results, command, seconds, args.out, args.min_accumulation, args.batches))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ seed missed the target has no mean (an average over the seeds that reached would
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -80,6 +81,73 @@ def test_both_goals_per_multiplier():
         batch_ramp._both_goals({"steps_to_target": 600.0, "samples_to_target": 18_000.0}, FIXED, 2) is False
     )
     assert batch_ramp._both_goals({"steps_to_target": None, "samples_to_target": None}, FIXED, 2) is False
+
+
+def _curve_rows(s_min=40.0, b_crit=100.0, sizes=(16, 32, 64, 128, 256)):
+    return [{"batch_size": b, "steps_to_target": s_min * (1 + b_crit / b),
+             "samples_to_target": b * s_min * (1 + b_crit / b), "reached": 2} for b in sizes]  # fmt: skip
+
+
+def test_fixed_curve_and_rows_over_it():
+    """The curve fitted to fixed rows that follow S = S_min (1 + B_crit/B) passes through them (x1); a ramp is
+    scored by its samples over the curve's at its own steps, under 1 only when it has fewer than any fixed batch."""
+    rows = _curve_rows()
+    curve = batch_ramp.fixed_curve(rows)
+    assert curve.b_crit == pytest.approx(100.0, rel=1e-6)
+    assert [batch_ramp.over_curve(curve, r) for r in rows] == pytest.approx([1.0] * 5)
+    # Half the progress at 32, half at 128: steps and samples are the averages of the two fixed runs.
+    half = {"steps_to_target": (curve.steps(32) + curve.steps(128)) / 2,
+            "samples_to_target": (curve.samples(32) + curve.samples(128)) / 2}  # fmt: skip
+    assert batch_ramp.over_curve(curve, half) > 1.05
+    ramp = {"steps_to_target": 120.0, "samples_to_target": 5000.0}
+    assert batch_ramp.over_curve(curve, ramp) == pytest.approx(5000.0 / curve.samples_at_steps(120.0))
+    too_few = {"steps_to_target": 30.0, "samples_to_target": 9000.0}  # under S_min: no fixed batch gets there
+    assert batch_ramp.over_curve(curve, too_few) == 0.0
+    assert batch_ramp.over_curve(curve, {"steps_to_target": None, "samples_to_target": None}) is None
+    assert batch_ramp.fixed_curve(rows[:2]) is None and batch_ramp.over_curve(None, rows[0]) is None
+
+
+def test_rescore_scores_stored_rows_and_skips_rows_a_seed_missed():
+    fixed = _curve_rows() + [
+        {"batch_size": 512, "steps_to_target": None, "samples_to_target": None, "reached": 1}
+    ]
+    ramps = [{"target": 1.0, "steps_to_target": 100.0, "samples_to_target": 9000.0, "reached": 2},
+             {"target": 2.0, "steps_to_target": 90.0, "samples_to_target": 9000.0, "reached": 1}]  # fmt: skip
+    scored = batch_ramp.rescore({"dataset": "d", "seeds": 2, "fixed": fixed, "ramps": ramps})
+    assert scored["curve"]["b_crit"] == pytest.approx(100.0, rel=1e-6)
+    assert [r["over_curve"] for r in scored["fixed"]] == pytest.approx([1.0] * 5 + [None])
+    curve = batch_ramp.fixed_curve(_curve_rows())
+    assert scored["ramps"][0]["over_curve"] == pytest.approx(9000.0 / curve.samples_at_steps(100.0))
+    assert scored["ramps"][1]["over_curve"] is None  # one seed missed the target: no mean to score
+    assert "over_curve" not in ramps[0]  # the stored rows are left as they were
+
+
+def test_main_curve_scores_stored_files_without_training(monkeypatch, capsys, tmp_path):
+    def no_sweep(*args, **kwargs):
+        raise AssertionError("--curve trained")
+
+    stored = tmp_path / "r.json"
+    stored.write_text(json.dumps({"results": [{"dataset": "d", "seeds": 2, "fixed": _curve_rows(), "ramps": [
+        {"target": 1.5, "steps_to_target": 100.0, "samples_to_target": 9000.0, "reached": 2}]}],
+        "min_accumulation": 4}))  # fmt: skip
+    monkeypatch.setattr(batch_ramp, "_sweep", no_sweep)
+    monkeypatch.setattr(sys, "argv", ["batch_ramp.py", "--curve", str(stored)])
+    batch_ramp.main()
+    row = capsys.readouterr().out.splitlines()[-1]
+    ratio = 9000.0 / batch_ramp.fixed_curve(_curve_rows()).samples_at_steps(100.0)
+    fixed = " / ".join(["x1.00"] * 5)
+    assert row == f"| r | d | 2 | 4 | 100 (0.000) | {fixed} | 1.5: x{ratio:.2f} |"
+    monkeypatch.setattr(sys, "argv", ["batch_ramp.py", "--curve", str(tmp_path / "none.json")])
+    with pytest.raises(SystemExit, match="^2$"):
+        batch_ramp.main()
+    assert capsys.readouterr().err.splitlines()[-1].startswith("batch_ramp.py: error: invalid --curve ")
+
+
+def test_batches_keep_the_ramps_ends():
+    assert batch_ramp._batch_list("256,16,48,32,48") == [16, 32, 48, 256]
+    for text in ("16,128", "32,256", "16,x,256"):
+        with pytest.raises(argparse.ArgumentTypeError, match=rf"^invalid --batches '{text}': expected"):
+            batch_ramp._batch_list(text)
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from batchlab.noise.critical import (
     critical_batch_along,
@@ -87,6 +89,31 @@ def test_fit_recovers_known_critical_batch():
     assert fit.b_crit == pytest.approx(200.0, rel=1e-6) and fit.s_min == pytest.approx(50.0, rel=1e-6)
     assert fit.e_min == pytest.approx(10_000.0, rel=1e-6) and fit.rms_log_error < 1e-9
     assert fit.samples(200) == pytest.approx(2 * fit.e_min)
+
+
+def test_samples_at_steps_is_the_fixed_batch_with_those_steps():
+    fit = fit_critical_batch([8, 32, 128, 512], [50.0 * (1 + 200.0 / b) for b in (8, 32, 128, 512)])
+    for batch in (4.0, 50.0, 200.0, 3000.0):
+        assert fit.samples_at_steps(fit.steps(batch)) == pytest.approx(fit.samples(batch), rel=1e-9)
+    assert fit.samples_at_steps(fit.s_min) == math.inf and fit.samples_at_steps(1.0) == math.inf
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    batches=st.lists(st.floats(1.0, 4096.0), min_size=1, max_size=6),
+    shares=st.lists(st.floats(0.01, 1.0), min_size=6, max_size=6),
+    b_crit=st.floats(4.0, 2048.0),
+)
+def test_no_schedule_beats_the_fixed_curve_under_a_constant_critical_batch(batches, shares, b_crit):
+    # A schedule spends a share of the progress to the target at each batch; under a constant B_crit each
+    # stretch costs S_min (1 + B_crit/B) steps and E_min (1 + B/B_crit) samples per unit of progress. The
+    # curve is convex, so the schedule costs at least the fixed batch's samples in the same steps.
+    s_min = 50.0
+    fit = fit_critical_batch([8, 32, 128, 512], [s_min * (1 + b_crit / b) for b in (8, 32, 128, 512)])
+    total = sum(shares[: len(batches)])
+    steps = sum(w / total * fit.steps(b) for w, b in zip(shares, batches))
+    samples = sum(w / total * fit.samples(b) for w, b in zip(shares, batches))
+    assert samples >= fit.samples_at_steps(steps) * (1 - 1e-9)
 
 
 def test_fit_reports_bounds_when_the_range_does_not_contain_b_crit():

@@ -63,6 +63,18 @@ class CriticalBatchFit:
         """Fitted training samples to the target at ``batch_size``."""
         return self.e_min * (1.0 + batch_size / self.b_crit) if self.b_crit > 0 else math.inf
 
+    def samples_at_steps(self, steps: float) -> float:
+        """Fitted training samples of the fixed batch that reaches the target in ``steps`` steps: the trade-off
+        curve (S/S_min - 1)(E/E_min - 1) = 1 solved for E (inf at or below S_min, which no batch reaches).
+
+        Any batch schedule under a constant B_crit costs at least this many samples in the same steps: each
+        stretch at batch B lies on the curve, the curve is convex and a schedule averages its stretches
+        (Jensen). A schedule below it is the mark of a critical batch that grows during training, the one case
+        where growing the batch can beat every fixed batch (McCandlish et al. 2018 test such schedules in their appendix on adaptive batch sizes)."""
+        if steps <= self.s_min or self.b_crit <= 0:
+            return math.inf
+        return self.e_min * steps / (steps - self.s_min)
+
     def to_dict(self) -> dict:
         """Plain, JSON-ready dict of every field."""
         return asdict(self)

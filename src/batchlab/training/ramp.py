@@ -133,7 +133,9 @@ class BatchRamp:
         rule: the LR rule, overriding the optimizer's (required for an optimizer the rules do not know).
         target: grow toward ``target x B_simple`` (a positive number; 1.0 is B_simple). The value that paid
             off differed tenfold between data sets (benchmarks/RESULTS.md, "The ramp's target swept ..."):
-            1.5-2 on digits, 0.2 on a char-LM, none of 0.1-2 on MNIST-1D; sweep it as you would a batch.
+            1.5-2 on digits, 0.2 on a char-LM, none of 0.1-2 on MNIST-1D; sweep it as you would a batch. A
+            ramp beats every fixed batch only where the critical batch grows during training; on MNIST-1D it
+            does not, and the ramps land on or above the fixed batches' curve ("Why MNIST-1D has no working ramp").
         growth, patience, z, min_updates: the sizes and the hysteresis (:mod:`batchlab.advice.ramp`).
         min_accumulation: micro-batches per step, at least 2 so every step measures the noise scale. 4 read it
             sharply enough to narrow the working targets to 1.5-2 on digits (1-2 on held-out seeds) and 0.2 on

@@ -4,8 +4,9 @@ For each data set -- sklearn's digits, MNIST-1D (generated offline), and a byte-
 Python standard library's own source (``char-lm``) -- two sweeps through :func:`batchlab.sweep`, the same LR grid
 and seeds, every run stopping at the target validation loss:
 
-1. **Fixed**: every batch size of ``BATCH_SIZES`` (``--batches`` adds sizes between its ends), the LR scaled from ``base_batch`` by the square-root rule
-   times each multiplier of ``GRID`` (the built-in tasks: MLPs with Adam).
+1. **Fixed**: every batch size of ``BATCH_SIZES`` (``--batches`` adds sizes between its ends), the LR scaled
+   from ``base_batch`` by the square-root rule times each multiplier of ``GRID`` (the built-in tasks: MLPs with
+   Adam).
 2. **Ramp**: :class:`batchlab.sweeps.RampFactory` from the smallest batch, up to the largest, micro-batches of at
    most ``MAX_MICRO`` (standing in for the fitted maximum): the noise scale is measured from the accumulation
    micro-batches and each change carries the LR (and Adam's betas and eps) by the same square-root rule. One
@@ -172,18 +173,14 @@ def compare(
     rows = [s.to_dict() for s in fixed.by_batch_size()]
     reached = _reached(rows, seeds)
     efficient = min(reached, key=lambda r: r["samples_to_target"])["batch_size"] if reached else None
-    curve = fixed_curve(reached)
     out = {"dataset": name, "settings": settings, "seeds": seeds, "fixed": rows, "efficient": efficient,
-           "curve": curve.to_dict() if curve else None, "ramps": []}  # fmt: skip
-    for row in rows:
-        row["over_curve"] = over_curve(curve, row) if row in reached else None  # the curve's own scatter
+           "ramps": []}  # fmt: skip
     for target, result in ramps.items():
         row = result.by_batch_size()[0].to_dict()
         every = [m | {"both_goals": _both_goals(m, reached, seeds)} for m in _per_multiplier(result)]
         out["ramps"].append({"target": target, **row, "batches": _trajectory(result, row["lr_multiplier"]),
-                             "per_multiplier": every, **_goals(row, reached, seeds),
-                             "over_curve": over_curve(curve, row) if _reached([row], seeds) else None})  # fmt: skip
-    return out
+                             "per_multiplier": every, **_goals(row, reached, seeds)})  # fmt: skip
+    return rescore(out)
 
 
 def _both_goals(multiplier_row: dict, reached: list[dict], seeds: int) -> bool:
@@ -267,8 +264,8 @@ def _curve_line(result: dict) -> str:
 
 
 def rescore(result: dict) -> dict:
-    """A stored result (one data set of a results JSON, any version) with its fixed curve and every row's
-    samples over it recomputed by the current code: the runs of earlier sessions, scored without training."""
+    """A result (one data set of a results JSON, any version) with its fixed curve and every row's samples over
+    it computed by the current code: :func:`compare` ends with it, ``--curve`` applies it to stored runs."""
     seeds = result["seeds"]
     reached = _reached(result["fixed"], seeds)
     curve = fixed_curve(reached)
@@ -282,8 +279,8 @@ def rescore(result: dict) -> dict:
 
 def curve_table(paths: list[str]) -> str:
     """Markdown: per results file and data set, the fixed curve and each ramp target's samples over it."""
-    lines = ["| results | data set | seeds | min acc | B_crit (rms) | fixed rows over the curve | ramp target: over the curve |",
-             "|---|---|---:|---:|---:|---|---|"]  # fmt: skip
+    lines = ["| results | data set | seeds | min acc | B_crit (rms) | fixed rows over the curve "
+             "| ramp target: over the curve |", "|---|---|---:|---:|---:|---|---|"]  # fmt: skip
     for path in paths:
         payload = json.loads(Path(path).read_text())
         for result in map(rescore, payload["results"]):
@@ -291,8 +288,9 @@ def curve_table(paths: list[str]) -> str:
             fit = f"{curve['b_crit']:.0f} ({curve['rms_log_error']:.3f})" if curve else "-"
             fixed = " / ".join(_ratio(row["over_curve"]) for row in result["fixed"])
             ramps = ", ".join(f"{row['target']:g}: {_ratio(row['over_curve'])}" for row in result["ramps"])
-            lines.append(f"| {Path(path).stem} | {result['dataset']} | {result['seeds']} | "
-                         f"{payload.get('min_accumulation', MIN_ACCUMULATION)} | {fit} | {fixed} | {ramps} |")  # fmt: skip
+            accumulation = payload.get("min_accumulation", MIN_ACCUMULATION)
+            lines.append(f"| {Path(path).stem} | {result['dataset']} | {result['seeds']} | {accumulation} | "
+                         f"{fit} | {fixed} | {ramps} |")  # fmt: skip
     return "\n".join(lines)
 
 

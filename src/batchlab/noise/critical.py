@@ -70,7 +70,8 @@ class CriticalBatchFit:
         Any batch schedule under a constant B_crit costs at least this many samples in the same steps: each
         stretch at batch B lies on the curve, the curve is convex and a schedule averages its stretches
         (Jensen). A schedule below it is the mark of a critical batch that grows during training, the one case
-        where growing the batch can beat every fixed batch (McCandlish et al. 2018 test such schedules in their appendix on adaptive batch sizes)."""
+        where growing the batch can beat every fixed batch (McCandlish et al. 2018 test such schedules in their
+        appendix on adaptive batch sizes)."""
         if steps <= self.s_min or self.b_crit <= 0:
             return math.inf
         return self.e_min * steps / (steps - self.s_min)

@@ -277,12 +277,30 @@ def rescore(result: dict) -> dict:
     return result | {"curve": curve.to_dict() if curve else None, "fixed": fixed, "ramps": ramps}
 
 
+_STORED_KEYS = ("dataset", "seeds", "fixed", "ramps")
+
+
+def _stored(path: str) -> dict:
+    """A results JSON this script wrote, read and checked: ValueError naming the file otherwise."""
+    expected = f"invalid --curve {path}: expected a results JSON of benchmarks/batch_ramp.py"
+    try:
+        payload = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{expected} ({error})") from None
+    results = payload.get("results") if isinstance(payload, dict) else None
+    if not isinstance(results, list) or not all(
+        isinstance(r, dict) and all(key in r for key in _STORED_KEYS) for r in results
+    ):
+        raise ValueError(f"{expected} (a 'results' list of data sets with {', '.join(_STORED_KEYS)})")
+    return payload
+
+
 def curve_table(paths: list[str]) -> str:
     """Markdown: per results file and data set, the fixed curve and each ramp target's samples over it."""
     lines = ["| results | data set | seeds | min acc | B_crit (rms) | fixed rows over the curve "
              "| ramp target: over the curve |", "|---|---|---:|---:|---:|---|---|"]  # fmt: skip
-    for path in paths:
-        payload = json.loads(Path(path).read_text())
+    payloads = {path: _stored(path) for path in paths}  # every file checked before a line is printed
+    for path, payload in payloads.items():
         for result in map(rescore, payload["results"]):
             curve = result["curve"]
             fit = f"{curve['b_crit']:.0f} ({curve['rms_log_error']:.3f})" if curve else "-"
@@ -356,10 +374,10 @@ def main() -> None:
                         help="train nothing: score stored results against each data set's fixed curve")  # fmt: skip
     args = parser.parse_args()
     if args.curve:
-        missing = [path for path in args.curve if not Path(path).is_file()]
-        if missing:
-            parser.error(f"invalid --curve {', '.join(missing)}: expected results JSON files of this script")
-        print(curve_table(args.curve))
+        try:
+            print(curve_table(args.curve))
+        except ValueError as error:
+            parser.error(str(error))
         return
     torch.set_num_threads(1)
     targets = [float(t) for t in args.targets.split(",")]

@@ -137,10 +137,17 @@ def test_main_curve_scores_stored_files_without_training(monkeypatch, capsys, tm
     ratio = 9000.0 / batch_ramp.fixed_curve(_curve_rows()).samples_at_steps(100.0)
     fixed = " / ".join(["x1.00"] * 5)
     assert row == f"| r | d | 2 | 4 | 100 (0.000) | {fixed} | 1.5: x{ratio:.2f} |"
-    monkeypatch.setattr(sys, "argv", ["batch_ramp.py", "--curve", str(tmp_path / "none.json")])
-    with pytest.raises(SystemExit, match="^2$"):
-        batch_ramp.main()
-    assert capsys.readouterr().err.splitlines()[-1].startswith("batch_ramp.py: error: invalid --curve ")
+    (tmp_path / "other.json").write_text(json.dumps({"rows": []}))  # another benchmark's JSON
+    (tmp_path / "notes.md").write_text("# not JSON")
+    for bad in ("none.json", "other.json", "notes.md"):
+        monkeypatch.setattr(sys, "argv", ["batch_ramp.py", "--curve", str(stored), str(tmp_path / bad)])
+        with pytest.raises(SystemExit, match="^2$"):
+            batch_ramp.main()
+        out, err = capsys.readouterr()
+        assert out == ""  # nothing printed for the good file either
+        assert err.splitlines()[-1].startswith(
+            f"batch_ramp.py: error: invalid --curve {tmp_path / bad}: expected a results JSON of"
+        )
 
 
 def test_batches_keep_the_ramps_ends():

@@ -39,6 +39,12 @@ B_simple with; with ``--along`` the estimates are read along the whole batch-32 
 the checkpoint is deterministic (fixed seeds, one thread), which the run checks by requiring the recomputed
 B_simple, B_noise and target loss to equal the stored ones; a new estimate is then compared without re-running the sweep.
 
+``--lr-search walk --seeds 1`` is the cheap form of step 3: each batch's LR found by a walk on powers of two
+from the rule's (:func:`next_multiplier`, about 3 LRs a batch) instead of a whole grid, one data order instead
+of several. Every result records the steps and samples its branches spent (``cost``), so the cheap form is
+priced against the exhaustive sweep of whole runs (``--from-init``) whose B_crit it stands in for; ``--first-seed
+K`` reruns it on other data orders from the same checkpoint, to show its scatter.
+
 Datasets: sklearn digits and MNIST-1D (MLPs as the sweep tasks), and a character-level LM on the Python
 standard library's own source (batchlab.workloads.corpus: bytes; an MLP over a 32-byte context, embedding 16,
 two hidden layers of 256). CPU, one torch thread.
@@ -145,6 +151,24 @@ def _val_loss(model, val) -> float:
     return float(_loss(model, val))
 
 
+@dataclass
+class Spent:
+    """Optimizer steps and training samples a protocol spends, so a cheap measurement of B_crit can be priced
+    against the exhaustive sweep it stands in for (issue 13 item 4: "where it is cheap")."""
+
+    steps: int = 0
+    samples: int = 0
+
+    def __sub__(self, other: Spent) -> Spent:
+        return Spent(self.steps - other.steps, self.samples - other.samples)
+
+    def to_dict(self) -> dict:
+        return {"steps": self.steps, "samples": self.samples}
+
+
+SPENT = Spent()  # every step _train takes; branch_experiment reads it before and after the branches
+
+
 def _train(model, opt, problem, batch, steps, gen, every=None, target=None):
     """Train ``steps`` steps; with ``target``, stop once the validation loss reaches it (evaluated every
     ``every`` steps) and return steps-to-target interpolated between evaluations (None if never)."""
@@ -152,6 +176,7 @@ def _train(model, opt, problem, batch, steps, gen, every=None, target=None):
     for step in range(1, steps + 1):
         opt.zero_grad(set_to_none=True)
         loss = _loss(model, problem.sample(batch, gen))
+        SPENT.steps, SPENT.samples = SPENT.steps + 1, SPENT.samples + batch
         if not torch.isfinite(loss):
             return None
         loss.backward()
@@ -204,11 +229,33 @@ def _cap(problem: Problem, best: tuple | None, seeds: int, every: int) -> int:
     return limit if best is None else min(limit, math.ceil(best[0] * seeds) + every)
 
 
-def _mean_steps_to_target(model, ckpt_model, opt, ckpt_opt, lr, problem, batch, every, target, seeds, cap):
-    """Steps to the target from the checkpoint, averaged over ``seeds`` data orders; None if any run does not
-    get there within ``cap`` steps."""
+def next_multiplier(tried: list[tuple[float, float | None]], grid: list[float] | None) -> float | None:
+    """The next LR multiplier a branch tries, given the (multiplier, steps) tried so far (steps None: not
+    reached within the cap); None when done.
+
+    With a ``grid``: each of it once, the rule's own LR (1) first and then outwards. Without (``--lr-search
+    walk``): a hill climb on powers of two from 1, a neighbour (x2 first, then /2) of the best so far until both
+    are tried and slower, so the best is never at an edge and a batch costs 3 LRs when the rule is right, about
+    one more per doubling it is off. Bounded to 2^-6..2^6: a best there is a diverging rule, not a tuning result.
+    """
+    if grid is not None:
+        done = {m for m, _ in tried}
+        return next((m for m in sorted(grid, key=lambda m: abs(math.log(m))) if m not in done), None)
+    if not tried:
+        return 1.0
+    reached = [(steps, m) for m, steps in tried if steps is not None]
+    centre = min(reached)[1] if reached else 1.0
+    done = {m for m, _ in tried}
+    return next((m for m in (2 * centre, centre / 2) if m not in done and 2**-6 <= m <= 2**6), None)
+
+
+def _mean_steps_to_target(
+    model, ckpt_model, opt, ckpt_opt, lr, problem, batch, every, target, seeds, cap, first_seed=0
+):
+    """Steps to the target from the checkpoint, averaged over ``seeds`` data orders (``first_seed`` on); None if
+    any run does not get there within ``cap`` steps."""
     runs = []
-    for seed in range(seeds):
+    for seed in range(first_seed, first_seed + seeds):
         model.load_state_dict(ckpt_model)  # copies into the parameters
         # A deep copy: Optimizer.load_state_dict keeps the given state tensors when their dtype and device already
         # match, so Adam's in-place updates would write the branch's moments and step count into the checkpoint.
@@ -287,11 +334,15 @@ def branch_experiment(
     optimizer: str = "adam",
     seeds: int = 1,
     along: int = 0,
+    lr_search: str = "grid",
+    first_seed: int = 0,
 ) -> dict:
     """Steps 1-4 of the module docstring for one problem; with ``swept`` (an earlier result for the same
     problem) the branches and the fit are taken from it after checking the checkpoint reproduces it; with
-    ``along`` >= 2 the estimates are also read at that many points from the checkpoint to the target."""
+    ``along`` >= 2 the estimates are also read at that many points from the checkpoint to the target.
+    ``lr_search`` and ``first_seed``: :func:`next_multiplier`, and the branches' first data order."""
     torch.manual_seed(0)
+    before = replace(SPENT)
     model = problem.make_model()
     opt = _optimizer(optimizer, model.parameters(), _branch_lr(optimizer, problem, BASE_BATCH, 1.0))
     gen = torch.Generator().manual_seed(1)
@@ -317,10 +368,11 @@ def branch_experiment(
     )
     if swept is not None:
         return _with_swept(problem, noise, start_loss, target, swept, optimizer, readings)
+    setup = SPENT - before  # the checkpoint and the target
     rows = []
     for b in BATCHES:
-        best = None
-        for mult in sorted(GRID, key=lambda m: abs(math.log(m))):  # the rule's own LR first, then outwards
+        best, tried = None, []
+        while (mult := next_multiplier(tried, None if lr_search == "walk" else GRID)) is not None:
             lr = _branch_lr(optimizer, problem, b, mult)
             opt = _optimizer(optimizer, model.parameters(), lr)
             every = _every(problem, b)
@@ -336,8 +388,10 @@ def branch_experiment(
                 target,
                 seeds,
                 _cap(problem, best, seeds, every),
+                first_seed,
             )
             log(f"  b={b} lr={lr:.3g}: {steps}")
+            tried.append((mult, steps))
             if steps is not None and (best is None or steps < best[0]):
                 best = (steps, lr, mult)
         rows.append(
@@ -354,12 +408,26 @@ def branch_experiment(
         if len(reached) >= 3
         else None
     )
-    return _result(
-        problem, noise, start_loss, target, rows, fit.to_dict() if fit else None, optimizer, seeds, readings
+    cost = {"setup": setup.to_dict(), "branches": (SPENT - before - setup).to_dict()}
+    result = _result(
+        problem,
+        noise,
+        start_loss,
+        target,
+        rows,
+        fit.to_dict() if fit else None,
+        optimizer,
+        seeds,
+        readings,
+        cost,
     )
+    return {**result, "lr_search": lr_search, "first_seed": first_seed}
 
 
-def _result(problem, noise, start_loss, target, rows, fit, optimizer="adam", seeds=1, readings=()) -> dict:
+def _result(
+    problem, noise, start_loss, target, rows, fit, optimizer="adam", seeds=1, readings=(), cost=None
+) -> dict:
+    """One problem's JSON record; ``cost`` is None where the branches were taken from a stored run."""
     b_crit = fit["b_crit"] if fit else None
 
     def ratio(estimate):
@@ -375,6 +443,7 @@ def _result(problem, noise, start_loss, target, rows, fit, optimizer="adam", see
         "target_loss": target,
         "rows": rows,
         "fit": fit,
+        "cost": cost,
         "noise": noise.to_dict(),
         "ratio_simple": ratio(noise.b_simple),
         "ratio_noise": ratio(noise.b_noise),
@@ -420,7 +489,9 @@ def _with_swept(problem, noise, start_loss, target, swept: dict, optimizer: str,
                 f"{value} stored): run the branches again instead of --noise-only"
             )
     rows, fit, seeds = swept["rows"], swept["fit"], swept.get("seeds", 1)
-    return _result(problem, noise, start_loss, target, rows, fit, optimizer, seeds, readings)
+    return _result(
+        problem, noise, start_loss, target, rows, fit, optimizer, seeds, readings, swept.get("cost")
+    )
 
 
 def _within(r):
@@ -439,7 +510,11 @@ def markdown(results: list[dict], command: str, seconds: float, load: str, optim
         f"- Method: benchmarks/critical_branch.py's docstring, optimizer {optimizer}: a checkpoint after `warm` steps"
         " at batch 32; target = the validation loss batch 32 reaches `ref` steps later; branches at batches"
         f" {sizes[0]}..{sizes[-1]}"
-        f" x LR grid {{{', '.join(f'{g:g}' for g in GRID)}}} x "
+        + (
+            f" x LR grid {{{', '.join(f'{g:g}' for g in GRID)}}} x "
+            if results and results[0].get("lr_search", "grid") == "grid"
+            else " x the LR walked on powers of two from 1 (next_multiplier) x "
+        )
         + (
             "sqrt(B/32) x base, weights and Adam state"
             if optimizer == "adam"
@@ -449,10 +524,10 @@ def markdown(results: list[dict], command: str, seconds: float, load: str, optim
         " batches 32/256 (Hessian on a batch of 512).",
         "",
         f"| dataset | checkpoint -> target loss | steps to target at {' / '.join(str(b) for b in sizes)} "
-        "| best LR multiplier (* = grid edge) | swept B_crit "
+        "| best LR multiplier (* = grid edge) | swept B_crit | samples (steps) in the branches "
         "| B_simple (± s.e.) | B_simple / B_crit | B_noise (± s.e.) | B_noise / B_crit "
         "| B_P, Adam's metric (± s.e.) | B_P / B_crit |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         fit, n = r["fit"], r["noise"]
@@ -460,15 +535,22 @@ def markdown(results: list[dict], command: str, seconds: float, load: str, optim
         mults = " / ".join(
             "–"
             if row["lr_multiplier"] is None
-            else f"{row['lr_multiplier']:g}" + ("*" if row["lr_multiplier"] in (min(GRID), max(GRID)) else "")
+            else f"{row['lr_multiplier']:g}"
+            + (
+                "*"
+                if r.get("lr_search", "grid") == "grid" and row["lr_multiplier"] in (min(GRID), max(GRID))
+                else ""
+            )
             for row in r["rows"]
         )
         crit = "–" if fit is None else f"{fit['b_crit']:.0f}" + ("" if fit["bounded"] else " (bound)")
+        spent = r.get("cost") and r["cost"]["branches"]
+        spent = f"{spent['samples']} ({spent['steps']})" if spent else "– (stored run)"
         fmt = lambda v, se: "–" if v is None else f"{v:.0f}" + (f" ± {se:.0f}" if se else "")  # noqa: E731
         ratio = lambda v: "–" if v is None else f"{v:.2f}" + (" ✓" if _within(v) else " ✗")  # noqa: E731
         lines.append(
             f"| {r['dataset']}, steps {r['warm_steps']} + {r['ref_steps']}, {r.get('seeds', 1)} seed(s) "
-            f"| {r['checkpoint_loss']:.3f} -> {r['target_loss']:.3f} | {steps} | {mults} | {crit} | "
+            f"| {r['checkpoint_loss']:.3f} -> {r['target_loss']:.3f} | {steps} | {mults} | {crit} | {spent} | "
             f"{fmt(n['b_simple'], n['b_simple_stderr'])} | {ratio(r['ratio_simple'])} | "
             f"{fmt(n['b_noise'], n['b_noise_stderr'])} | {ratio(r['ratio_noise'])} | "
             f"{fmt(n.get('b_preconditioned'), n.get('b_preconditioned_stderr'))} | "
@@ -517,8 +599,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=str(HERE / "results" / "critical_branch.json"))
     parser.add_argument(
         "--grid",
-        default=",".join(f"{g:g}" for g in GRID),
-        help="branch LR multipliers (the checkpoint is the same)",
+        default=None,
+        help=f"branch LR multipliers (the checkpoint is the same); default {','.join(f'{g:g}' for g in GRID)}",
     )
     parser.add_argument(
         "--optimizer",
@@ -535,6 +617,18 @@ def main(argv=None) -> None:
         help="branch from the first step: whole runs to the target, an exhaustive sweep (from_init)",
     )
     parser.add_argument("--seeds", type=int, default=1, help="data orders per branch, steps averaged")
+    parser.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="the branches' first data order (the checkpoint is the same)",
+    )
+    parser.add_argument(
+        "--lr-search",
+        choices=("grid", "walk"),
+        default="grid",
+        help="each branch's LR: every multiplier of --grid, or a walk on powers of two (next_multiplier)",
+    )
     parser.add_argument(
         "--batches",
         default=",".join(str(b) for b in BATCHES),
@@ -562,11 +656,18 @@ def main(argv=None) -> None:
         )
     if args.seeds < 1:
         parser.error(f"--seeds must be a positive integer, got {args.seeds}")
+    if args.first_seed < 0:
+        parser.error(f"--first-seed must be 0 or more, got {args.first_seed}")
+    if args.noise_only and (args.first_seed or args.lr_search != "grid"):
+        parser.error("--first-seed and --lr-search choose how branches run: --noise-only runs none")
+    if args.lr_search == "walk" and args.grid is not None:
+        parser.error(f"--grid {args.grid}: --lr-search walk has no grid; give one or the other")
     if args.noise_only and args.seeds != 1:
         parser.error(
             f"--seeds {args.seeds}: --noise-only runs no branches; the stored run's seeds are reported"
         )
-    GRID[:] = [float(g) for g in args.grid.split(",")]
+    if args.grid is not None:
+        GRID[:] = [float(g) for g in args.grid.split(",")]
     try:
         batches = [int(b) for b in args.batches.split(",")]
     except ValueError:
@@ -594,6 +695,8 @@ def main(argv=None) -> None:
                 optimizer=args.optimizer,
                 seeds=args.seeds,
                 along=args.along,
+                lr_search=args.lr_search,
+                first_seed=args.first_seed,
             )
         )
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ the window's critical batch is :func:`~batchlab.noise.critical.critical_batch_al
 from __future__ import annotations
 
 import copy
+import math
 import sys
 from pathlib import Path
 
@@ -109,3 +110,60 @@ def test_a_stored_run_reproduces_to_rounding_or_where_both_are_undefined():
     assert critical_branch._reproduces(1.0, 1.0 + 1e-9) and critical_branch._reproduces(None, None)
     assert not critical_branch._reproduces(1.0, 1.01)
     assert not critical_branch._reproduces(None, 1.0) and not critical_branch._reproduces(1.0, None)
+
+
+def test_the_cost_counts_every_step_the_checkpoint_the_target_and_the_branches_take(monkeypatch):
+    problem = _tiny_problem()  # warm 3 + ref 6 steps at batch 32; every branch evaluated each step (ref < 20)
+    monkeypatch.setattr(critical_branch, "BATCHES", [8, 16, 64])
+    monkeypatch.setattr(critical_branch, "GRID", [1.0])  # one LR: no cap from an earlier best
+    result = critical_branch.branch_experiment(problem, log=lambda _: None)
+    assert result["cost"]["setup"] == {"steps": 9, "samples": 9 * 32}
+    # Evaluated every step, a branch runs ceil(steps-to-target) steps, or 6 ref when it never gets there.
+    runs = {row["batch_size"]: math.ceil(row["steps"]) if row["steps"] else 36 for row in result["rows"]}
+    assert result["cost"]["branches"] == {
+        "steps": sum(runs.values()),
+        "samples": sum(b * steps for b, steps in runs.items()),
+    }
+
+
+def test_a_grid_is_tried_once_each_from_the_rule_s_lr_outwards():
+    grid, tried = [0.25, 0.5, 1.0, 2.0, 4.0], []
+    while (m := critical_branch.next_multiplier(tried, grid)) is not None:
+        tried.append((m, 10.0))
+    assert [m for m, _ in tried] == [1.0, 0.5, 2.0, 0.25, 4.0]
+
+
+# LRs tried: down from 1 the walk tries 2 first; up it never tries 1/2; at the bound 2^6 it stops there.
+@pytest.mark.parametrize("best, runs", [(0.125, 6), (1.0, 3), (4.0, 4), (2**6, 7)])
+def test_the_walk_climbs_to_the_best_power_of_two_and_stops_with_both_neighbours_slower(best, runs):
+    def steps(m):  # a unimodal cost in log2(m), fastest at ``best``
+        return 10 + abs(math.log2(m / best))
+
+    tried = []
+    while (m := critical_branch.next_multiplier(tried, None)) is not None:
+        tried.append((m, steps(m)))
+    reached = [(s, m) for m, s in tried if s is not None]
+    assert min(reached)[1] == best
+    assert {2 * best, best / 2} & {m for m, _ in tried} == {m for m in (2 * best, best / 2) if m <= 2**6}
+    assert len(tried) == len(set(tried)) == runs
+
+
+def test_the_walk_gives_up_after_the_rule_and_both_neighbours_are_unreached():
+    tried = []
+    while (m := critical_branch.next_multiplier(tried, None)) is not None:
+        tried.append((m, None))
+    assert [m for m, _ in tried] == [1.0, 2.0, 0.5]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--lr-search", "walk", "--grid", "1,2"], "--lr-search walk has no grid"),
+        (["--first-seed", "-1"], "--first-seed must be 0 or more, got -1"),
+        (["--noise-only", "x.json", "--lr-search", "walk"], "--noise-only runs none"),
+    ],
+)
+def test_branch_options_that_cannot_apply_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        critical_branch.main(argv)
+    assert message in capsys.readouterr().err

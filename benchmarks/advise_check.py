@@ -44,6 +44,7 @@ seconds. One torch thread; run with
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import math
 import os
@@ -544,6 +545,24 @@ def _row(label: str, multiplier: str, s: dict) -> str:
             f"{_cell(s['modelled_seconds'], 2)} | {s['reached']}/{s['runs']} |")  # fmt: skip
 
 
+# Besides torch, the packages whose numbers reach the result: the arithmetic (numpy), the data (digits
+# from scikit-learn, which pulls scipy) and the tracking (mlflow). Nothing pins them: digits' B_noise moved by
+# up to 0.7% between two runs of the same code, across a venv rebuilt on 2026-12-05 (RESULTS.md, 36 seeds).
+VERSIONED = ("numpy", "scikit-learn", "scipy", "mlflow")
+
+
+def package_versions() -> dict[str, str | None]:
+    """Python's version, torch's with its build (``2.14.1+cu130``: the wheel's metadata drops the build tag),
+    and the installed version of each of :data:`VERSIONED` (None: not installed)."""
+    out: dict[str, str | None] = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in VERSIONED:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", default=",".join(PLANS))
@@ -600,7 +619,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         payload = {"results": results, "seeds": seeds, "quick": args.quick, "current_batch": CURRENT_BATCH,
                    "current_multiplier": CURRENT_MULTIPLIER, "goal": GOAL, "seconds": time.time() - started,
-                   "mlflow": uri or None, "datasets_asked": datasets}  # fmt: skip
+                   "mlflow": uri or None, "datasets_asked": datasets, "versions": package_versions()}  # fmt: skip
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(payload, indent=2, default=str))
     command = "nice -n 5 python benchmarks/advise_check.py " + " ".join(

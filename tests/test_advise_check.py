@@ -140,3 +140,5 @@ def test_quick_run_end_to_end(tmp_path, capsys):
     assert set(advice["reading_ms"]) == set(advice["throughput"])
     assert "advise / best fixed" in capsys.readouterr().out
     assert result["held_out"]["modelled_seconds"]["picks"] is None  # one seed: nothing to hold out
+    # the packages behind the numbers, so a shift between runs of the same code can be traced to them
+    assert payload["versions"]["torch"] == torch.__version__ and payload["versions"]["numpy"] is not None

@@ -610,6 +610,7 @@ def main(argv: list[str] | None = None) -> None:
     directory = Path(args.directory or tempfile.mkdtemp(prefix="batchlab-advise-check-"))
     uri = False if args.no_mlflow or args.quick else f"sqlite:///{(directory / 'mlflow.db').resolve()}"
     started = time.time()
+    versions = package_versions()
     results = []
     for name in datasets:
         settings = dict(EXPERIMENTS[name], **({"samples": QUICK["samples"]} if args.quick else {}))
@@ -619,7 +620,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         payload = {"results": results, "seeds": seeds, "quick": args.quick, "current_batch": CURRENT_BATCH,
                    "current_multiplier": CURRENT_MULTIPLIER, "goal": GOAL, "seconds": time.time() - started,
-                   "mlflow": uri or None, "datasets_asked": datasets, "versions": package_versions()}  # fmt: skip
+                   "mlflow": uri or None, "datasets_asked": datasets, "versions": versions}  # fmt: skip
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(payload, indent=2, default=str))
     command = "nice -n 5 python benchmarks/advise_check.py " + " ".join(

@@ -44,7 +44,6 @@ seconds. One torch thread; run with
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import math
 import os
@@ -73,6 +72,7 @@ from batchlab.advice.recommend import recommend  # noqa: E402
 from batchlab.profiling.analysis import sample_quantile  # noqa: E402
 from batchlab.sweeps import Budget, sweep  # noqa: E402
 from batchlab.workloads.tasks import Task  # noqa: E402
+from provenance import package_versions, pin_drift  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CURRENT_BATCH = 32  # the issue's: "advise recommended batch 4 over 32"
@@ -546,21 +546,10 @@ def _row(label: str, multiplier: str, s: dict) -> str:
 
 
 # Besides torch, the packages whose numbers reach the result: the arithmetic (numpy), the data (digits
-# from scikit-learn, which pulls scipy) and the tracking (mlflow). Nothing pins them: digits' B_noise moved by
-# up to 0.7% between two runs of the same code, across a venv rebuilt on 2026-12-05 (RESULTS.md, 36 seeds).
+# from scikit-learn, which pulls scipy) and the tracking (mlflow). constraints.txt pins them since digits' B_noise
+# moved by up to 0.7% across a venv rebuilt from unpinned requirements (RESULTS.md, 36 seeds); the result records
+# any pin the venv does not match.
 VERSIONED = ("numpy", "scikit-learn", "scipy", "mlflow")
-
-
-def package_versions() -> dict[str, str | None]:
-    """Python's version, torch's with its build (``2.14.1+cu130``: the wheel's metadata drops the build tag),
-    and the installed version of each of :data:`VERSIONED` (None: not installed)."""
-    out: dict[str, str | None] = {"python": platform.python_version(), "torch": torch.__version__}
-    for name in VERSIONED:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -610,7 +599,8 @@ def main(argv: list[str] | None = None) -> None:
     directory = Path(args.directory or tempfile.mkdtemp(prefix="batchlab-advise-check-"))
     uri = False if args.no_mlflow or args.quick else f"sqlite:///{(directory / 'mlflow.db').resolve()}"
     started = time.time()
-    versions = package_versions()
+    versions = package_versions(VERSIONED)
+    drift = pin_drift()
     results = []
     for name in datasets:
         settings = dict(EXPERIMENTS[name], **({"samples": QUICK["samples"]} if args.quick else {}))
@@ -620,7 +610,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         payload = {"results": results, "seeds": seeds, "quick": args.quick, "current_batch": CURRENT_BATCH,
                    "current_multiplier": CURRENT_MULTIPLIER, "goal": GOAL, "seconds": time.time() - started,
-                   "mlflow": uri or None, "datasets_asked": datasets, "versions": versions}  # fmt: skip
+                   "mlflow": uri or None, "datasets_asked": datasets, "versions": versions,
+                   "pin_drift": drift}  # fmt: skip
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(payload, indent=2, default=str))
     command = "nice -n 5 python benchmarks/advise_check.py " + " ".join(

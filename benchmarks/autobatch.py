@@ -78,13 +78,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import gc
 import hashlib
 import json
 import logging
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -104,6 +102,7 @@ from batchlab import Workload, find_batch_size
 from batchlab.devices.cpu import exact_allocator
 from batchlab.units import format_bytes, parse_bytes
 from batchlab.workloads import load_workload
+from provenance import provenance
 
 FRACTION = 0.90  # batchlab's DEFAULT_FRACTION (spec.py); every tool is held to fraction x capacity
 SEED = 0  # every process builds the same weights from this seed
@@ -1015,49 +1014,10 @@ def markdown(table: list[dict], check_steps: int) -> str:
 
 
 def environment() -> dict[str, Any]:
-    versions = {}
-    for name in ("torch", "lightning", "accelerate", "batchlab", "ultralytics"):
-        try:
-            versions[name] = __import__(name).__version__
-        except Exception:  # an absent tool is simply not listed
-            pass
-    cpu = ""
-    with contextlib.suppress(OSError):
-        cpu = next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in open("/proc/cpuinfo")
-                if line.startswith("model name")
-            ),
-            "",
-        )
-    return {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "host": platform.node(),
-        "cpu": cpu,
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "versions": versions,
-        "command": " ".join(sys.argv),
-        "load_average_at_start": os.getloadavg(),
-        "source": _source_state(),
-    }
-
-
-def _source_state() -> dict[str, Any]:
-    """The commit, whether src/ differs from it, and the search module's hash: what exactly was measured."""
-    repo = ROOT.parent
-    state: dict[str, Any] = {}
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        run = {"cwd": repo, "capture_output": True, "text": True, "timeout": 10}
-        state["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], **run).stdout.strip()
-        state["src_changed"] = bool(
-            subprocess.run(["git", "status", "--porcelain", "src"], **run).stdout.strip()
-        )
-    search = repo / "src" / "batchlab" / "search.py"
-    if search.exists():
-        state["search_py_sha1"] = hashlib.sha1(search.read_bytes()).hexdigest()[:12]
-    return state
+    """What produced the numbers (provenance.py), with the search module's hash: the code every tool is held to."""
+    return provenance(
+        ("lightning", "accelerate", "batchlab", "ultralytics"), files=("src/batchlab/fit/search.py",)
+    )
 
 
 def parse_capacities(specs: list[str], workloads: list[str]) -> dict[str, int]:

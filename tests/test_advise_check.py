@@ -142,3 +142,4 @@ def test_quick_run_end_to_end(tmp_path, capsys):
     assert result["held_out"]["modelled_seconds"]["picks"] is None  # one seed: nothing to hold out
     # the packages behind the numbers, so a shift between runs of the same code can be traced to them
     assert payload["versions"]["torch"] == torch.__version__ and payload["versions"]["numpy"] is not None
+    assert payload["pin_drift"] == []  # make install put constraints.txt's versions in

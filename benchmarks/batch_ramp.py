@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -131,16 +130,15 @@ def _goals(ramp_row: dict, reached: list[dict], seeds: int) -> dict:
             "goal_not_dominated": not dominated, "goal_steps_samples": steps_ratio <= 0.7 and samples_ratio <= 1.1}  # fmt: skip
 
 
-def _per_multiplier(result: SweepResult) -> list[dict]:
-    """Mean steps and samples to the target at every multiplier (None where a seed missed): the table keeps only
-    the step-optimal one, and a ramp's multipliers can straddle the goals."""
-    out = []
-    for m in sorted({run.lr_multiplier for run in result.runs}):
-        runs = [run for run in result.runs if run.lr_multiplier == m]
-        reached = all(run.target_reached for run in runs)
-        out.append({"lr_multiplier": m} | {key: statistics.fmean(getattr(run, key) for run in runs) if reached else None
-                                           for key in ("steps_to_target", "samples_to_target")})  # fmt: skip
-    return out
+def per_multiplier(result: SweepResult) -> list[dict]:
+    """A ramp's mean steps and samples to the target at every multiplier, smallest first (None where a seed
+    missed): the table keeps only the step-optimal one, and a ramp's multipliers can straddle the goals."""
+    (start,) = result.batch_sizes  # a ramp sweep has one starting batch
+    every = sorted(result.by_multiplier(start), key=lambda s: s.lr_multiplier)
+    return [
+        {key: getattr(s, key) for key in ("lr_multiplier", "steps_to_target", "samples_to_target")}
+        for s in every
+    ]
 
 
 def _reached(rows: list[dict], seeds: int) -> list[dict]:
@@ -177,14 +175,14 @@ def compare(
            "ramps": []}  # fmt: skip
     for target, result in ramps.items():
         row = result.by_batch_size()[0].to_dict()
-        every = [m | {"both_goals": _both_goals(m, reached, seeds)} for m in _per_multiplier(result)]
+        every = [m | {"both_goals": _both_goals(m, reached, seeds)} for m in per_multiplier(result)]
         out["ramps"].append({"target": target, **row, "batches": _trajectory(result, row["lr_multiplier"]),
                              "per_multiplier": every, **_goals(row, reached, seeds)})  # fmt: skip
     return rescore(out)
 
 
 def _both_goals(multiplier_row: dict, reached: list[dict], seeds: int) -> bool:
-    """Both goals for the ramp at one multiplier (a row of ``_per_multiplier``; None steps: a seed missed). The
+    """Both goals for the ramp at one multiplier (a row of :func:`per_multiplier`; None steps: a seed missed). The
     verdict of the table is the step-optimal multiplier's; a ramp's steps and samples are not proportional, so
     another multiplier can meet both where that one does not."""
     reached_all = seeds if multiplier_row["steps_to_target"] is not None else 0

@@ -70,3 +70,41 @@ class ScriptedRun:
         value = self.val_losses[min(self.evals, len(self.val_losses) - 1)]
         self.evals += 1
         return {"loss": value}
+
+
+def sweep_config(**overrides):
+    """A one-batch (4), one-seed SweepConfig for the scripted runs, target val loss 0.5 every 2 steps."""
+    from batchlab.sweeps import Budget, SweepConfig, Target
+
+    values = dict(
+        name="t",
+        workload="scripted",
+        workload_options={},
+        batch_sizes_spec=[4],
+        batch_sizes=[4],
+        lr=0.1,
+        base_batch=4,
+        rule="sqrt",
+        lr_multipliers=[1.0],
+        seeds=[0],
+        budget=Budget(steps=6),
+        target=Target(0.5),
+        eval_every=2,
+        stop_at_target=False,
+    )
+    values.update(overrides)
+    return SweepConfig(**values)
+
+
+def sweep_run(**fields):
+    """A real :class:`~batchlab.sweeps.SweepRun` (one scripted two-step run through the sweep loop) with
+    ``fields`` replaced: for tests of the comparison across runs, which reads only the recorded fields."""
+    from dataclasses import replace
+
+    from batchlab.sweeps import Budget, RunSpec, execute_run
+
+    scripted = ScriptedRun(4, [1.0], [2.0])
+    run = execute_run(
+        lambda b, lr, seed: scripted, RunSpec("k", 4, 0.1, 1.0, 0), sweep_config(budget=Budget(steps=2))
+    )
+    return replace(run, **fields)

@@ -1,6 +1,6 @@
 """benchmarks/batch_ramp.py's scoring (issue 13 item 3): the two goals and the per-multiplier means.
 
-The table keeps the step-optimal multiplier only; ``_per_multiplier`` reports every one, and a multiplier where a
+The table keeps the step-optimal multiplier only; ``per_multiplier`` reports every one, and a multiplier where a
 seed missed the target has no mean (an average over the seeds that reached would flatter it)."""
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -17,18 +16,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))  # benchmarks/ is scripts, not a package
 
 import batch_ramp  # noqa: E402
+from batchlab.sweeps import SweepResult  # noqa: E402
+from sweep_helpers import sweep_config, sweep_run  # noqa: E402
 
 
 def _run(multiplier, steps, samples):
-    reached = steps is not None
-    return SimpleNamespace(lr_multiplier=multiplier, target_reached=reached, steps_to_target=steps,
-                           samples_to_target=samples)  # fmt: skip
+    return sweep_run(
+        batch_size=16, lr_multiplier=multiplier, steps_to_target=steps, samples_to_target=samples
+    )
 
 
 def test_per_multiplier_means_each_multiplier_and_drops_one_a_seed_missed():
-    result = SimpleNamespace(runs=[_run(1.0, 500, 20_000), _run(0.5, 700, 16_000), _run(1.0, 600, 21_000),
-                                   _run(0.5, 900, 18_000), _run(2.0, 300, 30_000), _run(2.0, None, None)])  # fmt: skip
-    rows = batch_ramp._per_multiplier(result)
+    runs = [_run(1.0, 500, 20_000), _run(0.5, 700, 16_000), _run(1.0, 600, 21_000), _run(0.5, 900, 18_000),
+            _run(2.0, 300, 30_000), _run(2.0, None, None)]  # fmt: skip
+    rows = batch_ramp.per_multiplier(SweepResult(config=sweep_config(batch_sizes=[16]), runs=runs))
     assert rows == [
         {"lr_multiplier": 0.5, "steps_to_target": 800.0, "samples_to_target": 17_000.0},
         {"lr_multiplier": 1.0, "steps_to_target": 550.0, "samples_to_target": 20_500.0},

@@ -23,7 +23,6 @@ from batchlab.sweeps import (
     RunSpec,
     RunStatus,
     StopReason,
-    SweepConfig,
     SweepResult,
     SweepRun,
     Target,
@@ -34,7 +33,7 @@ from batchlab.sweeps import (
 )
 from batchlab.sweeps.records import fingerprint
 from batchlab.workloads.tasks import Task, load_task
-from sweep_helpers import ScriptedRun, fresh_store
+from sweep_helpers import ScriptedRun, fresh_store, sweep_config, sweep_run
 
 # ------------------------------------------------------------------------------------------ budget, target
 
@@ -193,31 +192,10 @@ def test_noise_window_uses_the_second_half_before_the_target():
 # ------------------------------------------------------------------------------------------ the run loop
 
 
-def _config(**overrides) -> SweepConfig:
-    values = dict(
-        name="t",
-        workload="scripted",
-        workload_options={},
-        batch_sizes_spec=[4],
-        batch_sizes=[4],
-        lr=0.1,
-        base_batch=4,
-        rule="sqrt",
-        lr_multipliers=[1.0],
-        seeds=[0],
-        budget=Budget(steps=6),
-        target=Target(0.5),
-        eval_every=2,
-        stop_at_target=False,
-    )
-    values.update(overrides)
-    return SweepConfig(**values)
-
-
 def test_run_loop_records_curves_and_interpolated_target():
     # evaluations happen at steps 0 (before training), 1 (early), 2, 4, 6
     scripted = ScriptedRun(4, [1.0] * 6, [2.0, 1.5, 1.0, 0.25, 0.2])
-    run = execute_run(lambda b, lr, seed: scripted, RunSpec("k", 4, 0.1, 1.0, 0), _config())
+    run = execute_run(lambda b, lr, seed: scripted, RunSpec("k", 4, 0.1, 1.0, 0), sweep_config())
     assert run.status == "finished" and run.stopped_by == "steps" and run.steps == 6 and run.samples == 24
     assert run.val.step == [0, 1, 2, 4, 6] and run.train.step == [1, 2, 3, 4, 5, 6]
     assert run.val.samples == [0, 4, 8, 16, 24]
@@ -229,26 +207,26 @@ def test_run_loop_records_curves_and_interpolated_target():
 
 
 def test_run_loop_stops_at_target_and_on_divergence():
-    config = _config(stop_at_target=True, budget=Budget(steps=100))
+    config = sweep_config(stop_at_target=True, budget=Budget(steps=100))
     run = execute_run(
         lambda b, lr, s: ScriptedRun(4, [1.0], [2.0, 1.0, 0.4]), RunSpec("k", 4, 0.1, 1, 0), config
     )
     assert run.stopped_by == "target" and run.steps == 2 and run.status == "finished"
 
     nan_at_3 = ScriptedRun(4, [1.0, 0.9, float("nan")], [2.0])
-    run = execute_run(lambda b, lr, s: nan_at_3, RunSpec("k", 4, 0.1, 1, 0), _config())
+    run = execute_run(lambda b, lr, s: nan_at_3, RunSpec("k", 4, 0.1, 1, 0), sweep_config())
     assert run.status == "diverged" and run.steps == 3 and run.train["loss"][-1] is None
 
 
 def test_run_loop_turns_out_of_memory_into_a_record_and_reraises_other_errors():
     oom = ScriptedRun(4, [1.0], [2.0], fail_at=3, error=RuntimeError("CUDA out of memory. Tried to allocate"))
-    run = execute_run(lambda b, lr, s: oom, RunSpec("k", 4, 0.1, 1, 0), _config())
+    run = execute_run(lambda b, lr, s: oom, RunSpec("k", 4, 0.1, 1, 0), sweep_config())
     assert run.status == "oom" and "out of memory at step 3" in run.error
     shape_bug = ScriptedRun(
         4, [1.0], [2.0], fail_at=2, error=RuntimeError("mat1 and mat2 shapes cannot be multiplied")
     )
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
-        execute_run(lambda b, lr, s: shape_bug, RunSpec("k", 4, 0.1, 1, 0), _config())
+        execute_run(lambda b, lr, s: shape_bug, RunSpec("k", 4, 0.1, 1, 0), sweep_config())
 
 
 def test_split_batch_noise_measurement_does_not_change_training():
@@ -427,14 +405,14 @@ def test_sweep_run_round_trips_through_json():
     curve.add(2, 16, 0.2, loss=0.5, accuracy=0.7)
     assert curve.values == {"loss": [1.0, 0.5], "accuracy": [None, 0.7]}
     run = execute_run(
-        lambda b, lr, s: ScriptedRun(4, [1.0], [2.0, 0.4]), RunSpec("k", 4, 0.1, 1.0, 0), _config()
+        lambda b, lr, s: ScriptedRun(4, [1.0], [2.0, 0.4]), RunSpec("k", 4, 0.1, 1.0, 0), sweep_config()
     )
     assert SweepRun.from_dict(json.loads(json.dumps(run.to_dict()))) == run
 
 
 def test_outcomes_are_str_enums_whose_json_is_the_plain_strings_of_before():
     run = execute_run(
-        lambda b, lr, s: ScriptedRun(4, [1.0], [2.0, 0.4]), RunSpec("k", 4, 0.1, 1.0, 0), _config()
+        lambda b, lr, s: ScriptedRun(4, [1.0], [2.0, 0.4]), RunSpec("k", 4, 0.1, 1.0, 0), sweep_config()
     )
     assert run.status is RunStatus.FINISHED and run.stopped_by is StopReason.STEPS
     data = json.loads(json.dumps(run.to_dict()))
@@ -447,10 +425,32 @@ def test_outcomes_are_str_enums_whose_json_is_the_plain_strings_of_before():
         Target(0.5).mode is TargetMode.MIN and json.loads(json.dumps(Target(0.5).to_dict()))["mode"] == "min"
     )
     # the hash a resumed sweep must match, computed by the code before the enums: old directories still resume
-    assert fingerprint(_config()) == "2f2fa64b4061"
+    assert fingerprint(sweep_config()) == "2f2fa64b4061"
 
 
 # ------------------------------------------------------------------------------------------------------ CLI
+
+
+def test_by_batch_size_keeps_the_fastest_multiplier_every_seed_of_which_reached():
+    def run(batch, multiplier, steps, loss, throughput):
+        return sweep_run(batch_size=batch, lr_multiplier=multiplier, steps_to_target=steps,
+                         samples_to_target=None if steps is None else steps * batch, final_val={"loss": loss},
+                         throughput=throughput)  # fmt: skip
+
+    runs = [run(16, 1.0, 90, 0.3, 10.0), run(16, 2.0, 40, 0.2, 11.0), run(16, 1.0, 110, 0.4, 12.0),
+            run(16, 2.0, None, 0.9, 13.0),  # x2 is faster where it reached, but one seed missed
+            run(32, 1.0, None, 0.6, 20.0), run(32, 2.0, None, 0.7, 21.0)]  # fmt: skip
+    result = SweepResult(config=sweep_config(batch_sizes=[16, 32]), runs=runs)
+    every = result.by_multiplier(16)
+    assert [(s.lr_multiplier, s.runs, s.steps_to_target, s.reached) for s in every] == [
+        (1.0, 2, 100.0, 2),
+        (2.0, 2, None, 1),
+    ]  # the sweep's order; no mean over the seeds that reached alone
+    at16, at32 = result.by_batch_size()
+    assert (at16.lr_multiplier, at16.steps_to_target, at16.samples_to_target) == (1.0, 100.0, 1600.0)
+    assert at16.runs == 4 and at16.throughput == 11.5  # every run at the batch size, whatever its multiplier
+    # no multiplier reached the target at 32: the lowest mean final loss wins
+    assert (at32.lr_multiplier, at32.steps_to_target, at32.final_val_loss) == (1.0, None, 0.6)
 
 
 def test_cli_sweep_json_and_table(tmp_path, capsys):

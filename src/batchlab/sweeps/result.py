@@ -13,7 +13,7 @@ import json
 import math
 import statistics
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,10 @@ def _median(values: Iterable[float | None]) -> float | None:
     return statistics.median(present) if present else None
 
 
+def _max_peak(runs: Sequence[SweepRun]) -> int | None:
+    return max((r.peak_bytes for r in runs if r.peak_bytes is not None), default=None)
+
+
 def _noise_of(runs: Sequence[SweepRun]) -> float | None:
     windows = [w for w in (r.target_window() for r in runs) if w is not None]
     if windows:
@@ -94,44 +98,59 @@ class SweepResult:
     def runs_at(self, batch_size: int) -> list[SweepRun]:
         return [run for run in self.runs if run.batch_size == batch_size]
 
+    def by_multiplier(self, batch_size: int) -> list[BatchSummary]:
+        """One :class:`BatchSummary` per LR multiplier tried at ``batch_size``, over its seeds, in the sweep's
+        order. :meth:`by_batch_size` keeps the best of them; a ramp's steps and samples are not proportional
+        across multipliers, so its benchmark reads every one."""
+        groups: dict[float, list[SweepRun]] = {}
+        for run in self.runs_at(batch_size):
+            groups.setdefault(run.lr_multiplier, []).append(run)
+        return [self._summary(batch_size, m, group) for m, group in groups.items()]
+
     def by_batch_size(self) -> list[BatchSummary]:
-        """One :class:`BatchSummary` per batch size, smallest first."""
+        """One :class:`BatchSummary` per batch size, smallest first, at its best LR multiplier: the fewest mean
+        steps to the target where every seed reached it, else the lowest mean final validation loss. Runs,
+        throughput and peak memory count every run at the batch size, whatever its multiplier."""
         out = []
         for b in self.batch_sizes:
+            best = min(self.by_multiplier(b), key=self._score)
             runs = self.runs_at(b)
-            groups: dict[float, list[SweepRun]] = {}
-            for run in runs:
-                groups.setdefault(run.lr_multiplier, []).append(run)
-
-            def score(group: list[SweepRun]) -> tuple[float, float]:
-                steps = [r.steps_to_target for r in group]
-                if self.config.target is not None and all(s is not None for s in steps):
-                    return (0.0, statistics.fmean(steps))
-                loss = _mean(r.final_val.get("loss") for r in group)
-                return (1.0, loss if loss is not None else math.inf)
-
-            best_m = min(groups, key=lambda m: score(groups[m]))
-            best = groups[best_m]
-            all_reached = all(r.target_reached for r in best)
             out.append(
-                BatchSummary(
-                    batch_size=b,
-                    lr=best[0].lr,
-                    lr_multiplier=best_m,
+                replace(
+                    best,
                     runs=len(runs),
-                    steps_to_target=_mean(r.steps_to_target for r in best) if all_reached else None,
-                    samples_to_target=_mean(r.samples_to_target for r in best) if all_reached else None,
-                    seconds_to_target=_mean(r.seconds_to_target for r in best) if all_reached else None,
-                    reached=sum(r.target_reached for r in best),
                     throughput=_median(r.throughput for r in runs),
-                    peak_bytes=max((r.peak_bytes for r in runs if r.peak_bytes is not None), default=None),
-                    final_val_loss=_mean(r.final_val.get("loss") for r in best),
-                    noise_scale=_noise_of(best),
-                    steps=max(r.steps for r in best),
-                    samples=max(r.samples for r in best),
+                    peak_bytes=_max_peak(runs),
                 )
             )
         return out
+
+    def _score(self, summary: BatchSummary) -> tuple[float, float]:
+        if self.config.target is not None and summary.steps_to_target is not None:
+            return (0.0, summary.steps_to_target)
+        loss = summary.final_val_loss
+        return (1.0, loss if loss is not None else math.inf)
+
+    @staticmethod
+    def _summary(batch_size: int, multiplier: float, group: list[SweepRun]) -> BatchSummary:
+        """Means over the seeds of one (batch size, multiplier); to-target means only where every seed got there."""
+        all_reached = all(r.target_reached for r in group)
+        return BatchSummary(
+            batch_size=batch_size,
+            lr=group[0].lr,
+            lr_multiplier=multiplier,
+            runs=len(group),
+            steps_to_target=_mean(r.steps_to_target for r in group) if all_reached else None,
+            samples_to_target=_mean(r.samples_to_target for r in group) if all_reached else None,
+            seconds_to_target=_mean(r.seconds_to_target for r in group) if all_reached else None,
+            reached=sum(r.target_reached for r in group),
+            throughput=_median(r.throughput for r in group),
+            peak_bytes=_max_peak(group),
+            final_val_loss=_mean(r.final_val.get("loss") for r in group),
+            noise_scale=_noise_of(group),
+            steps=max(r.steps for r in group),
+            samples=max(r.samples for r in group),
+        )
 
     def critical_batch(self) -> CriticalBatchFit | None:
         """S = S_min(1 + B_crit/B) fitted to the best steps-to-target per batch size (None: < 3 sizes reached)."""

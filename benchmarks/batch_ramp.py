@@ -48,6 +48,7 @@ from batchlab.advice.ramp import MIN_ACCUMULATION
 from batchlab.noise.critical import CriticalBatchFit, fit_critical_batch
 from batchlab.sweeps import Budget, RampFactory, SweepResult, sweep
 from batchlab.workloads.tasks import Task
+from provenance import provenance
 
 HERE = Path(__file__).resolve().parent
 BATCH_SIZES = [16, 32, 64, 128, 256]
@@ -397,6 +398,7 @@ def main() -> None:
     except (TypeError, ValueError) as error:
         parser.error(str(error))
     started = time.time()
+    run_by = provenance(("numpy", "scikit-learn", "scipy", "mnist1d", "mlflow"))  # what made the numbers
     results = []
     for name, ramp_factories in factories.items():
         settings = dict(EXPERIMENTS[name])
@@ -428,7 +430,7 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     payload = {"results": results, "batch_sizes": args.batches, "grid": GRID,
                "max_micro": MAX_MICRO, "min_accumulation": args.min_accumulation, "ramp_targets": targets,
-               "seeds": args.seeds, "seconds": seconds, "mlflow": uri}  # fmt: skip
+               "seeds": args.seeds, "seconds": seconds, "mlflow": uri, "provenance": run_by}  # fmt: skip
     Path(args.out).write_text(json.dumps(payload, indent=2))
     command = " ".join(["nice -n 5 python benchmarks/batch_ramp.py", *sys.argv[1:]])
     print(markdown(results, command, seconds, args.out, args.min_accumulation, args.batches))

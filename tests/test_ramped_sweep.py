@@ -121,3 +121,70 @@ def test_ramp_factory_refuses_a_factory_it_cannot_call():
         TypeError, match=r"^RampFactory needs a run factory \(batch_size, lr, seed\) -> run, got 'mnist1d'$"
     ):
         RampFactory("mnist1d", max_batch=8, max_micro_batch=4)
+
+
+# ------------------------------------------------------------------------------------------- batchlab sweep --ramp-to
+
+RAMP_CLI = ["sweep", "--workload", "teacher-student", "--batch-sizes", "8", "--lr", "3e-3", "--budget-steps", "80",
+            "--no-tracking", "--no-report", "--threads", "1"]  # fmt: skip
+
+
+def test_cli_ramp_grows_each_run_from_its_start_and_records_the_batch_per_step(tmp_path, capsys):
+    from batchlab.cli import main
+    from batchlab.sweeps import SweepResult
+
+    assert main([*RAMP_CLI, "--dir", str(tmp_path), "--ramp-to", "64", "--ramp-min-accumulation", "4"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps at the console's width
+    assert "sweep teacher-student-ramp-" in out
+    assert "batch ramp: each row's batch is its runs' start; they ended from 8 to 64" in out
+    (directory,) = (tmp_path / "sweeps").iterdir()
+    (run,) = SweepResult.load(directory).runs
+    batches = run.train["batch_size"]
+    assert batches[0] == 8 and batches[-1] == 64 and batches == sorted(batches)
+    assert run.samples == sum(batches)
+    assert run.accumulation == 4  # --ramp-min-accumulation 4: batch 64 as 4 x 16, not the default 2 x 32
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--ramp-target", "2"], "--ramp-target needs --ramp-to MAX_BATCH"),
+        (["--ramp-micro-batch", "16", "--ramp-min-accumulation", "4"],
+         "--ramp-micro-batch, --ramp-min-accumulation needs --ramp-to MAX_BATCH"),
+        (["--ramp-to", "4"], "invalid --ramp-to 4: below the starting batch 8 (--batch-sizes)"),
+        (["--ramp-to", "0"], "invalid --ramp-to 0: expected"),
+        (["--ramp-to", "64", "--accumulation", "2"], "--accumulation 2 with --ramp-to: the ramp sets the accumulation"),
+        (["--ramp-to", "64", "--noise-every", "4"], "--noise-every 4 with --ramp-to: the ramp sets the accumulation"),
+        (["--ramp-to", "64", "--ramp-target", "0"], "invalid target 0.0: expected"),
+        (["--ramp-to", "64", "--ramp-min-accumulation", "1"], "invalid min_accumulation 1: expected"),
+        (["--ramp-to", "64", "--ramp-micro-batch", "0"], "invalid --ramp-micro-batch 0: expected"),
+    ],
+)  # fmt: skip
+def test_cli_ramp_refuses_what_it_cannot_honour_in_one_line_before_training(tmp_path, capsys, extra, message):
+    from batchlab.cli import main
+
+    assert main([*RAMP_CLI, "--dir", str(tmp_path), *extra]) == 1
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "sweeps").exists()  # nothing trained, no sweep started
+
+
+def test_cli_ramp_refuses_auto_batches_and_a_users_file(tmp_path, capsys):
+    from batchlab.cli import main
+
+    auto = [*RAMP_CLI, "--dir", str(tmp_path), "--ramp-to", "64"]
+    auto[auto.index("8")] = "auto"
+    assert main(auto) == 1
+    assert '--ramp-to needs the starting batches in --batch-sizes, not "auto"' in capsys.readouterr().err
+    own = tmp_path / "own.py"
+    own.write_text(  # the user's own factory: the CLI cannot know its runs can be resized
+        "from batchlab.workloads.tasks import Task\n\n"
+        "def make():\n    task = Task('teacher-student')\n    return lambda b, lr, seed: task(b, lr, seed)\n"
+    )
+    mine = [*RAMP_CLI, "--dir", str(tmp_path), "--ramp-to", "64"]
+    mine[mine.index("teacher-student")] = f"{own}:make"
+    assert main(mine) == 1
+    assert (
+        "--ramp-to ramps a built-in task (mlp-digits, mnist1d, teacher-student, char-lm), not "
+        in capsys.readouterr().err
+    )

@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from batchlab import checks
+from batchlab.advice.ramp import MIN_ACCUMULATION
 from batchlab.advice.scaling import RULES
 from batchlab.cli.common import comma_ints
 from batchlab.sweeps import (
@@ -18,13 +19,14 @@ from batchlab.sweeps import (
     DEFAULT_DIRECTORY,
     NOISE_EVERY,
     Budget,
+    RampFactory,
     SweepEvent,
     SweepResult,
     Target,
     sweep,
 )
 from batchlab.units import format_bytes
-from batchlab.workloads.tasks import ConfiguredFactory, describe_tasks, load_task
+from batchlab.workloads.tasks import ConfiguredFactory, Task, describe_tasks, load_task
 
 
 def _floats(text: str) -> list[float]:
@@ -126,6 +128,38 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="torch CPU threads per run (local: torch.set_num_threads; ray: CPUs per trial, which Ray sets as "
         "each worker's thread count)",
     )
+    ramp = parser.add_argument_group(
+        "batch ramp",
+        "grow each run's batch during training toward the noise scale its accumulation micro-batches measure, "
+        "the LR, Adam's betas and eps carried at each change (batchlab.training.BatchRamp); built-in tasks",
+    )
+    ramp.add_argument(
+        "--ramp-to",
+        type=int,
+        default=None,
+        metavar="MAX_BATCH",
+        help="ramp from each --batch-sizes value (the start) up to this global batch; batch and LR per step "
+        "go to MLflow",
+    )
+    ramp.add_argument(
+        "--ramp-target",
+        type=float,
+        default=None,
+        help="grow toward this x B_simple (default 1; what paid off differed tenfold between data sets: "
+        "benchmarks/RESULTS.md)",
+    )
+    ramp.add_argument(
+        "--ramp-micro-batch",
+        type=int,
+        default=None,
+        help="the largest micro-batch that fits, e.g. batchlab fit's answer (default: no cap but the split)",
+    )
+    ramp.add_argument(
+        "--ramp-min-accumulation",
+        type=int,
+        default=None,
+        help=f"micro-batches per step the noise scale is read from (default {MIN_ACCUMULATION})",
+    )
     parser.add_argument("--no-report", action="store_true", help="do not write the HTML/PNG report")
     parser.add_argument("--json", action="store_true", help="print only a JSON summary on stdout")
     parser.set_defaults(run=run)
@@ -141,6 +175,47 @@ def _target(args: argparse.Namespace) -> Target | None:
     if args.target_loss is not None and args.target is not None:
         raise ValueError("give --target-loss or --target, not both")
     return Target.parse(args.target_loss if args.target_loss is not None else args.target)
+
+
+RAMP_FLAGS = ("ramp_target", "ramp_micro_batch", "ramp_min_accumulation")
+
+
+def _ramped(factory, args: argparse.Namespace, batch_sizes) -> object:
+    """``factory`` under a :class:`~batchlab.sweeps.RampFactory` when ``--ramp-to`` is given; every ramp flag
+    and every combination the ramp cannot honour is refused here, before a model is built or MLflow starts."""
+    if args.ramp_to is None:
+        given = [f"--{name.replace('_', '-')}" for name in RAMP_FLAGS if getattr(args, name) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} needs --ramp-to MAX_BATCH")
+        return factory
+    max_batch = checks.integer("--ramp-to", args.ramp_to)
+    if not isinstance(factory, Task):
+        raise ValueError(
+            f"--ramp-to ramps a built-in task ({', '.join(describe_tasks())}), not {args.workload}: for your own "
+            "model, sweep batchlab.sweeps.RampFactory over a factory of batchlab.sweeps.SupervisedRun"
+        )
+    if batch_sizes == "auto":
+        raise ValueError('--ramp-to needs the starting batches in --batch-sizes, not "auto"')
+    if max_batch < max(batch_sizes):
+        raise ValueError(
+            f"invalid --ramp-to {max_batch}: below the starting batch {max(batch_sizes)} (--batch-sizes)"
+        )
+    for flag, value in (("--accumulation", args.accumulation), ("--noise-every", args.noise_every)):
+        if value is not None:
+            raise ValueError(
+                f"{flag} {value} with --ramp-to: the ramp sets the accumulation and measures the noise scale on "
+                "every step itself (--ramp-min-accumulation)"
+            )
+    micro = args.ramp_micro_batch if args.ramp_micro_batch is not None else max_batch
+    return RampFactory(
+        factory,
+        max_batch=max_batch,
+        max_micro_batch=checks.integer("--ramp-micro-batch", micro),
+        target=1.0 if args.ramp_target is None else args.ramp_target,
+        min_accumulation=MIN_ACCUMULATION
+        if args.ramp_min_accumulation is None
+        else args.ramp_min_accumulation,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -165,6 +240,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if isinstance(factory, ConfiguredFactory):  # a flag the file's runs cannot take fails before MLflow/Ray
         factory.check(AUTO_MIN_BATCH if batch_sizes == "auto" else min(batch_sizes), args.lr)
+    factory = _ramped(factory, args, batch_sizes)
     if args.threads is not None and args.backend == "local":
         import torch
 
@@ -265,6 +341,15 @@ def print_summary(console: Console, result: SweepResult) -> None:
             "–" if s.noise_scale is None else f"{s.noise_scale:.3g}",
         )
     console.print(table)
+    ramped = {s.batch_size: _final_batches(result, s.batch_size) for s in result.by_batch_size()}
+    if any(ramped.values()):
+        ends = "; ".join(
+            f"from {b} to {', '.join(map(str, finals))}" for b, finals in ramped.items() if finals
+        )
+        where = "each run's record" + (" and MLflow" if result.tracking_uri else "")
+        console.print(
+            f"batch ramp: each row's batch is its runs' start; they ended {ends} (per step in {where})"
+        )
     console.print(result.summary())
     console.print(f"sweep directory: {result.directory}")
     if result.report:
@@ -272,3 +357,12 @@ def print_summary(console: Console, result: SweepResult) -> None:
     if result.tracking_uri:
         console.print(f"MLflow: mlflow ui --backend-store-uri {result.tracking_uri}")
     sys.stdout.flush()
+
+
+def _final_batches(result: SweepResult, batch_size: int) -> list[int]:
+    """Each ramped run's last batch at this starting batch (empty for fixed runs, which record no batch)."""
+    return [
+        int(run.train["batch_size"][-1])
+        for run in result.runs_at(batch_size)
+        if "batch_size" in run.train.values
+    ]

@@ -207,14 +207,12 @@ def _ramped(factory, args: argparse.Namespace, batch_sizes) -> object:
                 "every step itself (--ramp-min-accumulation)"
             )
     micro = args.ramp_micro_batch if args.ramp_micro_batch is not None else max_batch
+    given = {"target": args.ramp_target, "min_accumulation": args.ramp_min_accumulation}  # else RampFactory's
     return RampFactory(
         factory,
         max_batch=max_batch,
         max_micro_batch=checks.integer("--ramp-micro-batch", micro),
-        target=1.0 if args.ramp_target is None else args.ramp_target,
-        min_accumulation=MIN_ACCUMULATION
-        if args.ramp_min_accumulation is None
-        else args.ramp_min_accumulation,
+        **{name: value for name, value in given.items() if value is not None},
     )
 
 
@@ -341,7 +339,7 @@ def print_summary(console: Console, result: SweepResult) -> None:
             "–" if s.noise_scale is None else f"{s.noise_scale:.3g}",
         )
     console.print(table)
-    ramped = {s.batch_size: _final_batches(result, s.batch_size) for s in result.by_batch_size()}
+    ramped = {b: _final_batches(result, b) for b in result.batch_sizes}  # the table's rows, not summed again
     if any(ramped.values()):
         ends = "; ".join(
             f"from {b} to {', '.join(map(str, finals))}" for b, finals in ramped.items() if finals

@@ -58,6 +58,36 @@ def test_ramped_run_refuses_a_trainable_it_cannot_resize_and_bad_ramp_options():
         bad(8, 1e-3, 0)
 
 
+class _CountingTask:
+    """A built-in task that counts the runs it builds (a refused sweep must build none)."""
+
+    name = "teacher-student"
+
+    def __init__(self):
+        self.task, self.built = Task("teacher-student", noise_every=0), 0
+
+    def __call__(self, batch_size, lr, seed):
+        self.built += 1
+        return self.task(batch_size, lr, seed)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "message"),
+    [
+        ([8, 32], r"^invalid max_batch 16: below the current batch 32 \(a ramp only grows\)$"),
+        ([1, 8], r"^invalid batch_size 1: a step needs at least 2 micro-batches of one sample"),
+    ],
+)
+def test_a_ramped_sweep_refuses_a_start_it_cannot_run_before_any_run_or_directory(tmp_path, sizes, message):
+    """Every start is checked in sweep(), not at its first run: the batch 8 sweep must not train first."""
+    task = _CountingTask()
+    ramp = RampFactory(task, max_batch=16, max_micro_batch=8)
+    with pytest.raises(ValueError, match=message):
+        sweep(ramp, sizes, lr=3e-3, budget=3, directory=tmp_path, tracking_uri=False, report=False)
+    assert task.built == 0
+    assert not list(tmp_path.rglob("sweep.json"))
+
+
 def test_ramp_factory_passes_measure_every_to_the_ramp():
     """measure_every=3: 30 steps of the run measure 10 (the 1st, 4th, ...); 0 is refused by its name."""
     run = RampFactory(Task("teacher-student"), max_batch=8, max_micro_batch=4, measure_every=3)(8, 1e-3, 0)

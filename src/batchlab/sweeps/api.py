@@ -128,7 +128,9 @@ def sweep(
     Args:
         workload_factory: ``factory(batch_size, lr, seed)`` -> a trainable (``train_step()``,
             ``evaluate()``), e.g. ``batchlab.workloads.tasks.load_task("mlp-digits")``, or
-            ``batchlab.sweeps.WorkloadFactory(make_workload)`` for a function that returns a Workload.
+            ``batchlab.sweeps.WorkloadFactory(make_workload)`` for a function that returns a Workload. A
+            factory with ``check_batch_sizes(sizes)`` (:class:`~batchlab.sweeps.RampFactory`) is asked to refuse
+            the batch sizes it cannot start from, before the sweep directory is written.
         batch_sizes: samples per optimizer step, e.g. ``[16, 64, 256]``, or ``"auto"``: powers of two from 8
             up to the largest batch that fits (:func:`auto_batch_sizes`).
         lr: the learning rate tuned at ``base_batch`` (default: the smallest batch size).
@@ -207,6 +209,9 @@ def sweep(
         log.info("resuming sweep %s from %s", name, store.path)
     else:
         sizes = auto_batch_sizes(workload_factory, lr) if spec == "auto" else list(spec)
+        check_starts = getattr(workload_factory, "check_batch_sizes", None)
+        if callable(check_starts):  # a RampFactory refuses a start above its maximum before any run trains
+            check_starts(sizes)
         config = replace(config, name=name, batch_sizes=sizes, fingerprint=digest)
         store.write_config(config)
 

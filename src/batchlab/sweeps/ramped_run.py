@@ -15,7 +15,7 @@ micro-batches, so the wrapped run is rebuilt with ``noise_every=0``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -29,7 +29,7 @@ from batchlab.advice.ramp import (
 )
 from batchlab.noise import NoiseScaleEstimate, estimate_components
 from batchlab.sweeps.trainable import SupervisedRun, close_run
-from batchlab.training.ramp import RAMP_BETA, BatchRamp, check_ramp_settings
+from batchlab.training.ramp import RAMP_BETA, BatchRamp, check_ramp_settings, start_sizes
 
 __all__ = ["RampedRun", "RampFactory"]
 
@@ -130,6 +130,13 @@ class RampFactory:
     def _ramp_options(self) -> dict[str, Any]:
         """Every field but ``factory``: BatchRamp's keyword arguments."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "factory"}
+
+    def check_batch_sizes(self, batch_sizes: Iterable[int]) -> None:
+        """A one-line error for a starting batch this ramp cannot run (above ``max_batch``, or under
+        ``min_accumulation`` samples); :func:`~batchlab.sweeps.sweep` calls it before any run trains."""
+        for batch_size in batch_sizes:
+            start_sizes(batch_size, self.max_batch, self.max_micro_batch, growth=self.growth,
+                        min_accumulation=self.min_accumulation)  # fmt: skip
 
     @property
     def name(self) -> str:

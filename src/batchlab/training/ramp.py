@@ -117,6 +117,22 @@ def check_ramp_settings(
     checks.integer("measure_every", measure_every)
 
 
+def start_sizes(
+    batch_size: int, max_batch: int, max_micro_batch: int, *, growth: float = DEFAULT_GROWTH,
+    min_accumulation: int = MIN_ACCUMULATION,
+) -> tuple[int, ...]:  # fmt: skip
+    """The batches a ramp starting at ``batch_size`` may take (:func:`~batchlab.advice.ramp.ramp_sizes`), or a
+    one-line error for a start the ramp cannot run: under ``min_accumulation`` samples, or above ``max_batch``.
+    :class:`BatchRamp` checks its start with it, and a ramped sweep every start before any run trains."""
+    start = checks.integer("batch_size", batch_size)
+    if start < min_accumulation:
+        raise ValueError(
+            f"invalid batch_size {start}: a step needs at least {min_accumulation} micro-batches of "
+            "one sample to measure the noise scale"
+        )
+    return ramp_sizes(start, max_batch, max_micro_batch, growth=growth, min_accumulation=min_accumulation)
+
+
 def _lr(optimizer: Any) -> float:
     return float(optimizer.param_groups[0]["lr"])
 
@@ -186,19 +202,14 @@ class BatchRamp:
                             min_updates=min_updates, min_accumulation=min_accumulation, beta=beta, keep=keep,
                             measure_every=measure_every)  # fmt: skip
         self.keep = tuple(keep)
-        start = checks.integer("batch_size", batch_size)
         self.max_micro_batch = checks.integer("max_micro_batch", max_micro_batch)
         self.min_accumulation = min_accumulation
-        if start < self.min_accumulation:
-            raise ValueError(
-                f"invalid batch_size {start}: a step needs at least {self.min_accumulation} micro-batches of "
-                "one sample to measure the noise scale"
-            )
         if on_change is not None and not callable(on_change):
             raise TypeError(f"on_change must be callable as on_change(event), got {on_change!r}")
-        sizes = ramp_sizes(
-            start, max_batch, self.max_micro_batch, growth=growth, min_accumulation=self.min_accumulation
+        sizes = start_sizes(
+            batch_size, max_batch, self.max_micro_batch, growth=growth, min_accumulation=self.min_accumulation
         )
+        start = sizes[0]
         self.rule = RampRule(sizes, target=target, patience=patience, z=z, min_updates=min_updates)
         self.optimizer = opt
         self.lr_rule = rule

@@ -12,6 +12,9 @@ and seeds, every run stopping at the target validation loss:
    micro-batches and each change carries the LR (and Adam's betas and eps) by the same square-root rule. One
    ramp per ``--targets`` value: 1 grows toward B_simple (the default), 2 toward 2 x B_simple.
    ``--min-accumulation`` sets the micro-batches per step, the pairs the ramp reads the noise scale from.
+   ``--ramp-rule none`` keeps the LR (and betas, eps) at each change instead: Smith et al. 2018, "Don't decay
+   the learning rate, increase the batch size", where a growing batch at a fixed LR anneals the gradient noise
+   as an LR decay would.
 
 Per batch size (and for the ramp) the best multiplier's mean steps and samples to the target over the seeds
 (:meth:`batchlab.sweeps.SweepResult.by_batch_size`). The issue's goals: no fixed batch reaches the target with
@@ -45,6 +48,7 @@ from pathlib import Path
 import torch
 
 from batchlab.advice.ramp import MIN_ACCUMULATION
+from batchlab.advice.scaling import RULES
 from batchlab.noise.critical import CriticalBatchFit, fit_critical_batch
 from batchlab.sweeps import Budget, RampFactory, SweepResult, sweep
 from batchlab.workloads.tasks import Task
@@ -196,8 +200,15 @@ def _cell(value: float | None) -> str:
 
 
 def markdown(
-    results: list[dict], command: str, seconds: float, out: str, min_accumulation: int, batches: list[int]
+    results: list[dict],
+    command: str,
+    seconds: float,
+    out: str,
+    min_accumulation: int,
+    batches: list[int],
+    ramp_rule: str | None = None,
 ) -> str:
+    carried = "by the optimizer's rule" if ramp_rule is None else f"by rule {ramp_rule!r}"
     lines = [
         f"## Batch ramp against every fixed batch ({time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC)",
         "",
@@ -205,7 +216,8 @@ def markdown(
         f"Python {platform.python_version()}, 1 torch thread. Command: `{command}` ({seconds / 60:.1f} min).",
         f"Fixed batches {batches}; each data set's LR grid (below) on the sqrt rule from batch {BATCH_SIZES[0]}; "
         f"the ramp from {BATCH_SIZES[0]} to {BATCH_SIZES[-1]}, micro-batches of at most {MAX_MICRO} "
-        f"samples and at least {min_accumulation} per step, growing toward target x B_simple; "
+        f"samples and at least {min_accumulation} per step, growing toward target x B_simple, each change "
+        f"carrying the LR {carried}; "
         f"means over seeds at each row's best multiplier (fewest steps). Raw: {out}; the runs in MLflow "
         "(SQLite in the sweeps' directory, not committed).",
         "",
@@ -366,6 +378,10 @@ def main() -> None:
         "--min-accumulation", type=int, default=MIN_ACCUMULATION,
         help="the ramp's micro-batches per step, the pairs its noise scale is read from (default: the library's)",
     )  # fmt: skip
+    parser.add_argument(
+        "--ramp-rule", choices=RULES, default=None,
+        help="the LR rule at each of the ramp's changes (default: the optimizer's, sqrt for Adam; none keeps it)",
+    )  # fmt: skip
     parser.add_argument("--out", default=str(HERE / "results" / "batch_ramp.json"))
     parser.add_argument("--batches", type=_batch_list, default=BATCH_SIZES,
                         help=f"fixed batch sizes, a comma list from {BATCH_SIZES[0]} to {BATCH_SIZES[-1]}")  # fmt: skip
@@ -391,7 +407,8 @@ def main() -> None:
     try:  # every ramp's settings are checked here, before the first sweep trains
         factories = {
             name: {target: RampFactory(Task(name, noise_every=0), max_batch=BATCH_SIZES[-1], max_micro_batch=MAX_MICRO,
-                                       target=target, min_accumulation=args.min_accumulation)
+                                       target=target, min_accumulation=args.min_accumulation,
+                                       rule=args.ramp_rule)
                    for target in targets}
             for name in names
         }  # fmt: skip
@@ -417,6 +434,7 @@ def main() -> None:
         ramps = {}
         for target, factory in ramp_factories.items():
             accumulation = "" if args.min_accumulation == MIN_ACCUMULATION else f"-acc{args.min_accumulation}"
+            accumulation += "" if args.ramp_rule is None else f"-lr{args.ramp_rule}"
             ramps[target] = _sweep(factory, [BATCH_SIZES[0]], settings, args.seeds, directory, uri,
                                    f"{name}-ramp-t{target:g}{accumulation}{tag}")  # fmt: skip
         result = compare(name, settings, fixed, ramps, len(args.seeds))
@@ -429,11 +447,12 @@ def main() -> None:
     seconds = time.time() - started
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     payload = {"results": results, "batch_sizes": args.batches, "grid": GRID,
-               "max_micro": MAX_MICRO, "min_accumulation": args.min_accumulation, "ramp_targets": targets,
+               "max_micro": MAX_MICRO, "min_accumulation": args.min_accumulation, "ramp_rule": args.ramp_rule,
+               "ramp_targets": targets,
                "seeds": args.seeds, "seconds": seconds, "mlflow": uri, "provenance": run_by}  # fmt: skip
     Path(args.out).write_text(json.dumps(payload, indent=2))
     command = " ".join(["nice -n 5 python benchmarks/batch_ramp.py", *sys.argv[1:]])
-    print(markdown(results, command, seconds, args.out, args.min_accumulation, args.batches))
+    print(markdown(results, command, seconds, args.out, args.min_accumulation, args.batches, args.ramp_rule))
 
 
 if __name__ == "__main__":

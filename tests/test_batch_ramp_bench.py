@@ -195,3 +195,40 @@ def test_main_refuses_bad_ramp_settings_in_one_line_before_any_sweep(
         batch_ramp.main()
     last_line = capsys.readouterr().err.splitlines()[-1]
     assert last_line.startswith(f"batch_ramp.py: error: {message}")
+
+
+def test_ramp_rule_reaches_every_ramp_and_names_its_sweeps(monkeypatch, tmp_path):
+    """--ramp-rule none (Smith et al.: grow the batch at a kept LR) is each ramp's rule and part of its sweep's
+    name, so a store never resumes a sqrt-rule ramp under it; the fixed sweep is the same sweep either way."""
+
+    class Stop(Exception):
+        pass
+
+    calls = []
+
+    def recording_sweep(factory, sizes, settings, seeds, directory, uri, name):
+        calls.append((factory, name))
+        if isinstance(factory, batch_ramp.RampFactory):
+            raise Stop
+
+    monkeypatch.setattr(batch_ramp, "_sweep", recording_sweep)
+    argv = ["batch_ramp.py", "--datasets", "mnist1d", "--targets", "1", "--directory", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", [*argv, "--ramp-rule", "none"])
+    with pytest.raises(Stop):
+        batch_ramp.main()
+    (fixed, fixed_name), (ramp, ramp_name) = calls
+    assert fixed_name == "mnist1d-fixed" and not isinstance(fixed, batch_ramp.RampFactory)
+    assert ramp.rule == "none" and ramp_name == "mnist1d-ramp-t1-lrnone"
+    calls.clear()
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(Stop):
+        batch_ramp.main()
+    assert calls[1][0].rule is None and calls[1][1] == "mnist1d-ramp-t1"
+
+
+def test_an_unknown_ramp_rule_is_refused_before_any_sweep(monkeypatch, capsys):
+    monkeypatch.setattr(batch_ramp, "_sweep", lambda *a, **k: pytest.fail("a sweep ran"))
+    monkeypatch.setattr(sys, "argv", ["batch_ramp.py", "--ramp-rule", "cubic"])
+    with pytest.raises(SystemExit, match="^2$"):
+        batch_ramp.main()
+    assert "argument --ramp-rule: invalid choice: 'cubic'" in capsys.readouterr().err

@@ -22,7 +22,8 @@ both fewer steps and fewer samples than the ramp; against the most sample-effici
 >= 30% fewer steps at <= 1.1x its samples. The verdict is the step-optimal multiplier's; each ramp line also
 marks every multiplier that meets both goals by itself (a ramp's steps and samples are not proportional, so the
 step-optimal multiplier need not be the one that meets them). ``--seeds 3,4,5`` runs seeds held out from a
-choice made on 0 and 1.
+choice made on 0 and 1. ``--target-loss`` moves one data set's target: whether a ramp can win depends on whether
+the critical batch grows before the target, and it grows as the loss nears its floor (McCandlish et al. 2018).
 
 **The fixed curve.** S = S_min (1 + B_crit/B) fitted to the fixed rows (McCandlish et al. 2018) stands for
 every fixed batch, between the swept ones too. Each row's samples over the curve's at its steps say whether the
@@ -382,6 +383,10 @@ def main() -> None:
         "--ramp-rule", choices=RULES, default=None,
         help="the LR rule at each of the ramp's changes (default: the optimizer's, sqrt for Adam; none keeps it)",
     )  # fmt: skip
+    parser.add_argument(
+        "--target-loss", type=float, default=None,
+        help="the validation loss every run stops at, for one data set in --datasets (default: EXPERIMENTS')",
+    )  # fmt: skip
     parser.add_argument("--out", default=str(HERE / "results" / "batch_ramp.json"))
     parser.add_argument("--batches", type=_batch_list, default=BATCH_SIZES,
                         help=f"fixed batch sizes, a comma list from {BATCH_SIZES[0]} to {BATCH_SIZES[-1]}")  # fmt: skip
@@ -404,6 +409,11 @@ def main() -> None:
         parser.error(
             f"invalid --datasets {','.join(unknown)}: expected a comma list of {', '.join(EXPERIMENTS)}"
         )
+    if args.target_loss is not None and (len(names) != 1 or not args.target_loss > 0):
+        parser.error(
+            f"invalid --target-loss {args.target_loss:g} for --datasets {args.datasets}: expected a loss > 0 "
+            "for one data set (each has its own scale)"
+        )
     try:  # every ramp's settings are checked here, before the first sweep trains
         factories = {
             name: {target: RampFactory(Task(name, noise_every=0), max_batch=BATCH_SIZES[-1], max_micro_batch=MAX_MICRO,
@@ -421,12 +431,15 @@ def main() -> None:
         settings = dict(EXPERIMENTS[name])
         if args.grid:
             settings["grid"] = [float(m) for m in args.grid.split(",")]
+        if args.target_loss is not None:
+            settings["target"] = args.target_loss
         t0 = time.time()
         task = Task(name, noise_every=0)
         grid = settings.get("grid", GRID)
         # another grid or seed count is another sweep, so another name (the store refuses a changed config)
         tag = "" if grid == GRID else "-grid" + "-".join(f"{m:g}" for m in grid)
         tag += _seeds_tag(args.seeds)
+        tag += "" if args.target_loss is None else f"-loss{args.target_loss:g}"
         batches = "" if args.batches == BATCH_SIZES else "-b" + "-".join(map(str, args.batches))
         fixed = _sweep(
             task, args.batches, settings, args.seeds, directory, uri, f"{name}-fixed{batches}{tag}"

@@ -197,33 +197,49 @@ def test_main_refuses_bad_ramp_settings_in_one_line_before_any_sweep(
     assert last_line.startswith(f"batch_ramp.py: error: {message}")
 
 
-def test_ramp_rule_reaches_every_ramp_and_names_its_sweeps(monkeypatch, tmp_path):
-    """--ramp-rule none (Smith et al.: grow the batch at a kept LR) is each ramp's rule and part of its sweep's
-    name, so a store never resumes a sqrt-rule ramp under it; the fixed sweep is the same sweep either way."""
+class _Stop(Exception):
+    """Ends main() at its first ramp sweep, once the settings and names are recorded."""
 
-    class Stop(Exception):
-        pass
 
+def _recorded_sweeps(monkeypatch, tmp_path, *argv: str) -> list[tuple]:
+    """main() on mnist1d with ``argv``: each sweep's (factory, settings, name) up to the first ramp's."""
     calls = []
 
     def recording_sweep(factory, sizes, settings, seeds, directory, uri, name):
-        calls.append((factory, name))
+        calls.append((factory, settings, name))
         if isinstance(factory, batch_ramp.RampFactory):
-            raise Stop
+            raise _Stop
 
     monkeypatch.setattr(batch_ramp, "_sweep", recording_sweep)
-    argv = ["batch_ramp.py", "--datasets", "mnist1d", "--targets", "1", "--directory", str(tmp_path)]
-    monkeypatch.setattr(sys, "argv", [*argv, "--ramp-rule", "none"])
-    with pytest.raises(Stop):
+    monkeypatch.setattr(sys, "argv", ["batch_ramp.py", "--datasets", "mnist1d", "--targets", "1",
+                                      "--directory", str(tmp_path), *argv])  # fmt: skip
+    with pytest.raises(_Stop):
         batch_ramp.main()
-    (fixed, fixed_name), (ramp, ramp_name) = calls
+    return calls
+
+
+def test_ramp_rule_reaches_every_ramp_and_names_its_sweeps(monkeypatch, tmp_path):
+    """--ramp-rule none (Smith et al.: grow the batch at a kept LR) is each ramp's rule and part of its sweep's
+    name, so a store never resumes a sqrt-rule ramp under it; the fixed sweep is the same sweep either way."""
+    (fixed, _, fixed_name), (ramp, _, ramp_name) = _recorded_sweeps(
+        monkeypatch, tmp_path, "--ramp-rule", "none"
+    )
     assert fixed_name == "mnist1d-fixed" and not isinstance(fixed, batch_ramp.RampFactory)
     assert ramp.rule == "none" and ramp_name == "mnist1d-ramp-t1-lrnone"
-    calls.clear()
-    monkeypatch.setattr(sys, "argv", argv)
-    with pytest.raises(Stop):
-        batch_ramp.main()
-    assert calls[1][0].rule is None and calls[1][1] == "mnist1d-ramp-t1"
+    _, (ramp, _, ramp_name) = _recorded_sweeps(monkeypatch, tmp_path)
+    assert ramp.rule is None and ramp_name == "mnist1d-ramp-t1"
+
+
+def test_target_loss_moves_every_sweep_of_its_one_data_set(monkeypatch, capsys, tmp_path):
+    calls = _recorded_sweeps(monkeypatch, tmp_path, "--target-loss", "1.1")
+    assert [(settings["target"], name) for _, settings, name in calls] == [
+        (1.1, "mnist1d-fixed-loss1.1"), (1.1, "mnist1d-ramp-t1-loss1.1")]  # fmt: skip
+    assert batch_ramp.EXPERIMENTS["mnist1d"]["target"] == 1.2  # the table itself is left as it is
+    for argv in (["--datasets", "mnist1d,char-lm"], ["--datasets", "mnist1d", "--target-loss", "0"]):
+        monkeypatch.setattr(sys, "argv", ["batch_ramp.py", "--target-loss", "1.1", *argv])
+        with pytest.raises(SystemExit, match="^2$"):
+            batch_ramp.main()
+        assert "error: invalid --target-loss" in capsys.readouterr().err
 
 
 def test_an_unknown_ramp_rule_is_refused_before_any_sweep(monkeypatch, capsys):

@@ -37,6 +37,7 @@ import torch
 
 from batchlab.sweeps import SweepResult, sweep
 from batchlab.workloads.tasks import Task
+from provenance import provenance
 
 HERE = Path(__file__).resolve().parent
 BATCH_SIZES = [8, 16, 32, 64, 128, 256, 512]
@@ -238,6 +239,7 @@ def main() -> None:
     seeds = args.seeds or (1 if args.quick else 2)
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     started = time.time()
+    run_by = provenance(("numpy", "scikit-learn", "mnist1d", "mlflow"))  # taken before training
     if args.dir:
         directory = Path(args.dir)
     else:
@@ -253,7 +255,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     plot(results, out / "critical_batch.png")
     summaries = [summarize(name, result) for name, result in results.items()]
-    (out / "critical_batch.json").write_text(json.dumps(summaries, indent=2))
+    (out / "critical_batch.json").write_text(
+        json.dumps({"results": summaries, "provenance": run_by}, indent=2)
+    )
     command = (
         "python benchmarks/critical_batch.py"
         + (" --quick" if args.quick else "")

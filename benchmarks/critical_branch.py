@@ -67,12 +67,14 @@ from torch.nn import functional as F
 
 from batchlab.noise.critical import critical_batch_along, crossing, fit_critical_batch
 from batchlab.noise.curvature import adam_preconditioner, measure_curvature_noise_scale
+from provenance import provenance
 
 HERE = Path(__file__).resolve().parent
 BATCHES = [8, 16, 32, 64, 128, 256, 512]
 GRID = [0.5, 1.0, 2.0]
 BASE_BATCH = 32
 CONTEXT = 32  # bytes of context of the char-level LM
+PACKAGES = ("numpy", "scikit-learn", "scipy", "mnist1d")  # what made the data, recorded with the results
 
 
 @dataclass
@@ -590,6 +592,16 @@ def _along_table(results: list[dict], ratio) -> list[str]:
     return lines
 
 
+def stored_runs(path: str) -> list[dict]:
+    """One dict per data set from a results JSON this script wrote: ``{"results": [...], "provenance": ...}``,
+    or the bare list written before the provenance record (2026-12-07); anything else is refused by name."""
+    data = json.loads(Path(path).read_text())
+    runs = data.get("results") if isinstance(data, dict) else data
+    if not isinstance(runs, list):
+        raise ValueError(f"{path}: expected critical_branch.py's results (a list, or a dict with 'results')")
+    return runs
+
+
 def main(argv=None) -> None:
     import argparse
 
@@ -675,12 +687,14 @@ def main(argv=None) -> None:
     if len(batches) < 3 or batches != sorted(set(batches)) or batches[0] < 1:
         parser.error(f"--batches {args.batches!r}: expected at least 3 distinct positive sizes, ascending")
     BATCHES[:] = batches
-    earlier = (
-        {r["dataset"]: r for r in json.loads(Path(args.noise_only).read_text())} if args.noise_only else {}
-    )
+    try:
+        earlier = {r["dataset"]: r for r in stored_runs(args.noise_only)} if args.noise_only else {}
+    except (OSError, ValueError) as error:
+        parser.error(f"--noise-only: {error}")
     torch.set_num_threads(1)
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     started = time.time()
+    run_by = provenance(PACKAGES)  # taken before training: the code and venv that made the numbers
     results = []
     for problem in problems(args.datasets.split(","), args.max_files):
         problem = local_window(problem) if args.local else from_init(problem) if args.from_init else problem
@@ -700,7 +714,7 @@ def main(argv=None) -> None:
             )
         )
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2))
+        Path(args.out).write_text(json.dumps({"results": results, "provenance": run_by}, indent=2))
     command = "python benchmarks/critical_batch.py --branch " + " ".join(argv or [])
     print(f"LR grid {GRID}")
     print()

@@ -6,6 +6,7 @@ the window's critical batch is :func:`~batchlab.noise.critical.critical_batch_al
 from __future__ import annotations
 
 import copy
+import json
 import math
 import sys
 from pathlib import Path
@@ -161,9 +162,25 @@ def test_the_walk_gives_up_after_the_rule_and_both_neighbours_are_unreached():
         (["--lr-search", "walk", "--grid", "1,2"], "--lr-search walk has no grid"),
         (["--first-seed", "-1"], "--first-seed must be 0 or more, got -1"),
         (["--noise-only", "x.json", "--lr-search", "walk"], "--noise-only runs none"),
+        (["--noise-only", "/nonexistent/x.json"], "--noise-only: [Errno 2] No such file"),
     ],
 )
 def test_branch_options_that_cannot_apply_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit):
         critical_branch.main(argv)
     assert message in capsys.readouterr().err
+
+
+def test_stored_runs_read_the_provenance_form_and_the_bare_list_written_before_it(tmp_path):
+    # a bare list, from 2026-12-05
+    stored = ROOT / "benchmarks" / "results" / "critical_branch_walk_seed0.json"
+    runs = json.loads(stored.read_text())
+    assert isinstance(runs, list) and [r["dataset"][:7] for r in runs] == ["mlp-dig", "mnist1d", "char-lm"]
+    assert critical_branch.stored_runs(str(stored)) == runs
+    wrapped = tmp_path / "with_provenance.json"
+    wrapped.write_text(json.dumps({"results": runs, "provenance": {"command": "critical_branch.py"}}))
+    assert critical_branch.stored_runs(str(wrapped)) == runs
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"fixed": []}))
+    with pytest.raises(ValueError, match=r"other.json: expected critical_branch.py's results"):
+        critical_branch.stored_runs(str(other))

@@ -47,7 +47,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import random
 import statistics
 import sys
@@ -72,7 +71,7 @@ from batchlab.advice.recommend import recommend  # noqa: E402
 from batchlab.profiling.analysis import sample_quantile  # noqa: E402
 from batchlab.sweeps import Budget, sweep  # noqa: E402
 from batchlab.workloads.tasks import Task  # noqa: E402
-from provenance import package_versions, pin_drift  # noqa: E402
+from provenance import machine_line, package_versions, pin_drift  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CURRENT_BATCH = 32  # the issue's: "advise recommended batch 4 over 32"
@@ -458,8 +457,7 @@ def markdown(results: list[dict], command: str, seconds: float, seeds: int) -> s
     stamp = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     lines = [f"## advise end to end: its batch and LR against the best fixed batch's wall time (issue 13 item 6, "
              f"{stamp} UTC)", "",
-             f"- Machine: 2-core shared CPU, no GPU, torch {torch.__version__.split('+')[0]}, Python "
-             f"{platform.python_version()}, 1 torch thread", f"- Command: `{command}` ({seconds / 60:.1f} min)",
+             f"- Machine: {machine_line()}", f"- Command: `{command}` ({seconds / 60:.1f} min)",
              f"- {seeds} seeds; seconds = training seconds to the target (evaluation excluded), mean over seeds; "
              "modelled s = samples to the target / the median samples/s of every fixed run at that batch; per "
              "fixed batch the multiplier with the fewest modelled seconds", ""]  # fmt: skip

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -53,7 +52,7 @@ from batchlab.advice.scaling import RULES
 from batchlab.noise.critical import CriticalBatchFit, fit_critical_batch
 from batchlab.sweeps import Budget, RampFactory, SweepResult, sweep
 from batchlab.workloads.tasks import Task
-from provenance import provenance
+from provenance import machine_line, provenance
 
 HERE = Path(__file__).resolve().parent
 BATCH_SIZES = [16, 32, 64, 128, 256]
@@ -213,8 +212,7 @@ def markdown(
     lines = [
         f"## Batch ramp against every fixed batch ({time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC)",
         "",
-        f"Issue 13 item 3. Machine: 2-core shared CPU, no GPU, torch {torch.__version__.split('+')[0]}, "
-        f"Python {platform.python_version()}, 1 torch thread. Command: `{command}` ({seconds / 60:.1f} min).",
+        f"Issue 13 item 3. Machine: {machine_line()}. Command: `{command}` ({seconds / 60:.1f} min).",
         f"Fixed batches {batches}; each data set's LR grid (below) on the sqrt rule from batch {BATCH_SIZES[0]}; "
         f"the ramp from {BATCH_SIZES[0]} to {BATCH_SIZES[-1]}, micro-batches of at most {MAX_MICRO} "
         f"samples and at least {min_accumulation} per step, growing toward target x B_simple, each change "

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -37,7 +36,7 @@ import torch
 
 from batchlab.sweeps import SweepResult, sweep
 from batchlab.workloads.tasks import Task
-from provenance import provenance
+from provenance import machine_line, provenance
 
 HERE = Path(__file__).resolve().parent
 BATCH_SIZES = [8, 16, 32, 64, 128, 256, 512]
@@ -152,18 +151,10 @@ def summarize(name: str, result: SweepResult) -> dict:
 
 
 def markdown(summaries: list[dict], command: str, seconds: float, load: str) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:  # Linux: the CPU's model name, as the other sections of RESULTS.md give it
-        cpu = next(
-            line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        pass
     lines = [
         f"## Critical batch size vs the measured noise scale ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
         "",
-        f"- Machine: {cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} with 1 thread, Python "
-        f"{platform.python_version()}; load average at start {load}",
+        f"- Machine: {machine_line()}; load average at start {load}",
         f"- Command: `{command}` ({seconds:.0f} s)",
         "- Method: batchlab.sweep per dataset over batch sizes 8..512 (powers of two), Adam with the LR scaled by the "
         "square-root rule from batch 8 times each multiplier of the grid; every run stops at the target validation "

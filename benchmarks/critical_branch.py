@@ -67,7 +67,7 @@ from torch.nn import functional as F
 
 from batchlab.noise.critical import critical_batch_along, crossing, fit_critical_batch
 from batchlab.noise.curvature import adam_preconditioner, measure_curvature_noise_scale
-from provenance import provenance
+from provenance import machine_line, provenance
 
 HERE = Path(__file__).resolve().parent
 BATCHES = [8, 16, 32, 64, 128, 256, 512]
@@ -507,7 +507,7 @@ def markdown(results: list[dict], command: str, seconds: float, load: str, optim
         f"## Critical batch from one checkpoint vs B_simple and the curvature-aware B_noise (issue 13 item 4, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
         "",
-        f"- Machine: 2-core shared CPU, no GPU, torch {torch.__version__} (1 thread); load average at start {load}",
+        f"- Machine: {machine_line()}; load average at start {load}",
         f"- Command: `{command}` ({seconds:.0f} s)",
         f"- Method: benchmarks/critical_branch.py's docstring, optimizer {optimizer}: a checkpoint after `warm` steps"
         " at batch 32; target = the validation loss batch 32 reaches `ref` steps later; branches at batches"

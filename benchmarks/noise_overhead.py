@@ -37,12 +37,10 @@ shared), and more threads would oversubscribe a shared machine's cores -- and in
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -54,6 +52,7 @@ import torch
 from batchlab.noise import AccumulationCollector, SplitBatchCollector
 from batchlab.workload.workload import Workload
 from batchlab.workloads import load_workload
+from provenance import machine_line
 
 ACCUM = 4  # micro-batches per optimizer step for collector (a): a common accumulation factor
 TARGET_A = 0.03  # the target: collector (a) costs at most 3% of a step
@@ -321,26 +320,6 @@ def verdict(rows: list[dict]) -> str:
     return a + c
 
 
-def machine(device: str, threads: int) -> str:
-    cpu = ""
-    with contextlib.suppress(OSError):
-        cpu = next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in open("/proc/cpuinfo")
-                if line.startswith("model name")
-            ),
-            "",
-        )
-    gpu = f", {torch.cuda.get_device_name()}" if device.startswith("cuda") else ""
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (
-        f"{platform.node()}: {cpu or platform.processor()} ({os.cpu_count()} CPUs, torch {threads} thread"
-        f"{'s' if threads > 1 else ''}){gpu}; torch {torch.__version__}, Python {platform.python_version()}; "
-        f"load average at start {load}"
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workloads", default=",".join(MICRO_CPU), help="comma-separated built-ins")
@@ -363,7 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     names = [n.strip() for n in args.workloads.split(",") if n.strip()]
     scale = 8 if args.device.startswith("cuda") else 1
     started_at = datetime.datetime.now().astimezone()
-    about = machine(args.device, args.threads)
+    about = (
+        f"{machine_line(args.device)}; load average at start {', '.join(f'{x:.1f}' for x in os.getloadavg())}"
+    )
     rows = []
     started = time.perf_counter()
     for name in names:

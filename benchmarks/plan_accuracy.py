@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import random
 import statistics
 import sys
@@ -52,6 +51,7 @@ from batchlab.fit import MemoryLine  # noqa: E402
 from batchlab.planning.fake import FakeDevice, _torch_internals  # noqa: E402
 from batchlab.planning.plan import estimate_memory_line, plan  # noqa: E402
 from batchlab.workloads import load_workload  # noqa: E402
+from provenance import machine_line  # noqa: E402
 
 MiB = 2**20
 GiB = 2**30
@@ -345,8 +345,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer sizes and cases")
     args = parser.parse_args()
     print(
-        f"# plan_accuracy -- {time.strftime('%Y-%m-%d')} -- {platform.node()}, {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}\n"
+        f"# plan_accuracy -- {time.strftime('%Y-%m-%d')} -- {machine_line('cuda' if args.cuda else 'cpu')}\n"
     )
     if args.part in ("accuracy", "all"):
         accuracy(QUICK_SIZES if args.quick else SIZES, args.cuda)

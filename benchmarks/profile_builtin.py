@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from batchlab.profiling.plots import plot_profile
 from batchlab.profiling.records import Profile
 from batchlab.units import format_bytes, parse_bytes
 from batchlab.workloads import BUILTIN, load_workload
+from provenance import machine_line
 
 BENCHMARKS = Path(__file__).resolve().parent
 # Whole-process budgets on the CPU (the fraction 0.9 applies): a few hundred MiB above the ~300 MiB that
@@ -118,14 +118,6 @@ def points_table(result: Profile) -> list[str]:
     return lines
 
 
-def environment(device: str) -> str:
-    gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") and torch.cuda.is_available() else None
-    return (
-        f"{platform.node() or 'host'}: {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}" + (f", {gpu}" if gpu else "")
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -164,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     command = "python benchmarks/profile_builtin.py " + " ".join(argv if argv is not None else sys.argv[1:])
     head = [
-        f"Profile tables, {datetime.date.today().isoformat()}, {environment(args.device)}.",
+        f"Profile tables, {datetime.date.today().isoformat()}, {machine_line(args.device)}.",
         f"Command: `{command}`",
         "",
     ]

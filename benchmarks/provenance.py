@@ -74,20 +74,43 @@ def source_state(*files: str) -> dict[str, Any]:
     return state
 
 
-def machine() -> dict[str, Any]:
-    """Date, host, CPU model and count, the command line and the load average as the run starts."""
-    cpu = ""
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else platform's guess (often just the architecture)."""
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo") as info:
-            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "")
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict[str, Any]:
+    """Date, host, CPU model and count, the command line and the load average as the run starts."""
     return {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "host": platform.node(),
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cpus": os.cpu_count(),
         "command": " ".join(sys.argv),
         "load_average_at_start": os.getloadavg(),
     }
+
+
+def machine_line(device: str = "cpu") -> str:
+    """The machine in one line, for a RESULTS.md section's "Machine:": the CPU and its count, the card where
+    ``device`` is CUDA ("no GPU used" on the CPU), torch without its build tag, Python and torch's thread count now.
+    Read, not typed: the benchmarks' hand-written "2-core shared CPU, no GPU" would be wrong on a lent card."""
+    import torch
+
+    if device.startswith("cuda"):
+        card = torch.cuda.get_device_name(torch.device(device))
+    else:
+        card = "no GPU used" if device == "cpu" else f"device {device}"
+    threads = torch.get_num_threads()
+    return (
+        f"{cpu_model()}, {os.cpu_count()} CPUs, {card}, torch {torch.__version__.split('+')[0]}, "
+        f"Python {platform.python_version()}, {threads} torch thread{'' if threads == 1 else 's'}"
+    )
 
 
 def provenance(packages: tuple[str, ...], files: tuple[str, ...] = ()) -> dict[str, Any]:

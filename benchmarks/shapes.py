@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -52,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from
 from batchlab import Workload, find_batch_size  # noqa: E402
 from batchlab.devices import CPUDevice  # noqa: E402
 from batchlab.planning import estimate_memory_lines  # noqa: E402
+from provenance import machine_line  # noqa: E402
 
 MiB = 2**20
 FRACTION = 0.9  # find_batch_size's default: the budget is 0.9 x the memory_budget given
@@ -205,7 +205,7 @@ def main() -> None:
 
     singles = [row["single_probes"] for row in rows]
     summary = {
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": machine_line(),
         "memory_budget": memory_budget,
         "budget_bytes": budget,
         "room_mib": args.room_mib,

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
 import time
 from datetime import datetime, timezone
@@ -42,6 +41,7 @@ from batchlab.fit.tokens import token_budget
 from batchlab.training.sampler import PadCollator, TokenBudgetBatchSampler
 from batchlab.workloads.corpus import stdlib_corpus
 from batchlab.workloads.text import IGNORE_INDEX, DocumentDataset, text_lm
+from provenance import machine_line
 
 MiB = 2**20
 
@@ -202,7 +202,7 @@ def main() -> None:
     summaries = {run.name: run.summary() for run in runs}
     results = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"2-core shared CPU, no GPU, torch {torch.__version__}, {platform.python_version()}",
+        "machine": machine_line(),
         "args": vars(args),
         "documents": len(data),
         "document_tokens": sum(data.lengths),

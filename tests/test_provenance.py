@@ -51,3 +51,23 @@ def test_source_state_hashes_the_named_files_and_names_a_missing_one():
     assert len(state["commit"]) == 40 and isinstance(state["src_changed"], bool)
     assert len(state["pyproject.toml sha1"]) == 12
     assert state["src/batchlab/no_such_module.py sha1"] == "missing"
+
+
+def test_machine_line_reads_the_machine_and_names_the_card_only_for_cuda(monkeypatch):
+    import os
+    import platform
+
+    import torch
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    line = provenance.machine_line()
+    assert line == (
+        f"{provenance.cpu_model()}, {os.cpu_count()} CPUs, no GPU used, torch {torch.__version__.split('+')[0]}, "
+        f"Python {platform.python_version()}, 1 torch thread"
+    )
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: asked.append(device) or "NVIDIA H200")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    assert ", NVIDIA H200, " in provenance.machine_line("cuda:0") and asked == [torch.device("cuda:0")]
+    assert provenance.machine_line("cuda:0").endswith(", 4 torch threads")
+    assert ", device mps, " in provenance.machine_line("mps")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ import torch
 
 from batchlab.sweeps import SweepResult, sweep
 from batchlab.workloads.tasks import Task
-from provenance import machine_line, provenance
+from provenance import load_average, machine_line, provenance
 
 HERE = Path(__file__).resolve().parent
 BATCH_SIZES = [8, 16, 32, 64, 128, 256, 512]
@@ -228,7 +227,7 @@ def main() -> None:
     # tiny MLPs: one thread is fastest on a shared machine, and timing stays comparable
     torch.set_num_threads(1)
     seeds = args.seeds or (1 if args.quick else 2)
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    load = load_average()
     started = time.time()
     run_by = provenance(("numpy", "scikit-learn", "mnist1d", "mlflow"))  # taken before training
     if args.dir:

@@ -55,7 +55,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -67,7 +66,7 @@ from torch.nn import functional as F
 
 from batchlab.noise.critical import critical_batch_along, crossing, fit_critical_batch
 from batchlab.noise.curvature import adam_preconditioner, measure_curvature_noise_scale
-from provenance import machine_line, provenance
+from provenance import load_average, machine_line, provenance
 
 HERE = Path(__file__).resolve().parent
 BATCHES = [8, 16, 32, 64, 128, 256, 512]
@@ -692,7 +691,7 @@ def main(argv=None) -> None:
     except (OSError, ValueError) as error:
         parser.error(f"--noise-only: {error}")
     torch.set_num_threads(1)
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    load = load_average()
     started = time.time()
     run_by = provenance(PACKAGES)  # taken before training: the code and venv that made the numbers
     results = []

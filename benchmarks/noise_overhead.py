@@ -40,7 +40,6 @@ import argparse
 import copy
 import datetime
 import json
-import os
 import statistics
 import sys
 import time
@@ -52,7 +51,7 @@ import torch
 from batchlab.noise import AccumulationCollector, SplitBatchCollector
 from batchlab.workload.workload import Workload
 from batchlab.workloads import load_workload
-from provenance import machine_line
+from provenance import load_average, machine_line
 
 ACCUM = 4  # micro-batches per optimizer step for collector (a): a common accumulation factor
 TARGET_A = 0.03  # the target: collector (a) costs at most 3% of a step
@@ -342,9 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [n.strip() for n in args.workloads.split(",") if n.strip()]
     scale = 8 if args.device.startswith("cuda") else 1
     started_at = datetime.datetime.now().astimezone()
-    about = (
-        f"{machine_line(args.device)}; load average at start {', '.join(f'{x:.1f}' for x in os.getloadavg())}"
-    )
+    about = f"{machine_line(args.device)}; load average at start {load_average()}"
     rows = []
     started = time.perf_counter()
     for name in names:

@@ -96,6 +96,12 @@ def machine() -> dict[str, Any]:
     }
 
 
+def load_average() -> str:
+    """The machine's 1-, 5- and 15-minute load averages now, as "1.6, 1.1, 0.8": read as a run starts, it says how
+    shared the machine was while the numbers were taken."""
+    return ", ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def machine_line(device: str = "cpu") -> str:
     """The machine in one line, for a RESULTS.md section's "Machine:": the CPU and its count, the card where
     ``device`` is CUDA ("no GPU used" on the CPU), torch without its build tag, Python and torch's thread count now.
@@ -103,6 +109,8 @@ def machine_line(device: str = "cpu") -> str:
     import torch
 
     if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: torch sees no CUDA card on this machine")
         card = torch.cuda.get_device_name(torch.device(device))
     else:
         card = "no GPU used" if device == "cpu" else f"device {device}"

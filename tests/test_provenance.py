@@ -7,6 +7,8 @@ import importlib.metadata
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))  # benchmarks/ is scripts, not a package
 
@@ -65,9 +67,18 @@ def test_machine_line_reads_the_machine_and_names_the_card_only_for_cuda(monkeyp
         f"{provenance.cpu_model()}, {os.cpu_count()} CPUs, no GPU used, torch {torch.__version__.split('+')[0]}, "
         f"Python {platform.python_version()}, 1 torch thread"
     )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"device 'cuda:0': torch sees no CUDA card on this machine"):
+        provenance.machine_line("cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     asked = []
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: asked.append(device) or "NVIDIA H200")
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
     assert ", NVIDIA H200, " in provenance.machine_line("cuda:0") and asked == [torch.device("cuda:0")]
     assert provenance.machine_line("cuda:0").endswith(", 4 torch threads")
     assert ", device mps, " in provenance.machine_line("mps")
+
+
+def test_load_average_gives_the_three_averages_to_one_decimal(monkeypatch):
+    monkeypatch.setattr(provenance.os, "getloadavg", lambda: (1.64, 1.05, 0.849))
+    assert provenance.load_average() == "1.6, 1.1, 0.8"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -20,6 +23,43 @@ def tiny_bn_workload(seed: int = 0) -> Workload:
         lambda params: torch.optim.Adam(params, lr=1e-2),
         name="tiny-bn",
     )
+
+
+def workload_state(workload: Workload) -> dict:
+    """Everything a training step can change, copied: parameters, buffers, grads, optimizer, RNGs, modes (for a
+    bitwise comparison with :func:`assert_same_state`: probing must leave the user's state as it was)."""
+    return {
+        "model": {k: v.clone() for k, v in workload.model.state_dict().items()},
+        "grads": [None if p.grad is None else p.grad.clone() for p in workload.model.parameters()],
+        "opt": {
+            i: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+            for i, s in workload.optimizer.state_dict()["state"].items()
+        },
+        "groups": [
+            {k: v for k, v in g.items() if k != "params"}
+            for g in workload.optimizer.state_dict()["param_groups"]
+        ],
+        "torch_rng": torch.get_rng_state(),
+        "py_rng": random.getstate(),
+        "np_rng": np.random.get_state()[1].copy(),
+        "training": [m.training for m in workload.model.modules()],
+    }
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key  # bitwise, BatchNorm buffers included
+    for ga, gb in zip(a["grads"], b["grads"]):
+        assert (ga is None and gb is None) or torch.equal(ga, gb)
+    assert a["opt"].keys() == b["opt"].keys()
+    for i in a["opt"]:
+        for k, v in a["opt"][i].items():
+            assert torch.equal(v, b["opt"][i][k]) if torch.is_tensor(v) else v == b["opt"][i][k]
+    assert a["groups"] == b["groups"]
+    assert torch.equal(a["torch_rng"], b["torch_rng"])
+    assert a["py_rng"] == b["py_rng"] and np.array_equal(a["np_rng"], b["np_rng"])
+    assert a["training"] == b["training"]
 
 
 @pytest.fixture

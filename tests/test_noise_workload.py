@@ -2,54 +2,16 @@
 
 from __future__ import annotations
 
-import random
 import re
 
-import numpy as np
 import pytest
 import torch
 
 from batchlab import Workload
 from batchlab.noise.measure import measure_noise_scale, noise_collector
-from conftest import tiny_bn_workload
+from conftest import assert_same_state, tiny_bn_workload, workload_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one torch thread
-
-
-def _state(workload: Workload) -> dict:
-    """Everything a training step can change, copied: parameters, buffers, grads, optimizer, RNGs, modes."""
-    return {
-        "model": {k: v.clone() for k, v in workload.model.state_dict().items()},
-        "grads": [None if p.grad is None else p.grad.clone() for p in workload.model.parameters()],
-        "opt": {
-            i: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
-            for i, s in workload.optimizer.state_dict()["state"].items()
-        },
-        "groups": [
-            {k: v for k, v in g.items() if k != "params"}
-            for g in workload.optimizer.state_dict()["param_groups"]
-        ],
-        "torch_rng": torch.get_rng_state(),
-        "py_rng": random.getstate(),
-        "np_rng": np.random.get_state()[1].copy(),
-        "training": [m.training for m in workload.model.modules()],
-    }
-
-
-def _assert_same(a: dict, b: dict) -> None:
-    assert a["model"].keys() == b["model"].keys()
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key  # bitwise, BatchNorm buffers included
-    for ga, gb in zip(a["grads"], b["grads"]):
-        assert (ga is None and gb is None) or torch.equal(ga, gb)
-    assert a["opt"].keys() == b["opt"].keys()
-    for i in a["opt"]:
-        for k, v in a["opt"][i].items():
-            assert torch.equal(v, b["opt"][i][k]) if torch.is_tensor(v) else v == b["opt"][i][k]
-    assert a["groups"] == b["groups"]
-    assert torch.equal(a["torch_rng"], b["torch_rng"])
-    assert a["py_rng"] == b["py_rng"] and np.array_equal(a["np_rng"], b["np_rng"])
-    assert a["training"] == b["training"]
 
 
 def _no_hooks(workload: Workload) -> bool:
@@ -69,9 +31,9 @@ def test_state_is_bitwise_unchanged_and_hooks_removed(grad_accum):
     work = _trained(
         Workload(base.model, base.make_batch, base.loss_fn, base.optimizer, grad_accum=grad_accum, name="t")
     )
-    before = _state(work)
+    before = workload_state(work)
     est = measure_noise_scale(work, 16, steps=12)
-    _assert_same(before, _state(work))
+    assert_same_state(before, workload_state(work))
     assert _no_hooks(work)
     kind = "accumulation" if grad_accum > 1 else "split"
     assert noise_collector(work) == kind
@@ -95,7 +57,7 @@ def test_training_actually_happens_during_the_measurement():
 
 def test_a_failure_mid_run_restores_state_and_removes_hooks():
     work = _trained(tiny_bn_workload(seed=3))
-    before = _state(work)
+    before = workload_state(work)
     original, calls = work.make_batch, []
 
     def flaky(b):
@@ -108,7 +70,7 @@ def test_a_failure_mid_run_restores_state_and_removes_hooks():
     with pytest.raises(RuntimeError, match="loader died"):  # the user's error surfaces as itself
         measure_noise_scale(work, 8, steps=10)
     work.make_batch = original
-    _assert_same(before, _state(work))
+    assert_same_state(before, workload_state(work))
     assert _no_hooks(work)
 
 
@@ -139,10 +101,10 @@ def test_on_step_sees_every_pair():
 )
 def test_bad_arguments_fail_before_anything_runs(kwargs, message):
     work = tiny_bn_workload(seed=5)
-    before = _state(work)
+    before = workload_state(work)
     with pytest.raises(ValueError, match=re.escape(message)):
         measure_noise_scale(work, **kwargs)
-    _assert_same(before, _state(work))
+    assert_same_state(before, workload_state(work))
 
 
 def test_a_plain_step_callable_is_refused():

@@ -34,6 +34,7 @@ def test_the_top_level_is_the_one_line_calls_and_the_types_they_take_and_return(
     assert sorted(batchlab.__all__) == [
         "Advice",
         "BatchlabError",
+        "BranchedCriticalBatch",
         "Budget",
         "DoesNotFitError",
         "FakeTensorError",
@@ -48,6 +49,7 @@ def test_the_top_level_is_the_one_line_calls_and_the_types_they_take_and_return(
         "Workload",
         "WorkloadError",
         "advise",
+        "branch_critical_batch",
         "find_batch_size",
         "measure_noise_scale",
         "plan",

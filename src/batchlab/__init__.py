@@ -1,7 +1,7 @@
 """batchlab: make the training batch size a measured decision.
 
 The one-line calls are here -- :func:`find_batch_size`, :func:`profile`, :func:`measure_noise_scale`,
-:func:`advise`, :func:`plan`, :func:`sweep` and :func:`write_report` -- with the types they take and return.
+:func:`advise`, :func:`plan`, :func:`sweep`, :func:`write_report` and :func:`branch_critical_batch` -- with the types they take and return.
 The building blocks under them live in their subpackages, each usable alone: :mod:`batchlab.workload` (a
 training step and its state), :mod:`batchlab.devices`, :mod:`batchlab.fit` (the search), :mod:`batchlab.planning`,
 :mod:`batchlab.profiling`, :mod:`batchlab.noise`, :mod:`batchlab.advice`, :mod:`batchlab.training` and
@@ -15,7 +15,14 @@ from batchlab.memory import MemoryBreakdown
 from batchlab.noise import measure_noise_scale
 from batchlab.planning import PlanResult, plan
 from batchlab.profiling import Profile, profile
-from batchlab.sweeps import Budget, SweepResult, sweep, write_report
+from batchlab.sweeps import (
+    BranchedCriticalBatch,
+    Budget,
+    SweepResult,
+    branch_critical_batch,
+    sweep,
+    write_report,
+)
 from batchlab.training import OOMGuard
 from batchlab.workload import StepFunction, Workload
 
@@ -24,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Advice",
     "BatchlabError",
+    "BranchedCriticalBatch",
     "Budget",
     "DoesNotFitError",
     "FakeTensorError",
@@ -38,6 +46,7 @@ __all__ = [
     "Workload",
     "WorkloadError",
     "advise",
+    "branch_critical_batch",
     "find_batch_size",
     "measure_noise_scale",
     "plan",

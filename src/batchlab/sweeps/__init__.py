@@ -10,6 +10,8 @@ The modules, each with one job (lower ones never import higher ones):
 - :mod:`~batchlab.sweeps.result`: the comparison across runs (per batch size, critical batch, noise scale);
 - :mod:`~batchlab.sweeps.runner`: one run's training loop; :mod:`~batchlab.sweeps.auto`: ``"auto"`` sizes;
   :mod:`~batchlab.sweeps.ramped_run`: a run whose batch ramps with the noise scale (:class:`RampFactory`);
+- :mod:`~batchlab.sweeps.branched`: the critical batch measured directly, by short runs at several batch sizes
+  branched from a Workload's state (:func:`branch_critical_batch`);
 - :mod:`~batchlab.sweeps.tracking` (MLflow), :mod:`~batchlab.sweeps.ray_backend` (Ray Tune),
   :mod:`~batchlab.sweeps.plots` and :mod:`~batchlab.sweeps.report` (PNGs, one HTML page);
 - :mod:`~batchlab.sweeps.api`: :func:`sweep`, which ties them together (``batchlab.sweep`` at the top level).
@@ -17,6 +19,7 @@ The modules, each with one job (lower ones never import higher ones):
 
 from batchlab.sweeps.api import sweep
 from batchlab.sweeps.auto import AUTO_MIN_BATCH, auto_batch_sizes
+from batchlab.sweeps.branched import BranchedCriticalBatch, branch_critical_batch
 from batchlab.sweeps.ramped_run import RampedRun, RampFactory
 from batchlab.sweeps.records import (
     Budget,
@@ -42,6 +45,7 @@ from batchlab.sweeps.workload_run import WorkloadFactory, WorkloadRun
 __all__ = [
     "AUTO_MIN_BATCH",
     "BatchSummary",
+    "BranchedCriticalBatch",
     "Budget",
     "Curve",
     "DEFAULT_DIRECTORY",
@@ -68,6 +72,7 @@ __all__ = [
     "WorkloadRun",
     "accuracy",
     "auto_batch_sizes",
+    "branch_critical_batch",
     "default_tracking_uri",
     "execute_run",
     "load_sweep",

@@ -52,12 +52,16 @@ def _all_cuda() -> list[int]:
 
 
 def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Scale every param group's LR so that the first group's is ``lr`` (the ratios between groups kept)."""
+    """Scale every param group's LR so that the first group's is ``lr`` (the ratios between groups kept; a
+    capturable optimizer's tensor LR stays a tensor)."""
     first = float(optimizer.param_groups[0]["lr"])
     if not first > 0:
         raise ValueError(f"the workload's optimizer has lr {first!r}; a sweep scales it and needs an lr > 0")
-    for group in optimizer.param_groups:
-        group["lr"] = group["lr"] * (lr / first)
+    for index, group in enumerate(optimizer.param_groups):
+        scaled = lr if index == 0 else float(group["lr"]) * (lr / first)  # the first exactly: no rounding
+        group["lr"] = (
+            torch.full_like(group["lr"], scaled) if isinstance(group["lr"], torch.Tensor) else scaled
+        )
 
 
 class WorkloadRun(StepRun):

@@ -14,7 +14,9 @@ drop scale with the batch. Here, per dataset:
    {0.5, 1, 2} (weights and Adam moments restored, the LR set), until the validation loss reaches the target
    (evaluated every ``ref/20`` steps, every step past batch 512; interpolated between evaluations) or
    ``6 ref`` steps. Steps-to-target per batch = the best LR's; S = S_min(1 + B_crit/B) fitted in log space
-   (batchlab.noise.critical.fit_critical_batch).
+   (batchlab.noise.critical.fit_critical_batch). This step is the library's own call,
+   :func:`batchlab.sweeps.branched.branch_critical_batch`, on a Workload of the checkpoint: what is measured
+   here is what a user gets from it.
 4. Which estimate lands nearer B_crit, as a ratio; goal: within 1.5x.
 
 ``--optimizer sgd`` runs the same protocol with plain SGD (no momentum) in place of Adam: the checkpoint, the
@@ -40,7 +42,7 @@ the checkpoint is deterministic (fixed seeds, one thread), which the run checks 
 B_simple, B_noise and target loss to equal the stored ones; a new estimate is then compared without re-running the sweep.
 
 ``--lr-search walk --seeds 1`` is the cheap form of step 3: each batch's LR found by a walk on powers of two
-from the rule's (:func:`next_multiplier`, about 3 LRs a batch) instead of a whole grid, one data order instead
+from the rule's (batchlab.sweeps.branched.next_multiplier, about 3 LRs a batch) instead of a whole grid, one data order instead
 of several. Every result records the steps and samples its branches spent (``cost``), so the cheap form is
 priced against the exhaustive sweep of whole runs (``--from-init``) whose B_crit it stands in for; ``--first-seed
 K`` reruns it on other data orders from the same checkpoint, to show its scatter.
@@ -64,8 +66,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from batchlab.noise.critical import critical_batch_along, crossing, fit_critical_batch
+from batchlab import Workload
+from batchlab.noise.critical import critical_batch_along
 from batchlab.noise.curvature import adam_preconditioner, measure_curvature_noise_scale
+from batchlab.sweeps.branched import BranchedCriticalBatch, branch_critical_batch
 from provenance import load_average, machine_line, provenance
 
 HERE = Path(__file__).resolve().parent
@@ -167,38 +171,27 @@ class Spent:
         return {"steps": self.steps, "samples": self.samples}
 
 
-SPENT = Spent()  # every step _train takes; branch_experiment reads it before and after the branches
+SPENT = Spent()  # every step _train takes (the setup); the branches count their own (BranchedCriticalBatch)
 
 
-def _train(model, opt, problem, batch, steps, gen, every=None, target=None):
-    """Train ``steps`` steps; with ``target``, stop once the validation loss reaches it (evaluated every
-    ``every`` steps) and return steps-to-target interpolated between evaluations (None if never)."""
-    xs, losses = [0], [_val_loss(model, problem.val)] if target is not None else [math.inf]
-    for step in range(1, steps + 1):
+def _train(model, opt, problem, batch, steps, gen) -> float:
+    """Train ``steps`` steps at ``batch`` (the checkpoint, the reference run); return the validation loss then."""
+    for _ in range(steps):
         opt.zero_grad(set_to_none=True)
         loss = _loss(model, problem.sample(batch, gen))
         SPENT.steps, SPENT.samples = SPENT.steps + 1, SPENT.samples + batch
-        if not torch.isfinite(loss):
-            return None
         loss.backward()
         opt.step()
-        if target is not None and step % every == 0:
-            xs.append(step)
-            losses.append(_val_loss(model, problem.val))
-            if losses[-1] <= target:
-                return crossing(xs, losses, target)[0]
-    return None if target is not None else _val_loss(model, problem.val)
+    return _val_loss(model, problem.val)
 
 
 def _optimizer(kind: str, params, lr: float) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=lr) if kind == "adam" else torch.optim.SGD(params, lr=lr)
 
 
-def _branch_lr(kind: str, problem: Problem, batch: int, multiplier: float) -> float:
-    """Adam: the square-root rule from the base batch times the grid; SGD: the base times the grid (docstring)."""
-    if kind == "adam":
-        return problem.lr * math.sqrt(batch / BASE_BATCH) * multiplier
-    return problem.sgd_lr * multiplier
+def _base_lr(kind: str, problem: Problem) -> float:
+    """The checkpoint's LR: Adam's at BASE_BATCH, or the centre of plain SGD's grid (module docstring)."""
+    return problem.lr if kind == "adam" else problem.sgd_lr
 
 
 def local_window(problem: Problem) -> Problem:
@@ -216,59 +209,24 @@ def from_init(problem: Problem) -> Problem:
     return replace(problem, warm=1, ref=problem.warm + problem.ref - 1)
 
 
-def _every(problem: Problem, batch: int) -> int:
-    """Evaluate every ``ref/20`` steps; past batch 512, where the target is a handful of steps away and would
-    fall inside the first interval, every step."""
-    return 1 if batch > 512 else max(1, problem.ref // 20)
-
-
-def _cap(problem: Problem, best: tuple | None, seeds: int, every: int) -> int:
-    """The most steps a branch may run: 6 ref, or fewer once a best is known. A run past best x seeds steps
-    makes its LR's mean over the seeds exceed the best, so it cannot be the best and is stopped there (plus one
-    evaluation interval, since steps are interpolated between evaluations); the best found is the same."""
-    limit = 6 * problem.ref
-    return limit if best is None else min(limit, math.ceil(best[0] * seeds) + every)
-
-
-def next_multiplier(tried: list[tuple[float, float | None]], grid: list[float] | None) -> float | None:
-    """The next LR multiplier a branch tries, given the (multiplier, steps) tried so far (steps None: not
-    reached within the cap); None when done.
-
-    With a ``grid``: each of it once, the rule's own LR (1) first and then outwards. Without (``--lr-search
-    walk``): a hill climb on powers of two from 1, a neighbour (x2 first, then /2) of the best so far until both
-    are tried and slower, so the best is never at an edge and a batch costs 3 LRs when the rule is right, about
-    one more per doubling it is off. Bounded to 2^-6..2^6: a best there is a diverging rule, not a tuning result.
-    """
-    if grid is not None:
-        done = {m for m, _ in tried}
-        return next((m for m in sorted(grid, key=lambda m: abs(math.log(m))) if m not in done), None)
-    if not tried:
-        return 1.0
-    reached = [(steps, m) for m, steps in tried if steps is not None]
-    centre = min(reached)[1] if reached else 1.0
-    done = {m for m, _ in tried}
-    return next((m for m in (2 * centre, centre / 2) if m not in done and 2**-6 <= m <= 2**6), None)
-
-
-def _mean_steps_to_target(
-    model, ckpt_model, opt, ckpt_opt, lr, problem, batch, every, target, seeds, cap, first_seed=0
-):
-    """Steps to the target from the checkpoint, averaged over ``seeds`` data orders (``first_seed`` on); None if
-    any run does not get there within ``cap`` steps."""
-    runs = []
-    for seed in range(first_seed, first_seed + seeds):
-        model.load_state_dict(ckpt_model)  # copies into the parameters
-        # A deep copy: Optimizer.load_state_dict keeps the given state tensors when their dtype and device already
-        # match, so Adam's in-place updates would write the branch's moments and step count into the checkpoint.
-        opt.load_state_dict(copy.deepcopy(ckpt_opt))
-        for group in opt.param_groups:
-            group["lr"] = lr
-        gen = torch.Generator().manual_seed(10 + batch + 1000 * seed)
-        steps = _train(model, opt, problem, batch, cap, gen, every, target)
-        if steps is None:
-            return None
-        runs.append(steps)
-    return sum(runs) / len(runs)
+def _branches(model, opt, problem: Problem, target: float, optimizer: str, seeds: int, lr_search: str,
+              first_seed: int, log) -> BranchedCriticalBatch:  # fmt: skip
+    """Step 3: the library's branched measurement from the checkpoint (``model`` and ``opt`` are at it), the data
+    drawn from torch's global RNG, which the library seeds per branch (batchlab.sweeps.branched.branch_seed)."""
+    workload = Workload(model, lambda b: problem.sample(b, None), F.cross_entropy, opt, validation=problem.val,
+                        name=problem.name)  # fmt: skip
+    return branch_critical_batch(
+        workload,
+        BATCHES,
+        base_batch=BASE_BATCH,
+        reference_steps=problem.ref,
+        target_loss=target,
+        rule="sqrt" if optimizer == "adam" else "none",
+        lr_grid=None if lr_search == "walk" else GRID,
+        orders=seeds,
+        first_order=first_seed,
+        on_trial=lambda t: log(f"  b={t.batch_size} lr={t.lr:.3g}: {t.steps}"),
+    )
 
 
 def _estimates(model, opt, problem: Problem, optimizer: str, seed: int, repeats: int = 24):
@@ -341,11 +299,12 @@ def branch_experiment(
     """Steps 1-4 of the module docstring for one problem; with ``swept`` (an earlier result for the same
     problem) the branches and the fit are taken from it after checking the checkpoint reproduces it; with
     ``along`` >= 2 the estimates are also read at that many points from the checkpoint to the target.
-    ``lr_search`` and ``first_seed``: :func:`next_multiplier`, and the branches' first data order."""
+    ``lr_search`` and ``first_seed``: batchlab.sweeps.branched.next_multiplier, and the branches' first data
+    order."""
     torch.manual_seed(0)
     before = replace(SPENT)
     model = problem.make_model()
-    opt = _optimizer(optimizer, model.parameters(), _branch_lr(optimizer, problem, BASE_BATCH, 1.0))
+    opt = _optimizer(optimizer, model.parameters(), _base_lr(optimizer, problem))
     gen = torch.Generator().manual_seed(1)
     _train(model, opt, problem, BASE_BATCH, problem.warm, gen)
     ckpt_model, ckpt_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
@@ -370,46 +329,15 @@ def branch_experiment(
     if swept is not None:
         return _with_swept(problem, noise, start_loss, target, swept, optimizer, readings)
     setup = SPENT - before  # the checkpoint and the target
-    rows = []
-    for b in BATCHES:
-        best, tried = None, []
-        while (mult := next_multiplier(tried, None if lr_search == "walk" else GRID)) is not None:
-            lr = _branch_lr(optimizer, problem, b, mult)
-            opt = _optimizer(optimizer, model.parameters(), lr)
-            every = _every(problem, b)
-            steps = _mean_steps_to_target(
-                model,
-                ckpt_model,
-                opt,
-                ckpt_opt,
-                lr,
-                problem,
-                b,
-                every,
-                target,
-                seeds,
-                _cap(problem, best, seeds, every),
-                first_seed,
-            )
-            log(f"  b={b} lr={lr:.3g}: {steps}")
-            tried.append((mult, steps))
-            if steps is not None and (best is None or steps < best[0]):
-                best = (steps, lr, mult)
-        rows.append(
-            {
-                "batch_size": b,
-                "steps": best[0] if best else None,
-                "lr": best[1] if best else None,
-                "lr_multiplier": best[2] if best else None,
-            }
-        )
-    reached = [r for r in rows if r["steps"]]
-    fit = (
-        fit_critical_batch([r["batch_size"] for r in reached], [r["steps"] for r in reached])
-        if len(reached) >= 3
-        else None
-    )
-    cost = {"setup": setup.to_dict(), "branches": (SPENT - before - setup).to_dict()}
+    opt.load_state_dict(copy.deepcopy(ckpt_opt))  # the reference run moved Adam's state on
+    found = _branches(model, opt, problem, target, optimizer, seeds, lr_search, first_seed, log)
+    rows = [{"batch_size": r.batch_size, "steps": r.steps, "lr": r.lr, "lr_multiplier": r.lr_multiplier}
+            for r in found.rows]  # fmt: skip
+    fit = found.fit
+    cost = {
+        "setup": setup.to_dict(),
+        "branches": {"steps": found.steps_spent, "samples": found.samples_spent},
+    }
     result = _result(
         problem,
         noise,

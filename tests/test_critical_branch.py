@@ -5,7 +5,6 @@ the window's critical batch is :func:`~batchlab.noise.critical.critical_batch_al
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import sys
@@ -80,33 +79,6 @@ def test_local_and_from_init_are_refused_together(capsys):
     assert "--local and --from-init move the checkpoint opposite ways" in capsys.readouterr().err
 
 
-def test_a_branch_leaves_the_checkpoint_s_adam_state_so_the_next_branch_starts_where_it_did():
-    problem = _tiny_problem()
-    model, opt = _checkpoint(problem)
-    ckpt_model = {k: v.clone() for k, v in model.state_dict().items()}
-    ckpt_opt = copy.deepcopy(opt.state_dict())
-    kept = copy.deepcopy(ckpt_opt)
-    target = critical_branch._val_loss(model, problem.val) * 0.9
-
-    def branch():
-        branch_opt = torch.optim.Adam(model.parameters(), lr=problem.lr)
-        args = (problem.lr, problem, 16, 1, target, 2, 40)
-        return critical_branch._mean_steps_to_target(model, ckpt_model, branch_opt, ckpt_opt, *args)
-
-    first = branch()
-    assert first is not None and branch() == first
-    for index, state in kept["state"].items():
-        for key, value in state.items():
-            assert torch.equal(ckpt_opt["state"][index][key], value), key
-
-
-def test_the_cap_stops_only_runs_that_cannot_be_the_best():
-    problem = _tiny_problem()  # ref 6: 36 steps at most
-    assert critical_branch._cap(problem, None, seeds=3, every=1) == 36
-    assert critical_branch._cap(problem, (4.2, 1e-3, 1.0), seeds=3, every=2) == 13 + 2
-    assert critical_branch._cap(problem, (20.0, 1e-3, 1.0), seeds=3, every=1) == 36
-
-
 def test_a_stored_run_reproduces_to_rounding_or_where_both_are_undefined():
     assert critical_branch._reproduces(1.0, 1.0 + 1e-9) and critical_branch._reproduces(None, None)
     assert not critical_branch._reproduces(1.0, 1.01)
@@ -125,35 +97,6 @@ def test_the_cost_counts_every_step_the_checkpoint_the_target_and_the_branches_t
         "steps": sum(runs.values()),
         "samples": sum(b * steps for b, steps in runs.items()),
     }
-
-
-def test_a_grid_is_tried_once_each_from_the_rule_s_lr_outwards():
-    grid, tried = [0.25, 0.5, 1.0, 2.0, 4.0], []
-    while (m := critical_branch.next_multiplier(tried, grid)) is not None:
-        tried.append((m, 10.0))
-    assert [m for m, _ in tried] == [1.0, 0.5, 2.0, 0.25, 4.0]
-
-
-# LRs tried: down from 1 the walk tries 2 first; up it never tries 1/2; at the bound 2^6 it stops there.
-@pytest.mark.parametrize("best, runs", [(0.125, 6), (1.0, 3), (4.0, 4), (2**6, 7)])
-def test_the_walk_climbs_to_the_best_power_of_two_and_stops_with_both_neighbours_slower(best, runs):
-    def steps(m):  # a unimodal cost in log2(m), fastest at ``best``
-        return 10 + abs(math.log2(m / best))
-
-    tried = []
-    while (m := critical_branch.next_multiplier(tried, None)) is not None:
-        tried.append((m, steps(m)))
-    reached = [(s, m) for m, s in tried if s is not None]
-    assert min(reached)[1] == best
-    assert {2 * best, best / 2} & {m for m, _ in tried} == {m for m in (2 * best, best / 2) if m <= 2**6}
-    assert len(tried) == len(set(tried)) == runs
-
-
-def test_the_walk_gives_up_after_the_rule_and_both_neighbours_are_unreached():
-    tried = []
-    while (m := critical_branch.next_multiplier(tried, None)) is not None:
-        tried.append((m, None))
-    assert [m for m, _ in tried] == [1.0, 2.0, 0.5]
 
 
 @pytest.mark.parametrize(

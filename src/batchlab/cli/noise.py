@@ -10,6 +10,7 @@ from rich.console import Console
 
 from batchlab import checks
 from batchlab.cli.common import Display, add_workload_options, build_workload
+from batchlab.errors import WorkloadError
 from batchlab.noise import (
     COLLECTORS,
     DEFAULT_BETA,
@@ -23,6 +24,14 @@ from batchlab.noise import (
     noise_collector,
     require_workload,
 )
+from batchlab.sweeps.branched import (
+    DEFAULT_REFERENCE_STEPS,
+    BranchedCriticalBatch,
+    branch_critical_batch,
+    check_batch_sizes,
+)
+from batchlab.sweeps.branched import RULES as BRANCH_RULES
+from batchlab.sweeps.workload_run import missing_validation
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -35,7 +44,55 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     add_workload_options(parser)
     add_noise_options(parser, prefix="")
+    branch = parser.add_argument_group(
+        "the critical batch measured directly (batchlab.branch_critical_batch; needs workload.validation)"
+    )
+    branch.add_argument(
+        "--branch",
+        metavar="SIZES",
+        default=None,
+        help="also branch short runs at these batch sizes (comma-separated, >= 3) from the current state, fit "
+        "B_crit to their steps to a target loss, and report B_simple / B_crit",
+    )
+    branch.add_argument(
+        "--base-batch",
+        type=int,
+        default=None,
+        help="the batch the optimizer's LR is set for; the branches' LR moves from it by --rule "
+        "(default: the noise measurement's batch)",
+    )
+    branch.add_argument(
+        "--reference-steps",
+        type=int,
+        default=None,
+        help=f"the target is the validation loss this many steps at --base-batch reach (default {DEFAULT_REFERENCE_STEPS})",
+    )
+    branch.add_argument(
+        "--target-loss", type=float, default=None, help="the validation loss to branch towards, instead"
+    )
+    branch.add_argument(
+        "--rule", choices=BRANCH_RULES, default=None, help="how the LR moves with the batch (default sqrt)"
+    )
     parser.set_defaults(run=run)
+
+
+BRANCH_FLAGS = ("base_batch", "reference_steps", "target_loss", "rule")  # what only --branch reads
+
+
+def parse_branch(args: argparse.Namespace) -> list[int] | None:
+    """The ``--branch`` sizes, or None; a branch flag without ``--branch`` is refused (it would do nothing)."""
+    if args.branch is None:
+        given = [f"--{name.replace('_', '-')}" for name in BRANCH_FLAGS if getattr(args, name) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply with --branch SIZES (e.g. --branch 8,16,32,64)")
+        return None
+    try:
+        sizes = [int(size) for size in args.branch.split(",")]
+    except ValueError:
+        raise ValueError(
+            f"--branch {args.branch!r}: expected comma-separated batch sizes, e.g. 8,16,32,64"
+        ) from None
+    return check_batch_sizes(sizes)  # before anything trains
 
 
 def add_noise_options(parser: argparse.ArgumentParser, prefix: str) -> None:
@@ -78,8 +135,11 @@ def check_noise_args(steps: int, batch: int | None, beta: float) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_noise_args(args.steps, args.batch, args.beta)
+    sizes = parse_branch(args)
     workload = require_workload(build_workload(args), "batchlab noise")
     batch = noise_batch_for(workload, args.batch)
+    if sizes is not None and getattr(workload, "validation", None) is None:
+        raise WorkloadError(missing_validation(f"--branch: {args.workload}"))
     kind = noise_collector(workload, args.collector)
     started = time.perf_counter()
     with Display(f"noise {args.workload}", enabled=not args.json) as display:
@@ -92,14 +152,54 @@ def run(args: argparse.Namespace) -> int:
             beta=args.beta,
             on_step=lambda index, _pair: display.count("step", index + 1, args.steps),
         )
-    seconds = time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        branched = None
+        if sizes is not None:
+            base = args.base_batch if args.base_batch is not None else batch
+            display.phase(
+                f"branching at batches {', '.join(map(str, sizes))} from the current state (base {base})"
+            )
+            branched = branch_critical_batch(
+                workload,
+                sizes,
+                base_batch=base,
+                reference_steps=args.reference_steps or DEFAULT_REFERENCE_STEPS,
+                target_loss=args.target_loss,
+                rule=args.rule or "sqrt",
+                on_trial=lambda t: display.line(
+                    f"batch {t.batch_size}, lr {t.lr:.3g}: "
+                    + (f"{t.steps:.1f} steps to the target" if t.steps is not None else "target not reached")
+                ),
+            )
+    ratio = (
+        estimate.b_simple / branched.b_crit if branched and branched.b_crit and estimate.b_simple else None
+    )
     if args.json:
         data = measurement_dict(estimate, kind, batch, args.steps, seconds)
         data["workload"] = args.workload
+        if branched is not None:
+            data["branched"] = branched.to_dict()
+            data["b_simple_over_b_crit"] = ratio
         print(json.dumps(data, indent=2))
     else:
-        print_noise(Console(), estimate, kind, batch, args.steps, seconds)
+        console = Console()
+        print_noise(console, estimate, kind, batch, args.steps, seconds)
+        if branched is not None:
+            print_branched(console, branched, ratio)
+    if branched is not None and branched.fit is None:
+        return 1
     return 0 if estimate.b_simple is not None else 1
+
+
+def print_branched(console: Console, branched: BranchedCriticalBatch, ratio: float | None) -> None:
+    """The branched B_crit beside B_simple: which the noise scale estimates, and how near it lands."""
+    console.print()
+    console.print(branched.summary(), highlight=False)
+    if ratio is not None:
+        console.print(
+            f"B_simple / B_crit = {ratio:.2f}: B_simple estimates the critical batch from the gradients' noise "
+            "(McCandlish et al. 2018); the branched fit measures it from steps to a target (Merrill et al. 2025)"
+        )
 
 
 def _pm(value: float | None, stderr: float | None, fmt: str = ".3g") -> str:

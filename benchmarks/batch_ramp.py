@@ -4,7 +4,7 @@ For each data set -- sklearn's digits, MNIST-1D (generated offline), and a byte-
 Python standard library's own source (``char-lm``) -- two sweeps through :func:`batchlab.sweep`, the same LR grid
 and seeds, every run stopping at the target validation loss:
 
-1. **Fixed**: every batch size of ``BATCH_SIZES`` (``--batches`` adds sizes between its ends), the LR scaled
+1. **Fixed**: every batch size of ``BATCH_SIZES`` (``--batches`` adds sizes, up to a ramp maximum above 256), the LR scaled
    from ``base_batch`` by the square-root rule times each multiplier of ``GRID`` (the built-in tasks: MLPs with
    Adam).
 2. **Ramp**: :class:`batchlab.sweeps.RampFactory` from the smallest batch, up to the largest, micro-batches of at
@@ -214,7 +214,7 @@ def markdown(
         "",
         f"Issue 13 item 3. Machine: {machine_line()}. Command: `{command}` ({seconds / 60:.1f} min).",
         f"Fixed batches {batches}; each data set's LR grid (below) on the sqrt rule from batch {BATCH_SIZES[0]}; "
-        f"the ramp from {BATCH_SIZES[0]} to {BATCH_SIZES[-1]}, micro-batches of at most {MAX_MICRO} "
+        f"the ramp from {BATCH_SIZES[0]} to {batches[-1]}, micro-batches of at most {MAX_MICRO} "
         f"samples and at least {min_accumulation} per step, growing toward target x B_simple, each change "
         f"carrying the LR {carried}; "
         f"means over seeds at each row's best multiplier (fewest steps). Raw: {out}; the runs in MLflow "
@@ -323,17 +323,19 @@ def curve_table(paths: list[str]) -> str:
 
 
 def _batch_list(text: str) -> list[int]:
-    """``--batches``: the fixed batch sizes, distinct ints that keep BATCH_SIZES's ends (the ramp's start and
-    maximum, and the batch the LRs are given at), so that only the fixed sweep gets finer."""
+    """``--batches``: the fixed batch sizes, distinct ints from BATCH_SIZES's first (the ramp's start and the batch
+    the LRs are given at) to the ramp's maximum, BATCH_SIZES's last or more (a critical batch above 256 needs
+    ramps that can cross it)."""
     try:
         sizes = sorted({int(v) for v in text.split(",")})
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"invalid --batches {text!r}: expected a comma list of ints"
         ) from None
-    if sizes[0] != BATCH_SIZES[0] or sizes[-1] != BATCH_SIZES[-1]:
+    if sizes[0] != BATCH_SIZES[0] or sizes[-1] < BATCH_SIZES[-1]:
         raise argparse.ArgumentTypeError(
-            f"invalid --batches {text!r}: expected ints from {BATCH_SIZES[0]} to {BATCH_SIZES[-1]} with both ends"
+            f"invalid --batches {text!r}: expected ints from {BATCH_SIZES[0]} to {BATCH_SIZES[-1]} or more, "
+            "with both ends (the last is the ramp's maximum)"
         )
     return sizes
 
@@ -387,7 +389,10 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--out", default=str(HERE / "results" / "batch_ramp.json"))
     parser.add_argument("--batches", type=_batch_list, default=BATCH_SIZES,
-                        help=f"fixed batch sizes, a comma list from {BATCH_SIZES[0]} to {BATCH_SIZES[-1]}")  # fmt: skip
+                        help=f"fixed batch sizes, a comma list from {BATCH_SIZES[0]} to {BATCH_SIZES[-1]} or more; "
+                             "the last is the ramps' maximum")  # fmt: skip
+    parser.add_argument("--max-samples", type=int, default=None,
+                        help="the sample cap of every run (default: each data set's); a larger --batches needs more")  # fmt: skip
     parser.add_argument("--curve", nargs="+", metavar="JSON", default=None,
                         help="train nothing: score stored results against each data set's fixed curve")  # fmt: skip
     args = parser.parse_args()
@@ -407,6 +412,8 @@ def main() -> None:
         parser.error(
             f"invalid --datasets {','.join(unknown)}: expected a comma list of {', '.join(EXPERIMENTS)}"
         )
+    if args.max_samples is not None and args.max_samples < 1:
+        parser.error(f"invalid --max-samples {args.max_samples}: expected a positive sample count")
     if args.target_loss is not None and (len(names) != 1 or not args.target_loss > 0):
         parser.error(
             f"invalid --target-loss {args.target_loss:g} for --datasets {args.datasets}: expected a loss > 0 "
@@ -414,7 +421,7 @@ def main() -> None:
         )
     try:  # every ramp's settings are checked here, before the first sweep trains
         factories = {
-            name: {target: RampFactory(Task(name, noise_every=0), max_batch=BATCH_SIZES[-1], max_micro_batch=MAX_MICRO,
+            name: {target: RampFactory(Task(name, noise_every=0), max_batch=args.batches[-1], max_micro_batch=MAX_MICRO,
                                        target=target, min_accumulation=args.min_accumulation,
                                        rule=args.ramp_rule)
                    for target in targets}
@@ -431,6 +438,8 @@ def main() -> None:
             settings["grid"] = [float(m) for m in args.grid.split(",")]
         if args.target_loss is not None:
             settings["target"] = args.target_loss
+        if args.max_samples is not None:
+            settings["samples"] = args.max_samples
         t0 = time.time()
         task = Task(name, noise_every=0)
         grid = settings.get("grid", GRID)
@@ -438,6 +447,7 @@ def main() -> None:
         tag = "" if grid == GRID else "-grid" + "-".join(f"{m:g}" for m in grid)
         tag += _seeds_tag(args.seeds)
         tag += "" if args.target_loss is None else f"-loss{args.target_loss:g}"
+        tag += "" if args.max_samples is None else f"-samples{args.max_samples}"
         batches = "" if args.batches == BATCH_SIZES else "-b" + "-".join(map(str, args.batches))
         fixed = _sweep(
             task, args.batches, settings, args.seeds, directory, uri, f"{name}-fixed{batches}{tag}"
@@ -446,6 +456,7 @@ def main() -> None:
         for target, factory in ramp_factories.items():
             accumulation = "" if args.min_accumulation == MIN_ACCUMULATION else f"-acc{args.min_accumulation}"
             accumulation += "" if args.ramp_rule is None else f"-lr{args.ramp_rule}"
+            accumulation += "" if args.batches[-1] == BATCH_SIZES[-1] else f"-max{args.batches[-1]}"
             ramps[target] = _sweep(factory, [BATCH_SIZES[0]], settings, args.seeds, directory, uri,
                                    f"{name}-ramp-t{target:g}{accumulation}{tag}")  # fmt: skip
         result = compare(name, settings, fixed, ramps, len(args.seeds))
@@ -458,7 +469,7 @@ def main() -> None:
     seconds = time.time() - started
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     payload = {"results": results, "batch_sizes": args.batches, "grid": GRID,
-               "max_micro": MAX_MICRO, "min_accumulation": args.min_accumulation, "ramp_rule": args.ramp_rule,
+               "ramp_max": args.batches[-1], "max_micro": MAX_MICRO, "min_accumulation": args.min_accumulation, "ramp_rule": args.ramp_rule,
                "ramp_targets": targets,
                "seeds": args.seeds, "seconds": seconds, "mlflow": uri, "provenance": run_by}  # fmt: skip
     Path(args.out).write_text(json.dumps(payload, indent=2))

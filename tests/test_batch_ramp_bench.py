@@ -153,6 +153,7 @@ def test_main_curve_scores_stored_files_without_training(monkeypatch, capsys, tm
 
 def test_batches_keep_the_ramps_ends():
     assert batch_ramp._batch_list("256,16,48,32,48") == [16, 32, 48, 256]
+    assert batch_ramp._batch_list("16,256,1024") == [16, 256, 1024]  # a ramp maximum above 256
     for text in ("16,128", "32,256", "16,x,256"):
         with pytest.raises(argparse.ArgumentTypeError, match=rf"^invalid --batches '{text}': expected"):
             batch_ramp._batch_list(text)
@@ -240,6 +241,24 @@ def test_target_loss_moves_every_sweep_of_its_one_data_set(monkeypatch, capsys, 
         with pytest.raises(SystemExit, match="^2$"):
             batch_ramp.main()
         assert "error: invalid --target-loss" in capsys.readouterr().err
+
+
+def test_a_larger_last_batch_is_the_ramps_maximum_and_max_samples_every_run_s_cap(
+    monkeypatch, capsys, tmp_path
+):
+    """A critical batch above 256 (the char-LM at 2.25) needs ramps that can reach it, and runs at 1024 need more
+    than the 60,000-sample cap; both are part of the sweeps' names, so a store never resumes another's."""
+    (fixed, settings, fixed_name), (ramp, ramp_settings, ramp_name) = _recorded_sweeps(
+        monkeypatch, tmp_path, "--batches", "16,256,1024", "--max-samples", "100000"
+    )
+    assert ramp.max_batch == 1024 and settings["samples"] == ramp_settings["samples"] == 100_000
+    assert fixed_name == "mnist1d-fixed-b16-256-1024-samples100000"
+    assert ramp_name == "mnist1d-ramp-t1-max1024-samples100000"
+    assert batch_ramp.EXPERIMENTS["mnist1d"]["samples"] == 60_000  # the table itself is left as it is
+    monkeypatch.setattr(sys, "argv", ["batch_ramp.py", "--max-samples", "0"])
+    with pytest.raises(SystemExit, match="^2$"):
+        batch_ramp.main()
+    assert "error: invalid --max-samples 0: expected a positive sample count" in capsys.readouterr().err
 
 
 def test_an_unknown_ramp_rule_is_refused_before_any_sweep(monkeypatch, capsys):

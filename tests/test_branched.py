@@ -137,7 +137,7 @@ def test_a_failure_mid_branch_propagates_and_leaves_the_state_bitwise():
 def test_trials_are_reported_as_they_run_and_the_result_is_plain_json():
     seen = []
     found = branch_critical_batch(
-        _workload(), [8, 16, 32], base_batch=16, reference_steps=10, on_trial=seen.append
+        _workload(lr=0.16), [8, 16, 32], base_batch=16, reference_steps=10, on_trial=seen.append
     )
     assert seen == [t for row in found.rows for t in row.trials]  # the walk: 3 or more LRs a batch
     assert all(len(row.trials) >= 3 for row in found.rows)
@@ -162,6 +162,19 @@ def test_the_spent_steps_count_the_reference_run_and_every_branch_step():
             best = t.steps if t.steps is not None and (best is None or t.steps < best) else best
     assert found.steps_spent == expected
     assert found.samples_spent > found.steps_spent  # batch >= 8 every step
+
+
+def test_a_best_lr_at_the_walk_s_bound_is_marked_as_an_upper_bound_and_warned_of():
+    """An LR 1000x too small: the walk climbs to its bound (x64) at every batch and stops there, so a faster LR
+    may lie beyond; each row says so, and the summary tells the user to set the LR nearer."""
+    found = branch_critical_batch(_workload(lr=1e-5), [8, 16, 32], base_batch=16, reference_steps=10)
+    assert [row.lr_multiplier for row in found.rows] == [64.0] * 3
+    assert all(row.lr_at_edge for row in found.rows) and found.to_dict()["rows"][0]["lr_at_edge"] is True
+    assert "warning: at batch 8, 16, 32 the best LR lies at the edge of those tried" in found.summary()
+    tuned = branch_critical_batch(
+        _workload(lr=0.16), [8, 16, 32], base_batch=16, reference_steps=10
+    )  # x16 above
+    assert not any(row.lr_at_edge for row in tuned.rows) and "warning" not in tuned.summary()
 
 
 def test_with_no_three_batches_reaching_the_target_there_is_no_fit_and_the_note_says_why():

@@ -150,9 +150,21 @@ class BranchRow:
     lr_multiplier: float | None
     trials: tuple[BranchTrial, ...]
 
+    @property
+    def lr_at_edge(self) -> bool:
+        """Whether the best LR is the largest or smallest of two or more tried: a faster one may lie beyond, so
+        ``steps`` is then an upper bound. The walk stops at an edge only at its bound (2^±6 the rule's LR), the
+        mark of a base LR far from tuned."""
+        tried = [t.lr_multiplier for t in self.trials]
+        return (
+            self.lr_multiplier is not None
+            and len(tried) > 1
+            and self.lr_multiplier in (min(tried), max(tried))
+        )
+
     def to_dict(self) -> dict:
-        """Plain, JSON-ready dict of every field (the trials as dicts)."""
-        return {**asdict(self), "trials": [t.to_dict() for t in self.trials]}
+        """Plain, JSON-ready dict of every field (the trials as dicts) and ``lr_at_edge``."""
+        return {**asdict(self), "trials": [t.to_dict() for t in self.trials], "lr_at_edge": self.lr_at_edge}
 
 
 @dataclass(frozen=True)
@@ -194,7 +206,19 @@ class BranchedCriticalBatch:
                 if row.steps is not None
                 else "target not reached"
             )
-            lines.append(f"  batch {row.batch_size}: {reached}; {len(row.trials)} LR(s) tried")
+            edge = (
+                "; the best LR is at the edge of those tried: at most this many steps"
+                if row.lr_at_edge
+                else ""
+            )
+            lines.append(f"  batch {row.batch_size}: {reached}; {len(row.trials)} LR(s) tried{edge}")
+        edges = [row.batch_size for row in self.rows if row.lr_at_edge]
+        if edges:
+            lines.append(
+                f"  warning: at batch {', '.join(map(str, edges))} the best LR lies at the edge of those tried, so "
+                f"the fit leans on upper bounds; the optimizer's lr {self.base_lr:g} at batch {self.base_batch} "
+                "may be far from tuned: set it nearer and branch again"
+            )
         return "\n".join(lines)
 
     def to_dict(self) -> dict:

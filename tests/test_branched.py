@@ -224,6 +224,24 @@ def test_a_target_at_or_above_the_start_is_refused_and_the_state_is_left_bitwise
     assert_same_state(before, workload_state(work))
 
 
+def test_a_reference_run_that_diverges_is_refused_by_what_diverged_and_the_state_is_left_bitwise():
+    calls = {"n": 0}
+
+    def poisoned(b):  # the checkpoint's 3 steps are clean; from the reference run on, the loss is NaN
+        calls["n"] += 1
+        index = torch.randint(0, 500, (b,))
+        return X[index] * (1.0 if calls["n"] <= 3 else math.nan), Y[index]
+
+    work = _workload(make_batch=poisoned)
+    before = workload_state(work)
+    with pytest.raises(
+        ValueError,
+        match=r"^the reference run diverged: 10 steps at base_batch 16 and the optimizer's lr 0.01 gave a non-finite",
+    ):
+        branch_critical_batch(work, [8, 16, 32], base_batch=16, reference_steps=10)
+    assert_same_state(before, workload_state(work))
+
+
 def test_what_is_not_a_workload_with_validation_data_is_refused_in_one_line():
     with pytest.raises(
         TypeError, match="branch_critical_batch trains a batchlab.Workload .* got StepFunction"

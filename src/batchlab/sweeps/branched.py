@@ -47,6 +47,7 @@ from batchlab.advice.scaling import plan_batch, scale_lr
 from batchlab.errors import WorkloadError
 from batchlab.noise.critical import CriticalBatchFit, crossing, fit_critical_batch
 from batchlab.sweeps.workload_run import WorkloadRun, missing_validation
+from batchlab.workload.state import StateSnapshot
 from batchlab.workload.workload import StepFunction, Workload
 
 __all__ = [
@@ -257,7 +258,13 @@ def _check_grid(lr_grid: Sequence[float] | None) -> list[float] | None:
 class _Brancher:
     """Runs branches from one snapshot and counts what they spend (one per call of branch_critical_batch)."""
 
-    def __init__(self, workload: Workload, snapshot, evaluate_every: Callable[[int], int], max_micro_batch):
+    def __init__(
+        self,
+        workload: Workload,
+        snapshot: StateSnapshot,
+        evaluate_every: Callable[[int], int],
+        max_micro_batch: int | None,
+    ):
         self.workload = workload
         self.snapshot = snapshot
         self.evaluate_every = evaluate_every
@@ -276,7 +283,8 @@ class _Brancher:
         """Train from the snapshot at ``batch_size`` and ``lr`` for at most ``steps`` steps.
 
         With ``target``: the steps to it, interpolated between evaluations, or None if it is not reached (or the
-        loss turns non-finite). Without: the validation loss after ``steps`` steps.
+        loss turns non-finite). Without: the validation loss after ``steps`` steps (None if the loss turned
+        non-finite on the way).
         """
         self.snapshot.restore()
         _, accumulation = self.split(batch_size)
@@ -379,6 +387,11 @@ def branch_critical_batch(
         start = _validation_loss(WorkloadRun(workload, batch_size=base_batch, accumulation=1, noise_every=0))
         if target_loss is None:
             target_loss = brancher.run(base_batch, base_lr, seed, reference_steps, None)
+            if target_loss is None or not math.isfinite(target_loss):
+                raise ValueError(
+                    f"the reference run diverged: {reference_steps} steps at base_batch {base_batch} and the "
+                    f"optimizer's lr {base_lr:g} gave a non-finite loss; lower the lr or give target_loss"
+                )
         if not target_loss < start:
             raise ValueError(
                 f"target loss {target_loss:.6g} is not below the validation loss at the start ({start:.6g}): "
@@ -416,7 +429,7 @@ def branch_critical_batch(
                     best.lr if best else None,
                     best.lr_multiplier if best else None,
                     tuple(trials),
-                )  # fmt: skip
+                )
             )
     finally:
         brancher.snapshot.restore()

@@ -106,6 +106,22 @@ def test_without_gradient_noise_every_batch_takes_the_same_steps_and_b_crit_is_b
     assert found.b_crit < 4
 
 
+def test_a_built_in_task_s_workload_branches_on_its_own_validation_split():
+    """A built-in task (here the teacher-student MLP) hands branch_critical_batch a Workload whose validation is
+    the run's own evaluate(): the start loss is the loss a sweep would report."""
+    from batchlab.workloads.tasks import Task
+
+    run = Task("teacher-student", noise_every=0)(16, 3e-3, 0)
+    for _ in range(5):
+        run.train_step()
+    work = run.workload()
+    before = workload_state(work)
+    found = branch_critical_batch(work, [8, 16, 32], base_batch=16, reference_steps=20)
+    assert found.start_loss == run.evaluate()["loss"] and found.target_loss < found.start_loss
+    assert found.fit is not None
+    assert_same_state(before, workload_state(work))
+
+
 def test_a_batch_above_max_micro_batch_runs_in_accumulation_micro_batches_of_the_same_mean_gradient():
     kwargs = dict(base_batch=16, target_loss=0.45, lr_grid=[1.0], evaluate_every=1, max_steps=60)
     whole = branch_critical_batch(_workload(), [8, 16, 64], **kwargs)

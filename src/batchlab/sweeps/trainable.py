@@ -350,7 +350,9 @@ class SupervisedRun(StepRun):
         return {name: value / count for name, value in sums.items()}
 
     def workload(self) -> Workload:
-        """This model as a :class:`~batchlab.Workload` with random training batches (for memory searches)."""
+        """This model as a :class:`~batchlab.Workload` with random training batches (for memory searches), its
+        validation this run's own :meth:`evaluate` (the whole split, in chunks), so that
+        :func:`~batchlab.sweeps.branched.branch_critical_batch` can branch from it too."""
         n = self.dataset_size
 
         def make_batch(b: int):
@@ -365,6 +367,7 @@ class SupervisedRun(StepRun):
             amp=self.amp,
             dataset_size=n,
             name=self.name,
+            validation=lambda _model: self.evaluate(),  # the same model: evaluate() reads self.model
         )
 
     def with_options(self, **changes: Any) -> SupervisedRun:

@@ -74,6 +74,12 @@ def test_branch_reports_the_fitted_b_crit_beside_b_simple_and_the_json_carries_b
         (["--branch", "8,16"], "fitting B_crit needs at least 3 distinct batch sizes"),
         (["--base-batch", "8"], "--base-batch only apply with --branch SIZES"),
         (["--target-loss", "0.5", "--rule", "none"], "--target-loss, --rule only apply with --branch"),
+        (
+            ["--branch", "8,16,32", "--reference-steps", "0"],
+            "invalid reference_steps 0: expected an int >= 1",
+        ),
+        (["--branch", "8,16,32", "--base-batch", "0"], "invalid base_batch 0: expected an int >= 1"),
+        (["--branch", "8,16,32", "--target-loss", "-1"], "invalid target_loss -1.0: expected a number > 0"),
     ],
 )
 def test_bad_branch_input_is_one_line_and_nonzero(capsys, workload, extra, message):

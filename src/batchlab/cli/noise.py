@@ -92,7 +92,11 @@ def parse_branch(args: argparse.Namespace) -> list[int] | None:
         raise ValueError(
             f"--branch {args.branch!r}: expected comma-separated batch sizes, e.g. 8,16,32,64"
         ) from None
-    return check_batch_sizes(sizes)  # before anything trains
+    # every value checked before anything trains, by the library's own checks
+    checks.integer("base_batch", args.base_batch, none=True)
+    checks.integer("reference_steps", args.reference_steps, none=True)
+    checks.number("target_loss", args.target_loss, none=True)
+    return check_batch_sizes(sizes)
 
 
 def add_noise_options(parser: argparse.ArgumentParser, prefix: str) -> None:
@@ -163,9 +167,11 @@ def run(args: argparse.Namespace) -> int:
                 workload,
                 sizes,
                 base_batch=base,
-                reference_steps=args.reference_steps or DEFAULT_REFERENCE_STEPS,
+                reference_steps=DEFAULT_REFERENCE_STEPS
+                if args.reference_steps is None
+                else args.reference_steps,
                 target_loss=args.target_loss,
-                rule=args.rule or "sqrt",
+                rule="sqrt" if args.rule is None else args.rule,
                 on_trial=lambda t: display.line(
                     f"batch {t.batch_size}, lr {t.lr:.3g}: "
                     + (f"{t.steps:.1f} steps to the target" if t.steps is not None else "target not reached")

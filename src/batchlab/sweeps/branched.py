@@ -271,6 +271,9 @@ class _Brancher:
         self.max_micro_batch = max_micro_batch
         self.steps = 0
         self.samples = 0
+        self.start_loss = (
+            math.nan
+        )  # the validation loss at the snapshot, read once: every branch starts there
 
     def split(self, batch_size: int) -> tuple[int, int]:
         """(micro-batch, accumulation) of ``batch_size``: whole, or within ``max_micro_batch`` (plan_batch)."""
@@ -292,7 +295,7 @@ class _Brancher:
             self.workload, batch_size=batch_size, seed=seed, lr=lr, accumulation=accumulation, noise_every=0
         )
         every = self.evaluate_every(batch_size)
-        xs, losses = [0], [_validation_loss(run)] if target is not None else [math.inf]
+        xs, losses = [0], [self.start_loss]
         for step in range(1, steps + 1):
             loss = run.train_step()
             self.steps, self.samples = self.steps + 1, self.samples + batch_size
@@ -385,6 +388,7 @@ def branch_critical_batch(
     brancher = _Brancher(workload, workload.snapshot(), interval, max_micro_batch)
     try:
         start = _validation_loss(WorkloadRun(workload, batch_size=base_batch, accumulation=1, noise_every=0))
+        brancher.start_loss = start
         if target_loss is None:
             target_loss = brancher.run(base_batch, base_lr, seed, reference_steps, None)
             if target_loss is None or not math.isfinite(target_loss):

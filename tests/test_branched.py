@@ -88,6 +88,22 @@ def test_each_branch_is_the_plain_loop_from_the_same_state_and_the_state_is_left
     assert [t.lr_multiplier for t in found.rows[0].trials] == [1.0, 2.0]
 
 
+def test_a_given_lr_is_the_base_batch_s_lr_every_branch_moves_from_and_the_optimizer_keeps_its_own():
+    """``lr=`` (advise --branch passes its --lr): the branches move it, not the optimizer's 1e-2, by the rule;
+    the optimizer's own lr is back afterwards, with the rest of the state, bitwise."""
+    work = _workload()
+    before = workload_state(work)
+    found = branch_critical_batch(work, [8, 16, 64], base_batch=16, lr=3e-3, target_loss=0.6, lr_grid=[1.0],
+                                  evaluate_every=2, max_steps=80)  # fmt: skip
+    assert_same_state(before, workload_state(work))
+    assert work.optimizer.param_groups[0]["lr"] == 1e-2 and found.base_lr == 3e-3
+    for row in found.rows:
+        (trial,) = row.trials
+        assert trial.lr == pytest.approx(3e-3 * math.sqrt(row.batch_size / 16))
+        expected = _by_hand(work, row.batch_size, trial.lr, branch_seed(row.batch_size, 0), 80, 0.6, 2)
+        assert expected is not None and trial.steps == expected  # bitwise: the very same loop
+
+
 def test_the_target_is_the_loss_the_base_batch_reaches_in_the_reference_window():
     work = _workload()
     found = branch_critical_batch(work, [8, 16, 32], base_batch=16, reference_steps=10, lr_grid=[1.0])
@@ -219,6 +235,8 @@ def test_with_no_three_batches_reaching_the_target_there_is_no_fit_and_the_note_
         (dict(target_loss=-1.0), ValueError, r"invalid target_loss -1.0"),
         (dict(orders=0), ValueError, r"invalid orders 0"),
         (dict(max_micro_batch=0), ValueError, r"invalid max_micro_batch 0"),
+        (dict(lr=0.0), ValueError, r"invalid lr 0.0: expected a number > 0"),
+        (dict(lr=float("nan")), ValueError, r"invalid lr nan"),
     ],
 )
 def test_bad_arguments_are_refused_by_name_before_anything_trains(kwargs, error, message):

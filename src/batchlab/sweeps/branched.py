@@ -19,7 +19,7 @@ How, for a :class:`~batchlab.Workload` with ``validation`` data, at its current 
 1. **The target.** ``target_loss``, or else the validation loss the workload reaches after ``reference_steps``
    steps at ``base_batch`` (the batch its LR is set for) from the checkpoint.
 2. **Each branch** starts from the checkpoint (weights, optimizer state, GradScaler: restored in place) at
-   batch B and an LR of the optimizer's own, moved from ``base_batch`` to B by ``rule`` and times a
+   batch B and an LR of the optimizer's own (or ``lr``), moved from ``base_batch`` to B by ``rule`` and times a
    multiplier; only the LR changes between branches (every param group by the same factor), as in the
    protocol the benchmark checked. It trains until the validation loss reaches the target (evaluated every
    ``evaluate_every`` steps, the crossing interpolated between evaluations) or ``max_steps``.
@@ -318,6 +318,7 @@ def branch_critical_batch(
     batch_sizes: Sequence[int],
     *,
     base_batch: int,
+    lr: float | None = None,
     reference_steps: int = DEFAULT_REFERENCE_STEPS,
     target_loss: float | None = None,
     rule: str = "sqrt",
@@ -336,6 +337,8 @@ def branch_critical_batch(
         workload: a :class:`~batchlab.Workload` with ``validation`` data, at the state to branch from.
         batch_sizes: the branches' batch sizes (samples per optimizer step), at least 3 distinct.
         base_batch: the batch the optimizer's current LR is set for; the rule moves the LR from it.
+        lr: the LR at ``base_batch`` (default: the optimizer's first parameter group's); every group is moved by
+            the same factor, and the optimizer's own LR is back as it was on return.
         reference_steps: the window: the target is the validation loss ``reference_steps`` steps at
             ``base_batch`` reach (unless ``target_loss`` is given); it also sets the default ``max_steps``
             (6 windows) and ``evaluate_every`` (1/20 of a window; every step above 16x the base batch).
@@ -372,11 +375,14 @@ def branch_critical_batch(
         checks.integer("max_micro_batch", max_micro_batch)
     if target_loss is not None:
         target_loss = checks.number("target_loss", target_loss)
-    base_lr = float(workload.optimizer.param_groups[0]["lr"])
-    if not base_lr > 0:
-        raise ValueError(
-            f"the workload's optimizer has lr {base_lr!r}; the branches scale it and need an lr > 0"
-        )
+    if lr is not None:
+        base_lr = checks.number("lr", lr)
+    else:
+        base_lr = float(workload.optimizer.param_groups[0]["lr"])
+        if not base_lr > 0:
+            raise ValueError(
+                f"the workload's optimizer has lr {base_lr!r}; the branches scale it and need an lr > 0 (or pass lr)"
+            )
 
     def interval(batch_size: int) -> int:
         if every is not None:

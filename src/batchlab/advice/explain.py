@@ -25,7 +25,9 @@ def _range_text(best_range: tuple[int, int] | None) -> str:
     return f" (with B_noise ± 1 standard error the peak lies at {best_range[0]}..{best_range[1]})"
 
 
-ACROSS = "across the spread of the timed steps and B_noise ± 1 standard error"
+def _across(noise_se: float | None) -> str:
+    """What the gain range spans: the timed steps' spread, and B_noise ± 1 s.e. when B_noise has one."""
+    return "across the spread of the timed steps" + (" and B_noise ± 1 standard error" if noise_se else "")
 
 
 def _gain_text(gain_range: tuple[float, float]) -> str:
@@ -58,8 +60,13 @@ def explain(rec: Recommendation, curve: Curve, current: Candidate) -> list[str]:
         )
     else:
         se = f" ± {_fmt(noise_se)}" if noise_se else ""
+        what = (
+            f"B_noise ≈ {_fmt(noise)}{se}, {rec.noise_from}"
+            if rec.noise_from
+            else f"gradient noise scale B_noise ≈ {_fmt(noise)}{se} (the critical batch)"
+        )
         lines.append(
-            f"gradient noise scale B_noise ≈ {_fmt(noise)}{se} (the critical batch): past ~{_fmt(noise)} each "
+            f"{what}: past ~{_fmt(noise)} each "
             f"doubling of the batch buys < {doubling_step_reduction(noise, noise):.2f}x fewer steps "
             f"(S = S_min(1 + B_noise/B), McCandlish et al. 2018); at batch {chosen.batch_size} a doubling buys "
             f"{doubling_step_reduction(chosen.batch_size, noise):.2f}x"
@@ -93,7 +100,7 @@ def explain(rec: Recommendation, curve: Curve, current: Candidate) -> list[str]:
                 if ratio >= 1
                 else f"; {1 / ratio:.2f}x more steps, each cheaper"
             )
-        across = f" ({_gain_text(gain_range)} {ACROSS})" if gain_range else ""
+        across = f" ({_gain_text(gain_range)} {_across(noise_se)})" if gain_range else ""
         lines.append(
             f"switch from {current.batch_size} to {chosen.batch_size}: {gain:+.0%} goodput{across}, above the "
             f"{gain_threshold:.0%} threshold (Pollux switches only for more); reaches the same result in "
@@ -102,7 +109,7 @@ def explain(rec: Recommendation, curve: Curve, current: Candidate) -> list[str]:
     elif gain > gain_threshold and gain_range is not None:
         lines.append(
             f"keep batch {current.batch_size}: the best, {best.batch_size}, gains {gain:+.0%} goodput at the "
-            f"measured values, but {_gain_text(gain_range)} {ACROSS}: the gain does not hold above the "
+            f"measured values, but {_gain_text(gain_range)} {_across(noise_se)}: the gain does not hold above the "
             f"{gain_threshold:.0%} threshold, so the difference is inside the measurements' noise"
         )
     else:

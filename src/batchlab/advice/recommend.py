@@ -89,6 +89,7 @@ class _Request:
     betas: tuple[float, float] | None
     eps: float | None
     drop_last: bool
+    noise_from: str | None
 
     @property
     def smallest(self) -> int:
@@ -130,6 +131,7 @@ def _check_request(
     eps: Any,
     drop_last: bool,
     throughput_spread: Any = None,
+    noise_from: Any = None,
 ) -> _Request:
     """Every argument of :func:`recommend` checked before any work (``drop_last`` by :func:`schedule`)."""
     curve = parse_curve(throughput)
@@ -145,6 +147,10 @@ def _check_request(
     if n_epochs is not None and data is None:
         raise ValueError("epochs needs dataset_size (the epoch arithmetic counts samples per epoch)")
     threshold = checks.number("gain_threshold", gain_threshold, inclusive=True, what="0.05 = 5%")
+    if noise_from is not None and not (isinstance(noise_from, str) and noise_from.strip()):
+        raise ValueError(
+            f"noise_from must be words saying where B_noise came from, or None; got {noise_from!r}"
+        )
     # validates lr, betas and eps before any work; the real call follows with the chosen batch
     scale_lr(lr, base, base, rule, noise_scale=noise if rule == "adascale" else None, betas=betas, eps=eps)
     return _Request(
@@ -164,6 +170,7 @@ def _check_request(
         betas=betas,
         eps=eps,
         drop_last=drop_last,
+        noise_from=noise_from,
     )
 
 
@@ -383,6 +390,7 @@ def recommend(
     eps: float | None = None,
     drop_last: bool = False,
     throughput_spread: Mapping[int, tuple[float, float]] | None = None,
+    noise_from: str | None = None,
 ) -> Recommendation:
     """Recommend the global batch size with the most goodput, its learning rate and how to run it.
 
@@ -411,6 +419,8 @@ def recommend(
             median step or on the CPU its 10th percentile). With it, or with B_noise's
             standard error, a switch needs the gain above ``gain_threshold`` at the low end of
             ``gain_range`` as well (issue 13: readings inside a loaded machine's noise advised batch 4 over 32).
+        noise_from: where ``noise_scale`` came from, in words, when it is not the gradient noise scale (e.g.
+            "the critical batch measured by branched runs"); the explanation names it.
 
     Raises ``ValueError`` naming the argument for invalid input, for a current batch whose micro batch lies
     below the smallest measured size, and for an estimate without a B_simple.
@@ -431,6 +441,7 @@ def recommend(
         eps=eps,
         drop_last=drop_last,
         throughput_spread=throughput_spread,
+        noise_from=noise_from,
     )
     notes: list[str] = []
     max_step = _largest_step(req, notes)
@@ -471,6 +482,7 @@ def recommend(
         base_batch=req.base,
         noise_scale=req.noise,
         noise_scale_stderr=req.noise_se,
+        noise_from=req.noise_from,
         efficiency=chosen.efficiency,
         samples_per_second=chosen.samples_per_second,
         goodput=chosen.goodput,

@@ -51,8 +51,10 @@ class Recommendation:
     throughput's spread or B_noise's standard error is known -- by more than that at the low end of
     ``gain_range`` too (the gain's extremes across the spread of the timed steps and B_noise ± 1 s.e.). ``schedule`` /
     ``current_schedule`` are the epoch arithmetic at the recommended and the current batch (when the dataset
-    size is known); ``warmup_steps`` converts the rule's warmup epochs into optimizer steps. ``candidates`` is
-    the goodput table, ``explanation`` the reasoning in plain words, one finding per line.
+    size is known); ``warmup_steps`` converts the rule's warmup epochs into optimizer steps. ``noise_scale`` is the
+    B_noise of the efficiency, ``noise_from`` where it came from when not the gradient noise scale (e.g. a
+    critical batch measured by branched runs). ``candidates`` is the goodput table, ``explanation`` the reasoning
+    in plain words, one finding per line.
     """
 
     batch_size: int
@@ -72,6 +74,7 @@ class Recommendation:
     base_batch: int
     noise_scale: float
     noise_scale_stderr: float | None
+    noise_from: str | None
     efficiency: float
     samples_per_second: float
     goodput: float

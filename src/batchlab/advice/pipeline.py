@@ -21,7 +21,8 @@ linear for SGD and sqrt otherwise (:func:`rule_for`); the current batch defaults
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from batchlab import checks
@@ -56,6 +57,8 @@ __all__ = [
     "throughput_curve",
     "step_quantile",
     "CPU_STEP_QUANTILE",
+    "CRITICAL_BATCH_GIVEN",
+    "check_critical_batch",
 ]
 
 # 32: the batch most example scripts and tutorials start from (PyTorch examples, Keras' fit default), used
@@ -77,6 +80,8 @@ THROUGHPUT_SOURCES = ("auto", "profile", "probes")
 # On CUDA the median stays: the evidence above is the CPU's, and a GPU's clock (boost, then throttling when hot)
 # moves step times both ways, so its fastest steps may be a speed the run does not keep.
 CPU_STEP_QUANTILE = 0.1
+# How the explanation names a critical batch passed in as a number (critical_batch=, --critical-batch).
+CRITICAL_BATCH_GIVEN = "the critical batch given, in place of the measured noise scale"
 
 
 class Progress(Protocol):
@@ -138,6 +143,26 @@ class Advice:
     lr_from: str
     rule_reason: str
     seconds: float
+    options: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    def with_critical_batch(self, critical_batch: float, source: str = CRITICAL_BATCH_GIVEN) -> Advice:
+        """The same measurements recommended on again with ``critical_batch`` as B_noise in the efficiency.
+
+        B_simple, the noise scale advise measures, read 0.3-0.9x the critical batch of an exhaustive sweep on
+        digits, MNIST-1D and a char-LM; short runs branched from one state
+        (:func:`batchlab.branch_critical_batch`) landed within 1.5x on all three (benchmarks/RESULTS.md, issue
+        13 item 4). This is how a measured critical batch replaces it: nothing is timed or trained again.
+        ``source`` says in words where the number came from (the explanation names it). A bare number has no
+        standard error, so a switch then has to hold across the throughput's spread alone.
+        """
+        rec = recommend(
+            self.throughput,
+            check_critical_batch(critical_batch),
+            throughput_spread=self.throughput_spread,
+            noise_from=source,
+            **self.options,
+        )
+        return replace(self, recommendation=rec)
 
     def to_dict(self) -> dict:
         """Plain, JSON-ready dict: ``batchlab advise --json`` prints it (with the workload's name first)."""
@@ -166,6 +191,11 @@ class Advice:
             "rule_reason": self.rule_reason,
             "seconds": self.seconds,
         }
+
+
+def check_critical_batch(value: Any) -> float:
+    """A critical batch given in place of the noise scale: a positive, finite number of samples."""
+    return checks.number("critical_batch", value, what="samples, e.g. branch_critical_batch(...).b_crit")
 
 
 def rule_for(optimizer: Any) -> tuple[str, str]:
@@ -215,6 +245,7 @@ def advise(
     noise_batch: int | None = None,
     noise_collector: str = "auto",
     noise_beta: float = DEFAULT_BETA,
+    critical_batch: float | None = None,
     progress: Progress | None = None,
 ) -> Advice:
     """Measure what fits, throughput and the noise scale of ``workload``, then recommend a batch and its LR.
@@ -240,6 +271,9 @@ def advise(
         device, memory_budget, max_batch_size: as for :func:`~batchlab.find_batch_size`.
         noise_steps, noise_batch, noise_collector, noise_beta: as for :func:`~batchlab.measure_noise_scale`
             (default batch: 128, capped by the dataset and what fits).
+        critical_batch: a critical batch measured apart (e.g. :func:`batchlab.branch_critical_batch`'s
+            ``b_crit``) to use as B_noise in the efficiency instead of the measured B_simple, which is still
+            measured and reported (:meth:`Advice.with_critical_batch`).
         progress: told of each phase, probe, timed point and noise step (see :class:`Progress`).
 
     Returns an :class:`Advice`; ``advice.recommendation`` is the :class:`Recommendation`. Every argument is
@@ -271,6 +305,8 @@ def advise(
             "'probes' reads the fit search's probes and times nothing: drop one of them"
         )
     check_rounds(rounds)
+    if critical_batch is not None:
+        check_critical_batch(critical_batch)
     if rounds is not None and throughput == "probes":
         raise ValueError(
             f"rounds {rounds!r} times batch sizes for throughput 'profile'; throughput 'probes' reads the fit "
@@ -312,26 +348,29 @@ def advise(
         on_step=lambda index, _pair: shown.count("step", index + 1, noise_steps),
     )
     noise_seconds = time.perf_counter() - noise_started
-    if estimate.b_simple is None:
+    if estimate.b_simple is None and critical_batch is None:
         raise ValueError(
             f"no noise scale to advise with ({estimate.note}); try more noise steps or a larger noise batch"
         )
-    rec = recommend(
-        curve,
-        estimate,
-        current_batch=current,
-        lr=lr,
-        base_batch=base_batch or current,
-        rule=rule,
-        max_micro_batch=fit.batch_size,
-        world_size=world_size,
-        dataset_size=data,
-        epochs=epochs,
-        gain_threshold=gain_threshold,
-        betas=betas,
-        eps=eps,
-        throughput_spread=spread,
-    )
+    options = {
+        "current_batch": current,
+        "lr": lr,
+        "base_batch": base_batch or current,
+        "rule": rule,
+        "max_micro_batch": fit.batch_size,
+        "world_size": world_size,
+        "dataset_size": data,
+        "epochs": epochs,
+        "gain_threshold": gain_threshold,
+        "betas": betas,
+        "eps": eps,
+    }
+    if critical_batch is None:
+        rec = recommend(curve, estimate, throughput_spread=spread, **options)
+    else:
+        rec = recommend(
+            curve, critical_batch, throughput_spread=spread, noise_from=CRITICAL_BATCH_GIVEN, **options
+        )
     return Advice(
         recommendation=rec,
         fit=fit,
@@ -347,6 +386,7 @@ def advise(
         lr_from=lr_from,
         rule_reason=rule_reason,
         seconds=time.perf_counter() - started,
+        options=options,
     )
 
 

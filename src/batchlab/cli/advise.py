@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
+from dataclasses import dataclass
+from typing import Any
 
 from rich import box
 from rich.console import Console
@@ -20,13 +23,25 @@ from batchlab.advice.pipeline import (
     THROUGHPUT_SOURCES,
     Advice,
     advise,
+    check_critical_batch,
 )
 from batchlab.advice.records import Recommendation
 from batchlab.advice.scaling import RULES
 from batchlab.cli.common import Display, add_workload_options, build_workload
-from batchlab.cli.noise import add_noise_options, check_noise_args, describe_noise
+from batchlab.cli.noise import (
+    add_noise_options,
+    check_branch_values,
+    check_noise_args,
+    describe_noise,
+    parse_branch,
+    print_branched,
+)
 from batchlab.defaults import GAIN_THRESHOLD
+from batchlab.errors import WorkloadError
 from batchlab.profiling.analysis import check_rounds
+from batchlab.sweeps.branched import DEFAULT_REFERENCE_STEPS, BranchedCriticalBatch, branch_critical_batch
+from batchlab.sweeps.branched import RULES as BRANCH_RULES
+from batchlab.sweeps.workload_run import missing_validation
 from batchlab.units import parse_bytes
 
 _SOURCE = {
@@ -103,11 +118,45 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--max-batch-size", type=int, default=None, help="never consider a micro batch above this"
     )
     add_noise_options(parser, prefix="noise-")
+    critical = parser.add_argument_group(
+        "a critical batch in place of B_simple (B_simple read 0.3-0.9x the swept critical batch: issue 13 item 4)"
+    )
+    critical.add_argument(
+        "--critical-batch",
+        type=float,
+        default=None,
+        help="a critical batch measured apart: the efficiency uses it instead of the measured B_simple",
+    )
+    critical.add_argument(
+        "--branch",
+        metavar="SIZES",
+        default=None,
+        help="measure the critical batch by branching short runs at these batch sizes (comma-separated, >= 3) "
+        "from the current state (batchlab.branch_critical_batch; needs workload.validation), each LR moved from "
+        "--base-batch by --rule, then advise with it",
+    )
+    critical.add_argument(
+        "--branch-reference-steps",
+        type=int,
+        default=None,
+        help=f"the branches' target is the validation loss this many steps at --base-batch reach (default "
+        f"{DEFAULT_REFERENCE_STEPS})",
+    )
+    critical.add_argument(
+        "--branch-target-loss",
+        type=float,
+        default=None,
+        help="the validation loss to branch towards, instead",
+    )
     parser.set_defaults(run=run)
 
 
-def _check_args(args: argparse.Namespace) -> None:
-    """Fail on bad flag values before any model is built: a typo must not cost minutes of measuring."""
+_BRANCH_ONLY = ("branch_reference_steps", "branch_target_loss")  # what only --branch reads
+
+
+def _check_args(args: argparse.Namespace) -> list[int] | None:
+    """Fail on bad flag values before any model is built: a typo must not cost minutes of measuring. Returns the
+    ``--branch`` sizes (None without it)."""
     for name in ("batch", "base_batch", "epochs", "dataset_size", "max_batch_size", "world_size"):
         value = getattr(args, name)
         if value is not None:
@@ -123,11 +172,27 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.memory_budget is not None:
         parse_bytes(args.memory_budget)
     check_noise_args(args.noise_steps, args.noise_batch, args.noise_beta)
+    if args.critical_batch is not None:
+        check_critical_batch(args.critical_batch)
+        if args.branch is not None:
+            raise ValueError("--critical-batch gives the critical batch and --branch measures it: drop one")
+    sizes = parse_branch(args, _BRANCH_ONLY)
+    if sizes is not None:
+        check_branch_values(args.branch_reference_steps, args.branch_target_loss)
+        if args.rule not in ("auto", *BRANCH_RULES):
+            raise ValueError(
+                f"--branch moves each branch's LR by the {', '.join(BRANCH_RULES)} rule; --rule {args.rule} is "
+                "not one of them: pick one, or measure the critical batch apart and pass --critical-batch"
+            )
+    return sizes
 
 
 def run(args: argparse.Namespace) -> int:
-    _check_args(args)
+    sizes = _check_args(args)
     workload = build_workload(args)
+    if sizes is not None and getattr(workload, "validation", None) is None:
+        raise WorkloadError(missing_validation(f"--branch: {args.workload}"))
+    branched = None
     with Display(f"advise {args.workload}", enabled=not args.json) as display:
         advice = advise(
             workload,
@@ -149,17 +214,96 @@ def run(args: argparse.Namespace) -> int:
             noise_batch=args.noise_batch,
             noise_collector=args.noise_collector,
             noise_beta=args.noise_beta,
+            critical_batch=args.critical_batch,
             progress=display,
         )
+        from_b_simple = advice
+        if sizes is not None:
+            branched = _branch(workload, sizes, advice, args, display)
+            if branched.b_crit is not None:
+                advice = advice.with_critical_batch(branched.b_crit, BRANCHED)
+    seconds = advice.seconds + (branched.seconds if branched is not None else 0.0)
     if args.json:
-        print(json.dumps({"workload": args.workload, **advice.to_dict()}, indent=2))
+        data = {"workload": args.workload, **advice.to_dict()}
+        if branched is not None:
+            data["branched"] = branched.result.to_dict()
+            data["b_simple_recommendation"] = from_b_simple.recommendation.to_dict()
+        print(json.dumps(data, indent=2))
     else:
         console = Console()
+        if branched is not None:
+            print_branched(console, branched.result, _ratio(advice, branched.b_crit))
         print_advice(console, advice)
+        if branched is not None:
+            _print_b_simple_advice(console, from_b_simple, branched.b_crit)
         console.print(
-            f"[dim]took {advice.seconds:.1f} s; the workload's state was restored after every measurement[/]"
+            f"[dim]took {seconds:.1f} s; the workload's state was restored after every measurement[/]"
         )
-    return 0
+    return 1 if branched is not None and branched.b_crit is None else 0
+
+
+# How the explanation names a critical batch measured by advise --branch.
+BRANCHED = "the critical batch measured by short runs branched from the current state (batchlab.branch_critical_batch)"
+
+
+@dataclass(frozen=True)
+class _Branched:
+    result: BranchedCriticalBatch
+    seconds: float
+
+    @property
+    def b_crit(self) -> float | None:
+        return self.result.b_crit
+
+
+def _branch(
+    workload: Any, sizes: list[int], advice: Advice, args: argparse.Namespace, display: Display
+) -> _Branched:
+    """The branched critical batch from the workload's state, at advise's own LR, base batch and rule, each
+    branch's micro-batch capped at the largest that fits."""
+    rec = advice.recommendation
+    display.phase(
+        f"branching at batches {', '.join(map(str, sizes))} from the current state (base {rec.base_batch})"
+    )
+    started = time.perf_counter()
+    result = branch_critical_batch(
+        workload,
+        sizes,
+        base_batch=rec.base_batch,
+        lr=rec.lr.base_lr,
+        rule=rec.lr.rule,
+        reference_steps=DEFAULT_REFERENCE_STEPS
+        if args.branch_reference_steps is None
+        else args.branch_reference_steps,
+        target_loss=args.branch_target_loss,
+        max_micro_batch=advice.fit.batch_size,
+        on_trial=lambda t: display.line(
+            f"batch {t.batch_size}, lr {t.lr:.3g}: "
+            + (f"{t.steps:.1f} steps to the target" if t.steps is not None else "target not reached")
+        ),
+    )
+    return _Branched(result, time.perf_counter() - started)
+
+
+def _ratio(advice: Advice, b_crit: float | None) -> float | None:
+    b_simple = advice.noise.b_simple
+    return b_simple / b_crit if b_simple and b_crit else None
+
+
+def _print_b_simple_advice(console: Console, from_b_simple: Advice, b_crit: float | None) -> None:
+    """What the measured B_simple alone advises: the recommendation when the branches gave no fit, else a
+    line beside the branched one."""
+    rec = from_b_simple.recommendation
+    if b_crit is None:
+        console.print(
+            "[bold red]the branches gave no critical batch (above): the advice above uses the measured "
+            "B_simple[/]"
+        )
+        return
+    console.print(
+        f"[dim]with the measured B_simple ({rec.noise_scale:,.0f}) instead, advise would recommend batch "
+        f"{rec.batch_size} at learning rate {rec.lr.lr:.3g}[/]"
+    )
 
 
 def print_advice(console: Console, advice: Advice) -> None:
@@ -171,7 +315,12 @@ def print_advice(console: Console, advice: Advice) -> None:
         f"throughput from {advice.throughput_source}: {advice.throughput_detail}\n"
         f"noise: {describe_noise(estimate)}, {advice.noise_collector} collector at batch {advice.noise_batch}, "
         f"{estimate.updates} steps\n"
-        f"learning rate {rec.lr.base_lr:g} from {advice.lr_from}; rule {rec.lr.rule} ({advice.rule_reason})[/]"
+        + (
+            f"efficiency from B_noise {rec.noise_scale:,.0f}, {rec.noise_from}, not from B_simple\n"
+            if rec.noise_from
+            else ""
+        )
+        + f"learning rate {rec.lr.base_lr:g} from {advice.lr_from}; rule {rec.lr.rule} ({advice.rule_reason})[/]"
     )
     console.print()
     how = (

@@ -79,10 +79,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 BRANCH_FLAGS = ("base_batch", "reference_steps", "target_loss", "rule")  # what only --branch reads
 
 
-def parse_branch(args: argparse.Namespace) -> list[int] | None:
-    """The ``--branch`` sizes, or None; a branch flag without ``--branch`` is refused (it would do nothing)."""
+def parse_branch(args: argparse.Namespace, only_with: tuple[str, ...] = BRANCH_FLAGS) -> list[int] | None:
+    """The ``--branch`` sizes, or None. A flag of ``only_with`` (argparse dests) given without ``--branch`` is
+    refused: it would do nothing. Bad sizes are refused by the library's own check, before anything trains."""
     if args.branch is None:
-        given = [f"--{name.replace('_', '-')}" for name in BRANCH_FLAGS if getattr(args, name) is not None]
+        given = [f"--{name.replace('_', '-')}" for name in only_with if getattr(args, name) is not None]
         if given:
             raise ValueError(f"{', '.join(given)} only apply with --branch SIZES (e.g. --branch 8,16,32,64)")
         return None
@@ -92,11 +93,13 @@ def parse_branch(args: argparse.Namespace) -> list[int] | None:
         raise ValueError(
             f"--branch {args.branch!r}: expected comma-separated batch sizes, e.g. 8,16,32,64"
         ) from None
-    # every value checked before anything trains, by the library's own checks
-    checks.integer("base_batch", args.base_batch, none=True)
-    checks.integer("reference_steps", args.reference_steps, none=True)
-    checks.number("target_loss", args.target_loss, none=True)
     return check_batch_sizes(sizes)
+
+
+def check_branch_values(reference_steps: int | None, target_loss: float | None) -> None:
+    """The branch window and target, by the library's own checks, before anything trains."""
+    checks.integer("reference_steps", reference_steps, none=True)
+    checks.number("target_loss", target_loss, none=True)
 
 
 def add_noise_options(parser: argparse.ArgumentParser, prefix: str) -> None:
@@ -140,6 +143,9 @@ def check_noise_args(steps: int, batch: int | None, beta: float) -> None:
 def run(args: argparse.Namespace) -> int:
     check_noise_args(args.steps, args.batch, args.beta)
     sizes = parse_branch(args)
+    if sizes is not None:
+        checks.integer("base_batch", args.base_batch, none=True)
+        check_branch_values(args.reference_steps, args.target_loss)
     workload = require_workload(build_workload(args), "batchlab noise")
     batch = noise_batch_for(workload, args.batch)
     if sizes is not None and getattr(workload, "validation", None) is None:

@@ -69,7 +69,8 @@ from batchlab.advice.pipeline import (  # noqa: E402  (advise: what `batchlab ad
 )
 from batchlab.advice.recommend import recommend  # noqa: E402
 from batchlab.profiling.analysis import sample_quantile  # noqa: E402
-from batchlab.sweeps import Budget, sweep  # noqa: E402
+from batchlab.sweeps import Budget, branch_critical_batch, sweep  # noqa: E402
+from batchlab.sweeps.branched import MEASURED_BY, check_batch_sizes  # noqa: E402
 from batchlab.workloads.tasks import Task  # noqa: E402
 from provenance import machine_line, package_versions, pin_drift  # noqa: E402
 
@@ -184,13 +185,19 @@ def _readings_ms(points: _Points, curve: dict[int, float], q: float) -> dict[str
     return {str(p.batch_size): 1e3 * sample_quantile(p.step_times, q) for p in points.read(curve, q)}
 
 
-def measure_advice(name: str, seed: int, options: dict, noise_factor: float | None) -> dict:
+def measure_advice(name: str, seed: int, options: dict, noise_factor: float | None,
+                   branch: list[int] | None = None) -> dict:  # fmt: skip
     """advise on the task's model (seed ``seed``) at the current batch and LR, as ``batchlab advise --batch 32
     --lr <lr>`` does (``options``: the CLI flags a quick run adds); the recommendation and its own wall time.
 
     With ``noise_factor``, also ``what_if``: the same measurements (curve, spread, fit) recommended on again
     with B_noise and its standard error times the factor -- not what advise does, a labelled experiment on
-    item 4's finding that B_simple measured 0.3-0.5x the swept critical batch."""
+    item 4's finding that B_simple measured 0.3-0.5x the swept critical batch.
+
+    With ``branch`` (batch sizes), also ``branched``: what ``batchlab advise --branch`` does -- the critical batch
+    measured by :func:`batchlab.branch_critical_batch` from the same model at advise's own LR, base batch and rule,
+    each micro-batch within the fit, and the same readings recommended on again with it
+    (:meth:`~batchlab.advice.Advice.with_critical_batch`); its seconds and samples are the measurement's cost."""
     lr = current_lr(name)
     workload = Task(name, noise_every=0)(CURRENT_BATCH, lr, seed).workload()
     load = os.getloadavg()[0]  # the machine's 1-minute load as advise starts: the readings' noise follows it
@@ -244,7 +251,23 @@ def measure_advice(name: str, seed: int, options: dict, noise_factor: float | No
                          b_simple_stderr=noise.b_simple_stderr * noise_factor if noise.b_simple_stderr else None)  # fmt: skip
         rec = recommend(advice.throughput, scaled, throughput_spread=advice.throughput_spread, **again)
         out["what_if"] = {"noise_factor": noise_factor, **_recommended(rec)}
+    if branch:
+        out["branched"] = _branched(workload, branch, advice)
     return out
+
+
+def _branched(workload, sizes: list[int], advice) -> dict:
+    """``advise --branch``'s steps on an advise already made (cli/advise.py's ``_branch``, same arguments)."""
+    rec = advice.recommendation
+    started = time.perf_counter()
+    found = branch_critical_batch(workload, sizes, base_batch=rec.base_batch, lr=rec.lr.base_lr, rule=rec.lr.rule,
+                                  max_micro_batch=advice.fit.batch_size)  # fmt: skip
+    seconds = time.perf_counter() - started
+    cost = {"b_crit": found.b_crit, "note": found.note, "seconds": seconds, "samples_spent": found.samples_spent,
+            "rows": [[r.batch_size, r.steps, r.lr_multiplier] for r in found.rows]}  # fmt: skip
+    if found.b_crit is None:
+        return cost
+    return {**cost, **_recommended(advice.with_critical_batch(found.b_crit, MEASURED_BY).recommendation)}
 
 
 def _train(factory, batch: int, lr: float, base_batch: int, multiplier: float, seed: int, settings: dict,
@@ -371,11 +394,16 @@ def evaluate(
         for key in ("seconds_to_target", "modelled_seconds")
     }
     variants = {}
-    for kind in ("advised", "what-if", "fastest", "median", "betas-kept", "one-window"):
+    branch_seconds = (
+        statistics.fmean(a["branched"]["seconds"] for a in advices) if "branched" in advices[0] else 0.0
+    )
+    for kind in ("advised", "what-if", "fastest", "median", "betas-kept", "one-window", "branched"):
         mine = [r for r in runs if r["kind"] == kind]
         if mine:
             summary = summarise(mine, seeds)
-            modelled = compare(fixed, summary, advice_seconds, current, "modelled_seconds")
+            # advise --branch measures the branches too: its own seconds are advise's and theirs
+            measuring = advice_seconds + (branch_seconds if kind == "branched" else 0.0)
+            modelled = compare(fixed, summary, measuring, current, "modelled_seconds")
             base = (
                 fixed[tuple(modelled["best_fixed"])]["modelled_seconds"] if modelled["best_fixed"] else None
             )
@@ -390,7 +418,7 @@ def evaluate(
                 }
                 for key, best in held_out_bests.items()
             }
-            variants[kind] = {**summary, **compare(fixed, summary, advice_seconds, current), "modelled": modelled,
+            variants[kind] = {**summary, **compare(fixed, summary, measuring, current), "modelled": modelled,
                               "per_seed": per_seed, "held_out": held_out}  # fmt: skip
     return {
         "dataset": name, "target": settings["target"], "samples_cap": settings["samples"], "plan": plan,
@@ -408,7 +436,8 @@ def _advised_job(kind: str, name: str, rec: dict) -> tuple:
 
 
 def check(name: str, plan: dict, settings: dict, seeds: int, advise_options: dict, directory: Path,
-          uri: str | bool, noise_factor: float | None, one_window: bool = False) -> dict:  # fmt: skip
+          uri: str | bool, noise_factor: float | None, one_window: bool = False,
+          branch: list[int] | None = None) -> dict:  # fmt: skip
     """One data set: per seed, advise then a shuffled round of its recommendation (and the what-if's) and every
     fixed configuration."""
     task = Task(name, noise_every=0)
@@ -416,14 +445,16 @@ def check(name: str, plan: dict, settings: dict, seeds: int, advise_options: dic
     for seed in range(seeds):
         if one_window and seed % 2:  # the paired one-window advise first on odd seeds: neither always first
             single = measure_advice(name, seed, {**advise_options, "rounds": 1}, None)
-        advice = measure_advice(name, seed, advise_options, noise_factor)
+        advice = measure_advice(name, seed, advise_options, noise_factor, branch)
         if one_window and not seed % 2:
             single = measure_advice(name, seed, {**advise_options, "rounds": 1}, None)
         if one_window:
             advice["one_window"] = single
         advices.append(advice)
         print(json.dumps({k: advice[k] for k in ("seed", "seconds", "batch", "lr", "b_noise", "gain", "gain_range")}
-                         | {"what_if": advice.get("what_if", {}).get("batch")}), flush=True)  # fmt: skip
+                         | {"what_if": advice.get("what_if", {}).get("batch"),
+                            "branched": {k: advice["branched"].get(k) for k in ("b_crit", "batch", "seconds")}
+                            if "branched" in advice else None}), flush=True)  # fmt: skip
         jobs = [_advised_job("advised", name, advice)]
         if "what_if" in advice:
             jobs.append(_advised_job("what-if", name, advice["what_if"]))
@@ -435,6 +466,8 @@ def check(name: str, plan: dict, settings: dict, seeds: int, advise_options: dic
             jobs.append(_advised_job("betas-kept", name, advice["betas_kept"]))
         if "one_window" in advice:
             jobs.append(_advised_job("one-window", name, advice["one_window"]))
+        if "batch" in advice.get("branched", {}):  # a seed whose branches gave no fit has nothing to train
+            jobs.append(_advised_job("branched", name, advice["branched"]))
         jobs += [
             ("fixed", task, b, settings["lr"], LR_BATCH, m) for b in plan["batches"] for m in plan["grid"]
         ]
@@ -477,14 +510,18 @@ def markdown(results: list[dict], command: str, seconds: float, seeds: int) -> s
                   "fastest": ("what-if fastest step", lambda a: a["fastest"]),
                   "median": ("what-if median reading (advise before)", lambda a: a["median"]),
                   "betas-kept": ("what-if advise's batch and LR, betas kept", lambda a: a["betas_kept"]),
-                  "one-window": ("paired advise rounds=1 (one window a size)", lambda a: a["one_window"])}  # fmt: skip
+                  "one-window": ("paired advise rounds=1 (one window a size)", lambda a: a["one_window"]),
+                  "branched": ("advise --branch (B_crit branched)", lambda a: a["branched"])}  # fmt: skip
         for kind, v in r["variants"].items():
             label, pick = labels[kind]
-            batches = "/".join(str(pick(a)["batch"]) for a in r["advice"])
+            batches = "/".join(str(pick(a).get("batch", "no fit")) for a in r["advice"])
             lines.append(_row(f"**{label}: {batches}**", "-", v))
         lines += ["", "- advise per seed (batch @ LR, B_noise ± s.e., goodput gain (its range), advise's own seconds, "
                   "load average; what the timed steps' full range as the spread would have advised): "
                   + "; ".join(_seed(a) for a in r["advice"])]  # fmt: skip
+        if "branched" in r["advice"][0]:
+            lines.append("- branched per seed (B_crit, the batch @ LR advised with it, the branches' seconds and "
+                         "samples): " + "; ".join(_branch_seed(a["branched"]) for a in r["advice"]))  # fmt: skip
         for kind, v in r["variants"].items():
             if v["best_fixed"] is None:
                 lines.append(f"- {labels[kind][0]}: no fixed configuration reached the target on every seed")
@@ -527,6 +564,14 @@ def _seed(a: dict) -> str:
     if "full_range" in a:
         parts.append(f"full range: {a['full_range']['batch']}")
     return ", ".join(parts)
+
+
+def _branch_seed(b: dict) -> str:
+    """One seed's branched measurement in a line: B_crit (or why none), its advice, its cost."""
+    found = (
+        f"B_crit {b['b_crit']:.0f}, {b['batch']} @ {b['lr']:.3g}" if b["b_crit"] is not None else b["note"]
+    )
+    return f"{found}, {b['seconds']:.1f} s, {b['samples_spent'] / 1e3:.0f}k samples"
 
 
 def _ratio(v: dict, key: str = "ratio") -> str:
@@ -576,6 +621,13 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="also advise with rounds=1 (one timing window a size) on the same seed and train its recommendation",
     )
+    parser.add_argument(
+        "--branch",
+        default=None,
+        metavar="SIZES",
+        help="also advise as `batchlab advise --branch SIZES` does (the critical batch branched from the model, "
+        "comma-separated batch sizes) on the same readings, and train its recommendation",
+    )
     parser.add_argument("--out", default=str(HERE / "results" / "advise_check.json"))
     parser.add_argument(
         "--report", default=None, help="print the section of a saved JSON (re-evaluated) and stop"
@@ -588,6 +640,10 @@ def main(argv: list[str] | None = None) -> None:
         print(markdown(results, f"python benchmarks/advise_check.py --report {args.report}", saved["seconds"],
                        saved["seeds"]))  # fmt: skip
         return
+    try:
+        branch = check_batch_sizes([int(b) for b in args.branch.split(",")]) if args.branch else None
+    except (TypeError, ValueError) as error:
+        parser.error(f"--branch {args.branch!r}: {error}")
     torch.set_num_threads(1)
     datasets, seeds, options = args.datasets.split(","), args.seeds, {}
     if args.quick:
@@ -604,7 +660,18 @@ def main(argv: list[str] | None = None) -> None:
         settings = dict(EXPERIMENTS[name], **({"samples": QUICK["samples"]} if args.quick else {}))
         plan = QUICK["plan"] if args.quick else PLANS[name]
         results.append(
-            check(name, plan, settings, seeds, options, directory, uri, args.what_if or None, args.one_window)
+            check(
+                name,
+                plan,
+                settings,
+                seeds,
+                options,
+                directory,
+                uri,
+                args.what_if or None,
+                args.one_window,
+                branch,
+            )
         )
         payload = {"results": results, "seeds": seeds, "quick": args.quick, "current_batch": CURRENT_BATCH,
                    "current_multiplier": CURRENT_MULTIPLIER, "goal": GOAL, "seconds": time.time() - started,

@@ -143,3 +143,34 @@ def test_quick_run_end_to_end(tmp_path, capsys):
     # the packages behind the numbers, so a shift between runs of the same code can be traced to them
     assert payload["versions"]["torch"] == torch.__version__ and payload["versions"]["numpy"] is not None
     assert payload["pin_drift"] == []  # make install put constraints.txt's versions in
+
+
+def test_quick_run_with_branch_trains_what_advise_branch_recommends(tmp_path):
+    """--branch: the critical batch branched from the seed's model, the same readings recommended on again with
+    it (what `batchlab advise --branch` prints), and that recommendation trained in the round."""
+    out = tmp_path / "advise_check.json"
+    advise_check.main(["--quick", "--what-if", "0", "--branch", "16,32,64", "--directory", str(tmp_path / "store"),
+                       "--out", str(out)])  # fmt: skip
+    (result,) = json.loads(out.read_text())["results"]
+    (advice,) = result["advice"]
+    branched = advice["branched"]
+    assert (
+        branched["b_crit"] > 0
+        and branched["b_noise"] == branched["b_crit"]
+        and branched["b_noise_stderr"] is None
+    )
+    assert [row[0] for row in branched["rows"]] == [16, 32, 64] and branched["samples_spent"] > 0
+    assert branched["b_crit"] != advice["b_noise"]  # B_simple is the other estimate, still advise's own row
+    (run,) = [r for r in result["runs"] if r["kind"] == "branched"]
+    assert (run["batch"], run["lr"]) == (branched["batch"], pytest.approx(branched["lr"]))
+    mine = result["variants"]["branched"]
+    assert mine["ratio"] is not None and mine["ratio_with_advise"] > mine["ratio"]
+
+
+def test_branch_sizes_are_checked_before_anything_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        advise_check.main(["--quick", "--branch", "16,32", "--out", str(tmp_path / "x.json")])
+    assert (
+        "--branch '16,32': batch_sizes [16, 32]: fitting B_crit needs at least 3" in capsys.readouterr().err
+    )
+    assert not (tmp_path / "x.json").exists()

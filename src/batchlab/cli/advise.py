@@ -39,7 +39,12 @@ from batchlab.cli.noise import (
 from batchlab.defaults import GAIN_THRESHOLD
 from batchlab.errors import WorkloadError
 from batchlab.profiling.analysis import check_rounds
-from batchlab.sweeps.branched import DEFAULT_REFERENCE_STEPS, BranchedCriticalBatch, branch_critical_batch
+from batchlab.sweeps.branched import (
+    DEFAULT_REFERENCE_STEPS,
+    MEASURED_BY,
+    BranchedCriticalBatch,
+    branch_critical_batch,
+)
 from batchlab.sweeps.branched import RULES as BRANCH_RULES
 from batchlab.sweeps.workload_run import missing_validation
 from batchlab.units import parse_bytes
@@ -221,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
         if sizes is not None:
             branched = _branch(workload, sizes, advice, args, display)
             if branched.b_crit is not None:
-                advice = advice.with_critical_batch(branched.b_crit, BRANCHED)
+                advice = advice.with_critical_batch(branched.b_crit, MEASURED_BY)
     seconds = advice.seconds + (branched.seconds if branched is not None else 0.0)
     if args.json:
         data = {"workload": args.workload, **advice.to_dict()}
@@ -240,10 +245,6 @@ def run(args: argparse.Namespace) -> int:
             f"[dim]took {seconds:.1f} s; the workload's state was restored after every measurement[/]"
         )
     return 1 if branched is not None and branched.b_crit is None else 0
-
-
-# How the explanation names a critical batch measured by advise --branch.
-BRANCHED = "the critical batch measured by short runs branched from the current state (batchlab.branch_critical_batch)"
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,7 @@ __all__ = [
     "BranchTrial",
     "BranchedCriticalBatch",
     "DEFAULT_REFERENCE_STEPS",
+    "MEASURED_BY",
     "RULES",
     "branch_critical_batch",
     "branch_seed",
@@ -66,6 +67,8 @@ __all__ = [
 # The reference window: 100 steps at the base batch move the loss far enough for steps-to-target to be measured
 # at 1/20-window resolution, and short enough to stay local (Merrill et al. branch over a small window).
 DEFAULT_REFERENCE_STEPS = 100
+# How advice names a critical batch from this module where it stands in for the noise scale (advise --branch).
+MEASURED_BY = "the critical batch measured by short runs branched from the current state (batchlab.branch_critical_batch)"
 RULES = ("sqrt", "linear", "none")  # how the LR moves from base_batch to a branch's batch (advice.scaling)
 # A walked multiplier stays within 2^-6..2^6 of the rule's LR: a best beyond is a diverging rule, not tuning.
 WALK_BOUND = 2.0**6

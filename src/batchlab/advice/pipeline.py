@@ -12,6 +12,10 @@ JSON (:meth:`Advice.to_dict`). Four measurements, each restoring the workload's 
 3. the gradient noise scale (:func:`~batchlab.measure_noise_scale`);
 4. :func:`~batchlab.advice.recommend` combines them with the learning-rate rule and the epoch arithmetic.
 
+A critical batch measured apart (``critical_batch=``; :meth:`Advice.with_critical_batch` on an advice already
+made, which is how ``batchlab advise --branch`` uses :func:`batchlab.branch_critical_batch`) takes B_simple's
+place in the efficiency; B_simple is measured and reported all the same.
+
 The policy the pipeline adds to the pure recommendation: the learning rate, Adam's betas and eps come from the
 optimizer's first parameter group unless given (:func:`optimizer_hyperparameters`); ``rule="auto"`` picks
 linear for SGD and sqrt otherwise (:func:`rule_for`); the current batch defaults to
@@ -126,7 +130,8 @@ class Advice:
     ``throughput_source`` says (``"profile"`` or ``"fit probes"``; ``throughput_detail`` in words). ``noise``
     is the estimate, measured with ``noise_collector`` over ``noise_steps`` steps at ``noise_batch`` in
     ``noise_seconds``. ``lr_from`` and ``rule_reason`` say where the learning rate and its rule came from;
-    ``seconds`` is the whole pipeline's wall time.
+    ``seconds`` is the whole pipeline's wall time. ``options`` are the keyword arguments the recommendation was
+    made with besides the curve, its spread and B_noise (what :meth:`with_critical_batch` recommends again with).
     """
 
     recommendation: Recommendation

@@ -133,6 +133,7 @@ def test_advise_branch_recommends_with_the_branched_b_crit_and_keeps_b_simple_s_
     )
     assert data["b_simple_recommendation"]["noise_scale"] == data["noise"]["b_simple"]
     assert data["b_simple_recommendation"]["noise_from"] is None
+    assert branched["seconds"] > 0 and data["seconds"] > 0  # the branches' own wall time, and advise's
     # the branches run at advise's own LR, base batch and rule, each micro-batch within what fits (16 here)
     assert branched["base_batch"] == 16 and branched["base_lr"] == 1e-2 and branched["rule"] == "sqrt"
     assert [(r["micro_batch"], r["accumulation"]) for r in branched["rows"]] == [(8, 1), (16, 1), (16, 2)]

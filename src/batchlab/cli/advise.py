@@ -231,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         data = {"workload": args.workload, **advice.to_dict()}
         if branched is not None:
-            data["branched"] = branched.result.to_dict()
+            data["branched"] = {**branched.result.to_dict(), "seconds": branched.seconds}
             data["b_simple_recommendation"] = from_b_simple.recommendation.to_dict()
         print(json.dumps(data, indent=2))
     else:

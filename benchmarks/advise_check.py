@@ -376,6 +376,32 @@ def held_out_best(runs: list[dict], key: str, seeds: int) -> dict | None:
     return {"seconds": statistics.fmean(scores), "picks": picks}
 
 
+BOOTSTRAP = 10_000  # resamples of the paired seeds: enough that the interval's ends move < 0.01 between seeds
+
+
+def paired(runs: list[dict], kind: str, against: str, key: str = "modelled_seconds") -> dict | None:
+    """``kind``'s ``key`` minus ``against``'s, seed by seed, over the mean of ``against``: the mean difference
+    (negative: ``kind`` is faster) with a 95% bootstrap interval over the seeds (fixed RNG seed), and how many
+    seeds each was faster on. Both ran in the same shuffled round, on the same seed's readings, so the machine's
+    load and the seed's luck fall on both; None unless both reached the target on two seeds or more."""
+    by_seed = {kind: {}, against: {}}
+    for r in runs:
+        if r["kind"] in by_seed and r.get(key) is not None:
+            by_seed[r["kind"]][r["seed"]] = r[key]
+    seeds = sorted(set(by_seed[kind]) & set(by_seed[against]))
+    if len(seeds) < 2:
+        return None
+    scale = statistics.fmean(by_seed[against][s] for s in seeds)
+    diffs = [(by_seed[kind][s] - by_seed[against][s]) / scale for s in seeds]
+    rng = random.Random(0)
+    means = sorted(statistics.fmean(rng.choices(diffs, k=len(diffs))) for _ in range(BOOTSTRAP))
+    return {
+        "mean": statistics.fmean(diffs), "interval": [means[int(0.025 * BOOTSTRAP)], means[int(0.975 * BOOTSTRAP) - 1]],
+        "faster": sum(d < 0 for d in diffs), "slower": sum(d > 0 for d in diffs), "same": sum(d == 0 for d in diffs),
+        "seeds": len(seeds),
+    }  # fmt: skip
+
+
 def evaluate(
     name: str, plan: dict, settings: dict, seeds: int, advices: list[dict], runs: list[dict]
 ) -> dict:
@@ -423,6 +449,7 @@ def evaluate(
     return {
         "dataset": name, "target": settings["target"], "samples_cap": settings["samples"], "plan": plan,
         "advice": advices, "advice_seconds": advice_seconds, **variants["advised"], "variants": variants,
+        "paired_branched": paired(runs, "branched", "advised"),
         "pooled_speeds": {str(b): v for b, v in speeds.items()},
         "fixed": [{"batch": b, "lr_multiplier": m, **s} for (b, m), s in fixed.items()], "runs": runs,
     }  # fmt: skip
@@ -519,6 +546,11 @@ def markdown(results: list[dict], command: str, seconds: float, seeds: int) -> s
         lines += ["", "- advise per seed (batch @ LR, B_noise ± s.e., goodput gain (its range), advise's own seconds, "
                   "load average; what the timed steps' full range as the spread would have advised): "
                   + "; ".join(_seed(a) for a in r["advice"])]  # fmt: skip
+        if r.get("paired_branched"):
+            p = r["paired_branched"]
+            lines.append(f"- paired per seed, modelled: advise --branch minus advise, over advise's mean: {p['mean']:+.2f} "
+                         f"(95% bootstrap {p['interval'][0]:+.2f}..{p['interval'][1]:+.2f}); faster on {p['faster']} "
+                         f"seeds, slower on {p['slower']}, the same on {p['same']}")  # fmt: skip
         if "branched" in r["advice"][0]:
             lines.append("- branched per seed (B_crit, the batch @ LR advised with it, the branches' seconds and "
                          "samples): " + "; ".join(_branch_seed(a["branched"]) for a in r["advice"]))  # fmt: skip

@@ -174,3 +174,21 @@ def test_branch_sizes_are_checked_before_anything_runs(tmp_path, capsys):
         "--branch '16,32': batch_sizes [16, 32]: fitting B_crit needs at least 3" in capsys.readouterr().err
     )
     assert not (tmp_path / "x.json").exists()
+
+
+def test_paired_differences_are_seed_by_seed_over_the_reference_mean():
+    def run(kind, seed, seconds):
+        return {"kind": kind, "seed": seed, "modelled_seconds": seconds}
+
+    runs = [run("advised", 0, 2.0), run("advised", 1, 2.0), run("advised", 2, 2.0), run("advised", 3, 2.0)]
+    runs += [
+        run("branched", 0, 1.0),
+        run("branched", 1, 2.0),
+        run("branched", 2, 1.0),
+        run("branched", 3, None),
+    ]
+    p = advise_check.paired(runs, "branched", "advised")
+    assert p["seeds"] == 3 and (p["faster"], p["slower"], p["same"]) == (2, 0, 1)  # seed 3 did not reach
+    assert p["mean"] == pytest.approx(-1 / 3) and p["interval"][0] == pytest.approx(-0.5)
+    assert p["interval"][0] <= p["mean"] <= p["interval"][1] <= 0.0
+    assert advise_check.paired(runs[:1] + runs[4:5], "branched", "advised") is None  # one seed: no spread

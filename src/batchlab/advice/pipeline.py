@@ -370,12 +370,8 @@ def advise(
         "betas": betas,
         "eps": eps,
     }
-    if critical_batch is None:
-        rec = recommend(curve, estimate, throughput_spread=spread, **options)
-    else:
-        rec = recommend(
-            curve, critical_batch, throughput_spread=spread, noise_from=CRITICAL_BATCH_GIVEN, **options
-        )
+    noise, noise_from = (estimate, None) if critical_batch is None else (critical_batch, CRITICAL_BATCH_GIVEN)
+    rec = recommend(curve, noise, throughput_spread=spread, noise_from=noise_from, **options)
     return Advice(
         recommendation=rec,
         fit=fit,

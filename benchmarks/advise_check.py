@@ -69,8 +69,8 @@ from batchlab.advice.pipeline import (  # noqa: E402  (advise: what `batchlab ad
 )
 from batchlab.advice.recommend import recommend  # noqa: E402
 from batchlab.profiling.analysis import sample_quantile  # noqa: E402
-from batchlab.sweeps import Budget, branch_critical_batch, sweep  # noqa: E402
-from batchlab.sweeps.branched import MEASURED_BY, check_batch_sizes  # noqa: E402
+from batchlab.sweeps import Budget, branch_advice, sweep  # noqa: E402
+from batchlab.sweeps.branched import check_batch_sizes  # noqa: E402
 from batchlab.workloads.tasks import Task  # noqa: E402
 from provenance import machine_line, package_versions, pin_drift  # noqa: E402
 
@@ -257,17 +257,11 @@ def measure_advice(name: str, seed: int, options: dict, noise_factor: float | No
 
 
 def _branched(workload, sizes: list[int], advice) -> dict:
-    """``advise --branch``'s steps on an advise already made (cli/advise.py's ``_branch``, same arguments)."""
-    rec = advice.recommendation
-    started = time.perf_counter()
-    found = branch_critical_batch(workload, sizes, base_batch=rec.base_batch, lr=rec.lr.base_lr, rule=rec.lr.rule,
-                                  max_micro_batch=advice.fit.batch_size)  # fmt: skip
-    seconds = time.perf_counter() - started
-    cost = {"b_crit": found.b_crit, "note": found.note, "seconds": seconds, "samples_spent": found.samples_spent,
+    """``advise --branch``'s steps on an advise already made: :func:`batchlab.sweeps.branch_advice`, as the CLI."""
+    found, again = branch_advice(workload, advice, sizes)
+    cost = {"b_crit": found.b_crit, "note": found.note, "seconds": found.seconds, "samples_spent": found.samples_spent,
             "rows": [[r.batch_size, r.steps, r.lr_multiplier] for r in found.rows]}  # fmt: skip
-    if found.b_crit is None:
-        return cost
-    return {**cost, **_recommended(advice.with_critical_batch(found.b_crit, MEASURED_BY).recommendation)}
+    return {**cost, **_recommended(again.recommendation)} if found.b_crit is not None else cost
 
 
 def _train(factory, batch: int, lr: float, base_batch: int, multiplier: float, seed: int, settings: dict,

@@ -320,3 +320,24 @@ def test_the_cap_stops_only_runs_that_cannot_be_the_best():
     assert step_cap(36, None, orders=3, evaluate_every=1) == 36
     assert step_cap(36, 4.2, orders=3, evaluate_every=2) == 13 + 2
     assert step_cap(36, 20.0, orders=3, evaluate_every=1) == 36
+
+
+def test_branch_advice_recommends_again_with_the_b_crit_at_the_advice_s_own_lr_base_and_rule():
+    """advise --branch's library call: branches at advise's LR, base batch and rule, micro-batches within the
+    fit, the same readings recommended with B_crit; without a fit the advice comes back unchanged."""
+    import batchlab
+    from batchlab.sweeps import branch_advice
+    from batchlab.sweeps.branched import MEASURED_BY
+
+    work = _workload()
+    advice = batchlab.advise(work, current_batch=16, lr=3e-3, rule="linear", throughput="probes", noise_steps=10,
+                             noise_batch=16, max_batch_size=16, device="cpu")  # fmt: skip
+    before = workload_state(work)
+    found, again = branch_advice(work, advice, [8, 16, 32], reference_steps=10)
+    assert_same_state(before, workload_state(work))
+    assert (found.base_batch, found.base_lr, found.rule) == (16, 3e-3, "linear") and found.seconds > 0
+    assert [(row.micro_batch, row.accumulation) for row in found.rows] == [(8, 1), (16, 1), (16, 2)]
+    assert found.b_crit is not None and again.recommendation.noise_scale == found.b_crit
+    assert again.recommendation == advice.with_critical_batch(found.b_crit, MEASURED_BY).recommendation
+    none, same = branch_advice(work, advice, [8, 16, 32], target_loss=1e-3, reference_steps=5)
+    assert none.b_crit is None and same is advice

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
-from dataclasses import dataclass
-from typing import Any
 
 from rich import box
 from rich.console import Console
@@ -30,21 +27,18 @@ from batchlab.advice.scaling import RULES
 from batchlab.cli.common import Display, add_workload_options, build_workload
 from batchlab.cli.noise import (
     add_noise_options,
+    b_simple_over_b_crit,
     check_branch_values,
     check_noise_args,
     describe_noise,
     parse_branch,
     print_branched,
+    trial_line,
 )
 from batchlab.defaults import GAIN_THRESHOLD
 from batchlab.errors import WorkloadError
 from batchlab.profiling.analysis import check_rounds
-from batchlab.sweeps.branched import (
-    DEFAULT_REFERENCE_STEPS,
-    MEASURED_BY,
-    BranchedCriticalBatch,
-    branch_critical_batch,
-)
+from batchlab.sweeps.branched import DEFAULT_REFERENCE_STEPS, branch_advice
 from batchlab.sweeps.branched import RULES as BRANCH_RULES
 from batchlab.sweeps.workload_run import missing_validation
 from batchlab.units import parse_bytes
@@ -224,20 +218,31 @@ def run(args: argparse.Namespace) -> int:
         )
         from_b_simple = advice
         if sizes is not None:
-            branched = _branch(workload, sizes, advice, args, display)
-            if branched.b_crit is not None:
-                advice = advice.with_critical_batch(branched.b_crit, MEASURED_BY)
+            display.phase(
+                f"branching at batches {', '.join(map(str, sizes))} from the current state "
+                f"(base {advice.recommendation.base_batch})"
+            )
+            branched, advice = branch_advice(
+                workload,
+                advice,
+                sizes,
+                reference_steps=DEFAULT_REFERENCE_STEPS
+                if args.branch_reference_steps is None
+                else args.branch_reference_steps,
+                target_loss=args.branch_target_loss,
+                on_trial=lambda trial: display.line(trial_line(trial)),
+            )
     seconds = advice.seconds + (branched.seconds if branched is not None else 0.0)
     if args.json:
         data = {"workload": args.workload, **advice.to_dict()}
         if branched is not None:
-            data["branched"] = {**branched.result.to_dict(), "seconds": branched.seconds}
+            data["branched"] = branched.to_dict()
             data["b_simple_recommendation"] = from_b_simple.recommendation.to_dict()
         print(json.dumps(data, indent=2))
     else:
         console = Console()
         if branched is not None:
-            print_branched(console, branched.result, _ratio(advice, branched.b_crit))
+            print_branched(console, branched, b_simple_over_b_crit(advice.noise, branched))
         print_advice(console, advice)
         if branched is not None:
             _print_b_simple_advice(console, from_b_simple, branched.b_crit)
@@ -245,50 +250,6 @@ def run(args: argparse.Namespace) -> int:
             f"[dim]took {seconds:.1f} s; the workload's state was restored after every measurement[/]"
         )
     return 1 if branched is not None and branched.b_crit is None else 0
-
-
-@dataclass(frozen=True)
-class _Branched:
-    result: BranchedCriticalBatch
-    seconds: float
-
-    @property
-    def b_crit(self) -> float | None:
-        return self.result.b_crit
-
-
-def _branch(
-    workload: Any, sizes: list[int], advice: Advice, args: argparse.Namespace, display: Display
-) -> _Branched:
-    """The branched critical batch from the workload's state, at advise's own LR, base batch and rule, each
-    branch's micro-batch capped at the largest that fits."""
-    rec = advice.recommendation
-    display.phase(
-        f"branching at batches {', '.join(map(str, sizes))} from the current state (base {rec.base_batch})"
-    )
-    started = time.perf_counter()
-    result = branch_critical_batch(
-        workload,
-        sizes,
-        base_batch=rec.base_batch,
-        lr=rec.lr.base_lr,
-        rule=rec.lr.rule,
-        reference_steps=DEFAULT_REFERENCE_STEPS
-        if args.branch_reference_steps is None
-        else args.branch_reference_steps,
-        target_loss=args.branch_target_loss,
-        max_micro_batch=advice.fit.batch_size,
-        on_trial=lambda t: display.line(
-            f"batch {t.batch_size}, lr {t.lr:.3g}: "
-            + (f"{t.steps:.1f} steps to the target" if t.steps is not None else "target not reached")
-        ),
-    )
-    return _Branched(result, time.perf_counter() - started)
-
-
-def _ratio(advice: Advice, b_crit: float | None) -> float | None:
-    b_simple = advice.noise.b_simple
-    return b_simple / b_crit if b_simple and b_crit else None
 
 
 def _print_b_simple_advice(console: Console, from_b_simple: Advice, b_crit: float | None) -> None:

@@ -27,6 +27,7 @@ from batchlab.noise import (
 from batchlab.sweeps.branched import (
     DEFAULT_REFERENCE_STEPS,
     BranchedCriticalBatch,
+    BranchTrial,
     branch_critical_batch,
     check_batch_sizes,
 )
@@ -178,14 +179,9 @@ def run(args: argparse.Namespace) -> int:
                 else args.reference_steps,
                 target_loss=args.target_loss,
                 rule="sqrt" if args.rule is None else args.rule,
-                on_trial=lambda t: display.line(
-                    f"batch {t.batch_size}, lr {t.lr:.3g}: "
-                    + (f"{t.steps:.1f} steps to the target" if t.steps is not None else "target not reached")
-                ),
+                on_trial=lambda trial: display.line(trial_line(trial)),
             )
-    ratio = (
-        estimate.b_simple / branched.b_crit if branched and branched.b_crit and estimate.b_simple else None
-    )
+    ratio = b_simple_over_b_crit(estimate, branched) if branched is not None else None
     if args.json:
         data = measurement_dict(estimate, kind, batch, args.steps, seconds)
         data["workload"] = args.workload
@@ -201,6 +197,17 @@ def run(args: argparse.Namespace) -> int:
     if branched is not None and branched.fit is None:
         return 1
     return 0 if estimate.b_simple is not None else 1
+
+
+def trial_line(trial: BranchTrial) -> str:
+    """One LR tried at one batch, as it finishes (the progress of ``--branch``)."""
+    reached = f"{trial.steps:.1f} steps to the target" if trial.steps is not None else "target not reached"
+    return f"batch {trial.batch_size}, lr {trial.lr:.3g}: {reached}"
+
+
+def b_simple_over_b_crit(estimate: NoiseScaleEstimate, branched: BranchedCriticalBatch) -> float | None:
+    """How near the noise scale lands to the branched critical batch (None where either is missing)."""
+    return estimate.b_simple / branched.b_crit if branched.b_crit and estimate.b_simple else None
 
 
 def print_branched(console: Console, branched: BranchedCriticalBatch, ratio: float | None) -> None:

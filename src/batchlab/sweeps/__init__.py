@@ -11,7 +11,7 @@ The modules, each with one job (lower ones never import higher ones):
 - :mod:`~batchlab.sweeps.runner`: one run's training loop; :mod:`~batchlab.sweeps.auto`: ``"auto"`` sizes;
   :mod:`~batchlab.sweeps.ramped_run`: a run whose batch ramps with the noise scale (:class:`RampFactory`);
 - :mod:`~batchlab.sweeps.branched`: the critical batch measured directly, by short runs at several batch sizes
-  branched from a Workload's state (:func:`branch_critical_batch`);
+  branched from a Workload's state (:func:`branch_critical_batch`), and advice made with it (:func:`branch_advice`);
 - :mod:`~batchlab.sweeps.tracking` (MLflow), :mod:`~batchlab.sweeps.ray_backend` (Ray Tune),
   :mod:`~batchlab.sweeps.plots` and :mod:`~batchlab.sweeps.report` (PNGs, one HTML page);
 - :mod:`~batchlab.sweeps.api`: :func:`sweep`, which ties them together (``batchlab.sweep`` at the top level).
@@ -19,7 +19,7 @@ The modules, each with one job (lower ones never import higher ones):
 
 from batchlab.sweeps.api import sweep
 from batchlab.sweeps.auto import AUTO_MIN_BATCH, auto_batch_sizes
-from batchlab.sweeps.branched import BranchedCriticalBatch, branch_critical_batch
+from batchlab.sweeps.branched import BranchedCriticalBatch, branch_advice, branch_critical_batch
 from batchlab.sweeps.ramped_run import RampedRun, RampFactory
 from batchlab.sweeps.records import (
     Budget,
@@ -72,6 +72,7 @@ __all__ = [
     "WorkloadRun",
     "accuracy",
     "auto_batch_sizes",
+    "branch_advice",
     "branch_critical_batch",
     "default_tracking_uri",
     "execute_run",

@@ -39,10 +39,12 @@ error, which propagates -- the model, optimizer, GradScaler and every RNG are as
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 from batchlab import checks
+from batchlab.advice.pipeline import Advice
 from batchlab.advice.scaling import plan_batch, scale_lr
 from batchlab.errors import WorkloadError
 from batchlab.noise.critical import CriticalBatchFit, crossing, fit_critical_batch
@@ -57,6 +59,7 @@ __all__ = [
     "DEFAULT_REFERENCE_STEPS",
     "MEASURED_BY",
     "RULES",
+    "branch_advice",
     "branch_critical_batch",
     "branch_seed",
     "check_batch_sizes",
@@ -176,7 +179,8 @@ class BranchedCriticalBatch:
     """The critical batch fitted to steps-to-target of branches from one state (module docstring).
 
     ``fit`` is None when fewer than three batches reached the target; ``note`` then says so. ``steps_spent`` and
-    ``samples_spent`` count every training step taken, the reference run's included, to price the measurement.
+    ``samples_spent`` count every training step taken, the reference run's included, and ``seconds`` is the
+    measurement's wall time: what it cost.
     """
 
     start_loss: float
@@ -190,6 +194,7 @@ class BranchedCriticalBatch:
     fit: CriticalBatchFit | None
     steps_spent: int
     samples_spent: int
+    seconds: float
     note: str
 
     @property
@@ -274,9 +279,8 @@ class _Brancher:
         self.max_micro_batch = max_micro_batch
         self.steps = 0
         self.samples = 0
-        self.start_loss = (
-            math.nan
-        )  # the validation loss at the snapshot, read once: every branch starts there
+        # the validation loss at the snapshot, read once: every branch starts there
+        self.start_loss = math.nan
 
     def split(self, batch_size: int) -> tuple[int, int]:
         """(micro-batch, accumulation) of ``batch_size``: whole, or within ``max_micro_batch`` (plan_batch)."""
@@ -358,6 +362,7 @@ def branch_critical_batch(
     Returns a :class:`BranchedCriticalBatch`. Raises ``ValueError``/``TypeError`` naming a bad argument before
     anything trains, and :class:`~batchlab.errors.WorkloadError` for a Workload without validation data.
     """
+    started = time.perf_counter()
     if isinstance(workload, StepFunction) or not isinstance(workload, Workload):
         raise TypeError(
             f"branch_critical_batch trains a batchlab.Workload (with validation data), got {type(workload).__name__}"
@@ -468,5 +473,39 @@ def branch_critical_batch(
         fit=fit,
         steps_spent=brancher.steps,
         samples_spent=brancher.samples,
+        seconds=time.perf_counter() - started,
         note=note,
     )
+
+
+def branch_advice(
+    workload: Workload,
+    advice: Advice,
+    batch_sizes: Sequence[int],
+    *,
+    reference_steps: int = DEFAULT_REFERENCE_STEPS,
+    target_loss: float | None = None,
+    on_trial: Callable[[BranchTrial], None] | None = None,
+) -> tuple[BranchedCriticalBatch, Advice]:
+    """What ``batchlab advise --branch`` adds to :func:`batchlab.advise`: the critical batch branched from the
+    workload at the advice's own LR, base batch and rule, each micro-batch within its fit, and the advice
+    recommended again with it (:meth:`~batchlab.advice.Advice.with_critical_batch`, named :data:`MEASURED_BY`).
+
+    Returns (the branched measurement, the advice with its B_crit); the advice comes back unchanged when the
+    branches give no fit (``b_crit`` None). ``workload`` is the one ``advice`` measured, at the same state.
+    """
+    rec = advice.recommendation
+    found = branch_critical_batch(
+        workload,
+        batch_sizes,
+        base_batch=rec.base_batch,
+        lr=rec.lr.base_lr,
+        rule=rec.lr.rule,
+        reference_steps=reference_steps,
+        target_loss=target_loss,
+        max_micro_batch=advice.fit.batch_size,
+        on_trial=on_trial,
+    )
+    if found.b_crit is None:
+        return found, advice
+    return found, advice.with_critical_batch(found.b_crit, MEASURED_BY)

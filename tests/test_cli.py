@@ -24,7 +24,7 @@ def test_fit_json_prints_only_json(capsys):
     code, out, _ = run_cli(capsys, "fit", "--workload", "mlp-digits", "--device", "cpu", "--json")
     data = json.loads(out)
     assert code == 0
-    assert data["batch_size"] == 1797 and data["limited_by"] == "dataset size"  # digits has 1797 samples
+    assert data["batch_size"] == 1438 and data["limited_by"] == "dataset size"  # the training split
     assert data["probes"] and all(
         p["outcome"] in {"fits", "over budget", "oom", "skipped"} for p in data["probes"]
     )

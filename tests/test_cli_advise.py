@@ -31,7 +31,7 @@ def test_advise_prints_a_recommendation_with_its_reasoning(capsys):
     assert "gradient noise scale B_noise ≈" in out and "critical batch" in out  # the reasoning
     assert "goodput" in out and "peaks at" in out
     assert ("switch from 32 to" in out) or ("keep batch 32" in out)  # the 5% rule, either way
-    assert re.search(r"optimizer steps? per epoch x 3 epochs", out)  # the schedule (1797 digits)
+    assert re.search(r"optimizer steps? per epoch x 3 epochs", out)  # the schedule (1438 digits)
     assert "throughput from fit probes" in out  # says which timing was used
     assert "rule sqrt (Adam is adaptive" in out  # mlp-digits trains with Adam
 
@@ -44,11 +44,11 @@ def test_advise_json_parses_and_holds_the_whole_story(capsys):
     data = json.loads(out)  # only JSON on stdout
     rec = data["recommendation"]
     assert rec["current_batch"] == 64 and rec["base_batch"] == 64 and rec["lr"]["base_lr"] == 3e-4
-    assert isinstance(rec["batch_size"], int) and 2 <= rec["batch_size"] <= 1797
+    assert isinstance(rec["batch_size"], int) and 2 <= rec["batch_size"] <= 1438
     assert rec["micro_batch"] * rec["accumulation_steps"] == rec["batch_size"]
-    assert rec["schedule"]["dataset_size"] == 1797 and rec["explanation"] and rec["candidates"]
+    assert rec["schedule"]["dataset_size"] == 1438 and rec["explanation"] and rec["candidates"]
     assert data["throughput_source"] == "fit probes" and data["throughput"]
-    assert data["fit"]["batch_size"] == 1797 and data["noise"]["collector"] == "split"
+    assert data["fit"]["batch_size"] == 1438 and data["noise"]["collector"] == "split"
     assert data["noise"]["b_simple"] == rec["noise_scale"]
 
 
@@ -97,7 +97,7 @@ def test_noise_reports_b_simple_with_its_uncertainty(capsys):
         (["advise", "--gain-threshold", "-1"], "invalid --gain-threshold -1.0"),
         (["advise", "--noise-steps", "0"], "invalid steps 0"),
         (["advise", "--memory-budget", "lots"], "invalid byte size 'lots'"),
-        (["advise", "--batch", "5000"], "current_batch 5000 is larger than the dataset (1797 samples)"),
+        (["advise", "--batch", "5000"], "current_batch 5000 is larger than the dataset (1438 samples)"),
         (["advise", "--noise-collector", "accumulation"], "collector 'accumulation' needs a workload"),
         (["advise", "--rounds", "0"], "invalid --rounds 0: expected an int >= 1 or None"),
         (["advise", "--rounds", "31"], "invalid --rounds 31: expected an int from 1 to 30"),

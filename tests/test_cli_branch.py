@@ -97,6 +97,15 @@ def test_a_target_above_the_start_ends_in_one_error_line_after_the_progress(caps
     assert "Traceback" not in err + out
 
 
+def test_branch_runs_on_the_built_in_mlp_digits_which_holds_out_its_validation_split(capsys):
+    code, out, err = run_cli(
+        capsys, "noise", "--workload", "mlp-digits", *QUICK, "--branch", "16,32,64", "--json"
+    )
+    assert code == 0, err
+    branched = json.loads(out)["branched"]
+    assert branched["b_crit"] > 0 and [row["batch_size"] for row in branched["rows"]] == [16, 32, 64]
+
+
 def test_branch_needs_validation_data_and_says_what_to_add(capsys, workload):
     code, _, err = run_cli(capsys, "noise", "--workload", f"{workload}:no_validation", "--device", "cpu",
                            "--branch", "8,16,32")  # fmt: skip

@@ -32,6 +32,7 @@ from batchlab.sweeps import (
     sweep,
 )
 from batchlab.sweeps.records import fingerprint
+from batchlab.workloads import load_workload
 from batchlab.workloads.tasks import Task, load_task
 from sweep_helpers import ScriptedRun, fresh_store, sweep_config, sweep_run
 
@@ -262,6 +263,18 @@ def test_tasks_split_and_seed():
         assert torch.equal(p, q)  # same seed, same initial weights at every batch size
     with pytest.raises(ValueError, match="larger than the 1438 training samples"):
         Task("mlp-digits")(4096, 1e-3, 0)
+
+
+def test_the_mlp_digits_workload_trains_and_validates_on_the_tasks_split():
+    (xt, yt), (xv, yv) = Task("mlp-digits").data()
+    workload = load_workload("mlp-digits")
+    assert workload.dataset_size == len(xt) == 1438
+    assert torch.equal(workload.validation[0], xv) and torch.equal(workload.validation[1], yv)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        inputs, _ = workload.make_batch(4096)
+    drawn = {tuple(row.tolist()) for row in inputs}
+    assert drawn <= {tuple(row.tolist()) for row in xt}  # every batch comes from the training split
 
 
 def test_auto_batch_sizes_are_powers_of_two_up_to_the_training_set():

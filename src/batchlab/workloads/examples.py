@@ -1,7 +1,7 @@
 """Four small training workloads that run offline on the CPU in seconds, each a different memory shape.
 
-- ``mlp_digits``: real data (sklearn's bundled 8x8 digits, 1797 samples) -- tiny activations; capped by
-  the dataset size, which shows the cap logic.
+- ``mlp_digits``: real data (sklearn's bundled 8x8 digits: 1438 to train on, 359 held out for validation) --
+  tiny activations; capped by the dataset size, which shows the cap logic.
 - ``small_cnn``: a plain conv net on 3x64x64 images -- activations dominate and grow linearly.
 - ``resnet``: residual blocks with BatchNorm and SGD+momentum -- buffers that a search must restore.
 - ``gpt``: a small GPT-style decoder on 128-token sequences with AdamW -- attention's per-sample memory.
@@ -14,14 +14,24 @@ memory and speed do not depend on what the pixels show. ``cnn``, ``resnet`` and 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
 from batchlab.workload.workload import Workload
 
+Split = tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+DIGITS_VAL_FRACTION = 0.2  # the usual 80/20 hold-out; the split is fixed (seed 0), independent of run seeds
 
-def mlp_digits(device: str = "cpu") -> Workload:
-    """MLP on sklearn's digits (real data, ships offline): 64-256-256-10, Adam, 1797 samples."""
+
+@functools.cache
+def digits_split() -> Split:
+    """sklearn's 1797 digits as ((train x, y), (val x, y)): 1438 / 359, pixels scaled to [0, 1], on the CPU.
+
+    One split serves the ``mlp-digits`` workload and the ``mlp-digits`` sweep task, so a branch, a sweep and a
+    fit on either train and validate on the same samples.
+    """
     try:
         from sklearn.datasets import load_digits
     except ImportError:
@@ -29,8 +39,22 @@ def mlp_digits(device: str = "cpu") -> Workload:
             "the mlp-digits workload needs scikit-learn: pip install 'batchlab[examples]'"
         ) from None
     digits = load_digits()
-    inputs = torch.tensor(digits.data, dtype=torch.float32, device=device) / 16.0
-    labels = torch.tensor(digits.target, dtype=torch.long, device=device)
+    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(digits.target, dtype=torch.long)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    n_val = round(len(y) * DIGITS_VAL_FRACTION)
+    val, train = order[:n_val], order[n_val:]
+    return (x[train], y[train]), (x[val], y[val])
+
+
+def mlp_digits(device: str = "cpu") -> Workload:
+    """MLP on sklearn's digits (real data, ships offline): 64-256-256-10, Adam, 1438 train / 359 validation.
+
+    Batches are drawn from the training split; ``validation`` is the held-out split, so the commands that
+    train and compare (``noise --branch``, ``advise --branch``, a sweep of the workload) run on it as they are.
+    """
+    (train_x, train_y), (val_x, val_y) = digits_split()
+    inputs, labels = train_x.to(device), train_y.to(device)
     model = nn.Sequential(
         nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
     ).to(device)
@@ -46,6 +70,7 @@ def mlp_digits(device: str = "cpu") -> Workload:
         lambda p: torch.optim.Adam(p, lr=1e-3),
         dataset_size=len(labels),
         name="mlp-digits",
+        validation=(val_x.to(device), val_y.to(device)),
     )
 
 

@@ -3,8 +3,9 @@
 Each task is a :class:`Task`, a picklable factory ``task(batch_size, lr, seed) -> SupervisedRun`` (so it
 travels to Ray workers); the data is built once per process and cached.
 
-- ``mlp-digits``: sklearn's bundled 8x8 digits (1797 real images), 80/20 split -> 1438 train / 359 val;
-  MLP 64-256-256-10 with Adam, as the ``mlp-digits`` workload.
+- ``mlp-digits``: sklearn's bundled 8x8 digits (1797 real images), 80/20 split -> 1438 train / 359 val
+  (:func:`~batchlab.workloads.examples.digits_split`, the ``mlp-digits`` workload's own); MLP 64-256-256-10
+  with Adam, as that workload.
 - ``mnist1d``: MNIST-1D (Greydanus 2020), 4000 train / 1000 test sequences of length 40 generated offline
   by ``mnist1d.data.make_dataset(get_dataset_args())`` (its ``get_dataset()`` downloads; never called);
   MLP 40-256-256-10 with Adam. Needs ``pip install mnist1d``.
@@ -42,28 +43,9 @@ from batchlab.sweeps import NOISE_EVERY, SupervisedRun, WorkloadFactory
 from batchlab.sweeps.trainable import OPTIONS, close_run
 from batchlab.workload.workload import Workload
 from batchlab.workloads import load_callable
+from batchlab.workloads.examples import Split, digits_split
 
 __all__ = ["Task", "TASKS", "ConfiguredFactory", "load_task", "describe_tasks"]
-
-Split = tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-VAL_FRACTION = 0.2  # digits: the usual 80/20 hold-out; the split is fixed (seed 0), independent of run seeds
-
-
-@functools.cache
-def _digits() -> Split:
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:
-        raise ImportError(
-            "the mlp-digits task needs scikit-learn: pip install 'batchlab[examples]'"
-        ) from None
-    digits = load_digits()
-    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(digits.target, dtype=torch.long)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    n_val = round(len(y) * VAL_FRACTION)
-    val, train = order[:n_val], order[n_val:]
-    return (x[train], y[train]), (x[val], y[val])
 
 
 @functools.cache
@@ -132,7 +114,7 @@ def _mlp(sizes: tuple[int, ...]) -> nn.Module:
 
 
 _DATA: dict[str, Callable[[], Split]] = {
-    "mlp-digits": _digits,
+    "mlp-digits": digits_split,
     "mnist1d": _mnist1d,
     "teacher-student": _teacher_student,
     "char-lm": _char_lm,

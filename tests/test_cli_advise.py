@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from batchlab.advice.pipeline import ADVISE_MAX_BATCH
 from batchlab.cli import main
 
 # Few noise steps keep each run to seconds; the numbers are not asserted, only their presence and shape.
@@ -143,6 +144,12 @@ def make():
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
     adam = lambda params: torch.optim.Adam(params, lr=1e-3)
     return batchlab.Workload(model, make_batch, nn.functional.cross_entropy, adam, dataset_size=256)
+
+
+def unbounded():
+    workload = make()
+    workload.dataset_size = None  # a stream: only memory bounds the batch, at ~10^8 samples of 8 floats
+    return workload
 """
 
 
@@ -193,3 +200,35 @@ def test_python_advise_gives_what_the_cli_prints(capsys, tmp_path, monkeypatch):
     assert from_python == from_cli
     assert from_cli["throughput_source"] == "profile" and from_cli["recommendation"]["candidates"]
     assert advice.recommendation.batch_size == from_cli["recommendation"]["batch_size"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "fit", "said"),
+    [
+        (
+            [],
+            ADVISE_MAX_BATCH,
+            "(advise's cap of 65,536: no larger micro-batch can win on goodput; --max-batch-size",
+        ),
+        (
+            ["--max-batch-size", str(2 * ADVISE_MAX_BATCH)],
+            2 * ADVISE_MAX_BATCH,
+            "(limited by max_batch_size)",
+        ),
+    ],
+)
+def test_advise_measures_up_to_its_cap_without_a_dataset_size_unless_told(capsys, tmp_path, flags, fit, said):
+    """A small model with no dataset size fits ~10^8 samples in RAM: searching and timing up there took minutes.
+    advise stops at ADVISE_MAX_BATCH and says so; --max-batch-size moves the cap either way."""
+    path = tmp_path / "tiny_advise.py"
+    path.write_text(TINY_WORKLOAD)
+    args = ["advise", "--workload", f"{path}:unbounded", "--device", "cpu", "--throughput", "probes",
+            "--noise-steps", "10", *flags]  # fmt: skip
+    code, out, err = run_cli(capsys, *args, "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["fit"]["batch_size"] == fit and data["fit"]["limited_by"] == "max_batch_size"
+    assert max(int(b) for b in data["throughput"]) == fit
+    code, out, err = run_cli(capsys, *args)
+    assert code == 0, err
+    assert said in " ".join(out.split())

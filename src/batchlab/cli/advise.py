@@ -15,6 +15,7 @@ from rich.table import Table
 
 from batchlab import checks
 from batchlab.advice.pipeline import (
+    ADVISE_MAX_BATCH,
     ADVISE_SECONDS_PER_POINT,
     DEFAULT_CURRENT_BATCH,
     THROUGHPUT_SOURCES,
@@ -37,6 +38,7 @@ from batchlab.cli.noise import (
 )
 from batchlab.defaults import GAIN_THRESHOLD
 from batchlab.errors import WorkloadError
+from batchlab.fit.records import Limit
 from batchlab.profiling.analysis import check_rounds
 from batchlab.sweeps.branched import DEFAULT_REFERENCE_STEPS, branch_advice
 from batchlab.sweeps.branched import RULES as BRANCH_RULES
@@ -114,7 +116,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--memory-budget", default=None, help='treat the device as having this much memory, e.g. "4GiB"'
     )
     parser.add_argument(
-        "--max-batch-size", type=int, default=None, help="never consider a micro batch above this"
+        "--max-batch-size",
+        type=int,
+        default=None,
+        help=f"never consider a micro batch above this (default {ADVISE_MAX_BATCH:,}: larger ones cannot win on "
+        "goodput, and a small model with no dataset size fits millions)",
     )
     add_noise_options(parser, prefix="noise-")
     critical = parser.add_argument_group(
@@ -243,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
         console = Console()
         if branched is not None:
             print_branched(console, branched, b_simple_over_b_crit(advice.noise, branched))
-        print_advice(console, advice)
+        print_advice(console, advice, cap_given=args.max_batch_size is not None)
         if branched is not None:
             _print_b_simple_advice(console, from_b_simple, branched.b_crit)
         console.print(
@@ -268,12 +274,20 @@ def _print_b_simple_advice(console: Console, from_b_simple: Advice, b_crit: floa
     )
 
 
-def print_advice(console: Console, advice: Advice) -> None:
-    """Where each input came from, the recommendation, the reasoning, the goodput table and the notes."""
+def print_advice(console: Console, advice: Advice, *, cap_given: bool = True) -> None:
+    """Where each input came from, the recommendation, the reasoning, the goodput table and the notes.
+
+    ``cap_given`` False: no ``--max-batch-size`` was given, so a fit limited by it met advise's own cap."""
     rec, fit, estimate = advice.recommendation, advice.fit, advice.noise
+    limited_by = (
+        f"advise's cap of {ADVISE_MAX_BATCH:,}: no larger micro-batch can win on goodput; "
+        "--max-batch-size to raise it"
+        if fit.limited_by == Limit.MAX_BATCH_SIZE and not cap_given
+        else f"limited by {fit.limited_by}"
+    )
     console.print()
     console.print(
-        f"[dim]fit: largest micro batch {fit.batch_size} (limited by {fit.limited_by}) on {fit.device}\n"
+        f"[dim]fit: largest micro batch {fit.batch_size} ({limited_by}) on {fit.device}\n"
         f"throughput from {advice.throughput_source}: {advice.throughput_detail}\n"
         f"noise: {describe_noise(estimate)}, {advice.noise_collector} collector at batch {advice.noise_batch}, "
         f"{estimate.updates} steps\n"

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from batchlab.advice.pipeline import ADVISE_MAX_BATCH
 from batchlab.cli import main
+from batchlab.defaults import MEASURED_MAX_BATCH
 
 # Few noise steps keep each run to seconds; the numbers are not asserted, only their presence and shape.
 QUICK = ["--workload", "mlp-digits", "--device", "cpu"]
@@ -207,19 +207,19 @@ def test_python_advise_gives_what_the_cli_prints(capsys, tmp_path, monkeypatch):
     [
         (
             [],
-            ADVISE_MAX_BATCH,
+            MEASURED_MAX_BATCH,
             "(advise's cap of 65,536: no larger micro-batch can win on goodput; --max-batch-size",
         ),
         (
-            ["--max-batch-size", str(2 * ADVISE_MAX_BATCH)],
-            2 * ADVISE_MAX_BATCH,
+            ["--max-batch-size", str(2 * MEASURED_MAX_BATCH)],
+            2 * MEASURED_MAX_BATCH,
             "(limited by max_batch_size)",
         ),
     ],
 )
 def test_advise_measures_up_to_its_cap_without_a_dataset_size_unless_told(capsys, tmp_path, flags, fit, said):
     """A small model with no dataset size fits ~10^8 samples in RAM: searching and timing up there took minutes.
-    advise stops at ADVISE_MAX_BATCH and says so; --max-batch-size moves the cap either way."""
+    advise stops at MEASURED_MAX_BATCH and says so; --max-batch-size moves the cap either way."""
     path = tmp_path / "tiny_advise.py"
     path.write_text(TINY_WORKLOAD)
     args = ["advise", "--workload", f"{path}:unbounded", "--device", "cpu", "--throughput", "probes",

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from batchlab import Workload
 from batchlab.cli import main
-from batchlab.defaults import WARMUP_STEPS
+from batchlab.defaults import MEASURED_MAX_BATCH, WARMUP_STEPS
 from batchlab.devices import CPUDevice
 from batchlab.profiling.api import profile
 from batchlab.profiling.plots import plot_profile
@@ -275,3 +275,31 @@ def test_cli_profile_table(capsys):
 def test_cli_profile_rejects_bad_arguments(argv, message, capsys):
     assert main(["profile", "--workload", "cnn", "--device", "cpu", *argv]) == 1
     assert message in capsys.readouterr().err
+
+
+def _stream_mlp() -> Workload:
+    """A 2-layer MLP on 8 inputs with no dataset size: only memory bounds its batch, near 10^8 on this machine."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+
+    def batch(b):
+        return torch.randn(b, 8), torch.randint(0, 3, (b,))
+
+    return Workload(model, batch, nn.functional.cross_entropy, lambda p: torch.optim.Adam(p, lr=1e-3))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "largest", "noted"),
+    [
+        ({}, MEASURED_MAX_BATCH, True),  # searched and timed to 93.6M here before the cap: minutes
+        ({"max_batch_size": 2 * MEASURED_MAX_BATCH}, 2 * MEASURED_MAX_BATCH, False),
+        ({"batch_sizes": [2 * MEASURED_MAX_BATCH]}, 2 * MEASURED_MAX_BATCH, False),  # sizes named: no cap
+    ],
+)
+def test_profile_searches_up_to_the_default_cap_and_says_so_unless_told(kwargs, largest, noted):
+    result = profile(_stream_mlp(), device="cpu", seconds_per_point=0, **kwargs)
+    assert max(p.batch_size for p in result.points if p.fits) == largest
+    said = [
+        n for n in result.notes if n.startswith(f"profiled up to {MEASURED_MAX_BATCH:,}, the default cap")
+    ]
+    assert len(said) == noted

@@ -28,6 +28,15 @@ KNEE_THRESHOLD = 0.95
 # are within the noise of the measurements and not worth a change (Qiao et al. 2021, section 4.2).
 GAIN_THRESHOLD = 0.05
 
+# The largest micro-batch profile and advise measure unless max_batch_size says otherwise (fit keeps batch=-1's
+# "largest that fits"). A small model with no dataset size fits 10^7-10^8 samples in a CPU's RAM, and searching
+# and timing up there took minutes (a 2-layer MLP on 8 inputs: `batchlab fit` 2.6 min to 93.6M; advise did not
+# finish in 6.5). Nothing is lost up there: that MLP's samples/s rose 12% from 32,768 to 65,536 and fell 3% to
+# 131,072, as a saturated device does, while past B_noise (59-3,000 on every workload measured here) each doubling
+# of the batch halves the statistical efficiency (McCandlish et al. 2018): no micro-batch above 2^16 can have
+# more goodput than 2^16 itself.
+MEASURED_MAX_BATCH = 2**16
+
 # Under torchrun, the bound on every collective of a probe (find_batch_size_distributed) or an OOMGuard step,
 # instead of the process group's own (30 min for gloo, 10 min for nccl): a rank that fails inside a collective
 # the others already wait in would otherwise hold them that long. 300 s is torchtitan's bound for the first

@@ -33,7 +33,7 @@ from batchlab import checks
 from batchlab.advice.recommend import check_fits_dataset, recommend
 from batchlab.advice.records import Recommendation
 from batchlab.advice.scaling import RULES
-from batchlab.defaults import GAIN_THRESHOLD
+from batchlab.defaults import GAIN_THRESHOLD, MEASURED_MAX_BATCH
 from batchlab.errors import DoesNotFitError
 from batchlab.fit import FitResult, Probe, find_batch_size
 from batchlab.noise.estimator import DEFAULT_BETA, NoiseScaleEstimate, check_beta
@@ -56,7 +56,6 @@ __all__ = [
     "optimizer_hyperparameters",
     "DEFAULT_CURRENT_BATCH",
     "ADVISE_SECONDS_PER_POINT",
-    "ADVISE_MAX_BATCH",
     "THROUGHPUT_SOURCES",
     "throughput_spread",
     "throughput_curve",
@@ -72,13 +71,6 @@ DEFAULT_CURRENT_BATCH = 32
 # advise needs the curve's shape, not 1% precision: 0.2 timed seconds per size (profile's default is 1.0)
 # keeps the mlp-digits run well under half a minute on two CPU cores.
 ADVISE_SECONDS_PER_POINT = 0.2
-# The largest micro-batch advise measures unless max_batch_size says otherwise. A small model with no dataset size
-# otherwise fits batches of 10^7-10^8 samples in a CPU's RAM, and the fit search and the timing there took minutes
-# (a 2-layer MLP on 8 inputs: `batchlab fit` 2.6 min to 93.6M; advise did not finish in 6.5). Nothing is lost up
-# there: that MLP's samples/s rose 12% from 32,768 to 65,536 and fell 3% to 131,072, as a saturated device does,
-# while past B_noise (59-3,000 on every workload measured here) each doubling of the batch halves the statistical
-# efficiency (McCandlish et al. 2018), so a micro-batch above 2^16 cannot have more goodput than 2^16 itself.
-ADVISE_MAX_BATCH = 2**16
 THROUGHPUT_SOURCES = ("auto", "profile", "probes")
 # On the CPU advise reads each size's step time at the 10th percentile of its timed steps, not their median.
 # Interference from other processes only ever adds time to a step (Python's timeit docs: the lowest of repeated
@@ -282,8 +274,9 @@ def advise(
         rounds: profile's interleaved timing rounds (:func:`batchlab.profile`; default one window); not with
             ``throughput="probes"``.
         device, memory_budget: as for :func:`~batchlab.find_batch_size`.
-        max_batch_size: the largest micro-batch measured (default :data:`ADVISE_MAX_BATCH`, 65,536: larger
-            ones cannot win on goodput and take minutes to time); the fit says when it binds.
+        max_batch_size: the largest micro-batch measured (default
+            :data:`~batchlab.defaults.MEASURED_MAX_BATCH`, 65,536: larger ones cannot win on goodput and take
+            minutes to time); the fit says when it binds.
         noise_steps, noise_batch, noise_collector, noise_beta: as for :func:`~batchlab.measure_noise_scale`
             (default batch: 128, capped by the dataset and what fits).
         critical_batch: a critical batch measured apart (e.g. :func:`batchlab.branch_critical_batch`'s
@@ -338,7 +331,7 @@ def advise(
     data = dataset_size or work.dataset_size
     check_fits_dataset(current, data)
     # the workload's own dataset size already caps fit and profile; the arguments cap them further
-    cap = min(c for c in (max_batch_size or ADVISE_MAX_BATCH, dataset_size) if c)
+    cap = min(c for c in (max_batch_size or MEASURED_MAX_BATCH, dataset_size) if c)
     kind = collector_for(work, noise_collector)  # fails now for an impossible collector
 
     fit, curve, spread, source, detail = _measure_throughput(

@@ -15,7 +15,6 @@ from rich.table import Table
 
 from batchlab import checks
 from batchlab.advice.pipeline import (
-    ADVISE_MAX_BATCH,
     ADVISE_SECONDS_PER_POINT,
     DEFAULT_CURRENT_BATCH,
     THROUGHPUT_SOURCES,
@@ -36,7 +35,7 @@ from batchlab.cli.noise import (
     print_branched,
     trial_line,
 )
-from batchlab.defaults import GAIN_THRESHOLD
+from batchlab.defaults import GAIN_THRESHOLD, MEASURED_MAX_BATCH
 from batchlab.errors import WorkloadError
 from batchlab.fit.records import Limit
 from batchlab.profiling.analysis import check_rounds
@@ -119,7 +118,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--max-batch-size",
         type=int,
         default=None,
-        help=f"never consider a micro batch above this (default {ADVISE_MAX_BATCH:,}: larger ones cannot win on "
+        help=f"never consider a micro batch above this (default {MEASURED_MAX_BATCH:,}: larger ones cannot win on "
         "goodput, and a small model with no dataset size fits millions)",
     )
     add_noise_options(parser, prefix="noise-")
@@ -280,7 +279,7 @@ def print_advice(console: Console, advice: Advice, *, cap_given: bool = True) ->
     ``cap_given`` False: no ``--max-batch-size`` was given, so a fit limited by it met advise's own cap."""
     rec, fit, estimate = advice.recommendation, advice.fit, advice.noise
     limited_by = (
-        f"advise's cap of {ADVISE_MAX_BATCH:,}: no larger micro-batch can win on goodput; "
+        f"advise's cap of {MEASURED_MAX_BATCH:,}: no larger micro-batch can win on goodput; "
         "--max-batch-size to raise it"
         if fit.limited_by == Limit.MAX_BATCH_SIZE and not cap_given
         else f"limited by {fit.limited_by}"

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from batchlab.cli.common import Display, add_workload_options, build_workload, comma_ints, comma_list
-from batchlab.defaults import KNEE_THRESHOLD, WARMUP_STEPS
+from batchlab.defaults import KNEE_THRESHOLD, MEASURED_MAX_BATCH, WARMUP_STEPS
 from batchlab.optional import require
 from batchlab.profiling.analysis import DEFAULT_TIMING_ROUNDS, SECONDS_PER_POINT, check_rounds
 from batchlab.profiling.api import parse_precisions, profile
@@ -45,7 +45,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--memory-budget", default=None, help='treat the device as having this much memory, e.g. "4GiB"'
     )
-    parser.add_argument("--max-batch-size", type=int, default=None, help="never profile above this")
+    parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=None,
+        help=f"never profile above this (default, for searched sizes: {MEASURED_MAX_BATCH:,}: no larger batch can "
+        "win on goodput, and a small model with no dataset size fits millions)",
+    )
     parser.add_argument(
         "--knee-threshold",
         type=float,

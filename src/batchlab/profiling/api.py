@@ -50,10 +50,10 @@ from typing import Any
 import torch
 
 from batchlab import checks
-from batchlab.defaults import DEFAULT_FRACTION, KNEE_THRESHOLD, WARMUP_STEPS
+from batchlab.defaults import DEFAULT_FRACTION, KNEE_THRESHOLD, MEASURED_MAX_BATCH, WARMUP_STEPS
 from batchlab.devices import Device, resolve_device
 from batchlab.errors import DoesNotFitError
-from batchlab.fit import FitResult, Probe, find_batch_size
+from batchlab.fit import FitResult, Limit, Probe, find_batch_size
 from batchlab.profiling.analysis import (
     DEFAULT_TIMING_ROUNDS,
     SECONDS_PER_POINT,
@@ -167,7 +167,9 @@ def profile(
             repeated blocks (see :mod:`batchlab.workload.checkpointing`), or of ``checkpoint_modules`` when given.
         memory_budget: treat the device as having this much memory ("4GiB"); default: its capacity now. All
             variants are held to the same ``fraction`` of it.
-        max_batch_size: never profile above this.
+        max_batch_size: never profile above this; default, when the sizes are searched:
+            :data:`~batchlab.defaults.MEASURED_MAX_BATCH` (65,536: no larger batch can win on goodput, and a small
+            model with no dataset size fits millions, minutes to search and time).
         knee_threshold: the knee is the smallest batch reaching this share of the best throughput.
         seconds_per_point: timed seconds aimed for per point (between MIN_ and MAX_TIMED_STEPS steps).
         rounds: time each variant's fitting sizes in this many interleaved round-robin windows, each with
@@ -195,6 +197,9 @@ def profile(
     knee_threshold = checks.fraction("knee_threshold", knee_threshold, include_one=True)
     seconds_per_point = checks.number("seconds_per_point", seconds_per_point, inclusive=True, what="seconds")
     max_batch_size = checks.integer("max_batch_size", max_batch_size, none=True)
+    default_cap = max_batch_size is None and sizes is None
+    if default_cap:
+        max_batch_size = MEASURED_MAX_BATCH
     rounds = check_rounds(rounds)
     if isinstance(work, StepFunction):
         unsupported = [p for p, c in variants if p != "fp32" or c]
@@ -262,6 +267,11 @@ def profile(
         summaries, points, budget_bytes=budget, knee_threshold=knee_threshold, device_type=_device_type(dev)
     )
     timed = [p for p in points if p.fits and p.samples_per_second]
+    if default_cap and any(f is not None and f.limited_by == Limit.MAX_BATCH_SIZE for f in fits.values()):
+        notes.append(
+            f"profiled up to {MEASURED_MAX_BATCH:,}, the default cap (no larger batch can win on goodput); "
+            "max_batch_size (--max-batch-size) to go further"
+        )
     if dev.name == "cpu":
         notes.append(
             f"CPU peak counts the whole process; batchlab's state copy ({format_bytes(snapshot.nbytes)}) is included"

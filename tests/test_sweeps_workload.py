@@ -14,8 +14,10 @@ import torch
 
 import batchlab
 from batchlab.cli import main
+from batchlab.defaults import MEASURED_MAX_BATCH
 from batchlab.errors import WorkloadError
 from batchlab.sweeps import Budget, RunSpec, SweepConfig, SweepResult, Target, WorkloadFactory, execute_run
+from batchlab.sweeps.auto import auto_batch_sizes
 from sweep_helpers import ScriptedRun
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "sweep_own_model.py"
@@ -223,3 +225,18 @@ def test_ray_ships_by_value_exactly_the_modules_a_worker_could_not_import():
     names = [module.__name__ for module in _unimportable_modules()]
     assert "batchlab_user_task_sweep_own_model" in names
     assert not {"torch", "batchlab", "sweep_helpers", "__main__"} & set(names)  # importable by name anywhere
+
+
+def stream_workload():
+    """A workload that gives no dataset size (a stream): only memory bounds its batch, near 10^8 here."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    return batchlab.Workload(model, lambda b: (torch.randn(b, 8), torch.randint(0, 3, (b,))),
+                             torch.nn.functional.cross_entropy, lambda p: torch.optim.Adam(p, lr=1e-3),
+                             validation=(torch.randn(64, 8), torch.randint(0, 3, (64,))))  # fmt: skip
+
+
+def test_auto_batch_sizes_stop_at_the_measured_cap_without_a_dataset_size():
+    """Without the cap the fit search ran to ~10^8 and "auto" would have trained at 2^19..2^26."""
+    sizes = auto_batch_sizes(WorkloadFactory(stream_workload), 1e-3, device="cpu")
+    assert sizes == [2**k for k in range(9, 17)] and sizes[-1] == MEASURED_MAX_BATCH

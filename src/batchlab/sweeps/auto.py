@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from batchlab.defaults import MEASURED_MAX_BATCH
 from batchlab.fit import find_batch_size
 from batchlab.sweeps.trainable import close_run
 
@@ -23,7 +24,9 @@ def auto_batch_sizes(
     """Powers of two from ``AUTO_MIN_BATCH`` up to the largest batch that fits (``find_batch_size``).
 
     Builds one run at batch ``AUTO_MIN_BATCH`` and searches its ``workload()`` (the training set caps the
-    answer); keeps the largest ``AUTO_MAX_SIZES`` powers. Needs a factory whose runs have ``workload()``.
+    answer, and :data:`~batchlab.defaults.MEASURED_MAX_BATCH` a workload that gives no dataset size: a small
+    model fits ~10^8 samples, and the sweep would train there); keeps the largest ``AUTO_MAX_SIZES`` powers.
+    Needs a factory whose runs have ``workload()``.
     """
     probe = factory(AUTO_MIN_BATCH, lr, 0)
     if not hasattr(probe, "workload"):
@@ -33,7 +36,7 @@ def auto_batch_sizes(
             "WorkloadRun have one); pass explicit batch sizes instead"
         )
     try:
-        fit = find_batch_size(probe.workload(), device=device)
+        fit = find_batch_size(probe.workload(), device=device, max_batch_size=MEASURED_MAX_BATCH)
     finally:
         close_run(probe)
     top = fit.batch_size

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from batchlab.cli import main
+from test_advise_critical import undefined_noise_scale
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one torch thread
 
@@ -173,6 +174,38 @@ def test_advise_branch_without_a_fit_keeps_b_simple_s_advice_says_so_and_fails(c
     assert "only 0 of 3 batch sizes reached the target: no fit" in text
     assert "the branches gave no critical batch (above): the advice above uses the measured B_simple" in text
     assert "gradient noise scale B_noise ≈" in text  # the advice printed is B_simple's, and says so
+
+
+def test_advise_branch_stands_alone_when_b_simple_is_undefined(capsys, workload, monkeypatch):
+    undefined_noise_scale(monkeypatch)  # test_advise_critical.py: the real estimate, B_simple made undefined
+    tiny = [*ADVISE, "--workload", f"{workload}:make", "--branch", "8,16,32"]
+    code, out, err = run_cli(capsys, *tiny, "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["noise"]["b_simple"] is None and data["b_simple_recommendation"] is None
+    assert data["recommendation"]["noise_scale"] == data["branched"]["b_crit"] > 0
+    code, out, err = run_cli(capsys, *tiny)
+    assert code == 0, err
+    assert (
+        "no B_simple (|G|² EMA is -0.0123 <= 0" in err and "the branched critical batch stands alone" in err
+    )
+    assert "the advice above uses the branched B_crit alone" in " ".join(out.split())
+
+
+def test_advise_without_b_simple_or_a_branched_fit_fails_in_one_line_after_the_branches(
+    capsys, workload, monkeypatch
+):
+    undefined_noise_scale(monkeypatch)
+    tiny = [*ADVISE, "--workload", f"{workload}:make"]
+    code, out, err = run_cli(capsys, *tiny, "--branch", "8,16,32", "--branch-target-loss", "0.001")
+    last = err.strip().splitlines()[-1]
+    assert code == 1 and "only 0 of 3 batch sizes reached the target: no fit" in " ".join(out.split())
+    assert last.startswith("batchlab: error: no noise scale to advise with (|G|² EMA is -0.0123")
+    assert "and the branches gave no critical batch either" in last and "Traceback" not in err
+    at = tiny.index("--branch-reference-steps")
+    without_branch = tiny[:at] + tiny[at + 2 :]
+    code, _, err = run_cli(capsys, *without_branch)  # the error says what would do
+    assert code == 1 and "or give a critical batch measured apart (critical_batch=, --critical-batch N" in err
 
 
 def test_advise_critical_batch_uses_the_number_given(capsys):

@@ -40,6 +40,7 @@ def test_the_top_level_is_the_one_line_calls_and_the_types_they_take_and_return(
         "FakeTensorError",
         "FitResult",
         "MemoryBreakdown",
+        "NoNoiseScaleError",
         "OOMGuard",
         "PlanResult",
         "Probe",

@@ -9,7 +9,7 @@ training step and its state), :mod:`batchlab.devices`, :mod:`batchlab.fit` (the 
 """
 
 from batchlab.advice import Advice, advise
-from batchlab.errors import BatchlabError, DoesNotFitError, FakeTensorError, WorkloadError
+from batchlab.errors import BatchlabError, DoesNotFitError, FakeTensorError, NoNoiseScaleError, WorkloadError
 from batchlab.fit import FitResult, Probe, find_batch_size
 from batchlab.memory import MemoryBreakdown
 from batchlab.noise import measure_noise_scale
@@ -37,6 +37,7 @@ __all__ = [
     "FakeTensorError",
     "FitResult",
     "MemoryBreakdown",
+    "NoNoiseScaleError",
     "OOMGuard",
     "PlanResult",
     "Probe",

@@ -2,6 +2,7 @@
 
     BatchlabError                 base class; catch this to handle anything batchlab decided
     ├── DoesNotFitError           even the smallest batch does not fit the memory budget
+    ├── NoNoiseScaleError         advise measured all but a noise scale; its measurements are kept on it
     ├── PeerFailureError          another rank failed mid-step; this one left the step with it (distributed)
     ├── ProcessGroupFailedError   a rank failed where the others waited in a collective; the group timed out
     └── WorkloadError             a workload spec or object that cannot be used (bad name, bad callable)
@@ -13,6 +14,9 @@ wrapped or renamed: a shape bug surfaces as itself, not as "does not fit".
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
 
 
 class BatchlabError(Exception):
@@ -31,6 +35,35 @@ class DoesNotFitError(BatchlabError):
         self.batch_size = batch_size
         self.needed_bytes = needed_bytes
         self.budget_bytes = budget_bytes
+
+
+class NoNoiseScaleError(BatchlabError, ValueError):
+    """``advise`` measured the fit and the throughput, but the noise scale came out undefined (``note`` says
+    why: e.g. the |G|² estimate at or below zero, where the gradient's noise drowns its signal late in training).
+
+    Nothing measured is lost: :meth:`with_critical_batch` recommends on the same fit, readings and ``options``
+    (the LR, base batch, rule, the fit's micro-batch: what ``advise`` would recommend with) with a critical batch
+    measured apart, e.g. :func:`batchlab.branch_critical_batch`'s ``b_crit``, and returns the
+    :class:`~batchlab.Advice`. A ``ValueError`` too, as advise raised before this had a class of its own.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        note: str,
+        options: Mapping[str, Any],
+        recommend_with: Callable[[float, str | None], Any],
+    ):
+        super().__init__(message)
+        self.note = note
+        self.options = options
+        self._recommend_with = recommend_with
+
+    def with_critical_batch(self, critical_batch: float, source: str | None = None) -> Any:
+        """The :class:`~batchlab.Advice` on the kept measurements with ``critical_batch`` as B_noise (``source``
+        in words; default: "the critical batch given")."""
+        return self._recommend_with(critical_batch, source)
 
 
 class PeerFailureError(BatchlabError):

@@ -34,7 +34,7 @@ from batchlab.advice.recommend import check_fits_dataset, recommend
 from batchlab.advice.records import Recommendation
 from batchlab.advice.scaling import RULES
 from batchlab.defaults import GAIN_THRESHOLD, MEASURED_MAX_BATCH
-from batchlab.errors import DoesNotFitError
+from batchlab.errors import DoesNotFitError, NoNoiseScaleError
 from batchlab.fit import FitResult, Probe, find_batch_size
 from batchlab.noise.estimator import DEFAULT_BETA, NoiseScaleEstimate, check_beta
 from batchlab.noise.measure import (
@@ -285,7 +285,9 @@ def advise(
         progress: told of each phase, probe, timed point and noise step (see :class:`Progress`).
 
     Returns an :class:`Advice`; ``advice.recommendation`` is the :class:`Recommendation`. Every argument is
-    checked before anything runs; ``ValueError`` names the one at fault.
+    checked before anything runs; ``ValueError`` names the one at fault. A noise scale that comes out undefined
+    (and no ``critical_batch``) raises :class:`~batchlab.errors.NoNoiseScaleError`, which keeps the measurements:
+    its ``with_critical_batch(n)`` recommends on them.
     """
     started = time.perf_counter()
     work = require_workload(workload, "advise")
@@ -356,10 +358,6 @@ def advise(
         on_step=lambda index, _pair: shown.count("step", index + 1, noise_steps),
     )
     noise_seconds = time.perf_counter() - noise_started
-    if estimate.b_simple is None and critical_batch is None:
-        raise ValueError(
-            f"no noise scale to advise with ({estimate.note}); try more noise steps or a larger noise batch"
-        )
     options = {
         "current_batch": current,
         "lr": lr,
@@ -373,25 +371,39 @@ def advise(
         "betas": betas,
         "eps": eps,
     }
-    noise, noise_from = (estimate, None) if critical_batch is None else (critical_batch, CRITICAL_BATCH_GIVEN)
-    rec = recommend(curve, noise, throughput_spread=spread, noise_from=noise_from, **options)
-    return Advice(
-        recommendation=rec,
-        fit=fit,
-        throughput=curve,
-        throughput_spread=spread,
-        throughput_source=source,
-        throughput_detail=detail,
-        noise=estimate,
-        noise_collector=kind,
-        noise_batch=batch,
-        noise_steps=noise_steps,
-        noise_seconds=noise_seconds,
-        lr_from=lr_from,
-        rule_reason=rule_reason,
-        seconds=time.perf_counter() - started,
-        options=options,
-    )
+    seconds = time.perf_counter() - started
+
+    def advice_with(noise: NoiseScaleEstimate | float, noise_from: str | None) -> Advice:
+        rec = recommend(curve, noise, throughput_spread=spread, noise_from=noise_from, **options)
+        return Advice(
+            recommendation=rec,
+            fit=fit,
+            throughput=curve,
+            throughput_spread=spread,
+            throughput_source=source,
+            throughput_detail=detail,
+            noise=estimate,
+            noise_collector=kind,
+            noise_batch=batch,
+            noise_steps=noise_steps,
+            noise_seconds=noise_seconds,
+            lr_from=lr_from,
+            rule_reason=rule_reason,
+            seconds=seconds,
+            options=options,
+        )
+
+    if critical_batch is not None:
+        return advice_with(critical_batch, CRITICAL_BATCH_GIVEN)
+    if estimate.b_simple is None:
+        raise NoNoiseScaleError(
+            f"no noise scale to advise with ({estimate.note}); try more noise steps or a larger noise batch, "
+            "or give a critical batch measured apart (critical_batch=, --critical-batch N, --branch SIZES)",
+            note=estimate.note,
+            options=options,
+            recommend_with=lambda n, said: advice_with(check_critical_batch(n), said or CRITICAL_BATCH_GIVEN),
+        )
+    return advice_with(estimate, None)
 
 
 def step_quantile(device: str) -> float:

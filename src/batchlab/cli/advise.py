@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 from rich import box
 from rich.console import Console
@@ -36,7 +37,7 @@ from batchlab.cli.noise import (
     trial_line,
 )
 from batchlab.defaults import GAIN_THRESHOLD, MEASURED_MAX_BATCH
-from batchlab.errors import WorkloadError
+from batchlab.errors import NoNoiseScaleError, WorkloadError
 from batchlab.fit.records import Limit
 from batchlab.profiling.analysis import check_rounds
 from batchlab.sweeps.branched import DEFAULT_REFERENCE_STEPS, branch_advice
@@ -198,34 +199,18 @@ def run(args: argparse.Namespace) -> int:
         raise WorkloadError(missing_validation(f"--branch: {args.workload}"))
     branched = None
     with Display(f"advise {args.workload}", enabled=not args.json) as display:
-        advice = advise(
-            workload,
-            current_batch=args.batch,
-            lr=args.lr,
-            base_batch=args.base_batch,
-            rule=args.rule,
-            epochs=args.epochs,
-            dataset_size=args.dataset_size,
-            world_size=args.world_size,
-            gain_threshold=args.gain_threshold,
-            throughput=args.throughput,
-            seconds_per_point=args.seconds_per_point,
-            rounds=args.rounds,
-            device=args.device,
-            memory_budget=args.memory_budget,
-            max_batch_size=args.max_batch_size,
-            noise_steps=args.noise_steps,
-            noise_batch=args.noise_batch,
-            noise_collector=args.noise_collector,
-            noise_beta=args.noise_beta,
-            critical_batch=args.critical_batch,
-            progress=display,
-        )
+        try:
+            advice: Advice | NoNoiseScaleError = _advise(args, workload, display)
+        except NoNoiseScaleError as failed:
+            if sizes is None:
+                raise
+            display.line(f"no B_simple ({failed.note}): the branched critical batch stands alone")
+            advice = failed
         from_b_simple = advice
         if sizes is not None:
             display.phase(
                 f"branching at batches {', '.join(map(str, sizes))} from the current state "
-                f"(base {advice.recommendation.base_batch})"
+                f"(base {advice.options['base_batch']})"
             )
             branched, advice = branch_advice(
                 workload,
@@ -237,12 +222,22 @@ def run(args: argparse.Namespace) -> int:
                 target_loss=args.branch_target_loss,
                 on_trial=lambda trial: display.line(trial_line(trial)),
             )
+    if isinstance(advice, NoNoiseScaleError):  # neither B_simple nor the branches: nothing to advise with
+        if not args.json:
+            print_branched(Console(), branched, None)
+        raise ValueError(
+            f"no noise scale to advise with ({advice.note}), and the branches gave no critical batch either "
+            "(above): branch at other sizes, or set --branch-target-loss nearer the loss now"
+        )
     seconds = advice.seconds + (branched.seconds if branched is not None else 0.0)
+    b_simple_advice = from_b_simple if isinstance(from_b_simple, Advice) else None
     if args.json:
         data = {"workload": args.workload, **advice.to_dict()}
         if branched is not None:
             data["branched"] = branched.to_dict()
-            data["b_simple_recommendation"] = from_b_simple.recommendation.to_dict()
+            data["b_simple_recommendation"] = (
+                b_simple_advice.recommendation.to_dict() if b_simple_advice else None
+            )
         print(json.dumps(data, indent=2))
     else:
         console = Console()
@@ -250,16 +245,48 @@ def run(args: argparse.Namespace) -> int:
             print_branched(console, branched, b_simple_over_b_crit(advice.noise, branched))
         print_advice(console, advice, cap_given=args.max_batch_size is not None)
         if branched is not None:
-            _print_b_simple_advice(console, from_b_simple, branched.b_crit)
+            _print_b_simple_advice(console, b_simple_advice, advice.noise.note, branched.b_crit)
         console.print(
             f"[dim]took {seconds:.1f} s; the workload's state was restored after every measurement[/]"
         )
     return 1 if branched is not None and branched.b_crit is None else 0
 
 
-def _print_b_simple_advice(console: Console, from_b_simple: Advice, b_crit: float | None) -> None:
-    """What the measured B_simple alone advises: the recommendation when the branches gave no fit, else a
-    line beside the branched one."""
+def _advise(args: argparse.Namespace, workload: Any, display: Display) -> Advice:
+    """:func:`batchlab.advise` with the command's flags."""
+    return advise(
+        workload,
+        current_batch=args.batch,
+        lr=args.lr,
+        base_batch=args.base_batch,
+        rule=args.rule,
+        epochs=args.epochs,
+        dataset_size=args.dataset_size,
+        world_size=args.world_size,
+        gain_threshold=args.gain_threshold,
+        throughput=args.throughput,
+        seconds_per_point=args.seconds_per_point,
+        rounds=args.rounds,
+        device=args.device,
+        memory_budget=args.memory_budget,
+        max_batch_size=args.max_batch_size,
+        noise_steps=args.noise_steps,
+        noise_batch=args.noise_batch,
+        noise_collector=args.noise_collector,
+        noise_beta=args.noise_beta,
+        critical_batch=args.critical_batch,
+        progress=display,
+    )
+
+
+def _print_b_simple_advice(
+    console: Console, from_b_simple: Advice | None, note: str, b_crit: float | None
+) -> None:
+    """What the measured B_simple alone advises, beside the branched advice: the recommendation when the
+    branches gave no fit, a line beside it when both stand, and why not when B_simple could not be measured."""
+    if from_b_simple is None:
+        console.print(f"[yellow]no B_simple ({note}): the advice above uses the branched B_crit alone[/]")
+        return
     rec = from_b_simple.recommendation
     if b_crit is None:
         console.print(

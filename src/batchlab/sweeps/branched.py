@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass
 from batchlab import checks
 from batchlab.advice.pipeline import Advice
 from batchlab.advice.scaling import plan_batch, scale_lr
-from batchlab.errors import WorkloadError
+from batchlab.errors import NoNoiseScaleError, WorkloadError
 from batchlab.noise.critical import CriticalBatchFit, crossing, fit_critical_batch
 from batchlab.sweeps.workload_run import WorkloadRun, missing_validation
 from batchlab.workload.state import StateSnapshot
@@ -480,30 +480,32 @@ def branch_critical_batch(
 
 def branch_advice(
     workload: Workload,
-    advice: Advice,
+    advice: Advice | NoNoiseScaleError,
     batch_sizes: Sequence[int],
     *,
     reference_steps: int = DEFAULT_REFERENCE_STEPS,
     target_loss: float | None = None,
     on_trial: Callable[[BranchTrial], None] | None = None,
-) -> tuple[BranchedCriticalBatch, Advice]:
+) -> tuple[BranchedCriticalBatch, Advice | NoNoiseScaleError]:
     """What ``batchlab advise --branch`` adds to :func:`batchlab.advise`: the critical batch branched from the
     workload at the advice's own LR, base batch and rule, each micro-batch within its fit, and the advice
     recommended again with it (:meth:`~batchlab.advice.Advice.with_critical_batch`, named :data:`MEASURED_BY`).
 
-    Returns (the branched measurement, the advice with its B_crit); the advice comes back unchanged when the
-    branches give no fit (``b_crit`` None). ``workload`` is the one ``advice`` measured, at the same state.
+    ``advice`` is what :func:`~batchlab.advise` returned, or the :class:`~batchlab.errors.NoNoiseScaleError` it
+    raised when the noise scale came out undefined: its kept measurements are advised on with the branched B_crit
+    alone. Returns (the branched measurement, the advice with its B_crit); ``advice`` comes back unchanged when
+    the branches give no fit (``b_crit`` None). ``workload`` is the one ``advice`` measured, at the same state.
     """
-    rec = advice.recommendation
+    settings = advice.options
     found = branch_critical_batch(
         workload,
         batch_sizes,
-        base_batch=rec.base_batch,
-        lr=rec.lr.base_lr,
-        rule=rec.lr.rule,
+        base_batch=settings["base_batch"],
+        lr=settings["lr"],
+        rule=settings["rule"],
         reference_steps=reference_steps,
         target_loss=target_loss,
-        max_micro_batch=advice.fit.batch_size,
+        max_micro_batch=settings["max_micro_batch"],
         on_trial=on_trial,
     )
     if found.b_crit is None:

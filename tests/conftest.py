@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from batchlab import Workload
+from batchlab.advice import pipeline
 
 
 def tiny_bn_workload(seed: int = 0) -> Workload:
@@ -94,3 +96,17 @@ def in_a_fresh_process(code: str, timeout: float = 300) -> object:
     out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], check=True,
                          capture_output=True, text=True, timeout=timeout).stdout  # fmt: skip
     return json.loads(out.strip().splitlines()[-1])
+
+
+UNDEFINED = "|G|² EMA is -0.0123 <= 0: gradient noise dominates the signal at these batch sizes"
+
+
+def undefined_noise_scale(monkeypatch) -> None:
+    """The real measurement, its B_simple then made undefined as late in training (|G|² estimated <= 0): the
+    one scripted input; fit, timing and noise steps all run."""
+    real = pipeline.measure_noise_scale
+
+    def measured(*args, **kwargs):
+        return replace(real(*args, **kwargs), b_simple=None, b_simple_stderr=None, note=UNDEFINED)
+
+    monkeypatch.setattr(pipeline, "measure_noise_scale", measured)

@@ -5,19 +5,16 @@ The CLI's ``advise --branch`` / ``--critical-batch`` are tested in test_cli_bran
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 import batchlab
-from batchlab.advice import pipeline
 from batchlab.advice.goodput import statistical_efficiency
 from batchlab.advice.pipeline import CRITICAL_BATCH_GIVEN
 from batchlab.advice.recommend import recommend
-from conftest import assert_same_state, workload_state
+from conftest import UNDEFINED, assert_same_state, undefined_noise_scale, workload_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one torch thread
 
@@ -115,20 +112,6 @@ def test_with_critical_batch_refuses_what_is_not_a_batch_size():
     advice = batchlab.advise(_workload(), **QUICK)
     with pytest.raises(ValueError, match=r"invalid critical_batch None: expected a number > 0"):
         advice.with_critical_batch(None)
-
-
-UNDEFINED = "|G|² EMA is -0.0123 <= 0: gradient noise dominates the signal at these batch sizes"
-
-
-def undefined_noise_scale(monkeypatch) -> None:
-    """The real measurement, its B_simple then made undefined as late in training (|G|² estimated <= 0): the
-    one scripted input; fit, timing and noise steps all run."""
-    real = pipeline.measure_noise_scale
-
-    def measured(*args, **kwargs):
-        return replace(real(*args, **kwargs), b_simple=None, b_simple_stderr=None, note=UNDEFINED)
-
-    monkeypatch.setattr(pipeline, "measure_noise_scale", measured)
 
 
 def test_an_undefined_noise_scale_raises_one_error_that_keeps_the_measurements(monkeypatch):

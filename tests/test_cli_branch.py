@@ -7,7 +7,7 @@ import json
 import pytest
 
 from batchlab.cli import main
-from test_advise_critical import undefined_noise_scale
+from conftest import undefined_noise_scale
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one torch thread
 
@@ -177,7 +177,7 @@ def test_advise_branch_without_a_fit_keeps_b_simple_s_advice_says_so_and_fails(c
 
 
 def test_advise_branch_stands_alone_when_b_simple_is_undefined(capsys, workload, monkeypatch):
-    undefined_noise_scale(monkeypatch)  # test_advise_critical.py: the real estimate, B_simple made undefined
+    undefined_noise_scale(monkeypatch)  # conftest.py: the real estimate, B_simple made undefined
     tiny = [*ADVISE, "--workload", f"{workload}:make", "--branch", "8,16,32"]
     code, out, err = run_cli(capsys, *tiny, "--json")
     assert code == 0, err

@@ -199,14 +199,15 @@ def run(args: argparse.Namespace) -> int:
         raise WorkloadError(missing_validation(f"--branch: {args.workload}"))
     branched = None
     with Display(f"advise {args.workload}", enabled=not args.json) as display:
+        b_simple_advice: Advice | None
         try:
             advice: Advice | NoNoiseScaleError = _advise(args, workload, display)
+            b_simple_advice = advice
         except NoNoiseScaleError as failed:
             if sizes is None:
                 raise
             display.line(f"no B_simple ({failed.note}): the branched critical batch stands alone")
-            advice = failed
-        from_b_simple = advice
+            advice, b_simple_advice = failed, None
         if sizes is not None:
             display.phase(
                 f"branching at batches {', '.join(map(str, sizes))} from the current state "
@@ -230,7 +231,6 @@ def run(args: argparse.Namespace) -> int:
             "(above): branch at other sizes, or set --branch-target-loss nearer the loss now"
         )
     seconds = advice.seconds + (branched.seconds if branched is not None else 0.0)
-    b_simple_advice = from_b_simple if isinstance(from_b_simple, Advice) else None
     if args.json:
         data = {"workload": args.workload, **advice.to_dict()}
         if branched is not None:

@@ -5,6 +5,8 @@ The CLI's ``advise --branch`` / ``--critical-batch`` are tested in test_cli_bran
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 from torch import nn
@@ -135,3 +137,13 @@ def test_an_undefined_noise_scale_raises_one_error_that_keeps_the_measurements(m
     assert failed.options["max_micro_batch"] == advice.fit.batch_size and failed.options["lr"] == 1e-3
     with pytest.raises(ValueError, match="invalid critical_batch -1"):
         failed.with_critical_batch(-1)
+
+
+def test_the_undefined_noise_scale_error_pickles_with_its_measurements(monkeypatch):
+    undefined_noise_scale(monkeypatch)
+    with pytest.raises(batchlab.NoNoiseScaleError) as info:
+        batchlab.advise(_workload(), **QUICK)
+    failed = info.value
+    back = pickle.loads(pickle.dumps(failed))  # as a Ray trial or a process pool sends it to the parent
+    assert str(back) == str(failed) and back.note == failed.note and back.options == failed.options
+    assert back.with_critical_batch(150).to_dict() == failed.with_critical_batch(150).to_dict()

@@ -20,7 +20,23 @@ from typing import Any
 
 
 class BatchlabError(Exception):
-    """Base class for errors that batchlab raises about a search or a workload."""
+    """Base class for errors that batchlab raises about a search or a workload.
+
+    Every one pickles with its fields, so it arrives whole across a process boundary (a Ray trial, a process
+    pool): ``Exception``'s own pickling calls the class again with the message alone, which the keyword-only
+    fields of the subclasses refuse -- the parent would get "cannot unpickle" in place of the error.
+    """
+
+    def __reduce__(self) -> tuple:
+        return _rebuilt, (type(self), self.args, self.__dict__)
+
+
+def _rebuilt(cls: type[BatchlabError], args: tuple, state: dict) -> BatchlabError:
+    """An error unpickled without calling ``__init__`` again (see :meth:`BatchlabError.__reduce__`)."""
+    error = cls.__new__(cls, *args)
+    error.args = args
+    error.__dict__.update(state)
+    return error
 
 
 class DoesNotFitError(BatchlabError):
@@ -44,7 +60,8 @@ class NoNoiseScaleError(BatchlabError, ValueError):
     Nothing measured is lost: :meth:`with_critical_batch` recommends on the same fit, readings and ``options``
     (the LR, base batch, rule, the fit's micro-batch: what ``advise`` would recommend with) with a critical batch
     measured apart, e.g. :func:`batchlab.branch_critical_batch`'s ``b_crit``, and returns the
-    :class:`~batchlab.Advice`. A ``ValueError`` too, as advise raised before this had a class of its own.
+    :class:`~batchlab.Advice`; it pickles with them (``recommend_with`` is a module-level function's partial).
+    A ``ValueError`` too, as advise raised before this had a class of its own.
     """
 
     def __init__(

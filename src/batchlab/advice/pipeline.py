@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields
+from functools import partial
 from typing import Any, Protocol
 
 from batchlab import checks
@@ -160,14 +161,8 @@ class Advice:
         ``source`` says in words where the number came from (the explanation names it). A bare number has no
         standard error, so a switch then has to hold across the throughput's spread alone.
         """
-        rec = recommend(
-            self.throughput,
-            check_critical_batch(critical_batch),
-            throughput_spread=self.throughput_spread,
-            noise_from=source,
-            **self.options,
-        )
-        return replace(self, recommendation=rec)
+        measured = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "recommendation"}
+        return _advice_on(measured, critical_batch, source)
 
     def to_dict(self) -> dict:
         """Plain, JSON-ready dict: ``batchlab advise --json`` prints it (with the workload's name first)."""
@@ -373,37 +368,55 @@ def advise(
     }
     seconds = time.perf_counter() - started
 
-    def advice_with(noise: NoiseScaleEstimate | float, noise_from: str | None) -> Advice:
-        rec = recommend(curve, noise, throughput_spread=spread, noise_from=noise_from, **options)
-        return Advice(
-            recommendation=rec,
-            fit=fit,
-            throughput=curve,
-            throughput_spread=spread,
-            throughput_source=source,
-            throughput_detail=detail,
-            noise=estimate,
-            noise_collector=kind,
-            noise_batch=batch,
-            noise_steps=noise_steps,
-            noise_seconds=noise_seconds,
-            lr_from=lr_from,
-            rule_reason=rule_reason,
-            seconds=seconds,
-            options=options,
-        )
-
+    measured = {
+        "fit": fit,
+        "throughput": curve,
+        "throughput_spread": spread,
+        "throughput_source": source,
+        "throughput_detail": detail,
+        "noise": estimate,
+        "noise_collector": kind,
+        "noise_batch": batch,
+        "noise_steps": noise_steps,
+        "noise_seconds": noise_seconds,
+        "lr_from": lr_from,
+        "rule_reason": rule_reason,
+        "seconds": seconds,
+        "options": options,
+    }
     if critical_batch is not None:
-        return advice_with(critical_batch, CRITICAL_BATCH_GIVEN)
+        return _advice_on(measured, critical_batch)
     if estimate.b_simple is None:
         raise NoNoiseScaleError(
             f"no noise scale to advise with ({estimate.note}); try more noise steps or a larger noise batch, "
             "or give a critical batch measured apart (critical_batch=, --critical-batch N, --branch SIZES)",
             note=estimate.note,
             options=options,
-            recommend_with=lambda n, said: advice_with(check_critical_batch(n), said or CRITICAL_BATCH_GIVEN),
+            recommend_with=partial(_advice_on, measured),
         )
-    return advice_with(estimate, None)
+    return _advice_on(measured, estimate)
+
+
+def _advice_on(
+    measured: Mapping[str, Any], noise: NoiseScaleEstimate | float, noise_from: str | None = None
+) -> Advice:
+    """The :class:`Advice` on advise's measurements -- ``measured``: every Advice field but the recommendation --
+    with ``noise`` as B_noise: the measured estimate, or a critical batch measured apart (checked; ``noise_from``
+    says where it came from, default :data:`CRITICAL_BATCH_GIVEN`).
+
+    One module-level function for advise's own answer and for :class:`~batchlab.errors.NoNoiseScaleError`'s
+    later one, so that the error, holding it with the measurements, pickles (a Ray trial, a process pool).
+    """
+    if not isinstance(noise, NoiseScaleEstimate):
+        noise, noise_from = check_critical_batch(noise), noise_from or CRITICAL_BATCH_GIVEN
+    rec = recommend(
+        measured["throughput"],
+        noise,
+        throughput_spread=measured["throughput_spread"],
+        noise_from=noise_from,
+        **measured["options"],
+    )
+    return Advice(recommendation=rec, **measured)
 
 
 def step_quantile(device: str) -> float:

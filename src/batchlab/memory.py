@@ -24,6 +24,14 @@ class MemoryBreakdown:
     - ``cuda_workspace``: torch's cuBLAS workspace (an estimate's; a measurement counts it as allocated).
     - ``other``: the rest -- in a CPU measurement the whole process's other memory (runtime, libraries, the
       batch), on CUDA the tensors before the step that are not the model's (the batch).
+
+    The totals of the two kinds agree; the split between gradients and activations is read differently. An
+    estimate splits the peak *at its moment* (MemTracker's snapshot), so its ``gradients`` are those alive
+    then: with ``zero_grad(set_to_none=True)`` a peak at the end of the forward pass holds none, or only the
+    last layers' (the built-in ``cnn``'s plan: 5 KiB of its 369 KiB). A measurement reads one peak per step
+    and attributes it: the model's tensors as they stand after the step, the rest of the step's rise counted
+    as activations -- so where the peak comes before the backward has made every gradient, its activations
+    read low, and its gradients high, by the gradients not yet made.
     """
 
     parameters: int = 0

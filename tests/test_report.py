@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from batchlab.sweeps import sweep, verdict, write_report
+from batchlab.sweeps import SweepResult, sweep, verdict, write_report
 from batchlab.sweeps.plots import PLOTS
 from batchlab.workloads.tasks import load_task
 from sweep_helpers import fresh_store
@@ -82,3 +82,72 @@ def test_verdict_speaks_from_the_numbers(swept):
 def test_report_refuses_what_is_not_a_sweep(tmp_path):
     with pytest.raises(ValueError, match="not a sweep directory"):
         write_report(tmp_path)
+
+
+def test_a_target_read_off_the_stored_curves_gives_what_the_runs_recorded(swept):
+    result, _ = swept
+    stored = SweepResult.load(result.directory)  # the records as written to disk, JSON and back
+    again = stored.with_target(None).with_target(2.25)  # every to-target field dropped, then read again
+    fields = ("steps_to_target", "samples_to_target", "seconds_to_target", "noise_at_target")
+    assert [[getattr(r, f) for f in fields] for r in again.runs] == [
+        [getattr(r, f) for f in fields] for r in result.runs
+    ]
+    assert any(r.steps_to_target is not None for r in result.runs)
+    assert all(r.steps_to_target is None for r in stored.with_target(None).runs)
+    assert again.critical_batch() == result.critical_batch() and again.noise_scale() == result.noise_scale()
+
+
+def test_a_looser_target_is_read_where_each_curve_first_crosses_it(swept):
+    result, _ = swept
+    looser = result.with_target(2.29)  # the untrained model reads 2.305
+    assert looser.config.target.describe() == "val loss <= 2.29" and result.config.target.value == 2.25
+    for before, run in zip(result.runs, looser.runs):
+        first = next(i for i, v in enumerate(run.val["loss"]) if v <= 2.29)  # every run reached 2.25
+        assert first > 0 and run.val.step[first - 1] < run.steps_to_target <= run.val.step[first]
+        assert run.steps_to_target < before.steps_to_target
+
+
+def test_report_target_loss_compares_a_sweep_at_another_target(swept, tmp_path, capsys):
+    from batchlab.cli import main
+
+    result, _ = swept
+    assert main(["report", str(result.directory), "--target-loss", "2.29", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert (
+        printed.startswith("Reaching val loss <= 2.29 took") and (tmp_path / "steps-to-target.png").exists()
+    )
+    assert "target val loss &lt;= 2.29" in (tmp_path / "report.html").read_text()
+
+
+def test_a_target_the_untrained_model_already_meets_is_said_and_left_out(swept, tmp_path):
+    result, _ = swept
+    loose = result.with_target(2.5)  # every run's first evaluation (2.305) meets it: 0 steps
+    assert all(r.steps_to_target == 0 for r in loose.runs) and loose.critical_batch() is None
+    assert verdict(loose)[0].startswith(
+        "Every batch size that reached val loss <= 2.5 met it at the first evaluation, before any step ([16, 32, 64])"
+    )
+    files = write_report(loose, tmp_path)  # no division by zero, no zero on a log axis
+    assert "steps-to-target.png" not in {p.name for p in files.images}
+
+
+def test_without_a_target_the_verdict_says_how_to_give_one_after_the_fact(swept):
+    result, _ = swept
+    assert "`batchlab report SWEEP --target-loss X` reads it off" in verdict(result.with_target(None))[0]
+
+
+def test_runs_stopped_at_the_sweeps_target_refuse_a_target_past_it(tmp_path, capsys):
+    from batchlab.cli import main
+
+    torch.set_num_threads(1)
+    stopped = sweep(
+        load_task("teacher-student"), [32], lr=3e-3, budget=40, target=2.25, stop_at_target=True,
+        name="stopped", directory=tmp_path, tracking_uri=False, report=False,
+    )  # fmt: skip
+    assert stopped.runs[0].stopped_by.value == "target"
+    assert stopped.with_target(2.5).runs[0].steps_to_target <= stopped.runs[0].steps_to_target  # at or before
+    with pytest.raises(ValueError, match=r"target val loss <= 2: 1 run\(s\) \(b32-lr1x-s0\) stopped at"):
+        stopped.with_target(2.0)
+    with pytest.raises(ValueError, match=r"target val accuracy >= 0.5: 1 run\(s\)"):
+        stopped.with_target("accuracy>=0.5")  # another metric: the curve ends at the loss target
+    assert main(["report", str(stopped.directory), "--target-loss", "2"]) == 1
+    assert "stopped at the sweep's own target val loss <= 2.25 (stop_at_target)" in capsys.readouterr().err

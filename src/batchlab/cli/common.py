@@ -14,6 +14,7 @@ from batchlab import checks
 from batchlab.devices import parse_device, resolve_device
 from batchlab.fit import Probe
 from batchlab.memory import MemoryBreakdown
+from batchlab.sweeps.records import Target
 from batchlab.units import format_bytes
 from batchlab.workload.workload import Workload
 from batchlab.workloads import BUILTIN, load_workload
@@ -159,6 +160,20 @@ def print_breakdown(console: Console, breakdown: MemoryBreakdown, title: str, pe
             split.add_row(name.replace("_", " "), format_bytes(value))
     split.add_row("[bold]peak[/]", f"[bold]{format_bytes(peak_bytes)}[/]")
     console.print(split)
+
+
+def add_target_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--target-loss X`` / ``--target "accuracy>=0.95"``, one parser for ``sweep`` and ``report``; ``what``
+    ends each help text (what the target is for there)."""
+    parser.add_argument("--target-loss", type=float, default=None, help=f"validation loss to reach{what}")
+    parser.add_argument("--target", default=None, help=f'another target, e.g. "accuracy>=0.95"{what}')
+
+
+def target_from(args: argparse.Namespace) -> Target | None:
+    """The :class:`~batchlab.sweeps.records.Target` of :func:`add_target_arguments`' flags (None: neither)."""
+    if args.target_loss is not None and args.target is not None:
+        raise ValueError("give --target-loss or --target, not both")
+    return Target.parse(args.target_loss if args.target_loss is not None else args.target)
 
 
 def comma_list(text: str | None) -> list[str]:

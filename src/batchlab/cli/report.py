@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from batchlab.cli.common import add_target_arguments, target_from
 from batchlab.sweeps import SweepStore, load_sweep, verdict, write_report
 
 
@@ -24,6 +25,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="MLflow store holding the experiment (default: ./batchlab-runs/mlflow.db)",
     )
+    add_target_arguments(
+        parser, " instead of the sweep's own: read off the recorded validation curves, nothing trains again"
+    )
     parser.set_defaults(run=run)
 
 
@@ -33,7 +37,10 @@ def run(args: argparse.Namespace) -> int:
             f"--tracking-uri reads an MLflow experiment; {args.source} is a sweep directory, which holds its "
             "runs itself: drop --tracking-uri, or name the experiment instead"
         )
+    target = target_from(args)
     result = load_sweep(args.source, args.tracking_uri)
+    if target is not None:
+        result = result.with_target(target)
     files = write_report(result, args.out)
     for line in verdict(result):
         print(line)

@@ -13,7 +13,7 @@ from rich.table import Table
 from batchlab import checks
 from batchlab.advice.ramp import MIN_ACCUMULATION
 from batchlab.advice.scaling import RULES
-from batchlab.cli.common import comma_ints
+from batchlab.cli.common import add_target_arguments, comma_ints, target_from
 from batchlab.sweeps import (
     AUTO_MIN_BATCH,
     DEFAULT_DIRECTORY,
@@ -22,7 +22,6 @@ from batchlab.sweeps import (
     RampFactory,
     SweepEvent,
     SweepResult,
-    Target,
     sweep,
 )
 from batchlab.units import format_bytes
@@ -73,8 +72,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--budget-steps", type=int, default=None, help="optimizer steps per run")
     parser.add_argument("--budget-samples", type=int, default=None, help="training samples per run")
     parser.add_argument("--budget-seconds", type=float, default=None, help="seconds of training per run")
-    parser.add_argument("--target-loss", type=float, default=None, help="validation loss to reach")
-    parser.add_argument("--target", default=None, help='another target, e.g. "accuracy>=0.95"')
+    add_target_arguments(parser, "")
     parser.add_argument(
         "--stop-at-target", action="store_true", help="end each run when it reaches the target"
     )
@@ -171,12 +169,6 @@ def _budget(args: argparse.Namespace) -> Budget:
     return Budget(args.budget_steps, args.budget_samples, args.budget_seconds)
 
 
-def _target(args: argparse.Namespace) -> Target | None:
-    if args.target_loss is not None and args.target is not None:
-        raise ValueError("give --target-loss or --target, not both")
-    return Target.parse(args.target_loss if args.target_loss is not None else args.target)
-
-
 RAMP_FLAGS = ("ramp_target", "ramp_micro_batch", "ramp_min_accumulation")
 
 
@@ -218,7 +210,7 @@ def _ramped(factory, args: argparse.Namespace, batch_sizes) -> object:
 
 def run(args: argparse.Namespace) -> int:
     # Validate everything before building a model or starting MLflow/Ray.
-    budget, target = _budget(args), _target(args)
+    budget, target = _budget(args), target_from(args)
     batch_sizes = (
         "auto"
         if args.batch_sizes.strip().lower() == "auto"

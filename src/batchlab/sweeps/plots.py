@@ -132,7 +132,7 @@ def _loss_plot(result: SweepResult, axis: str, path: Path) -> Path:
 def _target_plot(result: SweepResult, path: Path) -> Path:
     """Steps and samples to the target per batch size, the fitted curves, B_crit and the noise scale."""
     fig, (left, right) = _figure(2)
-    rows = [s for s in result.by_batch_size() if s.steps_to_target is not None]
+    rows = [s for s in result.by_batch_size() if s.trained_to_target]
     sizes = result.batch_sizes
     fit = result.critical_batch()
     noise = result.noise_scale()
@@ -240,7 +240,7 @@ def draw(result: SweepResult, out: Path) -> dict[str, Path]:
         "loss-vs-samples": _loss_plot(result, "samples", out / "loss-vs-samples.png"),
         "loss-vs-time": _loss_plot(result, "seconds", out / "loss-vs-time.png"),
     }
-    if any(s.steps_to_target is not None for s in result.by_batch_size()):
+    if any(s.trained_to_target for s in result.by_batch_size()):
         images["steps-to-target"] = _target_plot(result, out / "steps-to-target.png")
     images["throughput-memory"] = _hardware_plot(result, out / "throughput-memory.png")
     return images

@@ -13,13 +13,13 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from batchlab import checks
 from batchlab.advice.scaling import scale_lr
 from batchlab.labels import Label
-from batchlab.noise.critical import NoiseWindow
+from batchlab.noise.critical import NoiseWindow, crossing, noise_window
 
 __all__ = [
     "Budget",
@@ -280,6 +280,12 @@ class SweepRun:
     (:func:`batchlab.noise.critical.noise_window`) and ``noise_scale_at_target`` is its B_simple.
     """
 
+    def with_target(self, target: Target | None) -> SweepRun:
+        """This run measured against ``target`` instead of the sweep's: read off its recorded validation curve
+        and noise updates as the runner reads them at the end of a run (:func:`target_fields`); nothing trains
+        again."""
+        return replace(self, **target_fields(self.val, self.noise_updates, target))
+
     def target_window(self) -> NoiseWindow | None:
         """The noise window before the target (None without a target crossing or noise measurements)."""
         if self.noise_at_target is None:
@@ -351,6 +357,29 @@ class SweepRun:
         if data.get("noise_updates"):
             values["noise_updates"] = Curve.from_dict(data["noise_updates"])
         return cls(**values)
+
+
+def target_fields(val: Curve, updates: Curve, target: Target | None) -> dict[str, Any]:
+    """A run's fields about ``target``, from its validation curve ``val`` and noise ``updates``: steps, samples
+    and seconds to where the curve first reaches it, interpolated between evaluations
+    (:func:`~batchlab.noise.critical.crossing`), and the noise averaged over the second half of the steps
+    before it (:func:`~batchlab.noise.critical.noise_window`). None where the target is not reached (or not
+    set, or its metric was never evaluated)."""
+    to_target = window = None
+    if target is not None and target.metric in val.values:
+        values = [
+            math.nan if v is None else v for v in val[target.metric]
+        ]  # an evaluation without the metric
+        to_target = crossing([val.step, val.samples, val.seconds], values, target.value, target.mode)
+    if to_target is not None and updates.step:
+        window = noise_window(updates.step, updates["g2"], updates["trace"], to_target[0])
+    return {
+        "steps_to_target": to_target[0] if to_target else None,
+        "samples_to_target": to_target[1] if to_target else None,
+        "seconds_to_target": to_target[2] if to_target else None,
+        "noise_at_target": window.to_dict() if window is not None else None,
+        "noise_scale_at_target": window.b_simple if window is not None else None,
+    }
 
 
 @dataclass(frozen=True)

@@ -76,13 +76,20 @@ def verdict(result: SweepResult) -> list[str]:
     target = result.config.target
     fit = result.critical_batch()
     noise = result.noise_scale()
-    reached = [s for s in rows if s.steps_to_target is not None]
+    reached = [s for s in rows if s.trained_to_target]
+    untrained = [s.batch_size for s in rows if s.steps_to_target == 0]
     if target is None:
         best = min(rows, key=lambda s: s.final_val_loss if s.final_val_loss is not None else math.inf)
         lines.append(
             f"No target was set, so only final losses compare: the lowest final validation loss after "
             f"{result.config.budget.describe()} is {best.final_val_loss:.4g} at batch {best.batch_size}. "
-            "Set a target to measure steps-to-target and the critical batch size."
+            "Give a target to measure steps-to-target and the critical batch size: `batchlab report "
+            "SWEEP --target-loss X` reads it off the recorded curves (SweepResult.with_target), nothing trains again."
+        )
+    elif untrained and not reached:
+        lines.append(
+            f"Every batch size that reached {target.describe()} met it at the first evaluation, before any step "
+            f"({untrained}): the target says nothing about the batch size; give a tighter one."
         )
     elif not reached:
         lines.append(
@@ -99,6 +106,10 @@ def verdict(result: SweepResult) -> list[str]:
         missed = [s.batch_size for s in rows if s.steps_to_target is None]
         if missed:
             lines.append(f"Batch sizes {missed} did not reach the target within the budget.")
+        if untrained:
+            lines.append(
+                f"Batch sizes {untrained} met it at the first evaluation, before any step: left out."
+            )
     if fit is not None:
         if fit.bounded:
             lines.append(

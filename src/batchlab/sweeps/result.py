@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from batchlab.noise.critical import CriticalBatchFit, fit_critical_batch, pooled_noise_scale
-from batchlab.sweeps.records import SweepConfig, SweepRun
+from batchlab.sweeps.records import StopReason, SweepConfig, SweepRun, Target
 from batchlab.sweeps.store import SweepStore
 
 __all__ = ["BatchSummary", "SweepResult"]
@@ -43,6 +43,12 @@ class BatchSummary:
     noise_scale: float | None
     steps: int
     samples: int
+
+    @property
+    def trained_to_target(self) -> bool:
+        """Reached the target after at least one step. A target the first evaluation already meets (0 steps,
+        a loose one read off the curves) says nothing about the batch size, so the comparisons leave it out."""
+        return bool(self.steps_to_target)
 
     def to_dict(self) -> dict:
         """The fields as a JSON-ready dict."""
@@ -152,6 +158,31 @@ class SweepResult:
             samples=max(r.samples for r in group),
         )
 
+    def with_target(self, target: Target | float | str | None) -> SweepResult:
+        """The same runs compared at another ``target`` (``0.3``: val loss <= 0.3, ``"accuracy>=0.95"``, a
+        :class:`~batchlab.sweeps.records.Target`; None: none), read off each run's recorded validation curve
+        (:meth:`SweepRun.with_target`): a sweep run without a target, or at a target that proved too tight or
+        too loose, gets its steps to target, critical batch and noise scale without training again. This is
+        ``batchlab report SWEEP --target-loss X``.
+
+        A run that stopped at the sweep's own target (``stop_at_target``) has no curve past it, so a target it
+        does not imply (a tighter value, another metric) is refused: ``ValueError`` names the runs.
+        """
+        new = Target.parse(target)
+        old = self.config.target
+        stopped = [r.key for r in self.runs if r.stopped_by is StopReason.TARGET]
+        implied = new is None or (
+            old is not None and new.metric == old.metric and new.mode is old.mode and new.reached(old.value)
+        )
+        if stopped and not implied:
+            raise ValueError(
+                f"target {new.describe()}: {len(stopped)} run(s) ({', '.join(stopped[:3])}"
+                f"{', ...' if len(stopped) > 3 else ''}) stopped at the sweep's own target {old.describe()} "
+                "(stop_at_target), so their curves end there; give a target at or before it, or sweep again"
+            )
+        config = replace(self.config, target=new)
+        return replace(self, config=config, runs=[r.with_target(new) for r in self.runs], report=None)
+
     def critical_batch(self) -> CriticalBatchFit | None:
         """S = S_min(1 + B_crit/B) fitted to the best steps-to-target per batch size (None: < 3 sizes reached)."""
         points = [(s.batch_size, s.steps_to_target) for s in self.by_batch_size() if s.steps_to_target]
@@ -182,7 +213,7 @@ class SweepResult:
         ]
         target = self.config.target
         if target is not None:
-            reached = [s for s in rows if s.steps_to_target is not None]
+            reached = [s for s in rows if s.trained_to_target]
             if reached:
                 fastest = min(reached, key=lambda s: s.seconds_to_target or math.inf)
                 fewest = min(reached, key=lambda s: s.steps_to_target)

@@ -19,8 +19,15 @@ import torch
 
 from batchlab.defaults import WARMUP_STEPS
 from batchlab.devices import resolve_device
-from batchlab.noise.critical import crossing, noise_window
-from batchlab.sweeps.records import Curve, RunSpec, RunStatus, StopReason, SweepConfig, SweepRun
+from batchlab.sweeps.records import (
+    Curve,
+    RunSpec,
+    RunStatus,
+    StopReason,
+    SweepConfig,
+    SweepRun,
+    target_fields,
+)
 from batchlab.sweeps.trainable import close_run
 
 __all__ = ["execute_run", "EVAL_POINTS", "EVAL_EVERY_UNKNOWN", "EARLY_EVAL_RATIO"]
@@ -164,14 +171,6 @@ def execute_run(
     elif stopped_by is StopReason.DIVERGED:
         status = RunStatus.DIVERGED
 
-    to_target = None
-    if target is not None and target.metric in val.values:
-        to_target = crossing(
-            [val.step, val.samples, val.seconds], val[target.metric], target.value, target.mode
-        )
-    window = None
-    if to_target is not None and updates.step:
-        window = noise_window(updates.step, updates["g2"], updates["trace"], to_target[0])
     final = {name: column[-1] for name, column in val.values.items() if name != "noise_scale" and column}
     losses = [v for v in val.values.get("loss", []) if v is not None]
     estimate = _noise_estimate(trainable)
@@ -200,18 +199,14 @@ def execute_run(
         peak_bytes=measurement.peak_bytes,
         baseline_bytes=measurement.baseline_bytes,
         noise_scale=_b_simple(estimate),
-        noise_scale_at_target=window.b_simple if window is not None else None,
-        steps_to_target=to_target[0] if to_target else None,
-        samples_to_target=to_target[1] if to_target else None,
-        seconds_to_target=to_target[2] if to_target else None,
         final_val=final,
         best_val_loss=min(losses) if losses else None,
         train=train,
         val=val,
         noise=estimate.to_dict() if estimate is not None else None,
-        noise_at_target=window.to_dict() if window is not None else None,
         noise_updates=updates,
         error=error,
         started_at=started,
+        **target_fields(val, updates, target),
         finished_at=time.time(),
     )

@@ -160,7 +160,7 @@ def print_shape_table(console: Console, table: ShapeTable) -> None:
         rows.add_row(
             entry.label,
             str(entry.batch_size) if entry.fits else f"[red]{entry.batch_size} (does not fit)[/]",
-            str(entry.tokens_per_batch),
+            f"{entry.tokens_per_batch:,}",
             "-" if entry.predicted_batch_size is None else str(entry.predicted_batch_size),
             str(len(entry.result.probes)),
             format_bytes(entry.result.peak_bytes),

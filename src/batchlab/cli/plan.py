@@ -106,7 +106,7 @@ def print_shape_table(console: Console, table: PlanShapeTable) -> None:
         rows.add_row(
             entry.label,
             str(entry.batch_size) if entry.fits else f"[red]{entry.batch_size} (does not fit)[/]",
-            str(entry.tokens_per_batch),
+            f"{entry.tokens_per_batch:,}",
             format_bytes(entry.result.peak_bytes),
             format_bytes(entry.result.bytes_per_sample),
         )

@@ -117,6 +117,11 @@ def test_report_target_loss_compares_a_sweep_at_another_target(swept, tmp_path, 
         printed.startswith("Reaching val loss <= 2.29 took") and (tmp_path / "steps-to-target.png").exists()
     )
     assert "target val loss &lt;= 2.29" in (tmp_path / "report.html").read_text()
+    own = (result.directory / "report" / "report.html").read_bytes()
+    assert main(["report", str(result.directory), "--target", "loss<=2.28"]) == 0  # no --out: beside the own
+    printed = capsys.readouterr().out.splitlines()
+    assert f"report: {result.directory / 'report-at-loss-2.28' / 'report.html'}" in printed
+    assert (result.directory / "report" / "report.html").read_bytes() == own  # the sweep's own report stays
 
 
 def test_a_target_the_untrained_model_already_meets_is_said_and_left_out(swept, tmp_path):

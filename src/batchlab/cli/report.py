@@ -7,6 +7,7 @@ from pathlib import Path
 
 from batchlab.cli.common import add_target_arguments, target_from
 from batchlab.sweeps import SweepStore, load_sweep, verdict, write_report
+from batchlab.sweeps.report import default_report_dir
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -19,7 +20,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "source", help="a sweep directory (batchlab-runs/sweeps/NAME) or an MLflow experiment name or id"
     )
-    parser.add_argument("--out", default=None, help="output folder (default: SOURCE/report)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default: SOURCE/report, or batchlab-report-NAME for an MLflow experiment; with a "
+        "target, the same name ending -at-METRIC-VALUE, so the sweep's own report stays)",
+    )
     parser.add_argument(
         "--tracking-uri",
         default=None,
@@ -39,9 +45,13 @@ def run(args: argparse.Namespace) -> int:
         )
     target = target_from(args)
     result = load_sweep(args.source, args.tracking_uri)
+    out = args.out
     if target is not None:
         result = result.with_target(target)
-    files = write_report(result, args.out)
+        if out is None:
+            own = default_report_dir(result)
+            out = own.with_name(f"{own.name}-at-{target.metric}-{target.value:g}")
+    files = write_report(result, out)
     for line in verdict(result):
         print(line)
     print(f"report: {files.html}")

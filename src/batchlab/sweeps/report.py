@@ -346,6 +346,12 @@ means over seeds at the best LR.</p>
 """
 
 
+def default_report_dir(result: SweepResult) -> Path:
+    """Where :func:`write_report` writes by default: ``<sweep dir>/report``, or ``batchlab-report-<name>`` for
+    an experiment read from MLflow (no sweep directory)."""
+    return result.directory / "report" if result.directory else Path(f"batchlab-report-{result.name}")
+
+
 def write_report(
     source: SweepResult | str | Path, out_dir: str | Path | None = None, *, tracking_uri: str | None = None
 ) -> ReportFiles:
@@ -359,11 +365,7 @@ def write_report(
     result = load_sweep(source, tracking_uri)
     if not result.runs:
         raise ValueError(f"sweep {result.name!r} has no finished run to report")
-    out = (
-        Path(out_dir)
-        if out_dir is not None
-        else (result.directory / "report" if result.directory else Path(f"batchlab-report-{result.name}"))
-    )
+    out = Path(out_dir) if out_dir is not None else default_report_dir(result)
     out.mkdir(parents=True, exist_ok=True)
     images = plots.draw(result, out)
     page = out / "report.html"

@@ -31,6 +31,8 @@ import ctypes.util
 import os
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +94,20 @@ def fast_allocator() -> bool:
     libc.mallopt(_M_TRIM_THRESHOLD, FAST_TRIM_BYTES)
     _allocator = "fast"
     return True
+
+
+@contextmanager
+def measuring_allocator() -> Iterator[None]:
+    """Exact readings inside (a :class:`CPUDevice` made there sets them), and training's speed back on the
+    way out unless the process was measuring already: for a check that measures on the way to training
+    (:func:`batchlab.fit.search.check_host_room`), which must leave the allocator as it found it, as nearly as
+    glibc allows -- an untouched process gets :func:`fast_allocator`, which runs as fast."""
+    before = _allocator
+    try:
+        yield
+    finally:
+        if before in (None, "fast") and _allocator not in (None, "fast"):
+            fast_allocator()
 
 
 def _read_status_kib(field: str) -> int:

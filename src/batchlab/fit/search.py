@@ -29,11 +29,12 @@ import torch
 
 from batchlab import checks
 from batchlab.devices import CPUDevice, Device, resolve_device
-from batchlab.devices.cpu import host_room_bytes
+from batchlab.devices.cpu import host_room_bytes, measuring_allocator
 from batchlab.errors import BatchlabError, DoesNotFitError
 from batchlab.fit.decision import (
     BATCH_ONE_FALLBACK,
     CAP,
+    MAX_GROWTH,
     MAX_PROBES,
     first_size,
     fit_memory_line,
@@ -450,6 +451,49 @@ def _check_fixed(search: _Search, size: int, multiple_of: int) -> Probe:
         if line is not None:
             predicted = int(line.peak(size))
     return search.run_and_retry(size, predicted)
+
+
+def check_host_room(workload: Workload, batch_size: int, *, what: str) -> None:
+    """Refuse, before it runs, training at ``batch_size`` that the host cannot hold.
+
+    On the CPU a step past the RAM is killed by the kernel, not raised (:mod:`batchlab.devices.cpu`): the
+    process goes, and what the user had not saved goes with it. So this probes as the search grows -- from
+    batch 2, x``MAX_GROWTH`` a probe while below ``batch_size``, each probe run only where the line through
+    the last ones predicts it within the RAM -- and raises :class:`~batchlab.errors.DoesNotFitError` as soon
+    as that line puts ``batch_size`` above the RAM (or a probe does not fit). It does not look for the largest
+    batch that fits (``batchlab fit`` does): a refusal takes a few small probes, not a search to the edge. The
+    state is restored bitwise, and the allocator left as fast as it was
+    (:func:`~batchlab.devices.cpu.measuring_allocator`). Off the CPU, where running out raises, and for batch 2
+    or less, it does nothing. ``what`` names the caller ("the noise measurement").
+    """
+    if workload.device.type != "cpu" or batch_size <= first_size(1):
+        return
+    with measuring_allocator():
+        dev = resolve_device("cpu")
+        search = _Search(workload, dev, dev.capacity_bytes(), "auto", None)
+        try:
+            size, predicted, fits = first_size(1), None, True
+            while fits and size < batch_size:
+                line = fit_memory_line(search.probes)  # each probe run only where this line allows it
+                fits = search.run_and_retry(size, None if line is None else int(line.peak(size))).fits
+                line = fit_memory_line(search.probes)
+                predicted = None if line is None else int(line.peak(batch_size))
+                fits = fits and (predicted is None or predicted <= search.hard_limit)
+                size *= MAX_GROWTH
+        finally:
+            search.close()
+    if not fits:
+        ran = max((p.batch_size for p in search.probes if p.fits), default=None)
+        need = "more" if predicted is None else f"about {format_bytes(predicted)}"
+        raise DoesNotFitError(
+            f"{what} at batch {batch_size} would need {need} of RAM, above the {format_bytes(search.hard_limit)} "
+            "this process can use: a CPU step past it is killed, not raised, so it did not run; give a smaller "
+            f"batch ({f'batch {ran} ran' if ran else 'not even batch 2 fits'}; batchlab fit finds the largest "
+            "that fits)",
+            batch_size=batch_size,
+            needed_bytes=predicted,
+            budget_bytes=search.hard_limit,
+        )
 
 
 def _run_batch_one(search: _Search, batch_two: Probe, budget: int) -> None:

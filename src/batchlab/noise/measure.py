@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from batchlab import checks
+from batchlab.fit.search import check_host_room
 from batchlab.noise.collectors import AccumulationCollector, NormPair, SplitBatchCollector
 from batchlab.noise.estimator import DEFAULT_BETA, GradientNoiseScale, NoiseScaleEstimate
 from batchlab.workload.workload import StepFunction, Workload
@@ -130,6 +131,7 @@ def measure_noise_scale(
             f"the split collector needs batch_size >= 2 to split a batch in two, got {batch_size}"
         )
     tracker = GradientNoiseScale(beta)  # validates beta before anything runs
+    check_host_room(workload, batch_size, what="the noise measurement")  # a CPU step past the RAM is killed
 
     params = [p for p in workload.model.parameters() if p.requires_grad]
     snapshot = workload.snapshot()

@@ -56,6 +56,7 @@ from batchlab.sweeps.result import SweepResult
 from batchlab.sweeps.runner import execute_run
 from batchlab.sweeps.store import DEFAULT_DIRECTORY, SweepStore
 from batchlab.sweeps.tracking import SweepTracker, default_tracking_uri, mlflow_available
+from batchlab.sweeps.trainable import close_run
 
 log = logging.getLogger("batchlab")
 
@@ -99,6 +100,19 @@ def _check_seeds(seeds: int | Sequence[int]) -> list[int]:
     return _distinct(
         "seeds", seeds, partial(checks.integer, minimum=0), "a count >= 1 or a list of distinct ints >= 0"
     )
+
+
+def _check_host_room(factory: Callable[[int, float, int], Any], batch_size: int, lr: float) -> None:
+    """Build the largest batch's run once and let it refuse a micro-batch the host cannot hold (a Workload's
+    run: :meth:`~batchlab.sweeps.WorkloadRun.check_host_room`), before the sweep directory is written: on
+    the CPU a step past the RAM kills the process. Other trainables have no such check."""
+    run = factory(batch_size, lr, 0)
+    try:
+        check = getattr(run, "check_host_room", None)
+        if callable(check):
+            check()
+    finally:
+        close_run(run)
 
 
 def sweep(
@@ -212,6 +226,7 @@ def sweep(
         check_starts = getattr(workload_factory, "check_batch_sizes", None)
         if callable(check_starts):  # a RampFactory refuses a start above its maximum before any run trains
             check_starts(sizes)
+        _check_host_room(workload_factory, max(sizes), config.lr_for(max(sizes)))
         config = replace(config, name=name, batch_sizes=sizes, fingerprint=digest)
         store.write_config(config)
 

@@ -47,6 +47,7 @@ from batchlab import checks
 from batchlab.advice.pipeline import Advice
 from batchlab.advice.scaling import plan_batch, scale_lr
 from batchlab.errors import NoNoiseScaleError, WorkloadError
+from batchlab.fit.search import check_host_room
 from batchlab.noise.critical import CriticalBatchFit, crossing, fit_critical_batch
 from batchlab.sweeps.workload_run import WorkloadRun, missing_validation
 from batchlab.workload.state import StateSnapshot
@@ -399,6 +400,8 @@ def branch_critical_batch(
             return 1
         return max(1, reference_steps // EVALUATIONS_PER_WINDOW)
 
+    largest = max(*sizes, base_batch)  # every micro-batch is at most this, and at most max_micro_batch
+    check_host_room(workload, min(largest, max_micro_batch or largest), what="the branched runs")
     brancher = _Brancher(workload, workload.snapshot(), interval, max_micro_batch)
     try:
         start = _validation_loss(WorkloadRun(workload, batch_size=base_batch, accumulation=1, noise_every=0))

@@ -32,6 +32,7 @@ from torch.utils._pytree import tree_map
 
 from batchlab.devices import resolve_device
 from batchlab.errors import WorkloadError
+from batchlab.fit.search import check_host_room
 from batchlab.sweeps.trainable import NOISE_EVERY, StepRun
 from batchlab.workload.workload import StepFunction, Workload
 
@@ -130,6 +131,17 @@ class WorkloadRun(StepRun):
         """One optimizer step of the Workload's own step pieces; returns the mean training loss."""
         with self._streams():
             return super().train_step()
+
+    def check_host_room(self) -> None:
+        """Refuse, before this run trains, a micro-batch the host cannot hold: on the CPU a step past the RAM
+        is killed, not raised (:func:`batchlab.fit.search.check_host_room`; the state is left bitwise as it
+        was). :func:`batchlab.sweep` asks its largest batch's run before it writes the sweep directory."""
+        split = (
+            f" (batch {self.batch_size} as {self.accumulation} x {self.micro_batch})"
+            if self.accumulation > 1
+            else ""
+        )
+        check_host_room(self._workload, self.micro_batch, what=f"the sweep's run{split}")
 
     def _batch(self) -> Any:
         return self._workload.next_batch(self.batch_size)

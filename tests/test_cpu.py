@@ -377,3 +377,33 @@ def test_fast_allocator_gives_training_its_thresholds_back_and_later_readings_st
     assert exact > 1 and after >= exact  # conservative: never below the exact reading
     assert before_text == "glibc, mmap threshold 64 KiB (exact readings)"
     assert after_text.startswith("glibc, mmap threshold 64 KiB after fast_allocator()")
+
+
+def test_the_training_twin_runs_with_the_speed_back_and_reads_high_never_low():
+    # In a fresh process: the allocator is process-wide. A sweep's runs train on for_training(): glibc's speed
+    # back (fast_allocator), the heap trimmed before each run so the reading is of this run; the exact device
+    # sets its threshold again for its next reading, which then reads high, never low (as after fast_allocator).
+    code = textwrap.dedent(
+        """
+        import json
+        from batchlab.devices import cpu
+        from batchlab.workloads import load_workload
+        device, workload = cpu.CPUDevice(), load_workload("cnn")
+        snapshot = workload.snapshot()
+        def step_mib(dev, b):
+            m = dev.run(workload.step, b, 2); snapshot.restore()
+            return (m.peak_bytes - m.baseline_bytes) / 2**20
+        step_mib(device, 4)  # warm-up: oneDNN's one-time set-up
+        exact = step_mib(device, 16)
+        trainer = device.for_training()
+        fast, during = step_mib(trainer, 16), cpu._allocator
+        again, after = step_mib(device, 16), cpu._allocator
+        print(json.dumps([exact, fast, again, during, after, trainer is device.for_training(),
+                          trainer.for_training() is trainer, trainer.settings()["allocator"]]))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    exact, fast, again, during, after, same, own, text = json.loads(out.stdout.strip().splitlines()[-1])
+    assert during == "fast" and after == "exact after fast" and same and own
+    assert fast >= 0.98 * exact and again >= 0.98 * exact  # readings repeat within 2%: high, never low
+    assert text.startswith("glibc as training runs it (fast_allocator)")

@@ -7,13 +7,14 @@ predicts ~100 TiB: more than any host has, on every machine the tests run on. No
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
 
 import batchlab
-from batchlab.devices import cpu
-from batchlab.fit.search import check_host_room
 from batchlab.sweeps import WorkloadFactory
 from batchlab.sweeps.store import SweepStore
 from batchlab.workloads.tasks import ConfiguredFactory
@@ -81,10 +82,20 @@ def test_a_sweep_refuses_before_it_writes_its_directory(tmp_path):
         batchlab.sweep(accumulating, [8, 4 * HUGE], lr=1e-3, budget=2, directory=tmp_path, tracking_uri=False)
 
 
-def test_the_check_leaves_the_allocator_as_fast_as_it_found_it(monkeypatch):
-    monkeypatch.setattr(cpu, "_allocator", None)  # a process batchlab never touched
-    check_host_room(_workload(), 64, what="a check")
-    assert cpu._allocator == "fast"  # measured exactly inside, training speed back outside
-    monkeypatch.setattr(cpu, "_allocator", "exact")  # the user measures: exact readings stay theirs
-    check_host_room(_workload(), 64, what="a check")
-    assert cpu._allocator == "exact"
+def test_the_check_leaves_the_allocator_as_fast_as_it_found_it():
+    # In a fresh process: glibc's thresholds are process-wide, and a test must not leave them changed.
+    code = """
+import batchlab
+from batchlab.devices import cpu
+from batchlab.fit.search import check_host_room
+from batchlab.workloads import load_workload
+states = [cpu._allocator]
+check_host_room(load_workload("mlp-digits"), 64, what="a check")  # untouched: measured, then the speed back
+states.append(cpu._allocator)
+batchlab.find_batch_size(load_workload("mlp-digits"), device="cpu")  # the user measures ...
+check_host_room(load_workload("mlp-digits"), 64, what="a check")  # ... and the exact readings stay theirs
+states.append(cpu._allocator)
+print("|".join(map(str, states)))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines()[-1] == "None|fast|exact after fast"

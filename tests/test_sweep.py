@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -498,3 +500,22 @@ def test_cli_sweep_needs_a_budget(tmp_path, capsys):
         ["sweep", "--workload", "mlp-digits", "--batch-sizes", "16", "--lr", "1e-3", "--dir", str(tmp_path)]
     )
     assert code == 1 and "give a budget per run" in capsys.readouterr().err
+
+
+def test_a_cpu_sweep_trains_with_the_allocators_speed_back(tmp_path):
+    # In a fresh process: glibc's thresholds are process-wide, and a test must not leave them changed.
+    code = f"""
+import batchlab
+from batchlab.devices import cpu
+from batchlab.sweeps import sweep
+from batchlab.workloads.tasks import load_task
+batchlab.find_batch_size(batchlab.workloads.load_workload("mlp-digits"), device="cpu")  # a search: exact
+assert cpu._allocator == "exact"
+result = sweep(load_task("mlp-digits"), [16], lr=1e-3, budget=5, directory={str(tmp_path)!r}, tracking_uri=False)
+print(cpu._allocator, result.runs[0].peak_bytes > result.runs[0].baseline_bytes > 0)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-2:] == [
+        "fast",
+        "True",
+    ]  # for_training(): the exact allocator cost a step 1.3-2x

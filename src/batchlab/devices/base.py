@@ -72,6 +72,12 @@ class Device(ABC):
         """What shapes this device's readings (allocator configuration, how the peak is read), for the record."""
         return {}
 
+    def for_training(self) -> Device:
+        """This device as a training run uses it, for steps that train rather than measure (a sweep's runs):
+        itself, except on the CPU, where the allocator that makes readings exact slows a step 1.3-2x
+        (:meth:`batchlab.devices.cpu.CPUDevice.for_training`)."""
+        return self
+
     def synchronize(self) -> None:  # noqa: B027 - an optional hook; CPU work is synchronous
         """Wait for queued work to finish, so a clock read after it is honest (no-op on the CPU)."""
 

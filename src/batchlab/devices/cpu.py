@@ -230,12 +230,20 @@ class _RSSSampler:
 
 
 class CPUDevice(Device):
-    """Runs steps on the CPU and reads the process's peak resident memory."""
+    """Runs steps on the CPU and reads the process's peak resident memory.
+
+    ``exact`` (the default) sets glibc's 64 KiB mmap threshold for every run, so readings are exact and
+    linear in the batch; ``exact=False`` (:meth:`for_training`) runs with the speed back
+    (:func:`fast_allocator`) and reads the same peak resident memory, which then includes freed memory the
+    heap keeps: high, never low.
+    """
 
     name = "cpu"
 
-    def __init__(self) -> None:
-        self.glibc = exact_allocator()
+    def __init__(self, exact: bool = True) -> None:
+        self.exact = exact
+        self.glibc = exact_allocator() if exact else fast_allocator()
+        self._training: CPUDevice | None = None if exact else self
         self._process = psutil.Process()
         self._exact_peak = sys.platform.startswith("linux") and self._clear_refs_works()
         self._sampler: _RSSSampler | None = None
@@ -266,8 +274,22 @@ class CPUDevice(Device):
     def hard_limit_bytes(self) -> int:
         return process_capacity_bytes()
 
+    def for_training(self) -> CPUDevice:
+        """This device with training's speed, for a sweep's runs: the exact readings' allocator made their
+        steps 1.3-2x slower on the built-in tasks (benchmarks/RESULTS.md, "CPU sweeps with the allocator's
+        speed back"). A later exact reading in this process then reads high, never low, as after
+        :func:`fast_allocator`."""
+        if self._training is None:
+            self._training = CPUDevice(exact=False)
+        return self._training
+
     def settings(self) -> dict[str, object]:
         """What shapes the readings: how the peak is read and what the allocator did while measuring."""
+        if not self.exact and self.glibc:
+            return {
+                "peak": self.peak_method,
+                "allocator": "glibc as training runs it (fast_allocator): the peak includes freed memory the heap keeps",
+            }
         if not self.glibc:
             allocator = "not glibc: readings may include freed memory the allocator keeps"
         elif _allocator == "exact after fast":
@@ -282,9 +304,12 @@ class CPUDevice(Device):
         release_after_oom("cpu")
 
     def _begin(self) -> int:
-        exact_allocator()  # again, after a fast_allocator() since this device was made
-        if _allocator == "exact after fast":
-            _libc().malloc_trim(0)  # freed chunks must not serve this step unread (fast_allocator)
+        if self.exact:
+            exact_allocator()  # again, after a fast_allocator() since this device was made
+        else:
+            fast_allocator()  # again, after an exact reading since this device was made
+        if _allocator in ("exact after fast", "fast"):
+            _libc().malloc_trim(0)  # freed chunks must not serve this step unread: a reading high, never low
         if self._exact_peak:
             _CLEAR_REFS.write_text("5")
             return _read_status_kib("VmRSS")

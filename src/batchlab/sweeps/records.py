@@ -272,8 +272,9 @@ class SweepRun:
     names what ended the run. ``*_to_target``
     are None when the target was not reached (or none was set). ``throughput`` is samples per second over the
     steps after ``batchlab.defaults.WARMUP_STEPS``, leaving out the steps that carried the noise-scale measurement.
-    ``peak_bytes`` is the device's peak during the run (CPU: the whole process's resident memory; CUDA: the
-    caching allocator's reserved bytes), ``baseline_bytes`` what was in use when it started.
+    ``peak_bytes`` is the device's peak during the run (CPU: the whole process's resident memory, freed heap
+    included -- the run trains with glibc's speed, not the exact readings' allocator; CUDA: the caching
+    allocator's reserved bytes), ``baseline_bytes`` what was in use when it started.
     ``noise_scale`` is the gradient noise scale B_simple of the EMA tracker at the end of the run and
     ``noise`` its full estimate; ``noise_updates`` holds every per-update estimate (|G|² as ``g2``, tr(Σ) as
     ``trace``); ``noise_at_target`` averages them over the second half of the steps to the target

@@ -472,9 +472,8 @@ def check_host_room(workload: Workload, batch_size: int, *, what: str) -> None:
         dev = resolve_device("cpu")
         search = _Search(workload, dev, dev.capacity_bytes(), "auto", None)
         try:
-            size, predicted, fits = first_size(1), None, True
-            while fits and size < batch_size:
-                line = fit_memory_line(search.probes)  # each probe run only where this line allows it
+            size, predicted, fits, line = first_size(1), None, True, None
+            while fits and size < batch_size:  # each probe run only where the last probes' line allows it
                 fits = search.run_and_retry(size, None if line is None else int(line.peak(size))).fits
                 line = fit_memory_line(search.probes)
                 predicted = None if line is None else int(line.peak(batch_size))

@@ -40,14 +40,22 @@ def one_thread():
 
 
 class CountingCPU(CPUDevice):
-    """A CPU device that logs every run as (batch size, steps)."""
+    """A CPU device that logs every run as (batch size, steps), and its training twin's runs in ``timed``."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, exact: bool = True) -> None:
+        super().__init__(exact=exact)
         self.runs: list[tuple[int, int]] = []
+        self.timed: list[tuple[int, int]] = []
+        self.order: list[bool] = []  # per run, in order: was it on the exact (measuring) device
+
+    def for_training(self) -> CountingCPU:
+        twin = CountingCPU(exact=False)
+        twin.runs, twin.order = self.timed, self.order
+        return twin
 
     def run(self, step, batch_size, steps=2):
         self.runs.append((batch_size, steps))
+        self.order.append(self.exact)
         return super().run(step, batch_size, steps)
 
 
@@ -112,28 +120,25 @@ def test_cnn_profile_reuses_the_fit_search(cnn_profile):
         (p.batch_size, p.steps + (not p.verified)) for p in probes
     ]  # a scout: 1 + 1
     after = device.runs[len(probes) :]
-    # ... and never again: no size it found too big runs later, and every later run is a warm-up or a timed
-    # run of a profiled point (a size over the budget stops after its warm-up) -- on the CPU in
-    # ROUNDS interleaved rounds: the first over every profiled size, the rest over the timed ones.
+    # ... and never again: no size it found too big runs later. Every later run on the measuring device is
+    # the one memory run of a profiled size the search did not probe; then, on the training twin (glibc's
+    # speed back), every fitting size's warm-up and timed run, in ROUNDS interleaved rounds.
     too_big = {p.batch_size for p in probes if not p.fits}
-    assert not too_big & {b for b, _ in after}
-    expected = []
-    for point in result.points:
-        if point.outcome == "skipped" or (point.memory_source == "fit search" and not point.fits):
-            continue  # not run by the profile
-        expected.append((point.batch_size, WARMUP_STEPS))
-        if point.step_times:
-            assert point.rounds == (ROUNDS if point.fits else 1)
-            expected.append((point.batch_size, len(point.step_times) // point.rounds))
+    assert not too_big & {b for b, _ in after + device.timed}
+    ran = [p for p in result.points if p.memory_source == "profile run" and p.outcome != "skipped"]
+    assert after == [(p.batch_size, WARMUP_STEPS) for p in ran]
     timed = [p for p in result.points if p.fits and p.step_times]
-    assert timed
-    for _ in range(ROUNDS - 1):
+    assert timed and all(p.rounds == ROUNDS for p in timed)
+    expected = []
+    for _ in range(ROUNDS):
         for point in timed:
             expected += [
                 (point.batch_size, WARMUP_STEPS),
                 (point.batch_size, len(point.step_times) // point.rounds),
             ]
-    assert after == expected
+    assert device.timed == expected
+    # Every exact reading came before the first step at speed, after which one would read high.
+    assert device.order == [True] * len(device.runs) + [False] * len(device.timed)
     # Sizes the search probed keep its measurement instead of a second one.
     by_size = {p.batch_size: p for p in probes}
     reused = [p for p in result.points if p.memory_source == "fit search"]
@@ -171,8 +176,11 @@ import json, sys
 sys.path.insert(0, sys.argv[1])
 import torch
 from test_profile_cpu import assert_state_is, state_of, tiny_gpt_workload
+from batchlab.devices import cpu
 from batchlab.profiling.api import profile
 
+order, run = [], cpu.CPUDevice.run  # which device each run used, in order: the measuring one (exact) or not
+cpu.CPUDevice.run = lambda self, *args, **kwargs: order.append(self.exact) or run(self, *args, **kwargs)
 torch.set_num_threads(1)
 work = tiny_gpt_workload()
 saved = state_of(work)
@@ -193,6 +201,8 @@ print(json.dumps({
     "summary": result.summary(),
     "patched": any("forward" in block.__dict__ for block in work.model.blocks),
     "unchanged": unchanged,
+    "order": order,
+    "allocator": cpu._allocator,
 }))
 """
 
@@ -214,6 +224,10 @@ def test_bf16_and_checkpointing_are_measured_on_cpu():
     assert "bf16 vs fp32:" in text
     assert not run["patched"]  # every block's forward is the class's again
     assert run["unchanged"]  # weights, optimizer, gradients and RNG as they were
+    # Every variant's memory was read before any step ran at training's speed, which then stays the process's.
+    readings = 4 * 3  # variants x sizes, one run each
+    assert run["order"] == [True] * readings + [False] * (len(run["order"]) - readings)
+    assert run["order"][-1] is False and run["allocator"] == "fast"
 
 
 def test_input_pipeline_is_timed_next_to_the_model():

@@ -62,15 +62,15 @@ def test_knee_defaults_to_the_shared_threshold_and_refuses_one_outside_0_1():
 
 
 def test_outcomes_are_str_enums_that_print_and_serialise_as_their_strings():
-    point = ProfilePoint("fp32", "fp32", False, 8, "over budget", 10 * MiB, None, "timed run")
-    assert point.outcome is PointOutcome.OVER_BUDGET and point.memory_source is MemorySource.TIMED_RUN
+    point = ProfilePoint("fp32", "fp32", False, 8, "over budget", 10 * MiB, None, "profile run")
+    assert point.outcome is PointOutcome.OVER_BUDGET and point.memory_source is MemorySource.PROFILE_RUN
     assert point.outcome == "over budget" and not point.fits
-    assert f"{point.outcome:<12}|{point.memory_source}" == "over budget |timed run"
+    assert f"{point.outcome:<12}|{point.memory_source}" == "over budget |profile run"
     data = point.to_dict()
     assert type(data["outcome"]) is str and json.loads(json.dumps(data))["outcome"] == "over budget"
-    assert data["memory_source"] == "timed run"
+    assert data["memory_source"] == "profile run"
     with pytest.raises(ValueError, match="'fit' is not a valid PointOutcome"):
-        ProfilePoint("fp32", "fp32", False, 8, "fit", None, None, "timed run")
+        ProfilePoint("fp32", "fp32", False, 8, "fit", None, None, "profile run")
 
 
 def test_memory_per_sample_uses_the_larger_sizes_like_the_search():
@@ -116,7 +116,7 @@ def _points(variant, precision, ckpt, rows):
         seconds = ms / 1e3 if ms else None
         points.append(
             ProfilePoint(
-                variant, precision, ckpt, b, outcome, int(peak * MiB), None, "timed run",
+                variant, precision, ckpt, b, outcome, int(peak * MiB), None, "profile run",
                 seconds, b / seconds if seconds else None,
             )
         )  # fmt: skip
@@ -177,16 +177,18 @@ def test_profile_reuses_the_search_and_runs_each_size_once():
     search_runs = device.runs[: len(search_device.runs)]
     assert search_runs == search_device.runs  # the same search, once
     timed = default_batch_sizes(fit.batch_size, smallest=min(p.batch_size for p in fit.probes if p.fits))
-    above = 1 << fit.batch_size.bit_length()  # the next power of two: one warm-up run, out of memory
-    # Every size after the search: a warm-up run and a timed run, nothing else and no second search.
-    assert device.runs[len(search_runs) :] == [x for b in timed for x in (b, b)] + [above]
+    above = 1 << fit.batch_size.bit_length()  # the next power of two: one run, out of memory
     probes = {p.batch_size: p for p in fit.probes}
+    # After the search: one memory run of each size it did not probe, then every fitting size's warm-up run
+    # and timed run -- nothing else and no second search.
+    memory = [b for b in timed if b not in probes] + [above]
+    assert device.runs[len(search_runs) :] == memory + [x for b in timed for x in (b, b)]
     for point in result.points:
         if point.batch_size in probes:
             assert point.memory_source == "fit search"
             assert point.peak_bytes == probes[point.batch_size].peak_bytes
         else:
-            assert point.memory_source == "timed run"
+            assert point.memory_source == "profile run"
     assert [p.batch_size for p in result.points] == timed + [above]
     assert result.points[-1].outcome == "oom" and not result.points[-1].fits
     assert [p.fit_answer for p in result.points].count(True) == 1
@@ -214,11 +216,12 @@ def test_search_failures_are_reported_without_running_them_again():
 def test_explicit_sizes_skip_everything_above_a_failure():
     device = SimulatedDevice(allocator_memory(GiB, 10 * MiB), 16 * GiB)
     result = profile(noop, device=device, batch_sizes=[4096, 512, 1024, 2048], seconds_per_point=0)
-    assert device.runs == [512, 512, 1024, 1024, 2048]  # no search; 4096 is never run
+    # No search: each size's memory run (4096 never runs), then the fitting ones timed.
+    assert device.runs == [512, 1024, 2048, 512, 512, 1024, 1024]
     assert [(p.batch_size, p.outcome) for p in result.points] == [
         (512, "fits"), (1024, "fits"), (2048, "oom"), (4096, "skipped"),
     ]  # fmt: skip
-    assert all(p.memory_source == "timed run" for p in result.points)
+    assert all(p.memory_source == "profile run" for p in result.points)
     fitting = [p for p in result.points if p.fits]
     assert all(len(p.step_times) >= MIN_TIMED_STEPS and p.warmup_steps == WARMUP_STEPS for p in fitting)
 

@@ -14,6 +14,7 @@ from torch import nn
 import batchlab
 from batchlab import find_batch_size
 from batchlab.advice.pipeline import CPU_STEP_QUANTILE, throughput_curve, throughput_spread
+from batchlab.defaults import WARMUP_STEPS
 from batchlab.devices import SimulatedDevice, allocator_memory
 from batchlab.profiling import api as profiling_api
 from batchlab.profiling.analysis import DEFAULT_TIMING_ROUNDS, MAX_TIMED_STEPS
@@ -69,9 +70,12 @@ def _profile(monkeypatch, clock: ScriptedClock, rounds: int):
     )
 
 
+MEMORY_PASS = WARMUP_STEPS * len(QUIET)  # the steps of the memory pass, which come before any timing
+
+
 def _window(clock: ScriptedClock, batch_size: int) -> tuple[float, float]:
     """When the steps of ``batch_size`` ran in a one-window profile: from its first warm-up step to its last."""
-    starts = [t for b, t in clock.calls if b == batch_size]
+    starts = [t for b, t in clock.calls[MEMORY_PASS:] if b == batch_size]
     return starts[0], starts[-1] + QUIET[batch_size]
 
 
@@ -116,15 +120,16 @@ def test_rounds_are_round_robin_smallest_first_each_a_share_of_the_steps(monkeyp
             runs[-1][1] += 1
         else:
             runs.append([b, 1])
-    per_window = 2 + 10  # WARMUP_STEPS, then ceil(30 / 3) timed
-    assert runs == [[b, per_window] for _ in range(3) for b in (8, 16, 32)]
+    per_window = WARMUP_STEPS + 10  # then ceil(30 / 3) timed
+    memory = [[b, WARMUP_STEPS] for b in (8, 16, 32)]  # each size's peak, before anything is timed
+    assert runs == memory + [[b, per_window] for _ in range(3) for b in (8, 16, 32)]
     assert all(p.rounds == 3 and len(p.step_times) == 30 for p in result.points)
 
 
 def test_later_rounds_time_only_what_fitted_and_keep_the_fit_search(monkeypatch):
-    """On a simulated device (one ``runs`` entry per device run: a warm-up, a timed run): the search, then the
-    first round -- every planned size, the one over the edge running out of memory -- then rounds 2 and 3 over
-    the sizes that fitted, in the same order; verdicts and peaks are the first round's."""
+    """On a simulated device (one ``runs`` entry per device run): the search, then one memory run of every
+    planned size the search did not probe -- the one over the edge running out of memory -- then rounds 1 to 3
+    over the sizes that fitted, a warm-up and a timed run each; verdicts and peaks are the memory pass's."""
     memory = allocator_memory(GiB, 10 * MiB)
     device = SimulatedDevice(memory, 16 * GiB)
     one = profile(lambda b: None, device=SimulatedDevice(memory, 16 * GiB), seconds_per_point=0)
@@ -134,8 +139,9 @@ def test_later_rounds_time_only_what_fitted_and_keep_the_fit_search(monkeypatch)
     find_batch_size(lambda b: None, device=search_device)
     search = len(search_device.runs)
     assert device.runs[:search] == search_device.runs
-    first = [x for b in fitting for x in (b, b)] + [1 << result.fits["fp32"].batch_size.bit_length()]
-    assert device.runs[search:] == first + [x for _ in range(2) for b in fitting for x in (b, b)]
+    unsearched = [p.batch_size for p in result.points if p.memory_source == "profile run"]
+    assert unsearched[-1] == 1 << result.fits["fp32"].batch_size.bit_length()
+    assert device.runs[search:] == unsearched + [x for _ in range(3) for b in fitting for x in (b, b)]
     for p, q in zip(result.points, one.points):
         assert (p.batch_size, p.outcome, p.peak_bytes, p.memory_source) == (
             q.batch_size, q.outcome, q.peak_bytes, q.memory_source,

@@ -150,7 +150,7 @@ def profile_table(result: Profile) -> Table:
     table.add_column("peak", justify="right", no_wrap=True)
     if allocated:
         table.add_column("allocated", justify="right", no_wrap=True)
-    table.add_column("from")  # the fit search's probe (reused) or this profile's timed run
+    table.add_column("from")  # the fit search's probe (reused) or this profile's own run
     table.add_column("")
     for summary in result.variants:
         for p in result.points_of(summary.variant):
@@ -190,5 +190,5 @@ def print_profile(console: Console, result: Profile) -> None:
     console.print(
         f"[dim]ms/step: median of the timed steps after {WARMUP_STEPS} warm-up steps; knee: the smallest batch "
         f"reaching {result.knee_threshold:.0%} of the variant's best samples/s; fit: the fit search's answer; "
-        f"from: peak memory of the search's probe (reused) or of the timed run; took {result.seconds:.1f} s[/]"
+        f"from: peak memory of the search's probe (reused) or of the profile's own run of the size; took {result.seconds:.1f} s[/]"
     )

@@ -73,8 +73,9 @@ class Device(ABC):
         return {}
 
     def for_training(self) -> Device:
-        """This device as a training run uses it, for steps that train rather than measure (a sweep's runs):
-        itself, except on the CPU, where the allocator that makes readings exact slows a step 1.3-2x
+        """This device as a training run uses it, for steps that train or are timed rather than measured (a
+        sweep's runs, the profile's timing): itself, except on the CPU, where the allocator that makes readings
+        exact slows a step 1.2-1.7x
         (:meth:`batchlab.devices.cpu.CPUDevice.for_training`)."""
         return self
 

@@ -12,10 +12,10 @@ its own mapping, returned to the kernel on free: then the peak grows exactly lin
 -- switching back and forth is not an option, because the large free chunks a fast heap keeps would serve a
 later measured step's tensors without new resident pages and read as nothing (measured: 0.0 MiB for a CNN
 step at batch 2 after fast-mode steps). Its cost, measured: a training step is 17-45% slower (every large
-tensor a fresh mapping, page faults and all; benchmarks/RESULTS.md, "glibc's mmap threshold"), in batchlab's
-own timings too (profile, advise: their throughput is under the exact allocator, the same for every batch
-size they compare). A user who trains on the CPU in the same process after a search calls
-:func:`fast_allocator` and gets the speed back; the integrations that train after searching do.
+tensor a fresh mapping, page faults and all; benchmarks/RESULTS.md, "glibc's mmap threshold"). So batchlab
+trains and times at speed, on :meth:`CPUDevice.for_training` -- a sweep's runs, and the profile (advise's
+throughput) once it has read every peak. A user who trains on the CPU in the same process after a search
+calls :func:`fast_allocator` and gets the speed back; the integrations that train after searching do.
 
 Capacity is counted like a container limit counts it: the whole process, ``rss + available RAM``, capped by
 every cgroup limit above the process (v2 ``memory.max`` or v1 ``memory.limit_in_bytes``, nested: the smallest
@@ -275,8 +275,8 @@ class CPUDevice(Device):
         return process_capacity_bytes()
 
     def for_training(self) -> CPUDevice:
-        """This device with training's speed, for a sweep's runs: the exact readings' allocator made their
-        steps 1.3-2x slower on the built-in tasks (benchmarks/RESULTS.md, "CPU sweeps with the allocator's
+        """This device with training's speed, for a sweep's runs and the profile's timing: the exact readings'
+        allocator made their steps 1.2-1.7x slower on the built-in tasks (benchmarks/RESULTS.md, "CPU sweeps with the allocator's
         speed back"). A later exact reading in this process then reads high, never low, as after
         :func:`fast_allocator`."""
         if self._training is None:

@@ -1,4 +1,4 @@
-"""profile(): the orchestration -- per variant, one fit search, then every planned size timed and summarised.
+"""profile(): the orchestration -- per variant, one fit search and every planned size's memory; then each timed.
 
 This module decides what to run and in which order, and restores the workload afterwards; the parts it
 calls each have their own module: the records (:mod:`.records`), the pure math (:mod:`.analysis`), the
@@ -10,20 +10,26 @@ roughly double with the batch points to an input or synchronisation bottleneck. 
 curve for every *variant* (a precision -- fp32, bf16 or fp16 autocast -- with or without activation
 checkpointing) and says in plain words what each one buys.
 
-How, per variant:
+Two passes. The first reads memory for every variant, on the measuring device; the second times, on the
+device as training runs it (:meth:`~batchlab.devices.Device.for_training`). On the CPU they differ: exact
+readings need glibc's 64 KiB mmap threshold, which made a step 1.4-1.6x slower (benchmarks/RESULTS.md,
+"The profile timed at training's speed"), and once steps ran at speed an exact reading reads up to 20% high
+(:mod:`batchlab.devices.cpu`) -- so every reading comes first. Elsewhere both passes use the same device.
 
-1. **Which sizes.** Run :func:`~batchlab.find_batch_size` once and reuse what it measured: the profiled sizes
-   are the smallest size it found to fit, the powers of two above it up to its answer, and the answer itself.
-   Every size it probed keeps the search's peak memory and verdict (``memory_source="fit search"``); every
-   size it found too big is reported as not fitting without running again -- and when it stopped within 1% of
-   the budget without a failure, the next power of two is run once to show what lies over the edge. A size
-   up to the verified answer fits by that verification (memory grows with the batch), whatever a noisy
-   timed run reads. Explicit ``batch_sizes`` skip the search; each then stands on its own timed run.
+1. **Which sizes, and what fits.** Run :func:`~batchlab.find_batch_size` once and reuse what it measured: the
+   profiled sizes are the smallest size it found to fit, the powers of two above it up to its answer, and the
+   answer itself. Every size it probed keeps the search's peak memory and verdict
+   (``memory_source="fit search"``); every size it found too big is reported as not fitting without running
+   again -- and when it stopped within 1% of the budget without a failure, the next power of two is run to
+   show what lies over the edge. Any size the search did not probe runs ``WARMUP_STEPS`` steps once for its
+   peak (``"profile run"``). A size up to the verified answer fits by that verification (memory grows with
+   the batch), whatever a noisy reading says. Explicit ``batch_sizes`` skip the search; each then stands on
+   its own run.
 2. **Timing** (:mod:`.timing`). Each fitting size runs ``WARMUP_STEPS`` (:mod:`batchlab.defaults`) steps
    from the workload's own starting state (one device run), then -- in a second run -- enough steps for about
    ``seconds_per_point`` (``MIN_TIMED_STEPS``..``MAX_TIMED_STEPS``, estimated from the last warm-up step);
    each step is timed between device synchronisations and the median of the timed steps is the step time.
-   The peak is the higher of the two runs'. State is restored afterwards, as after every probe. With
+   State is restored after every run. With
    ``rounds`` > 1 (default 1, :data:`~.analysis.DEFAULT_TIMING_ROUNDS`) the fitting sizes are then timed again in
    round-robin rounds -- every size once per round, smallest first -- each window a ``1/rounds`` share of the
    steps, which are pooled per size: a burst of other work falls on every size alike instead of on one.
@@ -51,7 +57,7 @@ import torch
 
 from batchlab import checks
 from batchlab.defaults import DEFAULT_FRACTION, KNEE_THRESHOLD, MEASURED_MAX_BATCH, WARMUP_STEPS
-from batchlab.devices import Device, resolve_device
+from batchlab.devices import Device, Measurement, resolve_device
 from batchlab.errors import DoesNotFitError
 from batchlab.fit import FitResult, Limit, Probe, find_batch_size
 from batchlab.profiling.analysis import (
@@ -174,9 +180,9 @@ def profile(
         seconds_per_point: timed seconds aimed for per point (between MIN_ and MAX_TIMED_STEPS steps).
         rounds: time each variant's fitting sizes in this many interleaved round-robin windows, each with
             ``1/rounds`` of the point's timed steps (at least one) after its own ``WARMUP_STEPS`` dropped ones
-            and followed by a state restore; a point's ``step_times`` pools them round by round. The first round
-            is the pass that also decides what fits (smallest size first); later rounds time only what fitted,
-            and their memory is not read again. An int from 1 to MAX_TIMED_STEPS; default (None): one window
+            and followed by a state restore; a point's ``step_times`` pools them round by round. Every round
+            times only what the memory pass found to fit, smallest size first, and reads no memory. An int
+            from 1 to MAX_TIMED_STEPS; default (None): one window
             (:data:`~.analysis.DEFAULT_TIMING_ROUNDS`: rounds were measured not to pay under steady load). The
             loader's pass (``loader=``) is one window per size either way.
         loader: a DataLoader (rebuilt at each batch size) or ``make_loader(batch_size)``: each fitting point is
@@ -186,7 +192,9 @@ def profile(
             as the probe completes (progress displays: on a large model the search is most of the time).
 
     The workload's model, optimizer, gradients and RNG states are restored bitwise afterwards, and every
-    checkpointing patch is removed, also when a step raises.
+    checkpointing patch is removed, also when a step raises. On the CPU the process is left with glibc's
+    training speed (:func:`~batchlab.devices.cpu.fast_allocator`): a later memory reading in it reads high,
+    never low.
     """
     started = time.perf_counter()
     work = as_workload(workload)
@@ -239,6 +247,10 @@ def profile(
             on_point(point)
 
     try:
+        # Pass 1, every variant: what fits and its memory, on the measuring device. Pass 2 then times on the
+        # device as training runs it -- on the CPU glibc's speed back, after which an exact reading would read
+        # high (batchlab.devices.cpu), so no reading may come after a step timed at speed.
+        measured = []
         for precision, ckpt in variants:
             name = variant_name(precision, ckpt)
             with _variant_workload(work, precision, ckpt, checkpoint_modules) as (variant, plan):
@@ -249,10 +261,17 @@ def profile(
                         variant, dev, capacity, fraction, max_batch_size, cap, report
                     )
                     fits[name] = fit
+                first = _measure_variant(
+                    variant, dev, name, precision, ckpt, planned, known, fit, budget, hard_limit, snapshot
+                )
+            measured.append((precision, ckpt, name, fit, plan, first))
+        train_dev = dev.for_training()
+        for precision, ckpt, name, fit, plan, first in measured:
+            with _variant_workload(work, precision, ckpt, checkpoint_modules) as (variant, _):
                 loaded = with_loader(variant, make_loader) if make_loader else None
-                variant_points = _profile_variant(
-                    variant, dev, name, precision, ckpt, planned, known, fit, budget, hard_limit,
-                    samples_per_step, seconds_per_point, snapshot, emit, loaded, rounds,
+                variant_points = _time_variant(
+                    first, variant, train_dev, samples_per_step, seconds_per_point, snapshot, emit, loaded,
+                    rounds,
                 )  # fmt: skip
             summaries.append(
                 summarize_variant(
@@ -362,51 +381,67 @@ def _search(
     return fit, sorted(b for b in set(planned) if cap is None or b <= cap), known
 
 
-def _profile_variant(
-    variant, dev, name, precision, ckpt, planned, known, fit, budget, hard_limit,
-    samples_per_step, seconds_per_point, snapshot, emit, loaded=None, rounds=1,
+def _measure_variant(
+    variant, dev, name, precision, ckpt, planned, known, fit, budget, hard_limit, snapshot,
 ) -> list[ProfilePoint]:  # fmt: skip
-    """Time every planned size of one variant, smallest first; reuse what the search knows.
+    """Pass 1 for one variant: every planned size's verdict and peak, smallest first, no step timed.
+
+    A size the search probed keeps the search's probe; any other runs ``WARMUP_STEPS`` steps on the measuring
+    device -- the two steps a probe runs (``VERIFY_STEPS``: the second is the first with optimizer state).
+    Larger sizes than one that failed are not run, nor one the memory line puts above the hard limit.
+    """
+    out: list[ProfilePoint] = []
+    failed_at: int | None = None
+    for b in planned:
+        searched = known.get(b)
+        if searched is not None:
+            point = _point(name, precision, ckpt, searched)
+        elif failed_at is not None and b > failed_at:
+            point = ProfilePoint(
+                name, precision, ckpt, b, PointOutcome.SKIPPED, None, None, MemorySource.PROFILE_RUN,
+                error=f"not run: batch {failed_at} did not fit",
+            )  # fmt: skip
+        elif _predicted_over(out, b, hard_limit):
+            point = ProfilePoint(
+                name, precision, ckpt, b, PointOutcome.SKIPPED, None, None, MemorySource.PROFILE_RUN,
+                error="not run: the memory line through smaller sizes puts it above the device's hard limit",
+            )  # fmt: skip
+        else:
+            try:
+                run = dev.run(variant.step, b, WARMUP_STEPS)
+            finally:
+                snapshot.restore()
+            point = _run_point(name, precision, ckpt, run, fit is not None and b <= fit.batch_size, budget)
+        if fit is not None and b == fit.batch_size:
+            point = replace(point, fit_answer=True)
+        if not point.fits and failed_at is None and point.outcome is not PointOutcome.SKIPPED:
+            failed_at = b
+        out.append(point)
+    return out
+
+
+def _time_variant(
+    points, variant, dev, samples_per_step, seconds_per_point, snapshot, emit, loaded=None, rounds=1,
+) -> list[ProfilePoint]:  # fmt: skip
+    """Pass 2 for one variant: time every size pass 1 found to fit, smallest first, on ``dev`` -- the
+    device as training runs (:meth:`~batchlab.devices.Device.for_training`). Verdicts and peaks stay pass 1's.
 
     With ``loaded`` (the variant drawing its batches from the user's loader), each fitting point is
     timed a second time through it. With ``rounds`` > 1 this pass is the first round, and
     :func:`_more_rounds` times the fitting sizes in the rest; the points are emitted once pooled.
     """
     out: list[ProfilePoint] = []
-    failed_at: int | None = None
-    for b in planned:
-        is_answer = fit is not None and b == fit.batch_size
-        searched = known.get(b)
-        if searched is not None and searched.outcome is not PointOutcome.FITS:
-            point = _point(name, precision, ckpt, searched)
-        elif failed_at is not None and b > failed_at:
-            point = ProfilePoint(
-                name, precision, ckpt, b, PointOutcome.SKIPPED, None, None, MemorySource.TIMED_RUN,
-                error=f"not run: batch {failed_at} did not fit",
-            )  # fmt: skip
-        elif searched is None and _predicted_over(out, b, hard_limit):
-            point = ProfilePoint(
-                name, precision, ckpt, b, PointOutcome.SKIPPED, None, None, MemorySource.TIMED_RUN,
-                error="not run: the memory line through smaller sizes puts it above the device's hard limit",
-            )  # fmt: skip
-        else:
-            verified = fit is not None and b <= fit.batch_size
+    for point in points:
+        if point.fits:
             try:
                 timing = time_steps(
-                    dev, variant.step, b, seconds_per_point=seconds_per_point,
-                    stop_above=None if verified else budget, rounds=rounds,
-                )  # fmt: skip
+                    dev, variant.step, point.batch_size, seconds_per_point=seconds_per_point, rounds=rounds
+                )
             finally:
                 snapshot.restore()
-            point = _timed_point(
-                name, precision, ckpt, b, timing, searched, verified, budget, samples_per_step
-            )  # fmt: skip
+            point = _timed(point, timing, samples_per_step)
             if loaded is not None and point.fits:
                 point = _time_loader(point, loaded, dev, samples_per_step, seconds_per_point, snapshot)
-        if is_answer:
-            point = replace(point, fit_answer=True)
-        if not point.fits and failed_at is None and point.outcome is not PointOutcome.SKIPPED:
-            failed_at = b
         out.append(point)
         if rounds == 1:
             emit(point)
@@ -480,42 +515,35 @@ def _predicted_over(measured: Sequence[ProfilePoint], batch_size: int, hard_limi
     return line is not None and line[0] + line[1] * batch_size > hard_limit
 
 
-def _timed_point(
-    name: str,
-    precision: str,
-    ckpt: bool,
-    b: int,
-    timing: Timing,
-    searched: _Known | None,
-    verified: bool,
-    budget: int,
-    samples_per_step: int,
+def _run_point(
+    name: str, precision: str, ckpt: bool, run: Measurement, verified: bool, budget: int
 ) -> ProfilePoint:
-    """The point of a timed size. Its verdict: the search's for a size it probed; "fits" for any size up to
-    the answer the search verified (memory grows with the batch); otherwise the timed run's own."""
-    if not timing.ok:
+    """The point of a size pass 1 ran. Its verdict: "fits" for any size up to the answer the search verified
+    (memory grows with the batch), whatever the run read; otherwise the run's own."""
+    if not run.ok:
         return ProfilePoint(
-            name, precision, ckpt, b, PointOutcome.OOM, timing.peak_bytes, timing.allocated_bytes,
-            MemorySource.TIMED_RUN,
-            error=timing.error,
+            name, precision, ckpt, run.batch_size, PointOutcome.OOM, run.peak_bytes, run.allocated_bytes,
+            MemorySource.PROFILE_RUN, error=run.error,
         )  # fmt: skip
-    step_seconds = timing.median
-    speed = b * samples_per_step / step_seconds if step_seconds else None
+    over = run.peak_bytes is not None and run.peak_bytes > budget
     note = None
-    if searched is not None:  # the search's verdict and peak stand: the same measurement, not repeated
-        outcome, peak, allocated = PointOutcome.FITS, searched.peak_bytes, searched.allocated_bytes
-        source = MemorySource.FIT_SEARCH
-    else:
-        peak, allocated, source = timing.peak_bytes, timing.allocated_bytes, MemorySource.TIMED_RUN
-        over = peak is not None and peak > budget
-        outcome = PointOutcome.OVER_BUDGET if over and not verified else PointOutcome.FITS
-        if over and verified:
-            note = (
-                f"peaked {format_bytes(peak - budget)} above the budget here; a larger size verified to fit"
-            )
+    if over and verified:
+        note = f"peaked {format_bytes(run.peak_bytes - budget)} above the budget here; a larger size verified to fit"
     return ProfilePoint(
-        name, precision, ckpt, b, outcome, peak, allocated, source, step_seconds, speed,
-        timing.step_times, WARMUP_STEPS, note=note,
+        name, precision, ckpt, run.batch_size,
+        PointOutcome.OVER_BUDGET if over and not verified else PointOutcome.FITS,
+        run.peak_bytes, run.allocated_bytes, MemorySource.PROFILE_RUN, note=note,
+    )  # fmt: skip
+
+
+def _timed(point: ProfilePoint, timing: Timing, samples_per_step: int) -> ProfilePoint:
+    """A fitting point with its timed steps; an out-of-memory while timed makes it "oom", with why."""
+    if not timing.ok:
+        return replace(point, outcome=PointOutcome.OOM, error=f"while timed: {timing.error}")
+    step_seconds = timing.median
+    return replace(
+        point, step_seconds=step_seconds, step_times=timing.step_times, warmup_steps=WARMUP_STEPS,
+        samples_per_second=point.batch_size * samples_per_step / step_seconds if step_seconds else None,
     )  # fmt: skip
 
 

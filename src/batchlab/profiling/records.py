@@ -32,7 +32,9 @@ class MemorySource(Label):
     """Where a point's peak memory and verdict come from."""
 
     FIT_SEARCH = "fit search"  # the fit search's own probe of this size, reused
-    TIMED_RUN = "timed run"  # this profile's timed run
+    PROFILE_RUN = (
+        "profile run"  # this profile's own run of the size: WARMUP_STEPS steps, on the measuring device
+    )
 
 
 def variant_name(precision: str, checkpointing: bool) -> str:
@@ -45,7 +47,7 @@ class ProfilePoint:
     """One (variant, batch size): whether it fits, its peak memory and, when it ran, its speed.
 
     ``outcome`` is a :class:`PointOutcome` ("fits", "over budget", "oom", "skipped"); ``memory_source`` a
-    :class:`MemorySource` ("fit search" or "timed run"); plain strings are accepted and converted.
+    :class:`MemorySource` ("fit search" or "profile run"); plain strings are accepted and converted.
     ``step_seconds`` is the median of ``step_times``, the timed steps after ``warmup_steps`` dropped ones;
     ``samples_per_second`` counts ``batch_size * grad_accum`` samples per step. ``loader_*`` are the same
     with the user's input pipeline in the step. ``rounds``: how many interleaved windows the timed steps come

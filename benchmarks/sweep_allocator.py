@@ -14,8 +14,10 @@ under it. Two rows per (task, batch):
   exact device); ``training``: as shipped (``for_training()``: glibc's speed back). samples/s over the run's
   timed steps, as the sweep reports it.
 - ``profile``: ``batchlab.profile`` of the ``mlp-digits`` workload at the same batch sizes, each in its own
-  process: ``exact``, as shipped (the profile times on its measuring device); ``training``: the profile given
-  ``CPUDevice(exact=False)``. This is the curve ``advise`` reads on the CPU; it is not changed here.
+  process: ``exact``, the profile before 2026-12-07 16:00 (timed on its measuring device: ``for_training``
+  patched as above); ``training``: as shipped (memory read first, exact, then timed on ``for_training()``).
+  This is the curve ``advise`` reads on the CPU. Each profile also prints its peaks, which must not move:
+  both read every peak before anything runs at speed.
 
 Runs are interleaved (every configuration once per round, modes alternating), ``--rounds`` rounds; the table
 gives each mode's median over rounds and the ratio training / exact.
@@ -56,9 +58,10 @@ PROFILE = textwrap.dedent(
     from batchlab.workloads import load_workload
     mode, sizes = sys.argv[1], [int(b) for b in sys.argv[2].split(",")]
     torch.set_num_threads(1)
-    device = CPUDevice(exact=mode == "exact")
-    result = batchlab.profile(load_workload("mlp-digits"), device=device, batch_sizes=sizes, seconds_per_point=1.0)
-    print(json.dumps({p.batch_size: p.samples_per_second for p in result.points}))
+    if mode == "exact":
+        CPUDevice.for_training = lambda self: self  # the profile's timing device before 2026-12-07 16:00
+    result = batchlab.profile(load_workload("mlp-digits"), device="cpu", batch_sizes=sizes, seconds_per_point=1.0)
+    print(json.dumps({p.batch_size: [p.samples_per_second, p.peak_bytes] for p in result.points}))
     """
 )
 
@@ -80,6 +83,7 @@ def main() -> None:
     tasks, batches = args.tasks.split(","), [int(b) for b in args.batches.split(",")]
     sweeps: dict[tuple[str, int, str], list[float]] = {}
     profiles: dict[tuple[int, str], list[float]] = {}
+    peaks: dict[tuple[int, str], list[int]] = {}
     for round_index in range(args.rounds):
         order = MODES if round_index % 2 == 0 else MODES[::-1]
         for task in tasks:
@@ -92,8 +96,9 @@ def main() -> None:
                         file=sys.stderr,
                     )
         for mode in order:
-            for b, speed in _run(PROFILE, mode, args.batches).items():
+            for b, (speed, peak) in _run(PROFILE, mode, args.batches).items():
                 profiles.setdefault((int(b), mode), []).append(speed)
+                peaks.setdefault((int(b), mode), []).append(peak)
     print("| what | batch | exact samples/s | training samples/s | training / exact |")
     print("|---|---:|---:|---:|---:|")
     for task in tasks:
@@ -103,6 +108,18 @@ def main() -> None:
     for b in batches:
         exact, fast = (statistics.median(profiles[(b, m)]) for m in MODES)
         print(f"| profile mlp-digits | {b} | {exact:,.0f} | {fast:,.0f} | {fast / exact:.2f}x |")
+    if "mlp-digits" in tasks:
+        print(
+            "\n| batch | profile / sweep, exact | profile / sweep, training | peak MiB exact | peak MiB training |"
+        )
+        print("|---:|---:|---:|---|---|")
+        for b in batches:
+            ratios = [
+                statistics.median(profiles[(b, m)]) / statistics.median(sweeps[("mlp-digits", b, m)])
+                for m in MODES
+            ]
+            mib = [", ".join(f"{p / 2**20:.1f}" for p in peaks[(b, m)]) for m in MODES]
+            print(f"| {b} | {ratios[0]:.2f}x | {ratios[1]:.2f}x | {mib[0]} | {mib[1]} |")
 
 
 if __name__ == "__main__":

@@ -173,7 +173,7 @@ def profile_table(result: Profile) -> Table:
             row.append(format_bytes(p.peak_bytes))
             if allocated:
                 row.append(format_bytes(p.allocated_bytes))
-            row += ["search" if p.memory_source is MemorySource.FIT_SEARCH else "timed", " ".join(marks)]
+            row += ["search" if p.memory_source is MemorySource.FIT_SEARCH else "own run", " ".join(marks)]
             table.add_row(*row)
     return table
 

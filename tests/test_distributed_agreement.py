@@ -11,8 +11,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from batchlab import Workload
+from batchlab.devices import CPUDevice, SimulatedDevice
 from batchlab.devices.agreement import DONE, ERROR, OUT_OF_MEMORY, PEER, RUNNING, StepAgreement, account
-from batchlab.devices.ranks import collective_timeout, current_ranks
+from batchlab.devices.lockstep import LockstepDevice
+from batchlab.devices.ranks import Ranks, collective_timeout, current_ranks
 from batchlab.errors import PeerFailureError, ProcessGroupFailedError, WorkloadError
 from batchlab.integrations.distributed.agreement import (
     agree_on_batch_size,
@@ -147,6 +149,28 @@ def test_collective_timeout_bounds_the_group_inside_and_restores_it(one_rank_gro
 def test_tell_everyone_goes_through_the_store(one_rank_group):
     ranks = current_ranks()
     assert ranks.tell_everyone("ran out of memory", wait_s=1) == ["ran out of memory"]
+
+
+def test_a_lockstep_device_trains_on_its_ranks_twin_without_a_collective(one_rank_group, monkeypatch):
+    ranks = current_ranks()
+    device = LockstepDevice(CPUDevice(), ranks, budget_bytes=8 * 2**30)
+    device.run(mlp_workload().step, 4)
+    assert list(device.rank_peaks) == [4]
+
+    def no_collective(self, value):
+        raise AssertionError("making the training twin ran a collective")
+
+    monkeypatch.setattr(Ranks, "all_gather_ints", no_collective)
+    twin = device.for_training()
+    assert twin.inner.exact is False and device.inner.exact is True  # the CPU's training twin, inside
+    assert (twin.rank_budgets, twin.hard_limit_bytes(), twin.name) == (
+        device.rank_budgets, device.hard_limit_bytes(), device.name,
+    )  # fmt: skip
+    monkeypatch.undo()  # a run is collective: the ranks run it together
+    assert twin.run(mlp_workload().step, 8).ok
+    assert list(twin.rank_peaks) == [8] and list(device.rank_peaks) == [4]  # the search's log kept apart
+    simulated = LockstepDevice(SimulatedDevice(lambda b: b, 2**30), ranks, budget_bytes=2**30)
+    assert simulated.for_training() is simulated  # nothing differs where training is the measuring device
 
 
 def test_gradient_averaging_refuses_unequal_shares_and_disagreeing_ranks():

@@ -27,6 +27,7 @@ at times that need not line up across ranks -- scaled the same way, the tightest
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -96,6 +97,18 @@ class LockstepDevice(Device):
 
     def in_use_bytes(self) -> int:
         return self.inner.in_use_bytes()
+
+    def for_training(self) -> LockstepDevice:
+        """This device around each rank's training twin (:meth:`Device.for_training`: on the CPU glibc's speed
+        back), for the timing of a profile given this device (an FSDP model's, every rank together). The ranks, budgets and hard limit
+        are this device's, so making it runs no collective -- the ranks need not ask at the same moment -- and
+        its readings go to a log of their own, never into the search's :attr:`rank_peaks`."""
+        inner = self.inner.for_training()
+        if inner is self.inner:
+            return self
+        twin = copy.copy(self)
+        twin.inner, twin.rank_peaks = inner, {}
+        return twin
 
     def settings(self) -> dict[str, Any]:
         return {

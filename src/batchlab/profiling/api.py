@@ -328,10 +328,11 @@ class _Known:
     error: str | None = None
 
 
-def _point(name: str, precision: str, ckpt: bool, known: _Known, fit_answer: bool = False) -> ProfilePoint:
+def _searched_point(name: str, precision: str, ckpt: bool, known: _Known) -> ProfilePoint:
+    """The point of a size the fit search probed: its verdict and peak, not measured again."""
     return ProfilePoint(
         name, precision, ckpt, known.batch_size, known.outcome, known.peak_bytes, known.allocated_bytes,
-        MemorySource.FIT_SEARCH, fit_answer=fit_answer, error=known.error,
+        MemorySource.FIT_SEARCH, error=known.error,
     )  # fmt: skip
 
 
@@ -395,7 +396,7 @@ def _measure_variant(
     for b in planned:
         searched = known.get(b)
         if searched is not None:
-            point = _point(name, precision, ckpt, searched)
+            point = _searched_point(name, precision, ckpt, searched)
         elif failed_at is not None and b > failed_at:
             point = ProfilePoint(
                 name, precision, ckpt, b, PointOutcome.SKIPPED, None, None, MemorySource.PROFILE_RUN,

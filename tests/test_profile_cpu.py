@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from batchlab import Workload
 from batchlab.cli import main
-from batchlab.defaults import MEASURED_MAX_BATCH, WARMUP_STEPS
+from batchlab.defaults import MEASURED_MAX_BATCH, VERIFY_STEPS, WARMUP_STEPS
 from batchlab.devices import CPUDevice
 from batchlab.profiling.api import profile
 from batchlab.profiling.plots import plot_profile
@@ -126,7 +126,7 @@ def test_cnn_profile_reuses_the_fit_search(cnn_profile):
     too_big = {p.batch_size for p in probes if not p.fits}
     assert not too_big & {b for b, _ in after + device.timed}
     ran = [p for p in result.points if p.memory_source == "profile run" and p.outcome != "skipped"]
-    assert after == [(p.batch_size, WARMUP_STEPS) for p in ran]
+    assert after == [(p.batch_size, VERIFY_STEPS) for p in ran]
     timed = [p for p in result.points if p.fits and p.step_times]
     assert timed and all(p.rounds == ROUNDS for p in timed)
     expected = []

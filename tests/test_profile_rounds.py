@@ -14,7 +14,7 @@ from torch import nn
 import batchlab
 from batchlab import find_batch_size
 from batchlab.advice.pipeline import CPU_STEP_QUANTILE, throughput_curve, throughput_spread
-from batchlab.defaults import WARMUP_STEPS
+from batchlab.defaults import VERIFY_STEPS, WARMUP_STEPS
 from batchlab.devices import SimulatedDevice, allocator_memory
 from batchlab.profiling import api as profiling_api
 from batchlab.profiling.analysis import DEFAULT_TIMING_ROUNDS, MAX_TIMED_STEPS
@@ -70,7 +70,7 @@ def _profile(monkeypatch, clock: ScriptedClock, rounds: int):
     )
 
 
-MEMORY_PASS = WARMUP_STEPS * len(QUIET)  # the steps of the memory pass, which come before any timing
+MEMORY_PASS = VERIFY_STEPS * len(QUIET)  # the steps of the memory pass, which come before any timing
 
 
 def _window(clock: ScriptedClock, batch_size: int) -> tuple[float, float]:
@@ -121,7 +121,7 @@ def test_rounds_are_round_robin_smallest_first_each_a_share_of_the_steps(monkeyp
         else:
             runs.append([b, 1])
     per_window = WARMUP_STEPS + 10  # then ceil(30 / 3) timed
-    memory = [[b, WARMUP_STEPS] for b in (8, 16, 32)]  # each size's peak, before anything is timed
+    memory = [[b, VERIFY_STEPS] for b in (8, 16, 32)]  # each size's peak, before anything is timed
     assert runs == memory + [[b, per_window] for _ in range(3) for b in (8, 16, 32)]
     assert all(p.rounds == 3 and len(p.step_times) == 30 for p in result.points)
 

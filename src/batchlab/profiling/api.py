@@ -12,7 +12,7 @@ checkpointing) and says in plain words what each one buys.
 
 Two passes. The first reads memory for every variant, on the measuring device; the second times, on the
 device as training runs it (:meth:`~batchlab.devices.Device.for_training`). On the CPU they differ: exact
-readings need glibc's 64 KiB mmap threshold, which made a step 1.4-1.6x slower (benchmarks/RESULTS.md,
+readings need glibc's 64 KiB mmap threshold, which made its samples/s read 1.35-1.75x low (benchmarks/RESULTS.md,
 "The profile timed at training's speed"), and once steps ran at speed an exact reading reads up to 20% high
 (:mod:`batchlab.devices.cpu`) -- so every reading comes first. Elsewhere both passes use the same device.
 
@@ -21,8 +21,8 @@ readings need glibc's 64 KiB mmap threshold, which made a step 1.4-1.6x slower (
    answer itself. Every size it probed keeps the search's peak memory and verdict
    (``memory_source="fit search"``); every size it found too big is reported as not fitting without running
    again -- and when it stopped within 1% of the budget without a failure, the next power of two is run to
-   show what lies over the edge. Any size the search did not probe runs ``WARMUP_STEPS`` steps once for its
-   peak (``"profile run"``). A size up to the verified answer fits by that verification (memory grows with
+   show what lies over the edge. Any size the search did not probe runs a probe's ``VERIFY_STEPS`` steps once
+   for its peak (``"profile run"``). A size up to the verified answer fits by that verification (memory grows with
    the batch), whatever a noisy reading says. Explicit ``batch_sizes`` skip the search; each then stands on
    its own run.
 2. **Timing** (:mod:`.timing`). Each fitting size runs ``WARMUP_STEPS`` (:mod:`batchlab.defaults`) steps
@@ -56,7 +56,7 @@ from typing import Any
 import torch
 
 from batchlab import checks
-from batchlab.defaults import DEFAULT_FRACTION, KNEE_THRESHOLD, MEASURED_MAX_BATCH, WARMUP_STEPS
+from batchlab.defaults import DEFAULT_FRACTION, KNEE_THRESHOLD, MEASURED_MAX_BATCH, VERIFY_STEPS, WARMUP_STEPS
 from batchlab.devices import Device, Measurement, resolve_device
 from batchlab.errors import DoesNotFitError
 from batchlab.fit import FitResult, Limit, Probe, find_batch_size
@@ -387,8 +387,8 @@ def _measure_variant(
 ) -> list[ProfilePoint]:  # fmt: skip
     """Pass 1 for one variant: every planned size's verdict and peak, smallest first, no step timed.
 
-    A size the search probed keeps the search's probe; any other runs ``WARMUP_STEPS`` steps on the measuring
-    device -- the two steps a probe runs (``VERIFY_STEPS``: the second is the first with optimizer state).
+    A size the search probed keeps the search's probe; any other runs the steps a probe runs
+    (``VERIFY_STEPS``: the second is the first with optimizer state) once, on the measuring device.
     Larger sizes than one that failed are not run, nor one the memory line puts above the hard limit.
     """
     out: list[ProfilePoint] = []
@@ -409,7 +409,7 @@ def _measure_variant(
             )  # fmt: skip
         else:
             try:
-                run = dev.run(variant.step, b, WARMUP_STEPS)
+                run = dev.run(variant.step, b, VERIFY_STEPS)
             finally:
                 snapshot.restore()
             point = _run_point(name, precision, ckpt, run, fit is not None and b <= fit.batch_size, budget)

@@ -32,9 +32,7 @@ class MemorySource(Label):
     """Where a point's peak memory and verdict come from."""
 
     FIT_SEARCH = "fit search"  # the fit search's own probe of this size, reused
-    PROFILE_RUN = (
-        "profile run"  # this profile's own run of the size: WARMUP_STEPS steps, on the measuring device
-    )
+    PROFILE_RUN = "profile run"  # this profile's own run of the size (a probe's steps), measuring device
 
 
 def variant_name(precision: str, checkpointing: bool) -> str:

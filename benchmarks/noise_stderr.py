@@ -71,11 +71,14 @@ def measure(name: str, runs: int, steps: int, batch: int) -> dict:
     rows = []
     for run in range(runs):
         torch.manual_seed(100 + run)
-        pairs: list[tuple[float, float]] = []
-        est = measure_noise_scale(
-            workload, batch, steps=steps,
-            on_step=lambda _i, p, into=pairs: into.append(estimate_components(p.sq_norm_small, p.sq_norm_big, p.b_small, p.b_big)),
-        )  # fmt: skip
+        pairs: list[tuple[float, float]] = []  # each step's (|G|², tr Σ) estimates, for the lag-1 correlation
+
+        def keep(_index: int, norms, into: list = pairs) -> None:
+            into.append(
+                estimate_components(norms.sq_norm_small, norms.sq_norm_big, norms.b_small, norms.b_big)
+            )
+
+        est = measure_noise_scale(workload, batch, steps=steps, on_step=keep)
         if est.b_simple is None or est.b_simple_stderr is None:
             rows.append({"b_simple": None, "stderr": None, "note": est.note})
             continue

@@ -100,9 +100,10 @@ class LockstepDevice(Device):
 
     def for_training(self) -> LockstepDevice:
         """This device around each rank's training twin (:meth:`Device.for_training`: on the CPU glibc's speed
-        back), for the timing of a profile given this device (an FSDP model's, every rank together). The ranks, budgets and hard limit
-        are this device's, so making it runs no collective -- the ranks need not ask at the same moment -- and
-        its readings go to a log of their own, never into the search's :attr:`rank_peaks`."""
+        back), for the timing of a profile given this device (an FSDP model's, every rank together). The
+        ranks, budgets and hard limit are this device's, so making it runs no collective -- the ranks need not
+        ask at the same moment -- and its readings go to a log of their own, never into the search's
+        :attr:`rank_peaks`."""
         inner = self.inner.for_training()
         if inner is self.inner:
             return self

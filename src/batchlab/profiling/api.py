@@ -12,9 +12,10 @@ checkpointing) and says in plain words what each one buys.
 
 Two passes. The first reads memory for every variant, on the measuring device; the second times, on the
 device as training runs it (:meth:`~batchlab.devices.Device.for_training`). On the CPU they differ: exact
-readings need glibc's 64 KiB mmap threshold, which made its samples/s read 1.35-1.75x low (benchmarks/RESULTS.md,
-"The profile timed at training's speed"), and once steps ran at speed an exact reading reads up to 20% high
-(:mod:`batchlab.devices.cpu`) -- so every reading comes first. Elsewhere both passes use the same device.
+readings need glibc's 64 KiB mmap threshold, which made its samples/s read 1.35-1.75x low
+(benchmarks/RESULTS.md, "The profile timed at training's speed"), and once steps ran at speed an exact
+reading reads up to 20% high (:mod:`batchlab.devices.cpu`) -- so every reading comes first. Elsewhere both
+passes use the same device.
 
 1. **Which sizes, and what fits.** Run :func:`~batchlab.find_batch_size` once and reuse what it measured: the
    profiled sizes are the smallest size it found to fit, the powers of two above it up to its answer, and the
@@ -22,9 +23,9 @@ readings need glibc's 64 KiB mmap threshold, which made its samples/s read 1.35-
    (``memory_source="fit search"``); every size it found too big is reported as not fitting without running
    again -- and when it stopped within 1% of the budget without a failure, the next power of two is run to
    show what lies over the edge. Any size the search did not probe runs a probe's ``VERIFY_STEPS`` steps once
-   for its peak (``"profile run"``). A size up to the verified answer fits by that verification (memory grows with
-   the batch), whatever a noisy reading says. Explicit ``batch_sizes`` skip the search; each then stands on
-   its own run.
+   for its peak (``"profile run"``). A size up to the verified answer fits by that verification (memory
+   grows with the batch), whatever a noisy reading says. Explicit ``batch_sizes`` skip the search; each then
+   stands on its own run.
 2. **Timing** (:mod:`.timing`). Each fitting size runs ``WARMUP_STEPS`` (:mod:`batchlab.defaults`) steps
    from the workload's own starting state (one device run), then -- in a second run -- enough steps for about
    ``seconds_per_point`` (``MIN_TIMED_STEPS``..``MAX_TIMED_STEPS``, estimated from the last warm-up step);

@@ -36,7 +36,7 @@ import torch
 from batchlab import Workload
 from batchlab.noise import measure_noise_scale
 from batchlab.noise.estimator import estimate_components
-from batchlab.workloads import tasks
+from batchlab.workloads.tasks import Task
 from provenance import load_average, machine_line, provenance
 
 TASKS = ("mlp-digits", "mnist1d", "char-lm")
@@ -44,18 +44,9 @@ RESULTS_DIR = Path(__file__).with_name("results")
 
 
 def _workload(name: str) -> Workload:
-    """The task's split and model as a Workload, weights from seed 0 (every run starts here)."""
-    (inputs, labels), _ = tasks._DATA[name]()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = tasks._model(name)
-
-    def make_batch(batch_size: int):
-        index = torch.randint(0, len(labels), (batch_size,))  # torch's global RNG: seeded per run below
-        return inputs[index], labels[index]
-
-    return Workload(model, make_batch, torch.nn.functional.cross_entropy, lambda p: torch.optim.Adam(p, lr=1e-3),
-                    dataset_size=len(labels), name=name)  # fmt: skip
+    """The sweep task's split and model as a Workload: weights from seed 0 (every run starts there), batches
+    drawn with torch's global RNG (seeded per run below), Adam at 1e-3."""
+    return Task(name, noise_every=0)(128, 1e-3, 0).workload()
 
 
 def _lag1(series: list[float]) -> float:

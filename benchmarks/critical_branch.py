@@ -137,11 +137,15 @@ def _charlm(max_files: int) -> Problem:
 
 
 def problems(names: list[str], max_files: int) -> list[Problem]:
-    from batchlab.workloads.tasks import _digits, _mnist1d
+    from batchlab.workloads.tasks import Task  # the sweep tasks' own splits
 
     made = {
-        "digits": lambda: _tabular("mlp-digits", _digits(), (64, 256, 256, 10), 2e-3, 0.4, 20, 80),
-        "mnist1d": lambda: _tabular("mnist1d", _mnist1d(), (40, 256, 256, 10), 2e-3, 0.2, 100, 150),
+        "digits": lambda: _tabular(
+            "mlp-digits", Task("mlp-digits").data(), (64, 256, 256, 10), 2e-3, 0.4, 20, 80
+        ),
+        "mnist1d": lambda: _tabular(
+            "mnist1d", Task("mnist1d").data(), (40, 256, 256, 10), 2e-3, 0.2, 100, 150
+        ),
         "charlm": lambda: _charlm(max_files),
     }
     return [made[n]() for n in names]

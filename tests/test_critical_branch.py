@@ -127,3 +127,15 @@ def test_stored_runs_read_the_provenance_form_and_the_bare_list_written_before_i
     other.write_text(json.dumps({"fixed": []}))
     with pytest.raises(ValueError, match=r"other.json: expected critical_branch.py's results"):
         critical_branch.stored_runs(str(other))
+
+
+def test_each_data_set_builds_on_the_sweep_tasks_split():
+    """The problems read the tasks' public data (a private loader they imported was renamed once, unnoticed)."""
+    from batchlab.workloads.tasks import Task
+
+    digits, mnist1d = critical_branch.problems(["digits", "mnist1d"], max_files=1)
+    for problem, task in ((digits, "mlp-digits"), (mnist1d, "mnist1d")):
+        (_, _), (val_x, val_y) = Task(task).data()
+        assert torch.equal(problem.val[0], val_x) and torch.equal(problem.val[1], val_y)
+        batch_x, _ = problem.sample(4, torch.Generator().manual_seed(0))
+        assert problem.make_model()(batch_x).shape == (4, 10)

@@ -230,10 +230,10 @@ class GradientNoiseScale:
         |G|² > 0, from the second update on.
 
         Checked against the spread of 48 measurements from one state (benchmarks/noise_stderr.py, RESULTS.md
-        "B_simple's standard error against its spread"): spread / SE is 1.01-1.06 on MNIST-1D, 1.02-1.15 on the
-        char-LM, whose B_simple grows 4x in 300 steps (the scatter about the mean gave 0.58-0.65, an interval
-        1.7x too wide), and 1.2-1.4 on digits, the one the independence assumption misses: its interval is
-        that much too narrow.
+        "The standard error from successive differences, landed"): spread / SE is 1.02-1.07 on MNIST-1D,
+        0.94-1.01 on the char-LM, whose B_simple grows 4x in 300 steps (the scatter about the mean gave
+        0.58-0.65, an interval 1.7x too wide), and 1.2-1.4 on digits, the one the independence assumption
+        misses: its interval is that much too narrow.
         """
         t = self._t
         if t == 0:

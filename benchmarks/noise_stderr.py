@@ -43,10 +43,11 @@ TASKS = ("mlp-digits", "mnist1d", "char-lm")
 RESULTS_DIR = Path(__file__).with_name("results")
 
 
-def _workload(name: str) -> Workload:
+def _workload(name: str, lr: float) -> Workload:
     """The sweep task's split and model as a Workload: weights from seed 0 (every run starts there), batches
-    drawn with torch's global RNG (seeded per run below), Adam at 1e-3."""
-    return Task(name, noise_every=0)(128, 1e-3, 0).workload()
+    drawn with torch's global RNG (seeded per run below), Adam at ``lr`` (0: the weights never move, so the
+    spread is the estimator's alone, without the paths that different data orders take)."""
+    return Task(name, noise_every=0)(128, lr, 0).workload()
 
 
 def _lag1(series: list[float]) -> float:
@@ -55,10 +56,10 @@ def _lag1(series: list[float]) -> float:
     return sum((a - mean) * (b - mean) for a, b in zip(series, series[1:])) / var if var else 0.0
 
 
-def measure(name: str, runs: int, steps: int, batch: int) -> dict:
+def measure(name: str, runs: int, steps: int, batch: int, lr: float = 1e-3) -> dict:
     """``runs`` measurements from one state; each run's B_simple, reported SE and the AR(1)-corrected SE."""
     # measure_noise_scale restores the workload bitwise, so every run starts from seed 0's weights
-    workload = _workload(name)
+    workload = _workload(name, lr)
     rows = []
     for run in range(runs):
         torch.manual_seed(100 + run)
@@ -82,7 +83,7 @@ def measure(name: str, runs: int, steps: int, batch: int) -> dict:
     mean_ar1 = statistics.fmean(r["stderr_ar1"] for r in good)
     centre = statistics.fmean(r["b_simple"] for r in good)
     return {
-        "task": name, "runs": runs, "defined": len(good), "steps": steps, "batch": batch,
+        "task": name, "runs": runs, "defined": len(good), "steps": steps, "batch": batch, "lr": lr,
         "mean": centre, "spread": spread, "mean_stderr": mean_se, "mean_stderr_ar1": mean_ar1,
         "spread_over_stderr": spread / mean_se, "spread_over_stderr_ar1": spread / mean_ar1,
         # a run's interval mean +- SE holds the runs' centre about 68% of the time when SE is calibrated
@@ -106,11 +107,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--batch", type=int, default=128, help="batch per step (default 128, noise's default)"
     )
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=1e-3,
+        help="Adam's LR (default 1e-3; 0 keeps the weights where they start)",
+    )
     args = parser.parse_args(argv)
     names = [n for n in args.tasks.split(",") if n]
     unknown = sorted(set(names) - set(TASKS))
     if unknown:
         parser.error(f"unknown task(s) {', '.join(unknown)}: choose from {', '.join(TASKS)}")
+    if not args.lr >= 0.0:
+        parser.error(f"--lr must be >= 0, got {args.lr}")
     if args.runs < 3:
         parser.error(f"--runs must be >= 3 for a spread, got {args.runs}")
     windows = [int(s) for s in args.steps.split(",")]
@@ -124,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         for steps in windows:
             t0 = time.perf_counter()
-            r = measure(name, args.runs, steps, args.batch)
+            r = measure(name, args.runs, steps, args.batch, args.lr)
             r["seconds"] = time.perf_counter() - t0
             results.append(r)
             print(f"| {name} | {steps} | {r['defined']}/{r['runs']} | {r['mean']:.0f} | {r['spread']:.0f} | "

@@ -11,9 +11,9 @@ scatter of the per-step estimates, treating the steps as independent. Two things
 are correlated (each step's gradient comes from weights the previous step moved), which makes it too small;
 and B_simple drifts inside the window as training goes on, which widens the scatter and makes it too large.
 
-Method: per data set (the sweep tasks' own splits and models, Adam at lr 1e-3 as the ``mlp-digits``
-workload), ``--runs`` measurements of ``--steps`` steps each at batch ``--batch`` with the default collector
-(split halves) and EMA decay. Every run starts from the same initial weights (seed 0); only the data order
+Method: per data set (the sweep tasks' own splits and models, Adam at ``--lr``, default 1e-3 as the
+``mlp-digits`` workload), ``--runs`` measurements of ``--steps`` steps each at batch ``--batch`` with the
+default collector (split halves) and EMA decay. Every run starts from the same initial weights (seed 0); only the data order
 differs (seed 100 + run). The spread across runs is then the error of one measurement from that state, and
 ``spread / mean SE`` says how the reported error compares: 1 is calibrated, above 1 the interval is too narrow.
 Beside it, what the usual correction for serial correlation (AR(1): n_eff x (1 - r1)/(1 + r1), with r1 the

@@ -154,7 +154,6 @@ class GradientNoiseScale:
         # their successive differences (the standard errors' scatter, see result())
         self._x = self._y = 0.0
         self._dxx = self._dyy = self._dxy = 0.0
-        self._diff_decay = 1.0  # beta ** (t - 1): the differences' own bias correction
         self._last: tuple[float, float] | None = None
         self._samples = 0.0
         self._skipped = 0
@@ -180,7 +179,6 @@ class GradientNoiseScale:
             self._dxx += c * (dx * dx - self._dxx)
             self._dyy += c * (dy * dy - self._dyy)
             self._dxy += c * (dx * dy - self._dxy)
-            self._diff_decay *= self.beta
         self._last = (x, y)
         self._t += 1
         self._decay *= self.beta
@@ -246,7 +244,7 @@ class GradientNoiseScale:
         beta_t = self._decay
         sum_w2 = 1.0 if self.beta == 0.0 else (1.0 - self.beta) * (1.0 + beta_t) / ((1.0 + self.beta) * corr)
         n_eff = 1.0 / sum_w2
-        diff_corr = 1.0 - self._diff_decay  # 0 before the second update: no difference yet
+        diff_corr = 1.0 - self.beta ** (t - 1)  # the t - 1 differences' bias correction; 0 before the second
         dxx, dyy, dxy = (v / diff_corr if diff_corr > 0.0 else 0.0 for v in (self._dxx, self._dyy, self._dxy))
 
         def stderr(mean_sq_difference: float) -> float | None:

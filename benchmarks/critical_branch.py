@@ -92,23 +92,14 @@ class Problem:
     ref: int
 
 
-def _mlp(sizes):
-    layers = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
-
-
-def _tabular(name: str, split, sizes, lr, sgd_lr, warm, ref) -> Problem:
+def _tabular(name: str, split, make_model, lr, sgd_lr, warm, ref) -> Problem:
     (x, y), val = split
 
     def sample(b, gen):
         index = torch.randint(0, len(y), (b,), generator=gen)
         return x[index], y[index]
 
-    return Problem(name, lambda: _mlp(sizes), sample, val, lr, sgd_lr, warm, ref)
+    return Problem(name, make_model, sample, val, lr, sgd_lr, warm, ref)
 
 
 def _charlm(max_files: int) -> Problem:
@@ -128,24 +119,30 @@ def _charlm(max_files: int) -> Problem:
         val, torch.randint(0, len(val) - CONTEXT - 1, (4096,), generator=torch.Generator().manual_seed(0))
     )
 
-    def model():
+    def model():  # the char-lm task's model (batchlab.workloads.tasks) over a window of CONTEXT bytes
         return nn.Sequential(
-            nn.Embedding(VOCAB_SIZE, 16), nn.Flatten(), _mlp((16 * CONTEXT, 256, 256, VOCAB_SIZE))
+            nn.Embedding(VOCAB_SIZE, 16),
+            nn.Flatten(),
+            nn.Linear(16 * CONTEXT, 256),
+            nn.ReLU(),
+            nn.Linear(256, 256),
+            nn.ReLU(),
+            nn.Linear(256, VOCAB_SIZE),
         )
 
     return Problem(f"char-lm (stdlib, {corpus.files} files)", model, sample, val_batch, 2e-3, 0.2, 200, 200)
 
 
 def problems(names: list[str], max_files: int) -> list[Problem]:
-    from batchlab.workloads.tasks import Task  # the sweep tasks' own splits
+    from batchlab.workloads.tasks import Task  # the sweep tasks' own splits and models
+
+    def tabular(name: str, lr, sgd_lr, warm, ref) -> Problem:
+        task = Task(name)  # model(0): the weights of _run's torch.manual_seed(0), the task's seed-0 runs'
+        return _tabular(name, task.data(), lambda: task.model(0), lr, sgd_lr, warm, ref)
 
     made = {
-        "digits": lambda: _tabular(
-            "mlp-digits", Task("mlp-digits").data(), (64, 256, 256, 10), 2e-3, 0.4, 20, 80
-        ),
-        "mnist1d": lambda: _tabular(
-            "mnist1d", Task("mnist1d").data(), (40, 256, 256, 10), 2e-3, 0.2, 100, 150
-        ),
+        "digits": lambda: tabular("mlp-digits", 2e-3, 0.4, 20, 80),
+        "mnist1d": lambda: tabular("mnist1d", 2e-3, 0.2, 100, 150),
         "charlm": lambda: _charlm(max_files),
     }
     return [made[n]() for n in names]

@@ -27,7 +27,8 @@ def _tiny_problem() -> critical_branch.Problem:
     x = torch.randn(600, 8, generator=gen)
     y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
     split = ((x[:500], y[:500]), (x[500:], y[500:]))
-    return critical_branch._tabular("tiny", split, (8, 16, 2), 1e-2, 0.1, warm=3, ref=6)
+    model = lambda: torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))  # noqa: E731
+    return critical_branch._tabular("tiny", split, model, 1e-2, 0.1, warm=3, ref=6)
 
 
 def _checkpoint(problem):

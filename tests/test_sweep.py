@@ -267,6 +267,19 @@ def test_tasks_split_and_seed():
         Task("mlp-digits")(4096, 1e-3, 0)
 
 
+def test_a_tasks_model_is_the_one_its_runs_start_from_and_leaves_the_rng_alone():
+    before = torch.random.get_rng_state()
+    model = Task("mnist1d").model(3)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    run = Task("mnist1d")(32, 1e-3, 3)
+    for p, q in zip(model.parameters(), run.model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    other = Task("mnist1d").model(4)
+    assert not torch.equal(next(other.parameters()), next(model.parameters()))
+    with pytest.raises(ValueError, match=r"seed.*-1.*an int >= 0"):
+        Task("mnist1d").model(-1)
+
+
 def test_the_mlp_digits_workload_trains_and_validates_on_the_tasks_split():
     (xt, yt), (xv, yv) = Task("mlp-digits").data()
     workload = load_workload("mlp-digits")

@@ -151,17 +151,25 @@ class Task:
     noise_every: int | None = NOISE_EVERY
 
     def data(self) -> Split:
+        """The task's ``((train x, y), (validation x, y))`` on the CPU, built once per process."""
         return _DATA[self.name]()
 
     @property
     def dataset_size(self) -> int:
         return len(self.data()[0][0])
 
-    def __call__(self, batch_size: int, lr: float, seed: int) -> SupervisedRun:
-        train, val = self.data()
+    def model(self, seed: int) -> nn.Module:
+        """The task's model, untrained, on the task's device: the weights each of its runs with ``seed`` starts
+        from (for a loop or a benchmark of one's own on the task's data). The caller's global RNG is left as
+        it was."""
+        seed = checks.integer("seed", seed, minimum=0)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = _model(self.name).to(self.device)
+            return _model(self.name).to(self.device)
+
+    def __call__(self, batch_size: int, lr: float, seed: int) -> SupervisedRun:
+        train, val = self.data()
+        model = self.model(seed)
         return SupervisedRun(
             model,
             torch.optim.Adam(model.parameters(), lr=lr),

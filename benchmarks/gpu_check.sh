@@ -36,6 +36,7 @@ START=$SECONDS
 
 log() { echo "[gpu_check +$((SECONDS - START))s] $*" | tee -a "$OUT/gpu_check.log"; }
 left() { echo $((TOTAL_S - (SECONDS - START))); }
+count() { local n; n=$(grep -c "$1" "$2" 2>/dev/null); echo "${n:-0}"; }  # lines matching; 0 if no file
 cap() { local want=$1 rest; rest=$(left); if ((want < rest)); then echo "$want"; else echo "$rest"; fi; }
 
 if ((DRY)); then
@@ -66,7 +67,8 @@ fi
 # ---- 1b. correctness on the card: fp16 optimizer state, failed-backward release, fake vs allocator ----------
 timeout --kill-after=10 "$(cap 120)" "$PY" benchmarks/cuda_checks.py --device "$DEVICE" --out "$OUT" \
   >"$OUT/cuda_checks.txt" 2>&1
-log "cuda checks: exit $? ($(grep -c '^\*\*pass' "$OUT/cuda_checks.md" 2>/dev/null || echo 0) of 3 pass)"
+rc=$?
+log "cuda checks: exit $rc ($(count '^\*\*pass' "$OUT/cuda_checks.md") of $(count '^## ' "$OUT/cuda_checks.md") pass)"
 
 # ---- 2. autobatch side by side (tolerated: absent, failing or cut) -----------------------------------------
 if [[ ! -f benchmarks/autobatch.py ]]; then
@@ -97,7 +99,7 @@ if ((budget > 30)); then
     --gpu-models resnet50,vit-b,gpt2-small --device "$DEVICE" --precision fp32,bf16 \
     --deadline $((budget - 60)) "${MODEL_ARGS[@]}" --out "$OUT/profile" >"$OUT/profile.txt" 2>&1
   rc=$?
-  log "profile: exit $rc ($(cat "$OUT/profile/profile.md" 2>/dev/null | grep -c '^| ') table rows)"
+  log "profile: exit $rc ($(count '^| ' "$OUT/profile/profile.md") table rows)"
 else
   log "profile: skipped, only ${budget}s left"
 fi

@@ -137,7 +137,7 @@ def problems(names: list[str], max_files: int) -> list[Problem]:
     from batchlab.workloads.tasks import Task  # the sweep tasks' own splits and models
 
     def tabular(name: str, lr, sgd_lr, warm, ref) -> Problem:
-        task = Task(name)  # model(0): the weights of _run's torch.manual_seed(0), the task's seed-0 runs'
+        task = Task(name)  # model(0): the task's seed-0 weights; _run seeds 0 for the char-LM's model too
         return _tabular(name, task.data(), lambda: task.model(0), lr, sgd_lr, warm, ref)
 
     made = {

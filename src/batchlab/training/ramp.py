@@ -155,9 +155,9 @@ class BatchRamp:
         growth, patience, z, min_updates: the sizes and the hysteresis (:mod:`batchlab.advice.ramp`).
         min_accumulation: micro-batches per step, at least 2 so every step measures the noise scale. 4 read it
             sharply enough to narrow the working targets to 1.5-2 on digits (1-2 on held-out seeds) and 0.2 on
-            the char-LM (0.5 on two seeds of four); 8 did worse on both, and none rescued MNIST-1D
-            (benchmarks/RESULTS.md, "The ramp's reading from more micro-batches"). More micro-batches are
-            smaller ones, which cost GPU wall time.
+            the char-LM (0.2 on six seeds, 0.5 on four of six); 8 did worse on both, and none rescued MNIST-1D
+            (benchmarks/RESULTS.md, "The ramp's reading from more micro-batches", "The char-LM ramp on two more
+            held-out seeds"). More micro-batches are smaller ones, which cost GPU wall time.
         beta: the noise tracker's EMA decay (:data:`RAMP_BETA`); ``tracker`` replaces the tracker.
         schedulers: LR schedulers whose ``base_lrs`` follow the LR.
         scaler: a GradScaler whose scale the collector divides out.

@@ -672,6 +672,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--branch {args.branch!r}: {error}")
     torch.set_num_threads(1)
     datasets, seeds, options = args.datasets.split(","), args.seeds, {}
+    unknown = [name for name in datasets if name not in PLANS]
+    if unknown:
+        parser.error(f"--datasets: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(PLANS)}")
     if args.quick:
         datasets, seeds, options = QUICK["datasets"], QUICK["seeds"], dict(QUICK["advise"])
     if args.rounds is not None:

@@ -176,6 +176,13 @@ def test_branch_sizes_are_checked_before_anything_runs(tmp_path, capsys):
     assert not (tmp_path / "x.json").exists()
 
 
+def test_an_unknown_data_set_is_refused_in_one_line_before_anything_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        advise_check.main(["--datasets", "mlp-digits,digits", "--out", str(tmp_path / "x.json")])
+    assert "--datasets: unknown 'digits'; choose from mlp-digits, mnist1d, char-lm" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_paired_differences_are_seed_by_seed_over_the_reference_mean():
     def run(kind, seed, seconds):
         return {"kind": kind, "seed": seed, "modelled_seconds": seconds}

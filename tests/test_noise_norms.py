@@ -155,6 +155,32 @@ def test_every_k_measures_one_step_in_k_exactly_with_no_hooks_in_between():
     assert gns.step() is None and not any(p._backward_hooks for p in model.parameters())  # closed for good
 
 
+def test_removing_the_hooks_leaves_each_parameter_as_it_was_found():
+    """A removed handle leaves an empty hook dict, through which autograd still calls into Python on every
+    backward (+1.4% on mlp-digits' step): a parameter with no hooks before is bare again (``None``, as a
+    fresh one), between every-k steps and after close; one the user had hooked keeps its hook, which still
+    fires."""
+    model = _model()
+    first, *others = list(model.parameters())
+    fired = []
+    first.register_hook(lambda g: fired.append(1))
+    x, y = _data(MICRO * ACCUM)
+    gns = AccumulationCollector(model.parameters(), MICRO, every=2)
+    _accumulate(model, x, y)
+    assert gns.step() is not None
+    assert all(p._backward_hooks is None for p in others) and len(first._backward_hooks) == 1
+    model.zero_grad(set_to_none=True)
+    _accumulate(model, x, y)
+    assert gns.step() is None  # hooks back in for the next step
+    assert all(len(p._backward_hooks) == 1 for p in others)
+    gns.close()
+    assert all(p._backward_hooks is None for p in others) and len(first._backward_hooks) == 1
+    fired.clear()
+    model.zero_grad(set_to_none=True)
+    _accumulate(model, x, y)
+    assert len(fired) == ACCUM  # the user's hook, once per micro-batch
+
+
 def test_every_must_be_a_positive_integer():
     with pytest.raises(ValueError, match="every"):
         AccumulationCollector(_model().parameters(), MICRO, every=0)

@@ -147,6 +147,7 @@ class BackwardNorms:
         self._queued_for: int | None = None  # the backward (graph task) whose end callback is queued
         self.clear()
         self._handles: list = []
+        self._unhooked: list[torch.Tensor] = []  # parameters with no hooks before ours: restored on remove
         self.install()
 
     def clear(self) -> None:
@@ -219,11 +220,22 @@ class BackwardNorms:
         Between windows only: the window starts empty. What was learned (the passes per window) is kept."""
         if not self._handles:
             self.clear()
+            self._unhooked = [p for p in self.params if p._backward_hooks is None]
             self._handles = [p.register_hook(partial(self._hook, i)) for i, p in enumerate(self.params)]
 
     def remove(self) -> None:
-        """Remove the parameter hooks (safe to call twice): backward passes then cost nothing here."""
+        """Remove the parameter hooks (safe to call twice), leaving each parameter as :meth:`install` found it,
+        so backward passes then cost nothing here.
+
+        A removed handle leaves an empty hook dict on its tensor, and autograd still calls into Python for it
+        on every backward: +1.0% [+0.5, +1.7] on mlp-digits' 4-micro-batch CPU step, for good after a
+        measurement, and most of what ``every=64`` cost there (benchmarks/removed_hooks.py; RESULTS.md, "The
+        hook a removed handle leaves behind"). So a parameter that had no hooks before gets ``_backward_hooks = None`` back,
+        which drops autograd's dispatch to it; one the user had hooked keeps its own hooks untouched."""
         for h in self._handles:
             h.remove()
-        self._handles = []
+        for p in self._unhooked:
+            if p._backward_hooks is not None and not p._backward_hooks:  # ours only, all gone
+                p._backward_hooks = None
+        self._handles, self._unhooked = [], []
         self.clear()

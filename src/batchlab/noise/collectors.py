@@ -110,8 +110,9 @@ class AccumulationCollector(_Collector):
     ``optimizer.step()``/``zero_grad()``, and ``scaler.unscale_`` or gradient clipping in between does not
     matter. Cost: one fused norm over the gradients per micro-batch and one device sync per step
     (:mod:`~batchlab.noise.backward_norms`). Measured on the CPU built-ins (benchmarks/RESULTS.md): from about
-    +2% (cnn, resnet) to +13% (mlp-digits, a 4-6 ms step) measuring every step; with ``every=8`` a median of
-    0-2.3% on all four (mlp-digits' quartiles reach +4.7%: one measured step in eight is a noisy mean).
+    +2% (cnn, resnet) to +13-15% (mlp-digits, a 3-6 ms step) measuring every step; with ``every=8`` a median
+    of 0-2.7% on all four on two machines (mlp-digits' quartiles reach +3.8-4.7%: one measured step in eight
+    is a noisy mean), since the hooks leave no Python dispatch behind when they come out.
     Micro-batches are counted from the hooks; a step with a single micro-batch (e.g. the
     last, partial group of an epoch) has no pair of sizes and is counted in ``single_micro_batch_steps``.
     A step with fewer micro-batches than the step before returns None and is counted in ``unmeasured_steps``

@@ -25,8 +25,14 @@ def test_the_removed_copy_keeps_an_empty_hook_dict_and_the_reset_one_none():
 
 def test_main_prints_a_row_per_copy_and_refuses_too_few_rounds(capsys):
     assert removed_hooks.main(["--reps", "7", "--steps", "1"]) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "ms" not in line]
-    assert [row.split(" | ")[0] for row in rows] == ["| never hooked", "| removed", "| removed, reset to None"]
+    rows = [
+        line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "ms" not in line
+    ]
+    assert [row.split(" | ")[0] for row in rows] == [
+        "| never hooked",
+        "| removed",
+        "| removed, reset to None",
+    ]
     with pytest.raises(SystemExit):
         removed_hooks.main(["--reps", "6"])
     assert "--reps must be >= 7 and --steps >= 1, got 6 and 40" in capsys.readouterr().err

@@ -220,7 +220,9 @@ class BackwardNorms:
         Between windows only: the window starts empty. What was learned (the passes per window) is kept."""
         if not self._handles:
             self.clear()
-            self._unhooked = [p for p in self.params if p._backward_hooks is None]
+            # torch's private hook dict (Tensor.register_hook's): read with getattr, so a torch without it
+            # only keeps the leftover dispatch (a speed cost), never breaks a measurement
+            self._unhooked = [p for p in self.params if getattr(p, "_backward_hooks", None) is None]
             self._handles = [p.register_hook(partial(self._hook, i)) for i, p in enumerate(self.params)]
 
     def remove(self) -> None:
@@ -235,7 +237,7 @@ class BackwardNorms:
         for h in self._handles:
             h.remove()
         for p in self._unhooked:
-            if p._backward_hooks is not None and not p._backward_hooks:  # ours only, all gone
+            if getattr(p, "_backward_hooks", None) == {}:  # ours only, all gone
                 p._backward_hooks = None
         self._handles, self._unhooked = [], []
         self.clear()

@@ -232,8 +232,9 @@ class BackwardNorms:
         A removed handle leaves an empty hook dict on its tensor, and autograd still calls into Python for it
         on every backward: +1.0% [+0.5, +1.7] on mlp-digits' 4-micro-batch CPU step, for good after a
         measurement, and most of what ``every=64`` cost there (benchmarks/removed_hooks.py; RESULTS.md, "The
-        hook a removed handle leaves behind"). So a parameter that had no hooks before gets ``_backward_hooks = None`` back,
-        which drops autograd's dispatch to it; one the user had hooked keeps its own hooks untouched."""
+        hook a removed handle leaves behind"). So a parameter that had no hooks before gets
+        ``_backward_hooks = None`` back, which drops autograd's dispatch to it; one the user had hooked keeps
+        its own hooks untouched."""
         for h in self._handles:
             h.remove()
         for p in self._unhooked:

@@ -226,7 +226,7 @@ class BackwardNorms:
             self._handles = [p.register_hook(partial(self._hook, i)) for i, p in enumerate(self.params)]
 
     def remove(self) -> None:
-        """Remove the parameter hooks (safe to call twice), leaving each parameter as :meth:`install` found it,
+        """Remove the parameter hooks (safe to call twice), each parameter left as :meth:`install` found it,
         so backward passes then cost nothing here.
 
         A removed handle leaves an empty hook dict on its tensor, and autograd still calls into Python for it

@@ -161,7 +161,7 @@ RAMP_CLI = ["sweep", "--workload", "teacher-student", "--batch-sizes", "8", "--l
 
 def test_cli_ramp_grows_each_run_from_its_start_and_records_the_batch_per_step(tmp_path, capsys):
     from batchlab.cli import main
-    from batchlab.sweeps import SweepResult
+    from batchlab.sweeps import SweepResult, verdict
 
     assert main([*RAMP_CLI, "--dir", str(tmp_path), "--ramp-to", "64", "--ramp-min-accumulation", "4"]) == 0
     out = " ".join(capsys.readouterr().out.split())  # rich wraps at the console's width
@@ -173,6 +173,11 @@ def test_cli_ramp_grows_each_run_from_its_start_and_records_the_batch_per_step(t
     assert batches[0] == 8 and batches[-1] == 64 and batches == sorted(batches)
     assert run.samples == sum(batches)
     assert run.accumulation == 4  # --ramp-min-accumulation 4: batch 64 as 4 x 16, not the default 2 x 32
+    said = " ".join(verdict(SweepResult.load(directory)))  # the report's verdict says it too
+    assert (
+        "These runs are batch ramps: each batch size here is where its runs started, and they ended from 8 to 64"
+        in said
+    )
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import re
 
 import pytest
@@ -77,6 +78,15 @@ def test_verdict_speaks_from_the_numbers(swept):
     lines = verdict(result)
     assert lines[0].startswith("Reaching val loss <= 2.25 took")
     assert any("noise scale" in line for line in lines)
+
+
+def test_verdict_of_one_batch_size_says_there_is_nothing_to_compare(swept):
+    result, _ = swept
+    alone = dataclasses.replace(result, runs=result.runs_at(32))
+    assert verdict(alone)[0].endswith(
+        "optimizer steps at batch 32, the only batch size swept: no other batch size to compare it with."
+    )
+    assert not any("batch ramps" in line for line in verdict(result))  # fixed runs record no batch per step
 
 
 def test_report_refuses_what_is_not_a_sweep(tmp_path):

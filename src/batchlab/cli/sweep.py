@@ -331,7 +331,7 @@ def print_summary(console: Console, result: SweepResult) -> None:
             "–" if s.noise_scale is None else f"{s.noise_scale:.3g}",
         )
     console.print(table)
-    ramped = {b: _final_batches(result, b) for b in result.batch_sizes}  # the table's rows, not summed again
+    ramped = {b: result.final_batches(b) for b in result.batch_sizes}  # the table's rows, not summed again
     if any(ramped.values()):
         ends = "; ".join(
             f"from {b} to {', '.join(map(str, finals))}" for b, finals in ramped.items() if finals
@@ -347,12 +347,3 @@ def print_summary(console: Console, result: SweepResult) -> None:
     if result.tracking_uri:
         console.print(f"MLflow: mlflow ui --backend-store-uri {result.tracking_uri}")
     sys.stdout.flush()
-
-
-def _final_batches(result: SweepResult, batch_size: int) -> list[int]:
-    """Each ramped run's last batch at this starting batch (empty for fixed runs, which record no batch)."""
-    return [
-        int(run.train["batch_size"][-1])
-        for run in result.runs_at(batch_size)
-        if "batch_size" in run.train.values
-    ]

@@ -98,11 +98,18 @@ def verdict(result: SweepResult) -> list[str]:
         )
     else:
         lo, hi = reached[0], reached[-1]
-        lines.append(
-            f"Reaching {target.describe()} took {lo.steps_to_target:.0f} optimizer steps at batch {lo.batch_size} "
-            f"and {hi.steps_to_target:.0f} at batch {hi.batch_size} "
-            f"({lo.steps_to_target / hi.steps_to_target:.1f}x fewer steps for {hi.batch_size / lo.batch_size:.0f}x the batch)."
-        )
+        if lo is hi:
+            alone = "the only batch size swept" if len(rows) == 1 else "the only batch size that reached it"
+            lines.append(
+                f"Reaching {target.describe()} took {lo.steps_to_target:.0f} optimizer steps at batch "
+                f"{lo.batch_size}, {alone}: no other batch size to compare it with."
+            )
+        else:
+            lines.append(
+                f"Reaching {target.describe()} took {lo.steps_to_target:.0f} optimizer steps at batch {lo.batch_size} "
+                f"and {hi.steps_to_target:.0f} at batch {hi.batch_size} "
+                f"({lo.steps_to_target / hi.steps_to_target:.1f}x fewer steps for {hi.batch_size / lo.batch_size:.0f}x the batch)."
+            )
         missed = [s.batch_size for s in rows if s.steps_to_target is None]
         if missed:
             lines.append(f"Batch sizes {missed} did not reach the target within the budget.")
@@ -110,6 +117,13 @@ def verdict(result: SweepResult) -> list[str]:
             lines.append(
                 f"Batch sizes {untrained} met it at the first evaluation, before any step: left out."
             )
+    ramps = {s.batch_size: sorted(set(result.final_batches(s.batch_size))) for s in rows}
+    ends = "; ".join(f"from {b} to {', '.join(map(str, finals))}" for b, finals in ramps.items() if finals)
+    if ends:
+        lines.append(
+            f"These runs are batch ramps: each batch size here is where its runs started, and they ended {ends} "
+            "(the batch per step is in each run's record)."
+        )
     if fit is not None:
         if fit.bounded:
             lines.append(

@@ -104,6 +104,15 @@ class SweepResult:
     def runs_at(self, batch_size: int) -> list[SweepRun]:
         return [run for run in self.runs if run.batch_size == batch_size]
 
+    def final_batches(self, batch_size: int) -> list[int]:
+        """The last batch of each batch-ramp run that started at ``batch_size`` (a ramp records its batch per
+        step; fixed runs record none, so a fixed sweep gives an empty list)."""
+        return [
+            int(run.train["batch_size"][-1])
+            for run in self.runs_at(batch_size)
+            if "batch_size" in run.train.values
+        ]
+
     def by_multiplier(self, batch_size: int) -> list[BatchSummary]:
         """One :class:`BatchSummary` per LR multiplier tried at ``batch_size``, over its seeds, in the sweep's
         order. :meth:`by_batch_size` keeps the best of them; a ramp's steps and samples are not proportional

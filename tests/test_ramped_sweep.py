@@ -44,6 +44,28 @@ def test_ramp_run_in_a_sweep_records_batch_and_lr_per_step_and_in_mlflow(tmp_pat
     assert lr_history[-1][1] == pytest.approx(3e-3 * math.sqrt(batches[-1] / 8))
 
 
+def test_ramp_ends_name_each_start_once_with_every_batch_its_runs_ended_at():
+    from batchlab.sweeps import SweepResult
+    from batchlab.sweeps.records import Curve
+    from sweep_helpers import sweep_config, sweep_run
+
+    def ramp(start, batches, seed):
+        curve = Curve()
+        for step, batch in enumerate(batches, 1):
+            curve.add(step, step * batch, 0.0, loss=1.0, batch_size=batch, lr=1e-3)
+        return sweep_run(batch_size=start, seed=seed, train=curve)
+
+    runs = [
+        ramp(32, [32, 64, 128], 0),
+        ramp(16, [16, 32, 64], 0),
+        ramp(16, [16, 64, 64], 1),
+        ramp(32, [32, 256], 1),
+    ]
+    assert SweepResult(config=sweep_config(), runs=runs).ramp_ends() == "from 16 to 64; from 32 to 128, 256"
+    fixed = SweepResult(config=sweep_config(), runs=[sweep_run(batch_size=16)])
+    assert fixed.ramp_ends() == ""
+
+
 def test_fixed_runs_record_no_ramp_columns(tmp_path):
     result = sweep(Task("teacher-student", noise_every=0), [8], lr=3e-3, budget=3, directory=tmp_path,
                    tracking_uri=False, report=False)  # fmt: skip

@@ -331,11 +331,8 @@ def print_summary(console: Console, result: SweepResult) -> None:
             "–" if s.noise_scale is None else f"{s.noise_scale:.3g}",
         )
     console.print(table)
-    ramped = {b: result.final_batches(b) for b in result.batch_sizes}  # the table's rows, not summed again
-    if any(ramped.values()):
-        ends = "; ".join(
-            f"from {b} to {', '.join(map(str, finals))}" for b, finals in ramped.items() if finals
-        )
+    ends = result.ramp_ends()
+    if ends:
         where = "each run's record" + (" and MLflow" if result.tracking_uri else "")
         console.print(
             f"batch ramp: each row's batch is its runs' start; they ended {ends} (per step in {where})"

@@ -117,8 +117,7 @@ def verdict(result: SweepResult) -> list[str]:
             lines.append(
                 f"Batch sizes {untrained} met it at the first evaluation, before any step: left out."
             )
-    ramps = {s.batch_size: sorted(set(result.final_batches(s.batch_size))) for s in rows}
-    ends = "; ".join(f"from {b} to {', '.join(map(str, finals))}" for b, finals in ramps.items() if finals)
+    ends = result.ramp_ends()
     if ends:
         lines.append(
             f"These runs are batch ramps: each batch size here is where its runs started, and they ended {ends} "

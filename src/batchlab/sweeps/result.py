@@ -104,14 +104,15 @@ class SweepResult:
     def runs_at(self, batch_size: int) -> list[SweepRun]:
         return [run for run in self.runs if run.batch_size == batch_size]
 
-    def final_batches(self, batch_size: int) -> list[int]:
-        """The last batch of each batch-ramp run that started at ``batch_size`` (a ramp records its batch per
-        step; fixed runs record none, so a fixed sweep gives an empty list)."""
-        return [
-            int(run.train["batch_size"][-1])
-            for run in self.runs_at(batch_size)
-            if "batch_size" in run.train.values
-        ]
+    def ramp_ends(self) -> str:
+        """Where the batch-ramp runs ended, per starting batch: ``"from 16 to 64; from 32 to 128, 256"`` (a ramp
+        records its batch per step; fixed runs record none, so a fixed sweep gives ``""``). The CLI summary and
+        the report's verdict both say it."""
+        ends: dict[int, set[int]] = {}
+        for run in self.runs:
+            if "batch_size" in run.train.values:
+                ends.setdefault(run.batch_size, set()).add(int(run.train["batch_size"][-1]))
+        return "; ".join(f"from {b} to {', '.join(map(str, sorted(e)))}" for b, e in sorted(ends.items()))
 
     def by_multiplier(self, batch_size: int) -> list[BatchSummary]:
         """One :class:`BatchSummary` per LR multiplier tried at ``batch_size``, over its seeds, in the sweep's

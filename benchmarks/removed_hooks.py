@@ -10,8 +10,8 @@ parameters were hooked once (by a noise-scale measurement, for example) pays a P
 backward for good. Setting ``_backward_hooks = None`` when the dict is empty, as
 :meth:`batchlab.noise.backward_norms.BackwardNorms.remove` does now, drops the C++ hook with it.
 
-Method: three copies of mlp-digits' model (64-256-256-10, the same weights): never hooked, hooked and the
-handles removed, and removed then reset to None. Each step is 4 micro-batches of 64 (the noise-overhead
+Method: three copies of the mlp-digits task's model (64-256-256-10, ``Task("mlp-digits").model(0)``): never
+hooked, hooked and the handles removed, and hooked and removed by ``BackwardNorms`` (reset to None). Each step is 4 micro-batches of 64 (the noise-overhead
 benchmark's mlp-digits step, without the optimizer). ``--reps`` rounds of ``--steps`` steps per copy, in an
 order rotated every round; per round the process CPU time per step; the ratios are paired within a round, and
 the first rounds are dropped as warm-up. Prints the medians with their quartiles.
@@ -28,6 +28,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from batchlab.noise.backward_norms import BackwardNorms
+from batchlab.workloads.tasks import Task
 from provenance import load_average, machine_line
 
 MICRO, ACCUM = 64, 4  # noise_overhead.py's mlp-digits step
@@ -35,17 +37,17 @@ WARM_UP = 3  # rounds dropped
 
 
 def _model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    return Task("mlp-digits").model(0)
 
 
 def _unhook(model: nn.Module, reset: bool) -> None:
-    handles = [p.register_hook(lambda g: None) for p in model.parameters()]
-    for handle in handles:
-        handle.remove()
+    """Hook every parameter and take the hooks out again: with plain handles (``reset`` False, as before), or
+    through :class:`BackwardNorms` (``reset`` True), whose ``remove`` now resets the emptied hook dicts."""
     if reset:
-        for p in model.parameters():
-            p._backward_hooks = None
+        BackwardNorms(model.parameters()).remove()
+        return
+    for handle in [p.register_hook(lambda g: None) for p in model.parameters()]:
+        handle.remove()
 
 
 def measure(reps: int, steps: int) -> dict[str, dict[str, float]]:

@@ -122,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--lr must be >= 0, got {args.lr}")
     if args.runs < 3:
         parser.error(f"--runs must be >= 3 for a spread, got {args.runs}")
-    windows = [int(s) for s in args.steps.split(",") if s.strip().isdigit()]
-    if len(windows) != len(args.steps.split(",")) or min(windows, default=0) < 2:
+    parts = args.steps.split(",")
+    windows = [int(part) for part in parts if part.strip().isdigit()]
+    if len(windows) != len(parts) or min(windows) < 2:
         parser.error(f"--steps {args.steps}: expected window lengths of at least 2 steps, comma-separated")
 
     started = datetime.datetime.now(datetime.timezone.utc)

@@ -157,9 +157,9 @@ def test_every_k_measures_one_step_in_k_exactly_with_no_hooks_in_between():
 
 def test_removing_the_hooks_leaves_each_parameter_as_it_was_found():
     """A removed handle leaves an empty hook dict, through which autograd still calls into Python on every
-    backward (about +1% on mlp-digits' step, benchmarks/removed_hooks.py): a parameter with no hooks before is bare again (``None``, as a
-    fresh one), between every-k steps and after close; one the user had hooked keeps its hook, which still
-    fires."""
+    backward (about +1% on mlp-digits' step, benchmarks/removed_hooks.py): a parameter with no hooks before is
+    bare again (``None``, as a fresh one), between every-k steps and after close; one the user had hooked keeps
+    its hook, which still fires."""
     model = _model()
     first, *others = list(model.parameters())
     fired = []
